@@ -1,0 +1,97 @@
+"""python -m compiler SPEC [more.gin ...] [-b BINDING ...] [--json]: check a spec and print the compiled plan."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from compiler import cost
+from compiler.errors import cli
+from compiler.spec import load
+
+
+def report(spec) -> dict:
+    plan = spec.plan
+    p = cost.params(plan)
+    stages = cost.stage_costs(plan)
+    return {
+        'spec_hash': spec.hash,
+        'files': spec.files,
+        'bindings': spec.bindings,
+        'family': plan.family,
+        'components': p,
+        'parameters': sum(p.values()),
+        'flops_per_token': {'inference': cost.flops_per_token(plan),
+                            **{f'train:{s.name}': s.train_flops_per_token for s in stages}},
+        'kv_cache_bytes_per_sequence': cost.kv_cache_bytes(plan),
+        'activation_bytes_per_batch': {s.name: s.activation_bytes for s in stages},
+        'curriculum': [{'stage': st.name, 'steps': st.steps,
+                        'objectives': {o.kind: o.weight for o in st.objectives}, 'normalize': st.normalize,
+                        'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay, 'freeze': list(st.freeze),
+                        'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen}
+                       for st, c in zip(plan.curriculum, stages)],
+        'plan': plan.to_dict(),
+    }
+
+
+def _si(x: float) -> str:
+    for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+        if abs(x) >= scale:
+            return f'{x / scale:.2f}{unit}'
+    return f'{x:.0f}'
+
+
+def render(r: dict) -> str:
+    plan = r['plan']
+    m = plan['memory']
+    lines = [f"plan {r['spec_hash']}  family={r['family']}  chunks={m['chunks']} x {m['chunk_len']} tokens  "
+             f"vocab={plan['data']['vocab_size']}  batch={plan['data']['batch_size']}", '']
+    tree: dict[str, list] = {}
+    for name, n in r['components'].items():
+        top, sub = name.split('.', 1)
+        tree.setdefault(top, []).append((sub, n))
+    for top in ('encoder', 'memory', 'decoder'):
+        if top not in tree:
+            continue
+        stack = plan[top]
+        desc = (f"position={m['position']} slots={m['slots']} pad={m['pad']} compression={m['compression']}" if top == 'memory'
+                else f"{stack['kind']} d{stack['d_model']} x{stack['n_layers']} {'causal' if stack['causal'] else 'bidirectional'}")
+        lines.append(f"{top:<10} {_si(sum(n for _, n in tree[top])):>9}   {desc}")
+        for i, (sub, n) in enumerate(tree[top]):
+            lines.append(f"  {'└─' if i == len(tree[top]) - 1 else '├─'} {sub:<12} {_si(n):>9}")
+    lines += [f"{'total':<10} {_si(r['parameters']):>9}", '',
+              f"FLOPs/token inference      {_si(r['flops_per_token']['inference'])}",
+              f"KV cache / sequence        {_si(r['kv_cache_bytes_per_sequence'])}B", '',
+              'curriculum']
+    head = f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components"
+    lines.append(head)
+    for c in r['curriculum']:
+        obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'].items())
+        if c['normalize'] == 'faithful':
+            obj += ' (faithful)'
+        lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  {_si(c['trainable']):>9}"
+                     f"{_si(c['frozen']):>9}{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
+                     f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
+        for comp, src in c['init_from'].items():
+            lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
+    return '\n'.join(lines)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument('specs', nargs='+', help='gin spec files; later files override earlier ones')
+    ap.add_argument('-b', '--binding', action='append', default=[], help="extra gin binding, e.g. -b 'Memory.chunks = 8'")
+    return ap
+
+
+@cli
+def main(argv=None):
+    ap = parser('python -m compiler', __doc__)
+    ap.add_argument('--json', action='store_true', help='print the report as JSON')
+    args = ap.parse_args(argv)
+    spec = load(args.specs, args.binding)
+    r = report(spec)
+    print(json.dumps(r, indent=2) if args.json else render(r))
+
+
+if __name__ == '__main__':
+    main()

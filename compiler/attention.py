@@ -1,0 +1,100 @@
+"""Attention backends. All layouts are converted here and nowhere else.
+
+Callers pass q, k, v as [batch, time, heads, head_dim] (xformers' native BMHK layout) and an optional
+key mask [batch, time] (True = real token). Backends:
+- 'xformers': xformers.ops.memory_efficient_attention (CUDA only): LowerTriangularMask for plain causal
+  attention, an additive bias tensor when a key mask is present;
+- 'sdpa': torch.nn.functional.scaled_dot_product_attention (any device), boolean mask;
+- 'auto': xformers when the tensors are on CUDA and xformers imports, else sdpa.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from compiler.errors import SpecError
+
+
+@functools.cache
+def _xformers_ops():
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # xformers warns at import on CPU-only machines
+            import xformers.ops as xops
+        return xops
+    except Exception:  # noqa: BLE001  (any import failure means: not available)
+        return None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == 'sdpa':
+        return 'sdpa'
+    usable = device.type == 'cuda' and _xformers_ops() is not None
+    if name == 'auto':
+        return 'xformers' if usable else 'sdpa'
+    if not usable:
+        raise SpecError(f"Stack.attention = 'xformers'",
+                        f'xformers memory-efficient attention needs a CUDA device and a working xformers (device is {device.type})',
+                        "use Stack.attention = 'auto' (picks sdpa on CPU) or 'sdpa'")
+    return 'xformers'
+
+
+def dense_mask(t_q: int, t_k: int, causal: bool, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean [batch or 1, 1, t_q, t_k] mask, True = may attend. None when nothing is masked."""
+    mask = None
+    if causal:
+        # queries are the last t_q positions of the t_k keys (equal lengths in training)
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)[None, None]
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].bool()
+        mask = km if mask is None else (mask & km)
+        # A query row with no visible key (a padding query under left padding) would give NaN; let such rows
+        # see themselves. Their outputs are padding and never read.
+        eye = torch.eye(t_q, t_k, dtype=torch.bool, device=device)[None, None]
+        mask = mask | (eye & ~mask.any(-1, keepdim=True))
+    return mask
+
+
+def attend(q, k, v, *, causal: bool, key_mask: torch.Tensor | None = None, backend: str = 'auto') -> torch.Tensor:
+    """q, k, v: [B, T, H, D] (k, v may have fewer heads: grouped-query). Returns [B, T, H, D]."""
+    backend = resolve_backend(backend, q.device)
+    if k.shape[2] != q.shape[2]:  # grouped-query attention: share each kv head among q heads
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    if backend == 'xformers':
+        xops = _xformers_ops()
+        if key_mask is None:
+            bias = xops.LowerTriangularMask() if causal else None
+        else:
+            allowed = dense_mask(q.shape[1], k.shape[1], causal, key_mask, q.device)
+            bias = _additive_bias(allowed, q.shape[2], q.dtype)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    mask = dense_mask(q.shape[1], k.shape[1], causal, key_mask, q.device)
+    is_causal = causal and mask is not None and key_mask is None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=None if is_causal else mask, is_causal=is_causal)
+    return out.transpose(1, 2)
+
+
+def _additive_bias(allowed: torch.Tensor, heads: int, dtype) -> torch.Tensor:
+    """xformers wants a float bias [B, H, Tq, Tk] whose last dim is allocated in multiples of 8."""
+    b, _, tq, tk = allowed.shape
+    pad = (-tk) % 8
+    storage = torch.zeros(b, heads, tq, tk + pad, dtype=dtype, device=allowed.device)
+    bias = storage[..., :tk]
+    bias.masked_fill_(~allowed.expand(b, heads, tq, tk), float('-inf'))
+    return bias
+
+
+def naive_attention(q, k, v, *, causal: bool, key_mask=None) -> torch.Tensor:
+    """Reference: softmax(q k^T / sqrt(d)) v with explicit masking. [B, T, H, D] in and out. For tests."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum('bqhd,bkhd->bhqk', q, k) / q.shape[-1] ** 0.5
+    mask = dense_mask(q.shape[1], k.shape[1], causal, key_mask, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float('-inf'))
+    return torch.einsum('bhqk,bkhd->bqhd', scores.softmax(-1), v)

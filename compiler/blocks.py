@@ -1,0 +1,154 @@
+"""Building blocks shared by every model family: norms, rotary positions, the Llama-style transformer
+block, the masked-mixer block and a Stack (embedding -> blocks -> final norm [-> head]).
+
+Module names follow Hugging Face's Llama (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...) so a
+LlamaForCausalLM state dict maps onto a Stack by renaming three top-level keys (compiler/checkpoint.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compiler import plan as P
+from compiler.attention import attend
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        # computed in fp32 like Llama, so bf16 runs normalise the same way
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, Llama's half-split layout. x: [B, T, H, D], positions: [B, T] (may start anywhere)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = angles.cos().repeat(1, 1, 2)[:, :, None], angles.sin().repeat(1, 1, 2)[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: P.Stack):
+        super().__init__()
+        self.cfg, d, hd = cfg, cfg.d_model, cfg.d_model // cfg.n_heads
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+
+    def forward(self, x, positions, key_mask):
+        b, t, _ = x.shape
+        hd = self.cfg.d_model // self.cfg.n_heads
+        q = self.q_proj(x).view(b, t, self.cfg.n_heads, hd)
+        k = self.k_proj(x).view(b, t, self.cfg.kv_heads, hd)
+        v = self.v_proj(x).view(b, t, self.cfg.kv_heads, hd)
+        q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        out = attend(q, k, v, causal=self.cfg.causal, key_mask=key_mask, backend=self.cfg.attention)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: P.Stack, seq_len: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn)
+
+    def forward(self, x, positions, key_mask):
+        x = x + self.self_attn(self.input_layernorm(x), positions, key_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MaskedTokenConv(nn.Module):
+    """Token mixing of the masked mixer: a Conv1d whose channels are token positions, sliding over the hidden
+    dimension. Causality comes from multiplying the weight by a lower-triangular (out, in) mask inside forward,
+    never by overwriting the weight, so the masked-out entries cannot drift or leak through an optimiser.
+    heads > 1: each head gets its own Linear(d, d/h) input projection and its own convolution (grouped conv)."""
+
+    def __init__(self, cfg: P.Stack, seq_len: int):
+        super().__init__()
+        h, d, k = cfg.mixer_heads, cfg.d_model, cfg.mixer_kernel
+        self.heads, self.kernel, self.seq_len = h, k, seq_len
+        self.weight = nn.Parameter(torch.empty(h * seq_len, seq_len, k))
+        self.bias = nn.Parameter(torch.zeros(h * seq_len))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # Conv1d's own default init
+        mask = torch.ones(seq_len, seq_len).tril() if cfg.causal else torch.ones(seq_len, seq_len)
+        self.register_buffer('mask', mask.repeat(h, 1)[:, :, None], persistent=False)
+        if h > 1:
+            self.proj_in = nn.Linear(d, d, bias=False)  # = h separate Linear(d, d/h) stacked
+            self.proj_out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):  # x: [B, L, d]
+        b, t, d = x.shape
+        h = self.heads
+        if h > 1:  # [B, L, d] -> [B, h*L, d/h]: head-major channel groups
+            x = self.proj_in(x).view(b, t, h, d // h).permute(0, 2, 1, 3).reshape(b, h * t, d // h)
+        y = F.conv1d(x, self.weight * self.mask, self.bias, padding='same', groups=h)
+        if h > 1:
+            y = y.view(b, h, t, d // h).permute(0, 2, 1, 3).reshape(b, t, d)
+            y = self.proj_out(y)
+        return y
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, cfg: P.Stack, seq_len: int):
+        super().__init__()
+        self.seq_norm = nn.LayerNorm(cfg.d_model)
+        self.conv = MaskedTokenConv(cfg, seq_len)
+        self.patch_norm = nn.LayerNorm(cfg.d_model)
+        self.patch_ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.d_model))
+
+    def forward(self, x, positions, key_mask):
+        x = x + self.conv(self.seq_norm(x))
+        return x + self.patch_ff(self.patch_norm(x))
+
+
+class Stack(nn.Module):
+    """embedding -> n_layers blocks -> final norm [-> head]. Mixers need the sequence length at build time."""
+
+    def __init__(self, cfg: P.Stack, vocab: int, seq_len: int, embedding: bool = True, head: bool = False):
+        super().__init__()
+        self.cfg, self.seq_len = cfg, seq_len
+        block = TransformerBlock if cfg.kind == 'transformer' else MixerBlock
+        self.embedding = nn.Embedding(vocab, cfg.d_model) if embedding else None
+        self.layers = nn.ModuleList(block(cfg, seq_len) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.kind == 'transformer' else nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab, bias=False) if head else None
+
+    def forward(self, tokens=None, *, embeds=None, key_mask=None, positions=None):
+        """tokens [B, T] or embeds [B, T, d]; key_mask [B, T] True = real. Returns final-normed hidden [B, T, d].
+
+        Positions default to the index among real tokens (a left-padded row starts at 0), which is what makes
+        padded and unpadded inputs give the same outputs on real tokens."""
+        x = self.embedding(tokens) if embeds is None else embeds
+        if positions is None:
+            if key_mask is None:
+                positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            else:
+                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        for layer in self.layers:
+            x = layer(x, positions, key_mask)
+        return self.norm(x)

@@ -1,0 +1,144 @@
+"""Cost model, analytic from the Plan alone (tests check it against built graphs).
+
+- parameters per component (trainable / frozen per stage);
+- FLOPs per predicted token: forward = 2 x matmul parameters touched + attention scores; training = 3 x
+  forward for every stack that trains or has a trainable component upstream, 1 x forward for a stack that is
+  frozen with nothing trainable upstream (it runs under no_grad);
+- KV-cache bytes per sequence at inference (fp32), the memory model's selling point;
+- activation memory per batch (fp32 saved tensors, a stated approximation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler import plan as P
+from compiler.validate import sequence_lengths
+
+BYTES = 4  # fp32 on CPU (bf16 autocast on CPU is 15x slower here: DESIGN.md)
+
+
+def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bool) -> dict[str, int]:
+    d, f = s.d_model, s.ffn
+    if s.kind == 'transformer':
+        hd = d // s.n_heads
+        layer = 2 * d * s.n_heads * hd + 2 * d * s.kv_heads * hd + 3 * d * f + 2 * d
+        norm = d
+    else:
+        h, k = s.mixer_heads, s.mixer_kernel
+        conv = h * seq_len * seq_len * k + h * seq_len + (2 * d * d if h > 1 else 0)
+        layer = conv + 4 * d + (d * f + f + f * d + d)
+        norm = 2 * d
+    out = {'embedding': vocab * d} if embedding else {}
+    out.update(layers=layer * s.n_layers, norm=norm)
+    if head:
+        out['head'] = d * vocab
+    return out
+
+
+def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
+    """{'encoder.embedding': n, ...} for every component of the plan's graph."""
+    vocab = vocab or plan.data.vocab_size
+    fam, m, lengths = plan.family, plan.memory, sequence_lengths(plan)
+    out: dict[str, int] = {}
+    dec_embedding = fam not in ('autoencoder', 'probe')
+    for k, v in stack_params(plan.decoder, vocab, lengths['decoder'], dec_embedding, True).items():
+        out[f'decoder.{k}'] = v
+    if 'encoder' in lengths:
+        for k, v in stack_params(plan.encoder, vocab, lengths['encoder'], True, False).items():
+            out[f'encoder.{k}'] = v
+    d_dec = plan.decoder.d_model
+    d_enc = plan.encoder.d_model if 'encoder' in lengths else d_dec
+    former = 'encoder' in lengths or fam == 'recurrent'
+    if former and m.compression > 1:
+        c = d_enc // m.compression
+        out['memory.compress'] = d_enc * c + c + c * d_enc + d_enc
+    if former and d_enc != d_dec:
+        out['memory.proj'] = d_enc * d_dec
+    if fam in ('autoencoder', 'probe') and m.decoder_input == 'unroll':
+        out['memory.unroll'] = (d_dec // 2) * d_dec + d_dec
+    if fam in P.MEMORY_FAMILIES and m.pad == 'learned':
+        out['memory.pad'] = d_dec
+    return out
+
+
+def is_frozen(component: str, freeze) -> bool:
+    return any(component == f or component.startswith(f + '.') for f in freeze)
+
+
+def _layer_flops(s: P.Stack, t: int, seq_len: int) -> float:
+    """Forward FLOPs per position of one block at context t."""
+    d, f = s.d_model, s.ffn
+    if s.kind == 'transformer':
+        hd = d // s.n_heads
+        proj = 2 * (2 * d * s.n_heads * hd + 2 * d * s.kv_heads * hd)
+        attn = 2 * 2 * t * d * (0.5 if s.causal else 1.0)  # scores + weighted sum; causal touches half
+        return proj + attn + 2 * 3 * d * f
+    conv = 2 * seq_len * s.mixer_kernel * d + (4 * d * d if s.mixer_heads > 1 else 0)
+    return conv + 2 * 2 * d * f
+
+
+@dataclass
+class StageCost:
+    name: str
+    trainable: int
+    frozen: int
+    train_flops_per_token: float
+    activation_bytes: int
+
+
+def flops_per_token(plan: P.Plan, freeze=(), training=False) -> float:
+    """FLOPs per predicted token (forward, or forward+backward when training)."""
+    fam, m = plan.family, plan.memory
+    n, l, lengths, vocab = m.chunks, m.chunk_len, sequence_lengths(plan), plan.data.vocab_size
+    dec, t_dec = plan.decoder, lengths['decoder']
+    head = 2 * dec.d_model * vocab
+    dec_fwd = (t_dec / l if fam not in ('clm', 'full_context') else 1.0) * dec.n_layers * _layer_flops(dec, t_dec, t_dec)
+    enc_fwd = 0.0
+    if 'encoder' in lengths:
+        e, t_enc = plan.encoder, lengths['encoder']
+        share = 1.0 if fam in ('autoencoder', 'probe') else (n - 1) / n
+        if fam == 'oracle':
+            share = 1.0
+        enc_fwd = share * e.n_layers * _layer_flops(e, t_enc, t_enc)
+    if not training:
+        return dec_fwd + head + enc_fwd
+    enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
+    return 3 * (dec_fwd + head) + (1 if enc_frozen else 3) * enc_fwd
+
+
+def kv_cache_bytes(plan: P.Plan) -> int:
+    """KV cache of the decoder for one sequence at inference (fp32). Mixers keep no KV cache (0)."""
+    dec = plan.decoder
+    if dec.kind != 'transformer':
+        return 0
+    ctx = sequence_lengths(plan)['decoder']
+    return 2 * dec.n_layers * dec.kv_heads * (dec.d_model // dec.n_heads) * ctx * BYTES
+
+
+def activation_bytes(plan: P.Plan, batch: int, freeze=()) -> int:
+    """Saved activations for backward, per batch, fp32. Per block and position: transformer ~ 10 d + 4 ffn
+    floats (norm in/out, q k v o, residuals, gate/up/act/product), mixer ~ 6 d + 2 ffn; logits 2 x vocab per
+    predicted token; a frozen encoder with nothing trainable upstream saves nothing (no_grad)."""
+    lengths, m, fam = sequence_lengths(plan), plan.memory, plan.family
+
+    def stack(s, t, rows):
+        per = (10 * s.d_model + 4 * s.ffn) if s.kind == 'transformer' else (6 * s.d_model + 2 * s.ffn)
+        return rows * t * per * s.n_layers
+
+    n = m.chunks
+    dec_rows = batch * (1 if fam in ('clm', 'full_context') else n)
+    floats = stack(plan.decoder, lengths['decoder'], dec_rows) + batch * n * m.chunk_len * 2 * plan.data.vocab_size
+    if 'encoder' in lengths and not all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.')):
+        enc_rows = batch * (n if fam in ('autoencoder', 'probe') else 1 if fam == 'oracle' else n - 1)
+        floats += stack(plan.encoder, lengths['encoder'], enc_rows)
+    return int(floats * BYTES)
+
+
+def stage_costs(plan: P.Plan) -> list[StageCost]:
+    p = params(plan)
+    out = []
+    for s in plan.curriculum:
+        frozen = sum(v for c, v in p.items() if is_frozen(c, s.freeze))
+        out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops_per_token(plan, s.freeze, training=True),
+                             activation_bytes(plan, s.batch_size or plan.data.batch_size, s.freeze)))
+    return out

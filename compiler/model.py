@@ -1,0 +1,172 @@
+"""Model families, all composed of the same Stack and MemoryModule. One interface for every family:
+
+    logits = model(tokens, key_mask)      tokens, key_mask: [B, N, L]   ->   logits [B, N, L, vocab]
+
+where logits[:, c, t] scores the token *after* position t for causal families (shift in the objective) and
+token t itself for autoencoders. Families with an encoder also expose `memories(tokens, key_mask)`.
+
+Component names (what `Stage.freeze` and `Stage.init_from` accept) are the module paths:
+encoder.{embedding,layers,norm}, memory.{compress,proj,unroll,pad}, decoder.{embedding,layers,norm,head},
+and the three top-level names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from compiler import plan as P
+from compiler.blocks import Stack
+from compiler.memory import MemoryModule
+
+
+class Family(nn.Module):
+
+
+    def encode(self, tokens, key_mask=None):
+        """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder)."""
+        return self.memory.form(self.encoder(tokens, key_mask=key_mask), key_mask)
+
+    def components(self) -> list[str]:
+        """Every freezable component that holds parameters, top-level and second-level names."""
+        names = []
+        for top, mod in self.named_children():
+            if any(True for _ in mod.parameters()):
+                names.append(top)
+                names += [f'{top}.{n}' for n, m in mod.named_children() if any(True for _ in m.parameters())]
+                names += [f'{top}.{n}' for n, _ in mod.named_parameters(recurse=False)]
+        return names
+
+
+class CausalLM(Family):
+    """clm and full_context: one causal decoder over all N*L tokens."""
+
+    def __init__(self, plan: P.Plan, vocab: int):
+        super().__init__()
+        self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
+        self.decoder = Stack(plan.decoder, vocab, self.n * self.l, head=True)
+
+    def forward(self, tokens, key_mask=None):
+        b = tokens.shape[0]
+        km = None if key_mask is None else key_mask.reshape(b, -1)
+        h = self.decoder(tokens.reshape(b, -1), key_mask=km)
+        return self.decoder.head(h).view(b, self.n, self.l, -1)
+
+
+class Autoencoder(Family):
+    """autoencoder and probe: every chunk is one example; encoder -> one memory -> decoder regenerates it."""
+
+    def __init__(self, plan: P.Plan, vocab: int):
+        super().__init__()
+        m = plan.memory
+        self.l = m.chunk_len
+        self.encoder = Stack(plan.encoder, vocab, m.chunk_len)
+        self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=True,
+                                   unroll=m.decoder_input == 'unroll', pad=False)
+        self.decoder = Stack(plan.decoder, vocab, m.chunk_len, embedding=False, head=True)
+
+    def memories(self, tokens, key_mask=None):
+        b, n, l = tokens.shape
+        km = None if key_mask is None else key_mask.reshape(b * n, l)
+        return self.encode(tokens.reshape(b * n, l), km).view(b, n, -1)
+
+    def forward(self, tokens, key_mask=None):
+        b, n, l = tokens.shape
+        mem = self.memories(tokens, key_mask).reshape(b * n, -1)
+        h = self.decoder(embeds=self.memory.decoder_input(mem, l))
+        return self.decoder.head(h).view(b, n, l, -1)
+
+
+class ChunkedMemoryLM(Family):
+    """memory, no_memory and oracle. The encoder embeds chunks 0..N-2 in ONE batched call; the decoder runs
+    every chunk as one batch: [slots for chunk c, tokens of chunk c], key masks aligned per chunk."""
+
+    def __init__(self, plan: P.Plan, vocab: int):
+        super().__init__()
+        m = plan.memory
+        self.n, self.l, self.variable, self.oracle = m.chunks, m.chunk_len, m.slots == 'variable', plan.family == 'oracle'
+        self.use_memory = plan.family != 'no_memory'
+        slots = self.n - 1 if self.variable else self.n
+        if self.use_memory:
+            self.encoder = Stack(plan.encoder, vocab, self.n * self.l if self.oracle else self.l)
+        self.memory = MemoryModule(m, plan.encoder.d_model if self.use_memory else None, plan.decoder.d_model,
+                                   former=self.use_memory, unroll=False, pad=True)
+        self.decoder = Stack(plan.decoder, vocab, slots + self.l, head=True)
+
+    def memories(self, tokens, key_mask=None):
+        """[B, N, L] -> memories of chunks 0..N-2: [B, N-1, d_dec]."""
+        b, n, l = tokens.shape
+        if self.oracle:  # the encoder sees the whole sequence, future included: an upper bound on memory benefit
+            km = None if key_mask is None else key_mask.reshape(b, n * l)
+            h = self.encoder(tokens.reshape(b, n * l), key_mask=km)
+            idx = torch.arange(n - 1, device=tokens.device) * l + (l - 1)
+            h = h[:, idx[:, None] - torch.arange(l - 1, -1, -1, device=tokens.device)]  # [B, N-1, L, d] chunk windows
+            km = None if key_mask is None else key_mask[:, :-1].reshape(b * (n - 1), l)
+            return self.memory.form(h.reshape(b * (n - 1), l, -1), km).view(b, n - 1, -1)
+        km = None if key_mask is None else key_mask[:, :-1].reshape(b * (n - 1), l)
+        return self.encode(tokens[:, :-1].reshape(b * (n - 1), l), km).view(b, n - 1, -1)
+
+    def forward(self, tokens, key_mask=None):
+        b, n, l = tokens.shape
+        mem = self.memories(tokens, key_mask) if self.use_memory else None
+        slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
+        x = torch.cat([slots, self.decoder.embedding(tokens)], dim=2)  # [B, N, S+L, d]
+        tok_mask = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask.bool()
+        mask = torch.cat([slot_mask, tok_mask], dim=2).reshape(b * n, -1)
+        h = self.decoder(embeds=x.reshape(b * n, -1, x.shape[-1]), key_mask=None if bool(mask.all()) else mask)
+        return self.decoder.head(h[:, -l:]).view(b, n, l, -1)  # the head runs on token positions only
+
+
+class RecurrentMemoryLM(Family):
+    """Recurrent memory transformer baseline: one memory embedding carried chunk to chunk, backprop through time.
+    The chunk loop is inherent here (chunk c needs chunk c-1's output); that is the cost this baseline measures."""
+
+    def __init__(self, plan: P.Plan, vocab: int):
+        super().__init__()
+        m = plan.memory
+        self.l = m.chunk_len
+        self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=True, unroll=False, pad=True)
+        self.decoder = Stack(plan.decoder, vocab, 1 + self.l, head=True)
+
+    def forward(self, tokens, key_mask=None):
+        b, n, l = tokens.shape
+        mem = self.memory.pad.expand(b, -1)
+        out = []
+        for c in range(n):
+            km = None if key_mask is None else torch.cat([key_mask.new_ones(b, 1), key_mask[:, c]], 1).bool()
+            x = torch.cat([mem[:, None], self.decoder.embedding(tokens[:, c])], 1)
+            h = self.decoder(embeds=x, key_mask=km)
+            out.append(self.decoder.head(h[:, 1:]))
+            mem = self.memory.form(h, km)
+        return torch.stack(out, 1)
+
+
+FAMILY_CLASSES = {'clm': CausalLM, 'full_context': CausalLM, 'autoencoder': Autoencoder, 'probe': Autoencoder,
+                  'memory': ChunkedMemoryLM, 'no_memory': ChunkedMemoryLM, 'oracle': ChunkedMemoryLM,
+                  'recurrent': RecurrentMemoryLM}
+
+
+def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Family:
+    """The graph of a (validated) Plan. Seeded: the same plan and seed give the same initial weights."""
+    vocab = vocab or plan.data.vocab_size
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(plan.run.seed if seed is None else seed)
+    try:
+        model = FAMILY_CLASSES[plan.family](plan, vocab)
+        init_weights(model)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model
+
+
+def init_weights(model: nn.Module) -> None:
+    """GPT-2 style init: N(0, 0.02) for linear and embedding weights, zero biases; norms and convs keep theirs."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight, std=0.02)
+            if getattr(mod, 'bias', None) is not None:
+                nn.init.zeros_(mod.bias)
+
+
+def parameters_of(model: nn.Module, component: str):
+    """(name, parameter) pairs of one component (prefix match on dotted module paths)."""
+    return [(n, p) for n, p in model.named_parameters() if n == component or n.startswith(component + '.')]

@@ -1,0 +1,135 @@
+"""Objectives: how a batch becomes (model input, labels), and the one place metrics are computed.
+
+Label convention (golden-tested): labels[b, c, t] is the target of logits[b, c, t]; IGNORE marks positions
+without a target. Causal objectives predict the next token *inside* the chunk (the paper's memory-model loss:
+chunk c sees only memories + its own tokens, so its first token has no prediction); the full-context and
+clm families use the same label set so their losses are comparable. Nothing mutates its inputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compiler import plan as P
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    blank: int
+    copy: int
+
+
+def shifted_labels(tokens: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Next token inside each chunk: labels[..., t] = tokens[..., t+1]; the last position and padding IGNORE."""
+    labels = torch.full_like(tokens, IGNORE)
+    labels[..., :-1] = tokens[..., 1:]
+    if key_mask is not None:
+        valid = key_mask[..., 1:] & key_mask[..., :-1]
+        labels[..., :-1] = torch.where(valid, labels[..., :-1], IGNORE)
+    return labels
+
+
+def make_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """-> (input tokens, input key mask, labels). Inputs are never modified in place."""
+    if obj.kind in ('clm', 'retrieval'):
+        return tokens, key_mask, shifted_labels(tokens, key_mask)
+    if obj.kind == 'autoencode':
+        labels = tokens if key_mask is None else torch.where(key_mask, tokens, IGNORE)
+        return tokens, key_mask, labels
+    # copy / blank copy: input = [first half, first half]; only the second half is supervised
+    h = tokens.shape[1] // 2
+    first = tokens[:, :h]
+    first_mask = None if key_mask is None else key_mask[:, :h]
+    mask = None if key_mask is None else torch.cat([first_mask, first_mask], 1)
+    second = torch.full_like(first, ids.blank) if obj.kind == 'blank_copy' else first
+    if first_mask is not None and obj.kind == 'blank_copy':
+        second = torch.where(first_mask, second, ids.pad)
+    if obj.delimiter:
+        second = second.clone()
+        second[:, 0, :obj.delimiter] = ids.copy  # the research code's copy delimiter tokens
+    inputs = torch.cat([first, second], 1)
+    labels = torch.full_like(inputs, IGNORE)
+    labels[:, h:] = shifted_labels(first, first_mask)
+    if obj.delimiter:  # labels around the delimiter are ignored
+        labels[:, h, :obj.delimiter] = IGNORE
+    return inputs, mask, labels
+
+
+def token_loss(logits, labels) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def retrieval_loss(model, tokens, key_mask, obj: P.Objective, ids: SpecialIds, generator=None):
+    """InfoNCE: query = encoder embedding of a random n-gram (or n random tokens) of each document's first chunk,
+    candidates = the embeddings of every document's first chunk in the batch. Returns (loss, top-1 accuracy)."""
+    b, _, l = tokens.shape
+    doc = tokens[:, 0]
+    real = l if key_mask is None else int(key_mask[:, 0].sum(-1).min())
+    n = min(obj.ngram, real)
+    if obj.query == 'ngram':
+        start = torch.randint(0, real - n + 1, (b,), generator=generator)
+        cols = start[:, None] + torch.arange(n)
+    else:
+        cols = torch.stack([torch.randperm(real, generator=generator)[:n].sort().values for _ in range(b)])
+    q_tokens = torch.full((b, l), ids.pad, dtype=tokens.dtype)
+    q_tokens[:, :n] = doc.gather(1, cols.to(doc.device))
+    q_mask = torch.zeros(b, l, dtype=torch.bool)
+    q_mask[:, :n] = True
+    q = F.normalize(model.encode(q_tokens.to(doc.device), q_mask.to(doc.device)), dim=-1)
+    c = F.normalize(model.encode(doc, None if key_mask is None else key_mask[:, 0]), dim=-1)
+    sim = q @ c.T / obj.temperature
+    target = torch.arange(b, device=sim.device)
+    return F.cross_entropy(sim, target), (sim.argmax(-1) == target).float().mean()
+
+
+def combine(losses: dict[str, torch.Tensor], stage: P.Stage) -> torch.Tensor:
+    """Explicit normalization: weighted_sum = sum_i w_i * mean_i. 'faithful' reproduces the research code's
+    accident, clm_mean + 0.5 * copy_mean, whatever the weights say."""
+    if stage.normalize == 'faithful':
+        copy = losses.get('copy', losses.get('blank_copy'))
+        return losses['clm'] + 0.5 * copy
+    return sum(o.weight * losses[o.kind] for o in stage.objectives)
+
+
+@dataclass
+class Tally:
+    """Accumulates decoding metrics over batches (plain sums; no in-place edits of batches)."""
+    nll: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+    hamming_sum: float = 0.0
+    samples: int = 0
+
+    def add(self, logits, labels):
+        valid = labels != IGNORE
+        if not valid.any():
+            return
+        lp = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=IGNORE, reduction='sum')
+        hit = (logits.argmax(-1) == labels) & valid
+        self.nll += float(lp)
+        self.correct += int(hit.sum())
+        self.tokens += int(valid.sum())
+        per_sample = valid.flatten(1).sum(-1)
+        has = per_sample > 0
+        acc = hit.flatten(1).sum(-1)[has].float() / per_sample[has]
+        self.hamming_sum += float((1 - acc).sum())
+        self.samples += int(has.sum())
+
+    def metrics(self, vocab: int, bytes_per_token: float | None = None) -> dict[str, float]:
+        if not self.tokens:
+            return {}
+        ce = self.nll / self.tokens
+        out = {'ce': ce, 'token_accuracy': self.correct / self.tokens,
+               'normalized_hamming': self.hamming_sum / self.samples,
+               # I_e against an informationless model: H0 = ln(vocab) (uniform), PAPER.md section 6
+               'info_proportion': 1 - ce / math.log(vocab)}
+        if bytes_per_token:
+            out['bits_per_byte'] = ce / math.log(2) / bytes_per_token
+        return out

@@ -1,0 +1,233 @@
+"""The Plan: frozen dataclasses that describe one experiment.
+
+Gin is only the surface syntax. Each dataclass below is registered as a gin configurable under its own
+name (`Stack`, `Memory`, `Objective`, `Stage`, `Data`, `Run`, `Plan`), so a spec writes
+`encoder/Stack.n_layers = 2`. Everything downstream (validation, cost model, graph builder, runtime,
+recorder) reads the Plan, never the gin text.
+
+Every instance remembers the gin scope it was built in (`encoder/Stack` -> scope 'encoder'), so a bad
+value can be traced back to the file and line that bound it (see compiler/spec.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import gin
+
+FAMILIES = ('clm', 'full_context', 'autoencoder', 'probe', 'memory', 'no_memory', 'oracle', 'recurrent')
+MEMORY_FAMILIES = ('memory', 'no_memory', 'oracle', 'recurrent')  # chunked decoders that read memories
+ENCODER_FAMILIES = ('autoencoder', 'probe', 'memory', 'no_memory', 'oracle')
+OBJECTIVES = ('clm', 'autoencode', 'copy', 'blank_copy', 'retrieval')
+
+
+class PlanError(Exception):
+    """A value in the plan is wrong. `owner` is the dataclass instance, `name` the offending field."""
+
+    def __init__(self, owner, name: str, message: str, fix: str):
+        super().__init__(message)
+        self.owner, self.name, self.message, self.fix = owner, name, message, fix
+
+
+def _check_types(obj) -> None:
+    """Type-check the fields of a plan dataclass against their annotations (gin passes anything)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name == 'scope':
+            continue
+        value = getattr(obj, f.name)
+        if not _conforms(value, hints[f.name]):
+            raise PlanError(obj, f.name, f'{type(obj).__name__}.{f.name} = {value!r} is not {_describe(hints[f.name])}',
+                            f'bind {type(obj).__name__}.{f.name} to {_describe(hints[f.name])}')
+
+
+def _conforms(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin is typing.Union or origin is getattr(__import__('types'), 'UnionType', None):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return 'one of ' + ', '.join(repr(a) for a in args)
+    if origin is typing.Union or origin is getattr(__import__('types'), 'UnionType', None):
+        return ' or '.join(_describe(a) for a in args)
+    if origin is tuple:
+        return f'a list of {_describe(args[0])}'
+    if origin is dict:
+        return f'a dict of {_describe(args[0])} -> {_describe(args[1])}'
+    if tp is type(None):
+        return 'None'
+    return {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False'}.get(tp, f'a {getattr(tp, "__name__", tp)}')
+
+
+class _PlanPart:
+    """Shared post-init: record the gin scope, freeze lists into tuples, type-check."""
+
+    def __post_init__(self):
+        if not self.scope:
+            object.__setattr__(self, 'scope', gin.current_scope_str())
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+        _check_types(self)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == 'scope':
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, _PlanPart):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = [x.to_dict() if isinstance(x, _PlanPart) else x for x in v]
+            out[f.name] = v
+        return out
+
+
+_SCOPE = field(default='', compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Stack(_PlanPart):
+    """One stack of blocks (an encoder or a decoder): token embedding -> n_layers blocks -> final norm."""
+    d_model: int = 128
+    n_layers: int = 2
+    kind: typing.Literal['transformer', 'mixer'] = 'transformer'
+    causal: bool = True
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention (Llama checkpoints); None = n_heads
+    ffn_hidden: int | None = None  # None = 4 * d_model (the research code's choice)
+    mixer_kernel: int = 1  # token-mixing convolution kernel (masked mixer)
+    mixer_heads: int = 1  # >1: multi-head mixer, each head its own masked convolution
+    attention: typing.Literal['auto', 'sdpa', 'xformers'] = 'auto'
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    context: int | None = None  # longest sequence the stack supports (a pretrained model's window); None = any
+    scope: str = _SCOPE
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 4 * self.d_model
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class Memory(_PlanPart):
+    """How a chunk becomes one embedding and how the decoder reads it. Also the data shape: N chunks x L tokens."""
+    chunks: int = 4  # N
+    chunk_len: int = 32  # L
+    position: typing.Literal['last', 'second_last'] = 'last'  # which real token's hidden state is the memory
+    compression: int = 1  # >1: Linear(d, d/c) -> Linear(d/c, d) bottleneck
+    noise: float = 0.0  # uniform noise amplitude added to memories in training (quantization-aware, paper 2**-4)
+    slots: typing.Literal['fixed', 'variable'] = 'fixed'
+    pad: typing.Literal['ones', 'zeros', 'learned'] = 'learned'  # embedding of an empty memory slot
+    decoder_input: typing.Literal['repeat', 'unroll'] = 'unroll'  # autoencoder decoder input
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Objective(_PlanPart):
+    kind: typing.Literal['clm', 'autoencode', 'copy', 'blank_copy', 'retrieval'] = 'clm'
+    weight: float = 1.0
+    delimiter: int = 0  # copy: number of delimiter tokens before the copy (research code: 3)
+    temperature: float = 0.02  # retrieval InfoNCE temperature
+    ngram: int = 7  # retrieval query length
+    query: typing.Literal['ngram', 'nbag'] = 'ngram'  # contiguous n-gram or n random tokens
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Stage(_PlanPart):
+    """One curriculum stage."""
+    name: str = 'train'
+    steps: int = 100
+    objectives: tuple[Objective, ...] = (Objective(),)
+    # 'weighted_sum': sum_i w_i * mean_i. 'faithful': the research code's clm_mean + 0.5 * copy_mean accident.
+    normalize: typing.Literal['weighted_sum', 'faithful'] = 'weighted_sum'
+    freeze: tuple[str, ...] = ()  # component names (see compiler.model.components), token embedding included
+    init_from: dict[str, str] = field(default_factory=dict)  # component -> 'fresh' | 'previous' | 'run:<id>/<stage>'
+    lr: float = 1e-3
+    warmup: int = 0
+    decay: typing.Literal['cosine', 'linear', 'constant'] = 'cosine'
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int | None = None  # None = Data.batch_size
+    eval_every: int = 100
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Data(_PlanPart):
+    source: str = 'embedded'  # 'embedded' | path to .txt/.jsonl/.parquet | 'hub:<name>[:<config>]'
+    split: str = 'train'  # hub split
+    text_field: str = 'text'
+    tokenizer: str | None = None  # path to tokenizer.json or pretrained dir; None = train BPE of vocab_size
+    vocab_size: int = 2048
+    layout: typing.Literal['packed', 'padded'] = 'packed'
+    padding_side: typing.Literal['right', 'left'] = 'right'
+    full_length_only: bool = False
+    val_fraction: float = 0.05
+    batch_size: int = 16
+    max_documents: int | None = None
+    cache_dir: str = '.cache/memspec'
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Run(_PlanPart):
+    name: str = 'run'
+    seed: int = 0
+    device: typing.Literal['auto', 'cpu', 'cuda'] = 'auto'
+    out_dir: str = 'runs'
+    checkpoint_every: int = 200
+    log_every: int = 10
+    eval_batches: int = 8
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Plan(_PlanPart):
+    family: typing.Literal[FAMILIES] = 'clm'  # type: ignore[valid-type]
+    decoder: Stack = Stack()
+    encoder: Stack | None = None
+    memory: Memory = Memory()
+    data: Data = Data()
+    curriculum: tuple[Stage, ...] = (Stage(),)
+    run: Run = Run()
+    scope: str = _SCOPE
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.curriculum)
+
+
+CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Memory, Objective, Stage, Data, Run, Plan)}
+for _name, _cls in CONFIGURABLES.items():
+    gin.external_configurable(_cls, _name)

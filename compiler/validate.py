@@ -1,0 +1,192 @@
+"""Cross-field checks of a Plan, before any tensor is allocated. Each failure names the binding that set the
+offending value (via compiler.spec.locate), says what is wrong and how to fix it."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from compiler import plan as P
+from compiler.errors import SpecError
+
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)$')
+
+
+def sequence_lengths(plan: P.Plan) -> dict[str, int]:
+    """Length of the sequence each stack processes (mixers are built for exactly this length)."""
+    m = plan.memory
+    n, l = m.chunks, m.chunk_len
+    if plan.family in ('clm', 'full_context'):
+        return {'decoder': n * l}
+    if plan.family in ('autoencoder', 'probe'):
+        return {'encoder': l, 'decoder': l}
+    if plan.family == 'recurrent':
+        return {'decoder': 1 + l}
+    slots = n - 1 if m.slots == 'variable' else n
+    out = {'decoder': slots + l}
+    if plan.family != 'no_memory':
+        out['encoder'] = n * l if plan.family == 'oracle' else l
+    return out
+
+
+def components(plan: P.Plan) -> list[str]:
+    """Freezable component names of the plan's graph, from a build on the meta device (nothing allocated)."""
+    from compiler.model import FAMILY_CLASSES
+    with torch.device('meta'):
+        return FAMILY_CLASSES[plan.family](plan, plan.data.vocab_size).components()
+
+
+def check(spec) -> None:
+    from compiler.spec import locate
+
+    def fail(owner, name, what, fix):
+        raise SpecError(locate(spec.locations, owner, name), what, fix)
+
+    plan = spec.plan
+    needs_encoder = plan.family in P.ENCODER_FAMILIES and plan.family != 'no_memory'
+    if needs_encoder and plan.encoder is None:
+        fail(plan, 'encoder', f"family '{plan.family}' needs an encoder but Plan.encoder is not set",
+             'bind Plan.encoder = @encoder/Stack() and its parameters')
+    lengths = sequence_lengths(plan)
+    for role in ('encoder', 'decoder'):
+        stack = getattr(plan, role)
+        if stack is None or role not in lengths:
+            continue
+        _check_stack(stack, role, lengths[role], plan, fail)
+
+    m = plan.memory
+    if m.chunk_len < 2:
+        fail(m, 'chunk_len', f'Memory.chunk_len = {m.chunk_len} is too short', 'use at least 2 tokens per chunk')
+    if m.chunks < 1:
+        fail(m, 'chunks', f'Memory.chunks = {m.chunks} must be positive', 'use at least 1 chunk')
+    if plan.family in P.MEMORY_FAMILIES and m.chunks < 2:
+        fail(m, 'chunks', f"family '{plan.family}' needs at least 2 chunks (memories of earlier chunks), got {m.chunks}",
+             'set Memory.chunks >= 2')
+    if plan.encoder is not None and needs_encoder:
+        if m.compression < 1 or plan.encoder.d_model % m.compression:
+            fail(m, 'compression', f'Memory.compression = {m.compression} does not divide encoder d_model {plan.encoder.d_model}',
+                 'choose a compression factor that divides the encoder width')
+    if m.noise < 0:
+        fail(m, 'noise', f'Memory.noise = {m.noise} is negative', 'use 0 (off) or a positive amplitude such as 0.0625')
+    if plan.family in ('autoencoder', 'probe') and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
+        fail(m, 'decoder_input', f'unroll needs an even decoder width, got {plan.decoder.d_model}', "use decoder_input = 'repeat' or an even d_model")
+    if m.slots == 'variable' and plan.decoder.kind == 'mixer' and plan.family in ('memory', 'no_memory', 'oracle'):
+        fail(m, 'slots', 'variable memory slots need attention; a masked-mixer decoder has fixed positions',
+             "use Memory.slots = 'fixed' with a mixer decoder")
+
+    names = [s.name for s in plan.curriculum]
+    if not plan.curriculum:
+        fail(plan, 'curriculum', 'the curriculum has no stages', 'bind Plan.curriculum = [@stage0/Stage()]')
+    comps = components(plan)
+    for stage in plan.curriculum:
+        if names.count(stage.name) > 1:
+            fail(stage, 'name', f"two curriculum stages are named '{stage.name}'", 'give every stage a unique Stage.name')
+        _check_stage(stage, plan, comps, fail)
+
+    d = plan.data
+    if d.batch_size < 1:
+        fail(d, 'batch_size', f'Data.batch_size = {d.batch_size} must be >= 1', 'use a positive batch size')
+    if not 0 < d.val_fraction < 1:
+        fail(d, 'val_fraction', f'Data.val_fraction = {d.val_fraction} must be between 0 and 1', 'use e.g. 0.05')
+    if d.vocab_size < 2:
+        fail(d, 'vocab_size', f'Data.vocab_size = {d.vocab_size} is too small', 'use e.g. 2048')
+    r = plan.run
+    for name in ('checkpoint_every', 'log_every', 'eval_batches'):
+        if getattr(r, name) < 1:
+            fail(r, name, f'Run.{name} = {getattr(r, name)} must be >= 1', f'use a positive Run.{name}')
+
+
+def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None:
+    for name in ('d_model', 'n_layers', 'n_heads', 'mixer_kernel', 'mixer_heads'):
+        if getattr(s, name) < 1:
+            fail(s, name, f'{role} Stack.{name} = {getattr(s, name)} must be >= 1', f'use a positive {name}')
+    if s.kind == 'transformer':
+        if s.d_model % s.n_heads:
+            fail(s, 'n_heads', f'{role} d_model {s.d_model} is not divisible by n_heads {s.n_heads}',
+                 f'choose n_heads dividing {s.d_model} (e.g. {_divisor(s.d_model, s.n_heads)})')
+        if (s.d_model // s.n_heads) % 2:
+            fail(s, 'n_heads', f'{role} head dim {s.d_model // s.n_heads} is odd; rotary positions need an even head dim',
+                 'choose n_heads so that d_model / n_heads is even')
+        if s.n_heads % s.kv_heads:
+            fail(s, 'n_kv_heads', f'{role} n_heads {s.n_heads} is not a multiple of n_kv_heads {s.kv_heads}',
+                 'choose n_kv_heads dividing n_heads')
+        if s.attention == 'xformers' and plan.run.device == 'cpu':
+            fail(s, 'attention', f"{role} Stack.attention = 'xformers' but Run.device = 'cpu': xformers has no CPU kernels",
+                 "use Stack.attention = 'auto' (sdpa on CPU, xformers on CUDA) or 'sdpa'")
+    elif s.d_model % s.mixer_heads:
+        fail(s, 'mixer_heads', f'{role} d_model {s.d_model} is not divisible by mixer_heads {s.mixer_heads}',
+             f'choose mixer_heads dividing {s.d_model}')
+    if s.context is not None and length > s.context:
+        fail(plan.memory, 'chunk_len', f'{role} sees {length} positions per sequence ({_layout(plan)}) but its context is {s.context}',
+             'use fewer or shorter chunks, or a stack with a longer context')
+    if s.ffn_hidden is not None and s.ffn_hidden < 1:
+        fail(s, 'ffn_hidden', f'{role} ffn_hidden = {s.ffn_hidden} must be >= 1', 'use e.g. 4 * d_model or None')
+
+
+def _layout(plan) -> str:
+    m = plan.memory
+    return f'{plan.family}: {m.chunks} chunks x {m.chunk_len} tokens, {m.slots} slots'
+
+
+def _divisor(d: int, near: int) -> int:
+    return min((h for h in range(1, d + 1) if d % h == 0 and (d // h) % 2 == 0), key=lambda h: abs(h - near))
+
+
+def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
+    tag = f"stage '{stage.name}'"
+    if stage.steps < 1:
+        fail(stage, 'steps', f'{tag} has {stage.steps} steps', 'give every stage at least 1 step (or remove it)')
+    if stage.lr <= 0:
+        fail(stage, 'lr', f'{tag} learning rate {stage.lr} must be positive', 'use e.g. 1e-3')
+    if stage.warmup < 0 or stage.warmup >= stage.steps:
+        fail(stage, 'warmup', f'{tag} warmup {stage.warmup} must be in [0, steps={stage.steps})', 'shorten the warmup')
+    if stage.eval_every < 1:
+        fail(stage, 'eval_every', f'{tag} eval_every must be >= 1', 'use e.g. 100')
+    if stage.batch_size is not None and stage.batch_size < 1:
+        fail(stage, 'batch_size', f'{tag} batch_size must be >= 1', 'use a positive batch size or None')
+    if not stage.objectives:
+        fail(stage, 'objectives', f'{tag} has no objectives', "bind Stage.objectives = [@clm/Objective()]")
+    for c in stage.freeze:
+        if c not in comps:
+            fail(stage, 'freeze', f"{tag} freezes '{c}', which the '{plan.family}' graph does not have",
+                 'freeze one of: ' + ', '.join(comps))
+    if set(comps) and all(any(c == f or c.startswith(f + '.') for f in stage.freeze) for c in comps if '.' in c):
+        fail(stage, 'freeze', f'{tag} freezes every component: nothing would train', 'leave at least one component trainable')
+    for c, src in stage.init_from.items():
+        if c not in comps:
+            fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
+                 'use one of: ' + ', '.join(comps))
+        if not INIT_SOURCE.match(src):
+            fail(stage, 'init_from', f"{tag}: init source {src!r} for '{c}' is not understood",
+                 "use 'fresh', 'previous' or 'run:<run id>/<stage name>'")
+    kinds = [o.kind for o in stage.objectives]
+    for o in stage.objectives:
+        _check_objective(o, tag, plan, fail)
+    if stage.normalize == 'faithful' and sorted(set(kinds)) not in (['clm', 'copy'], ['blank_copy', 'clm']):
+        fail(stage, 'normalize', f"{tag}: 'faithful' reproduces clm_mean + 0.5 * copy_mean and needs exactly clm and one copy objective, got {kinds}",
+             "use normalize = 'weighted_sum'")
+
+
+def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
+    m, fam = plan.memory, plan.family
+    if o.weight < 0:
+        fail(o, 'weight', f'{tag}: objective {o.kind} has negative weight {o.weight}', 'use a weight >= 0')
+    if o.kind == 'autoencode' and fam not in ('autoencoder', 'probe'):
+        fail(o, 'kind', f"{tag}: objective 'autoencode' needs an autoencoder or probe family, the plan is '{fam}'",
+             "use Plan.family = 'autoencoder', or a clm/copy objective")
+    if o.kind != 'autoencode' and o.kind != 'retrieval' and fam in ('autoencoder', 'probe'):
+        fail(o, 'kind', f"{tag}: objective '{o.kind}' needs a causal decoder; the '{fam}' family regenerates its input",
+             "use objective kind 'autoencode'")
+    if o.kind in ('copy', 'blank_copy'):
+        if m.chunks < 2 or m.chunks % 2:
+            fail(m, 'chunks', f"{tag}: objective '{o.kind}' copies the first half of the chunks into the second and needs an even number >= 2 of chunks, got {m.chunks}",
+                 'set Memory.chunks to 2, 4, 8, ...')
+        if not 0 <= o.delimiter < m.chunk_len:
+            fail(o, 'delimiter', f'{tag}: {o.delimiter} delimiter tokens do not fit a chunk of {m.chunk_len}', 'use 0 or 3')
+    if o.kind == 'retrieval':
+        if fam not in ('autoencoder', 'probe', 'memory', 'oracle'):
+            fail(o, 'kind', f"{tag}: retrieval compares encoder embeddings; family '{fam}' has no encoder", 'use a family with an encoder')
+        if not 1 <= o.ngram <= m.chunk_len:
+            fail(o, 'ngram', f'{tag}: retrieval ngram {o.ngram} must be in [1, chunk_len={m.chunk_len}]', 'use e.g. 7')
+        if o.temperature <= 0:
+            fail(o, 'temperature', f'{tag}: retrieval temperature must be positive', 'use e.g. 0.02')
