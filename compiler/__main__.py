@@ -49,10 +49,10 @@ def render(r: dict) -> str:
     for name, n in r['components'].items():
         top, sub = name.split('.', 1)
         tree.setdefault(top, []).append((sub, n))
-    for top in ('encoder', 'memory', 'decoder'):
+    for top in ('encoder', 'memory', 'decoder', 'ae_decoder'):
         if top not in tree:
             continue
-        stack = plan[top]
+        stack = plan[top] or plan['decoder']
         desc = (f"position={m['position']} slots={m['slots']} pad={m['pad']} compression={m['compression']}" if top == 'memory'
                 else f"{stack['kind']} d{stack['d_model']} x{stack['n_layers']} {'causal' if stack['causal'] else 'bidirectional'}")
         lines.append(f"{top:<10} {_si(sum(n for _, n in tree[top])):>9}   {desc}")

@@ -54,7 +54,12 @@ def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
         out['memory.compress'] = d_enc * c + c + c * d_enc + d_enc
     if former and d_enc != d_dec:
         out['memory.proj'] = d_enc * d_dec
-    if fam in ('autoencoder', 'probe') and m.decoder_input == 'unroll':
+    from compiler.model import needs_ae_decoder
+    ae = needs_ae_decoder(plan)
+    if ae:
+        for k, v in stack_params(plan.ae_decoder or plan.decoder, vocab, m.chunk_len, False, True).items():
+            out[f'ae_decoder.{k}'] = v
+    if (fam in ('autoencoder', 'probe') or ae) and m.decoder_input == 'unroll':
         out['memory.unroll'] = (d_dec // 2) * d_dec + d_dec
     if fam in P.MEMORY_FAMILIES and m.pad == 'learned':
         out['memory.pad'] = d_dec

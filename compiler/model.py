@@ -52,6 +52,20 @@ class CausalLM(Family):
         return self.decoder.head(h).view(b, self.n, self.l, -1)
 
 
+def reconstruct(model: Family, decoder: Stack, tokens, key_mask):
+    """Autoencoding: every chunk -> one memory -> `decoder` regenerates the chunk (unshifted)."""
+    b, n, l = tokens.shape
+    km = None if key_mask is None else key_mask.reshape(b * n, l)
+    mem = model.encode(tokens.reshape(b * n, l), km)
+    h = decoder(embeds=model.memory.decoder_input(mem, l))
+    return decoder.head(h).view(b, n, l, -1)
+
+
+def needs_ae_decoder(plan: P.Plan) -> bool:
+    """A chunked memory model whose curriculum has an 'autoencode' stage (the frozen-encoder curriculum's stage 0)."""
+    return plan.family in ('memory', 'oracle') and any(o.kind == 'autoencode' for s in plan.curriculum for o in s.objectives)
+
+
 class Autoencoder(Family):
     """autoencoder and probe: every chunk is one example; encoder -> one memory -> decoder regenerates it."""
 
@@ -70,10 +84,9 @@ class Autoencoder(Family):
         return self.encode(tokens.reshape(b * n, l), km).view(b, n, -1)
 
     def forward(self, tokens, key_mask=None):
-        b, n, l = tokens.shape
-        mem = self.memories(tokens, key_mask).reshape(b * n, -1)
-        h = self.decoder(embeds=self.memory.decoder_input(mem, l))
-        return self.decoder.head(h).view(b, n, l, -1)
+        return reconstruct(self, self.decoder, tokens, key_mask)
+
+    autoencode = forward
 
 
 class ChunkedMemoryLM(Family):
@@ -88,9 +101,15 @@ class ChunkedMemoryLM(Family):
         slots = self.n - 1 if self.variable else self.n
         if self.use_memory:
             self.encoder = Stack(plan.encoder, vocab, self.n * self.l if self.oracle else self.l)
+        ae = needs_ae_decoder(plan)
         self.memory = MemoryModule(m, plan.encoder.d_model if self.use_memory else None, plan.decoder.d_model,
-                                   former=self.use_memory, unroll=False, pad=True)
+                                   former=self.use_memory, unroll=ae and m.decoder_input == 'unroll', pad=True)
         self.decoder = Stack(plan.decoder, vocab, slots + self.l, head=True)
+        if ae:
+            self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
+
+    def autoencode(self, tokens, key_mask=None):
+        return reconstruct(self, self.ae_decoder, tokens, key_mask)
 
     def memories(self, tokens, key_mask=None):
         """[B, N, L] -> memories of chunks 0..N-2: [B, N-1, d_dec]."""

@@ -217,6 +217,8 @@ class Plan(_PlanPart):
     family: typing.Literal[FAMILIES] = 'clm'  # type: ignore[valid-type]
     decoder: Stack = Stack()
     encoder: Stack | None = None
+    # decoder of 'autoencode' stages in chunked memory models (curriculum stage 0); None = same as decoder
+    ae_decoder: Stack | None = None
     memory: Memory = Memory()
     data: Data = Data()
     curriculum: tuple[Stage, ...] = (Stage(),)

@@ -68,6 +68,11 @@ def check(spec) -> None:
                  'choose a compression factor that divides the encoder width')
     if m.noise < 0:
         fail(m, 'noise', f'Memory.noise = {m.noise} is negative', 'use 0 (off) or a positive amplitude such as 0.0625')
+    if plan.ae_decoder is not None:
+        _check_stack(plan.ae_decoder, 'ae_decoder', m.chunk_len, plan, fail)
+        if plan.ae_decoder.d_model != plan.decoder.d_model:
+            fail(plan.ae_decoder, 'd_model', f'ae_decoder width {plan.ae_decoder.d_model} differs from decoder width {plan.decoder.d_model}; both read the same memories',
+                 'give ae_decoder the decoder\'s d_model')
     if plan.family in ('autoencoder', 'probe') and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
         fail(m, 'decoder_input', f'unroll needs an even decoder width, got {plan.decoder.d_model}', "use decoder_input = 'repeat' or an even d_model")
     if m.slots == 'variable' and plan.decoder.kind == 'mixer' and plan.family in ('memory', 'no_memory', 'oracle'):
@@ -171,8 +176,8 @@ def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
     m, fam = plan.memory, plan.family
     if o.weight < 0:
         fail(o, 'weight', f'{tag}: objective {o.kind} has negative weight {o.weight}', 'use a weight >= 0')
-    if o.kind == 'autoencode' and fam not in ('autoencoder', 'probe'):
-        fail(o, 'kind', f"{tag}: objective 'autoencode' needs an autoencoder or probe family, the plan is '{fam}'",
+    if o.kind == 'autoencode' and fam not in ('autoencoder', 'probe', 'memory', 'oracle'):
+        fail(o, 'kind', f"{tag}: objective 'autoencode' needs an encoder (autoencoder, probe, memory or oracle family), the plan is '{fam}'",
              "use Plan.family = 'autoencoder', or a clm/copy objective")
     if o.kind != 'autoencode' and o.kind != 'retrieval' and fam in ('autoencoder', 'probe'):
         fail(o, 'kind', f"{tag}: objective '{o.kind}' needs a causal decoder; the '{fam}' family regenerates its input",

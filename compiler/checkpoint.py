@@ -1,0 +1,45 @@
+"""Load a Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a Stack,
+so a pretrained LM can serve as a memory model's decoder. Our module names follow Llama's, so the mapping is a
+rename of three top-level keys; shapes are checked, nothing is silently skipped."""
+from __future__ import annotations
+
+import torch
+
+from compiler.blocks import Stack
+from compiler.errors import SpecError
+
+_RENAMES = (('model.embed_tokens.', 'embedding.'), ('embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
+            ('model.norm.', 'norm.'), ('lm_head.', 'head.'))
+
+
+def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.endswith('rotary_emb.inv_freq'):
+            continue  # recomputed from rope_theta
+        for old, new in _RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
+    """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
+    mapped = llama_to_stack(state)
+    if 'head.weight' not in mapped and stack.head is not None and 'embedding.weight' in mapped:
+        mapped['head.weight'] = mapped['embedding.weight']  # tied embeddings (e.g. Llama-3.2-1B)
+    own = stack.state_dict()
+    for key, value in mapped.items():
+        if key not in own:
+            raise SpecError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
+                            'declare the stack with the checkpoint\'s n_layers / sizes')
+        if own[key].shape != value.shape:
+            raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the stack",
+                            'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary to the checkpoint')
+    missing = [k for k in own if k not in mapped]
+    if missing:
+        raise SpecError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
+                        'use a checkpoint with every layer the stack declares')
+    stack.load_state_dict(mapped, strict=True)
