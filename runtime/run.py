@@ -1,0 +1,265 @@
+"""python -m runtime.run SPEC [more.gin ...] [-b BINDING ...] [--db URL] [--resume RUN_ID]
+
+Trains a spec's curriculum, stage by stage, and records the run with Sacred: config = the Plan + the operative
+gin text + the spec hash; metrics; status; artifacts (final weights as safetensors, operative config, summary).
+Run folder: <Run.out_dir>/<run id>/ with checkpoint.pt (latest, written atomically), stages/<stage>.safetensors
+(weights at each stage end, what `init_from = 'run:<id>/<stage>'` reads), final.safetensors, summary.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from compiler import objectives as O
+from compiler.__main__ import parser
+from compiler.errors import SpecError, cli
+from compiler.model import build, parameters_of
+from compiler.spec import load
+from runtime import record
+from runtime.data import Batches, prepare
+from runtime.train import Divergence, evaluate, init_component, optimizer, set_frozen, stage_loss
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename: a kill leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sanitize(obj):
+    """Sacred config keys may not contain '.' (MongoDB): 'encoder.embedding' -> 'encoder:embedding'."""
+    if isinstance(obj, dict):
+        return {str(k).replace('.', ':'): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+class Trainer:
+    def __init__(self, spec, out_dir: Path, resume: dict | None):
+        self.spec, self.plan = spec, spec.plan
+        self.data = prepare(self.plan)
+        self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
+        self.vocab = self.data.vocab_size
+        self.model = build(self.plan, self.vocab)
+        self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed)
+        self.out_dir, self.resume = out_dir, resume
+        self.summary: dict[str, dict] = {}
+
+    def load_run_stage(self, run_id: str, stage: str, component: str):
+        path = self.out_dir.parent / run_id / 'stages' / f'{stage}.safetensors'
+        if not path.is_file():
+            raise SpecError(f"init_from 'run:{run_id}/{stage}'", f'no stage checkpoint at {path}',
+                            'give the id of a finished run and one of its stage names (python -m store.runs list)')
+        state = load_file(path)
+        own = dict(parameters_of(self.model, component))
+        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+        if bad:
+            raise SpecError(f"init_from 'run:{run_id}/{stage}'", f"component '{component}' does not match: {bad[:3]}",
+                            'initialise from a run with the same widths and depths')
+        return state
+
+    def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
+        state = {'model': self.model.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
+                 'data': self.batches.state_dict(), 'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash,
+                 'rng': torch.random.get_rng_state(), 'summary': self.summary, 'run_id': run_id}
+        atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+
+    def run(self, _run) -> dict:
+        plan, run_id = self.plan, str(_run._id)
+        torch.manual_seed(plan.run.seed)
+        start_stage, start_step, ck = 0, 0, None
+        if self.resume is not None:
+            ck = self.resume
+            self.model.load_state_dict(ck['model'])
+            self.batches.load_state_dict(ck['data'])
+            torch.random.set_rng_state(ck['rng'])
+            start_stage, start_step, self.summary = ck['stage'], ck['step'], ck['summary']
+        offset = sum(s.steps for s in plan.curriculum[:start_stage])
+        for si in range(start_stage, len(plan.curriculum)):
+            stage = plan.curriculum[si]
+            resuming = ck is not None and si == start_stage
+            if not resuming:
+                for comp, src in stage.init_from.items():
+                    init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.load_run_stage)
+            params = set_frozen(self.model, stage)
+            opt, sched = optimizer(params, stage)
+            if resuming:
+                opt.load_state_dict(ck['optimizer'])
+                sched.load_state_dict(ck['scheduler'])
+            self.train_stage(_run, si, stage, opt, sched, start_step if resuming else 0, offset, run_id)
+            offset += stage.steps
+        return self.summary
+
+    def train_stage(self, _run, si, stage, opt, sched, step, offset, run_id):
+        plan, model = self.plan, self.model
+        model.train()
+        tokens_per_step = plan.data.batch_size * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
+        bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
+                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        t0, done = time.perf_counter(), 0
+        while step < stage.steps:
+            tokens, mask = next(self.batches)
+            try:
+                loss, losses, accs = stage_loss(model, stage, tokens, mask, self.ids)
+            except Divergence:
+                bar.close()
+                raise
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], 1.0)
+            opt.step()
+            sched.step()
+            step, done = step + 1, done + 1
+            gstep = offset + step
+            if step % plan.run.log_every == 0 or step == stage.steps:
+                _run.log_scalar('train/loss', loss.item(), gstep)
+                for k in losses:
+                    _run.log_scalar(f'train/{k}.loss', losses[k].item(), gstep)
+                    _run.log_scalar(f'train/{k}.token_accuracy', float(accs[k]), gstep)
+                rate = done * tokens_per_step / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f'{loss.item():.3f}', acc=f'{float(sum(accs.values()) / len(accs)):.3f}',
+                                tok_s=f'{rate:,.0f}', refresh=False)
+            bar.update(1)
+            if step % stage.eval_every == 0 or step == stage.steps:
+                metrics = self.evaluate()
+                for k, v in metrics.items():
+                    _run.log_scalar(f'eval/{k}', v, gstep)
+                if step == stage.steps:
+                    self.summary[stage.name] = metrics
+                    _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
+            if step % plan.run.checkpoint_every == 0 or step == stage.steps:
+                if step == stage.steps:
+                    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+                    atomic_write(self.out_dir / 'stages' / f'{stage.name}.safetensors', lambda p: save_file(weights, p))
+                    nxt = (si + 1, 0) if si + 1 < len(plan.curriculum) else (si, step)
+                    self.checkpoint(*nxt, opt, sched, run_id) if nxt[0] == si else self._stage_boundary(si + 1, run_id)
+                else:
+                    self.checkpoint(si, step, opt, sched, run_id)
+        bar.close()
+
+    def _stage_boundary(self, next_stage: int, run_id: str) -> None:
+        """Checkpoint between stages: the next stage starts fresh optimizer state, so none is stored."""
+        state = {'model': self.model.state_dict(), 'optimizer': None, 'scheduler': None, 'data': self.batches.state_dict(),
+                 'stage': next_stage, 'step': 0, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
+                 'summary': self.summary, 'run_id': run_id, 'boundary': True}
+        atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids, self.plan.data.batch_size,
+                        self.plan.run.eval_batches, self.data.bytes_per_token.get('val'), self.vocab)
+
+
+SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),
+                   ('blank_copy.token_accuracy', 'blank-copy acc'), ('blank_copy_ablated.token_accuracy', 'no-memory (ablated)'),
+                   ('autoencode.token_accuracy', 'autoencode acc'), ('autoencode.info_proportion', 'I_e (ae)'),
+                   ('clm.bits_per_byte', 'clm bpb')]
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    cols = [(k, name) for k, name in SUMMARY_COLUMNS if any(k in m for m in summary.values())]
+    lines = ['| stage | ' + ' | '.join(n for _, n in cols) + ' |', '|---|' + '---|' * len(cols)]
+    for stage, m in summary.items():
+        lines.append(f'| {stage} | ' + ' | '.join(f'{m[k]:.3f}' if k in m else '-' for k, _ in cols) + ' |')
+    return '\n'.join(lines)
+
+
+def host_info() -> dict:
+    import importlib.metadata as md
+    pkgs = {p: md.version(p) for p in ('torch', 'xformers', 'gin-config', 'sacred', 'zarr', 'tokenizers', 'datasets')}
+    return {'python': platform.python_version(), 'packages': pkgs, 'threads': torch.get_num_threads()}
+
+
+@cli
+def main(argv=None):
+    ap = parser('python -m runtime.run', __doc__.split('\n\n')[0])
+    ap.add_argument('--db', help='observer database URL (default sqlite:///<Run.out_dir>/sacred.db)')
+    ap.add_argument('--resume', metavar='RUN_ID', help='continue a killed or interrupted run')
+    args = ap.parse_args(argv)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+    spec = load(args.specs, args.binding)
+    plan = spec.plan
+    runs_dir = Path(plan.run.out_dir)
+    url = args.db or record.default_url(plan.run.out_dir)
+    resume = None
+    if args.resume is not None:
+        ck_path = runs_dir / args.resume / 'checkpoint.pt'
+        if not ck_path.is_file():
+            raise SpecError(f'--resume {args.resume}', f'no checkpoint at {ck_path}',
+                            'give the id of a run started with this out_dir (python -m store.runs list)')
+        resume = torch.load(ck_path, weights_only=False)
+        if resume['spec_hash'] != spec.hash:
+            raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
+                            f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
+    obs = record.observer(url)
+    if resume is not None and not record.run_exists(url, args.resume):
+        raise SpecError(f'--resume {args.resume}', f'run {args.resume} is not in {url}', 'pass the --db the run was recorded in')
+
+    from sacred import SETTINGS, Experiment
+    SETTINGS.CAPTURE_MODE = 'no'  # tqdm owns the terminal; output capture would store carriage-return noise
+    ex = Experiment(plan.run.name, save_git_info=False)
+    ex.observers.append(obs)
+    ex.add_config({'plan': _sanitize(plan.to_dict()), 'operative_gin': spec.operative, 'spec_hash': spec.hash,
+                   'spec_files': spec.files, 'bindings': spec.bindings})
+    holder = {}
+
+    @ex.main
+    def _main(_run):
+        run_id = str(_run._id)
+        out_dir = runs_dir / run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _run.info['host'] = host_info()
+        _run.info['run_dir'] = str(out_dir)
+        (out_dir / 'operative.gin').write_text(spec.operative)
+        if resume is not None and hasattr(obs, 'forget_after'):
+            obs.forget_after(run_id, sum(s.steps for s in plan.curriculum[:resume['stage']]) + resume['step'])
+        trainer = Trainer(spec, out_dir, resume)
+        holder['trainer'] = trainer
+        _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
+                             'special_ids': trainer.data.special_ids, 'stats': trainer.data.stats}
+        summary = trainer.run(_run)
+        weights = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
+        atomic_write(out_dir / 'final.safetensors', lambda p: save_file(weights, p))
+        table = summary_table(summary)
+        (out_dir / 'summary.md').write_text(f'# run {run_id} ({plan.run.name}, plan {spec.hash})\n\n{table}\n')
+        (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
+        for name in ('final.safetensors', 'operative.gin', 'summary.md', 'summary.json'):
+            _run.add_artifact(str(out_dir / name), name)
+        holder.update(run_id=run_id, out_dir=out_dir, table=table)
+        last = summary[plan.curriculum[-1].name]
+        return float(last.get('clm.ce', last.get('autoencode.ce', 0.0)))
+
+    options = {'--id': args.resume} if args.resume is not None else {}
+    try:
+        ex.run(options=options)
+    except Divergence as e:
+        print(f'error: run diverged: {e}. The run is recorded as FAILED.', file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the run is recorded as INTERRUPTED; continue it with --resume {holder.get('run_id', '<id>')}",
+              file=sys.stderr)
+        sys.exit(130)
+    print(f"\nrun {holder['run_id']} COMPLETED  (plan {spec.hash})\n\n{holder['table']}\n")
+    print(f"run folder   {holder['out_dir']}  (final.safetensors, stages/, summary.md)")
+    print(f'database     {url}  (python -m store.runs show {holder["run_id"]})')
+
+
+if __name__ == '__main__':
+    main()

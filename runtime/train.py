@@ -1,0 +1,127 @@
+"""One curriculum stage: freezing, optimizer and schedule, the objective mixture, evaluation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from compiler import objectives as O
+from compiler import plan as P
+from compiler.model import Family, build, parameters_of
+
+
+class Divergence(RuntimeError):
+    pass
+
+
+def set_frozen(model: Family, stage: P.Stage) -> list[torch.nn.Parameter]:
+    """requires_grad per component; returns the trainable parameters. Frozen ones never reach the optimizer,
+    so no update, weight decay or momentum can touch them."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for comp in stage.freeze:
+        for _, p in parameters_of(model, comp):
+            p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer(params, stage: P.Stage):
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), foreach=True)
+
+    def factor(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / stage.warmup
+        progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        floor = stage.min_lr_ratio
+        if stage.decay == 'constant':
+            return 1.0
+        if stage.decay == 'linear':
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def forward(model: Family, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False):
+    """-> (logits, labels) for one objective on one batch."""
+    inp, m, labels = O.make_example(obj, tokens, mask, ids)
+    if obj.kind == 'autoencode':
+        return model.autoencode(inp, m), labels
+    if ablate_memory:
+        return model(inp, m, ablate_memory=True), labels
+    return model(inp, m), labels
+
+
+def stage_loss(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
+    """The stage's objective mixture on one batch. Returns (total loss, {kind: loss}, {kind: accuracy})."""
+    losses, accs = {}, {}
+    for obj in stage.objectives:
+        if obj.kind == 'retrieval':
+            losses[obj.kind], accs[obj.kind] = O.retrieval_loss(model, tokens, mask, obj, ids, generator)
+            continue
+        logits, labels = forward(model, obj, tokens, mask, ids)
+        losses[obj.kind] = O.token_loss(logits, labels)
+        with torch.no_grad():
+            valid = labels != O.IGNORE
+            accs[obj.kind] = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+    total = O.combine(losses, stage)
+    if not torch.isfinite(total):
+        raise Divergence(f'loss became {float(total)} ({ {k: float(v) for k, v in losses.items()} }); '
+                         f'lower Stage.lr (now {stage.lr}) or add warmup')
+    return total, losses, accs
+
+
+def eval_suite(plan: P.Plan) -> list[P.Objective]:
+    """What every stage end reports, whatever it trained: the objectives this family can serve."""
+    fam, n = plan.family, plan.memory.chunks
+    if fam in ('autoencoder', 'probe'):
+        return [P.Objective(kind='autoencode')]
+    suite = [P.Objective(kind='clm')]
+    if n >= 2 and n % 2 == 0:
+        suite += [P.Objective(kind='copy'), P.Objective(kind='blank_copy')]
+    if any(o.kind == 'autoencode' for s in plan.curriculum for o in s.objectives):
+        suite.append(P.Objective(kind='autoencode'))
+    return suite
+
+
+@torch.no_grad()
+def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
+             bytes_per_token: float | None, vocab: int) -> dict[str, float]:
+    """Held-out metrics per objective: ce, token_accuracy, normalized_hamming, info_proportion (+ bits_per_byte
+    for clm). Copy and blank copy are scored on full-length sequences only (no padding), as the paper does.
+    For memory models the blank-copy score is also measured with every memory replaced by the pad slot
+    ('blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control."""
+    was = model.training
+    model.eval()
+    out = {}
+    full = val_mask.flatten(1).all(-1)
+    for obj in eval_suite(plan):
+        runs = [('', False)]
+        if obj.kind == 'blank_copy' and plan.family in ('memory', 'oracle'):
+            runs.append(('_ablated', True))
+        for suffix, ablate in runs:
+            x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)
+            tally = O.Tally()
+            for i in range(0, min(len(x), batch_size * max_batches), batch_size):
+                logits, labels = forward(model, obj, x[i:i + batch_size], m[i:i + batch_size], ids, ablate)
+                tally.add(logits, labels)
+            for k, v in tally.metrics(vocab, bytes_per_token if obj.kind == 'clm' else None).items():
+                out[f'{obj.kind}{suffix}.{k}'] = v
+    model.train(was)
+    return out
+
+
+def init_component(model: Family, plan: P.Plan, component: str, source: str, seed: int, load_run_stage) -> None:
+    """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>' copies
+    the component from another run's stage-end checkpoint."""
+    if source == 'previous':
+        return
+    if source == 'fresh':
+        fresh = build(plan, model.decoder.head.out_features, seed=seed)
+        state = dict(fresh.named_parameters())
+    else:
+        run_id, stage = source[len('run:'):].split('/', 1)
+        state = load_run_stage(run_id, stage, component)
+    with torch.no_grad():
+        for name, p in parameters_of(model, component):
+            p.copy_(state[name])
