@@ -124,9 +124,10 @@ class ChunkedMemoryLM(Family):
         km = None if key_mask is None else key_mask[:, :-1].reshape(b * (n - 1), l)
         return self.encode(tokens[:, :-1].reshape(b * (n - 1), l), km).view(b, n - 1, -1)
 
-    def forward(self, tokens, key_mask=None):
+    def forward(self, tokens, key_mask=None, ablate_memory=False):
+        """ablate_memory: every slot gets the pad embedding (the same decoder with no memory information)."""
         b, n, l = tokens.shape
-        mem = self.memories(tokens, key_mask) if self.use_memory else None
+        mem = self.memories(tokens, key_mask) if self.use_memory and not ablate_memory else None
         slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
         x = torch.cat([slots, self.decoder.embedding(tokens)], dim=2)  # [B, N, S+L, d]
         tok_mask = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask.bool()
