@@ -51,14 +51,48 @@ def _sanitize(obj):
     return obj
 
 
+class NullRun:
+    """Stands in for Sacred's run on ranks > 0 of a distributed job: only rank 0 records and writes."""
+    _id = None
+
+    def __init__(self):
+        self.info = {}
+
+    def log_scalar(self, *args):
+        pass
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world) under torchrun (gloo on CPU, NCCL on GPU); (0, 1) otherwise."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def all_reduce_grads(params, world: int) -> None:
+    """Average gradients over ranks in one flat buffer. Used instead of DistributedDataParallel because the
+    objectives call several entry points of the model (forward, autoencode, encode), not just forward."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
 class Trainer:
-    def __init__(self, spec, out_dir: Path, resume: dict | None):
+    def __init__(self, spec, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
         self.spec, self.plan = spec, spec.plan
-        self.data = prepare(self.plan)
+        self.rank, self.world = rank, world
+        self.data = prepare(self.plan, progress=rank == 0)
         self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
         self.vocab = self.data.vocab_size
         self.model = build(self.plan, self.vocab)
-        self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed)
+        self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
+                               rank=rank, world=world)
         self.out_dir, self.resume = out_dir, resume
         self.summary: dict[str, dict] = {}
 
@@ -76,6 +110,8 @@ class Trainer:
         return state
 
     def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
+        if self.rank:
+            return
         state = {'model': self.model.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                  'data': self.batches.state_dict(), 'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash,
                  'rng': torch.random.get_rng_state(), 'summary': self.summary, 'run_id': run_id}
@@ -94,7 +130,8 @@ class Trainer:
         offset = sum(s.steps for s in plan.curriculum[:start_stage])
         for si in range(start_stage, len(plan.curriculum)):
             stage = plan.curriculum[si]
-            resuming = ck is not None and si == start_stage
+            # mid-stage resume restores optimizer state; a resume at a stage boundary starts the stage afresh
+            resuming = ck is not None and si == start_stage and ck['optimizer'] is not None
             if not resuming:
                 for comp, src in stage.init_from.items():
                     init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.load_run_stage)
@@ -111,8 +148,9 @@ class Trainer:
         plan, model = self.plan, self.model
         model.train()
         tokens_per_step = plan.data.batch_size * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
+        params = [p for g in opt.param_groups for p in g['params']]
         bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
-                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
         t0, done = time.perf_counter(), 0
         while step < stage.steps:
             tokens, mask = next(self.batches)
@@ -123,19 +161,20 @@ class Trainer:
                 raise
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], 1.0)
+            all_reduce_grads(params, self.world)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step, done = step + 1, done + 1
             gstep = offset + step
             if step % plan.run.log_every == 0 or step == stage.steps:
-                _run.log_scalar('train/loss', loss.item(), gstep)
-                for k in losses:
-                    _run.log_scalar(f'train/{k}.loss', losses[k].item(), gstep)
-                    _run.log_scalar(f'train/{k}.token_accuracy', float(accs[k]), gstep)
+                logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
+                                           **{f'{k}.token_accuracy': v for k, v in accs.items()}})
+                for k, v in logged.items():
+                    _run.log_scalar(f'train/{k}', v, gstep)
                 rate = done * tokens_per_step / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f'{loss.item():.3f}', acc=f'{float(sum(accs.values()) / len(accs)):.3f}',
-                                tok_s=f'{rate:,.0f}', refresh=False)
+                acc = sum(v for k, v in logged.items() if k.endswith('accuracy')) / len(accs)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f'{acc:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
             bar.update(1)
             if step % stage.eval_every == 0 or step == stage.steps:
                 metrics = self.evaluate()
@@ -144,22 +183,40 @@ class Trainer:
                 if step == stage.steps:
                     self.summary[stage.name] = metrics
                     _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
-            if step % plan.run.checkpoint_every == 0 or step == stage.steps:
-                if step == stage.steps:
-                    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-                    atomic_write(self.out_dir / 'stages' / f'{stage.name}.safetensors', lambda p: save_file(weights, p))
-                    nxt = (si + 1, 0) if si + 1 < len(plan.curriculum) else (si, step)
-                    self.checkpoint(*nxt, opt, sched, run_id) if nxt[0] == si else self._stage_boundary(si + 1, run_id)
-                else:
-                    self.checkpoint(si, step, opt, sched, run_id)
+            if step == stage.steps:
+                self.stage_end(si, opt, sched, run_id)
+            elif step % plan.run.checkpoint_every == 0:
+                self.checkpoint(si, step, opt, sched, run_id)
         bar.close()
+
+    def stage_end(self, si: int, opt, sched, run_id: str) -> None:
+        """Weights of the finished stage (for init_from), then the resume point: the next stage's start."""
+        if self.rank:
+            return
+        stage = self.plan.curriculum[si]
+        weights = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        atomic_write(self.out_dir / 'stages' / f'{stage.name}.safetensors', lambda p: save_file(weights, p))
+        if si + 1 < len(self.plan.curriculum):
+            self._stage_boundary(si + 1, run_id)
+        else:
+            self.checkpoint(si, stage.steps, opt, sched, run_id)
 
     def _stage_boundary(self, next_stage: int, run_id: str) -> None:
         """Checkpoint between stages: the next stage starts fresh optimizer state, so none is stored."""
+        if self.rank:
+            return
         state = {'model': self.model.state_dict(), 'optimizer': None, 'scheduler': None, 'data': self.batches.state_dict(),
                  'stage': next_stage, 'step': 0, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
                  'summary': self.summary, 'run_id': run_id, 'boundary': True}
         atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+
+    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""
+        flat = torch.stack([v.detach().float() for v in values.values()])
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+        return dict(zip(values, flat.tolist()))
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids, self.plan.data.batch_size,
@@ -196,6 +253,7 @@ def main(argv=None):
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
     spec = load(args.specs, args.binding)
     plan = spec.plan
+    rank, world = distributed()
     runs_dir = Path(plan.run.out_dir)
     url = args.db or record.default_url(plan.run.out_dir)
     resume = None
@@ -208,6 +266,9 @@ def main(argv=None):
         if resume['spec_hash'] != spec.hash:
             raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
                             f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
+    if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
+        Trainer(spec, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
+        return
     obs = record.observer(url)
     if resume is not None and not record.run_exists(url, args.resume):
         raise SpecError(f'--resume {args.resume}', f'run {args.resume} is not in {url}', 'pass the --db the run was recorded in')
@@ -230,7 +291,7 @@ def main(argv=None):
         (out_dir / 'operative.gin').write_text(spec.operative)
         if resume is not None and hasattr(obs, 'forget_after'):
             obs.forget_after(run_id, sum(s.steps for s in plan.curriculum[:resume['stage']]) + resume['step'])
-        trainer = Trainer(spec, out_dir, resume)
+        trainer = Trainer(spec, out_dir, resume, rank, world)
         holder['trainer'] = trainer
         _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
                              'special_ids': trainer.data.special_ids, 'stats': trainer.data.stats}

@@ -1,0 +1,1 @@
+"""Run queries, the Zarr memory store and offline analysis."""
