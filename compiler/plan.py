@@ -209,6 +209,8 @@ class Run(_PlanPart):
     checkpoint_every: int = 200
     log_every: int = 10
     eval_batches: int = 8
+    memory_store: str = ''  # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
+    memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'
     scope: str = _SCOPE
 
 

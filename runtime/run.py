@@ -25,6 +25,7 @@ from compiler.errors import SpecError, cli
 from compiler.model import build, parameters_of
 from compiler.spec import load
 from runtime import record
+from store import memories
 from runtime.data import Batches, prepare
 from runtime.train import Divergence, evaluate, init_component, optimizer, set_frozen, stage_loss
 
@@ -196,10 +197,30 @@ class Trainer:
         stage = self.plan.curriculum[si]
         weights = {k: v.contiguous() for k, v in self.model.state_dict().items()}
         atomic_write(self.out_dir / 'stages' / f'{stage.name}.safetensors', lambda p: save_file(weights, p))
+        self.write_memories(stage.name, run_id)
         if si + 1 < len(self.plan.curriculum):
             self._stage_boundary(si + 1, run_id)
         else:
             self.checkpoint(si, stage.steps, opt, sched, run_id)
+
+    def memory_store(self) -> Path | None:
+        r = self.plan.run
+        if r.memory_store == 'none' or self.plan.family not in ('autoencoder', 'probe', 'memory'):
+            return None
+        return Path(r.memory_store or Path(r.out_dir) / 'memories.zarr')
+
+    def write_memories(self, stage: str, run_id: str) -> None:
+        """Memories of the held-out set -> Zarr, marked complete only when every row is in."""
+        path = self.memory_store()
+        if path is None:
+            return
+        plan, steps = self.plan, sum(s.steps for s in self.plan.curriculum[:[s.name for s in self.plan.curriculum].index(stage) + 1])
+        attrs = {'spec_hash': self.spec.hash, 'step': steps, 'family': plan.family, 'encoder_d_model': plan.encoder.d_model,
+                 'chunks': plan.memory.chunks, 'chunk_len': plan.memory.chunk_len, 'vocab_size': self.vocab,
+                 'tokenizer_path': str((self.data.cache_path / 'tokenizer.json').resolve()),
+                 'checkpoint_path': str((self.out_dir / 'stages' / f'{stage}.safetensors').resolve()),
+                 'special_ids': self.data.special_ids}
+        memories.write(path, run_id, stage, self.model, self.data.val, self.data.val_mask, attrs, dtype=plan.run.memory_dtype)
 
     def _stage_boundary(self, next_stage: int, run_id: str) -> None:
         """Checkpoint between stages: the next stage starts fresh optimizer state, so none is stored."""
@@ -303,7 +324,7 @@ def main(argv=None):
         (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
         for name in ('final.safetensors', 'operative.gin', 'summary.md', 'summary.json'):
             _run.add_artifact(str(out_dir / name), name)
-        holder.update(run_id=run_id, out_dir=out_dir, table=table)
+        holder.update(run_id=run_id, out_dir=out_dir, table=table, memories=trainer.memory_store())
         last = summary[plan.curriculum[-1].name]
         return float(last.get('clm.ce', last.get('autoencode.ce', 0.0)))
 
@@ -320,6 +341,8 @@ def main(argv=None):
     print(f"\nrun {holder['run_id']} COMPLETED  (plan {spec.hash})\n\n{holder['table']}\n")
     print(f"run folder   {holder['out_dir']}  (final.safetensors, stages/, summary.md)")
     print(f'database     {url}  (python -m store.runs show {holder["run_id"]})')
+    if holder['memories'] is not None:
+        print(f"memories     {holder['memories']}  (group {holder['run_id']}/<stage>; python -m store.analyze info)")
 
 
 if __name__ == '__main__':
