@@ -45,11 +45,11 @@ class CausalLM(Family):
         self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
         self.decoder = Stack(plan.decoder, vocab, self.n * self.l, head=True)
 
-    def forward(self, tokens, key_mask=None):
+    def forward(self, tokens, key_mask=None, first_chunk=0):
         b = tokens.shape[0]
         km = None if key_mask is None else key_mask.reshape(b, -1)
-        h = self.decoder(tokens.reshape(b, -1), key_mask=km)
-        return self.decoder.head(h).view(b, self.n, self.l, -1)
+        h = self.decoder(tokens.reshape(b, -1), key_mask=km)[:, first_chunk * self.l:]
+        return self.decoder.head(h).view(b, self.n - first_chunk, self.l, -1)
 
 
 def reconstruct(model: Family, decoder: Stack, tokens, key_mask):
@@ -124,16 +124,18 @@ class ChunkedMemoryLM(Family):
         km = None if key_mask is None else key_mask[:, :-1].reshape(b * (n - 1), l)
         return self.encode(tokens[:, :-1].reshape(b * (n - 1), l), km).view(b, n - 1, -1)
 
-    def forward(self, tokens, key_mask=None, ablate_memory=False):
-        """ablate_memory: every slot gets the pad embedding (the same decoder with no memory information)."""
+    def forward(self, tokens, key_mask=None, ablate_memory=False, first_chunk=0):
+        """Logits of chunks first_chunk..N-1 (copy objectives supervise only the second half: the decoder skips
+        the rest). ablate_memory: every slot gets the pad embedding (the same decoder, no memory information)."""
         b, n, l = tokens.shape
         mem = self.memories(tokens, key_mask) if self.use_memory and not ablate_memory else None
         slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
-        x = torch.cat([slots, self.decoder.embedding(tokens)], dim=2)  # [B, N, S+L, d]
-        tok_mask = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask.bool()
-        mask = torch.cat([slot_mask, tok_mask], dim=2).reshape(b * n, -1)
-        h = self.decoder(embeds=x.reshape(b * n, -1, x.shape[-1]), key_mask=None if bool(mask.all()) else mask)
-        return self.decoder.head(h[:, -l:]).view(b, n, l, -1)  # the head runs on token positions only
+        c = slice(first_chunk, n)
+        x = torch.cat([slots[:, c], self.decoder.embedding(tokens[:, c])], dim=2)  # [B, n', S+L, d]
+        tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
+        mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
+        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=None if bool(mask.all()) else mask)
+        return self.decoder.head(h[:, -l:]).view(b, n - first_chunk, l, -1)  # the head runs on token positions only
 
 
 class RecurrentMemoryLM(Family):
@@ -147,7 +149,7 @@ class RecurrentMemoryLM(Family):
         self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=True, unroll=False, pad=True)
         self.decoder = Stack(plan.decoder, vocab, 1 + self.l, head=True)
 
-    def forward(self, tokens, key_mask=None):
+    def forward(self, tokens, key_mask=None, first_chunk=0):
         b, n, l = tokens.shape
         mem = self.memory.pad.expand(b, -1)
         out = []
@@ -157,7 +159,7 @@ class RecurrentMemoryLM(Family):
             h = self.decoder(embeds=x, key_mask=km)
             out.append(self.decoder.head(h[:, 1:]))
             mem = self.memory.form(h, km)
-        return torch.stack(out, 1)
+        return torch.stack(out[first_chunk:], 1)
 
 
 FAMILY_CLASSES = {'clm': CausalLM, 'full_context': CausalLM, 'autoencoder': Autoencoder, 'probe': Autoencoder,

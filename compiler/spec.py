@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see DESIGN.md)
 import json
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class _Loader:
         self.locations: dict = {}
         self.macros: dict = {}
         self.macro_uses: list = []
+        self.via_macro: dict = {}  # binding key or macro name -> the macro its value is (`x = %NAME`)
         self.files: list[str] = []
         self.label = None  # set while parsing a -b binding
 
@@ -113,6 +115,11 @@ class _Loader:
         except SyntaxError as e:
             where = self.label or f'{_display(e.filename or filename)}:{e.lineno}'
             raise SpecError(where, f'malformed gin: {e.msg}', 'write bindings as `scope/Configurable.param = value`')
+        except tokenize.TokenError as e:  # e.g. an unclosed bracket at the end of the text: not a SyntaxError
+            msg, (line, _) = e.args
+            token = getattr(ref[0], '_current_token', None)  # the last good token: where the open statement is
+            where = self.label or f'{_display(filename)}:{token.start[0] if token else line}'
+            raise SpecError(where, f'malformed gin: {msg}', 'close every bracket and quote')
 
     def _apply(self, st, folder: Path, chain: tuple):
         where = self.where(st.location) if hasattr(st, 'location') else self.label
@@ -128,6 +135,7 @@ class _Loader:
         elif not st.arg_name:  # a macro definition: NAME = value
             name = f'{st.scope}/{st.selector}' if st.scope else st.selector
             self.macros[name] = where
+            self._note_macro(name, st.value)
             gin.bind_parameter((name, 'gin.macro', 'value'), st.value)
         else:
             cls = plan_mod.CONFIGURABLES.get(st.selector)
@@ -137,7 +145,27 @@ class _Loader:
             if st.arg_name not in params:
                 raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'", _suggest(st.arg_name, params))
             self.locations[(st.scope, st.selector, st.arg_name)] = where
+            self._note_macro((st.scope, st.selector, st.arg_name), st.value)
             gin.bind_parameter((st.scope, st.selector, st.arg_name), st.value)
+
+    def _note_macro(self, key, value):
+        if isinstance(value, gin.config.ConfigurableReference) and value.selector == 'gin.macro' and value.evaluate:
+            self.via_macro[key] = '/'.join(value.scopes)
+        else:
+            self.via_macro.pop(key, None)
+
+    def resolved_locations(self) -> dict:
+        """Locations with `Memory.chunks = %CHUNKS` traced to where CHUNKS got its (last) value, so an error names
+        the line the user wrote (e.g. `CHUNKS = 3` in their spec or a -b binding), not the shared base spec."""
+        out = dict(self.locations)
+        for key, where in self.locations.items():
+            name, seen = self.via_macro.get(key), set()
+            while name in self.via_macro and name not in seen:  # NAME = %OTHER
+                seen.add(name)
+                name = self.via_macro[name]
+            if name in self.macros and self.macros[name] != where:
+                out[key] = f'{self.macros[name]} (macro {name}, used at {where})'
+        return out
 
 
 def resolve_include(name: str, folder: Path, where: str) -> Path:
@@ -186,16 +214,27 @@ def load(files, bindings=()) -> Spec:
         if name not in loader.macros:
             raise SpecError(where, f"undefined macro '%{name}'", f"define it (`{name} = ...`) or include the spec that does; "
                             + _suggest(name, loader.macros))
+    for name, where in loader.macros.items():  # `A = %B`, `B = %A`: name the line instead of recursing
+        chain = [name]
+        while loader.via_macro.get(chain[-1]) in loader.macros and chain[-1] not in chain[:-1]:
+            chain.append(loader.via_macro[chain[-1]])
+        if len(chain) > 1 and chain[-1] == name:
+            raise SpecError(where, f"macro '{name}' refers to itself: {' -> '.join(chain)}", 'give one of these macros a value')
+    locations = loader.resolved_locations()
     try:
         built = gin.get_configurable('Plan')()
     except plan_mod.PlanError as e:
-        raise SpecError(locate(loader.locations, e.owner, e.name), e.message, e.fix)
+        raise SpecError(locate(locations, e.owner, e.name), e.message, e.fix)
+    except RecursionError:  # `X = %X`, or `s/Stage.objectives = [@s/Stage()]`: gin evaluates it forever
+        raise SpecError(', '.join(_display(f) for f in loader.files) or ', '.join(f"-b '{b}'" for b in bindings),
+                        'a binding refers to itself (a macro or @configurable whose value contains itself)',
+                        'break the cycle: a macro cannot use itself and a Stage cannot contain a Stage')
     except RuntimeError as e:
         if 'Required bindings' in str(e) or 'REQUIRED' in str(e):
             raise SpecError(_required_location(loader, e), f'a required value was not set: {str(e).splitlines()[0]}',
                             "bind it in the spec or on the command line, e.g. -b 'scope/Configurable.param = value'")
         raise
-    spec = Spec(built, gin.operative_config_str(), loader.files, list(bindings), loader.locations)
+    spec = Spec(built, gin.operative_config_str(), loader.files, list(bindings), locations)
     validate.check(spec)
     return spec
 

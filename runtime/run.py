@@ -96,6 +96,7 @@ class Trainer:
                                rank=rank, world=world)
         self.out_dir, self.resume = out_dir, resume
         self.summary: dict[str, dict] = {}
+        self._run = None
 
     def load_run_stage(self, run_id: str, stage: str, component: str):
         path = self.out_dir.parent / run_id / 'stages' / f'{stage}.safetensors'
@@ -116,10 +117,25 @@ class Trainer:
         state = {'model': self.model.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                  'data': self.batches.state_dict(), 'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash,
                  'rng': torch.random.get_rng_state(), 'summary': self.summary, 'run_id': run_id}
+        self.flush_metrics()
         atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+
+    def flush_metrics(self) -> None:
+        """Hand the metrics logged so far to the observers before a checkpoint is written. Sacred sends them only
+        with its heartbeat (every 10 s), so a kill would lose steps the checkpoint has already passed, and a resume
+        (which replays only the steps after the checkpoint) would never log them again."""
+        run = self._run
+        if getattr(run, '_metrics', None) is None:  # NullRun (ranks > 0)
+            return
+        from sacred.metrics_logger import linearize_metrics
+        logged = linearize_metrics(run._metrics.get_last_metrics())
+        if logged:
+            for obs in run.observers:
+                obs.log_metrics(logged, run.info)
 
     def run(self, _run) -> dict:
         plan, run_id = self.plan, str(_run._id)
+        self._run = _run
         torch.manual_seed(plan.run.seed)
         start_stage, start_step, ck = 0, 0, None
         if self.resume is not None:
@@ -229,6 +245,7 @@ class Trainer:
         state = {'model': self.model.state_dict(), 'optimizer': None, 'scheduler': None, 'data': self.batches.state_dict(),
                  'stage': next_stage, 'step': 0, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
                  'summary': self.summary, 'run_id': run_id, 'boundary': True}
+        self.flush_metrics()
         atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:

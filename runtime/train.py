@@ -43,13 +43,13 @@ def optimizer(params, stage: P.Stage):
 
 
 def forward(model: Family, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False):
-    """-> (logits, labels) for one objective on one batch."""
+    """-> (logits, labels) for one objective on one batch. Copy objectives decode only the supervised half."""
     inp, m, labels = O.make_example(obj, tokens, mask, ids)
     if obj.kind == 'autoencode':
         return model.autoencode(inp, m), labels
-    if ablate_memory:
-        return model(inp, m, ablate_memory=True), labels
-    return model(inp, m), labels
+    first = tokens.shape[1] // 2 if obj.kind in ('copy', 'blank_copy') else 0
+    extra = {'ablate_memory': True} if ablate_memory else {}
+    return model(inp, m, first_chunk=first, **extra), labels[:, first:]
 
 
 def stage_loss(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):

@@ -124,12 +124,13 @@ def open_group(path, run_id: str, stage: str) -> Group:
         raise SpecError(f'{path} run {run_id}', f"no stage '{stage}' (stages: {', '.join(sorted(run.group_keys()))})", 'pick a listed stage')
     g = run[stage]
     a = dict(g.attrs)
-    if a.get('format') != FORMAT or a.get('version') != FORMAT_VERSION:
+    if a and (a.get('format') != FORMAT or a.get('version') != FORMAT_VERSION):  # no attrs at all: killed at birth
         raise SpecError(f'{path}/{run_id}/{stage}', f"written by an incompatible version (format {a.get('format')!r} "
                         f"version {a.get('version')!r}, this tool reads {FORMAT!r} version {FORMAT_VERSION})",
                         'rewrite the memories with this version (rerun the stage) or use the matching tool version')
     if not a.get('complete'):
-        raise SpecError(f'{path}/{run_id}/{stage}', f"half-written group: {a.get('rows', 0)} rows of {g['memories'].shape[0]} "
+        total = g['memories'].shape[0] if 'memories' in g else '?'  # killed before its arrays were created
+        raise SpecError(f'{path}/{run_id}/{stage}', f"half-written group: {a.get('rows', 0)} rows of {total} "
                         'were written before the writer stopped', 'resume or rerun the run to rewrite this stage')
     return Group(a, g['memories'], g['tokens'], g['mask'])
 
