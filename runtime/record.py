@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from threading import Lock
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -27,6 +28,31 @@ METRICS = sa.Table(
 )
 
 
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy opens. SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed; the
+    pinned driver is psycopg2 (psycopg2-binary), so name it unless the URL names a driver itself."""
+    if url.startswith('postgresql://'):
+        return 'postgresql+psycopg2://' + url[len('postgresql://'):]
+    return url
+
+
+def make_engine(url: str) -> sa.Engine:
+    """SQLite in WAL mode with a generous busy timeout: Sacred's heartbeat thread, our metrics writes and other runs
+    sharing the file then wait for each other instead of failing with 'database is locked' (seen under load)."""
+    if not url.startswith('sqlite'):
+        return sa.create_engine(engine_url(url), pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={'timeout': 60})
+
+    @sa.event.listens_for(engine, 'connect')
+    def _pragmas(conn, _):
+        cur = conn.cursor()
+        cur.execute('PRAGMA journal_mode=WAL')
+        cur.execute('PRAGMA busy_timeout=60000')
+        cur.close()
+
+    return engine
+
+
 def default_url(out_dir: str) -> str:
     return f'sqlite:///{Path(out_dir) / "sacred.db"}'
 
@@ -39,13 +65,16 @@ class ResumableSqlObserver(SqlObserver):
         if url.startswith('sqlite:///'):
             Path(url[len('sqlite:///'):]).parent.mkdir(parents=True, exist_ok=True)
         try:
-            engine = sa.create_engine(url)
+            engine = make_engine(url)
             with engine.connect():
                 pass
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL)
             raise SpecError(f'--db {url}', f'cannot open the run database: {str(e).splitlines()[0]}',
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
-        super().__init__(url)
+        from sqlalchemy.orm import scoped_session, sessionmaker
+        # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets.
+        self.engine, self.session = engine, scoped_session(sessionmaker(bind=engine))
+        self.priority, self.run, self.lock = 40, None, Lock()
         METRICS.create(engine, checkfirst=True)
         self.metrics_engine = engine
 
@@ -85,7 +114,7 @@ def observer(url: str):
 
 
 def run_exists(url: str, run_id: str) -> bool:
-    obs_engine = sa.create_engine(url)
+    obs_engine = make_engine(url)
     try:
         with obs_engine.connect() as conn:
             return conn.execute(sa.text('SELECT 1 FROM run WHERE run_id = :r'), {'r': str(run_id)}).first() is not None

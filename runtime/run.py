@@ -170,16 +170,23 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
         t0, done = time.perf_counter(), 0
         while step < stage.steps:
-            tokens, mask = next(self.batches)
+            position, rng = self.batches.state_dict(), torch.random.get_rng_state()
             try:
+                tokens, mask = next(self.batches)
                 loss, losses, accs = stage_loss(model, stage, tokens, mask, self.ids)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                all_reduce_grads(params, self.world)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point
+                bar.close()
+                self.batches.load_state_dict(position)
+                torch.random.set_rng_state(rng)
+                self.checkpoint(si, step, opt, sched, run_id)
+                raise
             except Divergence:
                 bar.close()
                 raise
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(params, self.world)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step, done = step + 1, done + 1
@@ -281,6 +288,20 @@ def host_info() -> dict:
     return {'python': platform.python_version(), 'packages': pkgs, 'threads': torch.get_num_threads()}
 
 
+def check_init_sources(plan, runs_dir: Path, resume: dict | None) -> None:
+    """The 'run:<id>/<stage>' init_from sources of the stages still to run must exist before anything is recorded:
+    a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
+    first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
+    for stage in plan.curriculum[first:]:
+        for src in stage.init_from.values():
+            if src.startswith('run:'):
+                run_id, name = src[len('run:'):].split('/', 1)
+                path = runs_dir / run_id / 'stages' / f'{name}.safetensors'
+                if not path.is_file():
+                    raise SpecError(f"init_from '{src}'", f'no stage checkpoint at {path}',
+                                    'give the id of a finished run and one of its stage names (python -m store.runs list)')
+
+
 @cli
 def main(argv=None):
     ap = parser('python -m runtime.run', __doc__.split('\n\n')[0])
@@ -304,6 +325,7 @@ def main(argv=None):
         if resume['spec_hash'] != spec.hash:
             raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
                             f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
+    check_init_sources(plan, runs_dir, resume)
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
         Trainer(spec, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
         return
