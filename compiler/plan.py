@@ -234,4 +234,4 @@ class Plan(_PlanPart):
 
 CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Memory, Objective, Stage, Data, Run, Plan)}
 for _name, _cls in CONFIGURABLES.items():
-    gin.external_configurable(_cls, _name)
+    gin.external_configurable(_cls, _name, denylist=['scope'])  # scope is recorded, never bound

@@ -51,7 +51,7 @@ class Writer:
         if name in root:  # a rerun (e.g. after resume) or a torn group from a killed writer: replace it whole
             del root[name]
         self.group = root.require_group(name)
-        self.group.attrs.update({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': str(run_id), 'stage': stage,
+        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': str(run_id), 'stage': stage,
                                  'dtype': dtype, 'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
                                  'rows': 0, 'complete': False, **attrs})
         store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32

@@ -1,0 +1,742 @@
+"""python -m store.analyze {decode,info,retrieve,plot} RUN_ID ... [--store runs/memories.zarr] [--stage NAME]
+
+Offline analysis of the memory embeddings a run stored (store/memories.py) with the checkpoint that wrote them.
+
+  decode RUN_ID [--stage S] [-n 5]              original vs regenerated text of the first n sequences, per-sequence
+                                                token accuracy
+  info RUN_ID [RUN_ID ...] [--csv FILE|-]       token accuracy, normalized Hamming distance, cross-entropy,
+                                                I_e = 1 - CE / ln V, bits per byte of decoding from stored memories,
+                                                one row per run and stage
+  retrieve RUN_ID [--stage S] [--n 7] [--mode ngram|nbag] [--seed 0] [--queries 2048]
+                                                n-gram / n-bag retrieval: query = the run's encoder on n tokens of a
+                                                stored chunk, candidates = every stored chunk memory, cosine;
+                                                top-1 / top-5 accuracy vs chance
+  plot RUN_ID --out DIR [--db URL]              PNGs: memory PCA, accuracy by position in the chunk, metric curves
+
+How stored memories are decoded (the run's own decoder, rebuilt from the run folder's plan and stage checkpoint):
+- autoencoder / probe: model.memory.decoder_input(memory) -> model.decoder -> head; target = every real token.
+- memory family with an ae_decoder (frozen-encoder curriculum): the same through model.ae_decoder.
+- memory family without one: blank-copy style: memory m_c in the first slot (other slots the pad slot), blank tokens
+  at the chunk's real positions; position t predicts token t+1 (the blank-copy label convention), so the first
+  token of a chunk has no prediction. `--readout blank_copy` forces this read-out on a curriculum model too (its
+  ae_decoder is frozen after stage 0, so only this shows what the later stages' decoder reads from memories).
+
+Every subcommand streams the store in slices of store.memories.ROWS rows (model work in smaller micro-batches), so
+memory stays bounded on stores of millions of rows. Bad input (missing store, unknown run or stage, half-written
+group, incompatible store version, a checkpoint that does not match the stored widths) -> one message, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compiler import objectives as O
+from compiler import plan as P
+from compiler.errors import SpecError, cli
+from store import memories as M
+
+DEFAULT_STORE = 'runs/memories.zarr'
+LOGITS_BUDGET = 1 << 25  # floats of logits per model micro-batch (128 MiB in float32)
+
+
+# ---------------------------------------------------------------------------------------------------- store access
+
+def _bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=0.5, disable=None)
+
+
+def slices(group: M.Group, limit: int | None = None, desc: str = ''):
+    """(start, stop, memories, tokens, mask) for consecutive slices of ROWS rows; a tqdm bar on stderr."""
+    total = group.memories.shape[0] if limit is None else min(limit, group.memories.shape[0])
+    with _bar(total, desc) as bar:
+        for start in range(0, total, M.ROWS):
+            stop = min(start + M.ROWS, total)
+            mem, tok, msk = group.rows(start, stop)
+            yield start, stop, mem, tok, msk.bool()
+            bar.update(stop - start)
+
+
+def stages(store, run_id: str, stage: str | None = None) -> list[tuple[str, M.Group]]:
+    """The run's groups to analyse: the named stage, or every complete stage in curriculum order (by step).
+    Half-written stages are skipped with a note; a run whose every stage is half-written is an error."""
+    run_id = str(run_id)
+    if stage is not None:
+        return [(stage, M.open_group(store, run_id, stage))]
+    names = [g['stage'] for g in M.listing(store) if g['run_id'] == run_id]
+    if not names:
+        M.open_group(store, run_id, '?')  # raises: no store here / unknown run (with the runs listed)
+        raise SpecError(f'{store} run {run_id}', 'the run has no stage groups', 'rerun the run to write its memories')
+    out, torn = [], []
+    for name in names:
+        try:
+            out.append((name, M.open_group(store, run_id, name)))
+        except SpecError as e:
+            if 'half-written' not in e.what:
+                raise
+            torn.append(e)
+    if not out:
+        raise torn[0]
+    for e in torn:
+        print(f'note: skipping {e.where}: {e.what}', file=sys.stderr)
+    return sorted(out, key=lambda sg: (sg[1].attrs.get('step', 0), sg[0]))
+
+
+# ------------------------------------------------------------------------------------------------ rebuilding models
+
+def run_folder(attrs: dict) -> Path:
+    """<out_dir>/<run_id>/ : the checkpoint_path attribute is <run folder>/stages/<stage>.safetensors."""
+    return Path(attrs['checkpoint_path']).parent.parent
+
+
+def _plan_from_operative(path: Path):
+    """The run folder's operative.gin is a complete spec: load it like any other."""
+    from compiler.spec import load
+    spec = load([str(path)])
+    return spec.plan, spec.hash
+
+
+def plan_from_dict(d: dict) -> P.Plan:
+    """A Plan from Plan.to_dict() output (as recorded in the Sacred config, keys sanitized '.' -> ':')."""
+    stack = lambda s: None if s is None else P.Stack(**s)  # noqa: E731
+    stages_ = tuple(P.Stage(**{**s, 'objectives': tuple(P.Objective(**o) for o in s['objectives']),
+                               'init_from': {k.replace(':', '.'): v for k, v in s.get('init_from', {}).items()}})
+                    for s in d['curriculum'])
+    return P.Plan(family=d['family'], decoder=stack(d['decoder']), encoder=stack(d.get('encoder')),
+                  ae_decoder=stack(d.get('ae_decoder')), memory=P.Memory(**d['memory']), data=P.Data(**d['data']),
+                  curriculum=stages_, run=P.Run(**d['run']))
+
+
+def _plan_hash(plan: P.Plan) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plan_from_sacred(url: str, run_id: str):
+    import sqlalchemy as sa
+    try:
+        with sa.create_engine(url).connect() as conn:
+            row = conn.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': str(run_id)}).first()
+    except Exception as e:  # noqa: BLE001  (any database failure: report and let the caller decide)
+        raise LookupError(f'{url}: {str(e).splitlines()[0]}')
+    if row is None:
+        raise LookupError(f'run {run_id} is not in {url}')
+    plan = plan_from_dict(json.loads(row[0])['plan'])
+    return plan, _plan_hash(plan)
+
+
+_PLANS: dict = {}
+
+
+def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
+    """The Plan that wrote a group: the run folder's operative.gin (compiler.spec.load), else the plan recorded in
+    the run's Sacred config (--db, default <out_dir>/sacred.db). Checked against the group's spec_hash."""
+    folder, run_id = run_folder(attrs), attrs['run_id']
+    key = (str(folder), db)
+    if key in _PLANS:
+        return _PLANS[key]
+    tried = []
+    op = folder / 'operative.gin'
+    candidates = [('operative.gin', lambda: _plan_from_operative(op))] if op.is_file() else []
+    url = db or f'sqlite:///{folder.parent / "sacred.db"}'
+    if db or (folder.parent / 'sacred.db').is_file():
+        candidates.append((f'Sacred config in {url}', lambda: _plan_from_sacred(url, run_id)))
+    fallback = None
+    for name, fn in candidates:
+        try:
+            plan, h = fn()
+        except (SpecError, LookupError, KeyError, TypeError, ValueError, P.PlanError) as e:
+            tried.append(f'{name}: {str(e).splitlines()[0]}')
+            continue
+        if h == attrs.get('spec_hash'):
+            _PLANS[key] = plan
+            return plan
+        tried.append(f'{name}: plan hash {h} != stored spec_hash {attrs.get("spec_hash")}')
+        fallback = fallback or plan
+    if fallback is not None:  # a plan with the same model is still usable; the width checks below guard the rest
+        print(f'warning: run {run_id}: no plan source matches the stored spec_hash ({"; ".join(tried)}); '
+              'using the closest one', file=sys.stderr)
+        _PLANS[key] = fallback
+        return fallback
+    raise SpecError(f'run {run_id} ({folder})', 'cannot rebuild the plan that wrote these memories'
+                    + (f" ({'; '.join(tried)})" if tried else ' (no operative.gin in the run folder and no Sacred database)'),
+                    'keep the run folder next to the store, or pass --db with the database the run was recorded in')
+
+
+@dataclass
+class Decoder:
+    """The model that wrote a group, and how its memories are decoded."""
+    model: torch.nn.Module
+    kind: str  # 'decoder' (autoencoder/probe), 'ae_decoder' (memory family), 'blank_copy' (memory family)
+    pad: int
+    blank: int
+    vocab: int
+    chunk_len: int
+    device: torch.device = field(default_factory=lambda: torch.device('cpu'))
+
+    @property
+    def shifted(self) -> bool:
+        return self.kind == 'blank_copy'
+
+
+def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', readout: str = 'auto') -> Decoder:
+    """Rebuild the run's model from its plan and the group's stage checkpoint; check it against the stored widths."""
+    from safetensors.torch import load_file
+
+    from compiler.model import build
+    a = group.attrs
+    where = f"run {a['run_id']} stage {a['stage']}"
+    missing = [k for k in ('checkpoint_path', 'vocab_size', 'chunks', 'chunk_len', 'spec_hash') if a.get(k) is None]
+    if missing:
+        raise SpecError(where, f"the group lacks the attribute(s) {', '.join(missing)} needed to rebuild its model "
+                        '(not written by runtime.run?)', 'analyse groups a training run wrote')
+    plan = load_plan(a, db)
+    if plan.family not in ('autoencoder', 'probe', 'memory'):
+        raise SpecError(where, f"family '{plan.family}' has no memory decoder to analyse", 'analyse an autoencoder, probe or memory run')
+    ck = Path(a['checkpoint_path'])
+    if not ck.is_file():
+        raise SpecError(where, f'stage checkpoint {ck} not found', 'keep the run folder where the run wrote it')
+    try:
+        state = load_file(str(ck))
+    except Exception as e:  # noqa: BLE001  (a torn or foreign file is the user's input)
+        raise SpecError(where, f'cannot read checkpoint {ck}: {str(e).splitlines()[0]}', 'rerun the stage to rewrite it')
+    vocab = int(a['vocab_size'])
+    model = build(plan, vocab)
+    d_mem = model.memory.d_dec
+    stored = group.memories.shape[-1]
+    if int(a.get('memory_dim', stored)) != d_mem or stored != d_mem:
+        raise SpecError(where, f"checkpoint does not match the stored widths: memory_dim {a.get('memory_dim')} "
+                        f'(arrays {stored}) but the model forms {d_mem}-wide memories', 'decode with the run that wrote the store')
+    if (int(a['chunks']), int(a['chunk_len'])) != (plan.memory.chunks, plan.memory.chunk_len) \
+            or tuple(group.tokens.shape[1:]) != (plan.memory.chunks, plan.memory.chunk_len):
+        raise SpecError(where, f"stored chunks x chunk_len {tuple(group.tokens.shape[1:])} do not match the plan's "
+                        f'{plan.memory.chunks} x {plan.memory.chunk_len}', 'decode with the run that wrote the store')
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SpecError(where, f'checkpoint {ck} does not match the model of the plan that wrote the store: '
+                        f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}', 'decode with the run that wrote the store')
+    model.eval().to(device)
+    kind = 'decoder' if plan.family in ('autoencoder', 'probe') else 'ae_decoder' if hasattr(model, 'ae_decoder') else 'blank_copy'
+    if readout != 'auto' and readout != kind:
+        if kind == 'decoder' or (readout == 'ae_decoder' and not hasattr(model, 'ae_decoder')):
+            raise SpecError(f'--readout {readout}', f"{where}: the '{plan.family}' model "
+                            f"{'has no ae_decoder' if readout == 'ae_decoder' else 'has no memory slots to read from'}",
+                            f"use --readout auto (here: {kind})")
+        kind = readout
+    if kind == 'blank_copy' and plan.memory.chunks < 2:
+        raise SpecError(where, 'a memory model with 1 chunk has no memory slot to decode from', 'analyse a run with chunks >= 2')
+    ids = a.get('special_ids') or {}
+    return Decoder(model, kind, int(ids.get('<pad>', 0)), int(ids.get('<blank>', 0)), vocab, plan.memory.chunk_len,
+                   torch.device(device))
+
+
+@torch.no_grad()
+def decode_chunks(dec: Decoder, mem: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+    """Stored memories [M, d] of M chunks (+ their tokens and mask [M, L]) -> (logits [M, L, V], labels [M, L])."""
+    model, l = dec.model, dec.chunk_len
+    mem, tokens, mask = mem.to(dec.device), tokens.to(dec.device), mask.to(dec.device)
+    if dec.kind in ('decoder', 'ae_decoder'):
+        stack = getattr(model, dec.kind)
+        logits = stack.head(stack(embeds=model.memory.decoder_input(mem, l)))
+        return logits, torch.where(mask, tokens, O.IGNORE)
+    n = model.n
+    mems = mem.new_zeros(len(mem), n - 1, mem.shape[-1])
+    mems[:, 0] = mem
+    slots, slot_mask = model.memory.slots(mems, len(mem), n, model.variable)
+    slots, slot_mask = slots[:, 1], slot_mask[:, 1]  # chunk 1's slots: exactly one memory (m_c), the rest pad / unused
+    blank = torch.where(mask, torch.full_like(tokens, dec.blank), torch.full_like(tokens, dec.pad))
+    x = torch.cat([slots, model.decoder.embedding(blank)], 1)
+    km = torch.cat([slot_mask, mask], 1)
+    h = model.decoder(embeds=x, key_mask=None if bool(km.all()) else km)
+    return model.decoder.head(h[:, -l:]), O.shifted_labels(tokens, mask)
+
+
+def decode_rows(dec: Decoder, mem, tokens, mask):
+    """Rows [B, N, ...] -> (logits [B, N, L, V], labels [B, N, L]); model micro-batches bounded by LOGITS_BUDGET."""
+    b, n, l = tokens.shape
+    step = max(1, LOGITS_BUDGET // (l * dec.vocab))
+    fm, ft, fk = mem.reshape(b * n, -1), tokens.reshape(b * n, l), mask.reshape(b * n, l)
+    parts = [decode_chunks(dec, fm[i:i + step], ft[i:i + step], fk[i:i + step]) for i in range(0, b * n, step)]
+    logits = torch.cat([p[0] for p in parts]).view(b, n, l, -1)
+    return logits, torch.cat([p[1] for p in parts]).view(b, n, l)
+
+
+def iter_decoded(dec: Decoder, group: M.Group, limit: int | None = None, desc: str = ''):
+    """Stream (logits, labels) over the group, slice by slice (logits never held for more than one micro-batch)."""
+    b, n, l = group.tokens.shape
+    step = max(1, LOGITS_BUDGET // (n * l * dec.vocab))
+    for _, _, mem, tok, msk in slices(group, limit, desc):
+        for i in range(0, len(tok), step):
+            yield decode_rows(dec, mem[i:i + step], tok[i:i + step], msk[i:i + step])
+
+
+# --------------------------------------------------------------------------------------------------------- decode
+
+def tokenizer_of(attrs: dict):
+    from tokenizers import Tokenizer
+    p = attrs.get('tokenizer_path')
+    if not p or not Path(p).is_file():
+        raise SpecError(f"run {attrs['run_id']} stage {attrs['stage']}", f'tokenizer {p} not found',
+                        "keep the run's data cache (Data.cache_dir) where the run wrote it")
+    return Tokenizer.from_file(p)
+
+
+def _text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False).replace('\n', '\u23ce')
+
+
+def decode_samples(dec: Decoder, group: M.Group, n: int, tok) -> list[dict]:
+    """The first n stored sequences: per sequence the original and decoded text (chunks joined by ' | ', only
+    positions that have a target) and its token accuracy (correct / targets over all its chunks)."""
+    out = []
+    k = min(n, group.tokens.shape[0])
+    for start in range(0, k, M.ROWS):
+        mem, tokens, mask = group.rows(start, min(start + M.ROWS, k))
+        logits, labels = decode_rows(dec, mem, tokens, mask.bool())
+        pred = logits.argmax(-1).cpu()
+        labels = labels.cpu()
+        for r in range(len(tokens)):
+            valid = labels[r] != O.IGNORE
+            correct = int(((pred[r] == labels[r]) & valid).sum())
+            total = int(valid.sum())
+            orig = [_text(tok, labels[r, c][valid[c]].tolist()) for c in range(labels.shape[1])]
+            got = [_text(tok, pred[r, c][valid[c]].tolist()) for c in range(labels.shape[1])]
+            out.append({'row': start + r, 'original': ' | '.join(orig), 'decoded': ' | '.join(got),
+                        'correct': correct, 'targets': total, 'accuracy': correct / total if total else float('nan')})
+    return out
+
+
+def cmd_decode(args) -> None:
+    for stage, group in stages(args.store, args.run_id, args.stage):
+        dec = load_decoder(group, args.db, args.device, args.readout)
+        tok = tokenizer_of(group.attrs)
+        note = {'decoder': 'model.decoder (autoencoder)', 'ae_decoder': 'model.ae_decoder (frozen-encoder curriculum)',
+                'blank_copy': 'blank-copy read-out (memory in slot 0, blank tokens; first token of a chunk not predicted)'}
+        print(f"== run {args.run_id} stage {stage} (step {group.attrs.get('step')}, {group.tokens.shape[0]} sequences "
+              f"x {group.tokens.shape[1]} chunks x {group.tokens.shape[2]} tokens); decoder: {note[dec.kind]}")
+        samples = decode_samples(dec, group, args.n, tok)
+        for s in samples:
+            print(f"seq {s['row']:>6}  accuracy {s['accuracy']:.4f}  ({s['correct']}/{s['targets']} tokens)")
+            print(f"  original | {s['original']}")
+            print(f"  decoded  | {s['decoded']}")
+        if samples:
+            c, t = sum(s['correct'] for s in samples), sum(s['targets'] for s in samples)
+            print(f'shown: {len(samples)} sequences, token accuracy {c / max(t, 1):.4f}  '
+                  f'(all sequences: python -m store.analyze info {args.run_id})\n')
+
+
+# ----------------------------------------------------------------------------------------------------------- info
+
+def bytes_per_token(attrs: dict) -> float | None:
+    """Held-out UTF-8 bytes per token from the run's data cache (meta.json beside tokenizer.json), if present."""
+    try:
+        meta = json.loads((Path(attrs['tokenizer_path']).parent / 'meta.json').read_text())
+        return float(meta['stats']['val']['bytes_per_token'])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+INFO_COLUMNS = [('run', 'run'), ('stage', 'stage'), ('step', 'step'), ('family', 'family'), ('decoder', 'decoder'),
+                ('rows', 'rows'), ('tokens', 'tokens'), ('token_accuracy', 'token acc'),
+                ('normalized_hamming', 'norm. Hamming'), ('ce', 'CE (nats)'), ('info_proportion', 'I_e'),
+                ('bits_per_byte', 'bits/byte')]
+
+
+def info_rows(store, run_ids, stage=None, db=None, device='cpu', limit=None, readout='auto') -> list[dict]:
+    rows = []
+    for run_id in run_ids:
+        for name, group in stages(store, run_id, stage):
+            dec = load_decoder(group, db, device, readout)
+            tally = O.Tally()
+            for logits, labels in iter_decoded(dec, group, limit, f'info {run_id}/{name}'):
+                tally.add(logits, labels)
+            a = group.attrs
+            m = tally.metrics(dec.vocab, bytes_per_token(a))
+            rows.append({'run': str(run_id), 'stage': name, 'step': a.get('step'), 'family': a.get('family'),
+                         'decoder': dec.kind, 'rows': group.tokens.shape[0] if limit is None else min(limit, group.tokens.shape[0]),
+                         'tokens': tally.tokens, 'vocab_size': dec.vocab, **m})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return '-'
+    if isinstance(v, float):
+        return f'{v:.4f}'
+    return str(v)
+
+
+def table(rows: list[dict], columns) -> str:
+    cells = [[name for _, name in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ['  '.join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+def cmd_info(args) -> None:
+    rows = info_rows(args.store, args.run_ids, args.stage, args.db, args.device, args.rows, args.readout)
+    cols = list(INFO_COLUMNS)
+    missing_bpb = [f"{r['run']}/{r['stage']}" for r in rows if 'bits_per_byte' not in r]
+    if len(missing_bpb) == len(rows):
+        cols = [c for c in cols if c[0] != 'bits_per_byte']
+    if args.csv:
+        keys = [k for k, _ in cols] + ['vocab_size']
+        fh = sys.stdout if args.csv == '-' else open(args.csv, 'w', newline='')
+        try:
+            w = csv.DictWriter(fh, fieldnames=keys, extrasaction='ignore')
+            w.writeheader()
+            w.writerows(rows)
+        finally:
+            if fh is not sys.stdout:
+                fh.close()
+        if args.csv == '-':
+            return
+    print(table(rows, cols))
+    print('\nDecoding from stored memories with each stage\'s own checkpoint; token acc and CE over every target '
+          'token, norm. Hamming = 1 - accuracy per stored sequence (all its chunks), macro-averaged; I_e = 1 - CE / ln(V), V = the '
+          "run's vocabulary size (H0 of a uniform, informationless model).")
+    if missing_bpb:
+        print(f"bits/byte omitted for {', '.join(missing_bpb)}: no held-out bytes-per-token in the run's data cache "
+              '(meta.json beside tokenizer.json).')
+    if args.csv and args.csv != '-':
+        print(f'csv: {args.csv}')
+
+
+# ------------------------------------------------------------------------------------------------------- retrieve
+
+def _sample(total: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct indices in [0, total), sorted; memory O(k) even for huge totals."""
+    if total <= k:
+        return torch.arange(total)
+    if total <= 1 << 22:
+        return torch.randperm(total, generator=gen)[:k].sort().values
+    chosen = torch.empty(0, dtype=torch.long)
+    while len(chosen) < k:
+        new = torch.randint(0, total, (2 * k,), generator=gen)
+        chosen = torch.cat([chosen, new])
+        _, first = np.unique(chosen.numpy(), return_index=True)
+        chosen = chosen[torch.from_numpy(np.sort(first))]
+    return chosen[:k].sort().values
+
+
+def ngram_queries(tokens: torch.Tensor, mask: torch.Tensor, n: int, mode: str, pad: int, gen: torch.Generator):
+    """One query per chunk [Q, L]: a random contiguous n-gram (mode 'ngram') or n random tokens in order ('nbag')
+    of the chunk's real tokens, right-padded with pad, key mask True on the query tokens."""
+    q, l = tokens.shape
+    out = torch.full_like(tokens, pad)
+    qm = torch.zeros_like(mask)
+    for i in range(q):
+        real = mask[i].nonzero().flatten()
+        k = min(n, len(real))
+        if mode == 'ngram':
+            s = int(torch.randint(0, len(real) - k + 1, (1,), generator=gen))
+            pos = real[s:s + k]
+        else:
+            pos = real[torch.randperm(len(real), generator=gen)[:k].sort().values]
+        out[i, :k] = tokens[i, pos]
+        qm[i, :k] = True
+    return out, qm
+
+
+def retrieval(group: M.Group, query_fn, queries: int = 2048, seed: int = 0, desc: str = '', block: int = 4096) -> dict:
+    """Rank of each query's own chunk among all stored chunk memories (cosine similarity), streamed.
+
+    query_fn(tokens [Q, L], mask [Q, L], memories [Q, d], gen) -> query embeddings [Q, d]. Queries: `queries` chunks
+    drawn at random (seeded; 0 = every chunk) among the chunks with at least one real token; candidates: every
+    stored chunk with a real token. top-k = fraction of queries whose own chunk ranks < k (ties to the query's
+    favour). Pass 1 embeds the queries, pass 2 streams the candidates; queries are processed in blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    s, n, _ = group.tokens.shape
+    total = s * n
+    picked = _sample(total, queries if queries > 0 else total, gen)
+    ranks, n_cand = [], None
+    for b0 in range(0, len(picked), block):
+        sel = picked[b0:b0 + block]
+        # pass 1: the block's queries and their targets' similarity
+        qs, targets, flat_ids = [], [], []
+        lo, hi = int(sel[0]) // n, int(sel[-1]) // n + 1
+        for start in range(lo - lo % M.ROWS, hi, M.ROWS):
+            stop = min(start + M.ROWS, s)
+            here = sel[(sel >= start * n) & (sel < stop * n)]
+            if not len(here):
+                continue
+            mem, tok, msk = group.rows(start, stop)
+            local = here - start * n
+            fm, ft, fk = mem.reshape(-1, mem.shape[-1])[local], tok.reshape(-1, tok.shape[-1])[local], msk.bool().reshape(-1, msk.shape[-1])[local]
+            keep = fk.any(-1)
+            if not keep.any():
+                continue
+            q = F.normalize(query_fn(ft[keep], fk[keep], fm[keep], gen).float().cpu(), dim=-1)
+            c = F.normalize(fm[keep].float(), dim=-1)
+            qs.append(q)
+            targets.append((q * c).sum(-1))
+            flat_ids.append(here[keep])
+        if not qs:
+            continue
+        q, target, ids = torch.cat(qs), torch.cat(targets), torch.cat(flat_ids)
+        greater = torch.zeros(len(q), dtype=torch.long)
+        count = 0
+        # pass 2: every candidate, slice by slice
+        for start, stop, mem, _, msk in slices(group, desc=f'{desc} candidates' + (f' (block {b0 // block + 1})' if len(picked) > block else '')):
+            c = F.normalize(mem.reshape(-1, mem.shape[-1]).float(), dim=-1)
+            valid = msk.reshape(len(c), -1).any(-1)
+            sim = q @ c.T
+            sim[:, ~valid] = -math.inf
+            own = ids - start * n
+            inside = (own >= 0) & (own < len(c))
+            sim[inside.nonzero().flatten(), own[inside]] = -math.inf  # the target itself is not a competitor
+            greater += (sim > target[:, None]).sum(-1)
+            count += int(valid.sum())
+        ranks.append(greater)
+        n_cand = count
+    if not ranks:
+        raise SpecError(f"run {group.attrs['run_id']} stage {group.attrs['stage']}", 'no stored chunk has a real token',
+                        'check the store (every mask is False)')
+    rank = torch.cat(ranks)
+    return {'queries': len(rank), 'candidates': n_cand, 'top1': float((rank < 1).float().mean()),
+            'top5': float((rank < 5).float().mean()), 'chance1': 1 / n_cand, 'chance5': min(5, n_cand) / n_cand,
+            'mean_rank': float(rank.float().mean()) + 1}
+
+
+def encoder_queries(dec: Decoder, n: int, mode: str):
+    @torch.no_grad()
+    def fn(tokens, mask, memories, gen):
+        qt, qm = ngram_queries(tokens, mask, n, mode, dec.pad, gen)
+        return torch.cat([dec.model.encode(qt[i:i + 1024].to(dec.device), qm[i:i + 1024].to(dec.device)).cpu()
+                          for i in range(0, len(qt), 1024)])
+    return fn
+
+
+RETRIEVE_COLUMNS = [('run', 'run'), ('stage', 'stage'), ('step', 'step'), ('mode', 'mode'), ('n', 'n'),
+                    ('queries', 'queries'), ('candidates', 'candidates'), ('top1', 'top-1'), ('chance1', 'chance@1'),
+                    ('top5', 'top-5'), ('chance5', 'chance@5'), ('mean_rank', 'mean rank')]
+
+
+def cmd_retrieve(args) -> None:
+    rows = []
+    for name, group in stages(args.store, args.run_id, args.stage):
+        dec = load_decoder(group, args.db, args.device, args.readout)
+        r = retrieval(group, encoder_queries(dec, args.n, args.mode), args.queries, args.seed, f'retrieve {args.run_id}/{name}')
+        rows.append({'run': str(args.run_id), 'stage': name, 'step': group.attrs.get('step'), 'mode': args.mode, 'n': args.n, **r})
+    print(table(rows, RETRIEVE_COLUMNS))
+    print(f'\nquery = the stage\'s encoder (model.encode) on {"a random contiguous " + str(args.n) + "-gram" if args.mode == "ngram" else str(args.n) + " random tokens"} '
+          f'of a stored chunk (right-padded, key-masked); candidates = every stored chunk memory; cosine similarity; '
+          f'seed {args.seed}.')
+
+
+# ----------------------------------------------------------------------------------------------------------- plot
+
+def _reservoir(group: M.Group, k: int, gen: torch.Generator):
+    """Up to k chunk memories drawn at random (seeded), with their chunk index: ([k, d], [k])."""
+    s, n, _ = group.tokens.shape
+    picked = _sample(s * n, k, gen)
+    mems, chunk = [], []
+    for start in range(0, s, M.ROWS):
+        stop = min(start + M.ROWS, s)
+        here = picked[(picked >= start * n) & (picked < stop * n)]
+        if len(here):
+            mem, _, _ = group.rows(start, stop)
+            mems.append(mem.reshape(-1, mem.shape[-1])[here - start * n].float())
+            chunk.append(here % n)
+    return torch.cat(mems), torch.cat(chunk)
+
+
+def position_accuracy(dec: Decoder, group: M.Group, limit=None, desc='') -> np.ndarray:
+    """Token accuracy at each position within the chunk (positions without targets: NaN)."""
+    correct = torch.zeros(dec.chunk_len, dtype=torch.long)
+    total = torch.zeros(dec.chunk_len, dtype=torch.long)
+    for logits, labels in iter_decoded(dec, group, limit, desc):
+        valid = (labels != O.IGNORE).cpu()
+        hit = (logits.argmax(-1).cpu() == labels.cpu()) & valid
+        correct += hit.reshape(-1, dec.chunk_len).sum(0)
+        total += valid.reshape(-1, dec.chunk_len).sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(total.numpy() > 0, correct.numpy() / np.maximum(total.numpy(), 1), np.nan)
+
+
+def metric_rows(url: str, run_id: str) -> list[tuple[str, int, float]]:
+    import sqlalchemy as sa
+    if not (url.startswith('sqlite') or url.startswith('postgresql')):
+        raise SpecError(f'--db {url}', 'plot reads metric curves from the memspec_metrics table of a SQLite or PostgreSQL '
+                        'run database', 'pass sqlite:///<out_dir>/sacred.db or a postgresql:// URL')
+    try:
+        with sa.create_engine(url).connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(
+                'SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY step, id'), {'r': str(run_id)})]
+    except Exception as e:  # noqa: BLE001  (a bad URL or a database without the table)
+        raise SpecError(f'--db {url}', f'cannot read metrics: {str(e).splitlines()[0]}',
+                        'pass the database the run was recorded in (default sqlite:///<out_dir>/sacred.db)')
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = stages(args.store, args.run_id, args.stage)
+    written = []
+    samples = {}
+    for name, group in groups:
+        mem, chunk = _reservoir(group, args.points, torch.Generator().manual_seed(args.seed))
+        samples[name] = (mem, chunk)
+        xy = _pca(mem)
+        fig, ax = plt.subplots(figsize=(6, 5))
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=chunk.numpy(), cmap='viridis', s=6, alpha=0.7)
+        fig.colorbar(sc, ax=ax, label='chunk index', ticks=sorted(set(chunk.tolist())))
+        ax.set(title=f'run {args.run_id} {name}: memory PCA ({len(mem)} chunks)', xlabel='PC 1', ylabel='PC 2')
+        written.append(_save(fig, out / f'{args.run_id}_{name}_pca.png'))
+    if len(groups) > 1:  # all stages in one projection, colored by stage
+        names = list(samples)
+        allm = torch.cat([samples[k][0] for k in names])
+        lab = torch.cat([torch.full((len(samples[k][0]),), i) for i, k in enumerate(names)])
+        xy = _pca(allm)
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for i, k in enumerate(names):
+            ax.scatter(xy[lab == i, 0], xy[lab == i, 1], s=6, alpha=0.6, label=k)
+        ax.legend(markerscale=3)
+        ax.set(title=f'run {args.run_id}: memory PCA by stage', xlabel='PC 1', ylabel='PC 2')
+        written.append(_save(fig, out / f'{args.run_id}_pca_stages.png'))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, group in groups:
+        dec = load_decoder(group, args.db, args.device, args.readout)
+        acc = position_accuracy(dec, group, args.rows, f'plot {args.run_id}/{name}')
+        ax.plot(np.arange(len(acc)), acc, marker='o', label=f'{name} ({dec.kind})')
+    ax.set(title=f'run {args.run_id}: decoding accuracy by position in the chunk', xlabel='position within chunk',
+           ylabel='token accuracy', ylim=(0, 1))
+    ax.legend()
+    written.append(_save(fig, out / f'{args.run_id}_position_accuracy.png'))
+    if args.db:
+        rows = metric_rows(args.db, args.run_id)
+        if not rows:
+            print(f'note: no metrics for run {args.run_id} in {args.db}; metric curves skipped', file=sys.stderr)
+        else:
+            written.append(_metric_figure(plt, rows, groups, args.run_id, out))
+    for p in written:
+        print(p)
+
+
+def _pca(x: torch.Tensor) -> np.ndarray:
+    x = x - x.mean(0, keepdim=True)
+    q = min(2, *x.shape)
+    if q < 1:
+        return np.zeros((len(x), 2))
+    u, s, v = torch.pca_lowrank(x, q=q, center=False, niter=4)
+    xy = (x @ v[:, :q]).numpy()
+    return xy if q == 2 else np.concatenate([xy, np.zeros((len(xy), 1))], 1)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return str(path)
+
+
+def _metric_figure(plt, rows, groups, run_id, out: Path) -> str:
+    """Eval curves over the global step (one panel per metric: accuracy, CE, I_e) plus the train loss; dashed lines
+    mark stage ends (the step each stage's memories were written at)."""
+    series: dict[str, list] = {}
+    for name, step, value in rows:
+        series.setdefault(name, []).append((step, value))
+    panels = [('token_accuracy', 'eval token accuracy'), ('ce', 'eval CE (nats)'), ('info_proportion', 'eval I_e'),
+              ('train/loss', 'train loss')]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True)
+    for ax, (key, title) in zip(axes, panels):
+        for name, pts in sorted(series.items()):
+            if (name == key) or (name.startswith('eval/') and name.endswith('.' + key)):
+                pts = np.array(pts, dtype=float)
+                ax.plot(pts[:, 0], pts[:, 1], marker='.', label=name.removeprefix('eval/').removesuffix('.' + key))
+        for stage, g in groups:
+            if g.attrs.get('step') is not None:
+                ax.axvline(g.attrs['step'], color='grey', ls='--', lw=0.8)
+                ax.text(g.attrs['step'], 1.0, stage, transform=ax.get_xaxis_transform(), fontsize=7, ha='right', va='top')
+        ax.set_title(title, fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel('global step')
+    return _save(fig, out / f'{run_id}_metrics.png')
+
+
+# ------------------------------------------------------------------------------------------------------------ cli
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='python -m store.analyze', description=__doc__.split('\n\n')[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest='command', required=True)
+
+    def common(p, stage=True):
+        p.add_argument('--store', default=DEFAULT_STORE, help=f'Zarr memory store (default {DEFAULT_STORE})')
+        if stage:
+            p.add_argument('--stage', help='stage name (default: every complete stage of the run)')
+        p.add_argument('--db', help='run database URL: plan fallback when operative.gin is gone; plot: metric curves '
+                       '(default for the fallback: sqlite:///<out_dir>/sacred.db)')
+        p.add_argument('--device', default='cpu', help='torch device for decoding (default cpu)')
+        p.add_argument('--readout', choices=('auto', 'ae_decoder', 'blank_copy'), default='auto',
+                       help='memory family: decode with the autoencoder decoder (auto when the model has one) or by the '
+                       "main decoder's blank-copy read-out")
+        return p
+
+    p = common(sub.add_parser('decode', help='original vs regenerated text of stored sequences'))
+    p.add_argument('run_id', metavar='RUN_ID')
+    p.add_argument('-n', type=int, default=5, help='sequences to show (default 5)')
+    p.set_defaults(fn=cmd_decode)
+
+    p = common(sub.add_parser('info', help='information metrics of decoding from stored memories, one table'))
+    p.add_argument('run_ids', metavar='RUN_ID', nargs='+')
+    p.add_argument('--csv', metavar='FILE', help="also write the table as CSV ('-': CSV on stdout instead of the table)")
+    p.add_argument('--rows', type=int, help='only the first ROWS sequences of each group (default all)')
+    p.set_defaults(fn=cmd_info)
+
+    p = common(sub.add_parser('retrieve', help='n-gram / n-bag retrieval over stored memories'))
+    p.add_argument('run_id', metavar='RUN_ID')
+    p.add_argument('--n', type=int, default=7, help='query length in tokens (default 7, the paper\'s)')
+    p.add_argument('--mode', choices=('ngram', 'nbag'), default='ngram', help='contiguous n-gram or n random tokens')
+    p.add_argument('--queries', type=int, default=2048, help='query chunks drawn at random (default 2048; 0 = every chunk)')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(fn=cmd_retrieve)
+
+    p = common(sub.add_parser('plot', help='PNG figures: memory PCA, accuracy by position, metric curves'))
+    p.add_argument('run_id', metavar='RUN_ID')
+    p.add_argument('--out', required=True, help='folder for the PNGs')
+    p.add_argument('--points', type=int, default=4000, help='chunk memories sampled for the PCA scatter (default 4000)')
+    p.add_argument('--rows', type=int, help='sequences decoded for accuracy by position (default all)')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(fn=cmd_plot)
+    return ap
+
+
+def _check_args(args) -> None:
+    for name in ('n', 'queries', 'points', 'rows'):
+        v = getattr(args, name, None)
+        if v is not None and (v < 0 or (v == 0 and name in ('n', 'points', 'rows'))):
+            raise SpecError(f'--{name} {v}', 'must be a positive number', f'pass --{name} >= 1')
+    if args.device != 'cpu':
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            raise SpecError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}', 'use --device cpu')
+
+
+@cli
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    _check_args(args)
+    args.fn(args)
+
+
+if __name__ == '__main__':
+    main()
