@@ -40,7 +40,7 @@ def make_engine(url: str) -> sa.Engine:
     """SQLite in WAL mode with a generous busy timeout: Sacred's heartbeat thread, our metrics writes and other runs
     sharing the file then wait for each other instead of failing with 'database is locked' (seen under load)."""
     if not url.startswith('sqlite'):
-        return sa.create_engine(engine_url(url), pool_pre_ping=True)
+        return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
     engine = sa.create_engine(url, connect_args={'timeout': 60})
 
     @sa.event.listens_for(engine, 'connect')

@@ -85,10 +85,9 @@ def all_reduce_grads(params, world: int) -> None:
 
 
 class Trainer:
-    def __init__(self, spec, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
-        self.spec, self.plan = spec, spec.plan
+    def __init__(self, spec, data, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
+        self.spec, self.plan, self.data = spec, spec.plan, data
         self.rank, self.world = rank, world
-        self.data = prepare(self.plan, progress=rank == 0)
         self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
         self.vocab = self.data.vocab_size
         self.model = build(self.plan, self.vocab)
@@ -326,8 +325,9 @@ def main(argv=None):
             raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
                             f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
     check_init_sources(plan, runs_dir, resume)
+    data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
-        Trainer(spec, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
+        Trainer(spec, data, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
         return
     obs = record.observer(url)
     if resume is not None and not record.run_exists(url, args.resume):
@@ -351,7 +351,7 @@ def main(argv=None):
         (out_dir / 'operative.gin').write_text(spec.operative)
         if resume is not None and hasattr(obs, 'forget_after'):
             obs.forget_after(run_id, sum(s.steps for s in plan.curriculum[:resume['stage']]) + resume['step'])
-        trainer = Trainer(spec, out_dir, resume, rank, world)
+        trainer = Trainer(spec, data, out_dir, resume, rank, world)
         holder['trainer'] = trainer
         _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
                              'special_ids': trainer.data.special_ids, 'stats': trainer.data.stats}

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.errors import SpecError, cli
+from runtime import record
 from store import memories as M
 
 DEFAULT_STORE = 'runs/memories.zarr'
@@ -124,7 +125,7 @@ def _plan_hash(plan: P.Plan) -> str:
 def _plan_from_sacred(url: str, run_id: str):
     import sqlalchemy as sa
     try:
-        with sa.create_engine(url).connect() as conn:
+        with record.make_engine(url).connect() as conn:
             row = conn.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': str(run_id)}).first()
     except Exception as e:  # noqa: BLE001  (any database failure: report and let the caller decide)
         raise LookupError(f'{url}: {str(e).splitlines()[0]}')
@@ -571,7 +572,7 @@ def metric_rows(url: str, run_id: str) -> list[tuple[str, int, float]]:
         raise SpecError(f'--db {url}', 'plot reads metric curves from the memspec_metrics table of a SQLite or PostgreSQL '
                         'run database', 'pass sqlite:///<out_dir>/sacred.db or a postgresql:// URL')
     try:
-        with sa.create_engine(url).connect() as conn:
+        with record.make_engine(url).connect() as conn:
             return [tuple(r) for r in conn.execute(sa.text(
                 'SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY step, id'), {'r': str(run_id)})]
     except Exception as e:  # noqa: BLE001  (a bad URL or a database without the table)

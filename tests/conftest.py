@@ -1,0 +1,183 @@
+"""Shared test setup: the repository root is importable (plain `pytest` as well as `python -m pytest`), tests
+run offline, single-threaded and deterministic in float32.
+
+One intra-op thread: the test models are tiny, and on the 2-core machines two OpenMP threads made a forward
+pass ~4x slower in wall time whenever anything else ran (measured), with no gain when idle."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# ------------------------------------------------------------------ runtime runs (test_runtime.py, test_record.py)
+# Tiny curricula that finish in seconds on 2 CPU cores. In-process runs call runtime.run.main(argv); runs whose
+# exit code, stderr or death by signal matter run as subprocesses (`rt_cli_many`, `rt_refusals`). All runs of a
+# session share one data cache, so the byte-level BPE is trained once.
+import json as _json
+import subprocess as _subprocess
+import types as _types
+
+FLAGSHIP = 'specs/frozen_encoder_curriculum.gin'
+PROBE = 'specs/information_probe.gin'
+FLAGSHIP_STAGES = ('autoencode', 'blank_copy', 'copy', 'combined')
+TINY = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'BATCH=4', 'Stage.eval_every=2', 'Run.eval_batches=1',
+        'Run.checkpoint_every=1', 'Run.log_every=1', "Run.memory_store='none'"]
+TINY_FLAGSHIP = TINY + ['autoencode/Stage.steps=3', 'blank/Stage.steps=3', 'copy/Stage.steps=2', 'combined/Stage.steps=2']
+TINY_PROBE = TINY + ['probe/Stage.steps=2']
+
+
+def rt_argv(spec: str, out_dir, cache_dir, bindings=(), extra=()) -> list[str]:
+    """argv for runtime.run: spec, the run/cache folders, then `bindings` as -b flags, then `extra` verbatim."""
+    argv = [spec, '-b', f"Run.out_dir='{out_dir}'", '-b', f"Data.cache_dir='{cache_dir}'"]
+    for b in bindings:
+        argv += ['-b', b]
+    return argv + list(extra)
+
+
+def rt_bindings(argv: list[str]) -> list[str]:
+    """The -b values of an argv (what compiler.spec.load takes)."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == '-b']
+
+
+def rt_env() -> dict:
+    """Environment of CLI subprocesses: offline, one thread (like this process, so numbers match bit for bit)."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+               PYTHONPATH=str(ROOT))
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def rt_cli_many(argvs: dict) -> dict:
+    """Several `python -m runtime.run` subprocesses at once ({key: argv} -> {key: CompletedProcess}): most of a
+    refused run's time is importing torch and sacred, which two cores do side by side."""
+    procs = {k: _subprocess.Popen([sys.executable, '-m', 'runtime.run', *a], cwd=ROOT, env=rt_env(), text=True,
+                                  stdout=_subprocess.PIPE, stderr=_subprocess.PIPE) for k, a in argvs.items()}
+    out = {}
+    try:
+        for k, p in procs.items():
+            stdout, stderr = p.communicate(timeout=180)
+            out[k] = _subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def rt_main(argv: list[str]) -> int:
+    """runtime.run.main in-process; returns the exit code (0 when it returns normally)."""
+    from runtime.run import main
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def rt_run_ids(out_dir) -> set[str]:
+    """Run folders under an out_dir (everything but the data cache and databases)."""
+    out_dir = Path(out_dir)
+    return {p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in ('cache', 'memories.zarr')} \
+        if out_dir.is_dir() else set()
+
+
+@pytest.fixture(scope='session')
+def rt_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp('memspec-cache')
+
+
+@pytest.fixture(scope='session')
+def flagship_run(tmp_path_factory, rt_cache):
+    """One finished tiny flagship run (4 stages, 10 steps): out_dir, run_id, run_dir, argv, bindings, db."""
+    out = tmp_path_factory.mktemp('flagship')
+    argv = rt_argv(FLAGSHIP, out, rt_cache, TINY_FLAGSHIP)
+    code = rt_main(argv)
+    assert code == 0, f'the tiny flagship run failed with exit code {code}'
+    ids = rt_run_ids(out)
+    assert len(ids) == 1, ids
+    run_id = ids.pop()
+    return _types.SimpleNamespace(out_dir=out, run_id=run_id, run_dir=out / run_id, argv=argv,
+                                  bindings=rt_bindings(argv), db=out / 'sacred.db',
+                                  summary=_json.loads((out / run_id / 'summary.json').read_text()))
+
+
+# --- subprocess checks started early ------------------------------------------------------------------------------
+# `python -m compiler` pays ~3 s of CPU for Python + torch start-up. Test modules that run it define
+# `start_background()`, called once after collection when any of their tests is selected; the processes then run on
+# the core the single-threaded in-process tests leave idle, and the tests wait on the returned futures.
+
+_pool = None
+_futures = {}
+
+
+def background_run(key, cmd, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) on a shared 2-worker pool, once per key."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=2)
+    if key not in _futures:
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+        _futures[key] = _pool.submit(subprocess.run, cmd, capture_output=True, text=True, env=env, **kwargs)
+    return _futures[key]
+
+
+def pytest_collection_finish(session):
+    started = set()
+    for item in session.items:
+        module = getattr(item, 'module', None)
+        start = getattr(module, 'start_background', None)
+        if start is not None and module not in started:
+            started.add(module)
+            start()
+
+
+@pytest.fixture(scope='session')
+def rt_refusals(flagship_run, rt_cache, tmp_path_factory):
+    """The command lines the runtime must refuse (exit 2, before anything is recorded), run side by side as
+    subprocesses once per session. .cases: {case: (out_dir, CompletedProcess)}; .flagship_before: the flagship run's
+    checkpoint mtime, database rows and run folders just before (the other_spec case points at that run)."""
+    import sqlite3
+    fresh = {k: tmp_path_factory.mktemp(k) / 'runs' for k in ('unknown_resume', 'unknown_init', 'unreachable_db')}
+    cases = {
+        'unknown_resume': (fresh['unknown_resume'], rt_argv(FLAGSHIP, fresh['unknown_resume'], rt_cache, TINY_FLAGSHIP,
+                                                            ['--resume', '999'])),
+        'other_spec': (flagship_run.out_dir, rt_argv(FLAGSHIP, flagship_run.out_dir, rt_cache,
+                                                     TINY_FLAGSHIP + ['combined/Stage.steps=3'],
+                                                     ['--resume', flagship_run.run_id])),
+        'unknown_init': (fresh['unknown_init'], rt_argv(PROBE, fresh['unknown_init'], rt_cache,
+                                                        TINY_PROBE + ["probe/Stage.init_from = {'encoder': 'run:999/x'}"])),
+        'unreachable_db': (fresh['unreachable_db'], rt_argv(FLAGSHIP, fresh['unreachable_db'], rt_cache, TINY_FLAGSHIP,
+                                                            ['--db', 'postgresql://nobody@127.0.0.1:1/x'])),
+    }
+    con = sqlite3.connect(flagship_run.db)
+    try:
+        rows = con.execute('SELECT run_id, status FROM run ORDER BY id').fetchall()
+    finally:
+        con.close()
+    before = {'checkpoint': (flagship_run.run_dir / 'checkpoint.pt').stat().st_mtime_ns, 'rows': rows,
+              'runs': rt_run_ids(flagship_run.out_dir)}
+    results = rt_cli_many({k: argv for k, (_, argv) in cases.items()})
+    return _types.SimpleNamespace(cases={k: (out, results[k]) for k, (out, _) in cases.items()}, flagship_before=before)
