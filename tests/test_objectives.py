@@ -1,0 +1,201 @@
+"""Objectives (compiler/objectives.py): golden (input, key mask, labels) triples, metrics on hand-made cases,
+loss combination."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compiler import objectives as O
+from compiler.plan import Objective, Stage
+
+I = O.IGNORE
+IDS = O.SpecialIds(pad=0, blank=1, copy=2)
+
+
+def t(x):
+    return torch.tensor(x)
+
+
+TOKENS = torch.arange(10, 22).view(1, 4, 3)  # chunks [10 11 12] [13 14 15] [16 17 18] [19 20 21]
+
+GOLDEN = {
+    'clm': ([[[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20, 21]]],
+            [[[11, 12, I], [14, 15, I], [17, 18, I], [20, 21, I]]]),
+    'autoencode': ([[[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20, 21]]],
+                   [[[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20, 21]]]),
+    'copy': ([[[10, 11, 12], [13, 14, 15], [10, 11, 12], [13, 14, 15]]],
+             [[[I, I, I], [I, I, I], [11, 12, I], [14, 15, I]]]),
+    'blank_copy': ([[[10, 11, 12], [13, 14, 15], [1, 1, 1], [1, 1, 1]]],
+                   [[[I, I, I], [I, I, I], [11, 12, I], [14, 15, I]]]),
+}
+
+
+@pytest.mark.parametrize('kind', list(GOLDEN))
+def test_golden_examples(kind):
+    inputs, mask, labels = O.make_example(Objective(kind=kind), TOKENS, None, IDS)
+    exp_inputs, exp_labels = GOLDEN[kind]
+    assert torch.equal(inputs, t(exp_inputs))
+    assert torch.equal(labels, t(exp_labels))
+    assert mask is None
+
+
+def test_retrieval_uses_clm_labels():
+    _, _, labels = O.make_example(Objective(kind='retrieval'), TOKENS, None, IDS)
+    assert torch.equal(labels, t(GOLDEN['clm'][1]))
+
+
+TOKENS5 = torch.arange(10, 30).view(1, 4, 5)  # chunks [10..14] [15..19] [20..24] [25..29]
+
+
+@pytest.mark.parametrize('kind,exp_inputs,exp_labels', [
+    ('copy',
+     [[[10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [2, 2, 2, 13, 14], [15, 16, 17, 18, 19]]],
+     [[[I, I, I, I, I], [I, I, I, I, I], [I, I, I, 14, I], [16, 17, 18, 19, I]]]),
+    ('blank_copy',
+     [[[10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [2, 2, 2, 1, 1], [1, 1, 1, 1, 1]]],
+     [[[I, I, I, I, I], [I, I, I, I, I], [I, I, I, 14, I], [16, 17, 18, 19, I]]]),
+])
+def test_golden_copy_with_delimiter(kind, exp_inputs, exp_labels):
+    """delimiter=3: the first 3 positions of the copy become the copy token, their labels are ignored."""
+    inputs, mask, labels = O.make_example(Objective(kind=kind, delimiter=3), TOKENS5, None, IDS)
+    assert torch.equal(inputs, t(exp_inputs))
+    assert torch.equal(labels, t(exp_labels))
+    assert mask is None
+
+
+# two rows: row 0 unpadded (10..21), row 1 with right padding (pad id 0) of different length per chunk
+PADDED = t([[[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20, 21]],
+            [[30, 31, 0], [33, 0, 0], [36, 37, 38], [39, 40, 0]]])
+MASK = t([[[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]],
+          [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]]).bool()
+
+GOLDEN_MASKED = {
+    'clm': (PADDED.tolist(), MASK.tolist(),
+            [[[11, 12, I], [14, 15, I], [17, 18, I], [20, 21, I]],
+             [[31, I, I], [I, I, I], [37, 38, I], [40, I, I]]]),
+    'autoencode': (PADDED.tolist(), MASK.tolist(),
+                   [[[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20, 21]],
+                    [[30, 31, I], [33, I, I], [36, 37, 38], [39, 40, I]]]),
+    'copy': ([[[10, 11, 12], [13, 14, 15], [10, 11, 12], [13, 14, 15]],
+              [[30, 31, 0], [33, 0, 0], [30, 31, 0], [33, 0, 0]]],
+             [[[1, 1, 1]] * 4,
+              [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]]],
+             [[[I, I, I], [I, I, I], [11, 12, I], [14, 15, I]],
+              [[I, I, I], [I, I, I], [31, I, I], [I, I, I]]]),
+    'blank_copy': ([[[10, 11, 12], [13, 14, 15], [1, 1, 1], [1, 1, 1]],
+                    [[30, 31, 0], [33, 0, 0], [1, 1, 0], [1, 0, 0]]],
+                   [[[1, 1, 1]] * 4,
+                    [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]]],
+                   [[[I, I, I], [I, I, I], [11, 12, I], [14, 15, I]],
+                    [[I, I, I], [I, I, I], [31, I, I], [I, I, I]]]),
+}
+
+
+@pytest.mark.parametrize('kind', list(GOLDEN_MASKED))
+def test_golden_examples_with_padding(kind):
+    """Padding labels are ignored; copies carry the first half's key mask; blanks only where tokens were real."""
+    inputs, mask, labels = O.make_example(Objective(kind=kind), PADDED, MASK, IDS)
+    exp_inputs, exp_mask, exp_labels = GOLDEN_MASKED[kind]
+    assert torch.equal(inputs, t(exp_inputs))
+    assert torch.equal(mask, t(exp_mask).bool())
+    assert torch.equal(labels, t(exp_labels))
+    assert not (labels[~mask] != I).any()  # no label on a padding position
+
+
+@pytest.mark.parametrize('delimiter', [0, 2])
+@pytest.mark.parametrize('kind', ['clm', 'autoencode', 'copy', 'blank_copy', 'retrieval'])
+@pytest.mark.parametrize('masked', [False, True])
+def test_inputs_are_not_mutated(kind, masked, delimiter):
+    tokens, mask = PADDED.clone(), MASK.clone() if masked else None
+    obj = Objective(kind=kind, delimiter=delimiter if kind in ('copy', 'blank_copy') else 0)
+    inputs, new_mask, labels = O.make_example(obj, tokens, mask, IDS)
+    assert torch.equal(tokens, PADDED)
+    assert mask is None or torch.equal(mask, MASK)
+    assert labels.shape == inputs.shape == tokens.shape
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+# 3 samples x 1 chunk x 3 positions, vocabulary 4; logits = log-probabilities so the CE is known in closed form
+PROBS = t([[[[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]],
+           [[[0.1, 0.1, 0.1, 0.7], [0.4, 0.3, 0.2, 0.1], [0.2, 0.5, 0.2, 0.1]]],
+           [[[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]]])
+LABELS = t([[[0, 2, I]],     # hit, miss (argmax 1), ignored
+            [[3, 0, 2]],     # hit, hit, miss (argmax 1)
+            [[I, I, I]]])    # nothing to score: not a sample
+CE = -(math.log(0.7) + math.log(0.2) + math.log(0.7) + math.log(0.4) + math.log(0.2)) / 5
+
+
+def test_tally_metrics_hand_computed():
+    logits = PROBS.log()
+    tally = O.Tally()
+    tally.add(logits, LABELS)
+    m = tally.metrics(vocab=4, bytes_per_token=3.5)
+    assert tally.tokens == 5 and tally.correct == 3 and tally.samples == 2
+    assert m['token_accuracy'] == pytest.approx(3 / 5)
+    # macro mean over samples of (1 - accuracy): (1 - 1/2 + 1 - 2/3) / 2 = 5/12, not the micro 1 - 3/5 = 0.4
+    assert m['normalized_hamming'] == pytest.approx(5 / 12)
+    assert m['ce'] == pytest.approx(CE, rel=1e-6)
+    assert m['info_proportion'] == pytest.approx(1 - CE / math.log(4), rel=1e-6)
+    assert m['bits_per_byte'] == pytest.approx(CE / math.log(2) / 3.5, rel=1e-6)
+    assert 'bits_per_byte' not in tally.metrics(vocab=4)
+
+
+def test_tally_accumulates_over_batches_and_mutates_nothing():
+    logits, labels = PROBS.log(), LABELS.clone()
+    whole = O.Tally()
+    whole.add(logits, labels)
+    parts = O.Tally()
+    for i in range(3):
+        parts.add(logits[i:i + 1], labels[i:i + 1])
+    for k, v in whole.metrics(4, 2.0).items():
+        assert parts.metrics(4, 2.0)[k] == pytest.approx(v)
+    assert torch.equal(labels, LABELS) and torch.equal(logits, PROBS.log())
+    assert O.Tally().metrics(4) == {}
+
+
+def test_token_loss_ignores_padding():
+    logits = PROBS.log()
+    assert O.token_loss(logits, LABELS).item() == pytest.approx(CE, rel=1e-6)
+    uniform = torch.zeros(1, 1, 2, 8)
+    assert O.token_loss(uniform, t([[[3, I]]])).item() == pytest.approx(math.log(8), rel=1e-6)
+
+
+def test_shifted_labels_matches_cross_entropy_convention():
+    """labels[..., t] is the target of logits[..., t]: a model that copies its next input scores perfectly."""
+    tokens = PADDED
+    labels = O.shifted_labels(tokens, MASK)
+    oracle = F.one_hot(tokens.roll(-1, -1), 50).float() * 100
+    tally = O.Tally()
+    tally.add(oracle, labels)
+    assert tally.metrics(50)['token_accuracy'] == 1.0
+
+
+# --- combination -------------------------------------------------------------------------------------------------
+
+LOSSES = {'clm': torch.tensor(2.0), 'copy': torch.tensor(3.0), 'blank_copy': torch.tensor(5.0)}
+
+
+def test_combine_weighted_sum():
+    stage = Stage(objectives=(Objective(kind='clm', weight=2.0), Objective(kind='blank_copy', weight=0.25)))
+    assert O.combine(LOSSES, stage).item() == pytest.approx(2 * 2.0 + 0.25 * 5.0)
+    stage = Stage(objectives=(Objective(kind='clm'), Objective(kind='copy'), Objective(kind='blank_copy', weight=0.0)))
+    assert O.combine(LOSSES, stage).item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize('copy_kind', ['copy', 'blank_copy'])
+def test_combine_faithful(copy_kind):
+    """The research code's accident: clm_mean + 0.5 * copy_mean, whatever the declared weights."""
+    stage = Stage(normalize='faithful', objectives=(Objective(kind='clm', weight=1.0), Objective(kind=copy_kind, weight=1.0)))
+    losses = {'clm': LOSSES['clm'], copy_kind: LOSSES[copy_kind]}
+    assert O.combine(losses, stage).item() == pytest.approx(2.0 + 0.5 * LOSSES[copy_kind].item())
+    weighted = Stage(objectives=stage.objectives)
+    assert O.combine(losses, weighted).item() == pytest.approx(2.0 + LOSSES[copy_kind].item())
+
+
+def test_combine_keeps_gradients():
+    a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    stage = Stage(objectives=(Objective(kind='clm', weight=3.0), Objective(kind='copy', weight=0.5)))
+    O.combine({'clm': a, 'copy': b}, stage).backward()
+    assert a.grad.item() == 3.0 and b.grad.item() == 0.5
