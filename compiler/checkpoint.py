@@ -25,8 +25,27 @@ def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
-    """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
+def read_llama(path: str) -> dict[str, torch.Tensor]:
+    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one (or shards)."""
+    from pathlib import Path
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
+    if not files:
+        raise SpecError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
+                        'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
+    state = {}
+    for f in files:
+        if f.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            state.update(load_file(f))
+        else:
+            state.update(torch.load(f, map_location='cpu', weights_only=True))
+    return state
+
+
+def check_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> dict[str, torch.Tensor]:
+    """Map a Llama state dict onto `stack`'s names and check every tensor has a place of the right shape (works on a
+    meta-device stack, so a run can refuse a mismatched checkpoint before anything is allocated or recorded)."""
     mapped = llama_to_stack(state)
     if 'head.weight' not in mapped and stack.head is not None and 'embedding.weight' in mapped:
         mapped['head.weight'] = mapped['embedding.weight']  # tied embeddings (e.g. Llama-3.2-1B)
@@ -37,9 +56,14 @@ def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'chec
                             'declare the stack with the checkpoint\'s n_layers / sizes')
         if own[key].shape != value.shape:
             raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the stack",
-                            'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary to the checkpoint')
+                            'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary (Data.tokenizer) to the checkpoint')
     missing = [k for k in own if k not in mapped]
     if missing:
         raise SpecError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
                         'use a checkpoint with every layer the stack declares')
-    stack.load_state_dict(mapped, strict=True)
+    return mapped
+
+
+def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
+    """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
+    stack.load_state_dict(check_llama(stack, state, source), strict=True)

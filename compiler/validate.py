@@ -8,7 +8,7 @@ import re
 from compiler import plan as P
 from compiler.errors import SpecError
 
-INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)$')
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|llama:.+)$')
 
 
 def sequence_lengths(plan: P.Plan) -> dict[str, int]:
@@ -46,13 +46,18 @@ def _skip_init_mode():
     return SkipInit
 
 
-def components(plan: P.Plan) -> list[str]:
-    """Freezable component names of the plan's graph, from a build on the meta device (nothing allocated)."""
+def meta_build(plan: P.Plan, vocab: int | None = None):
+    """The plan's graph on the meta device: shapes and names only, nothing allocated."""
     import torch
 
     from compiler.model import FAMILY_CLASSES
     with torch.device('meta'), _skip_init_mode()():
-        return FAMILY_CLASSES[plan.family](plan, plan.data.vocab_size).components()
+        return FAMILY_CLASSES[plan.family](plan, vocab or plan.data.vocab_size)
+
+
+def components(plan: P.Plan) -> list[str]:
+    """Freezable component names of the plan's graph."""
+    return meta_build(plan).components()
 
 
 def check(spec) -> None:
@@ -180,9 +185,12 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
         if c not in comps:
             fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
                  'use one of: ' + ', '.join(comps))
+        if src.startswith('llama:') and c not in ('decoder', 'encoder'):
+            fail(stage, 'init_from', f"{tag}: a Llama checkpoint initialises a whole stack, not '{c}'",
+                 "use {'decoder': 'llama:<path>'} (or 'encoder')")
         if not INIT_SOURCE.match(src):
             fail(stage, 'init_from', f"{tag}: init source {src!r} for '{c}' is not understood",
-                 "use 'fresh', 'previous' or 'run:<run id>/<stage name>'")
+                 "use 'fresh', 'previous', 'run:<run id>/<stage name>' or 'llama:<checkpoint dir or file>'")
     kinds = [o.kind for o in stage.objectives]
     for o in stage.objectives:
         _check_objective(o, tag, plan, fail)

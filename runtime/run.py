@@ -287,12 +287,16 @@ def host_info() -> dict:
     return {'python': platform.python_version(), 'packages': pkgs, 'threads': torch.get_num_threads()}
 
 
-def check_init_sources(plan, runs_dir: Path, resume: dict | None) -> None:
-    """The 'run:<id>/<stage>' init_from sources of the stages still to run must exist before anything is recorded:
-    a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
+def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) -> None:
+    """The init_from sources of the stages still to run must exist (and Llama checkpoints fit) before anything is
+    recorded: a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
     first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
     for stage in plan.curriculum[first:]:
-        for src in stage.init_from.values():
+        for comp, src in stage.init_from.items():
+            if src.startswith('llama:'):
+                from compiler.checkpoint import check_llama, read_llama
+                from compiler.validate import meta_build
+                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]), f"init_from '{src}'")
             if src.startswith('run:'):
                 run_id, name = src[len('run:'):].split('/', 1)
                 path = runs_dir / run_id / 'stages' / f'{name}.safetensors'
@@ -324,8 +328,8 @@ def main(argv=None):
         if resume['spec_hash'] != spec.hash:
             raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
                             f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
-    check_init_sources(plan, runs_dir, resume)
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
+    check_init_sources(plan, runs_dir, resume, data.vocab_size)
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
         Trainer(spec, data, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
         return

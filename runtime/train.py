@@ -113,8 +113,13 @@ def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batc
 
 def init_component(model: Family, plan: P.Plan, component: str, source: str, seed: int, load_run_stage) -> None:
     """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>' copies
-    the component from another run's stage-end checkpoint."""
+    the component from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
     if source == 'previous':
+        return
+    if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
+        from compiler.checkpoint import load_llama, read_llama
+        path = source[len('llama:'):]
+        load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
         return
     if source == 'fresh':
         fresh = build(plan, model.decoder.head.out_features, seed=seed)
