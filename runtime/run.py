@@ -192,7 +192,7 @@ class Trainer:
             gstep = offset + step
             if step % plan.run.log_every == 0 or step == stage.steps:
                 logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
-                                           **{f'{k}.token_accuracy': v for k, v in accs.items()}})
+                                           **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v for k, v in accs.items()}})
                 for k, v in logged.items():
                     _run.log_scalar(f'train/{k}', v, gstep)
                 rate = done * tokens_per_step / (time.perf_counter() - t0)
