@@ -8,7 +8,7 @@ import re
 from compiler import plan as P
 from compiler.errors import SpecError
 
-INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|llama:.+)$')
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
 
 
 def sequence_lengths(plan: P.Plan) -> dict[str, int]:
@@ -190,7 +190,7 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
                  "use {'decoder': 'llama:<path>'} (or 'encoder')")
         if not INIT_SOURCE.match(src):
             fail(stage, 'init_from', f"{tag}: init source {src!r} for '{c}' is not understood",
-                 "use 'fresh', 'previous', 'run:<run id>/<stage name>' or 'llama:<checkpoint dir or file>'")
+                 "use 'fresh', 'previous', 'run:<run id>/<stage name>[:<component>]' or 'llama:<checkpoint dir or file>'")
     kinds = [o.kind for o in stage.objectives]
     for o in stage.objectives:
         _check_objective(o, tag, plan, fail)

@@ -27,7 +27,8 @@ from compiler.spec import load
 from runtime import record
 from store import memories
 from runtime.data import Batches, prepare
-from runtime.train import Divergence, evaluate, init_component, optimizer, set_frozen, stage_loss
+from compiler.validate import meta_build
+from runtime.train import Divergence, evaluate, init_component, optimizer, set_frozen, stage_loss, state_from_run
 
 
 def atomic_write(path: Path, write) -> None:
@@ -97,19 +98,6 @@ class Trainer:
         self.summary: dict[str, dict] = {}
         self._run = None
 
-    def load_run_stage(self, run_id: str, stage: str, component: str):
-        path = self.out_dir.parent / run_id / 'stages' / f'{stage}.safetensors'
-        if not path.is_file():
-            raise SpecError(f"init_from 'run:{run_id}/{stage}'", f'no stage checkpoint at {path}',
-                            'give the id of a finished run and one of its stage names (python -m store.runs list)')
-        state = load_file(path)
-        own = dict(parameters_of(self.model, component))
-        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-        if bad:
-            raise SpecError(f"init_from 'run:{run_id}/{stage}'", f"component '{component}' does not match: {bad[:3]}",
-                            'initialise from a run with the same widths and depths')
-        return state
-
     def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
         if self.rank:
             return
@@ -150,7 +138,7 @@ class Trainer:
             resuming = ck is not None and si == start_stage and ck['optimizer'] is not None
             if not resuming:
                 for comp, src in stage.init_from.items():
-                    init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.load_run_stage)
+                    init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.out_dir.parent)
             params = set_frozen(self.model, stage)
             opt, sched = optimizer(params, stage)
             if resuming:
@@ -295,14 +283,9 @@ def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) ->
         for comp, src in stage.init_from.items():
             if src.startswith('llama:'):
                 from compiler.checkpoint import check_llama, read_llama
-                from compiler.validate import meta_build
                 check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]), f"init_from '{src}'")
             if src.startswith('run:'):
-                run_id, name = src[len('run:'):].split('/', 1)
-                path = runs_dir / run_id / 'stages' / f'{name}.safetensors'
-                if not path.is_file():
-                    raise SpecError(f"init_from '{src}'", f'no stage checkpoint at {path}',
-                                    'give the id of a finished run and one of its stage names (python -m store.runs list)')
+                state_from_run(runs_dir, src, meta_build(plan, vocab), comp)
 
 
 @cli

@@ -111,9 +111,43 @@ def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batc
     return out
 
 
-def init_component(model: Family, plan: P.Plan, component: str, source: str, seed: int, load_run_stage) -> None:
-    """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>' copies
-    the component from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
+def state_from_run(runs_dir, source: str, model: Family, component: str) -> dict[str, torch.Tensor]:
+    """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
+    defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
+    ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from compiler.errors import SpecError
+    ref, _, src_comp = source[len('run:'):].partition(':')
+    run_id, stage = ref.split('/', 1)
+    src_comp = src_comp or component
+    path = Path(runs_dir) / run_id / 'stages' / f'{stage}.safetensors'
+    where = f"init_from '{source}'"
+    if not path.is_file():
+        raise SpecError(where, f'no stage checkpoint at {path}',
+                        'give the id of a finished run and one of its stage names (python -m store.runs list)')
+    own = dict(parameters_of(model, component))
+    out = {}
+    with safe_open(str(path), 'pt') as f:
+        keys = set(f.keys())
+        for name, p in own.items():
+            key = src_comp + name[len(component):]
+            if key not in keys:
+                raise SpecError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
+                                'initialise from a run whose component has the same structure (depth, kind)')
+            t = f.get_tensor(key)
+            if t.shape != p.shape:
+                raise SpecError(where, f"'{key}' is {tuple(t.shape)} in run {run_id} but '{name}' is {tuple(p.shape)}",
+                                'initialise from a run with the same widths, vocabulary and chunk length')
+            out[name] = t
+    return out
+
+
+def init_component(model: Family, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:
+    """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>[:<comp>]'
+    copies from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
     if source == 'previous':
         return
     if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
@@ -122,11 +156,9 @@ def init_component(model: Family, plan: P.Plan, component: str, source: str, see
         load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
         return
     if source == 'fresh':
-        fresh = build(plan, model.decoder.head.out_features, seed=seed)
-        state = dict(fresh.named_parameters())
+        state = dict(build(plan, model.decoder.head.out_features, seed=seed).named_parameters())
     else:
-        run_id, stage = source[len('run:'):].split('/', 1)
-        state = load_run_stage(run_id, stage, component)
+        state = state_from_run(runs_dir, source, model, component)
     with torch.no_grad():
         for name, p in parameters_of(model, component):
             p.copy_(state[name])
