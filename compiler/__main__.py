@@ -23,6 +23,7 @@ def report(spec) -> dict:
         'flops_per_token': {'inference': cost.flops_per_token(plan),
                             **{f'train:{s.name}': s.train_flops_per_token for s in stages}},
         'kv_cache_bytes_per_sequence': cost.kv_cache_bytes(plan),
+        'training_flops': cost.training_flops(plan),
         'activation_bytes_per_batch': {s.name: s.activation_bytes for s in stages},
         'curriculum': [{'stage': st.name, 'steps': st.steps,
                         'objectives': {o.kind: o.weight for o in st.objectives}, 'normalize': st.normalize,
@@ -34,7 +35,7 @@ def report(spec) -> dict:
 
 
 def _si(x: float) -> str:
-    for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    for unit, scale in (('E', 1e18), ('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6), ('k', 1e3)):
         if abs(x) >= scale:
             return f'{x / scale:.2f}{unit}'
     return f'{x:.0f}'
@@ -60,7 +61,10 @@ def render(r: dict) -> str:
             lines.append(f"  {'└─' if i == len(tree[top]) - 1 else '├─'} {sub:<12} {_si(n):>9}")
     lines += [f"{'total':<10} {_si(r['parameters']):>9}", '',
               f"FLOPs/token inference      {_si(r['flops_per_token']['inference'])}",
-              f"KV cache / sequence        {_si(r['kv_cache_bytes_per_sequence'])}B", '',
+              f"KV cache / sequence        {_si(r['kv_cache_bytes_per_sequence'])}B",
+              f"training FLOPs (all stages) {_si(r['training_flops'])}"
+              + (f"   ~ {r['estimate']['hours']:.1f} h on {r['estimate']['devices']} device(s) at "
+                 f"{r['estimate']['tflops']:g} TFLOP/s sustained each" if 'estimate' in r else ''), '',
               'curriculum']
     head = f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components"
     lines.append(head)
@@ -87,9 +91,15 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def main(argv=None):
     ap = parser('python -m compiler', __doc__)
     ap.add_argument('--json', action='store_true', help='print the report as JSON')
+    ap.add_argument('--devices', type=int, default=1, help='devices for the runtime estimate (torchrun --nproc_per_node)')
+    ap.add_argument('--tflops', type=float, help='sustained TFLOP/s per device for a runtime estimate '
+                    '(e.g. 300 for an H100 in bf16 at ~30%% of peak); omitted: no estimate')
     args = ap.parse_args(argv)
     spec = load(args.specs, args.binding)
     r = report(spec)
+    if args.tflops:
+        r['estimate'] = {'devices': args.devices, 'tflops': args.tflops,
+                         'hours': r['training_flops'] / (args.devices * args.tflops * 1e12) / 3600}
     print(json.dumps(r, indent=2) if args.json else render(r))
 
 

@@ -91,8 +91,9 @@ class StageCost:
     activation_bytes: int
 
 
-def flops_per_token(plan: P.Plan, freeze=(), training=False) -> float:
-    """FLOPs per predicted token (forward, or forward+backward when training)."""
+def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'clm') -> float:
+    """FLOPs per input token of one objective pass (forward, or forward+backward when training). Copy objectives
+    decode only the supervised half; autoencode runs the (ae_)decoder over the chunk without memory slots."""
     fam, m = plan.family, plan.memory
     n, l, lengths, vocab = m.chunks, m.chunk_len, sequence_lengths(plan), plan.data.vocab_size
     dec, t_dec = plan.decoder, lengths['decoder']
@@ -105,6 +106,11 @@ def flops_per_token(plan: P.Plan, freeze=(), training=False) -> float:
         if fam == 'oracle':
             share = 1.0
         enc_fwd = share * e.n_layers * _layer_flops(e, t_enc, t_enc)
+    if objective in ('copy', 'blank_copy'):
+        dec_fwd, head = dec_fwd / 2, head / 2
+    if objective == 'autoencode' and fam not in ('autoencoder', 'probe'):  # memory model's ae_decoder: L positions
+        ae = plan.ae_decoder or dec
+        dec_fwd, enc_fwd = ae.n_layers * _layer_flops(ae, l, l), enc_fwd * n / max(n - 1, 1)
     if not training:
         return dec_fwd + head + enc_fwd
     enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
@@ -144,6 +150,14 @@ def stage_costs(plan: P.Plan) -> list[StageCost]:
     out = []
     for s in plan.curriculum:
         frozen = sum(v for c, v in p.items() if is_frozen(c, s.freeze))
-        out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops_per_token(plan, s.freeze, training=True),
+        flops = sum(flops_per_token(plan, s.freeze, True, o.kind) for o in s.objectives)  # one pass per objective
+        out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops,
                              activation_bytes(plan, s.batch_size or plan.data.batch_size, s.freeze)))
     return out
+
+
+def training_flops(plan: P.Plan) -> float:
+    """Total training FLOPs of the curriculum: steps x tokens per step x FLOPs per token, stage by stage."""
+    tokens = plan.memory.chunks * plan.memory.chunk_len
+    return sum(s.steps * (s.batch_size or plan.data.batch_size) * tokens * c.train_flops_per_token
+               for s, c in zip(plan.curriculum, stage_costs(plan)))

@@ -20,6 +20,7 @@ FAMILIES = ('clm', 'full_context', 'autoencoder', 'probe', 'memory', 'no_memory'
 MEMORY_FAMILIES = ('memory', 'no_memory', 'oracle', 'recurrent')  # chunked decoders that read memories
 ENCODER_FAMILIES = ('autoencoder', 'probe', 'memory', 'no_memory', 'oracle')
 OBJECTIVES = ('clm', 'autoencode', 'copy', 'blank_copy', 'retrieval')
+INT_LIMIT = 2 ** 63  # every integer of a plan must fit int64
 
 
 class PlanError(Exception):
@@ -40,6 +41,10 @@ def _check_types(obj) -> None:
         if not _conforms(value, hints[f.name]):
             raise PlanError(obj, f.name, f'{type(obj).__name__}.{f.name} = {value!r} is not {_describe(hints[f.name])}',
                             f'bind {type(obj).__name__}.{f.name} to {_describe(hints[f.name])}')
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+            # torch, numpy and the cost model's float arithmetic overflow beyond int64 (fuzzing found tracebacks)
+            raise PlanError(obj, f.name, f'{type(obj).__name__}.{f.name} = {value} is too large (the limit is 2**63)',
+                            f'bind {type(obj).__name__}.{f.name} to a realistic value')
 
 
 def _conforms(value, tp) -> bool:

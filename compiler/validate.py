@@ -9,6 +9,10 @@ from compiler import plan as P
 from compiler.errors import SpecError
 
 INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
+# Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
+# (a RuntimeError traceback) or building the module tree itself takes minutes (n_layers); found by spec fuzzing.
+MAX_PARAMS = 10 ** 12
+MAX_LAYERS = 1024
 
 
 def sequence_lengths(plan: P.Plan) -> dict[str, int]:
@@ -106,33 +110,56 @@ def check(spec) -> None:
     names = [s.name for s in plan.curriculum]
     if not plan.curriculum:
         fail(plan, 'curriculum', 'the curriculum has no stages', 'bind Plan.curriculum = [@stage0/Stage()]')
-    comps = components(plan)
-    for i, stage in enumerate(plan.curriculum):
-        if stage.name in names[:i]:  # report the later duplicate: usually the line just written
-            fail(stage, 'name', f"two curriculum stages are named '{stage.name}'", 'give every stage a unique Stage.name')
-        _check_stage(stage, plan, comps, fail)
-
-    d = plan.data
+    d = plan.data  # before the graph is built: a negative vocabulary is a negative tensor dimension
     if d.batch_size < 1:
         fail(d, 'batch_size', f'Data.batch_size = {d.batch_size} must be >= 1', 'use a positive batch size')
     if not 0 < d.val_fraction < 1:
         fail(d, 'val_fraction', f'Data.val_fraction = {d.val_fraction} must be between 0 and 1', 'use e.g. 0.05')
     if d.vocab_size < 2:
         fail(d, 'vocab_size', f'Data.vocab_size = {d.vocab_size} is too small', 'use e.g. 2048')
+    _check_size(plan, fail)
+    comps = components(plan)
+    for i, stage in enumerate(plan.curriculum):
+        if stage.name in names[:i]:  # report the later duplicate: usually the line just written
+            fail(stage, 'name', f"two curriculum stages are named '{stage.name}'", 'give every stage a unique Stage.name')
+        _check_stage(stage, plan, comps, fail)
+
     r = plan.run
     for name in ('checkpoint_every', 'log_every', 'eval_batches'):
         if getattr(r, name) < 1:
             fail(r, name, f'Run.{name} = {getattr(r, name)} must be >= 1', f'use a positive Run.{name}')
 
 
+def _check_size(plan: P.Plan, fail) -> None:
+    """Refuse plans too large to build (analytic parameter count, before any module exists)."""
+    from compiler import cost
+    p = cost.params(plan)
+    total = sum(p.values())
+    if total <= MAX_PARAMS:
+        return
+    big = max(p, key=p.get)
+    role, part = big.split('.', 1)
+    stack = getattr(plan, role, None) if role in ('encoder', 'decoder', 'ae_decoder') else None
+    owner, name = ((plan.data, 'vocab_size') if part in ('embedding', 'head')
+                   else (stack, 'd_model') if stack is not None else (plan.decoder, 'd_model'))
+    fail(owner, name, f'the plan has {total:.3g} parameters (largest: {big} {p[big]:.3g}), more than the limit {MAX_PARAMS:.0e}',
+         'use a smaller d_model, n_layers, vocab_size or (masked mixer) chunk_len')
+
+
 def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None:
     for name in ('d_model', 'n_layers', 'n_heads', 'mixer_kernel', 'mixer_heads'):
         if getattr(s, name) < 1:
             fail(s, name, f'{role} Stack.{name} = {getattr(s, name)} must be >= 1', f'use a positive {name}')
+    if s.n_layers > MAX_LAYERS:
+        fail(s, 'n_layers', f'{role} Stack.n_layers = {s.n_layers} is more than the limit {MAX_LAYERS}', 'use fewer layers')
+    if s.n_kv_heads is not None and s.n_kv_heads < 1:
+        fail(s, 'n_kv_heads', f'{role} Stack.n_kv_heads = {s.n_kv_heads} must be >= 1', 'use None (= n_heads) or a divisor of n_heads')
     if s.kind == 'transformer':
         if s.d_model % s.n_heads:
+            h = _divisor(s.d_model, s.n_heads)
             fail(s, 'n_heads', f'{role} d_model {s.d_model} is not divisible by n_heads {s.n_heads}',
-                 f'choose n_heads dividing {s.d_model} (e.g. {_divisor(s.d_model, s.n_heads)})')
+                 f'choose n_heads dividing {s.d_model} (e.g. {h})' if h else
+                 f'd_model {s.d_model} is odd and rotary positions need an even head dim: use an even d_model')
         if (s.d_model // s.n_heads) % 2:
             fail(s, 'n_heads', f'{role} head dim {s.d_model // s.n_heads} is odd; rotary positions need an even head dim',
                  'choose n_heads so that d_model / n_heads is even')
@@ -157,8 +184,11 @@ def _layout(plan) -> str:
     return f'{plan.family}: {m.chunks} chunks x {m.chunk_len} tokens, {m.slots} slots'
 
 
-def _divisor(d: int, near: int) -> int:
-    return min((h for h in range(1, d + 1) if d % h == 0 and (d // h) % 2 == 0), key=lambda h: abs(h - near))
+def _divisor(d: int, near: int) -> int | None:
+    """A head count near `near` that divides d into even head dims, searched among small counts (d may be huge:
+    a search up to d took a minute for d_model = 999999998); None when there is none (odd d)."""
+    found = [h for h in range(1, min(d, 4096) + 1) if d % h == 0 and (d // h) % 2 == 0]
+    return min(found, key=lambda h: abs(h - near)) if found else None
 
 
 def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
