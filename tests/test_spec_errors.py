@@ -63,7 +63,7 @@ CASES = [
     Case('faithful_wrong_objectives', f"include '{S}/memory_clm.gin'\nclm/Stage.normalize = 'faithful'  {MARK}\n",
          ("'faithful'", 'exactly clm and one copy objective', "weighted_sum")),
     Case('init_from_bad_source', f"include '{S}/memory_clm.gin'\nclm/Stage.init_from = {{'encoder': 'somewhere'}}  {MARK}\n",
-         ("init source 'somewhere'", "'run:<run id>/<stage name>'")),
+         ("init source 'somewhere'", "'run:<run id>/<stage name>[:<component>]'")),
     Case('duplicate_stage_names', f"include 'base/tiny.gin'\nPlan.family = 'clm'\n"
          f"Plan.curriculum = [@a/Stage(), @b/Stage()]\na/Stage.name = 'warm'\nb/Stage.name = 'warm'  {MARK}\n",
          ("two curriculum stages are named 'warm'", 'unique')),
