@@ -122,7 +122,10 @@ class MixerBlock(nn.Module):
         self.patch_ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.d_model))
 
     def forward(self, x, positions, key_mask):
-        x = x + self.conv(self.seq_norm(x))
+        h = self.seq_norm(x)
+        if key_mask is not None:  # padding must not mix into real positions (matters for bidirectional mixers)
+            h = h * key_mask[..., None].to(h.dtype)
+        x = x + self.conv(h)
         return x + self.patch_ff(self.patch_norm(x))
 
 

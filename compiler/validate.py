@@ -175,6 +175,9 @@ def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None
     if s.context is not None and length > s.context:
         fail(plan.memory, 'chunk_len', f'{role} sees {length} positions per sequence ({_layout(plan)}) but its context is {s.context}',
              'use fewer or shorter chunks, or a stack with a longer context')
+    if s.rope_theta <= 0 or s.norm_eps <= 0:
+        name = 'rope_theta' if s.rope_theta <= 0 else 'norm_eps'
+        fail(s, name, f'{role} Stack.{name} = {getattr(s, name)} must be positive', 'use the defaults (1e4 and 1e-6)')
     if s.ffn_hidden is not None and s.ffn_hidden < 1:
         fail(s, 'ffn_hidden', f'{role} ffn_hidden = {s.ffn_hidden} must be >= 1', 'use e.g. 4 * d_model or None')
 

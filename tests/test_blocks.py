@@ -193,3 +193,20 @@ def test_decoder_input_repeat_and_unroll():
     torch.testing.assert_close(out, windows @ unroll.unroll.weight.T + unroll.unroll.bias, atol=1e-6, rtol=0)
     assert not torch.allclose(out[:, 0], out[:, 1])  # positions differ (unlike repeat)
     torch.testing.assert_close(out[:, 0], out[:, 4], atol=0, rtol=0)  # period d
+
+
+def test_bidirectional_mixer_ignores_what_sits_in_padding():
+    """A bidirectional mixer encoder must not read padded positions: their content cannot change real outputs."""
+    import torch
+    from compiler import plan as P
+    from compiler.blocks import Stack
+    torch.manual_seed(0)
+    stack = Stack(P.Stack(d_model=16, n_layers=2, kind='mixer', causal=False, mixer_kernel=4), vocab=50, seq_len=8).eval()
+    tokens = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[:, 5:] = False
+    other = tokens.clone()
+    other[:, 5:] = torch.randint(0, 50, (2, 3))
+    a, b = stack(tokens, key_mask=mask), stack(other, key_mask=mask)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not torch.allclose(stack(tokens)[:, :5], stack(other)[:, :5], atol=1e-6)  # without the mask it would leak
