@@ -5,10 +5,18 @@
   `run` table on run_id).
 - MongoDB URL: Sacred's MongoObserver, which stores metrics itself.
 - `--resume ID` re-attaches to the existing run row instead of creating a second one.
+- Several runs may start at once on one database: run ids are unique (an id taken by a concurrent run is retried
+  with the next one), and the tables are created once whoever comes first.
+- A database that goes away mid-run: metric rows are kept in memory and retried; before each checkpoint `sync()`
+  must get them all in, or it raises RecordingLost and the run stops without writing that checkpoint, so the last
+  checkpoint's metrics are all recorded and `--resume` replays (and records) everything after it.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
+import random
+import time
 from threading import Lock
 from pathlib import Path
 
@@ -57,14 +65,37 @@ def default_url(out_dir: str) -> str:
     return f'sqlite:///{Path(out_dir) / "sacred.db"}'
 
 
+def display_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
+    except Exception:  # noqa: BLE001  (only for messages)
+        return url
+
+
+class RecordingLost(RuntimeError):
+    """The run database stopped answering mid-run; what was not recorded is still replayable from the checkpoint."""
+
+
+def _retry(action, attempts: int = 8):
+    """Run `action` (e.g. CREATE TABLE IF NOT EXISTS) that may race with another process doing the same: PostgreSQL
+    answers a concurrent CREATE TABLE with a unique violation on pg_type, SQLite with 'table already exists'."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+
+
 class ResumableSqlObserver(SqlObserver):
     """SqlObserver that continues an existing run row when Sacred is given its id (resume), and records the
     metrics Sacred's SqlObserver drops."""
 
     def __init__(self, url: str):
-        if url.startswith('sqlite:///'):
-            Path(url[len('sqlite:///'):]).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if url.startswith('sqlite:///'):
+                Path(url[len('sqlite:///'):]).parent.mkdir(parents=True, exist_ok=True)
             engine = make_engine(url)
             with engine.connect():
                 pass
@@ -75,27 +106,105 @@ class ResumableSqlObserver(SqlObserver):
         # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets.
         self.engine, self.session = engine, scoped_session(sessionmaker(bind=engine))
         self.priority, self.run, self.lock = 40, None, Lock()
-        METRICS.create(engine, checkfirst=True)
+        _retry(lambda: METRICS.create(engine, checkfirst=True))
         self.metrics_engine = engine
+        self.url = url
+        self.pending: list[dict] = []  # metric rows not yet in the database (it did not answer)
+        self.lost: Exception | None = None  # the last database failure since the last successful sync
+        self.metrics_lock = Lock()
 
     def _add_event(self, ex_info, command, host_info, config, meta_info, _id, status, **kwargs):
         from sacred.observers.sql_bases import Base, Run
-        Base.metadata.create_all(self.engine)
+        _retry(lambda: Base.metadata.create_all(self.engine))
         existing = self.session.query(Run).filter_by(run_id=str(_id)).first() if _id is not None else None
         if existing is None:
-            return super()._add_event(ex_info, command, host_info, config, meta_info, _id, status, **kwargs)
+            # Sacred picks max(id) + 1: two runs starting together pick the same id and one insert violates the
+            # unique run_id; roll back and let it pick again (it then sees the other run's row).
+            for attempt in range(50):
+                try:
+                    return super()._add_event(ex_info, command, host_info, config, meta_info, _id, status, **kwargs)
+                except sa.exc.IntegrityError:
+                    self.session.rollback()
+                    if _id is not None or attempt == 49:
+                        raise
+                    time.sleep(random.uniform(0.005, 0.05))
         self.run = existing
         self.run.status, self.run.stop_time, self.run.fail_trace = status, None, None
         self.save()
         return _id
 
+    def _lose(self, error: Exception) -> None:
+        self.lost = error
+        try:
+            self.session.rollback()
+        except Exception:  # noqa: BLE001  (the connection is gone; nothing to roll back)
+            pass
+
     def log_metrics(self, metrics_by_name, info):
+        """Called by Sacred's heartbeat thread and before each checkpoint. Never raises: rows the database does not
+        take stay pending for the next call (and `sync`)."""
         rows = [{'run_id': str(self.run.run_id), 'name': name, 'step': int(step), 'value': float(value), 'time': ts}
                 for name, m in metrics_by_name.items()
                 for step, value, ts in zip(m['steps'], m['values'], m['timestamps'])]
-        if rows:
+        with self.metrics_lock:
+            self.pending.extend(rows)
+            try:
+                self._write_pending()
+            except sa.exc.SQLAlchemyError as e:
+                self.lost = e
+
+    def _write_pending(self) -> None:
+        if self.pending:
             with self.metrics_engine.begin() as conn:
-                conn.execute(METRICS.insert(), rows)
+                conn.execute(METRICS.insert(), self.pending)
+            self.pending = []
+
+    def sync(self) -> None:
+        """Before a checkpoint: every metric logged so far must be in the database, else RecordingLost."""
+        with self.metrics_lock:
+            try:
+                self._write_pending()
+                if self.lost is not None:  # it failed earlier (a heartbeat): does it answer again?
+                    with self.metrics_engine.connect() as conn:
+                        conn.execute(sa.text('SELECT 1'))
+            except sa.exc.SQLAlchemyError as e:
+                self.lost = e
+                cause = (str(getattr(e, 'orig', None) or e).strip().splitlines() or [type(e).__name__])[0]
+                raise RecordingLost(f'the run database {display_url(self.url)} stopped answering ({cause}); '
+                                    f'{len(self.pending)} metric rows are not recorded yet') from e
+            self.lost = None
+
+    # Status and artifact events must not raise once the database is gone: Sacred would print their traceback.
+    def _quietly(self, event, *args, **kwargs) -> None:
+        if self.run is None:  # the run never started (its row was not written)
+            return
+        try:
+            event(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as e:
+            self._lose(e)
+
+    def heartbeat_event(self, info, captured_out, beat_time, result):
+        self._quietly(super().heartbeat_event, info, captured_out, beat_time, result)
+
+    def completed_event(self, stop_time, result):
+        self._quietly(super().completed_event, stop_time, result)
+
+    def interrupted_event(self, interrupt_time, status):
+        self._quietly(super().interrupted_event, interrupt_time, status)
+
+    def failed_event(self, fail_time, fail_trace):
+        if self.lost is None:
+            self._quietly(super().failed_event, fail_time, fail_trace)
+
+    def artifact_event(self, name, filename, metadata=None, content_type=None):
+        """Replaces an artifact of the same name: a resumed run adds its artifacts again after a kill that came
+        after some of them were recorded."""
+        def replace():
+            for old in [a for a in self.run.artifacts if a.filename == name]:
+                self.run.artifacts.remove(old)
+                self.session.delete(old)
+            super(ResumableSqlObserver, self).artifact_event(name, filename, metadata, content_type)
+        self._quietly(replace)
 
     def forget_after(self, run_id: str, step: int) -> None:
         """On resume: drop metrics logged after the checkpoint, so replayed steps are not recorded twice."""
@@ -114,14 +223,26 @@ def observer(url: str):
 
 
 def run_exists(url: str, run_id: str) -> bool:
-    obs_engine = make_engine(url)
+    return recorded_config(url, run_id) is not None
+
+
+def recorded_config(url: str, run_id: str) -> dict | None:
+    """The recorded config of a run ({} when unreadable), or None when the database (an SQLite file that does not
+    exist is not created) or the run is not there."""
+    if url.startswith('sqlite:///') and not Path(url[len('sqlite:///'):]).is_file():
+        return None
     try:
+        obs_engine = make_engine(url)
         with obs_engine.connect() as conn:
-            return conn.execute(sa.text('SELECT 1 FROM run WHERE run_id = :r'), {'r': str(run_id)}).first() is not None
-    except sa.exc.OperationalError:
-        return False
-    except sa.exc.ProgrammingError:
-        return False
+            row = conn.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': str(run_id)}).first()
+    except sa.exc.SQLAlchemyError:
+        return None
+    if row is None:
+        return None
+    try:
+        return json.loads(row[0]) or {}
+    except (TypeError, ValueError):
+        return {}
 
 
 def now():

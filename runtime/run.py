@@ -2,11 +2,19 @@
 
 Trains a spec's curriculum, stage by stage, and records the run with Sacred: config = the Plan + the operative
 gin text + the spec hash; metrics; status; artifacts (final weights as safetensors, operative config, summary).
-Run folder: <Run.out_dir>/<run id>/ with checkpoint.pt (latest, written atomically), stages/<stage>.safetensors
-(weights at each stage end, what `init_from = 'run:<id>/<stage>'` reads), final.safetensors, summary.md.
+Run folder: <Run.out_dir>/<run id>/ with checkpoint.pt (latest, written atomically; its sha256 in checkpoint.pt.sha256,
+checked by --resume), stages/<stage>.safetensors (weights at each stage end, what `init_from = 'run:<id>/<stage>'`
+reads), final.safetensors, summary.md.
+
+Faults (tests/test_faults.py, benchmarks/reliability_suite.py): a run killed at any moment continues with --resume
+to the same weights, metrics and memories as an uninterrupted one, as one record (a run killed before its first
+checkpoint starts again from its first step under the same id). A write that fails mid-run (disk full, folder gone)
+or a run database that stops answering stops the run with a message and exit code 1, before the next checkpoint, so
+the last checkpoint is intact and --resume continues it. A damaged checkpoint is refused (exit 2).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,7 +31,7 @@ from compiler import objectives as O
 from compiler.__main__ import parser
 from compiler.errors import SpecError, cli
 from compiler.model import build, parameters_of
-from compiler.spec import load
+from compiler.spec import load, locate
 from runtime import record
 from store import memories
 from runtime.data import Batches, prepare
@@ -39,9 +47,81 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == tmp:  # name the file the user knows (disk full: 'checkpoint.pt', not '.checkpoint.pt.x1y2')
+            e.filename = str(path)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+_digests: dict[str, str] = {}  # checkpoint path -> sha256 of what this process wrote or verified there
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + '.sha256')
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save(state) to `path` atomically, and its sha256 to `path`.sha256. The digest file is replaced first
+    and also names the digest of the checkpoint being replaced, so a kill between the two renames leaves a pair that
+    still verifies (the old checkpoint, listed as previous)."""
+    side, new = _sidecar(path), []
+
+    def write(tmp):
+        torch.save(state, tmp)
+        new.append(sha256_file(tmp))
+        old = _digests.get(str(path)) or (sha256_file(path) if path.is_file() else None)
+        text = f'{new[0]}  {path.name}\n' + (f'# previous {old}\n' if old and old != new[0] else '')
+        atomic_write(side, lambda p: Path(p).write_text(text))
+
+    atomic_write(path, write)
+    _digests[str(path)] = new[0]
+
+
+def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
+    """A checkpoint for --resume, verified against its sha256 file: a damaged one is a bad resume target (exit 2)."""
+    side = _sidecar(path)
+    fix = (f'restore {path.name} from a backup, or delete {path} and {side.name} to start run {run_id} again from its '
+           'first step (same id and record), or start a new run')
+    if side.is_file():
+        digest = sha256_file(path)
+        known = [w for w in side.read_text().split() if len(w) == 64]
+        if digest not in known:
+            raise SpecError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... is not the one in {side.name}', fix)
+        _digests[str(path)] = digest
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file: unpickling fails in many ways)
+        raise SpecError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}', fix)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of atomic writes a kill interrupted (.checkpoint.pt.XXXX and the like)."""
+    names = ('.checkpoint.pt.', '.final.safetensors.')
+    for p in list(run_dir.glob('.*')) + list(run_dir.glob('stages/.*.safetensors.*')):
+        if p.is_file() and (p.parent.name == 'stages' or p.name.startswith(names)):
+            p.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path, where: str) -> None:
+    """Refuse an output folder the run could not write, before anything is recorded (exit 2)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.write-test.')
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SpecError(where, f'cannot write to {folder}: {e.strerror or e}', 'choose a folder this user can write (Run.out_dir)')
 
 
 def _sanitize(obj):
@@ -51,6 +131,14 @@ def _sanitize(obj):
     if isinstance(obj, (list, tuple)):
         return [_sanitize(v) for v in obj]
     return obj
+
+
+def memory_store_path(plan) -> Path | None:
+    """Where the run writes held-out memories (None: nowhere)."""
+    r = plan.run
+    if r.memory_store == 'none' or plan.family not in ('autoencoder', 'probe', 'memory'):
+        return None
+    return Path(r.memory_store or Path(r.out_dir) / 'memories.zarr')
 
 
 class NullRun:
@@ -105,7 +193,7 @@ class Trainer:
                  'data': self.batches.state_dict(), 'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash,
                  'rng': torch.random.get_rng_state(), 'summary': self.summary, 'run_id': run_id}
         self.flush_metrics()
-        atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+        save_checkpoint(self.out_dir / 'checkpoint.pt', state)
 
     def flush_metrics(self) -> None:
         """Hand the metrics logged so far to the observers before a checkpoint is written. Sacred sends them only
@@ -116,9 +204,11 @@ class Trainer:
             return
         from sacred.metrics_logger import linearize_metrics
         logged = linearize_metrics(run._metrics.get_last_metrics())
-        if logged:
-            for obs in run.observers:
+        for obs in run.observers:
+            if logged:
                 obs.log_metrics(logged, run.info)
+            if hasattr(obs, 'sync'):  # every row in, or RecordingLost: the checkpoint is then not written
+                obs.sync()
 
     def run(self, _run) -> dict:
         plan, run_id = self.plan, str(_run._id)
@@ -131,6 +221,11 @@ class Trainer:
             self.batches.load_state_dict(ck['data'])
             torch.random.set_rng_state(ck['rng'])
             start_stage, start_step, self.summary = ck['stage'], ck['step'], ck['summary']
+            end = 0
+            for s in plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
+                end += s.steps
+                if s.name in self.summary:
+                    _run.info.setdefault('stages', {})[s.name] = {'end_step': end}
         offset = sum(s.steps for s in plan.curriculum[:start_stage])
         for si in range(start_stage, len(plan.curriculum)):
             stage = plan.curriculum[si]
@@ -214,10 +309,7 @@ class Trainer:
             self.checkpoint(si, stage.steps, opt, sched, run_id)
 
     def memory_store(self) -> Path | None:
-        r = self.plan.run
-        if r.memory_store == 'none' or self.plan.family not in ('autoencoder', 'probe', 'memory'):
-            return None
-        return Path(r.memory_store or Path(r.out_dir) / 'memories.zarr')
+        return memory_store_path(self.plan)
 
     def write_memories(self, stage: str, run_id: str) -> None:
         """Memories of the held-out set -> Zarr, marked complete only when every row is in."""
@@ -240,7 +332,7 @@ class Trainer:
                  'stage': next_stage, 'step': 0, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
                  'summary': self.summary, 'run_id': run_id, 'boundary': True}
         self.flush_metrics()
-        atomic_write(self.out_dir / 'checkpoint.pt', lambda p: torch.save(state, p))
+        save_checkpoint(self.out_dir / 'checkpoint.pt', state)
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""
@@ -303,21 +395,29 @@ def main(argv=None):
     url = args.db or record.default_url(plan.run.out_dir)
     resume = None
     if args.resume is not None:
-        ck_path = runs_dir / args.resume / 'checkpoint.pt'
-        if not ck_path.is_file():
-            raise SpecError(f'--resume {args.resume}', f'no checkpoint at {ck_path}',
-                            'give the id of a run started with this out_dir (python -m store.runs list)')
-        resume = torch.load(ck_path, weights_only=False)
-        if resume['spec_hash'] != spec.hash:
-            raise SpecError(f'--resume {args.resume}', f"run {args.resume} was started from a different plan "
-                            f"(hash {resume['spec_hash']}, this spec {spec.hash})", 'resume with the same spec files and bindings')
+        ck_path, where = runs_dir / args.resume / 'checkpoint.pt', f'--resume {args.resume}'
+        if ck_path.is_file():
+            resume = load_checkpoint(ck_path, where, args.resume)
+            started_from = resume['spec_hash']
+        else:  # killed before its first checkpoint: recorded (Sacred writes the row first), it starts again from step 0
+            config = record.recorded_config(url, args.resume)  # None: no such run (an absent SQLite file stays absent)
+            if config is None:
+                raise SpecError(where, f'no checkpoint at {ck_path}',
+                                'give the id of a run started with this out_dir (python -m store.runs list)')
+            started_from = config.get('spec_hash')
+        if started_from != spec.hash:
+            raise SpecError(where, f"run {args.resume} was started from a different plan "
+                            f"(hash {started_from}, this spec {spec.hash})", 'resume with the same spec files and bindings')
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
     check_init_sources(plan, runs_dir, resume, data.vocab_size)
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
         Trainer(spec, data, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
         return
+    check_writable(runs_dir, locate(spec.locations, plan.run, 'out_dir'))
+    if memory_store_path(plan) is not None:
+        check_writable(memory_store_path(plan).parent, locate(spec.locations, plan.run, 'memory_store'))
     obs = record.observer(url)
-    if resume is not None and not record.run_exists(url, args.resume):
+    if args.resume is not None and not record.run_exists(url, args.resume):
         raise SpecError(f'--resume {args.resume}', f'run {args.resume} is not in {url}', 'pass the --db the run was recorded in')
 
     from sacred import SETTINGS, Experiment
@@ -331,13 +431,17 @@ def main(argv=None):
     @ex.main
     def _main(_run):
         run_id = str(_run._id)
+        holder['run_id'] = run_id
         out_dir = runs_dir / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume is not None:
+            remove_stale_temporaries(out_dir)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(out_dir)
         (out_dir / 'operative.gin').write_text(spec.operative)
-        if resume is not None and hasattr(obs, 'forget_after'):
-            obs.forget_after(run_id, sum(s.steps for s in plan.curriculum[:resume['stage']]) + resume['step'])
+        if args.resume is not None and hasattr(obs, 'forget_after'):  # steps after the checkpoint are replayed
+            done = 0 if resume is None else sum(s.steps for s in plan.curriculum[:resume['stage']]) + resume['step']
+            obs.forget_after(run_id, done)
         trainer = Trainer(spec, data, out_dir, resume, rank, world)
         holder['trainer'] = trainer
         _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
@@ -364,11 +468,32 @@ def main(argv=None):
         print(f"\ninterrupted: the run is recorded as INTERRUPTED; continue it with --resume {holder.get('run_id', '<id>')}",
               file=sys.stderr)
         sys.exit(130)
+    except (record.RecordingLost, record.sa.exc.SQLAlchemyError) as e:
+        cause = e if isinstance(e, record.RecordingLost) else \
+            f'the run database {record.display_url(url)} failed ({str(getattr(e, "orig", None) or e).strip().splitlines()[0]})'
+        print(f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last checkpoint is '
+              f'recorded and nothing after it is lost. {_continue(holder, "when the database answers again")}', file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to
+        print(f"\nerror: cannot write {e.filename or 'a file'}: {e.strerror or e}.\n  The run stopped; its last checkpoint is "
+              f"intact (written atomically). {_continue(holder, 'after freeing space or fixing the folder')}", file=sys.stderr)
+        sys.exit(1)
+    if getattr(obs, 'lost', None) is not None:
+        print(f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) but the run database "
+              f"{record.display_url(url)} stopped answering at the end, so its status and artifacts are not recorded.\n  "
+              f"When it answers again, record them: rerun the same command with --resume {holder['run_id']}", file=sys.stderr)
+        sys.exit(1)
     print(f"\nrun {holder['run_id']} COMPLETED  (plan {spec.hash})\n\n{holder['table']}\n")
     print(f"run folder   {holder['out_dir']}  (final.safetensors, stages/, summary.md)")
     print(f'database     {url}  (python -m store.runs show {holder["run_id"]})')
     if holder['memories'] is not None:
         print(f"memories     {holder['memories']}  (group {holder['run_id']}/<stage>; python -m store.analyze info)")
+
+
+def _continue(holder: dict, when: str) -> str:
+    if 'run_id' not in holder:
+        return f'{when[0].upper()}{when[1:]}, start the run again.'
+    return f"{when[0].upper()}{when[1:]}, continue it with --resume {holder['run_id']} (same spec and bindings)."
 
 
 if __name__ == '__main__':

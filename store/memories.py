@@ -40,13 +40,25 @@ def _from_bits(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
 
 
+def open_root(path: str | Path) -> zarr.Group:
+    """The store's root group, created if missing. Several runs may create it at once: zarr creates a group
+    exclusively, so all but one get ContainsGroupError (measured: 6 writers starting together lost 2-5 of their
+    groups); they then open the group the winner created."""
+    for _ in range(10):
+        try:
+            return zarr.open_group(str(path), mode='a')
+        except zarr.errors.ContainsGroupError:
+            continue
+    return zarr.open_group(str(path), mode='r+')
+
+
 class Writer:
     """Write one run/stage group, batch by batch; `close()` marks it complete."""
 
     def __init__(self, path: str | Path, run_id: str, stage: str, attrs: dict, shape: tuple[int, int, int, int],
                  dtype: str = 'float32'):
         s, n, l, d = shape
-        root = zarr.open_group(str(path), mode='a')
+        root = open_root(path)
         name = f'{run_id}/{stage}'
         if name in root:  # a rerun (e.g. after resume) or a torn group from a killed writer: replace it whole
             del root[name]
@@ -55,9 +67,10 @@ class Writer:
                                  'dtype': dtype, 'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
                                  'rows': 0, 'complete': False, **attrs})
         store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32
-        self.mem = self.group.create_array('memories', shape=(s, n, d), chunks=(ROWS, n, d), dtype=store_dtype)
-        self.tok = self.group.create_array('tokens', shape=(s, n, l), chunks=(ROWS, n, l), dtype=np.int32)
-        self.msk = self.group.create_array('mask', shape=(s, n, l), chunks=(ROWS, n, l), dtype=bool)
+        # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
+        self.mem = self.group.create_array('memories', shape=(s, n, d), chunks=(ROWS, n, d), dtype=store_dtype, overwrite=True)
+        self.tok = self.group.create_array('tokens', shape=(s, n, l), chunks=(ROWS, n, l), dtype=np.int32, overwrite=True)
+        self.msk = self.group.create_array('mask', shape=(s, n, l), chunks=(ROWS, n, l), dtype=bool, overwrite=True)
         self.dtype, self.rows, self.total = dtype, 0, s
 
     def append(self, memories: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:

@@ -1,0 +1,253 @@
+"""Spec fuzzing: random mutations of every shipped spec (and of the base specs it includes) never produce a
+traceback. Either the spec compiles, or `python -m compiler` prints one clear message (`error: <where>: <what>` and
+`  fix: <how>`) and exits 2; and either way it is cheap (compilation builds the graph on the meta device only).
+
+Mutations: deleted, duplicated or truncated lines, values swapped between bindings, values replaced by wrong types,
+unknown or undefined names, huge, tiny or negative numbers, broken includes (missing, a folder, a cycle, a binary
+file), syntax garbage and non-UTF-8 bytes, in the top-level spec or in any file it includes, plus mutated -b bindings.
+
+The examples run in process through compiler.__main__.main (the CLI minus the process boundary); a few fixed
+mutations that once produced tracebacks also run as real `python -m compiler` subprocesses, started in the
+background after collection (tests/conftest.py).
+
+Bounded for CI: MEMSPEC_FUZZ_EXAMPLES examples (default 200) in a derandomized order (the same examples every run);
+MEMSPEC_FUZZ_RANDOM=1 explores new ones (`MEMSPEC_FUZZ_EXAMPLES=3000 MEMSPEC_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`)."""
+import contextlib
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import background_run
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+
+from compiler.__main__ import main as compiler_main
+from compiler.errors import SpecError
+from compiler.plan import CONFIGURABLES
+from compiler.spec import SPECS_DIR
+
+ROOT = SPECS_DIR.parent
+EXAMPLES = int(os.environ.get('MEMSPEC_FUZZ_EXAMPLES', '200'))
+RANDOM = os.environ.get('MEMSPEC_FUZZ_RANDOM', '') not in ('', '0')
+SLOW = 20.0  # seconds: a spec that compiles must compile cheaply (the slowest shipped spec takes ~1 s)
+
+# top-level specs (what a user passes), and everything under specs/ (what a mutation may touch through includes)
+TOP = sorted(str(p.relative_to(SPECS_DIR)) for p in SPECS_DIR.rglob('*.gin') if p.parent.name != 'base')
+ALL = sorted(str(p.relative_to(SPECS_DIR)) for p in SPECS_DIR.rglob('*.gin'))
+INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
+BINDING = re.compile(r'^\s*([^#=\s][^=]*?)\s*=\s*(.*?)\s*$')
+
+WRONG_VALUES = [
+    "'two'", 'None', 'True', 'False', '[]', '[1, 2]', '{}', "{'encoder': 'fresh'}", "{1: 2}", '(1, 2)',
+    '@encoder/Stack()', '@Stack', '@Foo()', '@Memory()', '@clm/Objective()', '[@clm/Stage()]',
+    '[@clm/Stage(), @clm/Stage()]', '[@nothere/Stage()]', '%UNDEFINED', '%D_MODEL', '%LR', '%FROZEN',
+    '0', '1', '2', '3', '-1', '-7', '1000000000', '999999999', '999999998', '2147483648', '9223372036854775808',
+    '-9223372036854775809', '9' * 40, '-' + '9' * 40, '1e999', '-1e999', '1e-300', '0.5', '-0.5', '0.0',
+    "'autoencode'", "'blank_copy'", "'retrieval'", "'mixer'", "'xformers'", "'cuda'", "'faithful'", "'variable'",
+    "'second_last'", "'repeat'", "'bfloat16'", "'run:0/autoencode'", "'run:0/x:decoder'", "'llama:/nonexistent'",
+    "'hub:nothing'", "''", "'none'", "['encoder']", "['decoder', 'encoder']", "['encoder.layers']", "['nothing']",
+    '"unterminated', '[1, 2', "'a' 'b'", '= 3', 'gin.REQUIRED', '%gin.REQUIRED',
+]
+NAMES = sorted(CONFIGURABLES) + ['Foo', 'stack', 'Plan.', 'encoder/Stack.d_modle', 'Stage.stepz', 'a b', 'x/y/z/Stack.d_model',
+                                 'Stack.scope', '/Stack.d_model', 'Stack..d_model', 'D_MODEL', 'CHUNKS', 'gin.macro']
+GARBAGE = ['=', '[', ']', '(', ')', "'", '"""', '@', '%', '/', '\\', '\t', '\x00', '\u00e9\u4e2d', '# ', 'import os',
+           'include', "include 'base/tiny.gin'", 'Stack.d_model = = 1', 'a b c', 'Stack.', '.d_model = 1',
+           'scope//Stack.d_model = 1', 'x/y/Stack.d_model=1', 'Plan.family = ', 'Stack.d_model: 1', '{', 'lambda: 1',
+           'Stack.d_model = 1; Stack.n_layers = 2', '\\\n', 'gin.enter_interactive_mode()', 'macro = %macro']
+BROKEN_INCLUDES = ['nothere.gin', 'base', 'base/', '', '.', '/dev/null', '/nonexistent/x.gin', '../../README.md',
+                   'base/nothere.gin', '__SELF__', '__BINARY__', '__PARENT__']
+
+value = st.one_of(st.sampled_from(WRONG_VALUES), st.integers(-2 ** 70, 2 ** 70).map(str),
+                  st.floats(allow_nan=False).map(repr), st.text(max_size=8).map(repr))
+
+
+def includes(folder: Path, rel: str, seen=None) -> list[str]:
+    """rel and every spec it includes (transitively), as paths relative to folder (the copied specs/)."""
+    seen = [] if seen is None else seen
+    if rel in seen:
+        return seen
+    seen.append(rel)
+    path = folder / rel
+    for line in path.read_text().splitlines():
+        m = INCLUDE.match(line)
+        if m:
+            for base in (path.parent, folder):
+                target = (base / m.group(1)).resolve()
+                if target.is_file() and target.is_relative_to(folder):
+                    includes(folder, str(target.relative_to(folder)), seen)
+                    break
+    return seen
+
+
+def mutate(draw, text: str, rel: str) -> str | bytes:
+    lines = text.splitlines()
+    op = draw(st.sampled_from(['delete', 'duplicate', 'swap', 'value', 'value', 'value', 'rename', 'include',
+                               'garbage', 'truncate', 'bytes', 'append']))
+    i = draw(st.integers(0, max(0, len(lines) - 1)))
+    bindings = [k for k, line in enumerate(lines) if BINDING.match(line) and not line.lstrip().startswith('include')]
+    if op == 'delete' and lines:
+        del lines[i]
+    elif op == 'duplicate' and lines:
+        lines.insert(i, lines[i])
+    elif op == 'swap' and len(bindings) >= 2:
+        a, b = draw(st.sampled_from(bindings)), draw(st.sampled_from(bindings))
+        (ka, va), (kb, vb) = BINDING.match(lines[a]).groups(), BINDING.match(lines[b]).groups()
+        lines[a], lines[b] = f'{ka} = {vb}', f'{kb} = {va}'
+    elif op == 'value' and bindings:
+        k = draw(st.sampled_from(bindings))
+        lines[k] = f'{BINDING.match(lines[k]).group(1)} = {draw(value)}'
+    elif op == 'rename' and bindings:
+        k = draw(st.sampled_from(bindings))
+        key, val = BINDING.match(lines[k]).groups()
+        how = draw(st.sampled_from(['name', 'typo', 'scope']))
+        if how == 'name':
+            key = draw(st.sampled_from(NAMES))
+        elif how == 'typo' and key:
+            j = draw(st.integers(0, len(key) - 1))
+            key = key[:j] + draw(st.sampled_from(['', 'x', '_', '.', '/', ' '])) + key[j + 1:]
+        else:
+            key = f"{draw(st.sampled_from(['nothere', 'encoder', 'decoder', 'a/b', '']))}/{key.rsplit('/', 1)[-1]}"
+        lines[k] = f'{key} = {val}'
+    elif op == 'include':
+        target = draw(st.sampled_from(BROKEN_INCLUDES + ALL))
+        if target == '__SELF__':
+            target = Path(rel).name
+        elif target == '__PARENT__':  # a cycle through another file: include a spec that includes this one
+            target = '../frozen_encoder_curriculum.gin' if '/' in rel else 'mixer/frozen_encoder_curriculum.gin'
+        elif target == '__BINARY__':
+            target = '__binary__.gin'
+        lines.insert(i, f"include '{target}'")
+    elif op == 'garbage':
+        junk = draw(st.one_of(st.sampled_from(GARBAGE), st.text(max_size=12)))
+        where = draw(st.sampled_from(['line', 'prefix', 'suffix']))
+        if where == 'line' or not lines:
+            lines.insert(i, junk)
+        elif where == 'prefix':
+            lines[i] = junk + lines[i]
+        else:
+            lines[i] = lines[i] + junk
+    elif op == 'truncate':
+        out = '\n'.join(lines)
+        return out[:draw(st.integers(0, len(out)))]
+    elif op == 'bytes':
+        raw = '\n'.join(lines).encode()
+        j = draw(st.integers(0, len(raw)))
+        return raw[:j] + draw(st.sampled_from([b'\xff', b'\xc3(', b'\x00', b'\x80\x80'])) + raw[j:]
+    elif op == 'append':
+        lines.append(f'{draw(st.sampled_from(NAMES))} = {draw(value)}')
+    return '\n'.join(lines) + '\n'
+
+
+def compile_cli(argv: list[str]) -> tuple[int, str, str, float]:
+    """compiler.__main__.main(argv) in process -> (exit code, stdout, stderr, seconds). Any exception other than
+    SystemExit propagates: that is the traceback a user would have seen."""
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            compiler_main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue(), time.perf_counter() - t0
+
+
+def assert_clear_outcome(code: int, out: str, err: str, seconds: float) -> None:
+    assert seconds < SLOW, f'took {seconds:.1f} s: compilation must stay cheap (or refuse the spec)'
+    if code == 0:
+        assert out.strip(), 'compiled but printed no plan'
+        return
+    assert code == 2, f'exit {code}, stderr:\n{err}'
+    assert 'Traceback' not in err, err
+    assert err.startswith('error: ') and err.count('\n  fix: ') == 1, f'not one clear message:\n{err}'
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_mutated_specs_compile_or_exit_2_with_one_message(data):
+    top = data.draw(st.sampled_from(TOP), label='spec')
+    with tempfile.TemporaryDirectory(prefix='memspec-fuzz-') as tmp:
+        folder = Path(tmp) / 'specs'
+        shutil.copytree(SPECS_DIR, folder)
+        (folder / '__binary__.gin').write_bytes(bytes(range(256)))
+        files = includes(folder, top)
+        for _ in range(data.draw(st.integers(1, 3), label='mutations')):
+            rel = data.draw(st.sampled_from(files), label='file')
+            path = folder / rel
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:  # an earlier mutation wrote bytes
+                text = path.read_bytes().decode('utf-8', 'replace')
+            new = mutate(data.draw, text, rel)
+            (path.write_bytes if isinstance(new, bytes) else path.write_text)(new)
+            note(f'--- {rel}\n{new!r}')
+        argv = [str(folder / top)]
+        extra = data.draw(st.sampled_from([None, None, None, 'base/mixer.gin', 'base/paper_scale.gin']), label='extra')
+        if extra:
+            argv.append(str(folder / extra))
+        for _ in range(data.draw(st.integers(0, 2), label='bindings')):
+            key = data.draw(st.sampled_from(['D_MODEL', 'N_LAYERS', 'N_HEADS', 'CHUNKS', 'CHUNK_LEN', 'VOCAB', 'BATCH',
+                                             'decoder/Stack.n_kv_heads', 'encoder/Stack.d_model', 'Memory.compression',
+                                             'Stack.mixer_heads', 'Stack.ffn_hidden', 'Stack.context', 'Run.seed',
+                                             'Data.val_fraction', 'Objective.ngram'] + NAMES))
+            argv += ['-b', f'{key} = {data.draw(value)}']
+        note(f'argv: {argv}')
+        code, out, err, seconds = compile_cli(argv)
+        event('compiled' if code == 0 else f"refused: {re.sub(r'[^a-z ]', '', err.split(': ', 2)[-1].split(chr(10))[0])[:30]}")
+        assert_clear_outcome(code, out, err, seconds)
+
+
+# ------------------------------------------------------------------------------ regressions found by the fuzzer
+# Each once gave a traceback (or ran for minutes) instead of a message. In process here; as subprocesses below.
+FOUND = {
+    'huge_d_model': (['specs/memory_clm.gin', '-b', 'D_MODEL = 1000000000'], 'parameters'),
+    'huge_vocab': (['specs/clm.gin', '-b', 'Data.vocab_size = 1000000000000'], 'parameters'),
+    'beyond_int64': (['specs/memory_clm.gin', '-b', f"CHUNK_LEN = {'9' * 30}"], 'too large'),
+    'negative_kv_heads': (['specs/memory_clm.gin', '-b', 'decoder/Stack.n_kv_heads = -1'], 'n_kv_heads = -1'),
+    'odd_d_model': (['specs/clm.gin', '-b', 'D_MODEL = 129'], 'odd'),
+    'huge_odd_d_model_heads': (['specs/clm.gin', '-b', 'D_MODEL = 999999998'], 'not divisible by n_heads'),
+    'too_many_layers': (['specs/clm.gin', '-b', 'N_LAYERS = 100000'], 'n_layers = 100000'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(FOUND))
+def test_fuzzer_findings_in_process(case):
+    argv, needle = FOUND[case]
+    code, out, err, seconds = compile_cli(argv)
+    assert code == 2, (code, err)
+    assert needle in err, err
+    assert_clear_outcome(code, out, err, seconds)
+
+
+SUBPROCESS = ['huge_d_model', 'negative_kv_heads', 'odd_d_model', 'too_many_layers']
+
+
+def start_background():
+    for case in SUBPROCESS:
+        background_run(('fuzz', case), [sys.executable, '-m', 'compiler', *FOUND[case][0]], cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize('case', SUBPROCESS)
+def test_fuzzer_findings_as_subprocesses_print_no_traceback(case):
+    start_background()  # no-op when already started after collection
+    r = background_run(('fuzz', case), None).result()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.startswith('error: ') and FOUND[case][1] in r.stderr, r.stderr[-3000:]
+    assert r.stdout == ''
+
+
+def test_a_spec_error_is_the_only_exception_load_raises():
+    """compiler.spec.load, the library entry point, raises SpecError (never anything else) for the findings."""
+    from compiler.spec import load
+    for case, (argv, _) in FOUND.items():
+        bindings = [argv[i + 1] for i, a in enumerate(argv) if a == '-b']
+        with pytest.raises(SpecError):
+            load([argv[0]], bindings)
