@@ -4,6 +4,7 @@ run offline, single-threaded and deterministic in float32.
 One intra-op thread: the test models are tiny, and on the 2-core machines two OpenMP threads made a forward
 pass ~4x slower in wall time whenever anything else ran (measured), with no gain when idle."""
 import os
+import uuid
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -181,3 +182,36 @@ def rt_refusals(flagship_run, rt_cache, tmp_path_factory):
               'runs': rt_run_ids(flagship_run.out_dir)}
     results = rt_cli_many({k: argv for k, (_, argv) in cases.items()})
     return _types.SimpleNamespace(cases={k: (out, results[k]) for k, (out, _) in cases.items()}, flagship_before=before)
+
+
+# -------------------------------------------------------------------------------------------------- PostgreSQL
+
+PG_DEFAULT = 'postgresql://memspec:memspec@localhost:5432/postgres'
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh database on the server of MEMSPEC_TEST_POSTGRES (set by .ci/run), or of a local server when the
+    variable is unset; dropped afterwards."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+    env = os.environ.get('MEMSPEC_TEST_POSTGRES')
+    admin = env or PG_DEFAULT
+    try:
+        con = psycopg2.connect(admin, connect_timeout=5)
+    except psycopg2.OperationalError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if env:
+            pytest.fail(f'MEMSPEC_TEST_POSTGRES={env} is set but the server is unreachable: {reason}')
+        pytest.skip(f'no PostgreSQL: MEMSPEC_TEST_POSTGRES is unset and {PG_DEFAULT} is unreachable ({reason}); '
+                    f'.ci/run starts a server and sets the variable')
+    con.autocommit = True
+    name = f'memspec_test_{uuid.uuid4().hex[:12]}'
+    with con.cursor() as cur:
+        cur.execute(f'CREATE DATABASE {name}')
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with con.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+        con.close()

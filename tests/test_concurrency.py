@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
@@ -42,27 +41,6 @@ def pg_admin() -> str | None:
 
 def pg_skip_reason() -> str:
     return f'no PostgreSQL: MEMSPEC_TEST_POSTGRES is unset and {PG_DEFAULT} is unreachable; .ci/run starts a server'
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh, empty PostgreSQL database; dropped afterwards."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-    admin = pg_admin()
-    if admin is None:
-        pytest.skip(pg_skip_reason())
-    con = psycopg2.connect(admin, connect_timeout=5)
-    con.autocommit = True
-    name = f'memspec_conc_{uuid.uuid4().hex[:12]}'
-    with con.cursor() as cur:
-        cur.execute(f'CREATE DATABASE {name}')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with con.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-        con.close()
 
 
 # ------------------------------------------------------------------------------------------------- whole runs

@@ -1,9 +1,7 @@
 """Run recording (runtime/record.py): Sacred's run table plus the memspec_metrics table, queried with plain SQL
 from SQLite and PostgreSQL, and refused database URLs."""
 import json
-import os
 import sqlite3
-import uuid
 
 import pytest
 
@@ -74,35 +72,6 @@ def test_metrics_are_queryable_with_plain_sql_from_sqlite(flagship_run):
 
 # -------------------------------------------------------------------------------------------------- PostgreSQL
 
-PG_DEFAULT = 'postgresql://memspec:memspec@localhost:5432/postgres'
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh database on the server of MEMSPEC_TEST_POSTGRES (set by .ci/run), or of a local server when the
-    variable is unset; dropped afterwards."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-    env = os.environ.get('MEMSPEC_TEST_POSTGRES')
-    admin = env or PG_DEFAULT
-    try:
-        con = psycopg2.connect(admin, connect_timeout=5)
-    except psycopg2.OperationalError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if env:
-            pytest.fail(f'MEMSPEC_TEST_POSTGRES={env} is set but the server is unreachable: {reason}')
-        pytest.skip(f'no PostgreSQL: MEMSPEC_TEST_POSTGRES is unset and {PG_DEFAULT} is unreachable ({reason}); '
-                    f'.ci/run starts a server and sets the variable')
-    con.autocommit = True
-    name = f'memspec_test_{uuid.uuid4().hex[:12]}'
-    with con.cursor() as cur:
-        cur.execute(f'CREATE DATABASE {name}')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with con.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-        con.close()
 
 
 def test_metrics_are_queryable_with_plain_sql_from_postgresql(pg_url, tmp_path, rt_cache):
