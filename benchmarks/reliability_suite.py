@@ -659,6 +659,10 @@ class Suite:
                 except Exception as e:  # noqa: BLE001
                     if type(e).__name__ != 'SpecError':
                         res['problems'].append(f'reading the half-written group raised {type(e).__name__}, not a clear error')
+        return self.resume_and_check(out, res, run_id)
+
+    def resume_and_check(self, out: Path, res: dict, run_id) -> dict:
+        """The end of every fault scenario: --resume, then compare with the uninterrupted baseline."""
         code, run_id = self.finish(out, 'resume', run_id)
         if code != 0:
             res['problems'].append(f'resume exited {code}: {tail(out / "resume.log", 800)}')
@@ -744,14 +748,7 @@ class Suite:
         res['problems'] += stderr_problems(text, code, 1, needles)
         res['message'] = error_message(text)
         (run_id,) = recorded_ids(db_path(out)) or [None]
-        code, run_id = self.finish(out, 'resume', run_id)
-        if code != 0:
-            res['problems'].append(f'resume exited {code}: {tail(out / "resume.log", 800)}')
-        else:
-            p, res['lost'], res['duplicated'] = self.check(out, run_id)
-            res['problems'] += p
-        res['survived'] = not res['problems']
-        return res
+        return self.resume_and_check(out, res, run_id)
 
     def fault_pg_gone(self, k: int = 4) -> dict:
         """PostgreSQL for real: a fresh database that stops accepting connections mid-run (sessions terminated)."""
@@ -829,14 +826,7 @@ class Suite:
             if code != -signal.SIGKILL:
                 res['problems'].append(f'run {j} was not killed (exit {code}): {tail(self.log(out, f"run{j}"), 600)}')
             run_id = run_id or (recorded_ids(db_path(out)) or [None])[0]
-        code, run_id = self.finish(out, 'resume', run_id)
-        if code != 0:
-            res['problems'].append(f'resume exited {code}: {tail(out / "resume.log", 800)}')
-        else:
-            p, res['lost'], res['duplicated'] = self.check(out, run_id)
-            res['problems'] += p
-        res['survived'] = not res['problems']
-        return res
+        return self.resume_and_check(out, res, run_id)
 
     def faults(self) -> list:
         """(name, callable) of the resource-fault scenarios."""
