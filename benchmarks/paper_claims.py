@@ -95,6 +95,7 @@ def latest_runs(url: str) -> dict[str, dict]:
             dur = (stop - start).total_seconds() if start and stop else None
             out[label] = {'run_id': run_id, 'summary': summary, 'stages': stages, 'curve': curve, 'duration': dur,
                           'final': summary[stages[-1]]}
+    eng.dispose()  # no pooled connections left open on the database the next run writes to
     return out
 
 
@@ -261,14 +262,16 @@ def main():
     url = args.db or f'sqlite:///{runs_dir / "sacred.db"}'
     t0 = time.time()
     if not args.report_only:
+        exists = not url.startswith('sqlite') or Path(url[len('sqlite:///'):]).exists()
+        known = latest_runs(url) if exists else {}
         for label, files, bindings, _ in experiments():
-            known = latest_runs(url) if Path(url[len('sqlite:///'):]).exists() or not url.startswith('sqlite') else {}
             if args.only and not any(label.startswith(p) for p in args.only):
                 continue
             if label in known and not args.rerun:
                 print(f'--- {label}: run {known[label]["run_id"]} already completed')
                 continue
             run_experiment(label, files, bindings, runs_dir, url, known)
+            known = latest_runs(url)  # later experiments may initialise from this one
         print(f'suite wall time {(time.time() - t0) / 60:.1f} min')
     text = report(latest_runs(url), ROOT / args.out)
     print(text)
