@@ -43,39 +43,45 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def dense_mask(t_q: int, t_k: int, causal: bool, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean [batch or 1, 1, t_q, t_k] mask, True = may attend. None when nothing is masked."""
+    """Boolean [batch or 1, 1, t_q, t_k] mask, True = may attend. None when nothing is masked. Queries are the
+    last t_q of the t_k key positions (fewer when decoding with a KV cache or keeping only the last outputs)."""
     mask = None
     if causal:
-        # queries are the last t_q positions of the t_k keys (equal lengths in training)
         mask = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)[None, None]
     if key_mask is not None:
         km = key_mask[:, None, None, :].bool()
         mask = km if mask is None else (mask & km)
         # A query row with no visible key (a padding query under left padding) would give NaN; let such rows
         # see themselves. Their outputs are padding and never read.
-        eye = torch.eye(t_q, t_k, dtype=torch.bool, device=device)[None, None]
+        eye = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q).triu(t_k - t_q)[None, None]
         mask = mask | (eye & ~mask.any(-1, keepdim=True))
     return mask
 
 
 def attend(q, k, v, *, causal: bool, key_mask: torch.Tensor | None = None, backend: str = 'auto') -> torch.Tensor:
-    """q, k, v: [B, T, H, D] (k, v may have fewer heads: grouped-query). Returns [B, T, H, D]."""
+    """q, k, v: [B, T, H, D] (k, v may have fewer heads: grouped-query). Returns [B, T, H, D].
+
+    Queries may be fewer than keys (incremental decoding with a KV cache): they are then the *last* t_q
+    positions, so causal masking is aligned bottom-right; a single query sees every key."""
     backend = resolve_backend(backend, q.device)
+    t_q, t_k = q.shape[1], k.shape[1]
+    causal = causal and t_q > 1  # one query at the end of the keys may attend to all of them
     if k.shape[2] != q.shape[2]:  # grouped-query attention: share each kv head among q heads
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     if backend == 'xformers':
         xops = _xformers_ops()
         if key_mask is None:
-            bias = xops.LowerTriangularMask() if causal else None
+            bias = None if not causal else xops.LowerTriangularMask() if t_q == t_k else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
         else:
-            allowed = dense_mask(q.shape[1], k.shape[1], causal, key_mask, q.device)
+            allowed = dense_mask(t_q, t_k, causal, key_mask, q.device)
             bias = _additive_bias(allowed, q.shape[2], q.dtype)
         return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
-    mask = dense_mask(q.shape[1], k.shape[1], causal, key_mask, q.device)
-    is_causal = causal and mask is not None and key_mask is None
+    # sdpa's is_causal is aligned top-left, so it is only used when queries and keys are the same positions
+    is_causal = causal and key_mask is None and t_q == t_k
+    mask = None if is_causal else dense_mask(t_q, t_k, causal, key_mask, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=None if is_causal else mask, is_causal=is_causal)
+                                         attn_mask=mask, is_causal=is_causal)
     return out.transpose(1, 2)
 
 

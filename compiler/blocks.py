@@ -27,15 +27,47 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, Llama's half-split layout. x: [B, T, H, D], positions: [B, T] (may start anywhere)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [B, T, 1, D] of Llama's half-split rotary embedding for positions [B, T]. Computed once per
+    Stack call and shared by every layer (they depend on positions only)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    cos, sin = angles.cos().repeat(1, 1, 2)[:, :, None], angles.sin().repeat(1, 1, 2)[:, :, None]
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x [B, T, H, D] at positions [B, T] (may start anywhere)."""
+    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta))
+
+
+class KVCache:
+    """Keys and values of every layer of one transformer Stack, preallocated for `max_len` positions, so
+    incremental decoding appends in place: a new token costs one row of attention, not a recompute of the
+    prefix, and the cache's size is known up front (the cost model's kv_cache_bytes is exactly `nbytes`)."""
+
+    def __init__(self, cfg: P.Stack, batch: int, max_len: int, device=None, dtype=torch.float32):
+        hd = cfg.d_model // cfg.n_heads
+        self.kv = torch.zeros(cfg.n_layers, 2, batch, max_len, cfg.kv_heads, hd, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this call's k, v [B, t, H, D] after the filled positions; return all keys and values so far."""
+        end = self.length + k.shape[1]
+        if end > self.kv.shape[3]:
+            raise ValueError(f'KV cache full: {end} positions needed, {self.kv.shape[3]} allocated')
+        self.kv[layer, 0, :, self.length:end] = k
+        self.kv[layer, 1, :, self.length:end] = v
+        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
 
 
 class Attention(nn.Module):
@@ -47,15 +79,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
 
-    def forward(self, x, positions, key_mask):
+    def forward(self, x, rot, key_mask, keep_last=None, cache=None, layer=0):
+        """x [B, T, d]; rot = rope_tables of x's positions. keep_last: only the last positions' outputs are
+        wanted, so queries are computed for them alone (keys and values still cover every position).
+        cache: a KVCache this call's keys and values are appended to; attention then covers the whole cache."""
         b, t, _ = x.shape
         hd = self.cfg.d_model // self.cfg.n_heads
-        q = self.q_proj(x).view(b, t, self.cfg.n_heads, hd)
-        k = self.k_proj(x).view(b, t, self.cfg.kv_heads, hd)
+        cos, sin = rot
+        xq, cq, sq = (x, cos, sin) if keep_last is None else (x[:, -keep_last:], cos[:, -keep_last:], sin[:, -keep_last:])
+        q = apply_rope(self.q_proj(xq).view(b, xq.shape[1], self.cfg.n_heads, hd), cq, sq)
+        k = apply_rope(self.k_proj(x).view(b, t, self.cfg.kv_heads, hd), cos, sin)
         v = self.v_proj(x).view(b, t, self.cfg.kv_heads, hd)
-        q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
         out = attend(q, k, v, causal=self.cfg.causal, key_mask=key_mask, backend=self.cfg.attention)
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(out.reshape(b, xq.shape[1], -1))
 
 
 class SwiGLU(nn.Module):
@@ -77,8 +115,9 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn)
 
-    def forward(self, x, positions, key_mask):
-        x = x + self.self_attn(self.input_layernorm(x), positions, key_mask)
+    def forward(self, x, rot, key_mask, keep_last=None, cache=None, layer=0):
+        h = self.self_attn(self.input_layernorm(x), rot, key_mask, keep_last, cache, layer)
+        x = (x if keep_last is None else x[:, -keep_last:]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -121,11 +160,15 @@ class MixerBlock(nn.Module):
         self.patch_norm = nn.LayerNorm(cfg.d_model)
         self.patch_ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.d_model))
 
-    def forward(self, x, positions, key_mask):
+    def forward(self, x, rot, key_mask, keep_last=None, cache=None, layer=0):
+        if cache is not None:
+            raise ValueError('masked mixers keep no KV cache: decode them by recomputing the window')
         h = self.seq_norm(x)
         if key_mask is not None:  # padding must not mix into real positions (matters for bidirectional mixers)
             h = h * key_mask[..., None].to(h.dtype)
         x = x + self.conv(h)
+        if keep_last is not None:  # token mixing needs every position; only the per-position MLP can skip
+            x = x[:, -keep_last:]
         return x + self.patch_ff(self.patch_norm(x))
 
 
@@ -141,17 +184,30 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.kind == 'transformer' else nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False) if head else None
 
-    def forward(self, tokens=None, *, embeds=None, key_mask=None, positions=None):
+    def forward(self, tokens=None, *, embeds=None, key_mask=None, positions=None, keep_last=None, cache=None):
         """tokens [B, T] or embeds [B, T, d]; key_mask [B, T] True = real. Returns final-normed hidden [B, T, d].
 
         Positions default to the index among real tokens (a left-padded row starts at 0), which is what makes
-        padded and unpadded inputs give the same outputs on real tokens."""
+        padded and unpadded inputs give the same outputs on real tokens.
+        keep_last: return only the last `keep_last` positions; the last block then computes nothing else (the
+        work nobody reads: a memory reads one position of the encoder, the head reads only token positions).
+        cache: incremental decoding. x holds the new positions only; key_mask, if given, covers the cache's
+        positions followed by the new ones; positions default to continuing after the cache."""
         x = self.embedding(tokens) if embeds is None else embeds
+        b, t = x.shape[:2]
+        past = 0 if cache is None else cache.length
         if positions is None:
             if key_mask is None:
-                positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+                positions = torch.arange(past, past + t, device=x.device).expand(b, -1)
             else:
-                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        for layer in self.layers:
-            x = layer(x, positions, key_mask)
+                positions = ((key_mask.long().cumsum(-1) - 1).clamp(min=0))[:, -t:]
+        rot = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta) \
+            if self.cfg.kind == 'transformer' else None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rot, key_mask, keep_last if i == last else None, cache, i)
+        if cache is not None:
+            cache.length += t
+        if keep_last is not None and not self.layers:
+            x = x[:, -keep_last:]
         return self.norm(x)

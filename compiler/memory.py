@@ -8,14 +8,21 @@ import torch.nn as nn
 from compiler import plan as P
 
 
+def select_index(key_mask: torch.Tensor | None, m: int, t: int, position: str, device=None) -> torch.Tensor:
+    """[M] index of the position a memory is read from: the last real token (or the one before it)."""
+    if key_mask is None:
+        last = torch.full((m,), t - 1, device=device)
+    else:
+        last = torch.where(key_mask.bool(), torch.arange(t, device=key_mask.device), -1).amax(-1)
+    if position == 'second_last':
+        last = last - 1
+    return last.clamp(min=0)
+
+
 def select_position(hidden: torch.Tensor, key_mask: torch.Tensor | None, position: str) -> torch.Tensor:
     """hidden [M, T, d] -> [M, d]: the hidden state at the last real token (or the one before it)."""
     m, t, _ = hidden.shape
-    idx = torch.arange(t, device=hidden.device).expand(m, t)
-    last = idx[:, -1] if key_mask is None else torch.where(key_mask.bool(), idx, -1).amax(-1)
-    if position == 'second_last':
-        last = last - 1
-    return hidden[torch.arange(m, device=hidden.device), last.clamp(min=0)]
+    return hidden[torch.arange(m, device=hidden.device), select_index(key_mask, m, t, position, hidden.device)]
 
 
 class MemoryModule(nn.Module):
@@ -41,7 +48,10 @@ class MemoryModule(nn.Module):
 
     def form(self, hidden, key_mask):
         """[M, T, d_enc] -> memories [M, d_dec]."""
-        m = select_position(hidden, key_mask, self.cfg.position)
+        return self.project(select_position(hidden, key_mask, self.cfg.position))
+
+    def project(self, m):
+        """The selected hidden states [M, d_enc] -> memories [M, d_dec]."""
         if self.compress is not None:
             m = self.compress(m)
         if self.training and self.cfg.noise > 0:

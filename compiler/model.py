@@ -16,15 +16,20 @@ import torch.nn as nn
 
 from compiler import plan as P
 from compiler.blocks import Stack
-from compiler.memory import MemoryModule
+from compiler.memory import MemoryModule, select_index
 
 
 class Family(nn.Module):
 
 
     def encode(self, tokens, key_mask=None):
-        """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder)."""
-        return self.memory.form(self.encoder(tokens, key_mask=key_mask), key_mask)
+        """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder). A memory reads one
+        position per row, so the encoder's last block computes only from the earliest such position on."""
+        m, t = tokens.shape
+        idx = select_index(key_mask, m, t, self.memory.cfg.position, tokens.device)
+        keep = min(t, t - int(idx.min()) if key_mask is not None else 1 + (self.memory.cfg.position == 'second_last'))
+        h = self.encoder(tokens, key_mask=key_mask, keep_last=keep)
+        return self.memory.project(h[torch.arange(m, device=h.device), idx - (t - keep)])
 
     def components(self) -> list[str]:
         """Every freezable component that holds parameters, top-level and second-level names."""
@@ -48,7 +53,8 @@ class CausalLM(Family):
     def forward(self, tokens, key_mask=None, first_chunk=0):
         b = tokens.shape[0]
         km = None if key_mask is None else key_mask.reshape(b, -1)
-        h = self.decoder(tokens.reshape(b, -1), key_mask=km)[:, first_chunk * self.l:]
+        keep = (self.n - first_chunk) * self.l if first_chunk else None
+        h = self.decoder(tokens.reshape(b, -1), key_mask=km, keep_last=keep)
         return self.decoder.head(h).view(b, self.n - first_chunk, self.l, -1)
 
 
@@ -134,8 +140,9 @@ class ChunkedMemoryLM(Family):
         x = torch.cat([slots[:, c], self.decoder.embedding(tokens[:, c])], dim=2)  # [B, n', S+L, d]
         tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
         mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
-        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=None if bool(mask.all()) else mask)
-        return self.decoder.head(h[:, -l:]).view(b, n - first_chunk, l, -1)  # the head runs on token positions only
+        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=None if bool(mask.all()) else mask,
+                         keep_last=l)
+        return self.decoder.head(h).view(b, n - first_chunk, l, -1)  # the head runs on token positions only
 
 
 class RecurrentMemoryLM(Family):

@@ -123,3 +123,18 @@ def test_xformers_matches_naive_and_sdpa_on_cuda(causal, pad, kv_heads):
     out = attend(q, k, v, causal=causal, key_mask=km, backend='xformers')
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, attend(q, k, v, causal=causal, key_mask=km, backend='sdpa'), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('backend', ['sdpa'] + (['xformers'] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize('t_q', [1, 3, T])
+@pytest.mark.parametrize('pad', ['none', 'left'])
+def test_fewer_queries_are_the_last_positions(t_q, pad, backend):
+    """KV-cache decoding and keep_last pass only the last t_q queries: each must see exactly the keys the same
+    position sees in the full computation (causal masking aligned bottom-right, not sdpa's top-left)."""
+    dev = 'cuda' if backend == 'xformers' else 'cpu'
+    q, k, v = qkv(2, device=dev)
+    km = key_masks()[pad]
+    km = None if km is None else km.to(dev)
+    full = loop_reference(q.cpu(), k.cpu(), v.cpu(), True, None if km is None else km.cpu())
+    out = attend(q[:, -t_q:], k, v, causal=True, key_mask=km, backend=backend)
+    torch.testing.assert_close(out.cpu(), full[:, -t_q:], atol=1e-4 if dev == 'cuda' else 1e-5, rtol=1e-4)

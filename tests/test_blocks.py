@@ -210,3 +210,59 @@ def test_bidirectional_mixer_ignores_what_sits_in_padding():
     a, b = stack(tokens, key_mask=mask), stack(other, key_mask=mask)
     assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)
     assert not torch.allclose(stack(tokens)[:, :5], stack(other)[:, :5], atol=1e-6)  # without the mask it would leak
+
+
+KV_CONFIGS = [pytest.param(dict(attention=b), id=b) for b in BACKENDS] + [pytest.param(dict(attention='sdpa', n_kv_heads=2), id='gqa')]
+
+
+@pytest.mark.parametrize('kw', KV_CONFIGS)
+def test_kv_cache_decoding_matches_full_forward(kw):
+    """Prefill 6 positions, then feed 1, 2 and 1 more through the cache: every output equals the full causal
+    forward over all 10 positions at that position, and the cache holds exactly what it was given."""
+    from compiler.blocks import KVCache
+    cfg = stack_cfg(**kw)
+    dev = device_for(cfg)
+    stack = make_stack(cfg).to(dev)
+    tokens = torch.randint(0, VOCAB, (2, L), generator=torch.Generator().manual_seed(3)).to(dev)
+    cache = KVCache(cfg, 2, L, device=dev)
+    assert cache.nbytes == 2 * cfg.n_layers * 2 * L * cfg.kv_heads * (D // cfg.n_heads) * 4
+    with torch.no_grad():
+        full = stack(tokens)
+        parts = [stack(tokens[:, a:b], cache=cache) for a, b in ((0, 6), (6, 7), (7, 9), (9, 10))]
+    assert cache.length == L
+    tol = 1e-5 if dev == 'cuda' else 1e-6
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=tol, rtol=1e-5)
+    with pytest.raises(ValueError, match='KV cache full'):
+        stack(tokens[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize('kw', [dict(kind='transformer', attention='sdpa'), dict(kind='transformer', causal=False),
+                                dict(kind='mixer', mixer_kernel=4)], ids=['causal', 'bidirectional', 'mixer'])
+@pytest.mark.parametrize('pad', [False, True], ids=['unpadded', 'left-padded'])
+def test_keep_last_equals_slicing_the_full_output(kw, pad):
+    """The last block computes only the kept positions; they must equal the full forward's last positions."""
+    cfg = stack_cfg(**kw)
+    stack = make_stack(cfg)
+    tokens = torch.randint(0, VOCAB, (3, L), generator=torch.Generator().manual_seed(4))
+    km = None
+    if pad:
+        km = torch.ones(3, L, dtype=torch.bool)
+        km[1, :3] = km[2, :5] = False
+    with torch.no_grad():
+        full = stack(tokens, key_mask=km)
+        for keep in (1, 4, L):
+            torch.testing.assert_close(stack(tokens, key_mask=km, keep_last=keep), full[:, -keep:], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('position', ['last', 'second_last'])
+def test_memories_read_the_same_hidden_state_as_a_full_encoder_pass(position):
+    """Family.encode skips the encoder's last-block work nobody reads; the memories must not change, with
+    right padding too (the read position then differs per row)."""
+    from compiler.memory import select_position
+    plan = load([SPECS_DIR / 'autoencoder.gin'], [f"Memory.position = '{position}'"]).plan
+    model = M.build(plan, vocab=VOCAB).eval()
+    tokens = torch.randint(0, VOCAB, (4, plan.memory.chunk_len), generator=torch.Generator().manual_seed(5))
+    for km in (None, torch.arange(plan.memory.chunk_len)[None] < torch.tensor([[8], [5], [3], [6]])):
+        with torch.no_grad():
+            ref = model.memory.project(select_position(model.encoder(tokens, key_mask=km), km, position))
+            torch.testing.assert_close(model.encode(tokens, km), ref, atol=1e-6, rtol=1e-5)
