@@ -1,7 +1,8 @@
 """Cost model, analytic from the Plan alone (tests check it against built graphs).
 
 - parameters per component (trainable / frozen per stage);
-- FLOPs per predicted token: forward = 2 x matmul parameters touched + attention scores; training = 3 x
+- FLOPs per input token, counting the work the built graph does (tested against torch's FLOP counter):
+  forward = 2 x matmul parameters touched + attention scores; training = 3 x
   forward for every stack that trains or has a trainable component upstream, 1 x forward for a stack that is
   frozen with nothing trainable upstream (it runs under no_grad);
 - KV-cache bytes per sequence at inference (fp32), the memory model's selling point;
@@ -70,16 +71,25 @@ def is_frozen(component: str, freeze) -> bool:
     return any(component == f or component.startswith(f + '.') for f in freeze)
 
 
-def _layer_flops(s: P.Stack, t: int, seq_len: int) -> float:
-    """Forward FLOPs per position of one block at context t."""
+def _block_flops(s: P.Stack, t: int, rows: int, attention: bool = True) -> float:
+    """Forward FLOPs of one block over t positions of which `rows` (the last ones) are computed through
+    (keep_last): the others only feed keys and values (transformer) or the token mixing (mixer)."""
     d, f = s.d_model, s.ffn
     if s.kind == 'transformer':
         hd = d // s.n_heads
-        proj = 2 * (2 * d * s.n_heads * hd + 2 * d * s.kv_heads * hd)
-        attn = 2 * 2 * t * d * (0.5 if s.causal else 1.0)  # scores + weighted sum; causal touches half
-        return proj + attn + 2 * 3 * d * f
-    conv = 2 * seq_len * s.mixer_kernel * d + (4 * d * d if s.mixer_heads > 1 else 0)
-    return conv + 2 * 2 * d * f
+        kv = t * 2 * 2 * d * s.kv_heads * hd
+        per_row = 2 * 2 * d * s.n_heads * hd + 2 * 3 * d * f  # q and o projections, SwiGLU
+        # scores + weighted sum; a causal query at position i sees i + 1 keys
+        seen = (t * (t + 1) / 2 - (t - rows) * (t - rows + 1) / 2) if s.causal else rows * t
+        return kv + rows * per_row + (2 * 2 * s.n_heads * hd * seen if attention else 0)
+    # the token conv maps t positions to t over the hidden dim, per head on d/h channels; head projections in/out
+    conv = 2 * t * t * s.mixer_kernel * d + (t * 2 * 2 * d * d if s.mixer_heads > 1 else 0)
+    return conv + rows * 2 * 2 * d * f
+
+
+def stack_flops(s: P.Stack, t: int, keep: int | None = None, attention: bool = True) -> float:
+    """Forward FLOPs of a Stack over one sequence of t positions; the last block computes only the last `keep`."""
+    return (s.n_layers - 1) * _block_flops(s, t, t, attention) + _block_flops(s, t, keep or t, attention)
 
 
 @dataclass
@@ -91,30 +101,49 @@ class StageCost:
     activation_bytes: int
 
 
-def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'clm') -> float:
-    """FLOPs per input token of one objective pass (forward, or forward+backward when training). Copy objectives
-    decode only the supervised half; autoencode runs the (ae_)decoder over the chunk without memory slots."""
+def forward_flops(plan: P.Plan, objective: str = 'clm', attention: bool = True) -> tuple[float, float]:
+    """(decoder side, encoder side) forward FLOPs of one example (N chunks of L tokens) for one objective pass,
+    counting exactly the work the built graph does: memories read one encoder position (keep_last), the head
+    runs on token positions only, copy objectives decode only the supervised second half, autoencode runs the
+    (ae_)decoder over each chunk without memory slots."""
     fam, m = plan.family, plan.memory
     n, l, lengths, vocab = m.chunks, m.chunk_len, sequence_lengths(plan), plan.data.vocab_size
-    dec, t_dec = plan.decoder, lengths['decoder']
+    dec = plan.decoder
     head = 2 * dec.d_model * vocab
-    dec_fwd = (t_dec / l if fam not in ('clm', 'full_context') else 1.0) * dec.n_layers * _layer_flops(dec, t_dec, t_dec)
-    enc_fwd = 0.0
-    if 'encoder' in lengths:
-        e, t_enc = plan.encoder, lengths['encoder']
-        share = 1.0 if fam in ('autoencoder', 'probe') else (n - 1) / n
-        if fam == 'oracle':
-            share = 1.0
-        enc_fwd = share * e.n_layers * _layer_flops(e, t_enc, t_enc)
-    if objective in ('copy', 'blank_copy'):
-        dec_fwd, head = dec_fwd / 2, head / 2
-    if objective == 'autoencode' and fam not in ('autoencoder', 'probe'):  # memory model's ae_decoder: L positions
+    d_enc = plan.encoder.d_model if 'encoder' in lengths else dec.d_model
+    form = (4 * d_enc * (d_enc // m.compression) if m.compression > 1 else 0) + (2 * d_enc * dec.d_model if d_enc != dec.d_model else 0)
+    unroll = l * 2 * (dec.d_model // 2) * dec.d_model if m.decoder_input == 'unroll' else 0  # autoencoder decoder input
+    first = n // 2 if objective in ('copy', 'blank_copy') else 0
+    read = 2 if m.position == 'second_last' else 1  # encoder positions a memory needs from the last block
+    if fam in ('clm', 'full_context'):
+        return stack_flops(dec, n * l, (n - first) * l if first else None, attention) + (n - first) * l * head, 0.0
+    if fam in ('autoencoder', 'probe'):
+        return (n * (unroll + stack_flops(dec, l, None, attention) + l * head),
+                n * (stack_flops(plan.encoder, l, read, attention) + form))
+    if fam == 'recurrent':  # the carried memory reads the last position of every chunk's decoder pass
+        return n * (stack_flops(dec, 1 + l, None, attention) + l * head + form), 0.0
+    if objective == 'autoencode':  # memory model's stage-0 autoencoder: every chunk, through ae_decoder
         ae = plan.ae_decoder or dec
-        dec_fwd, enc_fwd = ae.n_layers * _layer_flops(ae, l, l), enc_fwd * n / max(n - 1, 1)
+        return (n * (unroll + stack_flops(ae, l, None, attention) + l * head),
+                n * (stack_flops(plan.encoder, l, read, attention) + form))
+    decoder = (n - first) * (stack_flops(dec, lengths['decoder'], l, attention) + l * head)
+    if fam == 'no_memory':
+        return decoder, 0.0
+    if fam == 'oracle':  # the encoder sees the whole sequence once, every position read (chunk windows)
+        return decoder, stack_flops(plan.encoder, n * l, None, attention) + (n - 1) * form
+    return decoder, (n - 1) * (stack_flops(plan.encoder, l, read, attention) + form)
+
+
+def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'clm', attention: bool = True) -> float:
+    """FLOPs per input token of one objective pass: forward, or forward + backward when training (3 x forward
+    for a side that trains or has a trainable component upstream, 1 x for a frozen encoder, which runs under
+    no_grad when nothing upstream trains)."""
+    dec, enc = forward_flops(plan, objective, attention)
+    tokens = plan.memory.chunks * plan.memory.chunk_len
     if not training:
-        return dec_fwd + head + enc_fwd
+        return (dec + enc) / tokens
     enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
-    return 3 * (dec_fwd + head) + (1 if enc_frozen else 3) * enc_fwd
+    return (3 * dec + (1 if enc_frozen else 3) * enc) / tokens
 
 
 def kv_cache_bytes(plan: P.Plan) -> int:

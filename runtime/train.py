@@ -26,7 +26,8 @@ def set_frozen(model: Family, stage: P.Stage) -> list[torch.nn.Parameter]:
 
 
 def optimizer(params, stage: P.Stage):
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), foreach=True)
+    # fused: one kernel over all parameters; on 2 CPU cores it steps ~10x faster than foreach (benchmarks/train_throughput.py)
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), fused=True)
 
     def factor(step: int) -> float:
         if step < stage.warmup:
