@@ -1,0 +1,235 @@
+"""Training throughput of the chunk-parallel memory model against the research approach, in one process.
+
+    python benchmarks/train_throughput.py                       # d256 and d512, 4 layers, 4 x 128 tokens, CPU
+    python benchmarks/train_throughput.py --device cuda         # same on a GPU (bf16 autocast for every model)
+    python benchmarks/train_throughput.py --profile ours        # where the time of one model goes
+
+Models, all on identical dimensions and identical (seeded, random-token) batches, each a full training step
+(forward, loss, backward, optimizer step):
+- research: the research code's memory model as PAPER.md describes it, written here: a Hugging Face
+  `LlamaModel` encoder and `LlamaForCausalLM` decoder, a Python loop over chunks for the encoder (one call per
+  chunk) and for the decoder (one call per chunk, its memories as prefix embeddings, logits for every
+  position), per-chunk losses averaged, a default `torch.optim.AdamW`.
+- ours: specs/memory_clm.gin compiled by this project and trained through runtime.train (one batched encoder
+  call, one decoder call over all chunks, last-block work nobody reads skipped, fused AdamW).
+- full context: a causal transformer over all N*L tokens (specs/full_context.gin), no memory.
+- no memory: ours with every memory slot padding (specs/no_memory.gin).
+The encoder is causal here for every model, as in the research code, so all do the same work per token.
+
+Model FLOP utilisation = achieved training FLOP/s (the compiler's cost model, compiler.cost, times measured
+tokens/s; FLOPs of work the model needs, so a model doing extra work gets no credit for it) / the peak matmul
+FLOP/s measured in the same process (best of several large square products, fp32 on CPU, bf16 on CUDA).
+Timing: warm-up steps, then `--rounds` rounds that run every model in turn (so drift hits all alike); the
+reported step time is the median over rounds. Results go to benchmarks/results/train_throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compiler import cost  # noqa: E402
+from compiler import model as M  # noqa: E402
+from compiler import objectives as O  # noqa: E402
+from compiler import plan as P  # noqa: E402
+from compiler.spec import SPECS_DIR, load  # noqa: E402
+from runtime import train as T  # noqa: E402
+
+STAGE = P.Stage(name='clm', steps=10 ** 6, lr=2e-4, warmup=0, objectives=(P.Objective(kind='clm'),))
+IDS = O.SpecialIds(pad=0, blank=1, copy=2)
+
+
+def plan_for(spec: str, d: int, layers: int, chunks: int, chunk_len: int, vocab: int, attention: str) -> P.Plan:
+    return load([SPECS_DIR / spec], [f'D_MODEL = {d}', f'N_LAYERS = {layers}', f'N_HEADS = {max(1, d // 64)}',
+                                     f'CHUNKS = {chunks}', f'CHUNK_LEN = {chunk_len}', f'VOCAB = {vocab}',
+                                     'encoder/Stack.causal = True', f"Stack.attention = '{attention}'"]).plan
+
+
+class ResearchChunkLoop(nn.Module):
+    """The research approach (PAPER.md sections 3 and 8): HF Llama encoder and decoder, a loop over chunks."""
+
+    def __init__(self, plan: P.Plan):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+        def config(s: P.Stack, positions: int):
+            return LlamaConfig(hidden_size=s.d_model, intermediate_size=s.ffn, num_hidden_layers=s.n_layers,
+                               num_attention_heads=s.n_heads, num_key_value_heads=s.kv_heads, rms_norm_eps=s.norm_eps,
+                               rope_theta=s.rope_theta, vocab_size=plan.data.vocab_size, max_position_embeddings=positions,
+                               tie_word_embeddings=False, attn_implementation='sdpa')
+        n, l = plan.memory.chunks, plan.memory.chunk_len
+        self.encoder = LlamaModel(config(plan.encoder, l))
+        self.decoder = LlamaForCausalLM(config(plan.decoder, n + l))
+        self.pad = nn.Parameter(torch.zeros(plan.decoder.d_model))
+
+    def forward(self, tokens):
+        b, n, l = tokens.shape
+        memories = [self.encoder(input_ids=tokens[:, c]).last_hidden_state[:, -1] for c in range(n - 1)]
+        loss = 0.0
+        for c in range(n):
+            slots = torch.stack(memories[:c] + [self.pad.expand(b, -1)] * (n - c), 1)
+            x = torch.cat([slots, self.decoder.model.embed_tokens(tokens[:, c])], 1)
+            logits = self.decoder(inputs_embeds=x).logits[:, n:-1]
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, c, 1:].reshape(-1))
+        return loss / n
+
+
+def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool):
+    """A closure running one full training step on a batch (the batch is passed in)."""
+    torch.manual_seed(0)
+    if kind == 'research':
+        model = ResearchChunkLoop(plan).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=STAGE.lr, betas=(0.9, 0.95), weight_decay=STAGE.weight_decay)
+        loss_fn = model
+    else:
+        model = M.build(plan).to(device)
+        opt, _ = T.optimizer(T.set_frozen(model, STAGE), STAGE)
+
+        def loss_fn(tokens):
+            return T.stage_loss(model, STAGE, tokens, None, IDS)[0]
+    if compile_model:
+        model.forward = torch.compile(model.forward)
+    model.train()
+
+    def step(tokens):
+        with autocast():
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def peak_matmul_flops(device, dtype, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matrix product: the machine's attainable matmul peak, measured now."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float('inf')
+    for i in range(repeats + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each model: warm-up, then rounds that run every model for `steps` steps in turn."""
+    for step in models.values():
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+    sync(device)
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, step in models.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                loss = step(batches[i % len(batches)])
+            float(loss.detach())  # the step is done when its loss exists
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def profile(step, batches, device, top: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    step(batches[0])
+    with prof(activities=acts) as p:
+        for i in range(3):
+            step(batches[i % len(batches)])
+        sync(device)
+    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return p.key_averages().table(sort_by=key, row_limit=top)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    ap.add_argument('--sizes', type=int, nargs='+', default=[256, 512], help='d_model values')
+    ap.add_argument('--layers', type=int, default=4)
+    ap.add_argument('--chunks', type=int, default=4)
+    ap.add_argument('--chunk-len', type=int, default=128)
+    ap.add_argument('--vocab', type=int, default=8192)
+    ap.add_argument('--batch', type=int, default=8)
+    ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--steps', type=int, default=2, help='steps per model per round')
+    ap.add_argument('--rounds', type=int, default=3)
+    ap.add_argument('--threads', type=int, default=os.cpu_count())
+    ap.add_argument('--models', nargs='+', default=['research', 'ours', 'full_context', 'no_memory'])
+    ap.add_argument('--attention', default='auto', choices=['auto', 'sdpa', 'xformers'],
+                    help="our models' backend (auto: xformers on CUDA when it imports, else sdpa)")
+    ap.add_argument('--compile', action='store_true', help='torch.compile every model (same flag for all)')
+    ap.add_argument('--profile', help='print a profile of one model instead of timing (research, ours, ...)')
+    ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_throughput.json'))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    # CPU trains in fp32 (bf16 autocast on CPU is 15x slower here, DESIGN.md); CUDA in bf16 autocast
+    autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    attention = args.attention
+    peak = peak_matmul_flops(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 2048)
+    specs = {'research': 'memory_clm.gin', 'ours': 'memory_clm.gin', 'full_context': 'full_context.gin',
+             'no_memory': 'no_memory.gin'}
+    result = {'device': torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+              'threads': args.threads, 'torch': torch.__version__, 'dtype': 'bf16 autocast' if cuda else 'fp32',
+              'batch': args.batch, 'layers': args.layers, 'chunks': args.chunks, 'chunk_len': args.chunk_len,
+              'vocab': args.vocab, 'compile': args.compile, 'attention': attention, 'peak_matmul_flops': peak, 'sizes': {}}
+    print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {result["dtype"]}; '
+          f'peak matmul {peak / 1e9:.1f} GFLOP/s')
+    for d in args.sizes:
+        plans = {k: plan_for(specs[k], d, args.layers, args.chunks, args.chunk_len, args.vocab, attention) for k in args.models}
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(3, args.vocab, (args.batch, args.chunks, args.chunk_len), generator=g).to(device)
+                   for _ in range(4)]
+        steps = {k: train_step_fn(k, plans[k], device, autocast, args.compile) for k in args.models}
+        if args.profile:
+            print(profile(steps[args.profile], batches, device))
+            continue
+        times = measure(steps, batches, device, args.warmup, args.steps, args.rounds)
+        tokens = args.batch * args.chunks * args.chunk_len
+        rows = {}
+        for k in args.models:
+            step_s = statistics.median(times[k])
+            flops = cost.flops_per_token(plans[k], training=True, objective='clm')  # the work the model needs
+            rows[k] = {'step_s': step_s, 'all_step_s': times[k], 'tokens_per_s': tokens / step_s,
+                       'train_flops_per_token': flops, 'mfu': flops * tokens / step_s / peak}
+        ratios = {f'{k}_vs_research': rows[k]['tokens_per_s'] / rows['research']['tokens_per_s']
+                  for k in rows if k != 'research' and 'research' in rows}
+        result['sizes'][d] = {'models': rows, 'ratios': ratios}
+        print(f'\nd_model {d}, {args.layers} layers, {args.chunks} x {args.chunk_len} tokens, batch {args.batch}, vocab {args.vocab}')
+        print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU |\n|---|---|---|---|---|---|')
+        for k, r in rows.items():
+            x = r['tokens_per_s'] / rows['research']['tokens_per_s'] if 'research' in rows else float('nan')
+            print(f"| {k} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {x:.2f} | "
+                  f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} |")
+    if not args.profile:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f'\nwrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()
