@@ -100,8 +100,8 @@ def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool
 
         def loss_fn(tokens):
             return T.stage_loss(model, STAGE, tokens, None, IDS)[0]
-    if compile_model:
-        model.forward = torch.compile(model.forward)
+    if compile_model:  # ours: every Stack, as Run.compile does; the research loop: its whole module
+        M.compile_stacks(model) if kind != 'research' else model.compile()
     model.train()
 
     def step(tokens):

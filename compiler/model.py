@@ -187,6 +187,15 @@ def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Fa
     return model
 
 
+def compile_stacks(model: nn.Module) -> nn.Module:
+    """torch.compile every Stack in place. Module.compile keeps parameter names, so state dicts, freezing and
+    checkpoints are unchanged; each Stack is one graph whichever family or objective calls it."""
+    for mod in model.modules():
+        if isinstance(mod, Stack):
+            mod.compile()
+    return model
+
+
 def init_weights(model: nn.Module) -> None:
     """GPT-2 style init: N(0, 0.02) for linear and embedding weights, zero biases; norms and convs keep theirs."""
     for mod in model.modules():

@@ -216,6 +216,7 @@ class Run(_PlanPart):
     eval_batches: int = 8
     memory_store: str = ''  # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
     memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'
+    compile: bool = False  # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
     scope: str = _SCOPE
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from compiler import objectives as O
 from compiler.__main__ import parser
 from compiler.errors import SpecError, cli
-from compiler.model import build, parameters_of
+from compiler.model import build, compile_stacks, parameters_of
 from compiler.spec import load, locate
 from runtime import record
 from store import memories
@@ -180,6 +180,8 @@ class Trainer:
         self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
         self.vocab = self.data.vocab_size
         self.model = build(self.plan, self.vocab)
+        if self.plan.run.compile:
+            compile_stacks(self.model)
         self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
                                rank=rank, world=world)
         self.out_dir, self.resume = out_dir, resume
