@@ -1,0 +1,254 @@
+"""KV-cached generation (runtime/generate.py): decoding through the cache reproduces the trained forward pass at
+every position, greedy decoding equals argmax by full recomputation, the cache is the size the cost model says,
+and the CLI generates from a real run and refuses bad input with one message (exit 2, no traceback)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_ids
+from compiler.cost import kv_cache_bytes
+from compiler.model import build
+from compiler.spec import load
+from runtime import generate as G
+
+VOCAB = 300
+SMALL = ['D_MODEL=32', 'N_HEADS=2', f'VOCAB={VOCAB}']  # 4 chunks x 8 tokens (specs/base/tiny.gin)
+CASES = {'memory-fixed': ('specs/memory_clm.gin', []),
+         'memory-variable': ('specs/memory_clm.gin', ["Memory.slots = 'variable'"]),
+         'no_memory-variable': ('specs/no_memory.gin', ["Memory.slots = 'variable'"]),
+         'full_context': ('specs/full_context.gin', [])}
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def model_of(case, extra=()):
+    spec, bindings = CASES[case]
+    plan = load([spec], SMALL + bindings + list(extra)).plan
+    return plan, build(plan, VOCAB).eval()  # untrained, seeded by Run.seed
+
+
+def random_tokens(batch, length, seed=0):
+    return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def full_logits(model, plan, tokens):
+    """model(tokens) over whole [B, N, L] examples, flattened to [B, N*L, vocab]: the training forward pass."""
+    n, l = plan.memory.chunks, plan.memory.chunk_len
+    return model(tokens.view(len(tokens), n, l)).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------------------------- library
+
+@pytest.mark.parametrize('case', CASES)
+@torch.no_grad()
+def test_teacher_forced_decoding_through_the_cache_reproduces_the_forward_pass(case):
+    """One token at a time from the first, through every chunk boundary (memory models encode each finished chunk
+    and restart the cache), the scores at every position of all N chunks equal model(tokens); so does a prefill
+    that stops at any position (complete chunks encoded in one batched call, the rest prefilled)."""
+    plan, model = model_of(case)
+    total = plan.memory.chunks * plan.memory.chunk_len
+    tokens = random_tokens(2, total)
+    ref = full_logits(model, plan, tokens)
+    state = G.prefill(model, tokens[:, :1])
+    got = [state.logits]
+    for i in range(1, total):
+        state = G.step(model, state, tokens[:, i])
+        got.append(state.logits)
+    torch.testing.assert_close(torch.stack(got, 1), ref, **TOL)
+    for t in range(1, total + 1):
+        torch.testing.assert_close(G.prefill(model, tokens[:, :t]).logits, ref[:, t - 1], **TOL)
+
+
+@pytest.mark.parametrize('case', ['memory-fixed', 'memory-variable'])
+@torch.no_grad()
+def test_memories_slide_past_the_last_slot(case):
+    """Past N chunks the decoder keeps the newest N-1 memories: decoding 6.5 chunks token by token ends in the state
+    a prefill of just the last 3 chunks + the current one gives, and a prefill of all of it reports 3 dropped chunks."""
+    plan, model = model_of(case)
+    l = plan.memory.chunk_len
+    tokens = random_tokens(1, 6 * l + 3, seed=1)
+    state = G.prefill(model, tokens[:, :1])
+    for i in range(1, tokens.shape[1]):
+        state = G.step(model, state, tokens[:, i])
+    window = G.prefill(model, tokens[:, 3 * l:])
+    assert state.memories.shape[1] == window.memories.shape[1] == plan.memory.chunks - 1
+    torch.testing.assert_close(state.logits, window.logits, **TOL)
+    everything = G.prefill(model, tokens)
+    assert everything.dropped == 3 and window.dropped == 0
+    torch.testing.assert_close(everything.logits, window.logits, **TOL)
+
+
+@pytest.mark.parametrize('case', ['memory-fixed', 'memory-variable', 'full_context'])
+def test_greedy_generation_is_deterministic_and_equals_argmax_by_full_recomputation(case):
+    """Greedy tokens across three chunk boundaries equal the argmax of model(tokens so far) recomputed from scratch
+    at every step (no cache); a second call gives the same tokens, and seeded sampling is reproducible too."""
+    plan, model = model_of(case)
+    total = plan.memory.chunks * plan.memory.chunk_len
+    prompt = random_tokens(1, 5, seed=2)
+    out = G.generate(model, prompt, max_new_tokens=total - 5 + 1)
+    seq = prompt[0].tolist()
+    with torch.no_grad():
+        while len(seq) < 5 + len(out.tokens[0]):
+            padded = torch.zeros(1, total, dtype=torch.long)  # positions after the last real token cannot matter
+            padded[0, :len(seq)] = torch.tensor(seq)
+            seq.append(int(full_logits(model, plan, padded)[0, len(seq) - 1].argmax()))
+    assert len(out.tokens[0]) == total - 4
+    assert out.tokens[0] == seq[5:]
+    assert G.generate(model, prompt, max_new_tokens=total - 4).tokens == out.tokens
+    eod = out.tokens[0][6]  # generation stops before the first eod token
+    assert G.generate(model, prompt, max_new_tokens=total - 4, eod=eod).tokens[0] == out.tokens[0][:out.tokens[0].index(eod)]
+
+    def sampled(seed):
+        return G.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_k=50,
+                          generator=torch.Generator().manual_seed(seed)).tokens
+    assert sampled(0) == sampled(0) != out.tokens[:20]
+
+
+@pytest.mark.parametrize('case,extra', [(c, []) for c in CASES] + [('full_context', ['decoder/Stack.n_kv_heads = 1'])],
+                         ids=list(CASES) + ['full_context-gqa'])
+def test_kv_cache_bytes_equal_the_cost_model(case, extra):
+    plan, model = model_of(case, extra)
+    state = G.prefill(model, random_tokens(1, 3))
+    kv = state.cache.kv
+    assert kv.numel() * kv.element_size() == state.cache.nbytes == kv_cache_bytes(plan)
+    assert G.generate(model, random_tokens(1, 3), max_new_tokens=2).kv_cache_bytes == kv_cache_bytes(plan)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, rt_cache):
+    """A finished 2-step memory_clm run with its Zarr memory store, and beside it run folders made by hand: an
+    autoencoder and a mixer (operative.gin only), an unfinished run (no weights), a full-context model (untrained)."""
+    from safetensors.torch import save_file
+
+    from runtime.data import prepare
+    out = tmp_path_factory.mktemp('generate') / 'runs'
+    bindings = [b for b in TINY if not b.startswith('Run.memory_store')] + ['clm/Stage.steps=2']
+    assert rt_main(rt_argv('specs/memory_clm.gin', out, rt_cache, bindings)) == 0
+    (run_id,) = rt_run_ids(out)
+    run = out / run_id
+    data = [f"Data.cache_dir = '{rt_cache}'", f"Run.out_dir = '{out}'"]
+    for name, files in (('ae', ['specs/autoencoder.gin']), ('mixer', ['specs/memory_clm.gin', 'specs/base/mixer.gin']),
+                        ('full_context', ['specs/full_context.gin'])):
+        (out / name).mkdir()
+        (out / name / 'operative.gin').write_text(load(files, TINY + data).operative)
+    plan = load([out / 'full_context' / 'operative.gin']).plan  # untrained weights are enough for its window checks
+    save_file(build(plan, prepare(plan, progress=False).vocab_size).state_dict(), out / 'full_context' / 'final.safetensors')
+    (out / 'unfinished').mkdir()
+    shutil.copy(run / 'operative.gin', out / 'unfinished')
+    return run
+
+
+def cli(argv, capsys):
+    """runtime.generate.main in this process: (exit code, stdout, stderr)."""
+    try:
+        G.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generates_from_a_real_run(tiny_run):
+    """As a subprocess (the real entry point): plain text on stdout, and --json with tokens that decode to its text,
+    the cache size of the cost model, and the tokens the library generates from the same weights and context."""
+    argv = [sys.executable, '-m', 'runtime.generate', str(tiny_run), '--prompt', 'The for statement',
+            '--context', 'The while statement is used for repeated execution as long as an expression is true.',
+            '--max-new-tokens', '12']
+    procs = [subprocess.Popen(a, cwd=ROOT, env=rt_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for a in (argv, argv + ['--json'])]
+    (text, text_err), (js, js_err) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], text_err + js_err
+    assert 'Traceback' not in text_err + js_err
+    plan, model, data = G.load_run(tiny_run, None)
+    enc = lambda s: data.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    ids = enc(argv[argv.index('--context') + 1]) + enc('The for statement')
+    dropped = (len(ids) - 1) // 8 - 3  # complete 8-token chunks beyond the 3 memory slots
+    assert dropped > 0 and f'[generate] {dropped} context chunk(s) of 8 tokens not read' in text_err
+    r = json.loads(js)
+    assert 0 < len(r['tokens']) <= 12 and r['ttft_s'] > 0 and r['tokens_per_s'] > 0
+    assert r['text'] == data.tokenizer.decode(r['tokens'], skip_special_tokens=False) and text == r['text'] + '\n'
+    assert r['kv_cache_bytes'] == kv_cache_bytes(plan)
+    assert G.generate(model, torch.tensor([ids]), max_new_tokens=12, eod=data.eod_id).tokens[0] == r['tokens']
+
+
+def test_cli_conditions_on_stored_memories(tiny_run, capsys):
+    """--memories STAGE:ROW reads the N-1 memories the stored example's last chunk was decoded with."""
+    from store import memories as M
+    code, out, err = cli([tiny_run, '--prompt', 'The', '--memories', 'clm:5', '--max-new-tokens', '6', '--json'], capsys)
+    assert code == 0, err
+    assert '3 stored memories of clm:5' in err
+    plan, model, data = G.load_run(tiny_run, None)
+    mem = M.open_group(tiny_run.parent / 'memories.zarr', tiny_run.name, 'clm').rows(5, 6)[0][:, :3]
+    ids = torch.tensor([data.tokenizer.encode('The', add_special_tokens=False).ids])
+    assert json.loads(out)['tokens'] == G.generate(model, ids, mem, max_new_tokens=6, eod=data.eod_id).tokens[0]
+
+
+def refusals(run, stored_rows=0):
+    """(argv, exact stderr) of every bad input the CLI must refuse with exit code 2."""
+    runs, store = run.parent, run.parent / 'memories.zarr'
+    ok = ['--prompt', 'The']
+    other = 'generate with a memory, no_memory, clm or full_context run'
+    return {
+        'missing run': (['nope', '--runs', runs, *ok],
+                        f'RUN nope: no run folder at nope or {runs / "nope"} (a run folder holds operative.gin)\n'
+                        '  fix: give a run folder, or a run id under --runs (python -m store.runs list)'),
+        'missing weights': ([runs / 'unfinished', *ok],
+                            f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} (the run '
+                            'did not finish)\n  fix: let the run finish (python -m runtime.run ... --resume ID), or pick '
+                            'a finished --stage'),
+        'empty prompt': ([run, '--prompt', ''], '--prompt: the prompt is empty\n'
+                         '  fix: give --prompt some text: generation continues it'),
+        'unknown stage': ([run, '--stage', 'copy', *ok], f"--stage copy: run {run} has no stage 'copy' (stages: clm)\n"
+                          '  fix: pick one of the listed stages, or leave --stage out for the final weights'),
+        'malformed memories': ([run, '--memories', 'clm', *ok], '--memories clm: expected STAGE:ROW, e.g. clm:0\n'
+                               '  fix: name a stage of the run and a row of its stored memories'),
+        'memories row': ([run, '--memories', 'clm:100000', *ok],
+                         f'--memories clm:100000: row 100000 is out of range: the stage stored {stored_rows} rows\n'
+                         f'  fix: pick a row in 0..{stored_rows - 1}'),
+        'memories stage': ([run, '--memories', 'copy:0', *ok],
+                           f"--memories copy:0: {store} run {run.name}: no stage 'copy' (stages: clm)\n"
+                           '  fix: pick a listed stage'),
+        'autoencoder': ([runs / 'ae', *ok], f"run {runs / 'ae'}: family 'autoencoder' cannot generate: an autoencoder "
+                        'regenerates its input from one memory; it does not continue text\n  fix: decode its stored '
+                        f'memories with `python -m store.analyze decode RUN_ID`, or {other}'),
+        'mixer': ([runs / 'mixer', *ok], f"run {runs / 'mixer'}: family 'memory' with a masked-mixer decoder cannot "
+                  'generate: masked mixers keep no KV cache (their token mixing is a convolution over the whole window)\n'
+                  f"  fix: {other} whose decoder is a transformer (decoder/Stack.kind = 'transformer')"),
+    }
+
+
+@pytest.mark.parametrize('case', list(refusals(ROOT / 'runs' / '0')))
+def test_cli_refuses_bad_input_with_one_message(tiny_run, capsys, case):
+    from store import memories as M
+    rows = M.open_group(tiny_run.parent / 'memories.zarr', tiny_run.name, 'clm').memories.shape[0]
+    argv, message = refusals(tiny_run, rows)[case]
+    assert cli(argv, capsys) == (2, '', f'error: {message}\n')
+
+
+def test_cli_refusal_has_no_traceback_in_a_real_process(tiny_run):
+    argv, message = refusals(tiny_run)['unknown stage']
+    p = subprocess.run([sys.executable, '-m', 'runtime.generate', *map(str, argv)], cwd=ROOT, env=rt_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (2, '', f'error: {message}\n')
+
+
+def test_full_context_refuses_what_does_not_fit_its_window(tiny_run, capsys):
+    """A full-context model reads at most N*L = 32 tokens: a request beyond it is refused before any work, naming
+    how many new tokens would fit; one that fits exactly generates."""
+    folder = tiny_run.parent / 'full_context'
+    plan, _, data = G.load_run(folder, None)
+    n = len(data.tokenizer.encode('word word', add_special_tokens=False).ids)
+    code, _, err = cli([folder, '--prompt', ' '.join(['word'] * 40)], capsys)
+    assert code == 2 and "do not fit the full_context model's context of 32 tokens" in err
+    assert 'fix: shorten --context/--prompt to at most 32 tokens' in err
+    code, _, err = cli([folder, '--prompt', 'word word', '--max-new-tokens', 40], capsys)
+    assert code == 2 and f'fix: lower --max-new-tokens to {32 - n + 1} ' in err
+    code, out, err = cli([folder, '--prompt', 'word word', '--max-new-tokens', 32 - n + 1, '--json'], capsys)
+    assert code == 0, err
+    assert json.loads(out)['kv_cache_bytes'] == kv_cache_bytes(plan)
