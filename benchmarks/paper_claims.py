@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,8 +114,16 @@ def run_experiment(label, files, bindings, runs_dir: Path, url: str, known: dict
         cmd += ['-b', b]
     t0 = time.time()
     print(f'--- {label}: {" ".join(files)} {" ".join(resolved)}', flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1'),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    resume_args = []
+    for attempt in range(3):
+        proc = subprocess.run(cmd + resume_args, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1'),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # a run that stopped resumably (the database stopped answering) continues the same trajectory
+        resume = re.search(r'continue it with --resume (\S+)', proc.stdout)
+        if proc.returncode != 1 or not resume or attempt == 2:
+            break
+        print(f'    stopped resumably ({proc.stdout.strip().splitlines()[-1][:200]}); resuming run {resume.group(1)}', flush=True)
+        resume_args = ['--resume', resume.group(1)]
     if proc.returncode:
         print(proc.stdout[-4000:])
         raise SystemExit(f'{label} failed (exit {proc.returncode})')

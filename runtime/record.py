@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import random
 import time
-from threading import Lock
+from threading import Lock, RLock
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -49,7 +49,8 @@ def make_engine(url: str) -> sa.Engine:
     sharing the file then wait for each other instead of failing with 'database is locked' (seen under load)."""
     if not url.startswith('sqlite'):
         return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
-    engine = sa.create_engine(url, connect_args={'timeout': 60})
+    # one session serves Sacred's main and heartbeat threads (under a lock), so connections cross threads
+    engine = sa.create_engine(url, connect_args={'timeout': 60, 'check_same_thread': False})
 
     @sa.event.listens_for(engine, 'connect')
     def _pragmas(conn, _):
@@ -102,10 +103,15 @@ class ResumableSqlObserver(SqlObserver):
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL)
             raise SpecError(f'--db {url}', f'cannot open the run database: {str(e).splitlines()[0]}',
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
-        from sqlalchemy.orm import scoped_session, sessionmaker
-        # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets.
-        self.engine, self.session = engine, scoped_session(sessionmaker(bind=engine))
-        self.priority, self.run, self.lock = 40, None, Lock()
+        from sqlalchemy.orm import sessionmaker
+        # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets, but
+        # with ONE session for both of Sacred's threads. Sacred's thread-local session let the heartbeat thread
+        # change the main thread's run row through the main thread's session, whose autoflush then held SQLite's
+        # write lock until the main thread's next commit, minutes later: every metric write in between timed out
+        # with 'database is locked'. Now every event holds self.lock (reentrant: Sacred's save() takes it too)
+        # and nothing is expired on commit, so no attribute access reloads behind the lock's back.
+        self.engine, self.session = engine, sessionmaker(bind=engine, expire_on_commit=False)()
+        self.priority, self.run, self.lock = 40, None, RLock()
         _retry(lambda: METRICS.create(engine, checkfirst=True))
         self.metrics_engine = engine
         self.url = url
@@ -113,7 +119,11 @@ class ResumableSqlObserver(SqlObserver):
         self.lost: Exception | None = None  # the last database failure since the last successful sync
         self.metrics_lock = Lock()
 
-    def _add_event(self, ex_info, command, host_info, config, meta_info, _id, status, **kwargs):
+    def _add_event(self, *args, **kwargs):
+        with self.lock:
+            return self._add_or_continue(*args, **kwargs)
+
+    def _add_or_continue(self, ex_info, command, host_info, config, meta_info, _id, status, **kwargs):
         from sacred.observers.sql_bases import Base, Run
         _retry(lambda: Base.metadata.create_all(self.engine))
         existing = self.session.query(Run).filter_by(run_id=str(_id)).first() if _id is not None else None
@@ -136,7 +146,8 @@ class ResumableSqlObserver(SqlObserver):
     def _lose(self, error: Exception) -> None:
         self.lost = error
         try:
-            self.session.rollback()
+            with self.lock:
+                self.session.rollback()
         except Exception:  # noqa: BLE001  (the connection is gone; nothing to roll back)
             pass
 
@@ -179,7 +190,8 @@ class ResumableSqlObserver(SqlObserver):
         if self.run is None:  # the run never started (its row was not written)
             return
         try:
-            event(*args, **kwargs)
+            with self.lock:
+                event(*args, **kwargs)
         except sa.exc.SQLAlchemyError as e:
             self._lose(e)
 
