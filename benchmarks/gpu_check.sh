@@ -12,9 +12,10 @@ set -uo pipefail
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH="$PWD"  # the project itself, uninstalled
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "!!! failed: $*"; status=1; }; }
