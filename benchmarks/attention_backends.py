@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compiler.attention import _xformers_ops, attend, naive_attention  # noqa: E402
+from compiler.attention import attend, naive_attention, xformers_problem  # noqa: E402
 
 SHAPES = [(8, 128, 4, 64), (8, 512, 8, 64), (4, 2048, 8, 64), (1, 8192, 8, 128)]
 
@@ -71,12 +71,11 @@ def main():
     ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/attention_backends.json'))
     args = ap.parse_args()
     device = torch.device(args.device)
-    xformers_ok = device.type == 'cuda' and _xformers_ops() is not None
-    backends = ['sdpa'] + (['xformers'] if xformers_ok else [])
+    problem = xformers_problem(device)
+    backends = ['sdpa'] + ([] if problem else ['xformers'])
     note = None
-    if not xformers_ok:
-        why = 'no CUDA device' if device.type != 'cuda' else 'xformers did not import'
-        note = f'xformers not measured ({why}; it has no CPU kernels): sdpa alone'
+    if problem:
+        note = f'xformers not measured: {problem}. sdpa alone'
         print(note)
     shapes = SHAPES if device.type == 'cuda' else SHAPES[:2]
     dtypes = [torch.bfloat16, torch.float32] if device.type == 'cuda' else [torch.float32]

@@ -5,7 +5,7 @@ key mask [batch, time] (True = real token). Backends:
 - 'xformers': xformers.ops.memory_efficient_attention (CUDA only): LowerTriangularMask for plain causal
   attention, an additive bias tensor when a key mask is present;
 - 'sdpa': torch.nn.functional.scaled_dot_product_attention (any device), boolean mask;
-- 'auto': xformers when the tensors are on CUDA and xformers imports, else sdpa.
+- 'auto': xformers when the tensors are on CUDA and xformers' kernels run there (probed once), else sdpa.
 """
 from __future__ import annotations
 
@@ -29,16 +29,36 @@ def _xformers_ops():
         return None
 
 
+@functools.cache
+def xformers_problem(device: torch.device) -> str | None:
+    """Why xformers cannot run on this CUDA device, or None when it can. Importing is not enough: a wheel built
+    for another torch imports, then has no kernels (xformers 0.0.35, built for torch 2.10, on torch 2.11: 'No
+    operator found'), so one tiny call per dtype decides, once per device."""
+    if device.type != 'cuda':
+        return f'it has no kernels for {device.type} tensors'
+    xops = _xformers_ops()
+    if xops is None:
+        return 'xformers does not import'
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)
+            xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask())
+    except Exception as e:  # noqa: BLE001  (whatever the failure, the answer is: not here)
+        return f'its kernels do not run with torch {torch.__version__} ({str(e).strip().splitlines()[0]})'
+    return None
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     if name == 'sdpa':
         return 'sdpa'
-    usable = device.type == 'cuda' and _xformers_ops() is not None
+    problem = xformers_problem(device if device.type != 'cuda' or device.index is not None
+                               else torch.device('cuda', torch.cuda.current_device()))
     if name == 'auto':
-        return 'xformers' if usable else 'sdpa'
-    if not usable:
+        return 'sdpa' if problem else 'xformers'
+    if problem:
         raise SpecError(f"Stack.attention = 'xformers'",
-                        f'xformers memory-efficient attention needs a CUDA device and a working xformers (device is {device.type})',
-                        "use Stack.attention = 'auto' (picks sdpa on CPU) or 'sdpa'")
+                        f'xformers memory-efficient attention cannot run on this {device.type} device: {problem}',
+                        "use Stack.attention = 'auto' (xformers where it runs, else sdpa) or 'sdpa'")
     return 'xformers'
 
 
