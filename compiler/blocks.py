@@ -56,6 +56,10 @@ class KVCache:
         self.kv = torch.zeros(cfg.n_layers, 2, batch, max_len, cfg.kv_heads, hd, device=device, dtype=dtype)
         self.length = 0  # positions filled
 
+    def reset(self) -> None:
+        """Start over in the same allocation: attention only ever reads the filled positions."""
+        self.length = 0
+
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()

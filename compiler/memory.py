@@ -87,6 +87,20 @@ class MemoryModule(nn.Module):
         return pad, mask.expand(b, n, s)
 
 
+    def chunk_slots(self, memories: torch.Tensor | None, n: int, variable: bool):
+        """The slots of ONE chunk that follows k = memories.shape[1] chunks (memories [b, k, d], k <= n-1, or
+        None): row k of `slots`, the same layout, mask and pad as training. For generation and offline decoding."""
+        if memories is None or memories.shape[1] == 0:
+            b = 1 if memories is None else memories.shape[0]
+            s, m = self.slots(None, b, n, variable)
+            return s[:, 0], m[:, 0]
+        b, k, d = memories.shape
+        full = memories.new_zeros(b, n - 1, d)  # slots() lays out all n chunks from n-1 memories; row k reads k
+        full[:, :k] = memories
+        s, m = self.slots(full, b, n, variable)
+        return s[:, k], m[:, k]
+
+
 def unroll_index(length: int, d: int, device=None) -> torch.Tensor:
     """[length, d/2] indices: row i is the window h[(i mod d) : (i mod d) + d/2] of the memory, wrapping."""
     i = torch.arange(length, device=device)[:, None]

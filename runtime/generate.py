@@ -75,14 +75,10 @@ def _feed(model, state: State, x: torch.Tensor) -> None:
 def _start_chunk(model, cache: KVCache, memories: torch.Tensor | None, tokens: torch.Tensor, dropped: int = 0) -> State:
     """Restart `cache` with the decoder input of a chunk that follows k = len(memories) chunks: chunk k's row of
     model.memory.slots, the layout, key mask and positions ChunkedMemoryLM.forward trains with."""
-    b, k = tokens.shape[0], 0 if memories is None else memories.shape[1]
-    full = None
-    if k:  # slots() lays out every chunk of a sequence from its N-1 memories; chunk k reads only the first k of them
-        full = memories.new_zeros(b, model.n - 1, memories.shape[-1])
-        full[:, :k] = memories
-    slots, slot_mask = model.memory.slots(full, b, model.n, model.variable)
-    slots, slot_mask = slots[:, k], slot_mask[:, k]
-    cache.length = 0  # the allocation is reused: attention reads only the filled positions
+    b = tokens.shape[0]
+    slots, slot_mask = model.memory.chunk_slots(memories, model.n, model.variable)
+    slots, slot_mask = slots.expand(b, -1, -1), slot_mask.expand(b, -1)
+    cache.reset()
     mask = None
     if not bool(slot_mask.all()):  # variable slots: unused ones are masked out, and positions then start at m0
         mask = torch.ones(b, cache.kv.shape[3], dtype=torch.bool, device=tokens.device)

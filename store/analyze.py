@@ -250,11 +250,8 @@ def decode_chunks(dec: Decoder, mem: torch.Tensor, tokens: torch.Tensor, mask: t
         stack = getattr(model, dec.kind)
         logits = stack.head(stack(embeds=model.memory.decoder_input(mem, l)))
         return logits, torch.where(mask, tokens, O.IGNORE)
-    n = model.n
-    mems = mem.new_zeros(len(mem), n - 1, mem.shape[-1])
-    mems[:, 0] = mem
-    slots, slot_mask = model.memory.slots(mems, len(mem), n, model.variable)
-    slots, slot_mask = slots[:, 1], slot_mask[:, 1]  # chunk 1's slots: exactly one memory (m_c), the rest pad / unused
+    # the slots of a chunk that follows one chunk: exactly one memory (m_c), the rest pad / unused
+    slots, slot_mask = model.memory.chunk_slots(mem[:, None], model.n, model.variable)
     blank = torch.where(mask, torch.full_like(tokens, dec.blank), torch.full_like(tokens, dec.pad))
     x = torch.cat([slots, model.decoder.embedding(blank)], 1)
     km = torch.cat([slot_mask, mask], 1)
