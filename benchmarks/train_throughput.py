@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -87,27 +88,31 @@ class ResearchChunkLoop(nn.Module):
         return loss / n
 
 
-def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool):
+def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool, micro_batch: int | None = None):
     """A closure running one full training step on a batch (the batch is passed in)."""
     torch.manual_seed(0)
     if kind == 'research':
         model = ResearchChunkLoop(plan).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=STAGE.lr, betas=(0.9, 0.95), weight_decay=STAGE.weight_decay)
-        loss_fn = model
-    else:
-        model = M.build(plan).to(device)
-        opt, _ = T.optimizer(T.set_frozen(model, STAGE), STAGE)
 
-        def loss_fn(tokens):
-            return T.stage_loss(model, STAGE, tokens, None, IDS)[0]
+        def forward_backward(tokens):
+            loss = model(tokens)
+            loss.backward()
+            return loss
+    else:  # the runtime's own step: runtime.train.accumulate (micro-batches of Stage.micro_batch rows)
+        model = M.build(plan).to(device)
+        stage = dataclasses.replace(STAGE, micro_batch=micro_batch)
+        opt, _ = T.optimizer(T.set_frozen(model, stage), stage)
+
+        def forward_backward(tokens):
+            return T.accumulate(model, stage, tokens, None, IDS)[0]
     if compile_model:  # ours: every Stack, as Run.compile does; the research loop: its whole module
         M.compile_stacks(model) if kind != 'research' else model.compile()
     model.train()
 
     def step(tokens):
         with autocast():
-            loss = loss_fn(tokens)
-        loss.backward()
+            loss = forward_backward(tokens)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -181,6 +186,7 @@ def main():
                     help="our models' backend (auto: xformers on CUDA when it imports, else sdpa)")
     ap.add_argument('--compile', action='store_true', help='torch.compile our models (Run.compile = True)')
     ap.add_argument('--compile-research', action='store_true', help='torch.compile the research loop too')
+    ap.add_argument('--micro-batch', type=int, help='Stage.micro_batch of our models (rows per forward/backward)')
     ap.add_argument('--profile', help='print a profile of one model instead of timing (research, ours, ...)')
     ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_throughput.json'))
     args = ap.parse_args()
@@ -197,7 +203,8 @@ def main():
     result = {'device': torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               'threads': args.threads, 'torch': torch.__version__, 'dtype': 'bf16 autocast' if cuda else 'fp32',
               'batch': args.batch, 'layers': args.layers, 'chunks': args.chunks, 'chunk_len': args.chunk_len,
-              'vocab': args.vocab, 'compile': args.compile, 'compile_research': args.compile_research, 'attention': attention, 'peak_matmul_flops': peak, 'sizes': {}}
+              'vocab': args.vocab, 'compile': args.compile, 'compile_research': args.compile_research,
+              'micro_batch': args.micro_batch, 'attention': attention, 'peak_matmul_flops': peak, 'sizes': {}}
     print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {result["dtype"]}; '
           f'peak matmul {peak / 1e9:.1f} GFLOP/s')
     for d in args.sizes:
@@ -205,8 +212,8 @@ def main():
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(3, args.vocab, (args.batch, args.chunks, args.chunk_len), generator=g).to(device)
                    for _ in range(4)]
-        steps = {k: train_step_fn(k, plans[k], device, autocast, args.compile_research if k == 'research' else args.compile)
-                 for k in args.models}
+        steps = {k: train_step_fn(k, plans[k], device, autocast, args.compile_research if k == 'research' else args.compile,
+                                  args.micro_batch) for k in args.models}
         if args.profile:
             print(profile(steps[args.profile], batches, device))
             continue

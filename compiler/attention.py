@@ -29,13 +29,24 @@ def _xformers_ops():
         return None
 
 
-@functools.cache
+_PROBLEMS: dict[int, str | None] = {}  # CUDA device index -> why xformers cannot run there (None: it can)
+
+
 def xformers_problem(device: torch.device) -> str | None:
-    """Why xformers cannot run on this CUDA device, or None when it can. Importing is not enough: a wheel built
-    for another torch imports, then has no kernels (xformers 0.0.35, built for torch 2.10, on torch 2.11: 'No
-    operator found'), so one tiny call per dtype decides, once per device."""
+    """Why xformers cannot run on this device, or None when it can. Importing is not enough: a wheel built for
+    another torch imports, then has no kernels (xformers 0.0.35, built for torch 2.10, on torch 2.11: 'No
+    operator found'), so one tiny call per dtype decides, once per CUDA device. A plain dict lookup afterwards,
+    which torch.compile traces as a constant."""
     if device.type != 'cuda':
         return f'it has no kernels for {device.type} tensors'
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROBLEMS:
+        _PROBLEMS[index] = _probe_xformers(torch.device('cuda', index))
+    return _PROBLEMS[index]
+
+
+@torch.compiler.disable
+def _probe_xformers(device: torch.device) -> str | None:
     xops = _xformers_ops()
     if xops is None:
         return 'xformers does not import'
@@ -51,8 +62,7 @@ def xformers_problem(device: torch.device) -> str | None:
 def resolve_backend(name: str, device: torch.device) -> str:
     if name == 'sdpa':
         return 'sdpa'
-    problem = xformers_problem(device if device.type != 'cuda' or device.index is not None
-                               else torch.device('cuda', torch.cuda.current_device()))
+    problem = xformers_problem(device)
     if name == 'auto':
         return 'sdpa' if problem else 'xformers'
     if problem:

@@ -184,6 +184,9 @@ class Stage(_PlanPart):
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     batch_size: int | None = None  # None = Data.batch_size
+    # rows per forward/backward; a step accumulates their gradients (row-weighted, as DDP ranks average).
+    # Cache-sized blocks train faster on CPU and need less activation memory. None = the whole batch at once.
+    micro_batch: int | None = None
     eval_every: int = 100
     scope: str = _SCOPE
 

@@ -206,6 +206,11 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
         fail(stage, 'eval_every', f'{tag} eval_every must be >= 1', 'use e.g. 100')
     if stage.batch_size is not None and stage.batch_size < 1:
         fail(stage, 'batch_size', f'{tag} batch_size must be >= 1', 'use a positive batch size or None')
+    if stage.micro_batch is not None and stage.micro_batch < 1:
+        fail(stage, 'micro_batch', f'{tag} micro_batch must be >= 1', 'use a positive number of rows or None (whole batch)')
+    if stage.micro_batch is not None and any(o.kind == 'retrieval' for o in stage.objectives):
+        fail(stage, 'micro_batch', f'{tag} has a retrieval objective, whose negatives are the other rows of the batch: '
+             'micro-batches would silently shrink them', 'leave micro_batch = None for stages with retrieval')
     if not stage.objectives:
         fail(stage, 'objectives', f'{tag} has no objectives', "bind Stage.objectives = [@clm/Objective()]")
     for c in stage.freeze:

@@ -36,7 +36,7 @@ from runtime import record
 from store import memories
 from runtime.data import Batches, prepare
 from compiler.validate import meta_build
-from runtime.train import Divergence, evaluate, init_component, optimizer, set_frozen, stage_loss, state_from_run
+from runtime.train import Divergence, accumulate, evaluate, init_component, optimizer, set_frozen, state_from_run
 
 
 def atomic_write(path: Path, write) -> None:
@@ -257,9 +257,8 @@ class Trainer:
             position, rng = self.batches.state_dict(), torch.random.get_rng_state()
             try:
                 tokens, mask = next(self.batches)
-                loss, losses, accs = stage_loss(model, stage, tokens, mask, self.ids)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
                 all_reduce_grads(params, self.world)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point

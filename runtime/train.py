@@ -72,6 +72,28 @@ def stage_loss(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, g
     return total, losses, accs
 
 
+def accumulate(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
+    """Forward and backward of one step's batch in micro-batches of Stage.micro_batch rows. The gradients add up
+    to those of the row-weighted mean of the micro-batch losses (the batch loss itself when every row has the
+    same number of supervised tokens, as packed data does; DDP averages ranks the same way).
+    Returns detached row-weighted means (loss, {kind: loss}, {kind: accuracy})."""
+    b = tokens.shape[0]
+    size = stage.micro_batch or b
+    total, losses, accs = 0.0, {}, {}
+    for i in range(0, b, size):
+        rows = slice(i, i + size)
+        loss, part_losses, part_accs = stage_loss(model, stage, tokens[rows], None if mask is None else mask[rows], ids,
+                                                  generator)
+        w = (min(i + size, b) - i) / b
+        (loss * w).backward()
+        total = total + loss.detach() * w
+        for k, v in part_losses.items():
+            losses[k] = losses.get(k, 0.0) + v.detach() * w
+        for k, v in part_accs.items():
+            accs[k] = accs.get(k, 0.0) + v * w
+    return total, losses, accs
+
+
 def eval_suite(plan: P.Plan) -> list[P.Objective]:
     """What every stage end reports, whatever it trained: the objectives this family can serve."""
     fam, n = plan.family, plan.memory.chunks

@@ -451,3 +451,35 @@ def test_compiled_stacks_train_like_eager_ones():
         losses.append((loss.detach(), model.decoder.layers[0].mlp.up_proj.weight.grad, model.encoder.embedding.weight.grad))
     for a, b in zip(*losses):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('micro', [1, 2, 3])
+def test_micro_batches_accumulate_the_gradients_of_the_whole_batch(micro):
+    """Stage.micro_batch changes how a step is cut, not what it computes: with packed rows (equal supervised tokens
+    per row) the accumulated gradients and the reported loss equal one pass over the whole batch, also when the
+    last micro-batch is smaller (micro = 3 of 4 rows)."""
+    import dataclasses
+
+    from compiler import objectives as O
+    from runtime.train import accumulate
+    plan, model = build('memory_combined.gin')
+    tokens, ids = batch(plan, b=4), O.SpecialIds(pad=0, blank=1, copy=2)
+    whole = dataclasses.replace(plan.curriculum[0], micro_batch=None)
+    results = []
+    for stage in (whole, dataclasses.replace(whole, micro_batch=micro)):
+        model.zero_grad(set_to_none=True)
+        loss, losses, _ = accumulate(model.train(), stage, tokens, None, ids)
+        results.append((loss, losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, k0, g0), (l1, k1, g1) = results
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    assert k0.keys() == k1.keys() == {'clm', 'blank_copy'}
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_micro_batch_is_refused_for_retrieval_and_below_one():
+    with pytest.raises(SpecError, match='micro_batch must be >= 1'):
+        load([SPECS_DIR / 'memory_clm.gin'], SMALL + ('clm/Stage.micro_batch = 0',))
+    with pytest.raises(SpecError, match='negatives are the other rows'):
+        load([SPECS_DIR / 'memory_clm.gin'], SMALL + ('clm/Stage.micro_batch = 2', "clm/Objective.kind = 'retrieval'"))
