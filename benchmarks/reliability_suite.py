@@ -10,7 +10,7 @@ counts how often each hook below is called, so kill points land inside the run.
 
 Kill points (a forked copy of this process runs `runtime.run.main` with one hook patched to SIGKILL itself at its
 k-th call; the hook and k are drawn from --seed; categories rotate so every category is hit):
-- mid-step:         runtime.run.stage_loss (a batch drawn, no update yet), runtime.run.evaluate
+- mid-step:         runtime.train.stage_loss (a batch drawn, no update yet), runtime.run.evaluate
 - checkpoint write: runtime.run.atomic_write (checkpoint.pt, its sha256 file, stage and final safetensors), killed
                     before, in the middle of the temporary file (truncated to half), after it, or after the rename;
                     torch.save with half of the bytes written
@@ -169,7 +169,9 @@ def install_hooks(spec: dict | None) -> None:
     import runtime.run as R
     from store import memories as M
 
-    real_stage_loss, real_evaluate, real_atomic_write, real_save = R.stage_loss, R.evaluate, R.atomic_write, torch.save
+    import runtime.train as T
+
+    real_stage_loss, real_evaluate, real_atomic_write, real_save = T.stage_loss, R.evaluate, R.atomic_write, torch.save
 
     def stage_loss(*a, **kw):
         _at(_tick('step'), 'begin')
@@ -263,7 +265,7 @@ def install_hooks(spec: dict | None) -> None:
         down()
         return real_executemany(self, cursor, statement, parameters, context)
 
-    R.stage_loss, R.evaluate, R.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
+    T.stage_loss, R.evaluate, R.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
     M.Writer.__init__, M.Writer.append, M.Writer.close = init, append, close
     zarr.Group.__delitem__ = delitem
     D.DefaultDialect.do_commit = do_commit

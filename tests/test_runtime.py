@@ -117,8 +117,9 @@ KILL_AT_CALL = 3 + 4
 KILLER = f"""
 import os, signal, sys
 import runtime.run as R
+import runtime.train as T
 calls, runs = [0], []
-real_stage_loss, real_run = R.stage_loss, R.Trainer.run
+real_stage_loss, real_run = T.stage_loss, R.Trainer.run
 def stage_loss(*args, **kwargs):
     calls[0] += 1
     if calls[0] == {KILL_AT_CALL}:
@@ -128,7 +129,7 @@ def stage_loss(*args, **kwargs):
 def run(self, _run):
     runs.append(_run)
     return real_run(self, _run)
-R.stage_loss, R.Trainer.run = stage_loss, run
+T.stage_loss, R.Trainer.run = stage_loss, run
 R.main(sys.argv[1:])
 """
 
