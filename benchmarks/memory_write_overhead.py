@@ -149,7 +149,7 @@ def projected_shipped(spec_path, work: Path, write) -> dict:
     from compiler.model import build
     from compiler.spec import load
     from runtime.data import Batches, prepare
-    from runtime.train import optimizer, set_frozen, stage_loss
+    from runtime.train import accumulate, optimizer, set_frozen
 
     plan = load([spec_path], [f"Data.cache_dir='{work / 'cache'}'"]).plan
     data = prepare(plan, progress=False)
@@ -163,9 +163,8 @@ def projected_shipped(spec_path, work: Path, write) -> dict:
         for i in range(6):
             tokens, mask = next(batches)
             t0 = time.perf_counter()
-            loss, _, _ = stage_loss(model, stage, tokens, mask, ids)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            accumulate(model, stage, tokens, mask, ids)  # the trainer's own step (forward, loss, backward)
             opt.step()
             if i >= 2:  # the first steps pay for allocation
                 times.append(time.perf_counter() - t0)
