@@ -212,6 +212,4 @@ class Stack(nn.Module):
             x = layer(x, rot, key_mask, keep_last if i == last else None, cache, i)
         if cache is not None:
             cache.length += t
-        if keep_last is not None and not self.layers:
-            x = x[:, -keep_last:]
         return self.norm(x)

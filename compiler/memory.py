@@ -90,9 +90,8 @@ class MemoryModule(nn.Module):
     def chunk_slots(self, memories: torch.Tensor | None, n: int, variable: bool):
         """The slots of ONE chunk that follows k = memories.shape[1] chunks (memories [b, k, d], k <= n-1, or
         None): row k of `slots`, the same layout, mask and pad as training. For generation and offline decoding."""
-        if memories is None or memories.shape[1] == 0:
-            b = 1 if memories is None else memories.shape[0]
-            s, m = self.slots(None, b, n, variable)
+        if memories is None:
+            s, m = self.slots(None, 1, n, variable)
             return s[:, 0], m[:, 0]
         b, k, d = memories.shape
         full = memories.new_zeros(b, n - 1, d)  # slots() lays out all n chunks from n-1 memories; row k reads k
