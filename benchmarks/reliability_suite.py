@@ -663,11 +663,11 @@ class Suite:
                         res['problems'].append(f'reading the half-written group raised {type(e).__name__}, not a clear error')
         return self.resume_and_check(out, res, run_id)
 
-    def resume_and_check(self, out: Path, res: dict, run_id) -> dict:
+    def resume_and_check(self, out: Path, res: dict, run_id, what: str = 'resume') -> dict:
         """The end of every fault scenario: --resume, then compare with the uninterrupted baseline."""
         code, run_id = self.finish(out, 'resume', run_id)
         if code != 0:
-            res['problems'].append(f'resume exited {code}: {tail(out / "resume.log", 800)}')
+            res['problems'].append(f'{what} exited {code}: {tail(out / "resume.log", 800)}')
         else:
             p, res['lost'], res['duplicated'] = self.check(out, run_id)
             res['problems'] += p
@@ -807,14 +807,7 @@ class Suite:
         res['message'] = error_message(text)
         ck.unlink()
         ck.with_name('checkpoint.pt.sha256').unlink(missing_ok=True)
-        code, run_id = self.finish(out, 'resume', str(run_id))
-        if code != 0:
-            res['problems'].append(f'restart from the first step exited {code}: {tail(out / "resume.log", 800)}')
-        else:
-            p, res['lost'], res['duplicated'] = self.check(out, run_id)
-            res['problems'] += p
-        res['survived'] = not res['problems']
-        return res
+        return self.resume_and_check(out, res, str(run_id), 'restart from the first step')
 
     def fault_kill_while_replacing_memories(self) -> dict:
         """Killed in the middle of a memory append; the resumed run, replacing that half-written group, is killed in
