@@ -105,11 +105,11 @@ class ResumableSqlObserver(SqlObserver):
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
         from sqlalchemy.orm import sessionmaker
         # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets, but
-        # with ONE session for both of Sacred's threads. Sacred's thread-local session let the heartbeat thread
-        # change the main thread's run row through the main thread's session, whose autoflush then held SQLite's
-        # write lock until the main thread's next commit, minutes later: every metric write in between timed out
-        # with 'database is locked'. Now every event holds self.lock (reentrant: Sacred's save() takes it too)
-        # and nothing is expired on commit, so no attribute access reloads behind the lock's back.
+        # with ONE session for both of Sacred's threads. Sacred's thread-local sessions let the heartbeat thread
+        # change the run row that lives in the main thread's session; the likely cause (not proven) of runs whose
+        # metric writes all timed out with 'database is locked' while nothing was committed for minutes. Now
+        # every event holds self.lock (reentrant: Sacred's save() takes it too) and nothing is expired on
+        # commit, so no attribute access reloads behind the lock's back.
         self.engine, self.session = engine, sessionmaker(bind=engine, expire_on_commit=False)()
         self.priority, self.run, self.lock = 40, None, RLock()
         _retry(lambda: METRICS.create(engine, checkfirst=True))
