@@ -66,7 +66,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == 'auto':
         return 'sdpa' if problem else 'xformers'
     if problem:
-        raise SpecError(f"Stack.attention = 'xformers'",
+        raise SpecError("Stack.attention = 'xformers'",
                         f'xformers memory-efficient attention cannot run on this {device.type} device: {problem}',
                         "use Stack.attention = 'auto' (xformers where it runs, else sdpa) or 'sdpa'")
     return 'xformers'

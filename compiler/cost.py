@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler import plan as P
-from compiler.validate import sequence_lengths
+from compiler.families import Work, family, in_component, needs_ae_decoder
 
-BYTES = 4  # fp32 on CPU (bf16 autocast on CPU is 15x slower here: DESIGN.md)
+BYTES = 4  # fp32 on CPU (bf16 autocast on CPU is 15x slower here: docs/design.md)
 
 
 def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bool) -> dict[str, int]:
@@ -36,39 +36,58 @@ def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bo
     return out
 
 
-def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
-    """{'encoder.embedding': n, ...} for every component of the plan's graph."""
-    vocab = vocab or plan.data.vocab_size
-    fam, m, lengths = plan.family, plan.memory, sequence_lengths(plan)
-    out: dict[str, int] = {}
-    dec_embedding = fam not in ('autoencoder', 'probe')
-    for k, v in stack_params(plan.decoder, vocab, lengths['decoder'], dec_embedding, True).items():
-        out[f'decoder.{k}'] = v
-    if 'encoder' in lengths:
-        for k, v in stack_params(plan.encoder, vocab, lengths['encoder'], True, False).items():
-            out[f'encoder.{k}'] = v
+def _widths(plan: P.Plan) -> tuple[int, int]:
+    """(encoder width, decoder width); without an encoder, memories are formed at the decoder's width."""
     d_dec = plan.decoder.d_model
-    d_enc = plan.encoder.d_model if 'encoder' in lengths else d_dec
-    former = 'encoder' in lengths or fam == 'recurrent'
-    if former and m.compression > 1:
+    return (plan.encoder.d_model if family(plan).has_encoder else d_dec), d_dec
+
+
+def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
+    """{'encoder.embedding': n, ...} for every component of the plan's graph, in the graph's order."""
+    vocab = vocab or plan.data.vocab_size
+    fam, m, lengths = family(plan), plan.memory, family(plan).lengths(plan)
+    out: dict[str, int] = {}
+
+    def add(role, stack, length, embedding, head):
+        out.update({f'{role}.{k}': v for k, v in stack_params(stack, vocab, length, embedding, head).items()})
+
+    if fam.has_encoder:
+        add('encoder', plan.encoder, lengths['encoder'], True, False)
+    d_enc, d_dec = _widths(plan)
+    if fam.forms_memories and m.compression > 1:
         c = d_enc // m.compression
         out['memory.compress'] = d_enc * c + c + c * d_enc + d_enc
-    if former and d_enc != d_dec:
+    if fam.forms_memories and d_enc != d_dec:
         out['memory.proj'] = d_enc * d_dec
-    from compiler.model import needs_ae_decoder
     ae = needs_ae_decoder(plan)
-    if ae:
-        for k, v in stack_params(plan.ae_decoder or plan.decoder, vocab, m.chunk_len, False, True).items():
-            out[f'ae_decoder.{k}'] = v
-    if (fam in ('autoencoder', 'probe') or ae) and m.decoder_input == 'unroll':
+    if (not fam.token_decoder or ae) and m.decoder_input == 'unroll':
         out['memory.unroll'] = (d_dec // 2) * d_dec + d_dec
-    if fam in P.MEMORY_FAMILIES and m.pad == 'learned':
+    if fam.pad_slot and m.pad == 'learned':
         out['memory.pad'] = d_dec
+    add('decoder', plan.decoder, lengths['decoder'], fam.token_decoder, True)
+    if ae:
+        add('ae_decoder', plan.ae_decoder or plan.decoder, m.chunk_len, False, True)
     return out
 
 
+def components(plan: P.Plan) -> list[str]:
+    """Freezable component names of the plan's graph (what Stage.freeze and Stage.init_from accept): each top-level
+    module and its parts that hold parameters, in the graph's order. Derived from params(), so checking a spec
+    needs no graph (tests/test_families.py checks it against the built one)."""
+    names: list[str] = []
+    for key in params(plan):
+        top = key.split('.', 1)[0]
+        names += [top] if top not in names else []
+        names.append(key)
+    return names
+
+
+def stack_of(plan: P.Plan, role: str) -> P.Stack:
+    return plan.ae_decoder or plan.decoder if role == 'ae_decoder' else getattr(plan, role)
+
+
 def is_frozen(component: str, freeze) -> bool:
-    return any(component == f or component.startswith(f + '.') for f in freeze)
+    return any(in_component(component, f) for f in freeze)
 
 
 def _block_flops(s: P.Stack, t: int, rows: int, attention: bool = True) -> float:
@@ -102,36 +121,30 @@ class StageCost:
 
 
 def forward_flops(plan: P.Plan, objective: str = 'clm', attention: bool = True) -> tuple[float, float]:
-    """(decoder side, encoder side) forward FLOPs of one example (N chunks of L tokens) for one objective pass,
-    counting exactly the work the built graph does: memories read one encoder position (keep_last), the head
-    runs on token positions only, copy objectives decode only the supervised second half, autoencode runs the
-    (ae_)decoder over each chunk without memory slots."""
-    fam, m = plan.family, plan.memory
-    n, l, lengths, vocab = m.chunks, m.chunk_len, sequence_lengths(plan), plan.data.vocab_size
-    dec = plan.decoder
-    head = 2 * dec.d_model * vocab
-    d_enc = plan.encoder.d_model if 'encoder' in lengths else dec.d_model
-    form = (4 * d_enc * (d_enc // m.compression) if m.compression > 1 else 0) + (2 * d_enc * dec.d_model if d_enc != dec.d_model else 0)
-    unroll = l * 2 * (dec.d_model // 2) * dec.d_model if m.decoder_input == 'unroll' else 0  # autoencoder decoder input
-    first = n // 2 if objective in ('copy', 'blank_copy') else 0
-    read = 2 if m.position == 'second_last' else 1  # encoder positions a memory needs from the last block
-    if fam in ('clm', 'full_context'):
-        return stack_flops(dec, n * l, (n - first) * l if first else None, attention) + (n - first) * l * head, 0.0
-    if fam in ('autoencoder', 'probe'):
-        return (n * (unroll + stack_flops(dec, l, None, attention) + l * head),
-                n * (stack_flops(plan.encoder, l, read, attention) + form))
-    if fam == 'recurrent':  # the carried memory reads the last position of every chunk's decoder pass
-        return n * (stack_flops(dec, 1 + l, None, attention) + l * head + form), 0.0
-    if objective == 'autoencode':  # memory model's stage-0 autoencoder: every chunk, through ae_decoder
-        ae = plan.ae_decoder or dec
-        return (n * (unroll + stack_flops(ae, l, None, attention) + l * head),
-                n * (stack_flops(plan.encoder, l, read, attention) + form))
-    decoder = (n - first) * (stack_flops(dec, lengths['decoder'], l, attention) + l * head)
-    if fam == 'no_memory':
-        return decoder, 0.0
-    if fam == 'oracle':  # the encoder sees the whole sequence once, every position read (chunk windows)
-        return decoder, stack_flops(plan.encoder, n * l, None, attention) + (n - 1) * form
-    return decoder, (n - 1) * (stack_flops(plan.encoder, l, read, attention) + form)
+    """(decoder side, encoder side) forward FLOPs of one example (N chunks of L tokens) for one objective pass:
+    the family's passes (compiler/families.py) priced stack by stack. They count exactly the work the built graph
+    does: memories read one encoder position (keep_last), the head runs on token positions only, copy objectives
+    decode only the supervised second half, autoencode runs the (ae_)decoder over each chunk without slots."""
+    work: Work = family(plan).work(plan, objective)
+    m, vocab = plan.memory, plan.data.vocab_size
+    d_enc, d_dec = _widths(plan)
+    dec = enc = 0.0
+    for p in work.passes:
+        s = stack_of(plan, p.stack)
+        flops = stack_flops(s, p.length, p.keep, attention) + p.head * 2 * s.d_model * vocab
+        if p.unroll:  # one shared Linear(d/2 -> d) per position
+            flops += p.length * 2 * (s.d_model // 2) * s.d_model
+        if p.stack == 'encoder':
+            enc += p.rows * flops
+        else:
+            dec += p.rows * flops
+    form = (4 * d_enc * (d_enc // m.compression) if m.compression > 1 else 0) + (2 * d_enc * d_dec if d_enc != d_dec else 0)
+    # memories are formed on the encoder side, or (recurrent, no encoder) from the decoder's output
+    if family(plan).has_encoder:
+        enc += work.forms * form
+    else:
+        dec += work.forms * form
+    return dec, enc
 
 
 def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'clm', attention: bool = True) -> float:
@@ -151,26 +164,23 @@ def kv_cache_bytes(plan: P.Plan) -> int:
     dec = plan.decoder
     if dec.kind != 'transformer':
         return 0
-    ctx = sequence_lengths(plan)['decoder']
+    ctx = family(plan).lengths(plan)['decoder']
     return 2 * dec.n_layers * dec.kv_heads * (dec.d_model // dec.n_heads) * ctx * BYTES
 
 
 def activation_bytes(plan: P.Plan, batch: int, freeze=()) -> int:
-    """Saved activations for backward, per batch, fp32. Per block and position: transformer ~ 10 d + 4 ffn
-    floats (norm in/out, q k v o, residuals, gate/up/act/product), mixer ~ 6 d + 2 ffn; logits 2 x vocab per
-    predicted token; a frozen encoder with nothing trainable upstream saves nothing (no_grad)."""
-    lengths, m, fam = sequence_lengths(plan), plan.memory, plan.family
-
-    def stack(s, t, rows):
+    """Saved activations for backward, per batch, fp32, for a clm pass (the family's main objective). Per block and
+    position: transformer ~ 10 d + 4 ffn floats (norm in/out, q k v o, residuals, gate/up/act/product), mixer
+    ~ 6 d + 2 ffn; logits 2 x vocab per predicted token; a frozen encoder with nothing trainable upstream saves
+    nothing (no_grad)."""
+    enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
+    floats = 0
+    for p in family(plan).work(plan, 'clm').passes:
+        if p.stack == 'encoder' and enc_frozen:
+            continue
+        s = stack_of(plan, p.stack)
         per = (10 * s.d_model + 4 * s.ffn) if s.kind == 'transformer' else (6 * s.d_model + 2 * s.ffn)
-        return rows * t * per * s.n_layers
-
-    n = m.chunks
-    dec_rows = batch * (1 if fam in ('clm', 'full_context') else n)
-    floats = stack(plan.decoder, lengths['decoder'], dec_rows) + batch * n * m.chunk_len * 2 * plan.data.vocab_size
-    if 'encoder' in lengths and not all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.')):
-        enc_rows = batch * (n if fam in ('autoencoder', 'probe') else 1 if fam == 'oracle' else n - 1)
-        floats += stack(plan.encoder, lengths['encoder'], enc_rows)
+        floats += batch * p.rows * (p.length * per * s.n_layers + p.head * 2 * plan.data.vocab_size)
     return int(floats * BYTES)
 
 

@@ -13,6 +13,12 @@ class SpecError(Exception):
         self.where, self.what, self.fix = where, what, fix
 
 
+def either(words) -> str:
+    """'a', 'a or b', 'a, b or c': alternatives in a message."""
+    words = list(words)
+    return ' or '.join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def cli(main):
     """Decorate a CLI entry point: SpecError -> message on stderr and exit 2; everything else propagates."""
 

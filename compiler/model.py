@@ -1,4 +1,6 @@
-"""Model families, all composed of the same Stack and MemoryModule. One interface for every family:
+"""The graphs of the model families, all composed of the same Stack and MemoryModule. Which graph a family uses,
+how long its stacks' sequences are and which optional parts it has come from its record in compiler/families.py.
+One interface for every graph:
 
     logits = model(tokens, key_mask)      tokens, key_mask: [B, N, L]   ->   logits [B, N, L, vocab]
 
@@ -11,16 +13,24 @@ and the three top-level names.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from compiler import plan as P
 from compiler.blocks import Stack
+from compiler.families import Family, family, in_component, needs_ae_decoder
 from compiler.memory import MemoryModule, select_index
 
 
-class Family(nn.Module):
+class Graph(nn.Module):
+    """Base of every family's graph. `family` is the family's registry record."""
 
+    def __init__(self, plan: P.Plan):
+        super().__init__()
+        self.family: Family = family(plan)
+        self.lengths = self.family.lengths(plan)
 
     def encode(self, tokens, key_mask=None):
         """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder). A memory reads one
@@ -42,13 +52,13 @@ class Family(nn.Module):
         return names
 
 
-class CausalLM(Family):
+class CausalLM(Graph):
     """clm and full_context: one causal decoder over all N*L tokens."""
 
     def __init__(self, plan: P.Plan, vocab: int):
-        super().__init__()
+        super().__init__(plan)
         self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
-        self.decoder = Stack(plan.decoder, vocab, self.n * self.l, head=True)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0):
         b = tokens.shape[0]
@@ -58,7 +68,7 @@ class CausalLM(Family):
         return self.decoder.head(h).view(b, self.n - first_chunk, self.l, -1)
 
 
-def reconstruct(model: Family, decoder: Stack, tokens, key_mask):
+def reconstruct(model: Graph, decoder: Stack, tokens, key_mask):
     """Autoencoding: every chunk -> one memory -> `decoder` regenerates the chunk (unshifted)."""
     b, n, l = tokens.shape
     km = None if key_mask is None else key_mask.reshape(b * n, l)
@@ -67,22 +77,17 @@ def reconstruct(model: Family, decoder: Stack, tokens, key_mask):
     return decoder.head(h).view(b, n, l, -1)
 
 
-def needs_ae_decoder(plan: P.Plan) -> bool:
-    """A chunked memory model whose curriculum has an 'autoencode' stage (the frozen-encoder curriculum's stage 0)."""
-    return plan.family in ('memory', 'oracle') and any(o.kind == 'autoencode' for s in plan.curriculum for o in s.objectives)
-
-
-class Autoencoder(Family):
+class Autoencoder(Graph):
     """autoencoder and probe: every chunk is one example; encoder -> one memory -> decoder regenerates it."""
 
     def __init__(self, plan: P.Plan, vocab: int):
-        super().__init__()
+        super().__init__(plan)
         m = plan.memory
         self.l = m.chunk_len
-        self.encoder = Stack(plan.encoder, vocab, m.chunk_len)
-        self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=True,
-                                   unroll=m.decoder_input == 'unroll', pad=False)
-        self.decoder = Stack(plan.decoder, vocab, m.chunk_len, embedding=False, head=True)
+        self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
+        self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
+                                   unroll=m.decoder_input == 'unroll', pad=self.family.pad_slot)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], embedding=self.family.token_decoder, head=True)
 
     def memories(self, tokens, key_mask=None):
         b, n, l = tokens.shape
@@ -95,22 +100,22 @@ class Autoencoder(Family):
     autoencode = forward
 
 
-class ChunkedMemoryLM(Family):
-    """memory, no_memory and oracle. The encoder embeds chunks 0..N-2 in ONE batched call; the decoder runs
-    every chunk as one batch: [slots for chunk c, tokens of chunk c], key masks aligned per chunk."""
+class ChunkedMemoryLM(Graph):
+    """memory, no_memory and oracle. The encoder embeds chunks 0..N-2 in ONE batched call (the family's encoder
+    reads each 'chunk', or the whole 'sequence' once: the oracle); the decoder runs every chunk as one batch:
+    [slots for chunk c, tokens of chunk c], key masks aligned per chunk."""
 
     def __init__(self, plan: P.Plan, vocab: int):
-        super().__init__()
-        m = plan.memory
-        self.n, self.l, self.variable, self.oracle = m.chunks, m.chunk_len, m.slots == 'variable', plan.family == 'oracle'
-        self.use_memory = plan.family != 'no_memory'
-        slots = self.n - 1 if self.variable else self.n
+        super().__init__(plan)
+        m, fam = plan.memory, self.family
+        self.n, self.l, self.variable = m.chunks, m.chunk_len, m.slots == 'variable'
+        self.use_memory, self.oracle = fam.has_encoder, fam.encoder == 'sequence'
         if self.use_memory:
-            self.encoder = Stack(plan.encoder, vocab, self.n * self.l if self.oracle else self.l)
+            self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
         ae = needs_ae_decoder(plan)
         self.memory = MemoryModule(m, plan.encoder.d_model if self.use_memory else None, plan.decoder.d_model,
-                                   former=self.use_memory, unroll=ae and m.decoder_input == 'unroll', pad=True)
-        self.decoder = Stack(plan.decoder, vocab, slots + self.l, head=True)
+                                   former=fam.forms_memories, unroll=ae and m.decoder_input == 'unroll', pad=fam.pad_slot)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
         if ae:
             self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
 
@@ -145,16 +150,17 @@ class ChunkedMemoryLM(Family):
         return self.decoder.head(h).view(b, n - first_chunk, l, -1)  # the head runs on token positions only
 
 
-class RecurrentMemoryLM(Family):
+class RecurrentMemoryLM(Graph):
     """Recurrent memory transformer baseline: one memory embedding carried chunk to chunk, backprop through time.
     The chunk loop is inherent here (chunk c needs chunk c-1's output); that is the cost this baseline measures."""
 
     def __init__(self, plan: P.Plan, vocab: int):
-        super().__init__()
+        super().__init__(plan)
         m = plan.memory
         self.l = m.chunk_len
-        self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=True, unroll=False, pad=True)
-        self.decoder = Stack(plan.decoder, vocab, 1 + self.l, head=True)
+        self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
+                                   unroll=False, pad=self.family.pad_slot)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0):
         b, n, l = tokens.shape
@@ -169,22 +175,43 @@ class RecurrentMemoryLM(Family):
         return torch.stack(out[first_chunk:], 1)
 
 
-FAMILY_CLASSES = {'clm': CausalLM, 'full_context': CausalLM, 'autoencoder': Autoencoder, 'probe': Autoencoder,
-                  'memory': ChunkedMemoryLM, 'no_memory': ChunkedMemoryLM, 'oracle': ChunkedMemoryLM,
-                  'recurrent': RecurrentMemoryLM}
+GRAPHS = {cls.__name__: cls for cls in (CausalLM, Autoencoder, ChunkedMemoryLM, RecurrentMemoryLM)}  # Family.graph
 
 
-def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Family:
+def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Graph:
     """The graph of a (validated) Plan. Seeded: the same plan and seed give the same initial weights."""
     vocab = vocab or plan.data.vocab_size
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(plan.run.seed if seed is None else seed)
     try:
-        model = FAMILY_CLASSES[plan.family](plan, vocab)
+        model = GRAPHS[family(plan).graph](plan, vocab)
         init_weights(model)
     finally:
         torch.random.set_rng_state(gen_state)
     return model
+
+
+@functools.cache
+def _skip_init_mode():
+    """A TorchFunctionMode that skips value-only work on the meta device, where values do not exist: nn.init calls
+    and tril/triu (the mixer's mask) keep their input's shape, and on meta tensors they run Python references
+    that import torch._dynamo (measured ~2.5 s per build). Thread-local."""
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, '__module__', None) == 'torch.nn.init' or getattr(func, '__name__', None) in ('tril', 'triu'):
+                return args[0] if args else next(iter((kwargs or {}).values()))
+            return func(*args, **(kwargs or {}))
+
+    return SkipInit
+
+
+def meta_build(plan: P.Plan, vocab: int | None = None) -> Graph:
+    """The plan's graph on the meta device: shapes and names only, nothing allocated (checks a checkpoint against
+    the graph before a run starts)."""
+    with torch.device('meta'), _skip_init_mode()():
+        return GRAPHS[family(plan).graph](plan, vocab or plan.data.vocab_size)
 
 
 def compile_stacks(model: nn.Module) -> nn.Module:
@@ -206,5 +233,5 @@ def init_weights(model: nn.Module) -> None:
 
 
 def parameters_of(model: nn.Module, component: str):
-    """(name, parameter) pairs of one component (prefix match on dotted module paths)."""
-    return [(n, p) for n, p in model.named_parameters() if n == component or n.startswith(component + '.')]
+    """(name, parameter) pairs of one component (families.in_component)."""
+    return [(n, p) for n, p in model.named_parameters() if in_component(n, component)]

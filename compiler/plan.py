@@ -11,15 +11,17 @@ value can be traced back to the file and line that bound it (see compiler/spec.p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import types
 import typing
 from dataclasses import dataclass, field
 
 import gin
 
-FAMILIES = ('clm', 'full_context', 'autoencoder', 'probe', 'memory', 'no_memory', 'oracle', 'recurrent')
-MEMORY_FAMILIES = ('memory', 'no_memory', 'oracle', 'recurrent')  # chunked decoders that read memories
-ENCODER_FAMILIES = ('autoencoder', 'probe', 'memory', 'no_memory', 'oracle')
-OBJECTIVES = ('clm', 'autoencode', 'copy', 'blank_copy', 'retrieval')
+from compiler.families import NAMES as FAMILIES
+
+STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack
 INT_LIMIT = 2 ** 63  # every integer of a plan must fit int64
 
 
@@ -51,7 +53,7 @@ def _conforms(value, tp) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is typing.Any:
         return True
-    if origin is typing.Union or origin is getattr(__import__('types'), 'UnionType', None):
+    if origin is typing.Union or origin is types.UnionType:
         return any(_conforms(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
@@ -76,7 +78,7 @@ def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         return 'one of ' + ', '.join(repr(a) for a in args)
-    if origin is typing.Union or origin is getattr(__import__('types'), 'UnionType', None):
+    if origin is typing.Union or origin is types.UnionType:
         return ' or '.join(_describe(a) for a in args)
     if origin is tuple:
         return f'a list of {_describe(args[0])}'
@@ -239,6 +241,34 @@ class Plan(_PlanPart):
     @property
     def stage_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.curriculum)
+
+    def stage_start(self, index: int) -> int:
+        """Global step at which curriculum stage `index` starts (steps of the stages before it); index =
+        len(curriculum) gives the total. The one place the curriculum's step offsets are computed."""
+        return sum(s.steps for s in self.curriculum[:index])
+
+    def stage_end(self, name: str) -> int:
+        """Global step at which the stage called `name` ends."""
+        i = self.stage_names.index(name)
+        return self.stage_start(i + 1)
+
+    @property
+    def hash(self) -> str:
+        """The plan hash: what makes two runs the same experiment (the spec text, comments and the order of
+        bindings do not count). Recorded with every run and memory group; --resume requires it to match."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        """Inverse of to_dict(), also for the copy recorded in a run's Sacred config (whose keys had '.' replaced
+        by ':', which MongoDB forbids in keys)."""
+        stack = lambda s: None if s is None else Stack(**s)  # noqa: E731
+        stages = tuple(Stage(**{**s, 'objectives': tuple(Objective(**o) for o in s['objectives']),
+                                'init_from': {k.replace(':', '.'): v for k, v in s.get('init_from', {}).items()}})
+                       for s in d['curriculum'])
+        return cls(family=d['family'], decoder=stack(d['decoder']), encoder=stack(d.get('encoder')),
+                   ae_decoder=stack(d.get('ae_decoder')), memory=Memory(**d['memory']), data=Data(**d['data']),
+                   curriculum=stages, run=Run(**d['run']))
 
 
 CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Memory, Objective, Stage, Data, Run, Plan)}

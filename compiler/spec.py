@@ -11,9 +11,8 @@ for three reasons (all measured with gin-config 0.5.0):
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see DESIGN.md)
-import json
+import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see docs/design.md)
+import io
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import gin
 from gin import config_parser
 
 from compiler import plan as plan_mod
+from compiler import validate
 from compiler.errors import SpecError
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / 'specs'
@@ -35,11 +35,11 @@ class Spec:
     files: list[str]
     bindings: list[str]
     locations: dict = field(default_factory=dict)  # (scope, configurable, arg) -> 'file:line'
+    sources: list[str] = field(default_factory=list)  # the spec files given (files adds their includes)
 
     @property
     def hash(self) -> str:
-        text = json.dumps(self.plan.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return self.plan.hash
 
 
 class _Delegate(config_parser.ParserDelegate):
@@ -103,7 +103,6 @@ class _Loader:
             self.label = None
 
     def _parse(self, text: str, filename, folder: Path, chain: tuple):
-        import io
         stream = io.StringIO(text)
         stream.name = filename
         ref = [None]
@@ -199,8 +198,6 @@ def locate(spec_locations: dict, owner, name: str) -> str:
 
 def load(files, bindings=()) -> Spec:
     """Parse spec files and -b bindings into a validated Plan. Raises SpecError on bad input."""
-    from compiler import validate  # late: validate imports cost/model pieces
-
     gin.clear_config()
     loader = _Loader()
     for f in files:
@@ -234,8 +231,9 @@ def load(files, bindings=()) -> Spec:
             raise SpecError(_required_location(loader, e), f'a required value was not set: {str(e).splitlines()[0]}',
                             "bind it in the spec or on the command line, e.g. -b 'scope/Configurable.param = value'")
         raise
-    spec = Spec(built, gin.operative_config_str(), loader.files, list(bindings), locations)
-    validate.check(spec)
+    spec = Spec(built, gin.operative_config_str(), loader.files, list(bindings), locations,
+                [str(Path(f).resolve()) for f in files])
+    validate.check(built, lambda owner, name: locate(locations, owner, name))
     return spec
 
 
@@ -245,3 +243,34 @@ def _required_location(loader, err) -> str:
         if where in text:
             return where
     return ', '.join(loader.files) or 'spec'
+
+
+class _AsText(config_parser.ParserDelegate):
+    """Parses references as their text: '@scope/Name()' and '%MACRO' (nothing is looked up or bound)."""
+
+    def configurable_reference(self, scoped_name, evaluate):
+        return f"@{scoped_name}{'()' if evaluate else ''}"
+
+    def macro(self, name):
+        return f'%{name}'
+
+
+def read_bindings(text: str) -> tuple[dict[str, object], dict[str, object]]:
+    """The bindings and macros of flat gin text (a recorded operative config, a -b binding), with gin's own parser:
+    ({'scope/Configurable.param': value}, {'NAME': value}); references stay text ('@clm/Objective()', '%LR').
+    For reading records: nothing is bound, and text that does not parse gives empty dicts."""
+    stream = io.StringIO(text)
+    stream.name = None
+    bindings, macros = {}, {}
+    try:
+        for st in config_parser.ConfigParser(stream, _AsText()):
+            if not isinstance(st, config_parser.BindingStatement):
+                continue
+            name = f'{st.scope}/{st.selector}' if st.scope else st.selector
+            if st.arg_name:
+                bindings[f'{name}.{st.arg_name}'] = st.value
+            else:
+                macros[name] = st.value
+    except (SyntaxError, tokenize.TokenError):
+        return {}, {}
+    return bindings, macros

@@ -1,12 +1,15 @@
-"""Cross-field checks of a Plan, before any tensor is allocated. Each failure names the binding that set the
-offending value (via compiler.spec.locate), says what is wrong and how to fix it."""
+"""Cross-field checks of a Plan, before any tensor is allocated (nothing here imports torch). Each failure names
+the binding that set the offending value (`where(owner, field)`, given by compiler.spec), says what is wrong and
+how to fix it. What a family allows comes from its record in compiler/families.py."""
 from __future__ import annotations
 
-import functools
 import re
+from typing import Callable
 
+from compiler import cost
 from compiler import plan as P
-from compiler.errors import SpecError
+from compiler.errors import SpecError, either
+from compiler.families import family, in_component, serving
 
 INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
 # Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
@@ -15,67 +18,17 @@ MAX_PARAMS = 10 ** 12
 MAX_LAYERS = 1024
 
 
-def sequence_lengths(plan: P.Plan) -> dict[str, int]:
-    """Length of the sequence each stack processes (mixers are built for exactly this length)."""
-    m = plan.memory
-    n, l = m.chunks, m.chunk_len
-    if plan.family in ('clm', 'full_context'):
-        return {'decoder': n * l}
-    if plan.family in ('autoencoder', 'probe'):
-        return {'encoder': l, 'decoder': l}
-    if plan.family == 'recurrent':
-        return {'decoder': 1 + l}
-    slots = n - 1 if m.slots == 'variable' else n
-    out = {'decoder': slots + l}
-    if plan.family != 'no_memory':
-        out['encoder'] = n * l if plan.family == 'oracle' else l
-    return out
-
-
-@functools.cache
-def _skip_init_mode():
-    """A TorchFunctionMode that skips value-only work on the meta device, where values do not exist: nn.init calls
-    and tril/triu (the mixer's mask) keep their input's shape, and on meta tensors they run Python references
-    that import torch._dynamo (measured ~2.5 s, 40 % of a `python -m compiler` run). Thread-local.
-    torch itself is imported here, not at module level, so spec errors found before this point (parse errors,
-    unknown names, wrong types) are reported in ~0.3 s instead of after a ~3 s torch import."""
-    from torch.overrides import TorchFunctionMode
-
-    class SkipInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, '__module__', None) == 'torch.nn.init' or getattr(func, '__name__', None) in ('tril', 'triu'):
-                return args[0] if args else next(iter((kwargs or {}).values()))
-            return func(*args, **(kwargs or {}))
-
-    return SkipInit
-
-
-def meta_build(plan: P.Plan, vocab: int | None = None):
-    """The plan's graph on the meta device: shapes and names only, nothing allocated."""
-    import torch
-
-    from compiler.model import FAMILY_CLASSES
-    with torch.device('meta'), _skip_init_mode()():
-        return FAMILY_CLASSES[plan.family](plan, vocab or plan.data.vocab_size)
-
-
-def components(plan: P.Plan) -> list[str]:
-    """Freezable component names of the plan's graph."""
-    return meta_build(plan).components()
-
-
-def check(spec) -> None:
-    from compiler.spec import locate
+def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
+    """Raise SpecError at the first problem; `where(owner, field)` names the binding that set owner.field."""
 
     def fail(owner, name, what, fix):
-        raise SpecError(locate(spec.locations, owner, name), what, fix)
+        raise SpecError(where(owner, name), what, fix)
 
-    plan = spec.plan
-    needs_encoder = plan.family in P.ENCODER_FAMILIES and plan.family != 'no_memory'
-    if needs_encoder and plan.encoder is None:
+    fam = family(plan)
+    if fam.has_encoder and plan.encoder is None:
         fail(plan, 'encoder', f"family '{plan.family}' needs an encoder but Plan.encoder is not set",
              'bind Plan.encoder = @encoder/Stack() and its parameters')
-    lengths = sequence_lengths(plan)
+    lengths = fam.lengths(plan)
     for role in ('encoder', 'decoder'):
         stack = getattr(plan, role)
         if stack is None or role not in lengths:
@@ -87,10 +40,10 @@ def check(spec) -> None:
         fail(m, 'chunk_len', f'Memory.chunk_len = {m.chunk_len} is too short', 'use at least 2 tokens per chunk')
     if m.chunks < 1:
         fail(m, 'chunks', f'Memory.chunks = {m.chunks} must be positive', 'use at least 1 chunk')
-    if plan.family in P.MEMORY_FAMILIES and m.chunks < 2:
-        fail(m, 'chunks', f"family '{plan.family}' needs at least 2 chunks (memories of earlier chunks), got {m.chunks}",
-             'set Memory.chunks >= 2')
-    if plan.encoder is not None and needs_encoder:
+    if m.chunks < fam.min_chunks:
+        fail(m, 'chunks', f"family '{plan.family}' needs at least {fam.min_chunks} chunks (memories of earlier chunks), "
+             f'got {m.chunks}', f'set Memory.chunks >= {fam.min_chunks}')
+    if plan.encoder is not None and fam.has_encoder:
         if m.compression < 1 or plan.encoder.d_model % m.compression:
             fail(m, 'compression', f'Memory.compression = {m.compression} does not divide encoder d_model {plan.encoder.d_model}',
                  'choose a compression factor that divides the encoder width')
@@ -101,9 +54,9 @@ def check(spec) -> None:
         if plan.ae_decoder.d_model != plan.decoder.d_model:
             fail(plan.ae_decoder, 'd_model', f'ae_decoder width {plan.ae_decoder.d_model} differs from decoder width {plan.decoder.d_model}; both read the same memories',
                  'give ae_decoder the decoder\'s d_model')
-    if plan.family in ('autoencoder', 'probe') and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
+    if not fam.token_decoder and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
         fail(m, 'decoder_input', f'unroll needs an even decoder width, got {plan.decoder.d_model}', "use decoder_input = 'repeat' or an even d_model")
-    if m.slots == 'variable' and plan.decoder.kind == 'mixer' and plan.family in ('memory', 'no_memory', 'oracle'):
+    if m.slots == 'variable' and plan.decoder.kind == 'mixer' and fam.chunk_slots:
         fail(m, 'slots', 'variable memory slots need attention; a masked-mixer decoder has fixed positions',
              "use Memory.slots = 'fixed' with a mixer decoder")
 
@@ -118,7 +71,7 @@ def check(spec) -> None:
     if d.vocab_size < 2:
         fail(d, 'vocab_size', f'Data.vocab_size = {d.vocab_size} is too small', 'use e.g. 2048')
     _check_size(plan, fail)
-    comps = components(plan)
+    comps = cost.components(plan)
     for i, stage in enumerate(plan.curriculum):
         if stage.name in names[:i]:  # report the later duplicate: usually the line just written
             fail(stage, 'name', f"two curriculum stages are named '{stage.name}'", 'give every stage a unique Stage.name')
@@ -132,7 +85,6 @@ def check(spec) -> None:
 
 def _check_size(plan: P.Plan, fail) -> None:
     """Refuse plans too large to build (analytic parameter count, before any module exists)."""
-    from compiler import cost
     p = cost.params(plan)
     total = sum(p.values())
     if total <= MAX_PARAMS:
@@ -217,7 +169,7 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
         if c not in comps:
             fail(stage, 'freeze', f"{tag} freezes '{c}', which the '{plan.family}' graph does not have",
                  'freeze one of: ' + ', '.join(comps))
-    if set(comps) and all(any(c == f or c.startswith(f + '.') for f in stage.freeze) for c in comps if '.' in c):
+    if set(comps) and all(any(in_component(c, f) for f in stage.freeze) for c in comps if '.' in c):
         fail(stage, 'freeze', f'{tag} freezes every component: nothing would train', 'leave at least one component trainable')
     for c, src in stage.init_from.items():
         if c not in comps:
@@ -241,10 +193,13 @@ def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
     m, fam = plan.memory, plan.family
     if o.weight < 0:
         fail(o, 'weight', f'{tag}: objective {o.kind} has negative weight {o.weight}', 'use a weight >= 0')
-    if o.kind == 'autoencode' and fam not in ('autoencoder', 'probe', 'memory', 'oracle'):
-        fail(o, 'kind', f"{tag}: objective 'autoencode' needs an encoder (autoencoder, probe, memory or oracle family), the plan is '{fam}'",
-             "use Plan.family = 'autoencoder', or a clm/copy objective")
-    if o.kind != 'autoencode' and o.kind != 'retrieval' and fam in ('autoencoder', 'probe'):
+    if o.kind not in family(plan).objectives:
+        if o.kind == 'autoencode':
+            fail(o, 'kind', f"{tag}: objective 'autoencode' needs an encoder ({either(serving('autoencode'))} family), "
+                 f"the plan is '{fam}'", "use Plan.family = 'autoencoder', or a clm/copy objective")
+        if o.kind == 'retrieval':
+            fail(o, 'kind', f"{tag}: retrieval compares encoder embeddings; family '{fam}' has no encoder",
+                 'use a family with an encoder')
         fail(o, 'kind', f"{tag}: objective '{o.kind}' needs a causal decoder; the '{fam}' family regenerates its input",
              "use objective kind 'autoencode'")
     if o.kind in ('copy', 'blank_copy'):
@@ -254,8 +209,6 @@ def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
         if not 0 <= o.delimiter < m.chunk_len:
             fail(o, 'delimiter', f'{tag}: {o.delimiter} delimiter tokens do not fit a chunk of {m.chunk_len}', 'use 0 or 3')
     if o.kind == 'retrieval':
-        if fam not in ('autoencoder', 'probe', 'memory', 'oracle'):
-            fail(o, 'kind', f"{tag}: retrieval compares encoder embeddings; family '{fam}' has no encoder", 'use a family with an encoder')
         if not 1 <= o.ngram <= m.chunk_len:
             fail(o, 'ngram', f'{tag}: retrieval ngram {o.ngram} must be in [1, chunk_len={m.chunk_len}]', 'use e.g. 7')
         if o.temperature <= 0:

@@ -518,7 +518,7 @@ def report(p: Prepared) -> str:
     lines = [f'{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}' for r in rows]
     lines += [f'example shape    {tuple(p.train.shape[1:])} (N chunks x L tokens)',
               f'vocab size       {p.vocab_size}',
-              f'special ids      ' + ', '.join(f'{t}={i}' for t, i in p.special_ids.items()),
+              'special ids      ' + ', '.join(f'{t}={i}' for t, i in p.special_ids.items()),
               f'cache            {p.cache_path} ({"reused" if p.cache_hit else "built"})']
     return '\n'.join(lines)
 

@@ -36,21 +36,12 @@ from pathlib import Path
 import torch
 
 from compiler.blocks import KVCache
-from compiler.errors import SpecError, cli
-from compiler.model import CausalLM, ChunkedMemoryLM
+from compiler.errors import SpecError, cli, either
+from compiler.families import REGISTRY, family
+from store.layout import RunFolder, memory_store
 
-GENERATES = ('memory', 'no_memory', 'clm', 'full_context')
-OTHER_USE = 'generate with a memory, no_memory, clm or full_context run'
-CANNOT = {  # family -> (why it cannot continue text, what to use instead)
-    'autoencoder': ('an autoencoder regenerates its input from one memory; it does not continue text',
-                    f'decode its stored memories with `python -m store.analyze decode RUN_ID`, or {OTHER_USE}'),
-    'probe': ('an information probe regenerates its input from one memory; it does not continue text',
-              f'decode its stored memories with `python -m store.analyze decode RUN_ID`, or {OTHER_USE}'),
-    'oracle': ("the oracle's encoder reads the whole sequence, future included: there is no future to read while "
-               'generating', OTHER_USE),
-    'recurrent': ('the recurrent memory transformer carries its memory in the decoder output of the previous chunk; '
-                  'KV-cached generation is not implemented for it', OTHER_USE),
-}
+_GENERATING = sorted((f for f in REGISTRY.values() if f.generation), key=lambda f: f.generation != 'memory')
+OTHER_USE = f'generate with a {either(f.name for f in _GENERATING)} run'  # memory models first
 
 
 @dataclass
@@ -62,6 +53,11 @@ class State:
     memories: torch.Tensor | None  # [B, k, d] memories of earlier chunks, oldest first (memory families)
     logits: torch.Tensor | None = None  # [B, vocab] scores of the next token
     dropped: int = 0  # complete context chunks that did not fit the N-1 memory slots (or, no_memory: all of them)
+
+
+def _causal(model) -> bool:
+    """One window over every token (clm, full_context), or chunks turned into memories (memory, no_memory)."""
+    return model.family.generation == 'causal'
 
 
 def _feed(model, state: State, x: torch.Tensor) -> None:
@@ -104,10 +100,10 @@ def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None) -
     """Read conditioning tokens [B, T] (T >= 1), after optional earlier memories [B, k, d]. Causal LMs cache them all.
     Memory models: complete chunks become memories (one batched encode of those that are kept), the rest (at least
     one token) is the current chunk."""
-    if not isinstance(model, CausalLM) and not (isinstance(model, ChunkedMemoryLM) and not model.oracle):
-        raise ValueError(f'{type(model).__name__} cannot decode through a KV cache (see check_generates)')
+    if model.family.generation is None:
+        raise ValueError(f'family {model.family.name} cannot decode through a KV cache (see check_generates)')
     b, t = tokens.shape
-    if isinstance(model, CausalLM):
+    if _causal(model):
         state = State(new_cache(model, b), None, tokens, None)
         _feed(model, state, model.decoder.embedding(tokens))
         return state
@@ -127,7 +123,7 @@ def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None) -
 def step(model, state: State, token: torch.Tensor) -> State:
     """Feed the sampled tokens [B]; state.logits then scores the token after them."""
     token = token[:, None]
-    if isinstance(model, CausalLM) or state.tokens.shape[1] < model.l:
+    if _causal(model) or state.tokens.shape[1] < model.l:
         state.tokens = torch.cat([state.tokens, token], 1)
         _feed(model, state, model.decoder.embedding(token))
         return state
@@ -201,7 +197,7 @@ def generate(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, 
 
 def run_folder(run: str, runs: str) -> Path:
     for p in (Path(run), Path(runs) / run):
-        if (p / 'operative.gin').is_file():
+        if RunFolder.at(p).operative.is_file():
             return p
     raise SpecError(f'RUN {run}', f'no run folder at {run} or {Path(runs) / run} (a run folder holds operative.gin)',
                     'give a run folder, or a run id under --runs (python -m store.runs list)')
@@ -209,9 +205,11 @@ def run_folder(run: str, runs: str) -> Path:
 
 def check_generates(plan, where: str) -> None:
     """Families and stacks that cannot decode through a KV cache: one message each, naming what to use instead."""
-    if plan.family not in GENERATES:
-        why, fix = CANNOT[plan.family]
-        raise SpecError(where, f"family '{plan.family}' cannot generate: {why}", fix)
+    fam = family(plan)
+    if fam.generation is None:
+        fix = (f'decode its stored memories with `python -m store.analyze decode RUN_ID`, or {OTHER_USE}'
+               if fam.readout(plan) == 'decoder' else OTHER_USE)
+        raise SpecError(where, f"family '{plan.family}' cannot generate: {fam.cannot_generate}", fix)
     if plan.decoder.kind != 'transformer':
         raise SpecError(where, f"family '{plan.family}' with a masked-mixer decoder cannot generate: masked mixers keep "
                         'no KV cache (their token mixing is a convolution over the whole window)',
@@ -225,12 +223,12 @@ def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
     from compiler.model import build
     from compiler.spec import load
     from runtime.data import prepare
-    plan = load([str(folder / 'operative.gin')]).plan
+    plan = load([str(RunFolder.at(folder).operative)]).plan
     check_generates(plan, f'run {folder}')
     if stage is not None and stage not in plan.stage_names:
         raise SpecError(f'--stage {stage}', f"run {folder} has no stage '{stage}' (stages: {', '.join(plan.stage_names)})",
                         'pick one of the listed stages, or leave --stage out for the final weights')
-    weights = folder / ('final.safetensors' if stage is None else f'stages/{stage}.safetensors')
+    weights = RunFolder.at(folder).weights(stage)
     if not weights.is_file():
         raise SpecError(f'run {folder}', f'no weights at {weights} (the run did not finish'
                         + (' that stage)' if stage else ')'),
@@ -248,11 +246,11 @@ def stored_memories(ref: str, plan, folder: Path):
     where = f'--memories {ref}'
     if not stage or not row.isdigit():
         raise SpecError(where, 'expected STAGE:ROW, e.g. clm:0', 'name a stage of the run and a row of its stored memories')
-    if plan.family != 'memory':
+    if not family(plan).stores_memories:
         raise SpecError(where, f"a '{plan.family}' run has no encoder, so it stored no memories",
                         'condition it on text with --context or --context-file')
-    store = plan.run.memory_store or str(folder.parent / 'memories.zarr')
-    if store == 'none':
+    store = memory_store(plan.run, folder.parent)
+    if store is None:
         raise SpecError(where, "the run stored no memories (Run.memory_store = 'none')", 'condition on text with --context')
     try:
         group = M.open_group(store, folder.name, stage)
@@ -312,7 +310,7 @@ def context_text(args) -> str:
 
 def fits_window(plan, model, n_tokens: int, max_new: int) -> None:
     """Causal LMs: the cache holds the conditioning tokens and every new token but the last (which is never fed)."""
-    if not isinstance(model, CausalLM):
+    if not _causal(model):
         return
     window = model.n * model.l
     if n_tokens + max_new - 1 > window:
@@ -345,7 +343,7 @@ def main(argv=None) -> None:
     out = generate(model, torch.tensor([ids], device=args.device), memories, args.max_new_tokens, args.temperature,
                    args.top_k, data.eod_id, gen)
     if out.dropped:
-        why = ('a no_memory model reads no memories' if plan.family == 'no_memory' else
+        why = ('a no_memory model reads no memories' if not family(plan).has_encoder else
                f'the decoder has {plan.memory.chunks - 1} memory slots; the newest are kept')
         print(f'[generate] {out.dropped} context chunk(s) of {plan.memory.chunk_len} tokens not read: {why}', file=sys.stderr)
     text = tok.decode(out.tokens[0], skip_special_tokens=False)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 import time
 from threading import Lock, RLock
@@ -24,54 +23,7 @@ import sqlalchemy as sa
 from sacred.observers import SqlObserver
 
 from compiler.errors import SpecError
-
-METRICS = sa.Table(
-    'memspec_metrics', sa.MetaData(),
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column('run_id', sa.String(24), index=True, nullable=False),
-    sa.Column('name', sa.String(128), nullable=False),
-    sa.Column('step', sa.Integer, nullable=False),
-    sa.Column('value', sa.Float),
-    sa.Column('time', sa.DateTime),
-)
-
-
-def engine_url(url: str) -> str:
-    """The URL SQLAlchemy opens. SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed; the
-    pinned driver is psycopg2 (psycopg2-binary), so name it unless the URL names a driver itself."""
-    if url.startswith('postgresql://'):
-        return 'postgresql+psycopg2://' + url[len('postgresql://'):]
-    return url
-
-
-def make_engine(url: str) -> sa.Engine:
-    """SQLite in WAL mode with a generous busy timeout: Sacred's heartbeat thread, our metrics writes and other runs
-    sharing the file then wait for each other instead of failing with 'database is locked' (seen under load)."""
-    if not url.startswith('sqlite'):
-        return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
-    # one session serves Sacred's main and heartbeat threads (under a lock), so connections cross threads
-    engine = sa.create_engine(url, connect_args={'timeout': 60, 'check_same_thread': False})
-
-    @sa.event.listens_for(engine, 'connect')
-    def _pragmas(conn, _):
-        cur = conn.cursor()
-        cur.execute('PRAGMA journal_mode=WAL')
-        cur.execute('PRAGMA busy_timeout=60000')
-        cur.close()
-
-    return engine
-
-
-def default_url(out_dir: str) -> str:
-    return f'sqlite:///{Path(out_dir) / "sacred.db"}'
-
-
-def display_url(url: str) -> str:
-    try:
-        return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
-    except Exception:  # noqa: BLE001  (only for messages)
-        return url
-
+from store.database import METRICS, display_url, make_engine
 
 class RecordingLost(RuntimeError):
     """The run database stopped answering mid-run; what was not recorded is still replayable from the checkpoint."""
@@ -232,29 +184,6 @@ def observer(url: str):
         raise SpecError(f'--db {url}', 'unsupported database URL',
                         'use sqlite:///runs/sacred.db, postgresql://user@host/db or mongodb://host/db')
     return ResumableSqlObserver(url)
-
-
-def run_exists(url: str, run_id: str) -> bool:
-    return recorded_config(url, run_id) is not None
-
-
-def recorded_config(url: str, run_id: str) -> dict | None:
-    """The recorded config of a run ({} when unreadable), or None when the database (an SQLite file that does not
-    exist is not created) or the run is not there."""
-    if url.startswith('sqlite:///') and not Path(url[len('sqlite:///'):]).is_file():
-        return None
-    try:
-        obs_engine = make_engine(url)
-        with obs_engine.connect() as conn:
-            row = conn.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': str(run_id)}).first()
-    except sa.exc.SQLAlchemyError:
-        return None
-    if row is None:
-        return None
-    try:
-        return json.loads(row[0]) or {}
-    except (TypeError, ValueError):
-        return {}
 
 
 def now():

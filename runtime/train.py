@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
+from safetensors import safe_open
+
 from compiler import objectives as O
 from compiler import plan as P
-from compiler.model import Family, build, parameters_of
+from compiler.checkpoint import check_llama, load_llama, read_llama
+from compiler.errors import SpecError
+from compiler.families import family
+from compiler.model import Graph, build, meta_build, parameters_of
+from store.layout import RunFolder
 
 
 class Divergence(RuntimeError):
     pass
 
 
-def set_frozen(model: Family, stage: P.Stage) -> list[torch.nn.Parameter]:
+def set_frozen(model: Graph, stage: P.Stage) -> list[torch.nn.Parameter]:
     """requires_grad per component; returns the trainable parameters. Frozen ones never reach the optimizer,
     so no update, weight decay or momentum can touch them."""
     for p in model.parameters():
@@ -43,7 +50,7 @@ def optimizer(params, stage: P.Stage):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def forward(model: Family, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False):
+def forward(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False):
     """-> (logits, labels) for one objective on one batch. Copy objectives decode only the supervised half."""
     inp, m, labels = O.make_example(obj, tokens, mask, ids)
     if obj.kind == 'autoencode':
@@ -53,7 +60,7 @@ def forward(model: Family, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ab
     return model(inp, m, first_chunk=first, **extra), labels[:, first:]
 
 
-def stage_loss(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
+def stage_loss(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
     """The stage's objective mixture on one batch. Returns (total loss, {kind: loss}, {kind: accuracy})."""
     losses, accs = {}, {}
     for obj in stage.objectives:
@@ -72,7 +79,7 @@ def stage_loss(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, g
     return total, losses, accs
 
 
-def accumulate(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
+def accumulate(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
     """Forward and backward of one step's batch in micro-batches of Stage.micro_batch rows. The gradients add up
     to those of the row-weighted mean of the micro-batch losses (the batch loss itself when every row has the
     same number of supervised tokens, as packed data does; DDP averages ranks the same way).
@@ -94,21 +101,8 @@ def accumulate(model: Family, stage: P.Stage, tokens, mask, ids: O.SpecialIds, g
     return total, losses, accs
 
 
-def eval_suite(plan: P.Plan) -> list[P.Objective]:
-    """What every stage end reports, whatever it trained: the objectives this family can serve."""
-    fam, n = plan.family, plan.memory.chunks
-    if fam in ('autoencoder', 'probe'):
-        return [P.Objective(kind='autoencode')]
-    suite = [P.Objective(kind='clm')]
-    if n >= 2 and n % 2 == 0:
-        suite += [P.Objective(kind='copy'), P.Objective(kind='blank_copy')]
-    if any(o.kind == 'autoencode' for s in plan.curriculum for o in s.objectives):
-        suite.append(P.Objective(kind='autoencode'))
-    return suite
-
-
 @torch.no_grad()
-def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
+def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
              bytes_per_token: float | None, vocab: int) -> dict[str, float]:
     """Held-out metrics per objective: ce, token_accuracy, normalized_hamming, info_proportion (+ bits_per_byte
     for clm). Copy and blank copy are scored on full-length sequences only (no padding), as the paper does.
@@ -118,9 +112,10 @@ def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batc
     model.eval()
     out = {}
     full = val_mask.flatten(1).all(-1)
-    for obj in eval_suite(plan):
+    fam = family(plan)
+    for obj in (P.Objective(kind=k) for k in fam.eval_suite(plan)):
         runs = [('', False)]
-        if obj.kind == 'blank_copy' and plan.family in ('memory', 'oracle'):
+        if obj.kind == 'blank_copy' and fam.ablation:
             runs.append(('_ablated', True))
         for suffix, ablate in runs:
             x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)
@@ -134,19 +129,14 @@ def evaluate(model: Family, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batc
     return out
 
 
-def state_from_run(runs_dir, source: str, model: Family, component: str) -> dict[str, torch.Tensor]:
+def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[str, torch.Tensor]:
     """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
     defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
     ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from compiler.errors import SpecError
     ref, _, src_comp = source[len('run:'):].partition(':')
     run_id, stage = ref.split('/', 1)
     src_comp = src_comp or component
-    path = Path(runs_dir) / run_id / 'stages' / f'{stage}.safetensors'
+    path = RunFolder(runs_dir, run_id).stage_weights(stage)
     where = f"init_from '{source}'"
     if not path.is_file():
         raise SpecError(where, f'no stage checkpoint at {path}',
@@ -168,13 +158,12 @@ def state_from_run(runs_dir, source: str, model: Family, component: str) -> dict
     return out
 
 
-def init_component(model: Family, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:
+def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:
     """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>[:<comp>]'
     copies from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
     if source == 'previous':
         return
     if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
-        from compiler.checkpoint import load_llama, read_llama
         path = source[len('llama:'):]
         load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
         return
@@ -185,3 +174,15 @@ def init_component(model: Family, plan: P.Plan, component: str, source: str, see
     with torch.no_grad():
         for name, p in parameters_of(model, component):
             p.copy_(state[name])
+
+
+def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) -> None:
+    """The init_from sources of the stages still to run must exist (and Llama checkpoints fit) before anything is
+    recorded: a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
+    first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
+    for stage in plan.curriculum[first:]:
+        for comp, src in stage.init_from.items():
+            if src.startswith('llama:'):
+                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]), f"init_from '{src}'")
+            if src.startswith('run:'):
+                state_from_run(runs_dir, src, meta_build(plan, vocab), comp)

@@ -43,10 +43,15 @@ from tqdm import tqdm
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.errors import SpecError, cli
-from runtime import record
+from compiler.families import REGISTRY, family
+from compiler.spec import load
 from store import memories as M
+from store import tables
+from store.tables import num
+from store.database import default_url, display_url, open_db, recorded_config
+from store.layout import RunFolder, memory_store
 
-DEFAULT_STORE = 'runs/memories.zarr'
+DEFAULT_STORE = str(memory_store(P.Run()))
 LOGITS_BUDGET = 1 << 25  # floats of logits per model micro-batch (128 MiB in float32)
 
 
@@ -95,44 +100,22 @@ def stages(store, run_id: str, stage: str | None = None) -> list[tuple[str, M.Gr
 # ------------------------------------------------------------------------------------------------ rebuilding models
 
 def run_folder(attrs: dict) -> Path:
-    """<out_dir>/<run_id>/ : the checkpoint_path attribute is <run folder>/stages/<stage>.safetensors."""
+    """The run folder: the checkpoint_path attribute is its stage weights file (store/layout.py)."""
     return Path(attrs['checkpoint_path']).parent.parent
 
 
 def _plan_from_operative(path: Path):
     """The run folder's operative.gin is a complete spec: load it like any other."""
-    from compiler.spec import load
     spec = load([str(path)])
     return spec.plan, spec.hash
 
 
-def plan_from_dict(d: dict) -> P.Plan:
-    """A Plan from Plan.to_dict() output (as recorded in the Sacred config, keys sanitized '.' -> ':')."""
-    stack = lambda s: None if s is None else P.Stack(**s)  # noqa: E731
-    stages_ = tuple(P.Stage(**{**s, 'objectives': tuple(P.Objective(**o) for o in s['objectives']),
-                               'init_from': {k.replace(':', '.'): v for k, v in s.get('init_from', {}).items()}})
-                    for s in d['curriculum'])
-    return P.Plan(family=d['family'], decoder=stack(d['decoder']), encoder=stack(d.get('encoder')),
-                  ae_decoder=stack(d.get('ae_decoder')), memory=P.Memory(**d['memory']), data=P.Data(**d['data']),
-                  curriculum=stages_, run=P.Run(**d['run']))
-
-
-def _plan_hash(plan: P.Plan) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _plan_from_sacred(url: str, run_id: str):
-    import sqlalchemy as sa
-    try:
-        with record.make_engine(url).connect() as conn:
-            row = conn.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': str(run_id)}).first()
-    except Exception as e:  # noqa: BLE001  (any database failure: report and let the caller decide)
-        raise LookupError(f'{url}: {str(e).splitlines()[0]}')
-    if row is None:
-        raise LookupError(f'run {run_id} is not in {url}')
-    plan = plan_from_dict(json.loads(row[0])['plan'])
-    return plan, _plan_hash(plan)
+    config = recorded_config(url, run_id)
+    if config is None:
+        raise LookupError(f'run {run_id} is not in {display_url(url)}')
+    plan = P.Plan.from_dict(config['plan'])
+    return plan, plan.hash
 
 
 _PLANS: dict = {}
@@ -146,9 +129,9 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
     if key in _PLANS:
         return _PLANS[key]
     tried = []
-    op = folder / 'operative.gin'
+    op = RunFolder.at(folder).operative
     candidates = [('operative.gin', lambda: _plan_from_operative(op))] if op.is_file() else []
-    url = db or f'sqlite:///{folder.parent / "sacred.db"}'
+    url = db or default_url(folder.parent)
     if db or (folder.parent / 'sacred.db').is_file():
         candidates.append((f'Sacred config in {url}', lambda: _plan_from_sacred(url, run_id)))
     fallback = None
@@ -201,8 +184,11 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
         raise SpecError(where, f"the group lacks the attribute(s) {', '.join(missing)} needed to rebuild its model "
                         '(not written by runtime.run?)', 'analyse groups a training run wrote')
     plan = load_plan(a, db)
-    if plan.family not in ('autoencoder', 'probe', 'memory'):
-        raise SpecError(where, f"family '{plan.family}' has no memory decoder to analyse", 'analyse an autoencoder, probe or memory run')
+    fam = family(plan)
+    if fam.readout(plan) is None:
+        raise SpecError(where, f"family '{plan.family}' has no memory decoder to analyse",
+                        'analyse a run of a family that stores memories: '
+                        + ', '.join(f.name for f in REGISTRY.values() if f.stores_memories))
     ck = Path(a['checkpoint_path'])
     if not ck.is_file():
         raise SpecError(where, f'stage checkpoint {ck} not found', 'keep the run folder where the run wrote it')
@@ -227,7 +213,7 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
         raise SpecError(where, f'checkpoint {ck} does not match the model of the plan that wrote the store: '
                         f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}', 'decode with the run that wrote the store')
     model.eval().to(device)
-    kind = 'decoder' if plan.family in ('autoencoder', 'probe') else 'ae_decoder' if hasattr(model, 'ae_decoder') else 'blank_copy'
+    kind = fam.readout(plan)
     if readout != 'auto' and readout != kind:
         if kind == 'decoder' or (readout == 'ae_decoder' and not hasattr(model, 'ae_decoder')):
             raise SpecError(f'--readout {readout}', f"{where}: the '{plan.family}' model "
@@ -366,20 +352,12 @@ def info_rows(store, run_ids, stage=None, db=None, device='cpu', limit=None, rea
     return rows
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return '-'
-    if isinstance(v, float):
-        return f'{v:.4f}'
-    return str(v)
-
-
 def table(rows: list[dict], columns) -> str:
-    cells = [[name for _, name in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ['  '.join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines)
+    """Rows of dicts as aligned columns: the first five (names) left-aligned, the numbers right-aligned."""
+    def cell(v):
+        return num(v) if isinstance(v, float) else '-' if v is None else str(v)
+    return tables.table([name for _, name in columns], [[cell(r.get(k)) for k, _ in columns] for r in rows],
+                        right=set(range(5, len(columns))))
 
 
 def cmd_info(args) -> None:
@@ -564,17 +542,7 @@ def position_accuracy(dec: Decoder, group: M.Group, limit=None, desc='') -> np.n
 
 
 def metric_rows(url: str, run_id: str) -> list[tuple[str, int, float]]:
-    import sqlalchemy as sa
-    if not (url.startswith('sqlite') or url.startswith('postgresql')):
-        raise SpecError(f'--db {url}', 'plot reads metric curves from the memspec_metrics table of a SQLite or PostgreSQL '
-                        'run database', 'pass sqlite:///<out_dir>/sacred.db or a postgresql:// URL')
-    try:
-        with record.make_engine(url).connect() as conn:
-            return [tuple(r) for r in conn.execute(sa.text(
-                'SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY step, id'), {'r': str(run_id)})]
-    except Exception as e:  # noqa: BLE001  (a bad URL or a database without the table)
-        raise SpecError(f'--db {url}', f'cannot read metrics: {str(e).splitlines()[0]}',
-                        'pass the database the run was recorded in (default sqlite:///<out_dir>/sacred.db)')
+    return open_db(url).metrics(run_id)
 
 
 def cmd_plot(args) -> None:

@@ -22,6 +22,7 @@ import zarr
 
 from compiler import objectives as O
 from compiler.model import build
+from compiler import plan as P
 from store import analyze as A
 from store import memories as M
 
@@ -81,7 +82,7 @@ def reference(ae_run):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
     with sa.create_engine(ae_run['db']).connect() as c:
         cfg = json.loads(c.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': ae_run['run_id']}).first()[0])
-    plan = A.plan_from_dict(cfg['plan'])
+    plan = P.Plan.from_dict(cfg['plan'])
     model = build(plan, g.attrs['vocab_size'])
     model.load_state_dict(load_file(g.attrs['checkpoint_path']))
     return model.eval(), g
@@ -107,10 +108,10 @@ def synthetic(path, run_id='syn', stage='s', rows=600, chunks=2, chunk_len=4, di
 def test_plan_rebuilt_from_run_folder_and_sacred_match_the_stored_hash(ae_run, tmp_path):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
     plan = A.load_plan(g.attrs)
-    assert A._plan_hash(plan) == g.attrs['spec_hash'] and plan.family == 'autoencoder'
+    assert plan.hash == g.attrs['spec_hash'] and plan.family == 'autoencoder'
     # no operative.gin where the run folder should be: the plan recorded in Sacred is used instead
     moved = {**g.attrs, 'checkpoint_path': str(tmp_path / 'gone' / 'stages' / 'x.safetensors')}
-    assert A._plan_hash(A.load_plan(moved, db=ae_run['db'])) == g.attrs['spec_hash']
+    assert A.load_plan(moved, db=ae_run['db']).hash == g.attrs['spec_hash']
 
 
 def test_decode_shows_original_and_decoded_text_with_per_sequence_accuracy(ae_run, capsys):
@@ -193,7 +194,7 @@ def test_retrieve_beats_chance_and_is_reproducible(ae_run, capsys):
 
 def test_plot_writes_pngs(ae_run, capsys, tmp_path):
     import sqlalchemy as sa
-    from runtime.record import METRICS
+    from store.database import METRICS
     db = f"sqlite:///{tmp_path / 'metrics.db'}"
     engine = sa.create_engine(db)
     METRICS.create(engine)

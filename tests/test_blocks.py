@@ -8,6 +8,7 @@ from compiler import model as M
 from compiler.attention import xformers_problem
 from compiler import plan as P
 from compiler.blocks import MaskedTokenConv, Stack
+from compiler.families import needs_ae_decoder
 from compiler.memory import MemoryModule, unroll_index
 from compiler.spec import SPECS_DIR, load
 
@@ -151,7 +152,7 @@ def test_built_depth_is_declared_depth(spec, enc_layers, dec_layers):
     if plan.family in ('autoencoder', 'probe', 'memory', 'oracle'):
         assert plan.encoder.n_layers == enc_layers
         stacks['encoder'] = (model.encoder, enc_layers)
-    if M.needs_ae_decoder(plan):
+    if needs_ae_decoder(plan):
         stacks['ae_decoder'] = (model.ae_decoder, dec_layers)  # Plan.ae_decoder unset: same as the decoder
     for name, (stack, n) in stacks.items():
         assert len(stack.layers) == n, name

@@ -1,6 +1,6 @@
 """Concurrency: runs started at the same instant on one run database and one Zarr memory store.
 
-- Four whole runs (benchmarks/reliability_suite.py --concurrent 4: forks of one warmed-up process, released at the
+- Four whole runs (tests/faults.py --concurrent 4: forks of one warmed-up process, released at the
   same instant) on one SQLite database and one Zarr store, then on PostgreSQL: distinct ids, one COMPLETED row each,
   every metric once, complete memory groups, one run folder each.
 - Sacred's SqlObserver picks `max(id) + 1` as the new run's id, so runs starting together pick the same one (an
@@ -50,7 +50,7 @@ def four_at_once(tmp_path_factory, rt_cache):
     root = tmp_path_factory.mktemp('concurrent')
     admin = pg_admin()
     out = root / 'report.json'
-    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'reliability_suite.py'), '--kills', '0', '--no-faults',
+    cmd = [sys.executable, str(ROOT / 'tests' / 'faults.py'), '--kills', '0', '--no-faults',
            '--concurrent', '4', '--jobs', '1', '--root', str(root / 'work'), '--cache', str(rt_cache), '--json', str(out),
            '--postgres', admin or 'none']
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)

@@ -1,10 +1,10 @@
 """Faults: kill -9 at seeded random moments of a run, then --resume; disk full while checkpointing or writing
 memories; an unwritable output folder; a run database unreachable at start or gone mid-run; a corrupted checkpoint.
 
-The matrix runs as one bounded benchmarks/reliability_suite.py subprocess (10 kill points and every resource fault,
+The matrix runs as one bounded tests/faults.py subprocess (10 kill points and every resource fault,
 two scenarios side by side, each run a fork of a warmed-up process so it takes ~1 s); the tests below read its
 JSON report. MEMSPEC_FAULT_SEED picks other kill points (default 0); the suite prints the seed and every failing
-point's hooks, so a failure reproduces with `python benchmarks/reliability_suite.py --seed S --kills 10`.
+point's hooks, so a failure reproduces with `python tests/faults.py --seed S --kills 10`.
 A few properties of the checkpoint format are also tested directly, in process."""
 import errno
 import json
@@ -43,7 +43,7 @@ def report(tmp_path_factory, rt_cache):
     root = tmp_path_factory.mktemp('reliability')
     pg, why = postgres_admin()
     out = root / 'reliability.json'
-    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'reliability_suite.py'), '--kills', str(KILLS), '--seed', str(SEED),
+    cmd = [sys.executable, str(ROOT / 'tests' / 'faults.py'), '--kills', str(KILLS), '--seed', str(SEED),
            '--jobs', '2', '--root', str(root / 'work'), '--cache', str(rt_cache), '--json', str(out),
            '--postgres', pg or 'none']
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
@@ -154,7 +154,7 @@ def test_corrupted_checkpoint_is_refused_and_the_named_fix_restarts_the_run(repo
 # ------------------------------------------------------------------------------------------------- in process
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path):
-    from runtime.run import atomic_write
+    from runtime.checkpoint import atomic_write
     target = tmp_path / 'checkpoint.pt'
     target.write_bytes(b'old')
 
@@ -172,7 +172,7 @@ def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path):
 def test_a_kill_between_the_digest_and_the_checkpoint_rename_still_verifies(tmp_path, monkeypatch):
     """save_checkpoint replaces checkpoint.pt.sha256 first; killed before checkpoint.pt is renamed, the old checkpoint
     must still load (its digest is kept as the previous one)."""
-    import runtime.run as R
+    import runtime.checkpoint as R
     path = tmp_path / 'checkpoint.pt'
     R.save_checkpoint(path, {'step': 1})
     real_replace = os.replace
@@ -194,7 +194,7 @@ def test_a_kill_between_the_digest_and_the_checkpoint_rename_still_verifies(tmp_
 
 
 def test_damaged_or_unreadable_checkpoints_are_spec_errors(tmp_path):
-    import runtime.run as R
+    import runtime.checkpoint as R
     path = tmp_path / 'checkpoint.pt'
     R.save_checkpoint(path, {'model': torch.zeros(64)})
     data = bytearray(path.read_bytes())

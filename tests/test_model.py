@@ -10,7 +10,7 @@ from conftest import background_run
 from compiler import cost
 from compiler import model as M
 from compiler import plan as P
-from compiler import validate
+
 from compiler.__main__ import main as compiler_main
 from compiler.blocks import Stack
 from compiler.checkpoint import load_llama
@@ -360,7 +360,7 @@ def test_parameter_counts_match_cost_model_and_report(spec, capsys):
         frozen = sum(n for c, n in predicted.items() if cost.is_frozen(c, stage.freeze))
         assert row['frozen'] == frozen and row['trainable'] == report['parameters'] - frozen
     # the frozen component list
-    assert model.components() == validate.components(plan)
+    assert model.components() == cost.components(plan)
     assert set(predicted) <= set(model.components())
 
 
@@ -386,11 +386,11 @@ def test_cli_json_subprocess_counts(spec):
 
 def test_components_follow_the_graph():
     plan = load([SPECS_DIR / 'frozen_encoder_curriculum.gin']).plan
-    comps = validate.components(plan)
+    comps = cost.components(plan)
     assert comps == ['encoder', 'encoder.embedding', 'encoder.layers', 'encoder.norm', 'memory', 'memory.unroll',
                      'memory.pad', 'decoder', 'decoder.embedding', 'decoder.layers', 'decoder.norm', 'decoder.head',
                      'ae_decoder', 'ae_decoder.layers', 'ae_decoder.norm', 'ae_decoder.head']
-    assert validate.components(load([SPECS_DIR / 'clm.gin']).plan) == [
+    assert cost.components(load([SPECS_DIR / 'clm.gin']).plan) == [
         'decoder', 'decoder.embedding', 'decoder.layers', 'decoder.norm', 'decoder.head']
 
 

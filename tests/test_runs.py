@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from store import runs as R  # noqa: E402
+from store import runs as R
+from store.database import get_run, open_db
+from store.tables import BOLD, RESET
 
 TINY = ['Data.vocab_size=300', 'Data.max_documents=30', 'D_MODEL=16', 'N_HEADS=2', 'N_LAYERS=1', 'BATCH=2',
         'Stage.eval_every=1000', 'Run.eval_batches=1', 'Run.log_every=1', "Run.memory_store='none'"]
@@ -244,9 +246,9 @@ def test_show(runs, capsys):
 
 
 def test_stage_end_metrics_equal_the_runs_summary(runs):
-    db = R.open_db(runs.db)
+    db = open_db(runs.db)
     for rid in runs.ids:
-        run = R.get_run(db, rid)
+        run = get_run(db, rid)
         summary = json.loads((runs.tmp / rid / 'summary.json').read_text())
         assert R.stage_end_metrics(db, run) == summary
 
@@ -329,7 +331,7 @@ def test_compare_across_specs_collapses_missing_stages(runs, capsys):
 
 def test_compare_bold_on_a_terminal(runs, capsys):
     out = cli(capsys, 'compare', runs.a, runs.b, '--color', 'always', db=runs.db)
-    assert f'{R.BOLD}0.001{R.RESET}' in out and '0.001*' not in out
+    assert f'{BOLD}0.001{RESET}' in out and '0.001*' not in out
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -116,7 +116,8 @@ RESUME = TINY + ['autoencode/Stage.steps=3', 'blank/Stage.steps=6', 'copy/Stage.
 KILL_AT_CALL = 3 + 4
 KILLER = f"""
 import os, signal, sys
-import runtime.run as R
+import runtime.run
+import runtime.trainer as R
 import runtime.train as T
 calls, runs = [0], []
 real_stage_loss, real_run = T.stage_loss, R.Trainer.run
@@ -130,7 +131,7 @@ def run(self, _run):
     runs.append(_run)
     return real_run(self, _run)
 T.stage_loss, R.Trainer.run = stage_loss, run
-R.main(sys.argv[1:])
+runtime.run.main(sys.argv[1:])
 """
 
 

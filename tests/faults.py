@@ -1,6 +1,9 @@
-"""Reliability suite: kill -9 at seeded random moments of a tiny run, then --resume; resource faults; concurrent runs.
+"""Fault injection: kill -9 at seeded random moments of a tiny run, then --resume; resource faults; concurrent runs.
 
-    python benchmarks/reliability_suite.py [--kills 40] [--seed 0] [--jobs 2] [--no-faults] [--concurrent 4]
+The machinery of tests/test_faults.py and tests/test_concurrency.py (which run bounded versions), and a command for
+longer campaigns:
+
+    python tests/faults.py [--kills 40] [--seed 0] [--jobs 2] [--no-faults] [--concurrent 4]
                                            [--postgres URL] [--json benchmarks/results/reliability.json]
 
 The run: the flagship spec at the tiny development scale, cut to two stages (autoencode 3 steps, blank_copy 3 steps;
@@ -166,12 +169,13 @@ def install_hooks(spec: dict | None) -> None:
     import sqlalchemy.engine.default as D
     import zarr
 
-    import runtime.run as R
+    import runtime.checkpoint as C
+    import runtime.train as T
     from store import memories as M
 
-    import runtime.train as T
-
-    real_stage_loss, real_evaluate, real_atomic_write, real_save = T.stage_loss, R.evaluate, R.atomic_write, torch.save
+    # Each hook replaces the function where it is defined; the runtime calls these through their modules, and the
+    # baseline run checks that every hook is reached (Suite.baseline), so a refactor cannot silently bypass one.
+    real_stage_loss, real_evaluate, real_atomic_write, real_save = T.stage_loss, T.evaluate, C.atomic_write, torch.save
 
     def stage_loss(*a, **kw):
         _at(_tick('step'), 'begin')
@@ -265,7 +269,7 @@ def install_hooks(spec: dict | None) -> None:
         down()
         return real_executemany(self, cursor, statement, parameters, context)
 
-    T.stage_loss, R.evaluate, R.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
+    T.stage_loss, T.evaluate, C.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
     M.Writer.__init__, M.Writer.append, M.Writer.close = init, append, close
     zarr.Group.__delitem__ = delitem
     D.DefaultDialect.do_commit = do_commit
@@ -380,10 +384,8 @@ def record_of(db, out_dir: Path, run_id: str) -> dict:
         rec['zarr'][(g['run_id'], g['stage'])] = entry
     rec['temporaries'] = sorted(str(p.relative_to(d)) for p in list(d.glob('.*')) + list(d.glob('stages/.*'))) if d.is_dir() else []
     ck = d / 'checkpoint.pt'
-    import runtime.run as R
-    if not hasattr(R, 'sha256_file'):  # a runtime without checkpoint digests
-        rec['checkpoint_ok'] = ck.is_file()
-    elif ck.is_file():
+    import runtime.checkpoint as R
+    if ck.is_file():
         side = ck.with_name('checkpoint.pt.sha256')
         rec['checkpoint_ok'] = side.is_file() and R.sha256_file(ck) in side.read_text().split()
     else:
@@ -547,6 +549,10 @@ class Suite:
         if code != 0:
             raise SystemExit(f'the baseline run failed (exit {code}):\n{tail(self.root / "baseline.log", 4000)}')
         self.counts = json.loads((self.root / 'counts.json').read_text())
+        unreached = [h for h in HOOKS if h != 'zarr_delete' and not self.counts.get(h)]
+        if unreached:  # a hook nobody calls injects nothing: every scenario using it would pass vacuously
+            raise SystemExit(f'the baseline run never reached the hook(s) {unreached}: the runtime no longer calls the '
+                             'patched function (install_hooks names what it replaces)')
         return {'seconds': round(time.perf_counter() - t0, 2), 'counts': self.counts}
 
     def base_record(self) -> dict:
@@ -639,7 +645,7 @@ class Suite:
         (run_id,) = recorded_ids(db_path(out)) or [None]
         d = out / str(run_id)
         ck = d / 'checkpoint.pt'
-        import runtime.run as R
+        import runtime.checkpoint as R
         if ck.is_file():
             side = ck.with_name('checkpoint.pt.sha256')
             if not (side.is_file() and R.sha256_file(ck) in side.read_text().split()[:1]):

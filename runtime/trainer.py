@@ -1,0 +1,209 @@
+"""The training loop over a plan's curriculum (one stage's math is in runtime/train.py)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from compiler import objectives as O
+from compiler.families import family
+from compiler.model import build, compile_stacks
+from runtime import checkpoint as ckpt
+from runtime import train
+from runtime.data import Batches
+from runtime.distributed import all_reduce_grads
+from runtime.train import Divergence, accumulate, init_component, optimizer, set_frozen
+from store import memories
+from store.layout import RunFolder, memory_store
+
+
+class Trainer:
+    """Trains a plan's curriculum stage by stage in one run folder: checkpoints, stage-end weights, evaluation,
+    memories, and the metrics it hands to Sacred. Rank > 0 of a torchrun job trains in lockstep and writes nothing."""
+
+    def __init__(self, spec, data, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
+        self.spec, self.plan, self.data = spec, spec.plan, data
+        self.rank, self.world = rank, world
+        self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
+        self.vocab = self.data.vocab_size
+        self.model = build(self.plan, self.vocab)
+        if self.plan.run.compile:
+            compile_stacks(self.model)
+        self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
+                               rank=rank, world=world)
+        self.out_dir, self.folder, self.resume = out_dir, RunFolder.at(out_dir), resume
+        self.summary: dict[str, dict] = {}
+        self._run = None
+
+    def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
+        """The resume point: stage `stage_idx` at `step`. Between stages (opt None) the next stage starts with fresh
+        optimizer state, so none is stored."""
+        if self.rank:
+            return
+        state = {'model': self.model.state_dict(), 'optimizer': None if opt is None else opt.state_dict(),
+                 'scheduler': None if sched is None else sched.state_dict(), 'data': self.batches.state_dict(),
+                 'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
+                 'summary': self.summary, 'run_id': run_id}
+        if opt is None:
+            state['boundary'] = True
+        self.flush_metrics()
+        ckpt.save_checkpoint(self.folder.checkpoint, state)
+
+    def flush_metrics(self) -> None:
+        """Hand the metrics logged so far to the observers before a checkpoint is written. Sacred sends them only
+        with its heartbeat (every 10 s), so a kill would lose steps the checkpoint has already passed, and a resume
+        (which replays only the steps after the checkpoint) would never log them again."""
+        run = self._run
+        if getattr(run, '_metrics', None) is None:  # NullRun (ranks > 0)
+            return
+        from sacred.metrics_logger import linearize_metrics
+        logged = linearize_metrics(run._metrics.get_last_metrics())
+        for obs in run.observers:
+            if logged:
+                obs.log_metrics(logged, run.info)
+            if hasattr(obs, 'sync'):  # every row in, or RecordingLost: the checkpoint is then not written
+                obs.sync()
+
+    def run(self, _run) -> dict:
+        plan, run_id = self.plan, str(_run._id)
+        self._run = _run
+        torch.manual_seed(plan.run.seed)
+        start_stage, start_step, ck = 0, 0, None
+        if self.resume is not None:
+            ck = self.resume
+            self.model.load_state_dict(ck['model'])
+            self.batches.load_state_dict(ck['data'])
+            torch.random.set_rng_state(ck['rng'])
+            start_stage, start_step, self.summary = ck['stage'], ck['step'], ck['summary']
+            for s in plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
+                if s.name in self.summary:
+                    _run.info.setdefault('stages', {})[s.name] = {'end_step': plan.stage_end(s.name)}
+        offset = plan.stage_start(start_stage)
+        for si in range(start_stage, len(plan.curriculum)):
+            stage = plan.curriculum[si]
+            # mid-stage resume restores optimizer state; a resume at a stage boundary starts the stage afresh
+            resuming = ck is not None and si == start_stage and ck['optimizer'] is not None
+            if not resuming:
+                for comp, src in stage.init_from.items():
+                    init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.folder.out_dir)
+            params = set_frozen(self.model, stage)
+            opt, sched = optimizer(params, stage)
+            if resuming:
+                opt.load_state_dict(ck['optimizer'])
+                sched.load_state_dict(ck['scheduler'])
+            self.train_stage(_run, si, stage, opt, sched, start_step if resuming else 0, offset, run_id)
+            offset += stage.steps
+        return self.summary
+
+    def train_stage(self, _run, si, stage, opt, sched, step, offset, run_id):
+        plan, model = self.plan, self.model
+        model.train()
+        tokens_per_step = plan.data.batch_size * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
+        params = [p for g in opt.param_groups for p in g['params']]
+        bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
+                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
+        t0, done = time.perf_counter(), 0
+        while step < stage.steps:
+            position, rng = self.batches.state_dict(), torch.random.get_rng_state()
+            try:
+                tokens, mask = next(self.batches)
+                opt.zero_grad(set_to_none=True)
+                loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
+                all_reduce_grads(params, self.world)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point
+                bar.close()
+                self.batches.load_state_dict(position)
+                torch.random.set_rng_state(rng)
+                self.checkpoint(si, step, opt, sched, run_id)
+                raise
+            except Divergence:
+                bar.close()
+                raise
+            opt.step()
+            sched.step()
+            step, done = step + 1, done + 1
+            gstep = offset + step
+            if step % plan.run.log_every == 0 or step == stage.steps:
+                logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
+                                           **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v for k, v in accs.items()}})
+                for k, v in logged.items():
+                    _run.log_scalar(f'train/{k}', v, gstep)
+                rate = done * tokens_per_step / (time.perf_counter() - t0)
+                acc = sum(v for k, v in logged.items() if k.endswith('accuracy')) / len(accs)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f'{acc:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+            bar.update(1)
+            if step % stage.eval_every == 0 or step == stage.steps:
+                metrics = self.evaluate()
+                for k, v in metrics.items():
+                    _run.log_scalar(f'eval/{k}', v, gstep)
+                if step == stage.steps:
+                    self.summary[stage.name] = metrics
+                    _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
+            if step == stage.steps:
+                self.stage_end(si, opt, sched, run_id)
+            elif step % plan.run.checkpoint_every == 0:
+                self.checkpoint(si, step, opt, sched, run_id)
+        bar.close()
+
+    def stage_end(self, si: int, opt, sched, run_id: str) -> None:
+        """Weights of the finished stage (for init_from), then the resume point: the next stage's start."""
+        if self.rank:
+            return
+        stage = self.plan.curriculum[si]
+        self.save_weights(self.folder.stage_weights(stage.name))
+        self.write_memories(stage.name, run_id)
+        if si + 1 < len(self.plan.curriculum):
+            self.checkpoint(si + 1, 0, None, None, run_id)
+        else:
+            self.checkpoint(si, stage.steps, opt, sched, run_id)
+
+    def save_weights(self, path: Path) -> None:
+        weights = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        ckpt.atomic_write(path, lambda p: save_file(weights, p))
+
+    def memory_store(self) -> Path | None:
+        return memory_store(self.plan.run) if family(self.plan).stores_memories else None
+
+    def write_memories(self, stage: str, run_id: str) -> None:
+        """Memories of the held-out set -> Zarr, marked complete only when every row is in."""
+        path = self.memory_store()
+        if path is None:
+            return
+        plan = self.plan
+        attrs = {'spec_hash': self.spec.hash, 'step': plan.stage_end(stage), 'family': plan.family, 'encoder_d_model': plan.encoder.d_model,
+                 'chunks': plan.memory.chunks, 'chunk_len': plan.memory.chunk_len, 'vocab_size': self.vocab,
+                 'tokenizer_path': str((self.data.cache_path / 'tokenizer.json').resolve()),
+                 'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
+                 'special_ids': self.data.special_ids}
+        memories.write(path, run_id, stage, self.model, self.data.val, self.data.val_mask, attrs, dtype=plan.run.memory_dtype)
+
+    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""
+        flat = torch.stack([v.detach().float() for v in values.values()])
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+        return dict(zip(values, flat.tolist()))
+
+    def evaluate(self) -> dict[str, float]:
+        return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids, self.plan.data.batch_size,
+                        self.plan.run.eval_batches, self.data.bytes_per_token.get('val'), self.vocab)
+
+
+SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),
+                   ('blank_copy.token_accuracy', 'blank-copy acc'), ('blank_copy_ablated.token_accuracy', 'no-memory (ablated)'),
+                   ('autoencode.token_accuracy', 'autoencode acc'), ('autoencode.info_proportion', 'I_e (ae)'),
+                   ('clm.bits_per_byte', 'clm bpb')]
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    cols = [(k, name) for k, name in SUMMARY_COLUMNS if any(k in m for m in summary.values())]
+    lines = ['| stage | ' + ' | '.join(n for _, n in cols) + ' |', '|---|' + '---|' * len(cols)]
+    for stage, m in summary.items():
+        lines.append(f'| {stage} | ' + ' | '.join(f'{m[k]:.3f}' if k in m else '-' for k, _ in cols) + ' |')
+    return '\n'.join(lines)

@@ -1,0 +1,412 @@
+"""The run database: one module owns how memspec reaches Sacred's records (both the runtime, which writes them, and
+the store's readers use it).
+
+- URLs: `sqlite:///path.db` (default `<Run.out_dir>/sacred.db`), `postgresql://user:password@host/db` (psycopg2),
+  `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` hides passwords;
+  every message that names a database uses it.
+- Tables: Sacred's SqlObserver tables (`run`, `host`, `experiment`, `artifact`, ...) plus `memspec_metrics`
+  (run_id, name, step, value, time), which Sacred's SqlObserver does not keep. Plain SQL joins it to `run`.
+- Reading: `open_db(url)` -> SqlDb or MongoDb with one interface (runs, metrics, final_metrics, at_steps,
+  artifacts); SQLite files are opened read-only and never created. `RunRecord` is one run as recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
+
+import sqlalchemy as sa
+
+from compiler.errors import SpecError
+
+DEFAULT_DB = 'sqlite:///runs/sacred.db'
+STATUSES = ('COMPLETED', 'FAILED', 'INTERRUPTED', 'RUNNING', 'TIMEOUT', 'QUEUED')
+
+METRICS = sa.Table(
+    'memspec_metrics', sa.MetaData(),
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('run_id', sa.String(24), index=True, nullable=False),
+    sa.Column('name', sa.String(128), nullable=False),
+    sa.Column('step', sa.Integer, nullable=False),
+    sa.Column('value', sa.Float),
+    sa.Column('time', sa.DateTime),
+)
+
+
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy opens. SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed; the
+    pinned driver is psycopg2 (psycopg2-binary), so name it unless the URL names a driver itself."""
+    if url.startswith('postgresql://'):
+        return 'postgresql+psycopg2://' + url[len('postgresql://'):]
+    return url
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine that writes. SQLite in WAL mode with a generous busy timeout: Sacred's heartbeat thread, our metrics
+    writes and other runs sharing the file then wait for each other instead of failing with 'database is locked'
+    (seen under load)."""
+    if not url.startswith('sqlite'):
+        return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
+    # one session serves Sacred's main and heartbeat threads (under a lock), so connections cross threads
+    engine = sa.create_engine(url, connect_args={'timeout': 60, 'check_same_thread': False})
+
+    @sa.event.listens_for(engine, 'connect')
+    def _pragmas(conn, _):
+        cur = conn.cursor()
+        cur.execute('PRAGMA journal_mode=WAL')
+        cur.execute('PRAGMA busy_timeout=60000')
+        cur.close()
+
+    return engine
+
+
+def default_url(out_dir: str) -> str:
+    return f'sqlite:///{Path(out_dir) / "sacred.db"}'
+
+
+def display_url(url: str) -> str:
+    """The URL with any password replaced by ***: safe to print."""
+    try:
+        return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
+    except Exception:  # noqa: BLE001  (only for messages)
+        return re.sub(r'//([^:/@]*):[^@/]*@', r'//\1:***@', url)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of a database error (the driver's own message when there is one)."""
+    text = str(getattr(e, 'orig', None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def recorded_config(url: str, run_id: str) -> dict | None:
+    """The recorded config of a run ({} when unreadable), or None when the database (an SQLite file that does not
+    exist is not created) or the run is not there."""
+    try:
+        found = open_db(url).runs(run_id=run_id)
+    except SpecError:
+        return None
+    return found[0].config if found else None
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+@dataclasses.dataclass
+class RunRecord:
+    id: str
+    status: str
+    start: dt.datetime | None
+    stop: dt.datetime | None
+    config: dict
+    info: dict
+    result: float | None = None
+    fail_trace: str | None = None
+    host: dict = dataclasses.field(default_factory=dict)
+    experiment: str = ''
+
+    @property
+    def plan(self) -> dict:
+        return self.config.get('plan') or {}
+
+    @property
+    def flat(self) -> dict:
+        if not hasattr(self, '_flat'):
+            self._flat = flatten(self.config)
+        return self._flat
+
+    @property
+    def stages(self) -> list[str]:
+        return [s.get('name', f'stage{i}') for i, s in enumerate(self.plan.get('curriculum') or [])]
+
+    @property
+    def end_steps(self) -> dict[str, int]:
+        """Stage name -> global step of its end (only stages that finished)."""
+        return {k: int(v['end_step']) for k, v in (self.info.get('stages') or {}).items()
+                if isinstance(v, dict) and 'end_step' in v}
+
+    @property
+    def spec_files(self) -> list[str]:
+        return list(self.config.get('spec_files') or [])
+
+
+def _json(value) -> dict:
+    if value is None or value == '':
+        return {}
+    if isinstance(value, (dict, list)):
+        return value
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _time(value) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    try:
+        return dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def _labels(items: list[dict]) -> list[str]:
+    """How list elements appear in flattened keys: stages by name, objectives by kind, else by position."""
+    for field in ('name', 'kind'):
+        labels = [str(x.get(field)) for x in items]
+        if all(field in x for x in items) and len(set(labels)) == len(labels):
+            return labels
+    return [str(i) for i in range(len(items))]
+
+
+def flatten(obj, prefix: str = '') -> dict:
+    """Nested config -> {'plan.memory.chunks': 4, 'plan.curriculum.blank_copy.lr': 0.002, ...}."""
+    out: dict = {}
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            out.update(flatten(v, f'{prefix}.{k}' if prefix else str(k)))
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        for label, x in zip(_labels(obj), obj):
+            out.update(flatten(x, f'{prefix}.{label}'))
+    elif prefix:
+        out[prefix] = obj
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ databases
+
+class SqlDb:
+    """Sacred's SqlObserver tables + memspec_metrics, through SQLAlchemy Core text queries."""
+
+    def __init__(self, url: str):
+        self.url, self.where = url, f'--db {display_url(url)}'
+        self.name = self.where[len('--db '):]
+        try:
+            u = sa.engine.make_url(url)
+        except sa.exc.ArgumentError:
+            raise SpecError(f'--db {url}', 'not a database URL',
+                            'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
+        backend = u.get_backend_name()
+        if backend == 'sqlite':
+            if not u.database or u.database == ':memory:':
+                raise SpecError(self.where, 'an in-memory SQLite database holds no runs',
+                                'give the database file, e.g. sqlite:///runs/sacred.db')
+            path = Path(u.database)
+            if not path.is_file():
+                raise SpecError(self.where, f'no run database at {path.resolve()}',
+                                'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) or point '
+                                '--db at the file it wrote (the default sqlite:///runs/sacred.db is relative to the '
+                                'current folder)')
+            uri = f'file:{quote(str(path.resolve()))}?mode=ro'  # read-only: never creates or changes the file
+            self.engine = sa.create_engine('sqlite://', creator=lambda: sqlite3.connect(uri, uri=True, timeout=10))
+        elif backend == 'postgresql':
+            try:
+                self.engine = sa.create_engine(engine_url(url), connect_args={'connect_timeout': 5})
+            except (ImportError, sa.exc.ArgumentError) as e:
+                raise SpecError(self.where, f'cannot use this URL: {first_line(e)}',
+                                'use postgresql://user:password@host:port/database (psycopg2 driver)')
+        else:
+            raise SpecError(self.where, f"unsupported database '{backend}'",
+                            'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
+        try:
+            tables = set(sa.inspect(self.engine).get_table_names())
+        except sa.exc.DBAPIError as e:
+            raise SpecError(self.where, f'cannot open the run database: {first_line(e)}',
+                            'check the URL, the credentials and that the server runs '
+                            '(locally: pg_ctlcluster 15 main start)' if backend == 'postgresql' else
+                            'check that the file is a SQLite database written by python -m runtime.run')
+        if not tables & {'run', 'memspec_metrics'}:
+            raise SpecError(self.where, "no Sacred 'run' table here: not a run database, or no run recorded yet",
+                            'point --db at the database python -m runtime.run recorded into')
+        self.has_runs = 'run' in tables
+        self.has_metrics = 'memspec_metrics' in tables
+        self.has_host = 'host' in tables
+        self.has_experiment = 'experiment' in tables
+        self.has_artifacts = 'artifact' in tables
+
+    def _rows(self, sql: str, params: dict | None = None, expanding: tuple = ()) -> list:
+        stmt = sa.text(sql)
+        if expanding:
+            stmt = stmt.bindparams(*[sa.bindparam(name, expanding=True) for name in expanding])
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(stmt, params or {}).all()
+        except sa.exc.DBAPIError as e:
+            raise SpecError(self.where, f'query failed: {first_line(e)}',
+                            'check that this is a run database written by python -m runtime.run')
+
+    def runs(self, status: str | None = None, run_id: str | None = None) -> list[RunRecord]:
+        if not self.has_runs:  # a metrics-only database
+            return []
+        cols = ['r.run_id', 'r.status', 'r.start_time', 'r.stop_time', 'r.config', 'r.info', 'r.result', 'r.fail_trace']
+        joins = ''
+        if self.has_host:
+            cols += ['h.hostname', 'h.cpu', 'h.os_info', 'h.python_version']
+            joins += ' LEFT JOIN host h ON h.host_id = r.host_id'
+        if self.has_experiment:
+            cols += ['e.name AS experiment']
+            joins += ' LEFT JOIN experiment e ON e.experiment_id = r.experiment_id'
+        conds, params = [], {}
+        if status is not None:
+            conds.append('r.status = :status')
+            params['status'] = status
+        if run_id is not None:
+            conds.append('r.run_id = :run_id')
+            params['run_id'] = str(run_id)
+        sql = f"SELECT {', '.join(cols)} FROM run r{joins}"
+        if conds:
+            sql += ' WHERE ' + ' AND '.join(conds)
+        out = []
+        for row in self._rows(sql + ' ORDER BY r.id', params):
+            m = row._mapping
+            host = {k: m[k] for k in ('hostname', 'cpu', 'os_info', 'python_version') if k in m and m[k] is not None}
+            out.append(RunRecord(str(m['run_id']), str(m['status']), _time(m['start_time']), _time(m['stop_time']),
+                                 _json(m['config']), _json(m['info']), m['result'], m['fail_trace'], host,
+                                 m.get('experiment') or ''))
+        return out
+
+    def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
+        if not self.has_metrics:
+            return []
+        rows = self._rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY name, step, id',
+                          {'r': str(run_id)})
+        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+
+    def final_metrics(self, run_ids: list[str], names: list[str]) -> dict[str, dict[str, float]]:
+        """run -> {name: value at the last step that logged it}."""
+        if not self.has_metrics or not run_ids or not names:
+            return {}
+        rows = self._rows(
+            'SELECT m.run_id, m.name, m.value FROM memspec_metrics m '
+            'JOIN (SELECT run_id, name, MAX(step) AS step FROM memspec_metrics '
+            '      WHERE run_id IN :runs AND name IN :names GROUP BY run_id, name) last '
+            '  ON last.run_id = m.run_id AND last.name = m.name AND last.step = m.step ORDER BY m.id',
+            {'runs': [str(r) for r in run_ids], 'names': list(names)}, expanding=('runs', 'names'))
+        out: dict[str, dict[str, float]] = {}
+        for r, n, v in rows:
+            out.setdefault(str(r), {})[n] = float('nan') if v is None else float(v)
+        return out
+
+    def at_steps(self, run_id: str, steps: list[int]) -> list[tuple[str, int, float]]:
+        if not self.has_metrics or not steps:
+            return []
+        rows = self._rows("SELECT name, step, value FROM memspec_metrics WHERE run_id = :r AND name LIKE 'eval/%' "
+                          'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)}, expanding=('steps',))
+        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+
+    def artifacts(self, run_id: str) -> list[tuple[str, int]]:
+        if not self.has_artifacts:
+            return []
+        rows = self._rows('SELECT filename, LENGTH(content) FROM artifact WHERE run_id = :r ORDER BY artifact_id',
+                          {'r': str(run_id)})
+        return [(n, int(size or 0)) for n, size in rows]
+
+    def artifact(self, run_id: str, name: str) -> bytes | None:
+        if not self.has_artifacts:
+            return None
+        rows = self._rows('SELECT content FROM artifact WHERE run_id = :r AND filename = :n ORDER BY artifact_id DESC',
+                          {'r': str(run_id), 'n': name})
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+class MongoDb:
+    """Sacred's MongoObserver layout (database 'sacred': runs, metrics, GridFS artifacts), via pymongo."""
+
+    has_metrics = True
+
+    def __init__(self, url: str):
+        self.url, self.where = url, f'--db {display_url(url)}'
+        self.name = self.where[len('--db '):]
+        try:
+            import pymongo
+        except ImportError:
+            raise SpecError(self.where, 'reading a MongoDB run database needs pymongo, which is not installed',
+                            "pip install pymongo (Sacred's MongoObserver needs it too), or query a sqlite:/// or "
+                            'postgresql:// run database')
+        try:
+            self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
+            self.client.admin.command('ping')
+        except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL or server)
+            raise SpecError(self.where, f'cannot reach the MongoDB server: {first_line(e)}',
+                            'check the URL and that mongod runs and is reachable')
+        self.db = self.client['sacred']  # runtime.run's MongoObserver(url=...) writes to Sacred's default database
+
+    @staticmethod
+    def _key(run_id):
+        return int(run_id) if str(run_id).isdigit() else run_id
+
+    def runs(self, status: str | None = None, run_id: str | None = None) -> list[RunRecord]:
+        query = {}
+        if status is not None:
+            query['status'] = status
+        if run_id is not None:
+            query['_id'] = self._key(run_id)
+        out = []
+        for d in self.db.runs.find(query, {'captured_out': 0}).sort('_id', 1):
+            host, trace, result = d.get('host') or {}, d.get('fail_trace'), d.get('result')
+            out.append(RunRecord(str(d['_id']), str(d.get('status', '')), _time(d.get('start_time')),
+                                 _time(d.get('stop_time')), d.get('config') or {}, d.get('info') or {},
+                                 result if isinstance(result, (int, float)) else None,
+                                 ''.join(trace) if isinstance(trace, list) else trace,
+                                 {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
+                                  'os_info': ' '.join(host.get('os') or []), 'python_version': host.get('python_version')},
+                                 (d.get('experiment') or {}).get('name', '')))
+        return out
+
+    def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
+        rows = [(d['name'], int(s), float(v)) for d in self.db.metrics.find({'run_id': self._key(run_id)})
+                for s, v in zip(d.get('steps', []), d.get('values', []))]
+        return sorted(rows, key=lambda r: (r[0], r[1]))
+
+    def final_metrics(self, run_ids: list[str], names: list[str]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for d in self.db.metrics.find({'run_id': {'$in': [self._key(r) for r in run_ids]}, 'name': {'$in': list(names)}}):
+            if d.get('steps'):
+                i = max(range(len(d['steps'])), key=lambda j: d['steps'][j])
+                out.setdefault(str(d['run_id']), {})[d['name']] = float(d['values'][i])
+        return out
+
+    def at_steps(self, run_id: str, steps: list[int]) -> list[tuple[str, int, float]]:
+        return [r for r in self.metrics(run_id) if r[0].startswith('eval/') and r[1] in set(steps)]
+
+    def _artifact_docs(self, run_id: str) -> list[dict]:
+        d = self.db.runs.find_one({'_id': self._key(run_id)}, {'artifacts': 1}) or {}
+        return d.get('artifacts') or []
+
+    def artifacts(self, run_id: str) -> list[tuple[str, int]]:
+        out = []
+        for a in self._artifact_docs(run_id):
+            f = self.db['fs.files'].find_one({'_id': a.get('file_id')}) or {}
+            out.append((a.get('name', '?'), int(f.get('length', 0))))
+        return out
+
+    def artifact(self, run_id: str, name: str) -> bytes | None:
+        import gridfs
+        for a in self._artifact_docs(run_id):
+            if a.get('name') == name:
+                return gridfs.GridFS(self.db).get(a['file_id']).read()
+        return None
+
+
+def open_db(url: str):
+    if url.startswith(('mongodb://', 'mongodb+srv://')):
+        return MongoDb(url)
+    if '://' not in url:
+        fix = f'write sqlite:///{url}' if url.endswith(('.db', '.sqlite')) or Path(url).is_file() else \
+            'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host'
+        raise SpecError(f'--db {url}', 'not a database URL', fix)
+    return SqlDb(url)
+
+
+def get_run(db, run_id: str) -> RunRecord:
+    found = db.runs(run_id=run_id)
+    if not found:
+        ids = [r.id for r in db.runs()]
+        known = f"known ids: {', '.join(ids[-20:])}" if ids else 'the database holds no runs yet'
+        raise SpecError(f'run {run_id}', f'no run with this id in {db.name}',
+                        f'pick an id from python -m store.runs list ({known}), or pass the --db it was recorded in')
+    return found[0]
+
+
