@@ -95,20 +95,23 @@ def main():
                     qq, kk, vv, gg = (x.to(dtype) for x in (q, k, v, grad))
                     out, grads = run(be, qq, kk, vv, causal, km, gg)
                     outs[be] = out
-                    ms = 1e3 * timed(lambda: run(be, qq, kk, vv, causal, km, gg), device)
+                    # timed() calls the lambda only within this iteration, so the late binding is safe
+                    ms = 1e3 * timed(lambda: run(be, qq, kk, vv, causal, km, gg), device)  # noqa: B023
                     err = None if naive is None else (out.float() - naive[0]).abs().max().item()
-                    gerr = None if naive is None else max((a.float() - r).abs().max().item() for a, r in zip(grads, naive[1]))
+                    gerr = None if naive is None else max((a.float() - r).abs().max().item()
+                                                          for a, r in zip(grads, naive[1]))
                     vs_sdpa = (out.float() - outs['sdpa'].float()).abs().max().item()
                     rows.append({'dtype': str(dtype).split('.')[-1], 'shape': [b, t, h, d], 'mask': name, 'backend': be,
                                  'fwd_bwd_ms': ms, 'max_out_err_vs_naive': err, 'max_grad_err_vs_naive': gerr,
                                  'max_out_diff_vs_sdpa': vs_sdpa})
                     f = (lambda x: '-' if x is None else f'{x:.2e}')
-                    print(f"| {rows[-1]['dtype']} | {b}x{t}x{h}x{d} | {name} | {be} | {ms:.3f} | {f(err)} | {f(gerr)} | {f(vs_sdpa)} |",
-                          flush=True)
+                    print(f"| {rows[-1]['dtype']} | {b}x{t}x{h}x{d} | {name} | {be} | {ms:.3f} | "
+                          f"{f(err)} | {f(gerr)} | {f(vs_sdpa)} |", flush=True)
     speed = {}
     for r in rows:
         if r['backend'] == 'xformers':
-            s = next(x for x in rows if x['backend'] == 'sdpa' and all(x[k] == r[k] for k in ('dtype', 'shape', 'mask')))
+            s = next(x for x in rows
+                     if x['backend'] == 'sdpa' and all(x[k] == r[k] for k in ('dtype', 'shape', 'mask')))
             speed[f"{r['dtype']} {'x'.join(map(str, r['shape']))} {r['mask']}"] = s['fwd_bwd_ms'] / r['fwd_bwd_ms']
     if speed:
         print('\nsdpa time / xformers time (>1: xformers faster):')

@@ -55,7 +55,8 @@ def main():
     mb = corpus.stat().st_size / 1e6
 
     def plan(cache, **kw):
-        return Plan(family='clm', data=Data(source=str(corpus), vocab_size=args.vocab, cache_dir=str(work / cache), **kw),
+        return Plan(family='clm',
+                    data=Data(source=str(corpus), vocab_size=args.vocab, cache_dir=str(work / cache), **kw),
                     memory=Memory(chunks=4, chunk_len=256))
 
     # One pipeline run to get the tokenizer and the exact documents it loads (the raw baseline encodes the same).
@@ -71,10 +72,12 @@ def main():
     t, enc = best_of(args.repeats, lambda: tok.encode_batch(texts, add_special_tokens=False))
     assert sum(len(e.ids) for e in enc) == n_tokens  # same text, same tokens
     rows['raw encode_batch'] = t
-    rows['raw encode_batch_fast'] = best_of(args.repeats, lambda: tok.encode_batch_fast(texts, add_special_tokens=False))[0]
+    rows['raw encode_batch_fast'] = best_of(args.repeats,
+                                            lambda: tok.encode_batch_fast(texts, add_special_tokens=False))[0]
     rows['pipeline, given tokenizer'] = best_of(
         args.repeats, lambda: D.prepare(plan(f'given{next(runs)}', tokenizer=str(tok_path)), progress=False))[0]
-    rows['pipeline, trains BPE'] = best_of(args.repeats, lambda: D.prepare(plan(f'train{next(runs)}'), progress=False))[0]
+    rows['pipeline, trains BPE'] = best_of(args.repeats,
+                                           lambda: D.prepare(plan(f'train{next(runs)}'), progress=False))[0]
 
     raw = rows['raw encode_batch']
     print(f'corpus: {mb:.2f} MB ({reps}x embedded), {len(texts):,} documents, {n_tokens:,} tokens, vocab {args.vocab}, '
@@ -83,7 +86,8 @@ def main():
     for name, t in rows.items():
         print(f'{name:<28}{t:>9.3f}{n_tokens / t / 1e6:>9.3f}{raw / t:>7.2f}x')
 
-    out = {'corpus_mb': mb, 'documents': len(texts), 'tokens': n_tokens, 'vocab_size': args.vocab, 'repeats': args.repeats,
+    out = {'corpus_mb': mb, 'documents': len(texts), 'tokens': n_tokens, 'vocab_size': args.vocab,
+           'repeats': args.repeats,
            'cpus': os.cpu_count(), 'machine': platform.processor() or platform.machine(),
            'tokenizers': tokenizers.__version__,
            'rows': {k: {'seconds': t, 'tokens_per_s': n_tokens / t, 'ratio_vs_raw_encode_batch': raw / t}

@@ -61,7 +61,8 @@ def summarize(runs: list, plan) -> dict:
     assert all(r.tokens == runs[0].tokens for r in runs), 'greedy decoding must be deterministic'
     measured = runs[0].kv_cache_bytes
     assert measured == cost.kv_cache_bytes(plan), (measured, cost.kv_cache_bytes(plan))
-    return {'ttft_s': statistics.median(r.ttft_s for r in runs), 'tokens_per_s': statistics.median(r.tokens_per_s for r in runs),
+    return {'ttft_s': statistics.median(r.ttft_s for r in runs),
+            'tokens_per_s': statistics.median(r.tokens_per_s for r in runs),
             'kv_cache_bytes': measured, 'kv_cache_bytes_cost_model': cost.kv_cache_bytes(plan),
             'all_ttft_s': [r.ttft_s for r in runs], 'all_tokens_per_s': [r.tokens_per_s for r in runs],
             'new_tokens': len(runs[0].tokens[0])}
@@ -85,7 +86,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine(),
+    result = {'device': (torch.cuda.get_device_name() if device.type == 'cuda'
+                         else platform.processor() or platform.machine()),
               'threads': args.threads, 'torch': torch.__version__, 'dtype': 'fp32', 'batch': 1, 'd_model': args.d_model,
               'layers': args.layers, 'chunk_len': args.chunk_len, 'vocab': args.vocab, 'prompt': args.prompt,
               'new_tokens': args.new, 'repeats': args.repeats, 'chunks': {}}
@@ -102,17 +104,21 @@ def main():
         runs = measure(models, tokens, args.new, args.repeats)
         rows = {k: summarize(runs[k], plans[k]) for k in models}
         o, f = rows['ours'], rows['full']
-        ratios = {'ttft_full_over_ours': f['ttft_s'] / o['ttft_s'], 'kv_full_over_ours': f['kv_cache_bytes'] / o['kv_cache_bytes'],
+        ratios = {'ttft_full_over_ours': f['ttft_s'] / o['ttft_s'],
+                  'kv_full_over_ours': f['kv_cache_bytes'] / o['kv_cache_bytes'],
                   'tokens_per_s_ours_over_full': o['tokens_per_s'] / f['tokens_per_s']}
         result['chunks'][n] = {'context_tokens': length, 'models': rows, 'ratios': ratios}
-        print(f"| {n} | {length} | {o['ttft_s'] * 1e3:.1f} | {f['ttft_s'] * 1e3:.1f} | {ratios['ttft_full_over_ours']:.2f} | "
+        print(f"| {n} | {length} | {o['ttft_s'] * 1e3:.1f} | {f['ttft_s'] * 1e3:.1f} | "
+              f"{ratios['ttft_full_over_ours']:.2f} | "
               f"{o['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | {ratios['tokens_per_s_ours_over_full']:.2f} | "
-              f"{o['kv_cache_bytes'] / 1024:.0f} | {f['kv_cache_bytes'] / 1024:.0f} | {ratios['kv_full_over_ours']:.2f} |")
+              f"{o['kv_cache_bytes'] / 1024:.0f} | {f['kv_cache_bytes'] / 1024:.0f} | "
+              f"{ratios['kv_full_over_ours']:.2f} |")
 
     lo, hi = min(args.chunks), max(args.chunks)
     if lo != hi:  # how each number grows with the context (x at the largest N / at the smallest)
         a, b = result['chunks'][lo]['models'], result['chunks'][hi]['models']
-        growth = {k: {'ttft': b[k]['ttft_s'] / a[k]['ttft_s'], 'tokens_per_s': b[k]['tokens_per_s'] / a[k]['tokens_per_s'],
+        growth = {k: {'ttft': b[k]['ttft_s'] / a[k]['ttft_s'],
+                      'tokens_per_s': b[k]['tokens_per_s'] / a[k]['tokens_per_s'],
                       'kv_cache_bytes': b[k]['kv_cache_bytes'] / a[k]['kv_cache_bytes']} for k in SPECS}
         result['growth'] = {'from_chunks': lo, 'to_chunks': hi, **growth}
         print(f'\ngrowth from {lo} to {hi} chunks (x)\n| model | TTFT | tokens/s | KV bytes |\n|---|---|---|---|')

@@ -42,7 +42,8 @@ STAGES = {'autoencode': 30, 'blank': 3, 'copy': 2, 'combined': 2}
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--repeats', type=int, default=3, help='timed runs per setting')
-    ap.add_argument('--threads', type=int, default=1, help='torch threads (1: stable timings on a shared 2-core machine)')
+    ap.add_argument('--threads', type=int, default=1,
+                    help='torch threads (1: stable timings on a shared 2-core machine)')
     ap.add_argument('--steps-scale', default='1,10', help="comma-separated factors for every stage's steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,7 +100,8 @@ def main():
                 cpu[on].append(c)
                 if on:
                     writes.append(w)
-                print(f"  steps x{scale:g} repeat {i + 1}: memories {'on ' if on else 'off'} wall {t:7.2f} s  cpu {c:7.2f} s"
+                print(f"  steps x{scale:g} repeat {i + 1}: memories {'on ' if on else 'off'} "
+                      f"wall {t:7.2f} s  cpu {c:7.2f} s"
                       + (f'  (inside memories.write {w:.3f} s)' if on else ''), flush=True)
         best = {k: {on: min(v[on]) for on in v} for k, v in (('wall', wall), ('cpu', cpu))}
         w_best = min(writes)
@@ -126,16 +128,21 @@ def main():
     }
     print()
     print('best of repeats; cpu = process CPU time (less sensitive to other load on the machine than wall time)')
-    print('| training steps | on: wall / cpu s | off: wall / cpu s | ratio on/off wall | ratio on/off cpu | inside memories.write |')
+    print('| training steps | on: wall / cpu s | off: wall / cpu s | ratio on/off wall | ratio on/off cpu '
+          '| inside memories.write |')
     print('|---|---|---|---|---|---|')
     for r in results:
         print(f"| {sum(r['steps'].values())} | {r['best_wall_with']:.2f} / {r['best_cpu_with']:.2f} | "
-              f"{r['best_wall_without']:.2f} / {r['best_cpu_without']:.2f} | {r['ratio_wall']:.3f} | {r['ratio_cpu']:.3f} | "
+              f"{r['best_wall_without']:.2f} / {r['best_cpu_without']:.2f} | {r['ratio_wall']:.3f} | "
+              f"{r['ratio_cpu']:.3f} | "
               f"{r['best_write_seconds']:.3f} s = {r['write_fraction_percent']:.1f} % of the run |")
-    print(f"| {shipped['train_steps']} (shipped spec, projected) | - | {shipped['train_seconds']:.1f} (steps x step time) | - | - | "
-          f"{shipped['write_seconds']:.3f} s x {shipped['writes']} writes = {shipped['projected_overhead_percent']:.2f} % |")
-    print(f"\n{len(STAGES)} writes of {summary['rows_per_write']} x {summary['chunks_per_row']} chunk memories per run; "
-          f"target overhead <= 5 %; {args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"| {shipped['train_steps']} (shipped spec, projected) | - | "
+          f"{shipped['train_seconds']:.1f} (steps x step time) | - | - | "
+          f"{shipped['write_seconds']:.3f} s x {shipped['writes']} writes = "
+          f"{shipped['projected_overhead_percent']:.2f} % |")
+    print(f"\n{len(STAGES)} writes of {summary['rows_per_write']} x {summary['chunks_per_row']} chunk memories "
+          f"per run; target overhead <= 5 %; {args.threads} torch thread(s); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     out = ROOT / 'benchmarks' / 'results' / 'memory_write_overhead.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
@@ -170,7 +177,7 @@ def projected_shipped(spec_path, work: Path, write) -> dict:
                 times.append(time.perf_counter() - t0)
         step_seconds[stage.name] = statistics.median(times)
     writes = []
-    for i in range(3):
+    for _i in range(3):
         t0 = time.perf_counter()
         write(work / 'shipped.zarr', 'x', 'autoencode', model, data.val, data.val_mask, {})
         writes.append(time.perf_counter() - t0)

@@ -76,22 +76,24 @@ def latest_runs(url: str) -> dict[str, dict]:
     out = {}
     eng = make_engine(url)
     with eng.connect() as c:
-        rows = c.execute(sa.text("SELECT run_id, config, info, start_time, stop_time FROM run WHERE status = 'COMPLETED' "
-                                 'ORDER BY id')).fetchall()
+        rows = c.execute(sa.text('SELECT run_id, config, info, start_time, stop_time FROM run '
+                                 "WHERE status = 'COMPLETED' ORDER BY id")).fetchall()
         for run_id, config, info, start, stop in rows:
             cfg, inf = json.loads(config), json.loads(info or '{}')
             label = cfg['plan']['run']['name']
             stages = [s['name'] for s in cfg['plan']['curriculum']]
             ends = {s: v['end_step'] for s, v in inf.get('stages', {}).items()}
-            metrics = c.execute(sa.text('SELECT name, step, value FROM memspec_metrics WHERE run_id = :r AND name LIKE :p'),
+            metrics = c.execute(sa.text('SELECT name, step, value FROM memspec_metrics '
+                                        'WHERE run_id = :r AND name LIKE :p'),
                                 {'r': run_id, 'p': 'eval/%'}).fetchall()
             summary = {s: {} for s in stages}
             for name, step, value in metrics:
                 for s in stages:
                     if ends.get(s) == step:
                         summary[s][name[len('eval/'):]] = value
-            curve = c.execute(sa.text("SELECT step, value FROM memspec_metrics WHERE run_id = :r AND name = 'train/loss' "
-                                      'ORDER BY step'), {'r': run_id}).fetchall()
+            curve = c.execute(sa.text('SELECT step, value FROM memspec_metrics '
+                                      "WHERE run_id = :r AND name = 'train/loss' ORDER BY step"),
+                              {'r': run_id}).fetchall()
             start, stop = (dt.datetime.fromisoformat(t) if isinstance(t, str) else t for t in (start, stop))
             dur = (stop - start).total_seconds() if start and stop else None
             out[label] = {'run_id': run_id, 'summary': summary, 'stages': stages, 'curve': curve, 'duration': dur,
@@ -117,13 +119,15 @@ def run_experiment(label, files, bindings, runs_dir: Path, url: str, known: dict
     print(f'--- {label}: {" ".join(files)} {" ".join(resolved)}', flush=True)
     resume_args = []
     for attempt in range(3):
-        proc = subprocess.run(cmd + resume_args, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1'),
+        proc = subprocess.run(cmd + resume_args, cwd=ROOT,
+                              env=dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1'),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # a run that stopped resumably (the database stopped answering) continues the same trajectory
         resume = re.search(r'continue it with --resume (\S+)', proc.stdout)
         if proc.returncode != 1 or not resume or attempt == 2:
             break
-        print(f'    stopped resumably ({proc.stdout.strip().splitlines()[-1][:200]}); resuming run {resume.group(1)}', flush=True)
+        print(f'    stopped resumably ({proc.stdout.strip().splitlines()[-1][:200]}); resuming run {resume.group(1)}',
+              flush=True)
         resume_args = ['--resume', resume.group(1)]
     if proc.returncode:
         print(proc.stdout[-4000:])
@@ -155,11 +159,13 @@ def report(runs: dict, out: Path) -> str:
              '(`--report-only` regenerates it). Scale: the shipped tiny specs (d128, 2+2 layers, 4 chunks x 8 tokens, '
              'byte-level BPE of 1024 on the embedded corpus); PAPER.md section 7 used d512-1024 and 512 tokens, so '
              'absolute numbers differ: the claims are about ordering and gaps.', '',
-             f'Verdict rules, fixed before running: ">>" = at least {MUCH_RATIO:g}x and +{MUCH_ABS:.2f} token accuracy; '
+             f'Verdict rules, fixed before running: ">>" = at least {MUCH_RATIO:g}x and +{MUCH_ABS:.2f} '
+             'token accuracy; '
              f'"~" = within {SIMILAR_ABS:.2f}; CLM-loss margin {CLM_MARGIN:.0%}. I_e = 1 - CE / ln(vocab).', '']
     for k, kind in (('T', 'transformer'), ('M', 'masked mixer')):
         lines += [f'## Information probes ({kind}): frozen encoder, fresh decoder regenerates the chunk', '',
-                  '| encoder probed | probe CE | I_e | token accuracy | normalized Hamming | run |', '|---|---|---|---|---|---|']
+                  '| encoder probed | probe CE | I_e | token accuracy | normalized Hamming | run |',
+                 '|---|---|---|---|---|---|']
         for name, desc in (('ae', 'autoencoder'), ('causal', 'causal LM'), ('untrained', 'untrained'),
                            ('memclm', 'memory model, clm only'), ('memcombined', 'memory model, clm + blank copy'),
                            ('ae_faithful', 'autoencoder (faithful: fresh trainable embedding)'),
@@ -169,11 +175,13 @@ def report(runs: dict, out: Path) -> str:
                 continue
             m = probe(label)
             lines.append(f"| {desc} | {_fmt(m.get('autoencode.ce'))} | {_fmt(m.get('autoencode.info_proportion'))} | "
-                         f"{_fmt(m.get('autoencode.token_accuracy'))} | {_fmt(m.get('autoencode.normalized_hamming'))} | {runs[label]['run_id']} |")
+                         f"{_fmt(m.get('autoencode.token_accuracy'))} | "
+                         f"{_fmt(m.get('autoencode.normalized_hamming'))} | {runs[label]['run_id']} |")
         lines.append('')
 
     lines += ['## Memory models (transformer): copy, blank copy and next-token loss on held-out data', '',
-              '| model | copy acc | blank-copy acc | clm loss | fraction of memory benefit recovered | run |', '|---|---|---|---|---|---|']
+              '| model | copy acc | blank-copy acc | clm loss | fraction of memory benefit recovered | run |',
+             '|---|---|---|---|---|---|']
     l_nomem = runs.get('cmp_no_memory', {}).get('final', {}).get('clm.ce')
     l_full = runs.get('cmp_full_context', {}).get('final', {}).get('clm.ce')
     rows = [('mem_T_clm', 'clm only'), ('cmp_copy', 'clm + copy'), ('mem_T_combined', 'clm + blank copy (combined)'),
@@ -189,7 +197,8 @@ def report(runs: dict, out: Path) -> str:
         lines.append(f"| {desc} | {_fmt(m.get('copy.token_accuracy'))} | {_fmt(m.get('blank_copy.token_accuracy'))} | "
                      f"{_fmt(ce)} | {_fmt(frac, 2)} | {runs[label]['run_id']} |")
     lines += ['', 'Fraction of memory benefit recovered = (L_nomem - L_x) / (L_nomem - L_full), with L the held-out '
-              'clm loss of the no-memory control and of the full-context transformer (the memory-free upper bound here).', '']
+              'clm loss of the no-memory control and of the full-context transformer '
+             '(the memory-free upper bound here).', '']
 
     # claims
     lines += ['## Claims', '', '| claim | measurement | supported |', '|---|---|---|']
@@ -201,7 +210,8 @@ def report(runs: dict, out: Path) -> str:
         ae, ca, un = acc(f'probe_{k}_ae'), acc(f'probe_{k}_causal'), acc(f'probe_{k}_untrained')
         if None not in (ae, ca, un):
             ok = much(ae, ca) and much(ae, un) and abs(ca - un) <= SIMILAR_ABS
-            lines.append(f'| {kind}: autoencoder >> causal ~ untrained information | probe accuracy {ae:.3f} vs {ca:.3f} vs {un:.3f} '
+            lines.append(f'| {kind}: autoencoder >> causal ~ untrained information | '
+                         f'probe accuracy {ae:.3f} vs {ca:.3f} vs {un:.3f} '
                          f'| {"yes" if ok else "no"} |')
     clm_only = acc('mem_T_clm', 'copy.token_accuracy')
     for label, desc in (('mem_T_combined', 'combined'), ('cmp_curriculum', 'curriculum')):
@@ -209,17 +219,20 @@ def report(runs: dict, out: Path) -> str:
         b, b0 = acc(label, 'blank_copy.token_accuracy'), acc('mem_T_clm', 'blank_copy.token_accuracy')
         if None not in (c, clm_only, b, b0):
             ok = much(c, clm_only) or much(b, b0)
-            lines.append(f'| {desc} copy accuracy >> clm-only memory model | copy {c:.3f} vs {clm_only:.3f}, blank copy {b:.3f} vs {b0:.3f} '
+            lines.append(f'| {desc} copy accuracy >> clm-only memory model | '
+                         f'copy {c:.3f} vs {clm_only:.3f}, blank copy {b:.3f} vs {b0:.3f} '
                          f'| {"yes" if ok else "no"} |')
     ce_c, ce_0 = acc('mem_T_combined', 'clm.ce'), acc('mem_T_clm', 'clm.ce')
     if None not in (ce_c, ce_0):
         ok = ce_c <= ce_0 * (1 + CLM_MARGIN)
-        lines.append(f'| combined clm loss within {CLM_MARGIN:.0%} of clm-only | {ce_c:.3f} vs {ce_0:.3f} ({(ce_c / ce_0 - 1):+.1%}) '
+        lines.append(f'| combined clm loss within {CLM_MARGIN:.0%} of clm-only | '
+                     f'{ce_c:.3f} vs {ce_0:.3f} ({(ce_c / ce_0 - 1):+.1%}) '
                      f'| {"yes" if ok else "no"} |')
     total = sum(r['duration'] or 0 for r in runs.values())
     starts, stops = [r['start'] for r in runs.values() if r['start']], [r['stop'] for r in runs.values() if r['stop']]
     wall = (max(stops) - min(starts)).total_seconds() if starts and stops else 0
-    lines += ['', f'Recorded run time of the {len(runs)} runs: {total / 60:.1f} min; suite wall time (first start to last '
+    lines += ['', f'Recorded run time of the {len(runs)} runs: {total / 60:.1f} min; '
+              'suite wall time (first start to last '
               f'stop in the database, process starts and data loading included): {wall / 60:.1f} min.', '']
 
     # figures
@@ -238,7 +251,8 @@ def report(runs: dict, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(11, 4))
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], [acc(lb, 'copy.token_accuracy') or 0 for lb, _ in labels], 0.4, label='copy')
-    ax.bar([i + 0.2 for i in x], [acc(lb, 'blank_copy.token_accuracy') or 0 for lb, _ in labels], 0.4, label='blank copy')
+    ax.bar([i + 0.2 for i in x], [acc(lb, 'blank_copy.token_accuracy') or 0 for lb, _ in labels], 0.4,
+           label='blank copy')
     ax.set_xticks(list(x), [d for _, d in labels], rotation=25, ha='right')
     ax.set_ylabel('held-out token accuracy')
     ax.legend()
@@ -255,7 +269,8 @@ def report(runs: dict, out: Path) -> str:
     fig.tight_layout()
     fig.savefig(out / 'training_curves.png', dpi=120)
     plt.close(fig)
-    lines += ['![probes](probes.png)', '', '![memory models](memory_models.png)', '', '![training curves](training_curves.png)', '']
+    lines += ['![probes](probes.png)', '', '![memory models](memory_models.png)', '',
+              '![training curves](training_curves.png)', '']
     text = '\n'.join(lines)
     (out / 'paper_claims.md').write_text(text)
     return text

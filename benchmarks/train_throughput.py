@@ -70,8 +70,9 @@ class ResearchChunkLoop(nn.Module):
         def config(s: P.Stack, positions: int):
             return LlamaConfig(hidden_size=s.d_model, intermediate_size=s.ffn, num_hidden_layers=s.n_layers,
                                num_attention_heads=s.n_heads, num_key_value_heads=s.kv_heads, rms_norm_eps=s.norm_eps,
-                               rope_theta=s.rope_theta, vocab_size=plan.data.vocab_size, max_position_embeddings=positions,
-                               tie_word_embeddings=False, attn_implementation='sdpa')
+                               rope_theta=s.rope_theta, vocab_size=plan.data.vocab_size,
+                               max_position_embeddings=positions, tie_word_embeddings=False,
+                               attn_implementation='sdpa')
         n, l = plan.memory.chunks, plan.memory.chunk_len
         self.encoder = LlamaModel(config(plan.encoder, l))
         self.decoder = LlamaForCausalLM(config(plan.decoder, n + l))
@@ -158,7 +159,8 @@ def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int)
 
 
 def profile(step, batches, device, top: int = 25) -> str:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     step(batches[0])
     with prof(activities=acts) as p:
@@ -199,7 +201,8 @@ def main():
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     attention = args.attention
     peak_dtype, peak_n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048)
-    peaks = [peak_matmul_flops(device, peak_dtype, peak_n)]  # measured again after each size: this machine's speed drifts
+    # measured again after each size: this machine's speed drifts
+    peaks = [peak_matmul_flops(device, peak_dtype, peak_n)]
     peak = peaks[0]
     specs = {'research': 'memory_clm.gin', 'ours': 'memory_clm.gin', 'full_context': 'full_context.gin',
              'no_memory': 'no_memory.gin'}
@@ -211,12 +214,14 @@ def main():
     print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {result["dtype"]}; '
           f'peak matmul {peak / 1e9:.1f} GFLOP/s')
     for d in args.sizes:
-        plans = {k: plan_for(specs[k], d, args.layers, args.chunks, args.chunk_len, args.vocab, attention) for k in args.models}
+        plans = {k: plan_for(specs[k], d, args.layers, args.chunks, args.chunk_len, args.vocab, attention)
+                 for k in args.models}
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(3, args.vocab, (args.batch, args.chunks, args.chunk_len), generator=g).to(device)
                    for _ in range(4)]
-        steps = {k: train_step_fn(k, plans[k], device, autocast, args.compile_research if k == 'research' else args.compile,
-                                  args.micro_batch) for k in args.models}
+        steps = {k: train_step_fn(k, plans[k], device, autocast,
+                                  args.compile_research if k == 'research' else args.compile, args.micro_batch)
+                 for k in args.models}
         if args.profile:
             print(profile(steps[args.profile], batches, device))
             continue
@@ -234,7 +239,8 @@ def main():
                   for k in rows if k != 'research' and 'research' in rows}
         result['sizes'][d] = {'models': rows, 'ratios': ratios, 'peak_matmul_flops': peak}
         result['peak_matmul_flops'], result['all_peaks'] = peak, peaks
-        print(f'\nd_model {d}, {args.layers} layers, {args.chunks} x {args.chunk_len} tokens, batch {args.batch}, vocab {args.vocab}; '
+        print(f'\nd_model {d}, {args.layers} layers, {args.chunks} x {args.chunk_len} tokens, batch {args.batch}, '
+              f'vocab {args.vocab}; '
               f'peak matmul {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements)')
         print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU |\n|---|---|---|---|---|---|')
         for k, r in rows.items():

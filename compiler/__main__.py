@@ -54,8 +54,10 @@ def render(r: dict) -> str:
         if top not in tree:
             continue
         stack = plan[top] or plan['decoder']
-        desc = (f"position={m['position']} slots={m['slots']} pad={m['pad']} compression={m['compression']}" if top == 'memory'
-                else f"{stack['kind']} d{stack['d_model']} x{stack['n_layers']} {'causal' if stack['causal'] else 'bidirectional'}")
+        desc = (f"position={m['position']} slots={m['slots']} pad={m['pad']} compression={m['compression']}"
+                if top == 'memory'
+                else f"{stack['kind']} d{stack['d_model']} x{stack['n_layers']} "
+                     f"{'causal' if stack['causal'] else 'bidirectional'}")
         lines.append(f"{top:<10} {_si(sum(n for _, n in tree[top])):>9}   {desc}")
         for i, (sub, n) in enumerate(tree[top]):
             lines.append(f"  {'└─' if i == len(tree[top]) - 1 else '├─'} {sub:<12} {_si(n):>9}")
@@ -66,14 +68,16 @@ def render(r: dict) -> str:
               + (f"   ~ {r['estimate']['hours']:.1f} h on {r['estimate']['devices']} device(s) at "
                  f"{r['estimate']['tflops']:g} TFLOP/s sustained each" if 'estimate' in r else ''), '',
               'curriculum']
-    head = f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components"
+    head = (f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}"
+            f"{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components")
     lines.append(head)
     for c in r['curriculum']:
         obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'].items())
         if c['normalize'] == 'faithful':
             obj += ' (faithful)'
-        lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  {_si(c['trainable']):>9}"
-                     f"{_si(c['frozen']):>9}{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
+        lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  "
+                     f"{_si(c['trainable']):>9}{_si(c['frozen']):>9}"
+                     f"{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
                      f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
         for comp, src in c['init_from'].items():
             lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
@@ -83,7 +87,8 @@ def render(r: dict) -> str:
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument('specs', nargs='+', help='gin spec files; later files override earlier ones')
-    ap.add_argument('-b', '--binding', action='append', default=[], help="extra gin binding, e.g. -b 'Memory.chunks = 8'")
+    ap.add_argument('-b', '--binding', action='append', default=[],
+                    help="extra gin binding, e.g. -b 'Memory.chunks = 8'")
     return ap
 
 
@@ -91,7 +96,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def main(argv=None):
     ap = parser('python -m compiler', __doc__)
     ap.add_argument('--json', action='store_true', help='print the report as JSON')
-    ap.add_argument('--devices', type=int, default=1, help='devices for the runtime estimate (torchrun --nproc_per_node)')
+    ap.add_argument('--devices', type=int, default=1,
+                    help='devices for the runtime estimate (torchrun --nproc_per_node)')
     ap.add_argument('--tflops', type=float, help='sustained TFLOP/s per device for a runtime estimate '
                     '(e.g. 300 for an H100 in bf16 at ~30%% of peak); omitted: no estimate')
     args = ap.parse_args(argv)

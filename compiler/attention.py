@@ -102,7 +102,8 @@ def attend(q, k, v, *, causal: bool, key_mask: torch.Tensor | None = None, backe
     if backend == 'xformers':
         xops = _xformers_ops()
         if key_mask is None:
-            bias = None if not causal else xops.LowerTriangularMask() if t_q == t_k else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+            bias = (None if not causal else xops.LowerTriangularMask() if t_q == t_k
+                    else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask())
         else:
             allowed = dense_mask(t_q, t_k, causal, key_mask, q.device)
             bias = _additive_bias(allowed, q.shape[2], q.dtype)

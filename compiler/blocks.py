@@ -90,7 +90,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = self.cfg.d_model // self.cfg.n_heads
         cos, sin = rot
-        xq, cq, sq = (x, cos, sin) if keep_last is None else (x[:, -keep_last:], cos[:, -keep_last:], sin[:, -keep_last:])
+        xq, cq, sq = ((x, cos, sin) if keep_last is None
+                      else (x[:, -keep_last:], cos[:, -keep_last:], sin[:, -keep_last:]))
         q = apply_rope(self.q_proj(xq).view(b, xq.shape[1], self.cfg.n_heads, hd), cq, sq)
         k = apply_rope(self.k_proj(x).view(b, t, self.cfg.kv_heads, hd), cos, sin)
         v = self.v_proj(x).view(b, t, self.cfg.kv_heads, hd)

@@ -26,7 +26,8 @@ def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_llama(path: str) -> dict[str, torch.Tensor]:
-    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one (or shards)."""
+    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one
+    (or shards)."""
     from pathlib import Path
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
@@ -55,8 +56,10 @@ def check_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'che
             raise SpecError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
                             'declare the stack with the checkpoint\'s n_layers / sizes')
         if own[key].shape != value.shape:
-            raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the stack",
-                            'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary (Data.tokenizer) to the checkpoint')
+            raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
+                                    'in the stack',
+                            'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary (Data.tokenizer) '
+                            'to the checkpoint')
     missing = [k for k in own if k not in mapped]
     if missing:
         raise SpecError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',

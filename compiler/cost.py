@@ -138,7 +138,8 @@ def forward_flops(plan: P.Plan, objective: str = 'clm', attention: bool = True) 
             enc += p.rows * flops
         else:
             dec += p.rows * flops
-    form = (4 * d_enc * (d_enc // m.compression) if m.compression > 1 else 0) + (2 * d_enc * d_dec if d_enc != d_dec else 0)
+    form = ((4 * d_enc * (d_enc // m.compression) if m.compression > 1 else 0)
+            + (2 * d_enc * d_dec if d_enc != d_dec else 0))
     # memories are formed on the encoder side, or (recurrent, no encoder) from the decoder's output
     if family(plan).has_encoder:
         enc += work.forms * form

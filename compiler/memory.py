@@ -34,7 +34,8 @@ class MemoryModule(nn.Module):
         self.cfg, self.d_dec = cfg, d_dec
         self.compress = self.proj = self.unroll = None
         if former and cfg.compression > 1:
-            self.compress = nn.Sequential(nn.Linear(d_enc, d_enc // cfg.compression), nn.Linear(d_enc // cfg.compression, d_enc))
+            self.compress = nn.Sequential(nn.Linear(d_enc, d_enc // cfg.compression),
+                                          nn.Linear(d_enc // cfg.compression, d_enc))
         if former and d_enc != d_dec:
             self.proj = nn.Linear(d_enc, d_dec, bias=False)
         if unroll:

@@ -87,7 +87,8 @@ class Autoencoder(Graph):
         self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
         self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=m.decoder_input == 'unroll', pad=self.family.pad_slot)
-        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], embedding=self.family.token_decoder, head=True)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], embedding=self.family.token_decoder,
+                             head=True)
 
     def memories(self, tokens, key_mask=None):
         b, n, l = tokens.shape
@@ -114,7 +115,8 @@ class ChunkedMemoryLM(Graph):
             self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
         ae = needs_ae_decoder(plan)
         self.memory = MemoryModule(m, plan.encoder.d_model if self.use_memory else None, plan.decoder.d_model,
-                                   former=fam.forms_memories, unroll=ae and m.decoder_input == 'unroll', pad=fam.pad_slot)
+                                   former=fam.forms_memories, unroll=ae and m.decoder_input == 'unroll',
+                                   pad=fam.pad_slot)
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
         if ae:
             self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
@@ -200,7 +202,8 @@ def _skip_init_mode():
 
     class SkipInit(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, '__module__', None) == 'torch.nn.init' or getattr(func, '__name__', None) in ('tril', 'triu'):
+            if (getattr(func, '__module__', None) == 'torch.nn.init'
+                    or getattr(func, '__name__', None) in ('tril', 'triu')):
                 return args[0] if args else next(iter((kwargs or {}).values()))
             return func(*args, **(kwargs or {}))
 

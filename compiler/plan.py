@@ -64,7 +64,8 @@ def _conforms(value, tp) -> bool:
             return all(_conforms(v, args[0]) for v in value)
         return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
     if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                               for k, v in value.items())
     if tp is type(None):
         return value is None
     if tp is float:
@@ -86,7 +87,8 @@ def _describe(tp) -> str:
         return f'a dict of {_describe(args[0])} -> {_describe(args[1])}'
     if tp is type(None):
         return 'None'
-    return {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False'}.get(tp, f'a {getattr(tp, "__name__", tp)}')
+    return {int: 'an integer', float: 'a number', str: 'a string',
+            bool: 'True or False'}.get(tp, f'a {getattr(tp, "__name__", tp)}')
 
 
 class _PlanPart:
@@ -219,9 +221,11 @@ class Run(_PlanPart):
     checkpoint_every: int = 200
     log_every: int = 10
     eval_batches: int = 8
-    memory_store: str = ''  # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
+    # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
+    memory_store: str = ''
     memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'
-    compile: bool = False  # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
+    # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
+    compile: bool = False
     scope: str = _SCOPE
 
 

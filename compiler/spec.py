@@ -124,7 +124,8 @@ class _Loader:
         where = self.where(st.location) if hasattr(st, 'location') else self.label
         if isinstance(st, config_parser.IncludeStatement):
             if self.label:
-                raise SpecError(where, 'include is not allowed in a -b binding', 'pass the file as an extra spec argument')
+                raise SpecError(where, 'include is not allowed in a -b binding',
+                                'pass the file as an extra spec argument')
             self.parse_file(resolve_include(st.filename, folder, where), chain)
         elif isinstance(st, config_parser.ImportStatement):
             raise SpecError(where, f'import {st.module!r}: specs cannot import modules',
@@ -139,10 +140,12 @@ class _Loader:
         else:
             cls = plan_mod.CONFIGURABLES.get(st.selector)
             if cls is None:
-                raise SpecError(where, f"unknown configurable '{st.selector}'", _suggest(st.selector, plan_mod.CONFIGURABLES))
+                raise SpecError(where, f"unknown configurable '{st.selector}'",
+                                _suggest(st.selector, plan_mod.CONFIGURABLES))
             params = [f for f in cls.__dataclass_fields__ if f != 'scope']
             if st.arg_name not in params:
-                raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'", _suggest(st.arg_name, params))
+                raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'",
+                                _suggest(st.arg_name, params))
             self.locations[(st.scope, st.selector, st.arg_name)] = where
             self._note_macro((st.scope, st.selector, st.arg_name), st.value)
             gin.bind_parameter((st.scope, st.selector, st.arg_name), st.value)
@@ -172,7 +175,8 @@ def resolve_include(name: str, folder: Path, where: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise SpecError(where, f"include '{name}' not found (looked in {', '.join(_display(c.parent) for c in candidates)})",
+    raise SpecError(where,
+                    f"include '{name}' not found (looked in {', '.join(_display(c.parent) for c in candidates)})",
                     'fix the path: includes resolve from the including spec\'s folder, then from specs/')
 
 
@@ -209,14 +213,16 @@ def load(files, bindings=()) -> Spec:
         loader.parse_binding(b)
     for name, where in loader.macro_uses:
         if name not in loader.macros:
-            raise SpecError(where, f"undefined macro '%{name}'", f"define it (`{name} = ...`) or include the spec that does; "
+            raise SpecError(where, f"undefined macro '%{name}'",
+                            f"define it (`{name} = ...`) or include the spec that does; "
                             + _suggest(name, loader.macros))
     for name, where in loader.macros.items():  # `A = %B`, `B = %A`: name the line instead of recursing
         chain = [name]
         while loader.via_macro.get(chain[-1]) in loader.macros and chain[-1] not in chain[:-1]:
             chain.append(loader.via_macro[chain[-1]])
         if len(chain) > 1 and chain[-1] == name:
-            raise SpecError(where, f"macro '{name}' refers to itself: {' -> '.join(chain)}", 'give one of these macros a value')
+            raise SpecError(where, f"macro '{name}' refers to itself: {' -> '.join(chain)}",
+                            'give one of these macros a value')
     locations = loader.resolved_locations()
     try:
         built = gin.get_configurable('Plan')()

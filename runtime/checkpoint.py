@@ -75,12 +75,14 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
         digest = sha256_file(path)
         known = [w for w in side.read_text().split() if len(w) == 64]
         if digest not in known:
-            raise SpecError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... is not the one in {side.name}', fix)
+            raise SpecError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... '
+                                   f'is not the one in {side.name}', fix)
         _digests[str(path)] = digest
     try:
         return torch.load(path, weights_only=False)
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: unpickling fails in many ways)
-        raise SpecError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}', fix)
+        raise SpecError(where, f'cannot read the checkpoint {path}: '
+                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}', fix)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -99,4 +101,5 @@ def check_writable(folder: Path, where: str) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise SpecError(where, f'cannot write to {folder}: {e.strerror or e}', 'choose a folder this user can write (Run.out_dir)')
+        raise SpecError(where, f'cannot write to {folder}: {e.strerror or e}',
+                        'choose a folder this user can write (Run.out_dir)')

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import tokenizers
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
@@ -59,7 +59,8 @@ class Prepared:
     val_mask: torch.Tensor
     cache_path: Path
     cache_hit: bool  # True when this call reused an existing cache entry
-    stats: dict[str, dict] = field(default_factory=dict)  # per split: documents, tokens, examples, padding_fraction, ...
+    # per split: documents, tokens, examples, padding_fraction, ...
+    stats: dict[str, dict] = field(default_factory=dict)
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -82,7 +83,8 @@ def _local_path(source: str) -> Path:
     p = Path(source).expanduser()
     if not p.is_file():
         raise SpecError(_where('source', source), f'no such file: {p.resolve()}',
-                        "point Data.source at an existing .txt/.jsonl/.parquet file, 'embedded', or 'hub:<name>[:<config>]'")
+                        "point Data.source at an existing .txt/.jsonl/.parquet file, 'embedded', "
+                        "or 'hub:<name>[:<config>]'")
     if p.suffix not in ('.txt', '.jsonl', '.json', '.parquet'):
         raise SpecError(_where('source', source), f'unsupported file type {p.suffix!r}',
                         'use a .txt (documents separated by blank lines), .jsonl or .parquet file')
@@ -143,7 +145,8 @@ def _texts(rows, d, where: str, limit: int | None) -> list[str]:
     for row in rows:
         if d.text_field not in row:
             raise SpecError(_where('text_field', d.text_field), f'{where} has no field {d.text_field!r} '
-                            f'(fields: {", ".join(map(str, row))})', 'set Data.text_field to the column that holds the text')
+                            f'(fields: {", ".join(map(str, row))})',
+                            'set Data.text_field to the column that holds the text')
         t = row[d.text_field]
         if t is not None and not isinstance(t, str):
             raise SpecError(_where('text_field', d.text_field), f'{where}: field {d.text_field!r} holds '
@@ -162,7 +165,8 @@ def _datasets_documents(d, p: Path) -> list[str]:
         ds = datasets.load_dataset(kind, data_files=str(p), split='train', cache_dir=str(Path(d.cache_dir) / 'hf'))
     except Exception as e:  # malformed file: datasets raises many different types
         raise SpecError(_where('source', d.source), f'could not read {p} as {kind}: {type(e).__name__}: {e}',
-                        f'check that the file is valid {"JSON lines (one object per line)" if kind == "json" else "parquet"}')
+                        'check that the file is valid '
+                        f'{"JSON lines (one object per line)" if kind == "json" else "parquet"}')
     return _texts(ds, d, str(p), None)
 
 
@@ -233,7 +237,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:
-        raise SpecError(_where('tokenizer', path), f'cannot load {p}: {e}', 'use a tokenizer.json saved by `tokenizers`')
+        raise SpecError(_where('tokenizer', path), f'cannot load {p}: {e}',
+                        'use a tokenizer.json saved by `tokenizers`')
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -250,7 +255,8 @@ def _tokenizer_identity(d) -> dict:
 def encode(tok: Tokenizer, texts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """All texts -> (flat int64 ids, per-text lengths). encode_batch_fast skips offsets (we never use them)."""
     total = sum(len(t) for t in texts)
-    bar = tqdm(total=total, unit='char', unit_scale=True, desc='tokenize', disable=not progress or total < PROGRESS_BYTES)
+    bar = tqdm(total=total, unit='char', unit_scale=True, desc='tokenize',
+               disable=not progress or total < PROGRESS_BYTES)
     ids, lengths, start = [], [], 0
     while start < len(texts):  # chunks of ~1 MB keep the bar moving without hurting the Rust-side parallelism
         end, size = start, 0
@@ -382,7 +388,8 @@ def prepare(plan, progress: bool = True) -> Prepared:
         flat, lengths = encode(tok, texts, progress)
         if np.isin(flat, list(ids.values())).any():
             raise SpecError(_where('tokenizer', d.tokenizer), 'the tokenizer maps ordinary text to a special token id',
-                            f'use a tokenizer whose vocabulary does not contain {", ".join(SPECIAL_TOKENS)} as ordinary tokens')
+                            f'use a tokenizer whose vocabulary does not contain {", ".join(SPECIAL_TOKENS)} '
+                            'as ordinary tokens')
         x, m, used = build_examples(flat, lengths, d, ids, n, l)
         nbytes = sum(len(t.encode('utf-8')) for t in texts)
         stats[split] = {'documents': len(texts), 'documents_used': used, 'tokens': int(lengths.sum()), 'bytes': nbytes,
@@ -419,11 +426,12 @@ def _no_examples(d, split: str, lengths: np.ndarray, n: int, l: int) -> SpecErro
         return SpecError(_where('full_length_only', True),
                          f'the context N*L = {n}*{l} = {n * l} tokens is longer than every {split} document '
                          f'(longest: {longest} tokens), so no {split} example is left',
-                         'set Data.full_length_only = False (pad short documents), use shorter Memory.chunk_len/chunks, '
-                         'or a corpus with longer documents')
+                         'set Data.full_length_only = False (pad short documents), '
+                         'use shorter Memory.chunk_len/chunks, or a corpus with longer documents')
     return SpecError(_where('source', d.source),
                      f'the {split} split has {int(lengths.sum())} tokens, fewer than one example of N*L = {n * l}',
-                     'use a larger corpus, shorter Memory.chunk_len/chunks' + (', or a larger Data.val_fraction' if split == 'val' else ''))
+                     'use a larger corpus, shorter Memory.chunk_len/chunks'
+                     + (', or a larger Data.val_fraction' if split == 'val' else ''))
 
 
 def _complete(path: Path) -> bool:
@@ -439,7 +447,8 @@ def _load(path: Path) -> Prepared:
     return Prepared(tokenizer=tok, pad_id=ids['<pad>'], eod_id=ids['<eod>'], blank_id=ids['<blank>'],
                     copy_id=ids['<copy>'], vocab_size=meta['vocab_size'],
                     bytes_per_token={s: meta['stats'][s]['bytes_per_token'] for s in ('train', 'val')},
-                    train=arrays['train'], train_mask=arrays['train_mask'], val=arrays['val'], val_mask=arrays['val_mask'],
+                    train=arrays['train'], train_mask=arrays['train_mask'],
+                    val=arrays['val'], val_mask=arrays['val_mask'],
                     cache_path=path, cache_hit=True, stats=meta['stats'])
 
 
@@ -502,7 +511,8 @@ class Batches:
         for k in ('seed', 'batch_size', 'num_examples', 'shuffle'):
             if state[k] != mine[k]:  # a different stream: "continuing" it would silently change the trajectory
                 raise SpecError('resume (data position)', f'the checkpoint was taken with {k} = {state[k]}, '
-                                f'this run has {k} = {mine[k]}', 'resume with the same spec and data, or start a new run')
+                                f'this run has {k} = {mine[k]}',
+                                'resume with the same spec and data, or start a new run')
         self.epoch, self.index = state['epoch'], state['index']
 
 
@@ -527,7 +537,8 @@ def report(p: Prepared) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog='python -m runtime.data', description='Prepare the data of a spec and report it.')
     ap.add_argument('files', nargs='+', help='gin spec file(s)')
-    ap.add_argument('-b', '--binding', action='append', default=[], help="gin binding, e.g. -b 'Data.vocab_size = 1024'")
+    ap.add_argument('-b', '--binding', action='append', default=[],
+                    help="gin binding, e.g. -b 'Data.vocab_size = 1024'")
     ap.add_argument('--quiet', action='store_true', help='no progress output')
     args = ap.parse_args(argv)
     from compiler import spec

@@ -211,8 +211,8 @@ def check_generates(plan, where: str) -> None:
                if fam.readout(plan) == 'decoder' else OTHER_USE)
         raise SpecError(where, f"family '{plan.family}' cannot generate: {fam.cannot_generate}", fix)
     if plan.decoder.kind != 'transformer':
-        raise SpecError(where, f"family '{plan.family}' with a masked-mixer decoder cannot generate: masked mixers keep "
-                        'no KV cache (their token mixing is a convolution over the whole window)',
+        raise SpecError(where, f"family '{plan.family}' with a masked-mixer decoder cannot generate: "
+                        'masked mixers keep no KV cache (their token mixing is a convolution over the whole window)',
                         f"{OTHER_USE} whose decoder is a transformer (decoder/Stack.kind = 'transformer')")
 
 
@@ -226,7 +226,8 @@ def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
     plan = load([str(RunFolder.at(folder).operative)]).plan
     check_generates(plan, f'run {folder}')
     if stage is not None and stage not in plan.stage_names:
-        raise SpecError(f'--stage {stage}', f"run {folder} has no stage '{stage}' (stages: {', '.join(plan.stage_names)})",
+        raise SpecError(f'--stage {stage}',
+                        f"run {folder} has no stage '{stage}' (stages: {', '.join(plan.stage_names)})",
                         'pick one of the listed stages, or leave --stage out for the final weights')
     weights = RunFolder.at(folder).weights(stage)
     if not weights.is_file():
@@ -245,20 +246,23 @@ def stored_memories(ref: str, plan, folder: Path):
     stage, _, row = ref.rpartition(':')
     where = f'--memories {ref}'
     if not stage or not row.isdigit():
-        raise SpecError(where, 'expected STAGE:ROW, e.g. clm:0', 'name a stage of the run and a row of its stored memories')
+        raise SpecError(where, 'expected STAGE:ROW, e.g. clm:0',
+                        'name a stage of the run and a row of its stored memories')
     if not family(plan).stores_memories:
         raise SpecError(where, f"a '{plan.family}' run has no encoder, so it stored no memories",
                         'condition it on text with --context or --context-file')
     store = memory_store(plan.run, folder.parent)
     if store is None:
-        raise SpecError(where, "the run stored no memories (Run.memory_store = 'none')", 'condition on text with --context')
+        raise SpecError(where, "the run stored no memories (Run.memory_store = 'none')",
+                        'condition on text with --context')
     try:
         group = M.open_group(store, folder.name, stage)
     except SpecError as e:  # name the option the user gave first
         raise SpecError(where, f'{e.where}: {e.what}', e.fix) from None
     rows = group.memories.shape[0]
     if int(row) >= rows:
-        raise SpecError(where, f'row {row} is out of range: the stage stored {rows} rows', f'pick a row in 0..{rows - 1}')
+        raise SpecError(where, f'row {row} is out of range: the stage stored {rows} rows',
+                        f'pick a row in 0..{rows - 1}')
     mem, tokens, mask = group.rows(int(row), int(row) + 1)
     return mem[:, :plan.memory.chunks - 1], tokens[0, -1][mask[0, -1]]
 
@@ -279,15 +283,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument('--top-k', type=int, help='sample only among the k most likely tokens')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--device', default='cpu', help='torch device (default cpu)')
-    ap.add_argument('--json', action='store_true', help='print tokens, text, ttft_s, tokens_per_s, kv_cache_bytes as JSON')
+    ap.add_argument('--json', action='store_true',
+                    help='print tokens, text, ttft_s, tokens_per_s, kv_cache_bytes as JSON')
     return ap
 
 
 def check_options(args) -> None:
     if args.max_new_tokens < 1:
-        raise SpecError(f'--max-new-tokens {args.max_new_tokens}', 'must be at least 1', 'pass --max-new-tokens 1 or more')
+        raise SpecError(f'--max-new-tokens {args.max_new_tokens}', 'must be at least 1',
+                        'pass --max-new-tokens 1 or more')
     if args.temperature < 0:
-        raise SpecError(f'--temperature {args.temperature}', 'must be >= 0', 'pass 0 for greedy decoding, or a positive value')
+        raise SpecError(f'--temperature {args.temperature}', 'must be >= 0',
+                        'pass 0 for greedy decoding, or a positive value')
     if args.top_k is not None and args.top_k < 1:
         raise SpecError(f'--top-k {args.top_k}', 'must be at least 1', 'pass --top-k 1 or more, or leave it out')
     if not args.prompt:
@@ -304,7 +311,8 @@ def context_text(args) -> str:
     try:
         return Path(args.context_file).read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f'--context-file {args.context_file}', f'cannot read it: {e.strerror if isinstance(e, OSError) else e}',
+        raise SpecError(f'--context-file {args.context_file}',
+                        f'cannot read it: {e.strerror if isinstance(e, OSError) else e}',
                         'give a readable UTF-8 text file')
 
 
@@ -316,7 +324,8 @@ def fits_window(plan, model, n_tokens: int, max_new: int) -> None:
     if n_tokens + max_new - 1 > window:
         fix = (f'lower --max-new-tokens to {window - n_tokens + 1}' if n_tokens <= window else
                f'shorten --context/--prompt to at most {window} tokens')
-        raise SpecError(f'--max-new-tokens {max_new}', f"{n_tokens} conditioning tokens + {max_new} new tokens do not fit "
+        raise SpecError(f'--max-new-tokens {max_new}',
+                        f"{n_tokens} conditioning tokens + {max_new} new tokens do not fit "
                         f"the {plan.family} model's context of {window} tokens (Memory.chunks x chunk_len)",
                         fix + ' (a memory model reads any length: its memories slide)')
 
@@ -345,7 +354,8 @@ def main(argv=None) -> None:
     if out.dropped:
         why = ('a no_memory model reads no memories' if not family(plan).has_encoder else
                f'the decoder has {plan.memory.chunks - 1} memory slots; the newest are kept')
-        print(f'[generate] {out.dropped} context chunk(s) of {plan.memory.chunk_len} tokens not read: {why}', file=sys.stderr)
+        print(f'[generate] {out.dropped} context chunk(s) of {plan.memory.chunk_len} tokens not read: {why}',
+              file=sys.stderr)
     text = tok.decode(out.tokens[0], skip_special_tokens=False)
     if args.json:
         print(json.dumps({'tokens': out.tokens[0], 'text': text, 'ttft_s': out.ttft_s,

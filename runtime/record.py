@@ -16,14 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from threading import Lock, RLock
 from pathlib import Path
+from threading import Lock, RLock
 
 import sqlalchemy as sa
 from sacred.observers import SqlObserver
 
 from compiler.errors import SpecError
 from store.database import METRICS, display_url, make_engine
+
 
 class RecordingLost(RuntimeError):
     """The run database stopped answering mid-run; what was not recorded is still replayable from the checkpoint."""

@@ -173,9 +173,10 @@ def execute(spec, data, obs, url: str, runs_dir: Path, resume_id: str | None, re
                          f"last checkpoint is intact (written atomically). "
                          f"{_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
     if getattr(obs, 'lost', None) is not None:
-        return {'error': f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) but the "
-                         f"run database {database.display_url(url)} stopped answering at the end, so its status and "
-                         f"artifacts are not recorded.\n  When it answers again, record them: rerun the same command "
+        return {'error': f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) "
+                         f"but the run database {database.display_url(url)} stopped answering at the end, "
+                         f"so its status and artifacts are not recorded.\n  When it answers again, record them: "
+                         f"rerun the same command "
                          f"with --resume {holder['run_id']}", 'code': 1}
     return holder
 

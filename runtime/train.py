@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import torch
-
 from safetensors import safe_open
 
 from compiler import objectives as O
@@ -33,7 +32,8 @@ def set_frozen(model: Graph, stage: P.Stage) -> list[torch.nn.Parameter]:
 
 
 def optimizer(params, stage: P.Stage):
-    # fused: one kernel over all parameters; on 2 CPU cores it steps ~10x faster than foreach (benchmarks/train_throughput.py)
+    # fused: one kernel over all parameters; on 2 CPU cores it steps ~10x faster than foreach
+    # (benchmarks/train_throughput.py)
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95), fused=True)
 
     def factor(step: int) -> float:
@@ -183,6 +183,7 @@ def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) ->
     for stage in plan.curriculum[first:]:
         for comp, src in stage.init_from.items():
             if src.startswith('llama:'):
-                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]), f"init_from '{src}'")
+                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]),
+                            f"init_from '{src}'")
             if src.startswith('run:'):
                 state_from_run(runs_dir, src, meta_build(plan, vocab), comp)

@@ -130,7 +130,8 @@ class Trainer:
             gstep = offset + step
             if step % plan.run.log_every == 0 or step == stage.steps:
                 logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
-                                           **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v for k, v in accs.items()}})
+                                           **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v
+                                              for k, v in accs.items()}})
                 for k, v in logged.items():
                     _run.log_scalar(f'train/{k}', v, gstep)
                 rate = done * tokens_per_step / (time.perf_counter() - t0)
@@ -175,12 +176,14 @@ class Trainer:
         if path is None:
             return
         plan = self.plan
-        attrs = {'spec_hash': self.spec.hash, 'step': plan.stage_end(stage), 'family': plan.family, 'encoder_d_model': plan.encoder.d_model,
+        attrs = {'spec_hash': self.spec.hash, 'step': plan.stage_end(stage), 'family': plan.family,
+                 'encoder_d_model': plan.encoder.d_model,
                  'chunks': plan.memory.chunks, 'chunk_len': plan.memory.chunk_len, 'vocab_size': self.vocab,
                  'tokenizer_path': str((self.data.cache_path / 'tokenizer.json').resolve()),
                  'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
                  'special_ids': self.data.special_ids}
-        memories.write(path, run_id, stage, self.model, self.data.val, self.data.val_mask, attrs, dtype=plan.run.memory_dtype)
+        memories.write(path, run_id, stage, self.model, self.data.val, self.data.val_mask, attrs,
+                       dtype=plan.run.memory_dtype)
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""
@@ -191,12 +194,14 @@ class Trainer:
         return dict(zip(values, flat.tolist()))
 
     def evaluate(self) -> dict[str, float]:
-        return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids, self.plan.data.batch_size,
-                        self.plan.run.eval_batches, self.data.bytes_per_token.get('val'), self.vocab)
+        return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
+                              self.plan.data.batch_size, self.plan.run.eval_batches,
+                              self.data.bytes_per_token.get('val'), self.vocab)
 
 
 SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),
-                   ('blank_copy.token_accuracy', 'blank-copy acc'), ('blank_copy_ablated.token_accuracy', 'no-memory (ablated)'),
+                   ('blank_copy.token_accuracy', 'blank-copy acc'),
+                   ('blank_copy_ablated.token_accuracy', 'no-memory (ablated)'),
                    ('autoencode.token_accuracy', 'autoencode acc'), ('autoencode.info_proportion', 'I_e (ae)'),
                    ('clm.bits_per_byte', 'clm bpb')]
 

@@ -47,9 +47,9 @@ from compiler.families import REGISTRY, family
 from compiler.spec import load
 from store import memories as M
 from store import tables
-from store.tables import num
 from store.database import default_url, display_url, open_db, recorded_config
 from store.layout import RunFolder, memory_store
+from store.tables import num
 
 DEFAULT_STORE = str(memory_store(P.Run()))
 LOGITS_BUDGET = 1 << 25  # floats of logits per model micro-batch (128 MiB in float32)
@@ -152,7 +152,8 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
         _PLANS[key] = fallback
         return fallback
     raise SpecError(f'run {run_id} ({folder})', 'cannot rebuild the plan that wrote these memories'
-                    + (f" ({'; '.join(tried)})" if tried else ' (no operative.gin in the run folder and no Sacred database)'),
+                    + (f" ({'; '.join(tried)})" if tried
+                       else ' (no operative.gin in the run folder and no Sacred database)'),
                     'keep the run folder next to the store, or pass --db with the database the run was recorded in')
 
 
@@ -195,14 +196,16 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
     try:
         state = load_file(str(ck))
     except Exception as e:  # noqa: BLE001  (a torn or foreign file is the user's input)
-        raise SpecError(where, f'cannot read checkpoint {ck}: {str(e).splitlines()[0]}', 'rerun the stage to rewrite it')
+        raise SpecError(where, f'cannot read checkpoint {ck}: {str(e).splitlines()[0]}',
+                        'rerun the stage to rewrite it')
     vocab = int(a['vocab_size'])
     model = build(plan, vocab)
     d_mem = model.memory.d_dec
     stored = group.memories.shape[-1]
     if int(a.get('memory_dim', stored)) != d_mem or stored != d_mem:
         raise SpecError(where, f"checkpoint does not match the stored widths: memory_dim {a.get('memory_dim')} "
-                        f'(arrays {stored}) but the model forms {d_mem}-wide memories', 'decode with the run that wrote the store')
+                        f'(arrays {stored}) but the model forms {d_mem}-wide memories',
+                        'decode with the run that wrote the store')
     if (int(a['chunks']), int(a['chunk_len'])) != (plan.memory.chunks, plan.memory.chunk_len) \
             or tuple(group.tokens.shape[1:]) != (plan.memory.chunks, plan.memory.chunk_len):
         raise SpecError(where, f"stored chunks x chunk_len {tuple(group.tokens.shape[1:])} do not match the plan's "
@@ -211,7 +214,8 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
         model.load_state_dict(state)
     except RuntimeError as e:
         raise SpecError(where, f'checkpoint {ck} does not match the model of the plan that wrote the store: '
-                        f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}', 'decode with the run that wrote the store')
+                        f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}',
+                        'decode with the run that wrote the store')
     model.eval().to(device)
     kind = fam.readout(plan)
     if readout != 'auto' and readout != kind:
@@ -221,7 +225,8 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
                             f"use --readout auto (here: {kind})")
         kind = readout
     if kind == 'blank_copy' and plan.memory.chunks < 2:
-        raise SpecError(where, 'a memory model with 1 chunk has no memory slot to decode from', 'analyse a run with chunks >= 2')
+        raise SpecError(where, 'a memory model with 1 chunk has no memory slot to decode from',
+                        'analyse a run with chunks >= 2')
     ids = a.get('special_ids') or {}
     return Decoder(model, kind, int(ids.get('<pad>', 0)), int(ids.get('<blank>', 0)), vocab, plan.memory.chunk_len,
                    torch.device(device))
@@ -305,7 +310,8 @@ def cmd_decode(args) -> None:
         dec = load_decoder(group, args.db, args.device, args.readout)
         tok = tokenizer_of(group.attrs)
         note = {'decoder': 'model.decoder (autoencoder)', 'ae_decoder': 'model.ae_decoder (frozen-encoder curriculum)',
-                'blank_copy': 'blank-copy read-out (memory in slot 0, blank tokens; first token of a chunk not predicted)'}
+                'blank_copy': 'blank-copy read-out (memory in slot 0, blank tokens; '
+                              'first token of a chunk not predicted)'}
         print(f"== run {args.run_id} stage {stage} (step {group.attrs.get('step')}, {group.tokens.shape[0]} sequences "
               f"x {group.tokens.shape[1]} chunks x {group.tokens.shape[2]} tokens); decoder: {note[dec.kind]}")
         samples = decode_samples(dec, group, args.n, tok)
@@ -347,7 +353,8 @@ def info_rows(store, run_ids, stage=None, db=None, device='cpu', limit=None, rea
             a = group.attrs
             m = tally.metrics(dec.vocab, bytes_per_token(a))
             rows.append({'run': str(run_id), 'stage': name, 'step': a.get('step'), 'family': a.get('family'),
-                         'decoder': dec.kind, 'rows': group.tokens.shape[0] if limit is None else min(limit, group.tokens.shape[0]),
+                         'decoder': dec.kind,
+                         'rows': group.tokens.shape[0] if limit is None else min(limit, group.tokens.shape[0]),
                          'tokens': tally.tokens, 'vocab_size': dec.vocab, **m})
     return rows
 
@@ -380,8 +387,8 @@ def cmd_info(args) -> None:
             return
     print(table(rows, cols))
     print('\nDecoding from stored memories with each stage\'s own checkpoint; token acc and CE over every target '
-          'token, norm. Hamming = 1 - accuracy per stored sequence (all its chunks), macro-averaged; I_e = 1 - CE / ln(V), V = the '
-          "run's vocabulary size (H0 of a uniform, informationless model).")
+          'token, norm. Hamming = 1 - accuracy per stored sequence (all its chunks), macro-averaged; '
+          "I_e = 1 - CE / ln(V), V = the run's vocabulary size (H0 of a uniform, informationless model).")
     if missing_bpb:
         print(f"bits/byte omitted for {', '.join(missing_bpb)}: no held-out bytes-per-token in the run's data cache "
               '(meta.json beside tokenizer.json).')
@@ -449,7 +456,8 @@ def retrieval(group: M.Group, query_fn, queries: int = 2048, seed: int = 0, desc
                 continue
             mem, tok, msk = group.rows(start, stop)
             local = here - start * n
-            fm, ft, fk = mem.reshape(-1, mem.shape[-1])[local], tok.reshape(-1, tok.shape[-1])[local], msk.bool().reshape(-1, msk.shape[-1])[local]
+            fm, ft, fk = (mem.reshape(-1, mem.shape[-1])[local], tok.reshape(-1, tok.shape[-1])[local],
+                          msk.bool().reshape(-1, msk.shape[-1])[local])
             keep = fk.any(-1)
             if not keep.any():
                 continue
@@ -464,7 +472,8 @@ def retrieval(group: M.Group, query_fn, queries: int = 2048, seed: int = 0, desc
         greater = torch.zeros(len(q), dtype=torch.long)
         count = 0
         # pass 2: every candidate, slice by slice
-        for start, stop, mem, _, msk in slices(group, desc=f'{desc} candidates' + (f' (block {b0 // block + 1})' if len(picked) > block else '')):
+        for start, _stop, mem, _, msk in slices(group, desc=f'{desc} candidates'
+                                                + (f' (block {b0 // block + 1})' if len(picked) > block else '')):
             c = F.normalize(mem.reshape(-1, mem.shape[-1]).float(), dim=-1)
             valid = msk.reshape(len(c), -1).any(-1)
             sim = q @ c.T
@@ -503,10 +512,14 @@ def cmd_retrieve(args) -> None:
     rows = []
     for name, group in stages(args.store, args.run_id, args.stage):
         dec = load_decoder(group, args.db, args.device, args.readout)
-        r = retrieval(group, encoder_queries(dec, args.n, args.mode), args.queries, args.seed, f'retrieve {args.run_id}/{name}')
-        rows.append({'run': str(args.run_id), 'stage': name, 'step': group.attrs.get('step'), 'mode': args.mode, 'n': args.n, **r})
+        r = retrieval(group, encoder_queries(dec, args.n, args.mode), args.queries, args.seed,
+                      f'retrieve {args.run_id}/{name}')
+        rows.append({'run': str(args.run_id), 'stage': name, 'step': group.attrs.get('step'), 'mode': args.mode,
+                     'n': args.n, **r})
     print(table(rows, RETRIEVE_COLUMNS))
-    print(f'\nquery = the stage\'s encoder (model.encode) on {"a random contiguous " + str(args.n) + "-gram" if args.mode == "ngram" else str(args.n) + " random tokens"} '
+    query = ('a random contiguous ' + str(args.n) + '-gram' if args.mode == 'ngram'
+             else str(args.n) + ' random tokens')
+    print(f'\nquery = the stage\'s encoder (model.encode) on {query} '
           f'of a stored chunk (right-padded, key-masked); candidates = every stored chunk memory; cosine similarity; '
           f'seed {args.seed}.')
 
@@ -629,7 +642,8 @@ def _metric_figure(plt, rows, groups, run_id, out: Path) -> str:
         for stage, g in groups:
             if g.attrs.get('step') is not None:
                 ax.axvline(g.attrs['step'], color='grey', ls='--', lw=0.8)
-                ax.text(g.attrs['step'], 1.0, stage, transform=ax.get_xaxis_transform(), fontsize=7, ha='right', va='top')
+                ax.text(g.attrs['step'], 1.0, stage, transform=ax.get_xaxis_transform(), fontsize=7,
+                        ha='right', va='top')
         ax.set_title(title, fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -652,8 +666,8 @@ def parser() -> argparse.ArgumentParser:
                        '(default for the fallback: sqlite:///<out_dir>/sacred.db)')
         p.add_argument('--device', default='cpu', help='torch device for decoding (default cpu)')
         p.add_argument('--readout', choices=('auto', 'ae_decoder', 'blank_copy'), default='auto',
-                       help='memory family: decode with the autoencoder decoder (auto when the model has one) or by the '
-                       "main decoder's blank-copy read-out")
+                       help='memory family: decode with the autoencoder decoder (auto when the model has one) '
+                       "or by the main decoder's blank-copy read-out")
         return p
 
     p = common(sub.add_parser('decode', help='original vs regenerated text of stored sequences'))
@@ -663,7 +677,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = common(sub.add_parser('info', help='information metrics of decoding from stored memories, one table'))
     p.add_argument('run_ids', metavar='RUN_ID', nargs='+')
-    p.add_argument('--csv', metavar='FILE', help="also write the table as CSV ('-': CSV on stdout instead of the table)")
+    p.add_argument('--csv', metavar='FILE',
+                   help="also write the table as CSV ('-': CSV on stdout instead of the table)")
     p.add_argument('--rows', type=int, help='only the first ROWS sequences of each group (default all)')
     p.set_defaults(fn=cmd_info)
 
@@ -671,7 +686,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('run_id', metavar='RUN_ID')
     p.add_argument('--n', type=int, default=7, help='query length in tokens (default 7, the paper\'s)')
     p.add_argument('--mode', choices=('ngram', 'nbag'), default='ngram', help='contiguous n-gram or n random tokens')
-    p.add_argument('--queries', type=int, default=2048, help='query chunks drawn at random (default 2048; 0 = every chunk)')
+    p.add_argument('--queries', type=int, default=2048,
+                   help='query chunks drawn at random (default 2048; 0 = every chunk)')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(fn=cmd_retrieve)
 
@@ -694,7 +710,8 @@ def _check_args(args) -> None:
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
-            raise SpecError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}', 'use --device cpu')
+            raise SpecError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}',
+                            'use --device cpu')
 
 
 @cli

@@ -196,9 +196,9 @@ class SqlDb:
             path = Path(u.database)
             if not path.is_file():
                 raise SpecError(self.where, f'no run database at {path.resolve()}',
-                                'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) or point '
-                                '--db at the file it wrote (the default sqlite:///runs/sacred.db is relative to the '
-                                'current folder)')
+                                'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
+                                'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
+                                'to the current folder)')
             uri = f'file:{quote(str(path.resolve()))}?mode=ro'  # read-only: never creates or changes the file
             self.engine = sa.create_engine('sqlite://', creator=lambda: sqlite3.connect(uri, uri=True, timeout=10))
         elif backend == 'postgresql':
@@ -293,7 +293,8 @@ class SqlDb:
         if not self.has_metrics or not steps:
             return []
         rows = self._rows("SELECT name, step, value FROM memspec_metrics WHERE run_id = :r AND name LIKE 'eval/%' "
-                          'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)}, expanding=('steps',))
+                          'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)},
+                          expanding=('steps',))
         return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
 
     def artifacts(self, run_id: str) -> list[tuple[str, int]]:
@@ -351,7 +352,8 @@ class MongoDb:
                                  result if isinstance(result, (int, float)) else None,
                                  ''.join(trace) if isinstance(trace, list) else trace,
                                  {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
-                                  'os_info': ' '.join(host.get('os') or []), 'python_version': host.get('python_version')},
+                                  'os_info': ' '.join(host.get('os') or []),
+                                  'python_version': host.get('python_version')},
                                  (d.get('experiment') or {}).get('name', '')))
         return out
 
@@ -362,7 +364,8 @@ class MongoDb:
 
     def final_metrics(self, run_ids: list[str], names: list[str]) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for d in self.db.metrics.find({'run_id': {'$in': [self._key(r) for r in run_ids]}, 'name': {'$in': list(names)}}):
+        for d in self.db.metrics.find({'run_id': {'$in': [self._key(r) for r in run_ids]},
+                                       'name': {'$in': list(names)}}):
             if d.get('steps'):
                 i = max(range(len(d['steps'])), key=lambda j: d['steps'][j])
                 out.setdefault(str(d['run_id']), {})[d['name']] = float(d['values'][i])

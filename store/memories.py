@@ -63,13 +63,16 @@ class Writer:
         if name in root:  # a rerun (e.g. after resume) or a torn group from a killed writer: replace it whole
             del root[name]
         self.group = root.require_group(name)
-        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': str(run_id), 'stage': stage,
-                                 'dtype': dtype, 'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
-                                 'rows': 0, 'complete': False, **attrs})
+        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': str(run_id),
+                                      'stage': stage, 'dtype': dtype,
+                                      'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
+                                      'rows': 0, 'complete': False, **attrs})
         store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32
         # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
-        self.mem = self.group.create_array('memories', shape=(s, n, d), chunks=(ROWS, n, d), dtype=store_dtype, overwrite=True)
-        self.tok = self.group.create_array('tokens', shape=(s, n, l), chunks=(ROWS, n, l), dtype=np.int32, overwrite=True)
+        self.mem = self.group.create_array('memories', shape=(s, n, d), chunks=(ROWS, n, d), dtype=store_dtype,
+                                           overwrite=True)
+        self.tok = self.group.create_array('tokens', shape=(s, n, l), chunks=(ROWS, n, l), dtype=np.int32,
+                                           overwrite=True)
         self.msk = self.group.create_array('mask', shape=(s, n, l), chunks=(ROWS, n, l), dtype=bool, overwrite=True)
         self.dtype, self.rows, self.total = dtype, 0, s
 
@@ -120,21 +123,26 @@ class Group:
     def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.memories[start:stop]
         mem = _from_bits(m).float() if self.attrs['dtype'] == 'bfloat16' else torch.from_numpy(np.asarray(m))
-        return mem, torch.from_numpy(np.asarray(self.tokens[start:stop])).long(), torch.from_numpy(np.asarray(self.mask[start:stop]))
+        return (mem, torch.from_numpy(np.asarray(self.tokens[start:stop])).long(),
+                torch.from_numpy(np.asarray(self.mask[start:stop])))
 
 
 def open_group(path, run_id: str, stage: str) -> Group:
-    """Open a run/stage group; bad input (missing store, unknown run or stage, torn group, other version) -> SpecError."""
+    """Open a run/stage group; bad input (missing store, unknown run or stage, torn group, other version) ->
+    SpecError."""
     path = Path(path)
     if not (path / 'zarr.json').is_file():
-        raise SpecError(str(path), 'no memory store here', 'pass --store with the path a run wrote (default runs/memories.zarr)')
+        raise SpecError(str(path), 'no memory store here',
+                        'pass --store with the path a run wrote (default runs/memories.zarr)')
     root = zarr.open_group(str(path), mode='r')
     if str(run_id) not in root:
-        raise SpecError(f'{path} run {run_id}', f'run {run_id} has no memories in this store (runs: {", ".join(sorted(root.group_keys()))})',
+        raise SpecError(f'{path} run {run_id}',
+                        f'run {run_id} has no memories in this store (runs: {", ".join(sorted(root.group_keys()))})',
                         'pick a run id listed, or run it first')
     run = root[str(run_id)]
     if stage not in run:
-        raise SpecError(f'{path} run {run_id}', f"no stage '{stage}' (stages: {', '.join(sorted(run.group_keys()))})", 'pick a listed stage')
+        raise SpecError(f'{path} run {run_id}', f"no stage '{stage}' (stages: {', '.join(sorted(run.group_keys()))})",
+                        'pick a listed stage')
     g = run[stage]
     a = dict(g.attrs)
     if a and (a.get('format') != FORMAT or a.get('version') != FORMAT_VERSION):  # no attrs at all: killed at birth
@@ -159,5 +167,6 @@ def listing(path) -> list[dict]:
         for stage in sorted(root[run_id].group_keys()):
             g = root[run_id][stage]
             out.append({'run_id': run_id, 'stage': stage, 'rows': g.attrs.get('rows', 0),
-                        'complete': bool(g.attrs.get('complete')), 'shape': list(g['memories'].shape) if 'memories' in g else None})
+                        'complete': bool(g.attrs.get('complete')),
+                        'shape': list(g['memories'].shape) if 'memories' in g else None})
     return out

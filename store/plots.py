@@ -17,7 +17,8 @@ def plot(rows, run: RunRecord, out: str) -> None:
 
     path = Path(out)
     if not path.parent.is_dir():
-        raise SpecError(f'--plot {out}', f'folder {path.parent} does not exist', 'create it or write the plot elsewhere')
+        raise SpecError(f'--plot {out}', f'folder {path.parent} does not exist',
+                        'create it or write the plot elsewhere')
     groups: dict[str, dict[str, tuple[list, list]]] = {}
     for name, step, value in rows:
         group = name.split('/', 1)[0] if '/' in name else 'metrics'

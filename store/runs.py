@@ -10,7 +10,7 @@ The database is Sacred's (SqlObserver tables `run`, `host`, `experiment`, `artif
 `memspec_metrics(run_id, name, step, value, time)` table: sqlite:///runs/sacred.db by default, or a PostgreSQL URL;
 a mongodb:// URL reads Sacred's MongoObserver collections (needs pymongo). Queries are SQLAlchemy Core text
 statements, so SQLite and PostgreSQL run the same code. SQLite files are opened read-only and never created.
-"""
+"""  # noqa: E501 (the first line is printed verbatim as the --help description)
 from __future__ import annotations
 
 import argparse
@@ -22,20 +22,31 @@ import os
 import sys
 from pathlib import Path
 
-
 from compiler.errors import SpecError, cli
 from store.database import DEFAULT_DB, STATUSES, RunRecord, get_run, open_db
 from store.plots import plot
-from store.tables import (duration, fmt, metrics_table, num, plan_summary, spec_label, spec_text, stage_line, table,
-                          top_specs, when)
+from store.tables import (
+    duration,
+    fmt,
+    metrics_table,
+    num,
+    plan_summary,
+    spec_label,
+    spec_text,
+    stage_line,
+    table,
+    top_specs,
+    when,
+)
 from store.where import Where, bindings
 
 # final eval metrics shown by `list` (column title, metric name)
 HEADLINE = [('clm.ce', 'eval/clm.ce'), ('blank_copy acc', 'eval/blank_copy.token_accuracy'),
             ('copy acc', 'eval/copy.token_accuracy'), ('autoencode acc', 'eval/autoencode.token_accuracy')]
 # stage-end metrics shown by `compare` unless --name picks others
-COMPARE_METRICS = ['clm.ce', 'clm.token_accuracy', 'clm.bits_per_byte', 'copy.token_accuracy', 'blank_copy.token_accuracy',
-                   'blank_copy_ablated.token_accuracy', 'autoencode.token_accuracy', 'autoencode.info_proportion']
+COMPARE_METRICS = ['clm.ce', 'clm.token_accuracy', 'clm.bits_per_byte', 'copy.token_accuracy',
+                   'blank_copy.token_accuracy', 'blank_copy_ablated.token_accuracy', 'autoencode.token_accuracy',
+                   'autoencode.info_proportion']
 
 
 # ------------------------------------------------------------------------------------------------ derived views
@@ -113,13 +124,14 @@ def cmd_show(db, args) -> None:
         return
     cfg, info = run.config, run.info
     print(f"run {run.id}  {run.status}  experiment '{run.experiment or '?'}'  plan {cfg.get('spec_hash', '?')}")
-    print(f'started     {when(run.start, True)} UTC' + (f'   stopped {when(run.stop, True)} UTC  ({duration(run.start, run.stop)})'
-                                                        if run.stop else ''))
+    print(f'started     {when(run.start, True)} UTC'
+          + (f'   stopped {when(run.stop, True)} UTC  ({duration(run.start, run.stop)})' if run.stop else ''))
     tops = top_specs(run)
     includes = [spec_label(f) for f in run.spec_files if f not in tops]
     print(f"spec        {', '.join(tops) or '?'}" + (f"   (includes {', '.join(includes)})" if includes else ''))
     if cfg.get('bindings'):
-        print('bindings    ' + ' '.join(f'-b {b!r}' if ' ' in b or "'" not in b else f'-b "{b}"' for b in cfg['bindings']))
+        print('bindings    ' + ' '.join(f'-b {b!r}' if ' ' in b or "'" not in b else f'-b "{b}"'
+                                        for b in cfg['bindings']))
     h, hi = run.host, info.get('host') or {}
     pk = hi.get('packages') or {}
     details = [x for x in (h.get('cpu'), h.get('os_info'), f"Python {h.get('python_version') or hi.get('python', '?')}",
@@ -127,13 +139,15 @@ def cmd_show(db, args) -> None:
                            f"{hi['threads']} threads" if 'threads' in hi else None) if x]
     print(f"host        {h.get('hostname', '?')}  ({', '.join(details)})")
     run_dir = info.get('run_dir')
-    print(f"run folder  {run_dir or '?'}" + ('' if not run_dir or Path(run_dir).is_dir() else '  (not on this machine)'))
+    print(f"run folder  {run_dir or '?'}"
+          + ('' if not run_dir or Path(run_dir).is_dir() else '  (not on this machine)'))
     data = info.get('data') or {}
     if data:
         st = data.get('stats') or {}
         sizes = ', '.join(f"{k} {v.get('tokens', 0):,} tokens / {v.get('examples', 0):,} examples"
                           for k, v in st.items() if isinstance(v, dict))
-        print(f"data        {data.get('cache', '?')}  (vocab {data.get('vocab_size', '?')}" + (f'; {sizes}' if sizes else '') + ')')
+        print(f"data        {data.get('cache', '?')}  (vocab {data.get('vocab_size', '?')}"
+              + (f'; {sizes}' if sizes else '') + ')')
     if run.result is not None:
         print(f'result      {run.result:.6g}')
     if run.fail_trace:
@@ -300,11 +314,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--status', type=str.upper, choices=STATUSES, help='only runs with this status')
     p.add_argument('--where', action='append', metavar='KEY=VALUE',
                    help="plan filter, repeatable (all must hold): 'Memory.chunks=4', 'encoder/Stack.d_model=128', "
-                        "'blank/Stage.lr=1e-3', a macro 'LR=1e-3', or a flattened key 'plan.memory.chunks=4'; '!=' negates")
+                        "'blank/Stage.lr=1e-3', a macro 'LR=1e-3', or a flattened key 'plan.memory.chunks=4'; "
+                        "'!=' negates")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser('show', parents=[common], help='one run in full')
     p.add_argument('id')
-    p.add_argument('--keys', action='store_true', help='print the flattened config keys (what --where and compare read)')
+    p.add_argument('--keys', action='store_true',
+                   help='print the flattened config keys (what --where and compare read)')
     p.set_defaults(func=cmd_show)
     p = sub.add_parser('metrics', parents=[common], help="one run's logged metrics")
     p.add_argument('id')
@@ -317,7 +333,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser('compare', parents=[common], help='what differs between runs')
     p.add_argument('ids', nargs='+', metavar='ID')
     p.add_argument('--all', action='store_true', help='list every plan key, not only those that differ')
-    p.add_argument('--name', action='append', metavar='PATTERN', help='stage-end metrics to compare (default: headline)')
+    p.add_argument('--name', action='append', metavar='PATTERN',
+                   help='stage-end metrics to compare (default: headline)')
     p.add_argument('--color', choices=('auto', 'always', 'never'), default='auto',
                    help='bold differing values (auto: when stdout is a terminal; otherwise they get a *)')
     p.set_defaults(func=cmd_compare)

@@ -10,6 +10,7 @@ from compiler.families import REGISTRY, family
 from compiler.plan import STACK_ROLES
 from store.database import RunRecord
 
+
 def spec_label(path: str) -> str:
     """'/work/main/specs/mixer/autoencoder.gin' -> 'mixer/autoencoder.gin' (relative to specs/), else the file name."""
     parts = Path(path).parts
@@ -97,7 +98,8 @@ def plan_summary(plan: dict) -> list[tuple[str, str]]:
             out.append((name, f"{s.get('kind')}, d_model {s.get('d_model')}, {s.get('n_layers')} layers{heads}, "
                               f"{'causal' if s.get('causal') else 'bidirectional'}"))
     m = plan.get('memory') or {}
-    if m and plan.get('family') in REGISTRY and (family(plan['family']).forms_memories or family(plan['family']).pad_slot):
+    if m and plan.get('family') in REGISTRY and (family(plan['family']).forms_memories
+                                                 or family(plan['family']).pad_slot):
         out.append(('memory', f"{m.get('chunks')} chunks x {m.get('chunk_len')} tokens, position {m.get('position')}, "
                               f"compression {m.get('compression')}, slots {m.get('slots')}, pad {m.get('pad')}, "
                               f"decoder input {m.get('decoder_input')}"))
@@ -122,8 +124,8 @@ def stage_line(s: dict) -> list[str]:
         extra.append('init ' + ','.join(f"{k.replace(':', '.')}<-{v}" for k, v in s['init_from'].items()))
     if s.get('normalize', 'weighted_sum') != 'weighted_sum':
         extra.append(f"normalize {s['normalize']}")
-    return [str(s.get('name')), str(s.get('steps')), f"{s.get('lr'):g}" if isinstance(s.get('lr'), (int, float)) else '?',
-            objs, '  '.join(extra)]
+    return [str(s.get('name')), str(s.get('steps')),
+            f"{s.get('lr'):g}" if isinstance(s.get('lr'), (int, float)) else '?', objs, '  '.join(extra)]
 
 
 def metrics_table(stage_metrics: dict[str, dict[str, float]], ends: dict[str, int], indent: str = '  ') -> str:

@@ -1,7 +1,8 @@
 """The --where query language of `python -m store.runs list`: one filter per expression, over a run's record.
 
-    scope/Configurable.param=value   as in a spec ('Memory.chunks=4', 'encoder/Stack.d_model=128', 'blank/Stage.lr=1e-3');
-                                     Stage and Objective scopes are resolved through the run's operative gin
+    scope/Configurable.param=value   as in a spec ('Memory.chunks=4', 'encoder/Stack.d_model=128',
+                                     'blank/Stage.lr=1e-3'); Stage and Objective scopes are resolved through the
+                                     run's operative gin
     NAME=value                       a macro of the operative gin ('LR=2e-3')
     flattened.key=value              a key of the recorded config ('plan.memory.chunks=4'; `store.runs show ID --keys`)
     '!=' negates; values compare as numbers where both are numbers (1e-3 == 0.001).
@@ -18,7 +19,6 @@ from compiler.errors import SpecError
 from compiler.plan import CONFIGURABLES, STACK_ROLES
 from compiler.spec import read_bindings
 from store.database import RunRecord
-
 
 
 def operative(run: RunRecord) -> tuple[dict, dict]:

@@ -4,9 +4,9 @@ run offline, single-threaded and deterministic in float32.
 One intra-op thread: the test models are tiny, and on the 2-core machines two OpenMP threads made a forward
 pass ~4x slower in wall time whenever anything else ran (measured), with no gain when idle."""
 import os
-import uuid
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,7 +46,8 @@ PROBE = 'specs/information_probe.gin'
 FLAGSHIP_STAGES = ('autoencode', 'blank_copy', 'copy', 'combined')
 TINY = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'BATCH=4', 'Stage.eval_every=2', 'Run.eval_batches=1',
         'Run.checkpoint_every=1', 'Run.log_every=1', "Run.memory_store='none'"]
-TINY_FLAGSHIP = TINY + ['autoencode/Stage.steps=3', 'blank/Stage.steps=3', 'copy/Stage.steps=2', 'combined/Stage.steps=2']
+TINY_FLAGSHIP = TINY + ['autoencode/Stage.steps=3', 'blank/Stage.steps=3', 'copy/Stage.steps=2',
+                        'combined/Stage.steps=2']
 TINY_PROBE = TINY + ['probe/Stage.steps=2']
 
 
@@ -169,7 +170,8 @@ def rt_refusals(flagship_run, rt_cache, tmp_path_factory):
                                                      TINY_FLAGSHIP + ['combined/Stage.steps=3'],
                                                      ['--resume', flagship_run.run_id])),
         'unknown_init': (fresh['unknown_init'], rt_argv(PROBE, fresh['unknown_init'], rt_cache,
-                                                        TINY_PROBE + ["probe/Stage.init_from = {'encoder': 'run:999/x'}"])),
+                                                        TINY_PROBE
+                                                        + ["probe/Stage.init_from = {'encoder': 'run:999/x'}"])),
         'unreachable_db': (fresh['unreachable_db'], rt_argv(FLAGSHIP, fresh['unreachable_db'], rt_cache, TINY_FLAGSHIP,
                                                             ['--db', 'postgresql://nobody@127.0.0.1:1/x'])),
     }

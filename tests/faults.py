@@ -156,8 +156,8 @@ def _pg_block(admin_url: str, database: str, allow: bool = False) -> None:
         with con.cursor() as cur:
             cur.execute(f'ALTER DATABASE {database} ALLOW_CONNECTIONS {"true" if allow else "false"}')
             if not allow:
-                cur.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()',
-                            (database,))
+                cur.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                            'WHERE datname = %s AND pid <> pg_backend_pid()', (database,))
     finally:
         con.close()
 
@@ -248,7 +248,8 @@ def install_hooks(spec: dict | None) -> None:
         real_close(self)
         _at(hit, 'done')
 
-    real_commit, real_execute, real_executemany = D.DefaultDialect.do_commit, D.DefaultDialect.do_execute, D.DefaultDialect.do_executemany
+    real_commit, real_execute, real_executemany = (D.DefaultDialect.do_commit, D.DefaultDialect.do_execute,
+                                                   D.DefaultDialect.do_executemany)
 
     def down():
         if _db_down.is_set():
@@ -370,7 +371,8 @@ def record_of(db, out_dir: Path, run_id: str) -> dict:
            'final': load_file(d / 'final.safetensors') if (d / 'final.safetensors').is_file() else None,
            'stages': {p.stem: load_file(p) for p in sorted((d / 'stages').glob('*.safetensors'))},
            'runs': query(db, 'SELECT run_id, status FROM run ORDER BY id'),
-           'metrics': query(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step, id', run_id),
+           'metrics': query(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? '
+                                'ORDER BY name, step, id', run_id),
            'artifacts': sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', run_id)),
            'row': (query(db, 'SELECT info, result FROM run WHERE run_id = ?', run_id) or [(None, None)])[0]}
     store = out_dir / 'memories.zarr'
@@ -382,7 +384,8 @@ def record_of(db, out_dir: Path, run_id: str) -> dict:
             entry['arrays'] = {k: torch.from_numpy(getattr(grp, k)[:].copy()) for k in ('memories', 'tokens', 'mask')}
             entry['step'] = grp.attrs.get('step')
         rec['zarr'][(g['run_id'], g['stage'])] = entry
-    rec['temporaries'] = sorted(str(p.relative_to(d)) for p in list(d.glob('.*')) + list(d.glob('stages/.*'))) if d.is_dir() else []
+    rec['temporaries'] = (sorted(str(p.relative_to(d)) for p in list(d.glob('.*')) + list(d.glob('stages/.*')))
+                          if d.is_dir() else [])
     ck = d / 'checkpoint.pt'
     import runtime.checkpoint as R
     if ck.is_file():
@@ -397,10 +400,12 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
     """-> (problems, records lost by kind, records duplicated by kind)."""
     problems, lost, dup = [], collections.Counter(), collections.Counter()
     if rec['summary'] != base['summary']:
-        problems.append(f"summary.json differs: {rec['summary'] and sorted(rec['summary'])} vs {sorted(base['summary'])}"
+        problems.append(f"summary.json differs: {rec['summary'] and sorted(rec['summary'])} "
+                        f"vs {sorted(base['summary'])}"
                         if rec['summary'] is None or set(rec['summary']) != set(base['summary']) else
-                        'summary.json values differ: ' + ', '.join(f'{s}.{k}' for s in base['summary'] for k in base['summary'][s]
-                                                                 if rec['summary'][s].get(k) != base['summary'][s][k])[:300])
+                        'summary.json values differ: '
+                        + ', '.join(f'{s}.{k}' for s in base['summary'] for k in base['summary'][s]
+                                    if rec['summary'][s].get(k) != base['summary'][s][k])[:300])
     for name, got, want in [('final.safetensors', rec['final'], base['final'])] + \
             [(f'stages/{s}.safetensors', rec['stages'].get(s), w) for s, w in base['stages'].items()]:
         if got is None:
@@ -419,7 +424,8 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
     got = collections.Counter((n, s) for n, s, _ in rec['metrics'])
     missing, extra = want - got, got - want
     if missing or extra:
-        problems.append(f'metrics: {sum(missing.values())} rows lost {sorted(missing)[:4]}, {sum(extra.values())} duplicated {sorted(extra)[:4]}')
+        problems.append(f'metrics: {sum(missing.values())} rows lost {sorted(missing)[:4]}, '
+                        f'{sum(extra.values())} duplicated {sorted(extra)[:4]}')
     lost['metric rows'] += sum(missing.values())
     dup['metric rows'] += sum(extra.values())
     if not missing and not extra:
@@ -451,7 +457,8 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
             lost['zarr rows'] += bg['rows']
             continue
         if g['rows'] != bg['rows'] or g['shape'] != bg['shape']:
-            problems.append(f"zarr: {run_id}/{stage} has {g['rows']} rows {g['shape']} (want {bg['rows']} {bg['shape']})")
+            problems.append(f"zarr: {run_id}/{stage} has {g['rows']} rows {g['shape']} "
+                            f"(want {bg['rows']} {bg['shape']})")
             lost['zarr rows'] += max(0, bg['rows'] - g['rows'])
             dup['zarr rows'] += max(0, g['rows'] - bg['rows'])
             continue
@@ -545,7 +552,8 @@ class Suite:
 
     def baseline(self) -> dict:
         t0 = time.perf_counter()
-        code = fork_run(argv_for(self.base_dir, self.cache), self.root / 'baseline.log', None, self.root / 'counts.json')
+        code = fork_run(argv_for(self.base_dir, self.cache), self.root / 'baseline.log', None,
+                        self.root / 'counts.json')
         if code != 0:
             raise SystemExit(f'the baseline run failed (exit {code}):\n{tail(self.root / "baseline.log", 4000)}')
         self.counts = json.loads((self.root / 'counts.json').read_text())
@@ -666,7 +674,8 @@ class Suite:
                     res['problems'].append('a reader opened the half-written memory group')
                 except Exception as e:  # noqa: BLE001
                     if type(e).__name__ != 'SpecError':
-                        res['problems'].append(f'reading the half-written group raised {type(e).__name__}, not a clear error')
+                        res['problems'].append(f'reading the half-written group raised {type(e).__name__}, '
+                                               'not a clear error')
         return self.resume_and_check(out, res, run_id)
 
     def resume_and_check(self, out: Path, res: dict, run_id, what: str = 'resume') -> dict:
@@ -702,7 +711,8 @@ class Suite:
             code = self._fork_eacces(argv_for(locked / 'runs', self.cache), out / 'locked.log', spec)
         finally:
             os.chmod(locked, 0o755)
-        res['problems'] += stderr_problems(tail(out / 'locked.log', 100000), code, 2, ('cannot write', 'Permission denied'))
+        res['problems'] += stderr_problems(tail(out / 'locked.log', 100000), code, 2,
+                                           ('cannot write', 'Permission denied'))
         if any(locked.iterdir()):
             res['problems'].append(f'something was written under the unwritable folder: {list(locked.iterdir())}')
         res['message'] = error_message(tail(out / 'locked.log', 100000))
@@ -738,7 +748,8 @@ class Suite:
         for name, url in (('postgresql', 'postgresql://nobody@127.0.0.1:1/x'), ('sqlite', f'sqlite:///{blocker}/sacred.db')):
             code = fork_run(argv_for(out / name, self.cache, ['--db', url]), self.root / f'db_unreachable-{name}.log')
             text = tail(self.root / f'db_unreachable-{name}.log', 100000)
-            res['problems'] += [f'{name}: {p}' for p in stderr_problems(text, code, 2, ('cannot open the run database', url))]
+            res['problems'] += [f'{name}: {p}'
+                                for p in stderr_problems(text, code, 2, ('cannot open the run database', url))]
             left = [p.name for p in (out / name).iterdir() if p.name not in ('cache',)] if (out / name).is_dir() else []
             if left:
                 res['problems'].append(f'{name}: left {left} behind')
@@ -771,7 +782,8 @@ class Suite:
         url = make_url(self.postgres).set(database=name).render_as_string(hide_password=False)
         out = self.root / 'pg_gone'
         try:
-            spec = {'hook': 'step', 'phase': 'begin', 'k': k, 'action': 'pg_down', 'admin': self.postgres, 'database': name}
+            spec = {'hook': 'step', 'phase': 'begin', 'k': k, 'action': 'pg_down', 'admin': self.postgres,
+                    'database': name}
             code = fork_run(argv_for(out, self.cache, ['--db', url]), self.log(out, 'gone'), spec)
             text = tail(self.log(out, 'gone'), 100000)
             res['problems'] += stderr_problems(text, code, 1, ('stopped answering', '--resume'))
@@ -798,7 +810,8 @@ class Suite:
         the checkpoint and its sha256 as told restarts the run from its first step, same id, same final result."""
         out = self.root / 'corrupt'
         res = {'id': 'corrupt_checkpoint', 'kind': 'fault', 'problems': [], 'lost': {}, 'duplicated': {}}
-        code = fork_run(argv_for(out, self.cache), self.log(out, 'killed'), {'hook': 'step', 'phase': 'begin', 'k': k, 'action': 'kill'})
+        code = fork_run(argv_for(out, self.cache), self.log(out, 'killed'),
+                        {'hook': 'step', 'phase': 'begin', 'k': k, 'action': 'kill'})
         if code != -signal.SIGKILL:
             res['problems'].append(f'the run was not killed (exit {code})')
         (run_id,) = recorded_ids(db_path(out)) or [None]
@@ -823,7 +836,8 @@ class Suite:
         run_id = None
         for j, spec in enumerate([{'hook': 'zarr_append', 'phase': 'torn', 'k': 2, 'action': 'kill'},
                                   {'hook': 'zarr_delete', 'phase': 'torn', 'k': 1, 'action': 'kill'}]):
-            code = fork_run(argv_for(out, self.cache, ['--resume', run_id] if run_id else []), self.log(out, f'run{j}'), spec)
+            code = fork_run(argv_for(out, self.cache, ['--resume', run_id] if run_id else []), self.log(out, f'run{j}'),
+                            spec)
             if code != -signal.SIGKILL:
                 res['problems'].append(f'run {j} was not killed (exit {code}): {tail(self.log(out, f"run{j}"), 600)}')
             run_id = run_id or (recorded_ids(db_path(out)) or [None])[0]
@@ -832,12 +846,14 @@ class Suite:
     def faults(self) -> list:
         """(name, callable) of the resource-fault scenarios."""
         ck_saves = self.counts.get('torch_save', 0)
-        out = [('disk_full_checkpoint', lambda: self.fault_disk_full('disk_full_checkpoint', 'torch_save', 'torn', min(3, ck_saves))),
+        out = [('disk_full_checkpoint', lambda: self.fault_disk_full(
+                   'disk_full_checkpoint', 'torch_save', 'torn', min(3, ck_saves))),
                ('disk_full_memories', lambda: self.fault_disk_full('disk_full_memories', 'zarr_append', 'torn', 2)),
                ('unwritable_out_dir', self.fault_unwritable_out_dir),
                ('db_unreachable_at_start', self.fault_db_unreachable),
-               ('db_gone_midrun', lambda: self.fault_db_gone('db_gone_midrun', {'hook': 'step', 'phase': 'begin', 'k': 4},
-                                                             ('stopped answering', '--resume', 'nothing after it is lost'))),
+               ('db_gone_midrun', lambda: self.fault_db_gone(
+                   'db_gone_midrun', {'hook': 'step', 'phase': 'begin', 'k': 4},
+                   ('stopped answering', '--resume', 'nothing after it is lost'))),
                ('db_gone_at_the_end', lambda: self.fault_db_gone(  # before final.safetensors: after the last checkpoint
                    'db_gone_at_the_end', {'hook': 'ckpt_write', 'phase': 'begin', 'k': self.counts['ckpt_write']},
                    ('finished', 'not recorded', '--resume'))),
@@ -855,7 +871,8 @@ class Suite:
         res = {'id': f'concurrent_{tag}', 'kind': 'concurrent', 'runs': n, 'problems': [], 'lost': {}, 'duplicated': {}}
         start = time.time() + 1.0
         extra = ['--db', url] if url else []
-        pids = [spawn(argv_for(out, self.cache, extra, [f'Run.seed={i}']), out / f'run{i}.log', None, None, start) for i in range(n)]
+        pids = [spawn(argv_for(out, self.cache, extra, [f'Run.seed={i}']), out / f'run{i}.log', None, None, start)
+                for i in range(n)]
         codes = [wait(p) for p in pids]
         for i, c in enumerate(codes):
             if c != 0:
@@ -877,17 +894,21 @@ class Suite:
             res['problems'].append(f'run folders {folders} vs recorded ids {ids}')
         base_steps = collections.Counter((nm, s) for nm, s, _ in base['metrics'])
         for rid in ids:
-            got = collections.Counter((nm, s) for nm, s, _ in query(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ?', rid))
+            got = collections.Counter((nm, s) for nm, s, _ in query(
+                db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ?', rid))
             if got != base_steps:
-                res['problems'].append(f'run {rid}: metrics {sum((base_steps - got).values())} lost, {sum((got - base_steps).values())} duplicated')
+                res['problems'].append(f'run {rid}: metrics {sum((base_steps - got).values())} lost, '
+                                       f'{sum((got - base_steps).values())} duplicated')
                 res['lost']['metric rows'] = res['lost'].get('metric rows', 0) + sum((base_steps - got).values())
-                res['duplicated']['metric rows'] = res['duplicated'].get('metric rows', 0) + sum((got - base_steps).values())
+                res['duplicated']['metric rows'] = (res['duplicated'].get('metric rows', 0)
+                                                    + sum((got - base_steps).values()))
             mine = {g['stage']: g for g in groups if g['run_id'] == rid}
             for stage, rows_ in want_rows.items():
                 g = mine.get(stage)
                 if g is None or not g['complete'] or g['rows'] != rows_:
                     res['problems'].append(f'run {rid}: memory group {stage} {g}')
-                    res['lost']['zarr rows'] = res['lost'].get('zarr rows', 0) + rows_ - (g['rows'] if g and g['complete'] else 0)
+                    res['lost']['zarr rows'] = (res['lost'].get('zarr rows', 0) + rows_
+                                                - (g['rows'] if g and g['complete'] else 0))
             if not (out / rid / 'final.safetensors').is_file():
                 res['problems'].append(f'run {rid}: no final.safetensors')
             arts = sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', rid))
@@ -915,8 +936,10 @@ def run_parallel(tasks: list, jobs: int, root: Path) -> list[dict]:
                 try:
                     path.write_text(json.dumps(fn(), default=str))
                 except BaseException:  # noqa: BLE001
-                    path.write_text(json.dumps({'id': name, 'kind': 'error', 'survived': False, 'lost': {}, 'duplicated': {},
-                                                'problems': [f'the scenario itself failed:\n{traceback.format_exc()}']}))
+                    path.write_text(json.dumps({'id': name, 'kind': 'error', 'survived': False, 'lost': {},
+                                                'duplicated': {},
+                                                'problems': [f'the scenario itself failed:\n'
+                                                             f'{traceback.format_exc()}']}))
                     code = 1
                 finally:
                     os._exit(code)
@@ -930,7 +953,8 @@ def run_parallel(tasks: list, jobs: int, root: Path) -> list[dict]:
                 results[name] = {'id': name, 'kind': 'error', 'survived': False, 'lost': {}, 'duplicated': {},
                                  'problems': [f'worker died ({os.waitstatus_to_exitcode(status)}) without a result']}
             results[name].setdefault('seconds', round(time.time() - t0, 2))
-            print(f"  {name:<28} {'ok' if results[name].get('survived') else 'FAILED'}  {results[name]['seconds']:>6.1f} s", flush=True)
+            print(f"  {name:<28} {'ok' if results[name].get('survived') else 'FAILED'}  "
+                  f"{results[name]['seconds']:>6.1f} s", flush=True)
     return [results[name] for name, _ in tasks]
 
 
@@ -964,7 +988,8 @@ def table(points: list[dict]) -> str:
         key = f"kill -9: {p['category']}" if p['kind'] == 'kill' else p['id']
         r = rows.setdefault(key, [0, 0, 0, 0, 0])
         ok, n = _runs(p)
-        for i, v in enumerate((_faults(p), ok, n, sum(p.get('lost', {}).values()), sum(p.get('duplicated', {}).values()))):
+        for i, v in enumerate((_faults(p), ok, n, sum(p.get('lost', {}).values()),
+                               sum(p.get('duplicated', {}).values()))):
             r[i] += v
     lines = [f"{'scenario':<32}{'faults':>8}{'runs ok':>10}{'lost':>7}{'duplicated':>12}", '-' * 69]
     tot = [0, 0, 0, 0, 0]
@@ -996,9 +1021,10 @@ def main(argv=None) -> int:
     ap.add_argument('--jobs', type=int, default=2, help='scenarios run side by side (each single-threaded)')
     ap.add_argument('--no-faults', action='store_true', help='skip the resource-fault scenarios')
     ap.add_argument('--only-faults', nargs='*', help='run only these fault scenarios (names as in the table)')
-    ap.add_argument('--concurrent', type=int, default=0, help='also start this many runs at once on one database and store')
-    ap.add_argument('--postgres', help="admin URL of a PostgreSQL server (default: $MEMSPEC_TEST_POSTGRES or a local server "
-                                       "if reachable; 'none' to skip)")
+    ap.add_argument('--concurrent', type=int, default=0,
+                    help='also start this many runs at once on one database and store')
+    ap.add_argument('--postgres', help="admin URL of a PostgreSQL server (default: $MEMSPEC_TEST_POSTGRES "
+                                       "or a local server if reachable; 'none' to skip)")
     ap.add_argument('--root', help='work folder (default: a temporary folder, removed afterwards)')
     ap.add_argument('--cache', help='data cache folder shared by the runs (default: <root>/cache)')
     ap.add_argument('--json', default=str(ROOT / 'benchmarks' / 'results' / 'reliability.json'))
@@ -1029,7 +1055,8 @@ def main(argv=None) -> int:
         points = run_parallel(tasks, max(1, args.jobs), root)
         summary = summarize(points)
         report = {'seed': args.seed, 'kills': args.kills, 'spec': SPEC, 'bindings': BINDINGS, 'baseline': base,
-                  'postgres': bool(pg), 'seconds': round(time.perf_counter() - t0, 1), 'summary': summary, 'points': points,
+                  'postgres': bool(pg), 'seconds': round(time.perf_counter() - t0, 1), 'summary': summary,
+                  'points': points,
                   'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__}}
         print('\n' + table(points))
         print(f"\nfaults injected {summary['faults_injected']}, runs survived {summary['runs_survived']} of "
@@ -1042,7 +1069,8 @@ def main(argv=None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
             print(f'\nwrote {args.json}')
-        return 0 if not summary['runs_failed'] and not summary['records_lost'] and not summary['records_duplicated'] else 1
+        return 0 if (not summary['runs_failed'] and not summary['records_lost']
+                     and not summary['records_duplicated']) else 1
     finally:
         if not args.root and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -1057,7 +1085,8 @@ def _concurrent_pg(self: Suite, n: int) -> dict:
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE {name}')
     try:
-        return self.concurrent(n, make_url(self.postgres).set(database=name).render_as_string(hide_password=False), 'postgres')
+        return self.concurrent(n, make_url(self.postgres).set(database=name).render_as_string(hide_password=False),
+                               'postgres')
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')

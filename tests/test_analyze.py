@@ -21,8 +21,8 @@ import torch
 import zarr
 
 from compiler import objectives as O
-from compiler.model import build
 from compiler import plan as P
+from compiler.model import build
 from store import analyze as A
 from store import memories as M
 
@@ -81,15 +81,16 @@ def reference(ae_run):
     from safetensors.torch import load_file
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
     with sa.create_engine(ae_run['db']).connect() as c:
-        cfg = json.loads(c.execute(sa.text('SELECT config FROM run WHERE run_id = :r'), {'r': ae_run['run_id']}).first()[0])
+        cfg = json.loads(c.execute(sa.text('SELECT config FROM run WHERE run_id = :r'),
+                                   {'r': ae_run['run_id']}).first()[0])
     plan = P.Plan.from_dict(cfg['plan'])
     model = build(plan, g.attrs['vocab_size'])
     model.load_state_dict(load_file(g.attrs['checkpoint_path']))
     return model.eval(), g
 
 
-def synthetic(path, run_id='syn', stage='s', rows=600, chunks=2, chunk_len=4, dim=8, dtype='float32', seed=0, close=True,
-              step=None):
+def synthetic(path, run_id='syn', stage='s', rows=600, chunks=2, chunk_len=4, dim=8, dtype='float32', seed=0,
+              close=True, step=None):
     gen = torch.Generator().manual_seed(seed)
     mem = torch.randn(rows, chunks, dim, generator=gen)
     tok = torch.randint(4, 100, (rows, chunks, chunk_len), generator=gen)
@@ -184,7 +185,8 @@ def test_retrieve_beats_chance_and_is_reproducible(ae_run, capsys):
     assert out2 == out
     line = [l for l in out.splitlines() if l.startswith(ae_run['run_id'] + ' ')][0].split()
     queries, candidates, top1, chance1, top5, chance5 = int(line[5]), int(line[6]), *map(float, line[7:11])
-    assert queries == 300 and candidates == int(M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage']).mask[:].any(-1).sum())
+    assert queries == 300 and candidates == int(M.open_group(ae_run['store'], ae_run['run_id'],
+                                                             ae_run['stage']).mask[:].any(-1).sum())
     assert chance1 == pytest.approx(1 / candidates, abs=1e-4) and chance5 == pytest.approx(5 / candidates, abs=1e-4)
     assert top1 >= chance1 and top5 >= top1 and top5 >= chance5
     code, nbag, _ = cli('retrieve', ae_run['run_id'], '--store', ae_run['store'], '--mode', 'nbag', '--n', 2,
@@ -194,6 +196,7 @@ def test_retrieve_beats_chance_and_is_reproducible(ae_run, capsys):
 
 def test_plot_writes_pngs(ae_run, capsys, tmp_path):
     import sqlalchemy as sa
+
     from store.database import METRICS
     db = f"sqlite:///{tmp_path / 'metrics.db'}"
     engine = sa.create_engine(db)
@@ -201,7 +204,8 @@ def test_plot_writes_pngs(ae_run, capsys, tmp_path):
     with engine.begin() as c:
         c.execute(METRICS.insert(), [{'run_id': ae_run['run_id'], 'name': n, 'step': s, 'value': v}
                                      for s in (40, 80) for n, v in (('eval/autoencode.token_accuracy', s / 100),
-                                                                    ('eval/autoencode.ce', 5 - s / 40), ('train/loss', 4.0))])
+                                                                    ('eval/autoencode.ce', 5 - s / 40),
+                                                                    ('train/loss', 4.0))])
     code, out, err = cli('plot', ae_run['run_id'], '--store', ae_run['store'], '--out', tmp_path / 'fig', '--db', db,
                          '--points', 300, capsys=capsys)
     assert code == 0, err
@@ -227,14 +231,16 @@ def test_position_accuracy_matches_overall_accuracy(ae_run):
 def test_readout_choice_is_checked_against_the_family(ae_run, capsys):
     code, _, err = cli('decode', ae_run['run_id'], '--store', ae_run['store'], '--readout', 'blank_copy', capsys=capsys)
     assert code == 2 and 'no memory slots' in err
-    code, out, _ = cli('decode', ae_run['run_id'], '--store', ae_run['store'], '--readout', 'auto', '-n', 1, capsys=capsys)
+    code, out, _ = cli('decode', ae_run['run_id'], '--store', ae_run['store'], '--readout', 'auto', '-n', 1,
+                       capsys=capsys)
     assert code == 0 and 'model.decoder (autoencoder)' in out
 
 
 def test_checkpoint_that_does_not_match_the_stored_widths(ae_run, tmp_path, capsys):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
     s, n, l = g.tokens.shape
-    attrs = {k: v for k, v in g.attrs.items() if k not in ('format', 'version', 'rows', 'complete', 'dtype', 'storage_dtype')}
+    attrs = {k: v for k, v in g.attrs.items()
+             if k not in ('format', 'version', 'rows', 'complete', 'dtype', 'storage_dtype')}
     w = M.Writer(tmp_path / 'bad.zarr', 'x', 'autoencode', {**attrs, 'memory_dim': 7}, (2, n, l, 7))
     w.append(torch.zeros(2, n, 7), torch.zeros(2, n, l, dtype=torch.long), torch.ones(2, n, l, dtype=torch.bool))
     w.close()
@@ -293,7 +299,8 @@ def test_killed_writer_is_reported_as_half_written(tmp_path, capsys):
         assert code == 2 and 'half-written' in err and '256 rows of 600' in err and 'Traceback' not in err
     # killed before the arrays existed (attrs only, or not even those)
     root = zarr.open_group(str(store), mode='a')
-    root.require_group('k2/s').attrs.update({'format': M.FORMAT, 'version': M.FORMAT_VERSION, 'rows': 0, 'complete': False})
+    root.require_group('k2/s').attrs.update({'format': M.FORMAT, 'version': M.FORMAT_VERSION, 'rows': 0,
+                                             'complete': False})
     root.require_group('k3/s')
     for run in ('k2', 'k3'):
         code, _, err = cli('decode', run, '--store', store, capsys=capsys)
@@ -326,9 +333,12 @@ def test_store_is_readable_with_plain_zarr(tmp_path):
     code = ("import json, sys, zarr\n"
             f"root = zarr.open_group({str(tmp_path / 'p.zarr')!r}, mode='r')\n"
             "g = root['r']['st']\n"
-            "print(json.dumps({'attrs': dict(g.attrs), 'mem': g['memories'][:3].tolist(), 'tok': g['tokens'][:3].tolist(),\n"
-            "                  'mask': g['mask'][:3].tolist(), 'shape': list(g['memories'].shape), 'runs': sorted(root.group_keys()),\n"
-            "                  'project': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'store', 'compiler'))}))\n")
+            "print(json.dumps({'attrs': dict(g.attrs), 'mem': g['memories'][:3].tolist(), "
+            "'tok': g['tokens'][:3].tolist(),\n"
+            "                  'mask': g['mask'][:3].tolist(), 'shape': list(g['memories'].shape), "
+            "'runs': sorted(root.group_keys()),\n"
+            "                  'project': sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'store', 'compiler'))}))\n")
     p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
@@ -336,13 +346,15 @@ def test_store_is_readable_with_plain_zarr(tmp_path):
     a = got['attrs']
     assert a['format'] == M.FORMAT and a['version'] == M.FORMAT_VERSION and a['complete'] is True and a['rows'] == 300
     assert np.array_equal(np.array(got['mem'], dtype=np.float32), mem[:3].numpy())
-    assert np.array_equal(np.array(got['tok']), tok[:3].numpy()) and np.array_equal(np.array(got['mask']), msk[:3].numpy())
+    assert (np.array_equal(np.array(got['tok']), tok[:3].numpy())
+            and np.array_equal(np.array(got['mask']), msk[:3].numpy()))
 
 
 def test_bfloat16_store_round_trip(tmp_path):
     mem, _, _ = synthetic(tmp_path / 'b.zarr', rows=300, dim=8, dtype='bfloat16')
     raw = zarr.open_group(str(tmp_path / 'b.zarr'), mode='r')['syn/s']
-    assert raw['memories'].dtype == np.uint16 and raw.attrs['dtype'] == 'bfloat16' and raw.attrs['storage_dtype'] == 'uint16'
+    assert (raw['memories'].dtype == np.uint16 and raw.attrs['dtype'] == 'bfloat16'
+            and raw.attrs['storage_dtype'] == 'uint16')
     g = M.open_group(tmp_path / 'b.zarr', 'syn', 's')
     back, _, _ = g.rows(0, 300)
     want = mem.to(torch.bfloat16).float()

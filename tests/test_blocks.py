@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from compiler import model as M
-from compiler.attention import xformers_problem
 from compiler import plan as P
+from compiler.attention import xformers_problem
 from compiler.blocks import MaskedTokenConv, Stack
 from compiler.families import needs_ae_decoder
 from compiler.memory import MemoryModule, unroll_index
@@ -14,7 +14,8 @@ from compiler.spec import SPECS_DIR, load
 
 VOCAB, L, D = 50, 10, 32
 
-BACKENDS = ['sdpa', 'auto'] + (['xformers'] if torch.cuda.is_available() and xformers_problem(torch.device('cuda', 0)) is None else [])
+BACKENDS = ['sdpa', 'auto'] + (['xformers'] if torch.cuda.is_available()
+                               and xformers_problem(torch.device('cuda', 0)) is None else [])
 CAUSAL_CONFIGS = (
     [pytest.param(dict(kind='mixer', mixer_kernel=k), id=f'mixer-k{k}') for k in (1, 4, 8)]
     + [pytest.param(dict(kind='mixer', mixer_kernel=k, mixer_heads=4), id=f'mixer-4heads-k{k}') for k in (1, 4)]
@@ -58,7 +59,8 @@ def test_causal_blocks_do_not_look_ahead(kw, t):
 
 
 @pytest.mark.parametrize('kw', [dict(kind='mixer', mixer_kernel=4), dict(kind='mixer', mixer_heads=4),
-                                dict(kind='transformer', attention='sdpa')], ids=['mixer', 'mixer-4heads', 'transformer'])
+                                dict(kind='transformer', attention='sdpa')],
+                         ids=['mixer', 'mixer-4heads', 'transformer'])
 def test_bidirectional_blocks_do_look_ahead(kw):
     """Control for the causality test: the same check must fail when the stack is not causal."""
     stack = make_stack(stack_cfg(causal=False, **kw))
@@ -87,7 +89,8 @@ def test_multihead_mixer_heads_differ():
         y = conv(x)
     outs = y.view(2, L, h, dh)
     for i in range(h):  # ... and each head computes its own masked convolution of it
-        ref = F.conv1d(x_head, conv.weight[i * L:(i + 1) * L] * conv.mask[:L], conv.bias[i * L:(i + 1) * L], padding='same')
+        ref = F.conv1d(x_head, conv.weight[i * L:(i + 1) * L] * conv.mask[:L], conv.bias[i * L:(i + 1) * L],
+                       padding='same')
         torch.testing.assert_close(outs[:, :, i], ref, atol=1e-6, rtol=0)
         for j in range(i + 1, h):
             assert (outs[:, :, i] - outs[:, :, j]).abs().amax() > 1e-3
@@ -136,8 +139,8 @@ def test_mixer_mask_is_functional(heads):
     assert conv.weight[upper_h].eq(1e3).all()
 
 
-DEPTH_SPECS = ['clm.gin', 'full_context.gin', 'autoencoder.gin', 'memory_clm.gin', 'no_memory.gin', 'oracle.gin', 'recurrent.gin',
-               'information_probe.gin', 'frozen_encoder_curriculum.gin',
+DEPTH_SPECS = ['clm.gin', 'full_context.gin', 'autoencoder.gin', 'memory_clm.gin', 'no_memory.gin', 'oracle.gin',
+               'recurrent.gin', 'information_probe.gin', 'frozen_encoder_curriculum.gin',
                'mixer/clm.gin', 'mixer/autoencoder.gin', 'mixer/memory_clm.gin', 'mixer/frozen_encoder_curriculum.gin']
 
 
@@ -200,10 +203,12 @@ def test_decoder_input_repeat_and_unroll():
 def test_bidirectional_mixer_ignores_what_sits_in_padding():
     """A bidirectional mixer encoder must not read padded positions: their content cannot change real outputs."""
     import torch
+
     from compiler import plan as P
     from compiler.blocks import Stack
     torch.manual_seed(0)
-    stack = Stack(P.Stack(d_model=16, n_layers=2, kind='mixer', causal=False, mixer_kernel=4), vocab=50, seq_len=8).eval()
+    stack = Stack(P.Stack(d_model=16, n_layers=2, kind='mixer', causal=False, mixer_kernel=4), vocab=50,
+                  seq_len=8).eval()
     tokens = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[:, 5:] = False
@@ -214,7 +219,8 @@ def test_bidirectional_mixer_ignores_what_sits_in_padding():
     assert not torch.allclose(stack(tokens)[:, :5], stack(other)[:, :5], atol=1e-6)  # without the mask it would leak
 
 
-KV_CONFIGS = [pytest.param(dict(attention=b), id=b) for b in BACKENDS] + [pytest.param(dict(attention='sdpa', n_kv_heads=2), id='gqa')]
+KV_CONFIGS = ([pytest.param(dict(attention=b), id=b) for b in BACKENDS]
+              + [pytest.param(dict(attention='sdpa', n_kv_heads=2), id='gqa')])
 
 
 @pytest.mark.parametrize('kw', KV_CONFIGS)
@@ -253,7 +259,8 @@ def test_keep_last_equals_slicing_the_full_output(kw, pad):
     with torch.no_grad():
         full = stack(tokens, key_mask=km)
         for keep in (1, 4, L):
-            torch.testing.assert_close(stack(tokens, key_mask=km, keep_last=keep), full[:, -keep:], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(stack(tokens, key_mask=km, keep_last=keep), full[:, -keep:],
+                                       atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize('position', ['last', 'second_last'])

@@ -18,7 +18,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT
 
 PG_DEFAULT = 'postgresql://memspec:memspec@localhost:5432/postgres'
@@ -51,8 +50,8 @@ def four_at_once(tmp_path_factory, rt_cache):
     admin = pg_admin()
     out = root / 'report.json'
     cmd = [sys.executable, str(ROOT / 'tests' / 'faults.py'), '--kills', '0', '--no-faults',
-           '--concurrent', '4', '--jobs', '1', '--root', str(root / 'work'), '--cache', str(rt_cache), '--json', str(out),
-           '--postgres', admin or 'none']
+           '--concurrent', '4', '--jobs', '1', '--root', str(root / 'work'), '--cache', str(rt_cache),
+           '--json', str(out), '--postgres', admin or 'none']
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.is_file(), f'no report (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
     return {p['id']: p for p in json.loads(out.read_text())['points']}, admin
@@ -95,7 +94,8 @@ RACE = textwrap.dedent('''
                     ex = {'name': 'race', 'dependencies': [], 'sources': [], 'repositories': [], 'base_dir': '/'}
                     host = {'hostname': 'h', 'cpu': 'c', 'os': ['Linux', 'x'], 'python_version': '3.11'}
                     _id = obs.started_event(ex, 'main', host, datetime.datetime.utcnow(), {'i': i, 'j': j}, {}, None)
-                    obs.log_metrics({'m': {'steps': [1], 'values': [float(i)], 'timestamps': [datetime.datetime.utcnow()]}}, {})
+                    obs.log_metrics({'m': {'steps': [1], 'values': [float(i)],
+                                           'timestamps': [datetime.datetime.utcnow()]}}, {})
                     obs.completed_event(datetime.datetime.utcnow(), 1.0)
                     ids.append(str(_id))
             except BaseException:
@@ -177,7 +177,8 @@ ZARR_RACE = textwrap.dedent('''
                 try:
                     time.sleep(max(0.0, start - time.time()))
                     w = M.Writer(path, f'run{i}', 'stage', {'step': 1}, (3, 2, 4, 8))
-                    w.append(torch.full((3, 2, 8), float(i)), torch.zeros(3, 2, 4, dtype=torch.long), torch.ones(3, 2, 4, dtype=torch.bool))
+                    w.append(torch.full((3, 2, 8), float(i)), torch.zeros(3, 2, 4, dtype=torch.long),
+                             torch.ones(3, 2, 4, dtype=torch.bool))
                     w.close()
                 except BaseException:
                     traceback.print_exc()
@@ -192,8 +193,8 @@ ZARR_RACE = textwrap.dedent('''
 def test_many_writers_create_one_zarr_store_at_once(tmp_path):
     from store import memories as M
     stores = [tmp_path / f'memories{trial}.zarr' for trial in range(4)]
-    r = subprocess.run([sys.executable, '-c', ZARR_RACE, *map(str, stores), '6'], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-c', ZARR_RACE, *map(str, stores), '6'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for store in stores:
         groups = M.listing(store)

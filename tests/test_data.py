@@ -1,6 +1,5 @@
 """Data pipeline: split, tokenizer, layouts, cache, batches, errors (runtime/data.py)."""
 import json
-import os
 import random
 
 import pytest
@@ -91,10 +90,12 @@ def test_cache_hit_miss_and_rebuild_on_change(tmp_path):
     # any key change rebuilds into a new entry
     other = D.prepare(make_plan(tmp_path, source=src, vocab_size=270, val_fraction=0.0), progress=False)
     assert not other.cache_hit and other.cache_path != first.cache_path and other.vocab_size == 270
-    relaid = D.prepare(make_plan(tmp_path, source=src, vocab_size=300, val_fraction=0.0, layout='padded'), progress=False)
+    relaid = D.prepare(make_plan(tmp_path, source=src, vocab_size=300, val_fraction=0.0, layout='padded'),
+                       progress=False)
     assert not relaid.cache_hit
     # the seed is not part of the key: nothing cached depends on it
-    assert D.cache_key(plan.data, 2, 3) == D.cache_key(make_plan(tmp_path, source=src, vocab_size=300, val_fraction=0.0).data, 2, 3)
+    assert D.cache_key(plan.data, 2, 3) == D.cache_key(make_plan(tmp_path, source=src, vocab_size=300,
+                                                                 val_fraction=0.0).data, 2, 3)
     # editing the file (size/mtime change) rebuilds
     with open(src, 'a', encoding='utf-8') as f:
         f.write('iota kappa\n')
@@ -239,7 +240,8 @@ def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch, var):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, '1')
     with pytest.raises(SpecError) as e:
-        D.prepare(make_plan(tmp_path, source='hub:HuggingFaceFW/fineweb-edu:sample-10BT', max_documents=10), progress=False)
+        D.prepare(make_plan(tmp_path, source='hub:HuggingFaceFW/fineweb-edu:sample-10BT', max_documents=10),
+                  progress=False)
     assert e.value.where == "Data.source = 'hub:HuggingFaceFW/fineweb-edu:sample-10BT'"
     assert 'offline' in e.value.what and var in e.value.what
     assert 'embedded' in e.value.fix

@@ -9,8 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['-b', 'Data.vocab_size=300', '-b', 'D_MODEL=32', '-b', 'N_HEADS=2', '-b', 'BATCH=4',
         '-b', 'autoencode/Stage.steps=3', '-b', 'blank/Stage.steps=3', '-b', 'copy/Stage.steps=2',
-        '-b', 'combined/Stage.steps=2', '-b', 'Stage.eval_every=100', '-b', 'Run.eval_batches=1', '-b', 'Run.log_every=1',
-        '-b', "Run.memory_store='none'"]
+        '-b', 'combined/Stage.steps=2', '-b', 'Stage.eval_every=100', '-b', 'Run.eval_batches=1',
+        '-b', 'Run.log_every=1', '-b', "Run.memory_store='none'"]
 
 
 def _run(cmd, out_dir, cache):

@@ -33,7 +33,8 @@ def compile_family(name: str, kind: str, *extra: str):
 
 def tokens(plan, rows=2):
     m = plan.memory
-    return torch.randint(4, plan.data.vocab_size, (rows, m.chunks, m.chunk_len), generator=torch.Generator().manual_seed(0))
+    return torch.randint(4, plan.data.vocab_size, (rows, m.chunks, m.chunk_len),
+                         generator=torch.Generator().manual_seed(0))
 
 
 def test_the_plan_accepts_exactly_the_registered_families():
@@ -71,9 +72,10 @@ def test_graph_class_lengths_components_and_parameters_follow_the_record(name):
     extra = ['Stage.objectives = [@clm/Objective(), @ae/Objective()]'] if fam.autoencode_via == 'ae_decoder' else []
     plan = compile_family(name, main_objective(name))
     if extra:  # a curriculum with an autoencode stage: the graph grows an ae_decoder
-        plan = load(['specs/memory_combined.gin'], SMALL + [f"Plan.family = '{name}'",
-                                                         "combined/Stage.objectives = [@clm/Objective(), @ae/Objective()]",
-                                                         "ae/Objective.kind = 'autoencode'"]).plan
+        plan = load(['specs/memory_combined.gin'],
+                    SMALL + [f"Plan.family = '{name}'",
+                             "combined/Stage.objectives = [@clm/Objective(), @ae/Objective()]",
+                             "ae/Objective.kind = 'autoencode'"]).plan
     model = build(plan)
     assert type(model).__name__ == fam.graph and model.family is family(plan)
     for role, length in fam.lengths(plan).items():
@@ -82,7 +84,8 @@ def test_graph_class_lengths_components_and_parameters_follow_the_record(name):
         (['encoder'] if fam.has_encoder else []) + ['decoder']
     assert hasattr(model, 'ae_decoder') == (fam.autoencode_via == 'ae_decoder' and bool(extra))
     predicted = cost.params(plan)
-    built = {c: sum(p.numel() for n, p in model.named_parameters() if n == c or n.startswith(c + '.')) for c in predicted}
+    built = {c: sum(p.numel() for n, p in model.named_parameters() if n == c or n.startswith(c + '.'))
+             for c in predicted}
     assert built == predicted and sum(predicted.values()) == sum(p.numel() for p in model.parameters())
     assert cost.components(plan) == model.components() == meta_build(plan).components()
     assert ('memory.pad' in predicted) == fam.pad_slot

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from compiler.errors import SpecError
-from conftest import ROOT
 
 SEED = int(os.environ.get('MEMSPEC_FAULT_SEED', '0'))
 KILLS = 10
@@ -73,7 +73,8 @@ def test_kill_points_resume_to_the_uninterrupted_result(report):
     kills = [p for p in report['points'] if p['kind'] == 'kill']
     assert len(kills) == KILLS
     injected = sum(p['killed'] for p in kills)
-    assert injected >= KILLS, f'only {injected} kills landed: ' + ', '.join(f"{p['id']}: {p.get('note')}" for p in kills if not p['killed'])
+    assert injected >= KILLS, \
+        f'only {injected} kills landed: ' + ', '.join(f"{p['id']}: {p.get('note')}" for p in kills if not p['killed'])
     failed = [explain(p) for p in kills if not p['survived']]
     assert not failed, '\n'.join(failed)
 
@@ -92,10 +93,12 @@ def test_no_record_is_lost_or_duplicated(report):
 
 def test_suite_prints_the_summary_table_and_writes_json(report):
     out = report['_stdout']
-    for needle in ('faults injected', 'runs survived', 'records lost', 'kill -9: checkpoint write', 'disk_full_checkpoint'):
+    for needle in ('faults injected', 'runs survived', 'records lost', 'kill -9: checkpoint write',
+                   'disk_full_checkpoint'):
         assert needle in out, out[-2000:]
     s = report['summary']
-    assert s['faults_injected'] >= KILLS + 8 and s['runs_survived'] == s['runs'] == s['scenarios'] - len(s['not_reached'])
+    assert (s['faults_injected'] >= KILLS + 8
+            and s['runs_survived'] == s['runs'] == s['scenarios'] - len(s['not_reached']))
     assert report['seed'] == SEED and report['baseline']['counts']['zarr_append'] >= 2
 
 

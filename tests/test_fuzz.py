@@ -11,7 +11,8 @@ mutations that once produced tracebacks also run as real `python -m compiler` su
 background after collection (tests/conftest.py).
 
 Bounded for CI: MEMSPEC_FUZZ_EXAMPLES examples (default 200) in a derandomized order (the same examples every run);
-MEMSPEC_FUZZ_RANDOM=1 explores new ones (`MEMSPEC_FUZZ_EXAMPLES=3000 MEMSPEC_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`)."""
+MEMSPEC_FUZZ_RANDOM=1 explores new ones
+(`MEMSPEC_FUZZ_EXAMPLES=3000 MEMSPEC_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`)."""
 import contextlib
 import io
 import os
@@ -54,8 +55,9 @@ WRONG_VALUES = [
     "'hub:nothing'", "''", "'none'", "['encoder']", "['decoder', 'encoder']", "['encoder.layers']", "['nothing']",
     '"unterminated', '[1, 2', "'a' 'b'", '= 3', 'gin.REQUIRED', '%gin.REQUIRED',
 ]
-NAMES = sorted(CONFIGURABLES) + ['Foo', 'stack', 'Plan.', 'encoder/Stack.d_modle', 'Stage.stepz', 'a b', 'x/y/z/Stack.d_model',
-                                 'Stack.scope', '/Stack.d_model', 'Stack..d_model', 'D_MODEL', 'CHUNKS', 'gin.macro']
+NAMES = sorted(CONFIGURABLES) + ['Foo', 'stack', 'Plan.', 'encoder/Stack.d_modle', 'Stage.stepz', 'a b',
+                                 'x/y/z/Stack.d_model', 'Stack.scope', '/Stack.d_model', 'Stack..d_model', 'D_MODEL',
+                                 'CHUNKS', 'gin.macro']
 GARBAGE = ['=', '[', ']', '(', ')', "'", '"""', '@', '%', '/', '\\', '\t', '\x00', '\u00e9\u4e2d', '# ', 'import os',
            'include', "include 'base/tiny.gin'", 'Stack.d_model = = 1', 'a b c', 'Stack.', '.d_model = 1',
            'scope//Stack.d_model = 1', 'x/y/Stack.d_model=1', 'Plan.family = ', 'Stack.d_model: 1', '{', 'lambda: 1',
@@ -200,7 +202,8 @@ def test_mutated_specs_compile_or_exit_2_with_one_message(data):
             argv += ['-b', f'{key} = {data.draw(value)}']
         note(f'argv: {argv}')
         code, out, err, seconds = compile_cli(argv)
-        event('compiled' if code == 0 else f"refused: {re.sub(r'[^a-z ]', '', err.split(': ', 2)[-1].split(chr(10))[0])[:30]}")
+        event('compiled' if code == 0
+              else f"refused: {re.sub(r'[^a-z ]', '', err.split(': ', 2)[-1].split(chr(10))[0])[:30]}")
         assert_clear_outcome(code, out, err, seconds)
 
 
@@ -247,7 +250,7 @@ def test_fuzzer_findings_as_subprocesses_print_no_traceback(case):
 def test_a_spec_error_is_the_only_exception_load_raises():
     """compiler.spec.load, the library entry point, raises SpecError (never anything else) for the findings."""
     from compiler.spec import load
-    for case, (argv, _) in FOUND.items():
+    for _case, (argv, _) in FOUND.items():
         bindings = [argv[i + 1] for i, a in enumerate(argv) if a == '-b']
         with pytest.raises(SpecError):
             load([argv[0]], bindings)

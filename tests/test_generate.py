@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_ids
+
 from compiler.cost import kv_cache_bytes
 from compiler.model import build
 from compiler.spec import load
@@ -99,7 +99,8 @@ def test_greedy_generation_is_deterministic_and_equals_argmax_by_full_recomputat
     assert out.tokens[0] == seq[5:]
     assert G.generate(model, prompt, max_new_tokens=total - 4).tokens == out.tokens
     eod = out.tokens[0][6]  # generation stops before the first eod token
-    assert G.generate(model, prompt, max_new_tokens=total - 4, eod=eod).tokens[0] == out.tokens[0][:out.tokens[0].index(eod)]
+    assert (G.generate(model, prompt, max_new_tokens=total - 4, eod=eod).tokens[0]
+            == out.tokens[0][:out.tokens[0].index(eod)])
 
     def sampled(seed):
         return G.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_k=50,
@@ -137,7 +138,8 @@ def tiny_run(tmp_path_factory, rt_cache):
         (out / name).mkdir()
         (out / name / 'operative.gin').write_text(load(files, TINY + data).operative)
     plan = load([out / 'full_context' / 'operative.gin']).plan  # untrained weights are enough for its window checks
-    save_file(build(plan, prepare(plan, progress=False).vocab_size).state_dict(), out / 'full_context' / 'final.safetensors')
+    save_file(build(plan, prepare(plan, progress=False).vocab_size).state_dict(),
+              out / 'full_context' / 'final.safetensors')
     (out / 'unfinished').mkdir()
     shutil.copy(run / 'operative.gin', out / 'unfinished')
     return run
@@ -180,7 +182,8 @@ def test_cli_generates_from_a_real_run(tiny_run):
 def test_cli_conditions_on_stored_memories(tiny_run, capsys):
     """--memories STAGE:ROW reads the N-1 memories the stored example's last chunk was decoded with."""
     from store import memories as M
-    code, out, err = cli([tiny_run, '--prompt', 'The', '--memories', 'clm:5', '--max-new-tokens', '6', '--json'], capsys)
+    code, out, err = cli([tiny_run, '--prompt', 'The', '--memories', 'clm:5', '--max-new-tokens', '6', '--json'],
+                         capsys)
     assert code == 0, err
     assert '3 stored memories of clm:5' in err
     plan, model, data = G.load_run(tiny_run, None)
@@ -199,8 +202,9 @@ def refusals(run, stored_rows=0):
                         f'RUN nope: no run folder at nope or {runs / "nope"} (a run folder holds operative.gin)\n'
                         '  fix: give a run folder, or a run id under --runs (python -m store.runs list)'),
         'missing weights': ([runs / 'unfinished', *ok],
-                            f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} (the run '
-                            'did not finish)\n  fix: let the run finish (python -m runtime.run ... --resume ID), or pick '
+                            f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} '
+                            '(the run did not finish)\n'
+                            '  fix: let the run finish (python -m runtime.run ... --resume ID), or pick '
                             'a finished --stage'),
         'empty prompt': ([run, '--prompt', ''], '--prompt: the prompt is empty\n'
                          '  fix: give --prompt some text: generation continues it'),
@@ -218,7 +222,8 @@ def refusals(run, stored_rows=0):
                         'regenerates its input from one memory; it does not continue text\n  fix: decode its stored '
                         f'memories with `python -m store.analyze decode RUN_ID`, or {other}'),
         'mixer': ([runs / 'mixer', *ok], f"run {runs / 'mixer'}: family 'memory' with a masked-mixer decoder cannot "
-                  'generate: masked mixers keep no KV cache (their token mixing is a convolution over the whole window)\n'
+                  'generate: masked mixers keep no KV cache (their token mixing is a convolution over the whole '
+                  'window)\n'
                   f"  fix: {other} whose decoder is a transformer (decoder/Stack.kind = 'transformer')"),
     }
 

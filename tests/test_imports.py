@@ -10,7 +10,8 @@ LAYERS = ('compiler', 'store', 'runtime')  # lowest first
 
 def project_imports() -> dict[str, set[str]]:
     """module -> project modules it imports ('compiler.spec' -> {'compiler.plan', ...})."""
-    modules = {'.'.join(p.relative_to(ROOT).with_suffix('').parts): p for layer in LAYERS for p in (ROOT / layer).rglob('*.py')}
+    modules = {'.'.join(p.relative_to(ROOT).with_suffix('').parts): p
+               for layer in LAYERS for p in (ROOT / layer).rglob('*.py')}
     modules = {m.removesuffix('.__init__'): p for m, p in modules.items()}
     graph = {}
     for name, path in modules.items():
@@ -22,7 +23,8 @@ def project_imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # `from compiler import plan` imports the module compiler.plan; `from compiler.plan import Plan` the module
+                # `from compiler import plan` imports the module compiler.plan;
+                # `from compiler.plan import Plan` the module
                 targets = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module
                            for a in node.names]
             else:

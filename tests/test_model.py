@@ -10,7 +10,6 @@ from conftest import background_run
 from compiler import cost
 from compiler import model as M
 from compiler import plan as P
-
 from compiler.__main__ import main as compiler_main
 from compiler.blocks import Stack
 from compiler.checkpoint import load_llama
@@ -95,7 +94,8 @@ def pad_rows(tokens, k, side, pad_id=0, seed=5):
 @pytest.mark.parametrize('side', ['left', 'right'])
 def test_transformer_stack_padding_invariance(side, causal):
     torch.manual_seed(0)
-    stack = Stack(P.Stack(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, causal=causal, attention='sdpa'), 40, 0, head=True)
+    stack = Stack(P.Stack(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, causal=causal, attention='sdpa'), 40, 0,
+                  head=True)
     M.init_weights(stack)
     tokens = torch.randint(0, 40, (3, 9))
     padded, mask = pad_rows(tokens, 4, side)
@@ -329,7 +329,8 @@ def test_mismatched_vocabulary_is_a_spec_error(hf_llama):
 
 # --- parameter counts and components ---------------------------------------------------------------------------
 
-SHIPPED = sorted(str(p.relative_to(SPECS_DIR)) for p in list(SPECS_DIR.glob('*.gin')) + list(SPECS_DIR.glob('mixer/*.gin')))
+SHIPPED = sorted(str(p.relative_to(SPECS_DIR))
+                 for p in list(SPECS_DIR.glob('*.gin')) + list(SPECS_DIR.glob('mixer/*.gin')))
 
 
 def test_shipped_spec_list():
@@ -370,7 +371,8 @@ CLI_SPECS = ['mixer/frozen_encoder_curriculum.gin']  # every component kind; all
 def start_background():
     """`python -m compiler SPEC --json` in real subprocesses, started after collection (tests/conftest.py)."""
     for spec in CLI_SPECS:
-        background_run(('json', spec), [sys.executable, '-m', 'compiler', f'specs/{spec}', '--json'], cwd=ROOT, timeout=300)
+        background_run(('json', spec), [sys.executable, '-m', 'compiler', f'specs/{spec}', '--json'], cwd=ROOT,
+                       timeout=300)
 
 
 @pytest.mark.parametrize('spec', CLI_SPECS)
@@ -405,14 +407,16 @@ def test_build_is_seeded_and_leaves_global_rng_alone():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
-FLOP_CASES = [('clm.gin', 'clm'), ('full_context.gin', 'copy'), ('memory_clm.gin', 'clm'), ('memory_clm.gin', 'blank_copy'),
+FLOP_CASES = [('clm.gin', 'clm'), ('full_context.gin', 'copy'), ('memory_clm.gin', 'clm'),
+              ('memory_clm.gin', 'blank_copy'),
               ('frozen_encoder_curriculum.gin', 'autoencode'), ('no_memory.gin', 'clm'), ('oracle.gin', 'clm'),
               ('recurrent.gin', 'clm'), ('autoencoder.gin', 'autoencode'), ('mixer/memory_clm.gin', 'clm'),
               ('mixer/autoencoder.gin', 'autoencode'), ('autoencoder.gin', 'autoencode', 'Memory.compression = 4'),
               ('memory_clm.gin', 'clm', 'encoder/Stack.d_model = 32', "Memory.position = 'second_last'")]
 
 
-@pytest.mark.parametrize('case', FLOP_CASES, ids=[f'{c[0]}-{c[1]}' + ('-variant' if len(c) > 2 else '') for c in FLOP_CASES])
+@pytest.mark.parametrize('case', FLOP_CASES,
+                         ids=[f'{c[0]}-{c[1]}' + ('-variant' if len(c) > 2 else '') for c in FLOP_CASES])
 def test_cost_model_counts_the_matmul_work_the_graph_does(case):
     """The cost model (what MFU and runtime estimates are computed from) against torch's own FLOP counter on
     the built graph: every matrix product and token convolution of one forward pass. Attention scores are
@@ -448,7 +452,8 @@ def test_compiled_stacks_train_like_eager_ones():
     for model in (eager, compiled):
         loss = stage_loss(model.train(), plan.curriculum[0], tokens, None, ids)[0]
         loss.backward()
-        losses.append((loss.detach(), model.decoder.layers[0].mlp.up_proj.weight.grad, model.encoder.embedding.weight.grad))
+        losses.append((loss.detach(), model.decoder.layers[0].mlp.up_proj.weight.grad,
+                       model.encoder.embedding.weight.grad))
     for a, b in zip(*losses):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

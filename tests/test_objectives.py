@@ -187,7 +187,8 @@ def test_combine_weighted_sum():
 @pytest.mark.parametrize('copy_kind', ['copy', 'blank_copy'])
 def test_combine_faithful(copy_kind):
     """The research code's accident: clm_mean + 0.5 * copy_mean, whatever the declared weights."""
-    stage = Stage(normalize='faithful', objectives=(Objective(kind='clm', weight=1.0), Objective(kind=copy_kind, weight=1.0)))
+    stage = Stage(normalize='faithful',
+                  objectives=(Objective(kind='clm', weight=1.0), Objective(kind=copy_kind, weight=1.0)))
     losses = {'clm': LOSSES['clm'], copy_kind: LOSSES[copy_kind]}
     assert O.combine(losses, stage).item() == pytest.approx(2.0 + 0.5 * LOSSES[copy_kind].item())
     weighted = Stage(objectives=stage.objectives)

@@ -7,13 +7,14 @@ from compiler.model import build
 from compiler.spec import load
 from runtime.train import init_component
 
-BINDINGS = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'decoder/Stack.ffn_hidden=128', 'decoder/Stack.n_kv_heads=1']
+BINDINGS = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'decoder/Stack.ffn_hidden=128',
+            'decoder/Stack.n_kv_heads=1']
 
 
 def _llama(tmp_path, layers=2):
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                   intermediate_size=128, vocab_size=300, rms_norm_eps=1e-6, rope_theta=1e4,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=128, vocab_size=300, rms_norm_eps=1e-6,
+                                   rope_theta=1e4, tie_word_embeddings=False)
     torch.manual_seed(1)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path)

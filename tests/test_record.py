@@ -4,7 +4,6 @@ import json
 import sqlite3
 
 import pytest
-
 from conftest import FLAGSHIP, TINY_FLAGSHIP, rt_argv, rt_bindings, rt_main, rt_run_ids
 
 # tiny flagship: autoencode 3, blank_copy 3, copy 2, combined 2 steps; Run.log_every=1, Stage.eval_every=2
@@ -48,7 +47,8 @@ def check_recorded(query, run_id, run_dir, argv):
             assert recorded == pytest.approx(value, rel=1e-9, abs=1e-12), f'eval/{key} at step {end}'
 
     # every metric row belongs to a recorded run
-    orphans = 'SELECT COUNT(*) FROM memspec_metrics AS m LEFT JOIN run AS r ON r.run_id = m.run_id WHERE r.run_id IS NULL'
+    orphans = ('SELECT COUNT(*) FROM memspec_metrics AS m LEFT JOIN run AS r ON r.run_id = m.run_id '
+               'WHERE r.run_id IS NULL')
     assert query(orphans) == [(0,)]
 
     ((status, config),) = query(CONFIG, str(run_id))

@@ -53,7 +53,8 @@ class Pg:
             import sqlalchemy as sa
             conn = psycopg2.connect(admin, connect_timeout=3)
         except Exception as e:  # noqa: BLE001  (no server: skip with the reason)
-            how = 'MEMSPEC_TEST_POSTGRES' if self.explicit else f'MEMSPEC_TEST_POSTGRES is unset and the local {LOCAL_PG}'
+            how = ('MEMSPEC_TEST_POSTGRES' if self.explicit
+                   else f'MEMSPEC_TEST_POSTGRES is unset and the local {LOCAL_PG}')
             self.reason = f'{how} is not reachable: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}'
             return
         conn.autocommit = True
@@ -98,7 +99,8 @@ class Runs:
         self.a, self.b, self.c = self.ids
         for rid in self.ids:  # Sacred drops an observer that raised once: then the run has no metric rows
             assert self.rows('SELECT COUNT(*) FROM memspec_metrics WHERE run_id = ?', rid)[0][0] > 0, \
-                f'the recorder logged no metrics for run {rid} (Sacred dropped its observer; see the run log):\n{p.stderr[-3000:]}'
+                f'the recorder logged no metrics for run {rid} (Sacred dropped its observer; see the run log):\n' \
+                f'{p.stderr[-3000:]}'
 
     def rows(self, sql, *args, db=None):
         conn = sqlite3.connect(db or self.db_path)

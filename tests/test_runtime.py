@@ -8,10 +8,21 @@ import subprocess
 import sys
 
 import torch
+from conftest import (
+    FLAGSHIP,
+    FLAGSHIP_STAGES,
+    PROBE,
+    ROOT,
+    TINY,
+    TINY_FLAGSHIP,
+    TINY_PROBE,
+    rt_argv,
+    rt_bindings,
+    rt_env,
+    rt_main,
+    rt_run_ids,
+)
 from safetensors.torch import load_file
-
-from conftest import (FLAGSHIP, FLAGSHIP_STAGES, PROBE, ROOT, TINY, TINY_FLAGSHIP, TINY_PROBE, rt_argv, rt_bindings,
-                      rt_env, rt_main, rt_run_ids)
 
 
 def stage_weights(run_dir, stage):
@@ -45,7 +56,8 @@ def run_status(db, run_id):
 
 
 def metrics(db, run_id):
-    return db_rows(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step', str(run_id))
+    return db_rows(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step',
+                   str(run_id))
 
 
 # ------------------------------------------------------------------------------------------------- freezing
@@ -154,7 +166,8 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
     assert (ck['stage'], ck['step']) == (1, 2), 'the kill was meant to land in blank_copy after its step-2 checkpoint'
     assert not (out_b / b_id / 'final.safetensors').exists()
     assert run_status(db_b, b_id) == [('RUNNING',)]
-    logged = db_rows(db_b, "SELECT step FROM memspec_metrics WHERE run_id = ? AND name = 'train/loss' ORDER BY step", b_id)
+    logged = db_rows(db_b, "SELECT step FROM memspec_metrics WHERE run_id = ? AND name = 'train/loss' ORDER BY step",
+                     b_id)
     assert logged == [(s,) for s in range(1, 3 + 3 + 1)], 'the killed run should have recorded steps 1-6'
 
     # B continues from its checkpoint
@@ -171,7 +184,8 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
     loss_a = [(s, v) for n, s, v in ma if n == 'train/loss']
     loss_b = [(s, v) for n, s, v in mb if n == 'train/loss']
     assert [s for s, _ in loss_a] == list(range(1, 3 + 6 + 2 + 2 + 1))
-    assert [s for s, _ in loss_b] == [s for s, _ in loss_a], 'train/loss steps of the resumed run differ (lost or duplicated)'
+    assert [s for s, _ in loss_b] == [s for s, _ in loss_a], \
+        'train/loss steps of the resumed run differ (lost or duplicated)'
     for (s, va), (_, vb) in zip(loss_a, loss_b):
         assert abs(va - vb) <= 1e-6, f'train/loss at step {s}: {va} vs {vb}'
     # every other metric too: same names and steps, no duplicates, same values

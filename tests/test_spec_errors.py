@@ -3,8 +3,8 @@ traceback (compiler/spec.py, compiler/validate.py, `python -m compiler`). Also: 
 order.
 
 A subprocess whose spec gets as far as the graph check imports torch (~3 s of CPU), so all of them start right after
-collection and run beside the other tests (tests/conftest.py). Cases beyond the required table go through the same entry point in process
-(compiler.__main__.main), which is the same code minus the process boundary."""
+collection and run beside the other tests (tests/conftest.py). Cases beyond the required table go through the same
+entry point in process (compiler.__main__.main), which is the same code minus the process boundary."""
 import atexit
 import shutil
 import sys
@@ -44,7 +44,8 @@ CASES = [
          ('d_model 128 is not divisible by n_heads 5', 'choose n_heads')),
     Case('odd_head_dim', f"include '{S}/clm.gin'\nD_MODEL = 96\ndecoder/Stack.n_heads = 32  {MARK}\n",
          ('head dim 3 is odd', 'rotary')),
-    Case('chunks_exceed_context', f"include '{S}/memory_clm.gin'\nMemory.chunk_len = 16  {MARK}\ndecoder/Stack.context = 16\n",
+    Case('chunks_exceed_context', f"include '{S}/memory_clm.gin'\nMemory.chunk_len = 16  {MARK}\n"
+         'decoder/Stack.context = 16\n',
          ('decoder sees 20 positions', '4 chunks x 16 tokens', 'context is 16')),
     Case('freeze_unknown_component', f"include '{S}/memory_clm.gin'\nclm/Stage.freeze = ['encoder.head']  {MARK}\n",
          ("freezes 'encoder.head'", "'memory' graph does not have", 'freeze one of', 'encoder.layers')),
@@ -62,7 +63,8 @@ CASES = [
          ("objective 'autoencode' needs an encoder", "the plan is 'clm'")),
     Case('faithful_wrong_objectives', f"include '{S}/memory_clm.gin'\nclm/Stage.normalize = 'faithful'  {MARK}\n",
          ("'faithful'", 'exactly clm and one copy objective', "weighted_sum")),
-    Case('init_from_bad_source', f"include '{S}/memory_clm.gin'\nclm/Stage.init_from = {{'encoder': 'somewhere'}}  {MARK}\n",
+    Case('init_from_bad_source', f"include '{S}/memory_clm.gin'\n"
+         f"clm/Stage.init_from = {{'encoder': 'somewhere'}}  {MARK}\n",
          ("init source 'somewhere'", "'run:<run id>/<stage name>[:<component>]'")),
     Case('duplicate_stage_names', f"include 'base/tiny.gin'\nPlan.family = 'clm'\n"
          f"Plan.curriculum = [@a/Stage(), @b/Stage()]\na/Stage.name = 'warm'\nb/Stage.name = 'warm'  {MARK}\n",
@@ -136,27 +138,35 @@ def test_bad_spec_exits_2_with_located_message(case, results):
 EXTRA_CASES = [
     Case('unknown_reference', f"include 'base/tiny.gin'\nPlan.decoder = @decoder/Stak()  {MARK}\n",
          ("unknown configurable '@decoder/Stak'", "did you mean 'Stack'")),
-    Case('copy_with_odd_chunks_via_macro', f"include '{S}/memory_combined.gin'\n# the value comes through %CHUNKS\nCHUNKS = 3  {MARK}\n",
+    Case('copy_with_odd_chunks_via_macro', f"include '{S}/memory_combined.gin'\n# the value comes through %CHUNKS\n"
+         f'CHUNKS = 3  {MARK}\n',
          ("objective 'blank_copy'", 'even number', 'got 3', 'macro CHUNKS')),
     Case('error_from_macro_binding', None, ('even number', 'got 5'), files=('specs/memory_combined.gin',),
          bindings=('CHUNKS = 5',), where="binding -b 'CHUNKS = 5'"),
-    Case('bad_literal', f"include '{S}/memory_clm.gin'\nMemory.slots = 'flexible'  {MARK}\n", ("one of 'fixed', 'variable'",)),
-    Case('xformers_on_cpu', f"include '{S}/clm.gin'\nRun.device = 'cpu'\ndecoder/Stack.attention = 'xformers'  {MARK}\n",
+    Case('bad_literal', f"include '{S}/memory_clm.gin'\nMemory.slots = 'flexible'  {MARK}\n",
+         ("one of 'fixed', 'variable'",)),
+    Case('xformers_on_cpu', f"include '{S}/clm.gin'\nRun.device = 'cpu'\n"
+         f"decoder/Stack.attention = 'xformers'  {MARK}\n",
          ('xformers has no CPU kernels', "'sdpa'")),
-    Case('init_from_unknown_component', f"include '{S}/memory_clm.gin'\nclm/Stage.init_from = {{'encoder.blocks': 'fresh'}}  {MARK}\n",
+    Case('init_from_unknown_component', f"include '{S}/memory_clm.gin'\n"
+         f"clm/Stage.init_from = {{'encoder.blocks': 'fresh'}}  {MARK}\n",
          ("initialises 'encoder.blocks'",)),
-    Case('freeze_everything', f"include '{S}/clm.gin'\nclm/Stage.freeze = ['decoder']  {MARK}\n", ('nothing would train',)),
+    Case('freeze_everything', f"include '{S}/clm.gin'\nclm/Stage.freeze = ['decoder']  {MARK}\n",
+         ('nothing would train',)),
     Case('import_statement', f"import os  {MARK}\ninclude '{S}/clm.gin'\n", ('cannot import modules',)),
-    Case('negative_weight', f"include '{S}/memory_clm.gin'\nclm/Objective.weight = -1.0  {MARK}\n", ('negative weight',)),
+    Case('negative_weight', f"include '{S}/memory_clm.gin'\nclm/Objective.weight = -1.0  {MARK}\n",
+         ('negative weight',)),
     Case('delimiter_too_long', f"include '{S}/memory_combined.gin'\nblank/Objective.delimiter = 8  {MARK}\n",
          ('delimiter tokens do not fit',)),
     Case('compression_not_dividing', f"include '{S}/memory_clm.gin'\nMemory.compression = 3  {MARK}\n",
          ('does not divide encoder d_model 128',)),
     Case('unclosed_bracket', f"include '{S}/clm.gin'\nRun.seed = 1\nclm/Stage.freeze = ['decoder.head',  {MARK}\n",
          ('malformed gin', 'EOF in multi-line statement', 'close every bracket')),
-    Case('binding_malformed', None, ('malformed gin',), files=('specs/clm.gin',), bindings=('decoder/Stack.n_layers = (',),
+    Case('binding_malformed', None, ('malformed gin',), files=('specs/clm.gin',),
+         bindings=('decoder/Stack.n_layers = (',),
          where="binding -b 'decoder/Stack.n_layers = ('"),
-    Case('binding_unknown_parameter', None, ("did you mean 'chunks'",), files=('specs/clm.gin',), bindings=('Memory.chunk = 2',),
+    Case('binding_unknown_parameter', None, ("did you mean 'chunks'",), files=('specs/clm.gin',),
+         bindings=('Memory.chunk = 2',),
          where="binding -b 'Memory.chunk = 2'"),
     Case('macro_cycle', None, ("macro 'A' refers to itself: A -> B -> A",), files=('specs/clm.gin',),
          bindings=('A = %B', 'B = %A', 'Run.name = %A'), where="binding -b 'A = %B'"),
