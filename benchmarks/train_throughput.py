@@ -6,7 +6,7 @@
 
 Models, all on identical dimensions and identical (seeded, random-token) batches, each a full training step
 (forward, loss, backward, optimizer step):
-- research: the research code's memory model as PAPER.md describes it, written here: a Hugging Face
+- research: the research code's memory model as docs/science.md describes it, written here: a Hugging Face
   `LlamaModel` encoder and `LlamaForCausalLM` decoder, a Python loop over chunks for the encoder (one call per
   chunk) and for the decoder (one call per chunk, its memories as prefix embeddings, logits for every
   position), per-chunk losses averaged, a default `torch.optim.AdamW`.
@@ -61,7 +61,7 @@ def plan_for(spec: str, d: int, layers: int, chunks: int, chunk_len: int, vocab:
 
 
 class ResearchChunkLoop(nn.Module):
-    """The research approach (PAPER.md sections 3 and 8): HF Llama encoder and decoder, a loop over chunks."""
+    """The research approach (docs/science.md): HF Llama encoder and decoder, a loop over chunks."""
 
     def __init__(self, plan: P.Plan):
         super().__init__()
@@ -197,7 +197,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
-    # CPU trains in fp32 (bf16 autocast on CPU is 15x slower here, DESIGN.md); CUDA in bf16 autocast
+    # CPU trains in fp32 (bf16 autocast on CPU is 15x slower here, docs/design.md); CUDA in bf16 autocast
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     attention = args.attention
     peak_dtype, peak_n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048)

@@ -128,7 +128,7 @@ class Tally:
         ce = self.nll / self.tokens
         out = {'ce': ce, 'token_accuracy': self.correct / self.tokens,
                'normalized_hamming': self.hamming_sum / self.samples,
-               # I_e against an informationless model: H0 = ln(vocab) (uniform), PAPER.md section 6
+               # I_e against an informationless model: H0 = ln(vocab) (uniform), docs/science.md: metrics
                'info_proportion': 1 - ce / math.log(vocab)}
         if bytes_per_token:
             out['bits_per_byte'] = ce / math.log(2) / bytes_per_token

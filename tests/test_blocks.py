@@ -168,7 +168,8 @@ def test_built_depth_is_declared_depth(spec, enc_layers, dec_layers):
 
 
 def test_every_layer_is_used_in_forward():
-    """A built layer that forward skipped would stay random (PAPER.md section 8): each layer must run."""
+    """A built layer that forward skipped would stay random (docs/science.md: departures from the research code):
+    each layer must run."""
     stack = make_stack(stack_cfg(n_layers=5))
     calls = []
     for i, layer in enumerate(stack.layers):
