@@ -102,6 +102,11 @@ class _PlanPart:
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
         _check_types(self)
+        for name, tp in typing.get_type_hints(type(self)).items():
+            v = getattr(self, name)
+            if tp is float and isinstance(v, int) and not isinstance(v, bool):
+                # `lr = 1` and `lr = 1.0` are one experiment: one JSON value, one plan hash
+                object.__setattr__(self, name, float(v))
 
     def to_dict(self) -> dict:
         out = {}

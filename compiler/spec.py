@@ -344,6 +344,8 @@ def _check_references(loader: _Loader) -> None:
 def _check_complete(loader: _Loader, files, bindings) -> None:
     """A plan that relies on the default family or curriculum was never intended (an include-only spec alone)."""
     where = ', '.join(_display(f) for f in files) or ', '.join(f"-b '{b}'" for b in bindings)
+    if any(scope and cls == 'Plan' for scope, cls, _ in loader.locations):
+        return  # `x/Plan.family`: a misspelt scope, reported at its line once the plan is built (_check_usage)
     if ('', 'Plan', 'family') not in loader.locations:
         raise SpecError(where, 'no spec binds Plan.family: the plan would silently be a default causal LM',
                         "bind Plan.family (e.g. Plan.family = 'memory'), or pass an include-only spec after a complete "

@@ -111,7 +111,9 @@ RULES: dict[type, dict[str, Rule]] = {
     },
     P.Plan: {},
 }
-NAMES = {P.Stage: 'name', P.Run: 'name'}  # used as file names (stage weights) and group names (memories, Sacred)
+# fields used as names: (field, why it must be an identifier)
+NAMES = {P.Stage: ('name', 'it names the stage weights file (stages/<name>.safetensors) and memory-store group'),
+         P.Run: ('name', 'it labels the run record and its reports')}
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,10 @@ def check_values(plan: P.Plan, where: Callable[[object, str], str]) -> None:
             what = (f'{label}{cls.__name__}.{name} = {v} is not a finite number' if isinstance(v, float)
                     and not math.isfinite(v) else f'{label}{cls.__name__}.{name} must be {rule.describe()}, got {v!r}')
             raise SpecError(where(owner, name), what, rule.fix)
-        name = NAMES.get(cls)
+        name, why = NAMES.get(cls, (None, ''))
         if name and not IDENTIFIER.match(getattr(owner, name)):
-            raise SpecError(where(owner, name),
-                            f'{cls.__name__}.{name} = {getattr(owner, name)!r} is not an identifier; '
-                            f'{cls.__name__.lower()} names become file and group names',
+            raise SpecError(where(owner, name), f'{cls.__name__}.{name} = {getattr(owner, name)!r} is not an '
+                            f'identifier, and {why}',
                             'use letters, digits and underscores, not starting with a digit, at most 64 characters '
                             "(e.g. 'blank_copy')")
 
