@@ -20,6 +20,7 @@ compile report and recorded with the run). Unscoped bindings of spec files that 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see docs/design.md)
 import io
 import re
@@ -303,14 +304,15 @@ _HOME = {'Plan': 'the root', 'Stack': 'Plan.decoder = @decoder/Stack()', 'Memory
          'Objective': 'Stage.objectives = [@kind/Objective()]'}
 
 
-def _contains(name: str, seen=()) -> set[str]:
+@functools.cache
+def _contains(name: str, seen=()) -> frozenset[str]:
     """The configurables an instance of `name` can build in its own scope (itself, and through its fields' unscoped
     references: a Plan builds everything, a Stage its Objectives)."""
     out = {name}
     for other in plan_mod.CONFIGURABLES:
         if other not in out and other not in seen and re.search(rf'\b{other}\b', _FIELD_TYPES[name]):
             out |= _contains(other, seen + (name,))
-    return out
+    return frozenset(out)
 
 
 def _under(scope: str, inner: str) -> bool:
@@ -364,6 +366,8 @@ def _check_usage(loader: _Loader, operative: str, family: str) -> list[validate.
         scoped, _ = key.rsplit('.', 1)
         scope, _, cls = scoped.rpartition('/')
         built.setdefault(cls, set()).add(scope)
+    if '' not in built.get('Plan', ()):  # the root is always built: an unreadable record would fail every binding
+        raise RuntimeError(f"gin's operative config could not be read back:\n{operative}")
     keys = loader.locations
     unused: dict[str, list] = {}  # scope -> unused bindings in it that are valid (warnings)
     for key, where in keys.items():
@@ -426,7 +430,7 @@ def _unused_warning(scope: str, items: list, family: str) -> validate.SpecWarnin
     if ref is None:
         return validate.SpecWarning(where, f"{n} without effect in this plan: the '{family}' plan has no {scope} "
                                     f'(Plan.{scope} is not set): {keys}',
-                                    f'remove {them}, or bind Plan.{scope} in a family that has one')
+                                    f'remove {them}, or set Plan.{scope} = @{scope}/Stack() in a family that uses one')
     what = (f"{n} without effect in this plan: nothing is built in scope '{scope}' (the @{ref.scope}/{ref.name}() "
             f'at {ref.where} is not part of the plan): {keys}') if scope else \
         f'{n} without effect in this plan: no {items[0][0][1]} is built: {keys}'
@@ -443,7 +447,7 @@ def _check_macros(loader: _Loader, used: dict) -> list[validate.SpecWarning]:
             continue
         if loader.origin[name] == 'binding':
             users = sorted({w for n, w in loader.macro_uses if n == name})
-            what = (f"macro '{name}' has no effect: every binding that uses it is overridden ({', '.join(users)})"
+            what = (f"macro '{name}' has no effect: no binding that uses it takes effect ({', '.join(users)})"
                     if users else f"macro '{name}' has no effect: no binding uses %{name}")
             close = difflib.get_close_matches(name, sorted(used), n=1)
             raise SpecError(where, what, (f"did you mean '{close[0]}'? " if close else '')

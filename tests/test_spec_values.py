@@ -192,7 +192,7 @@ def test_a_stack_role_the_family_lacks_warns_when_asked_for_and_is_silent_in_a_b
     assert warnings_of(['clm.gin'], ['encoder/Stack.n_layers = 4']) == [
         "binding -b 'encoder/Stack.n_layers = 4': a binding without effect in this plan: the 'clm' plan has no "
         'encoder (Plan.encoder is not set): encoder/Stack.n_layers\n'
-        '  fix: remove it, or bind Plan.encoder in a family that has one']
+        '  fix: remove it, or set Plan.encoder = @encoder/Stack() in a family that uses one']
     own = tmp_path / 'mine.gin'
     own.write_text(f"include '{SPECS_DIR}/clm.gin'\nencoder/Stack.n_layers = 4\n")
     assert len(load([own]).warnings) == 1  # the user's own spec, not a base spec
