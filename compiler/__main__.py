@@ -5,7 +5,7 @@ import argparse
 import json
 
 from compiler import cost
-from compiler.errors import cli
+from compiler.errors import SpecError, cli
 from compiler.spec import load
 
 
@@ -25,11 +25,14 @@ def report(spec) -> dict:
         'kv_cache_bytes_per_sequence': cost.kv_cache_bytes(plan),
         'training_flops': cost.training_flops(plan),
         'activation_bytes_per_batch': {s.name: s.activation_bytes for s in stages},
-        'curriculum': [{'stage': st.name, 'steps': st.steps,
-                        'objectives': {o.kind: o.weight for o in st.objectives}, 'normalize': st.normalize,
+        'steps_scale': plan.run.steps_scale,
+        'curriculum': [{'stage': st.name, 'steps': st.steps, 'unscaled_steps': unscaled,
+                        # as the plan holds them: two clm objectives stay two (a dict keyed by kind merged them)
+                        'objectives': [[o.kind, o.weight] for o in st.objectives], 'normalize': st.normalize,
                         'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay, 'freeze': list(st.freeze),
                         'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen}
-                       for st, c in zip(plan.curriculum, stages)],
+                       for st, c, unscaled in zip(plan.curriculum, stages, spec.unscaled_steps)],
+        'warnings': [{'where': w.where, 'what': w.what, 'fix': w.fix} for w in spec.warnings],
         'plan': plan.to_dict(),
     }
 
@@ -72,7 +75,7 @@ def render(r: dict) -> str:
             f"{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components")
     lines.append(head)
     for c in r['curriculum']:
-        obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'].items())
+        obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'])
         if c['normalize'] == 'faithful':
             obj += ' (faithful)'
         lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  "
@@ -81,6 +84,12 @@ def render(r: dict) -> str:
                      f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
         for comp, src in c['init_from'].items():
             lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
+    if r['steps_scale'] != 1:
+        scaled = ', '.join(f"{c['stage']} {c['unscaled_steps']} -> {c['steps']}" for c in r['curriculum'])
+        lines.append(f"  steps x {r['steps_scale']:g} (Run.steps_scale; warmup scaled too, eval_every capped at the "
+                     f'steps): {scaled}')
+    for w in r['warnings']:
+        lines += ['', f"warning: {w['where']}: {w['what']}", f"  fix: {w['fix']}"]
     return '\n'.join(lines)
 
 
@@ -101,7 +110,9 @@ def main(argv=None):
     ap.add_argument('--tflops', type=float, help='sustained TFLOP/s per device for a runtime estimate '
                     '(e.g. 300 for an H100 in bf16 at ~30%% of peak); omitted: no estimate')
     args = ap.parse_args(argv)
-    spec = load(args.specs, args.binding)
+    if args.devices < 1:
+        raise SpecError(f'--devices {args.devices}', 'the device count must be at least 1', 'use e.g. --devices 8')
+    spec = load(args.specs, args.binding, devices=args.devices)
     r = report(spec)
     if args.tflops:
         r['estimate'] = {'devices': args.devices, 'tflops': args.tflops,

@@ -102,6 +102,11 @@ class _PlanPart:
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
         _check_types(self)
+        for name, tp in typing.get_type_hints(type(self)).items():
+            v = getattr(self, name)
+            if tp is float and isinstance(v, int) and not isinstance(v, bool):
+                # `lr = 1` and `lr = 1.0` are one experiment: one JSON value, one plan hash
+                object.__setattr__(self, name, float(v))
 
     def to_dict(self) -> dict:
         out = {}
@@ -226,6 +231,9 @@ class Run(_PlanPart):
     memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'
     # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
     compile: bool = False
+    # multiplies every stage's steps and warmup (rounded, at least 1 step; eval_every capped at the scaled steps)
+    # when the Plan is built, e.g. 0.01 for a smoke test of a whole curriculum (see scale_steps)
+    steps_scale: float = 1.0
     scope: str = _SCOPE
 
 
@@ -273,6 +281,25 @@ class Plan(_PlanPart):
         return cls(family=d['family'], decoder=stack(d['decoder']), encoder=stack(d.get('encoder')),
                    ae_decoder=stack(d.get('ae_decoder')), memory=Memory(**d['memory']), data=Data(**d['data']),
                    curriculum=stages, run=Run(**d['run']))
+
+
+def scale_steps(plan: Plan) -> Plan:
+    """The plan with Run.steps_scale applied to its curriculum: steps and warmup multiplied and rounded (steps at
+    least 1), eval_every capped at the scaled steps. The built Plan holds the scaled numbers and the factor, so its
+    hash, report and run record say what runs; applied once, by compiler.spec.load (a recorded plan is already
+    scaled). Factor 1 returns the plan unchanged."""
+    f = plan.run.steps_scale
+    if f == 1:
+        return plan
+    stages = []
+    for s in plan.curriculum:
+        steps = max(1, round(s.steps * f))
+        if steps >= INT_LIMIT:
+            raise PlanError(plan.run, 'steps_scale', f'Run.steps_scale = {f:g} makes stage {s.name!r} '
+                            f'{s.steps} x {f:g} steps, beyond the limit 2**63', 'use a smaller Run.steps_scale')
+        stages.append(dataclasses.replace(s, steps=steps, warmup=round(s.warmup * f),
+                                          eval_every=min(s.eval_every, steps)))
+    return dataclasses.replace(plan, curriculum=tuple(stages))
 
 
 CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Memory, Objective, Stage, Data, Run, Plan)}

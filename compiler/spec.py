@@ -7,12 +7,23 @@ for three reasons (all measured with gin-config 0.5.0):
 - every bad value must be reported at the file:line (or `-b` binding) that set it, so we keep an index
   binding-key -> location;
 - gin reports an undefined macro only when it is evaluated, deep inside a call; we check them up front.
+
+A spec means exactly what it says: after the Plan is built, gin's operative config tells which configurables were
+built in which scopes, and every binding is checked against it (`_check_usage`). A binding that can only be a
+mistake is an error (a scope nothing builds in and no reference names, a reference to a scope nothing is bound in, a
+-b binding every instance overrides, a -b macro nothing uses); a binding that is valid but has no effect in this
+particular plan (the bindings of a stage a -b dropped from the curriculum) is a warning (Spec.warnings, shown by the
+compile report and recorded with the run). Unscoped bindings of spec files that scoped ones override are layering
+(base/tiny.gin sets Stack.* for every stack) and stay silent, as do an included spec's bindings of a stack role
+(encoder, ae_decoder) the family does not have.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see docs/design.md)
 import io
+import re
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +47,8 @@ class Spec:
     bindings: list[str]
     locations: dict = field(default_factory=dict)  # (scope, configurable, arg) -> 'file:line'
     sources: list[str] = field(default_factory=list)  # the spec files given (files adds their includes)
+    warnings: list[validate.SpecWarning] = field(default_factory=list)  # legal but questionable: report and record
+    unscaled_steps: tuple = ()  # each stage's steps before Run.steps_scale (the plan holds the scaled ones)
 
     @property
     def hash(self) -> str:
@@ -50,16 +63,26 @@ class _Delegate(config_parser.ParserDelegate):
         self._gin = gin.config.ParserDelegate()
 
     def configurable_reference(self, scoped_name, evaluate):
-        name = scoped_name.rsplit('/', 1)[-1]
+        scope, _, name = scoped_name.rpartition('/')
+        where = self._loader.where(self._parser_ref[0]._current_location())
         if name not in plan_mod.CONFIGURABLES:
-            where = self._loader.where(self._parser_ref[0]._current_location())
             raise SpecError(where, f"unknown configurable '@{scoped_name}'", _suggest(name, plan_mod.CONFIGURABLES))
+        self._loader.references.append(Reference(scope, name, evaluate, where))
         return self._gin.configurable_reference(scoped_name, evaluate)
 
     def macro(self, name):
         if name != 'gin.REQUIRED':
             self._loader.macro_uses.append((name, self._loader.where(self._parser_ref[0]._current_location())))
         return self._gin.macro(name)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A `@scope/Name()` in the spec text (used or not): it builds a Name in `scope`."""
+    scope: str
+    name: str
+    evaluate: bool
+    where: str
 
 
 def _suggest(name, known) -> str:
@@ -76,6 +99,9 @@ class _Loader:
         self.via_macro: dict = {}  # binding key or macro name -> the macro its value is (`x = %NAME`)
         self.files: list[str] = []
         self.label = None  # set while parsing a -b binding
+        self.references: list[Reference] = []
+        self.origin: dict = {}  # binding key or macro name -> 'binding' (-b), 'file' (given) or 'include'
+        self._origin = 'file'
 
     def where(self, location) -> str:
         if self.label is not None:
@@ -93,24 +119,36 @@ class _Loader:
             text = path.read_text()
         except UnicodeDecodeError:
             raise SpecError(_display(path), 'spec is not UTF-8 text', 'save the spec as UTF-8')
-        self._parse(text, str(path), path.parent, chain + (path,))
+        outer, self._origin = self._origin, 'include' if chain else 'file'
+        try:
+            if not self._parse(text, str(path), path.parent, chain + (path,)):
+                raise SpecError(_display(path), 'the spec is empty (nothing but comments and blank lines)',
+                                'write bindings or includes in it, or leave it off the command line')
+        finally:
+            self._origin = outer
 
     def parse_binding(self, binding: str):
         self.label = f"binding -b '{binding}'"
+        self._origin = 'binding'
         try:
-            self._parse(binding, None, SPECS_DIR, ())
+            if not self._parse(binding, None, SPECS_DIR, ()):
+                raise SpecError(self.label, 'the binding is empty', "write -b 'scope/Configurable.param = value'")
         finally:
-            self.label = None
+            self.label, self._origin = None, 'file'
 
-    def _parse(self, text: str, filename, folder: Path, chain: tuple):
+    def _parse(self, text: str, filename, folder: Path, chain: tuple) -> int:
+        """Parse and apply the statements of one text; returns how many there were (includes count, their
+        contents do not)."""
         stream = io.StringIO(text)
         stream.name = filename
-        ref = [None]
+        ref, count = [None], 0
         try:
             parser = config_parser.ConfigParser(stream, _Delegate(self, ref))
             ref[0] = parser
             for statement in parser:
+                count += 1
                 self._apply(statement, folder, chain)
+            return count
         except SyntaxError as e:
             where = self.label or f'{_display(e.filename or filename)}:{e.lineno}'
             raise SpecError(where, f'malformed gin: {e.msg}', 'write bindings as `scope/Configurable.param = value`')
@@ -135,6 +173,7 @@ class _Loader:
         elif not st.arg_name:  # a macro definition: NAME = value
             name = f'{st.scope}/{st.selector}' if st.scope else st.selector
             self.macros[name] = where
+            self.origin[name] = self._origin
             self._note_macro(name, st.value)
             gin.bind_parameter((name, 'gin.macro', 'value'), st.value)
         else:
@@ -147,6 +186,7 @@ class _Loader:
                 raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'",
                                 _suggest(st.arg_name, params))
             self.locations[(st.scope, st.selector, st.arg_name)] = where
+            self.origin[(st.scope, st.selector, st.arg_name)] = self._origin
             self._note_macro((st.scope, st.selector, st.arg_name), st.value)
             gin.bind_parameter((st.scope, st.selector, st.arg_name), st.value)
 
@@ -200,8 +240,10 @@ def locate(spec_locations: dict, owner, name: str) -> str:
     return f'{scoped}{cls}.{name} (default)'
 
 
-def load(files, bindings=()) -> Spec:
-    """Parse spec files and -b bindings into a validated Plan. Raises SpecError on bad input."""
+def load(files, bindings=(), devices: int = 1) -> Spec:
+    """Parse spec files and -b bindings into a validated Plan (Run.steps_scale applied). Raises SpecError on bad
+    input; questionable but legal values and bindings without effect are listed in Spec.warnings. `devices`: the
+    processes a run splits each batch over (the activation-memory warning is per process)."""
     gin.clear_config()
     loader = _Loader()
     for f in files:
@@ -223,6 +265,8 @@ def load(files, bindings=()) -> Spec:
         if len(chain) > 1 and chain[-1] == name:
             raise SpecError(where, f"macro '{name}' refers to itself: {' -> '.join(chain)}",
                             'give one of these macros a value')
+    _check_references(loader)
+    _check_complete(loader, files, bindings)
     locations = loader.resolved_locations()
     try:
         built = gin.get_configurable('Plan')()
@@ -237,10 +281,181 @@ def load(files, bindings=()) -> Spec:
             raise SpecError(_required_location(loader, e), f'a required value was not set: {str(e).splitlines()[0]}',
                             "bind it in the spec or on the command line, e.g. -b 'scope/Configurable.param = value'")
         raise
-    spec = Spec(built, gin.operative_config_str(), loader.files, list(bindings), locations,
-                [str(Path(f).resolve()) for f in files])
-    validate.check(built, lambda owner, name: locate(locations, owner, name))
-    return spec
+    operative = gin.operative_config_str()
+    warnings = _check_usage(loader, operative, built.family)
+    where = lambda owner, name: locate(locations, owner, name)  # noqa: E731
+    validate.check(built, where)
+    try:
+        plan = plan_mod.scale_steps(built)
+    except plan_mod.PlanError as e:
+        raise SpecError(where(e.owner, e.name), e.message, e.fix)
+    warnings += validate.warnings(plan, where, devices=devices)
+    return Spec(plan, operative, loader.files, list(bindings), locations, [str(Path(f).resolve()) for f in files],
+                warnings, tuple(s.steps for s in built.curriculum))
+
+
+# --- does every binding take effect? -------------------------------------------------------------------------------
+
+_FIELD_TYPES = {name: ' '.join(str(f.type) for f in cls.__dataclass_fields__.values())
+                for name, cls in plan_mod.CONFIGURABLES.items()}
+# where an instance of each configurable comes from, for "no Data is built" messages
+_HOME = {'Plan': 'the root', 'Stack': 'Plan.decoder = @decoder/Stack()', 'Memory': 'Plan.memory = @Memory()',
+         'Data': 'Plan.data = @Data()', 'Run': 'Plan.run = @Run()', 'Stage': 'Plan.curriculum = [@name/Stage()]',
+         'Objective': 'Stage.objectives = [@kind/Objective()]'}
+
+
+@functools.cache
+def _contains(name: str, seen=()) -> frozenset[str]:
+    """The configurables an instance of `name` can build in its own scope (itself, and through its fields' unscoped
+    references: a Plan builds everything, a Stage its Objectives)."""
+    out = {name}
+    for other in plan_mod.CONFIGURABLES:
+        if other not in out and other not in seen and re.search(rf'\b{other}\b', _FIELD_TYPES[name]):
+            out |= _contains(other, seen + (name,))
+    return frozenset(out)
+
+
+def _under(scope: str, inner: str) -> bool:
+    """Does a binding in `scope` reach a call in scope `inner` (gin: every leading part of the call's scope)?"""
+    return not scope or inner == scope or inner.startswith(scope + '/')
+
+
+def _key_text(key) -> str:
+    scope, cls, arg = key
+    return f"{scope + '/' if scope else ''}{cls}.{arg}"
+
+
+def _check_references(loader: _Loader) -> None:
+    """`@scope/Name()` with nothing bound in `scope` builds a default Name: almost always a misspelt scope."""
+    bound = {(s, c) for s, c, _ in loader.locations}
+    for r in loader.references:
+        if not r.scope or not r.evaluate or (r.name == 'Stack' and r.scope in plan_mod.STACK_ROLES):
+            continue  # unscoped references inherit their caller's scope; a stack role may rely on Stack.* alone
+        inner = _contains(r.name)
+        if any(s and _under(s, r.scope) and c in inner for s, c in bound):
+            continue
+        scopes = sorted({s for s, c in bound if s and c == r.name})
+        close = difflib.get_close_matches(r.scope, scopes, n=1)
+        raise SpecError(r.where, f"@{r.scope}/{r.name}() names scope '{r.scope}', in which nothing is bound: it would "
+                        f'build a default {r.name}',
+                        (f"did you mean '@{close[0]}/{r.name}()'? " if close else '')
+                        + (f"scopes with {r.name} bindings: {', '.join(scopes)}; " if scopes else '')
+                        + f'or bind {r.scope}/{r.name}.<param>, or write @{r.name}() for a default {r.name}')
+
+
+def _check_complete(loader: _Loader, files, bindings) -> None:
+    """A plan that relies on the default family or curriculum was never intended (an include-only spec alone)."""
+    where = ', '.join(_display(f) for f in files) or ', '.join(f"-b '{b}'" for b in bindings)
+    if any(scope and cls == 'Plan' for scope, cls, _ in loader.locations):
+        return  # `x/Plan.family`: a misspelt scope, reported at its line once the plan is built (_check_usage)
+    if ('', 'Plan', 'family') not in loader.locations:
+        raise SpecError(where, 'no spec binds Plan.family: the plan would silently be a default causal LM',
+                        "bind Plan.family (e.g. Plan.family = 'memory'), or pass an include-only spec after a complete "
+                        'one (python -m compiler specs/memory_clm.gin specs/base/mixer.gin)')
+    if ('', 'Plan', 'curriculum') not in loader.locations:
+        raise SpecError(where, 'no spec binds Plan.curriculum: the plan would silently train one default stage',
+                        'bind Plan.curriculum = [@name/Stage()] and the stage (name/Stage.steps = ..., ...)')
+
+
+def _check_usage(loader: _Loader, operative: str, family: str) -> list[validate.SpecWarning]:
+    """Every binding against the instances gin built (its operative config): errors for bindings that can only be
+    mistakes, warnings for bindings without effect in this plan (see the module docstring)."""
+    used_values, used_macros = read_bindings(operative)
+    built: dict[str, set[str]] = {}  # configurable -> scopes it was built in
+    for key in used_values:
+        scoped, _ = key.rsplit('.', 1)
+        scope, _, cls = scoped.rpartition('/')
+        built.setdefault(cls, set()).add(scope)
+    if '' not in built.get('Plan', ()):  # the root is always built: an unreadable record would fail every binding
+        raise RuntimeError(f"gin's operative config could not be read back:\n{operative}")
+    keys = loader.locations
+    unused: dict[str, list] = {}  # scope -> unused bindings in it that are valid (warnings)
+    for key, where in keys.items():
+        scope, cls, arg = key
+        reached = [t for t in built.get(cls, ()) if _under(scope, t)]
+        if any(_source_of(t, cls, arg, keys) == scope for t in reached):
+            continue
+        origin = loader.origin[key]
+        if reached:  # every instance it reaches binds arg in a more specific scope
+            if origin == 'binding':
+                _shadowed(key, where, reached, keys)
+            continue  # spec files layer: tiny.gin's Stack.* under decoder/Stack.* is normal
+        refs = [r for r in loader.references if _under(scope, r.scope) and cls in _contains(r.name)]
+        if refs:
+            unused.setdefault(scope, []).append((key, where, refs[0]))
+        elif cls == 'Stack' and scope in plan_mod.STACK_ROLES:
+            if origin != 'include':  # a base spec configures every role a family might have
+                unused.setdefault(scope, []).append((key, where, None))
+        elif scope:
+            known = sorted((built.get(cls, set()) | {r.scope for r in loader.references if cls in _contains(r.name)}
+                            | (set(plan_mod.STACK_ROLES) if cls == 'Stack' else set())) - {''})
+            close = difflib.get_close_matches(scope, known, n=1)
+            hint = f"scopes of {cls}: {', '.join(known)}" if known else f'bind {cls}.{arg} without a scope'
+            raise SpecError(where, f"{_key_text(key)} has no effect: no {cls} is built in scope '{scope}' and no "
+                            f'@{scope}/...() reference names it',
+                            (f"did you mean '{close[0]}/{cls}.{arg}'? " if close else '') + hint)
+        else:
+            raise SpecError(where, f'{_key_text(key)} has no effect: no {cls} is built from these specs',
+                            f'bind {_HOME[cls]} (a default {cls} ignores bindings), or remove the binding')
+    warnings = [_unused_warning(scope, items, family) for scope, items in unused.items()]
+    return _check_macros(loader, used_macros) + warnings
+
+
+def _shadowed(key, where: str, reached: list, keys: dict):
+    """A -b binding every instance it reaches overrides: the user meant it to take effect."""
+    scope, cls, arg = key
+    winners = sorted({(_source_of(t, cls, arg, keys), cls, arg) for t in reached})
+    over = [f'{_key_text(k)} ({keys[k]})' for k in winners]
+    example = _key_text((sorted(reached)[0], cls, arg))
+    fix = (f"to scale every stage, use -b 'Run.steps_scale = 0.01' (steps and warmup multiplied); or bind each "
+           f"scope, e.g. -b '{example} = ...'" if cls == 'Stage' and arg in ('steps', 'warmup')
+           else f"bind it in those scopes, e.g. -b '{example} = ...'")
+    raise SpecError(where, f"{_key_text(key)} has no effect: every {cls} it reaches sets {arg} in its own scope: "
+                    + ', '.join(over), fix)
+
+
+def _source_of(inner: str, cls: str, arg: str, keys: dict) -> str | None:
+    """The scope of the binding that gives an instance built in `inner` its `arg` (gin: the longest bound leading
+    part of the scope), None when none does."""
+    parts = inner.split('/') if inner else []
+    return next(('/'.join(parts[:i]) for i in range(len(parts), -1, -1) if ('/'.join(parts[:i]), cls, arg) in keys),
+                None)
+
+
+def _unused_warning(scope: str, items: list, family: str) -> validate.SpecWarning:
+    """One warning for the valid bindings of one scope that take no effect in this plan."""
+    keys = ', '.join(_key_text(k) for k, _, _ in items)
+    n, them = ('a binding', 'it') if len(items) == 1 else (f'{len(items)} bindings', 'them')
+    ref, where = items[0][2], items[0][1]
+    if ref is None:
+        return validate.SpecWarning(where, f"{n} without effect in this plan: the '{family}' plan has no {scope} "
+                                    f'(Plan.{scope} is not set): {keys}',
+                                    f'remove {them}, or set Plan.{scope} = @{scope}/Stack() in a family that uses one')
+    what = (f"{n} without effect in this plan: nothing is built in scope '{scope}' (the @{ref.scope}/{ref.name}() "
+            f'at {ref.where} is not part of the plan): {keys}') if scope else \
+        f'{n} without effect in this plan: no {items[0][0][1]} is built: {keys}'
+    return validate.SpecWarning(where, what, f'remove {them}, or put the reference back into the plan')
+
+
+def _check_macros(loader: _Loader, used: dict) -> list[validate.SpecWarning]:
+    """A macro no evaluated binding uses: an error on the command line (`-b 'CHUNK = 8'` for CHUNKS), a warning in a
+    file unless some binding names it (that binding is then the one without effect)."""
+    out = []
+    named = {name for name, _ in loader.macro_uses}
+    for name, where in loader.macros.items():
+        if name in used:
+            continue
+        if loader.origin[name] == 'binding':
+            users = sorted({w for n, w in loader.macro_uses if n == name})
+            what = (f"macro '{name}' has no effect: no binding that uses it takes effect ({', '.join(users)})"
+                    if users else f"macro '{name}' has no effect: no binding uses %{name}")
+            close = difflib.get_close_matches(name, sorted(used), n=1)
+            raise SpecError(where, what, (f"did you mean '{close[0]}'? " if close else '')
+                            + f"macros in use: {', '.join(sorted(used)) or 'none'}; or bind the parameter itself")
+        if name not in named:
+            out.append(validate.SpecWarning(where, f"macro '{name}' has no effect: no binding uses %{name}",
+                                            'remove it, or use it (param = %' + name + ')'))
+    return out
 
 
 def _required_location(loader, err) -> str:

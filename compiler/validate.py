@@ -1,9 +1,18 @@
-"""Cross-field checks of a Plan, before any tensor is allocated (nothing here imports torch). Each failure names
-the binding that set the offending value (`where(owner, field)`, given by compiler.spec), says what is wrong and
-how to fix it. What a family allows comes from its record in compiler/families.py."""
+"""Checks of a Plan, before any tensor is allocated (nothing here imports torch). Each failure names the binding that
+set the offending value (`where(owner, field)`, given by compiler.spec), says what is wrong and how to fix it. What a
+family allows comes from its record in compiler/families.py.
+
+- RULES: the range of every numeric field of every Plan dataclass (tests/test_spec_values.py proves each one refuses
+  an out-of-range value), checked first so the cross-field checks can rely on sane numbers;
+- NAMES: fields used as file or group names must be identifiers;
+- check(): ranges, names, then cross-field checks; raises SpecError at the first problem;
+- warnings(): questionable but legal values (SpecWarning: listed in the compile report and the run record)."""
 from __future__ import annotations
 
+import math
+import os
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 from compiler import cost
@@ -16,6 +25,142 @@ INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(
 # (a RuntimeError traceback) or building the module tree itself takes minutes (n_layers); found by spec fuzzing.
 MAX_PARAMS = 10 ** 12
 MAX_LAYERS = 1024
+MAX_VOCAB = 262144  # beyond the largest vocabularies in use: a warning, not an error
+SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds
+IDENTIFIER = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a numeric field accepts: lo <= v <= hi (strict where open); floats must be finite. A None value
+    (an optional field left unset) is not checked."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    fix: str = ''
+
+    def accepts(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        return f"{'>' if self.lo_open else '>='} {self.lo}"
+
+
+def _at_least(lo, fix):
+    return Rule(lo, fix=fix)
+
+
+def _positive(fix):
+    return Rule(0, lo_open=True, fix=fix)
+
+
+RULES: dict[type, dict[str, Rule]] = {
+    P.Stack: {
+        'd_model': _at_least(1, 'use a positive width such as 128'),
+        'n_layers': Rule(1, MAX_LAYERS, fix=f'use between 1 and {MAX_LAYERS} layers'),
+        'n_heads': _at_least(1, 'use a positive head count dividing d_model'),
+        'n_kv_heads': _at_least(1, 'use None (= n_heads) or a divisor of n_heads'),
+        'ffn_hidden': _at_least(1, 'use e.g. 4 * d_model, or None'),
+        'mixer_kernel': _at_least(1, 'use 1 (the research code) or a small kernel'),
+        'mixer_heads': _at_least(1, 'use 1, or a head count dividing d_model'),
+        'rope_theta': _positive('use the default 1e4 (Llama 3: 5e5)'),
+        'norm_eps': _positive('use the default 1e-6'),
+        'context': _at_least(1, "use None (any length) or the positions the stack supports"),
+    },
+    P.Memory: {
+        'chunks': _at_least(1, 'use at least 1 chunk'),
+        'chunk_len': _at_least(2, 'use at least 2 tokens per chunk'),
+        'compression': _at_least(1, 'use 1 (no bottleneck) or a factor dividing the encoder width'),
+        'noise': _at_least(0, 'use 0 (off) or a positive amplitude such as 0.0625'),
+    },
+    P.Objective: {
+        'weight': _at_least(0, 'use a weight >= 0'),
+        'delimiter': _at_least(0, 'use 0 or 3 (the research code)'),
+        'temperature': _positive('use e.g. 0.02'),
+        'ngram': _at_least(1, 'use e.g. 7'),
+    },
+    P.Stage: {
+        'steps': _at_least(1, 'give every stage at least 1 step (or remove it)'),
+        'lr': _positive('use e.g. 1e-3'),
+        'warmup': _at_least(0, 'use 0 (no warmup) or a positive step count'),
+        'min_lr_ratio': Rule(0, 1, fix='use a fraction of Stage.lr such as 0.1'),
+        'weight_decay': _at_least(0, 'use 0 (off) or e.g. 0.1'),
+        'batch_size': _at_least(1, 'leave Stage.batch_size = None'),
+        'micro_batch': _at_least(1, 'use a positive number of rows or None (whole batch)'),
+        'eval_every': _at_least(1, 'use e.g. 100'),
+    },
+    P.Data: {
+        'vocab_size': _at_least(2, 'use e.g. 2048'),
+        'val_fraction': Rule(0, 1, True, True, 'use e.g. 0.05'),
+        'batch_size': _at_least(1, 'use a positive batch size'),
+        'max_documents': _at_least(1, 'use None (every document) or a positive count'),
+    },
+    P.Run: {
+        'seed': Rule(0, SEED_MAX, fix=f'use a seed in [0, {SEED_MAX}]'),
+        'checkpoint_every': _at_least(1, 'use a positive Run.checkpoint_every'),
+        'log_every': _at_least(1, 'use a positive Run.log_every'),
+        'eval_batches': _at_least(1, 'use a positive Run.eval_batches'),
+        'steps_scale': _positive('use e.g. 0.01 for a smoke test, 1 for the spec as written'),
+    },
+    P.Plan: {},
+}
+# fields used as names: (field, why it must be an identifier)
+NAMES = {P.Stage: ('name', 'it names the stage weights file (stages/<name>.safetensors) and memory-store group'),
+         P.Run: ('name', 'it labels the run record and its reports')}
+
+
+@dataclass(frozen=True)
+class SpecWarning:
+    """A questionable but legal value, or a binding with no effect in this plan: listed in the compile report and
+    the run record, never fatal."""
+    where: str
+    what: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f'{self.where}: {self.what}\n  fix: {self.fix}'
+
+
+def _parts(plan: P.Plan):
+    """(owner, label) of every part of the plan; the label prefixes messages ('decoder ', "stage 'x': ")."""
+    yield plan, ''
+    for role in P.STACK_ROLES:
+        stack = getattr(plan, role)
+        if stack is not None:
+            yield stack, f'{role} '
+    yield plan.memory, ''
+    yield plan.data, ''
+    yield plan.run, ''
+    for stage in plan.curriculum:
+        yield stage, f"stage '{stage.name}': "
+        for o in stage.objectives:
+            yield o, f"stage '{stage.name}' objective '{o.kind}': "
+
+
+def check_values(plan: P.Plan, where: Callable[[object, str], str]) -> None:
+    """Every numeric field in its range (RULES), every name an identifier (NAMES)."""
+    for owner, label in _parts(plan):
+        cls = type(owner)
+        for name, rule in RULES[cls].items():
+            v = getattr(owner, name)
+            if v is None or rule.accepts(v):
+                continue
+            what = (f'{label}{cls.__name__}.{name} = {v} is not a finite number' if isinstance(v, float)
+                    and not math.isfinite(v) else f'{label}{cls.__name__}.{name} must be {rule.describe()}, got {v!r}')
+            raise SpecError(where(owner, name), what, rule.fix)
+        name, why = NAMES.get(cls, (None, ''))
+        if name and not IDENTIFIER.match(getattr(owner, name)):
+            raise SpecError(where(owner, name), f'{cls.__name__}.{name} = {getattr(owner, name)!r} is not an '
+                            f'identifier, and {why}',
+                            'use letters, digits and underscores, not starting with a digit, at most 64 characters '
+                            "(e.g. 'blank_copy')")
 
 
 def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
@@ -24,6 +169,7 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
     def fail(owner, name, what, fix):
         raise SpecError(where(owner, name), what, fix)
 
+    check_values(plan, where)
     fam = family(plan)
     if fam.has_encoder and plan.encoder is None:
         fail(plan, 'encoder', f"family '{plan.family}' needs an encoder but Plan.encoder is not set",
@@ -36,20 +182,14 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
         _check_stack(stack, role, lengths[role], plan, fail)
 
     m = plan.memory
-    if m.chunk_len < 2:
-        fail(m, 'chunk_len', f'Memory.chunk_len = {m.chunk_len} is too short', 'use at least 2 tokens per chunk')
-    if m.chunks < 1:
-        fail(m, 'chunks', f'Memory.chunks = {m.chunks} must be positive', 'use at least 1 chunk')
     if m.chunks < fam.min_chunks:
         fail(m, 'chunks', f"family '{plan.family}' needs at least {fam.min_chunks} chunks "
              f'(memories of earlier chunks), got {m.chunks}', f'set Memory.chunks >= {fam.min_chunks}')
     if plan.encoder is not None and fam.has_encoder:
-        if m.compression < 1 or plan.encoder.d_model % m.compression:
+        if plan.encoder.d_model % m.compression:
             fail(m, 'compression',
                  f'Memory.compression = {m.compression} does not divide encoder d_model {plan.encoder.d_model}',
                  'choose a compression factor that divides the encoder width')
-    if m.noise < 0:
-        fail(m, 'noise', f'Memory.noise = {m.noise} is negative', 'use 0 (off) or a positive amplitude such as 0.0625')
     if plan.ae_decoder is not None:
         _check_stack(plan.ae_decoder, 'ae_decoder', m.chunk_len, plan, fail)
         if plan.ae_decoder.d_model != plan.decoder.d_model:
@@ -67,13 +207,6 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
     names = [s.name for s in plan.curriculum]
     if not plan.curriculum:
         fail(plan, 'curriculum', 'the curriculum has no stages', 'bind Plan.curriculum = [@stage0/Stage()]')
-    d = plan.data  # before the graph is built: a negative vocabulary is a negative tensor dimension
-    if d.batch_size < 1:
-        fail(d, 'batch_size', f'Data.batch_size = {d.batch_size} must be >= 1', 'use a positive batch size')
-    if not 0 < d.val_fraction < 1:
-        fail(d, 'val_fraction', f'Data.val_fraction = {d.val_fraction} must be between 0 and 1', 'use e.g. 0.05')
-    if d.vocab_size < 2:
-        fail(d, 'vocab_size', f'Data.vocab_size = {d.vocab_size} is too small', 'use e.g. 2048')
     _check_size(plan, fail)
     comps = cost.components(plan)
     for i, stage in enumerate(plan.curriculum):
@@ -81,11 +214,6 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
             fail(stage, 'name', f"two curriculum stages are named '{stage.name}'",
                  'give every stage a unique Stage.name')
         _check_stage(stage, plan, comps, fail)
-
-    r = plan.run
-    for name in ('checkpoint_every', 'log_every', 'eval_batches'):
-        if getattr(r, name) < 1:
-            fail(r, name, f'Run.{name} = {getattr(r, name)} must be >= 1', f'use a positive Run.{name}')
 
 
 def _check_size(plan: P.Plan, fail) -> None:
@@ -105,15 +233,6 @@ def _check_size(plan: P.Plan, fail) -> None:
 
 
 def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None:
-    for name in ('d_model', 'n_layers', 'n_heads', 'mixer_kernel', 'mixer_heads'):
-        if getattr(s, name) < 1:
-            fail(s, name, f'{role} Stack.{name} = {getattr(s, name)} must be >= 1', f'use a positive {name}')
-    if s.n_layers > MAX_LAYERS:
-        fail(s, 'n_layers', f'{role} Stack.n_layers = {s.n_layers} is more than the limit {MAX_LAYERS}',
-             'use fewer layers')
-    if s.n_kv_heads is not None and s.n_kv_heads < 1:
-        fail(s, 'n_kv_heads', f'{role} Stack.n_kv_heads = {s.n_kv_heads} must be >= 1',
-             'use None (= n_heads) or a divisor of n_heads')
     if s.kind == 'transformer':
         if s.d_model % s.n_heads:
             h = _divisor(s.d_model, s.n_heads)
@@ -138,11 +257,6 @@ def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None
         fail(plan.memory, 'chunk_len',
              f'{role} sees {length} positions per sequence ({_layout(plan)}) but its context is {s.context}',
              'use fewer or shorter chunks, or a stack with a longer context')
-    if s.rope_theta <= 0 or s.norm_eps <= 0:
-        name = 'rope_theta' if s.rope_theta <= 0 else 'norm_eps'
-        fail(s, name, f'{role} Stack.{name} = {getattr(s, name)} must be positive', 'use the defaults (1e4 and 1e-6)')
-    if s.ffn_hidden is not None and s.ffn_hidden < 1:
-        fail(s, 'ffn_hidden', f'{role} ffn_hidden = {s.ffn_hidden} must be >= 1', 'use e.g. 4 * d_model or None')
 
 
 def _layout(plan) -> str:
@@ -159,19 +273,10 @@ def _divisor(d: int, near: int) -> int | None:
 
 def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
     tag = f"stage '{stage.name}'"
-    if stage.steps < 1:
-        fail(stage, 'steps', f'{tag} has {stage.steps} steps', 'give every stage at least 1 step (or remove it)')
-    if stage.lr <= 0:
-        fail(stage, 'lr', f'{tag} learning rate {stage.lr} must be positive', 'use e.g. 1e-3')
-    if stage.warmup < 0:  # warmup >= steps is allowed: a shortened smoke-test run simply never leaves warmup
-        fail(stage, 'warmup', f'{tag} warmup {stage.warmup} is negative', 'use 0 (no warmup) or a positive step count')
-    if stage.eval_every < 1:
-        fail(stage, 'eval_every', f'{tag} eval_every must be >= 1', 'use e.g. 100')
-    if stage.batch_size is not None and stage.batch_size < 1:
-        fail(stage, 'batch_size', f'{tag} batch_size must be >= 1', 'use a positive batch size or None')
-    if stage.micro_batch is not None and stage.micro_batch < 1:
-        fail(stage, 'micro_batch', f'{tag} micro_batch must be >= 1',
-             'use a positive number of rows or None (whole batch)')
+    if stage.batch_size is not None:  # the cost model read it, the trainer never did: a silently different batch
+        fail(stage, 'batch_size', f'{tag}: Stage.batch_size = {stage.batch_size} is not supported; every stage '
+             f'trains on batches of Data.batch_size = {plan.data.batch_size}',
+             'set Data.batch_size (or Stage.micro_batch to split each batch) and leave Stage.batch_size = None')
     if stage.micro_batch is not None and any(o.kind == 'retrieval' for o in stage.objectives):
         fail(stage, 'micro_batch', f'{tag} has a retrieval objective, whose negatives are the other rows of the batch: '
              'micro-batches would silently shrink them', 'leave micro_batch = None for stages with retrieval')
@@ -198,6 +303,9 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
     kinds = [o.kind for o in stage.objectives]
     for o in stage.objectives:
         _check_objective(o, tag, plan, fail)
+    if stage.normalize == 'weighted_sum' and all(o.weight == 0 for o in stage.objectives):
+        fail(stage.objectives[-1], 'weight', f'{tag}: every objective has weight 0: nothing would train',
+             'give at least one objective a positive weight')
     if stage.normalize == 'faithful' and sorted(set(kinds)) not in (['clm', 'copy'], ['blank_copy', 'clm']):
         fail(stage, 'normalize',
              f"{tag}: 'faithful' reproduces clm_mean + 0.5 * copy_mean and needs exactly clm and one copy objective, "
@@ -207,8 +315,6 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
 
 def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
     m, fam = plan.memory, plan.family
-    if o.weight < 0:
-        fail(o, 'weight', f'{tag}: objective {o.kind} has negative weight {o.weight}', 'use a weight >= 0')
     if o.kind not in family(plan).objectives:
         if o.kind == 'autoencode':
             fail(o, 'kind', f"{tag}: objective 'autoencode' needs an encoder ({either(serving('autoencode'))} family), "
@@ -224,11 +330,65 @@ def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
                  f"{tag}: objective '{o.kind}' copies the first half of the chunks into the second and needs "
                  f'an even number >= 2 of chunks, got {m.chunks}',
                  'set Memory.chunks to 2, 4, 8, ...')
-        if not 0 <= o.delimiter < m.chunk_len:
+        if o.delimiter >= m.chunk_len:
             fail(o, 'delimiter', f'{tag}: {o.delimiter} delimiter tokens do not fit a chunk of {m.chunk_len}',
                  'use 0 or 3')
     if o.kind == 'retrieval':
-        if not 1 <= o.ngram <= m.chunk_len:
+        if o.ngram > m.chunk_len:
             fail(o, 'ngram', f'{tag}: retrieval ngram {o.ngram} must be in [1, chunk_len={m.chunk_len}]', 'use e.g. 7')
-        if o.temperature <= 0:
-            fail(o, 'temperature', f'{tag}: retrieval temperature must be positive', 'use e.g. 0.02')
+
+
+def machine_memory() -> int:
+    """Bytes of RAM of this machine."""
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | None = None,
+             devices: int = 1) -> list[SpecWarning]:
+    """Questionable but legal values of a checked plan. `memory`: bytes the activations of one forward pass must fit
+    (default: this machine's RAM); `devices`: processes the batch is split over (torchrun)."""
+    out = []
+
+    def warn(owner, name, what, fix):
+        out.append(SpecWarning(where(owner, name), what, fix))
+
+    for stage in plan.curriculum:
+        tag = f"stage '{stage.name}'"
+        if stage.warmup > stage.steps:
+            warn(stage, 'warmup', f'{tag}: warmup {stage.warmup} is longer than the stage ({stage.steps} steps): '
+                 f'the learning rate never reaches Stage.lr = {stage.lr:g}',
+                 'shorten the warmup or lengthen the stage (Run.steps_scale scales both)')
+        if stage.eval_every > stage.steps:
+            warn(stage, 'eval_every', f'{tag}: eval_every {stage.eval_every} is more than its {stage.steps} steps: '
+                 'only the stage-end evaluation runs', f'set eval_every <= {stage.steps}')
+        if stage.lr >= 1:
+            warn(stage, 'lr', f'{tag}: learning rate {stage.lr:g} is >= 1, where AdamW diverges',
+                 'use e.g. 1e-3')
+        if stage.micro_batch is not None and stage.micro_batch >= plan.data.batch_size:
+            warn(stage, 'micro_batch', f'{tag}: micro_batch {stage.micro_batch} is not smaller than the batch '
+                 f'({plan.data.batch_size} rows): it has no effect', 'use fewer rows, or None')
+    if plan.data.vocab_size > MAX_VOCAB:
+        warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} is beyond {MAX_VOCAB}, larger than '
+             'the vocabularies of current language models', 'use e.g. 8192 (paper scale) or 32000')
+    _warn_activation_memory(plan, memory if memory is not None else machine_memory(), devices, warn)
+    return out
+
+
+def _warn_activation_memory(plan: P.Plan, memory: int, devices: int, warn) -> None:
+    """One warning for the stages whose activations of one forward pass (cost.activation_bytes: the micro-batch, or
+    this process's share of the batch) exceed `memory`."""
+    rows = -(-plan.data.batch_size // devices)
+    need = {s.name: (cost.activation_bytes(plan, min(s.micro_batch or rows, rows), s.freeze), s)
+            for s in plan.curriculum}
+    over = {name: b for name, (b, _) in need.items() if b > memory}
+    if not over:
+        return
+    worst = max(over, key=over.get)
+    stage = need[worst][1]
+    owner, name = (stage, 'micro_batch') if stage.micro_batch else (plan.data, 'batch_size')
+    warn(owner, name, f'activation memory estimated at {over[worst] / 2 ** 30:.1f} GiB per forward pass '
+         f"(stage{'s' if len(over) > 1 else ''} {', '.join(repr(n) for n in over)}; "
+         f"{min(stage.micro_batch or rows, rows)} rows{f' per device of {devices}' if devices > 1 else ''}) "
+         f'is more than the {memory / 2 ** 30:.1f} GiB of RAM of this machine',
+         'split each batch with Stage.micro_batch (gradients accumulate) or over devices '
+         '(torchrun; python -m compiler --devices N), or use a smaller batch')

@@ -30,7 +30,7 @@ from compiler.spec import load, locate
 from runtime import record
 from runtime.checkpoint import check_writable, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
-from runtime.distributed import NullRun, distributed
+from runtime.distributed import NullRun, distributed, run_device
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
 from store import database
@@ -85,9 +85,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
-    spec = load(args.specs, args.binding)
+    spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
-    rank, world = distributed()
+    rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
+    if rank == 0:
+        for w in spec.warnings:  # also recorded in the run's config ('warnings')
+            print(f'warning: {w}', file=sys.stderr)
     runs_dir = Path(plan.run.out_dir)
     url = args.db or database.default_url(plan.run.out_dir)
     resume = None if args.resume is None else resume_point(args.resume, spec, RunFolder(runs_dir, args.resume), url)
@@ -125,7 +128,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, resume_id: str | None, re
     ex = Experiment(plan.run.name, save_git_info=False)
     ex.observers.append(obs)
     ex.add_config({'plan': _sanitize(plan.to_dict()), 'operative_gin': spec.operative, 'spec_hash': spec.hash,
-                   'spec_files': spec.files, 'spec_sources': spec.sources, 'bindings': spec.bindings})
+                   'spec_files': spec.files, 'spec_sources': spec.sources, 'bindings': spec.bindings,
+                   'warnings': [str(w) for w in spec.warnings]})
     holder = {}
 
     @ex.main

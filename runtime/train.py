@@ -110,6 +110,7 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
     ('blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control."""
     was = model.training
     model.eval()
+    device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
     out = {}
     full = val_mask.flatten(1).all(-1)
     fam = family(plan)
@@ -121,7 +122,8 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
             x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)
             tally = O.Tally()
             for i in range(0, min(len(x), batch_size * max_batches), batch_size):
-                logits, labels = forward(model, obj, x[i:i + batch_size], m[i:i + batch_size], ids, ablate)
+                logits, labels = forward(model, obj, x[i:i + batch_size].to(device), m[i:i + batch_size].to(device),
+                                         ids, ablate)
                 tally.add(logits, labels)
             for k, v in tally.metrics(vocab, bytes_per_token if obj.kind == 'clm' else None).items():
                 out[f'{obj.kind}{suffix}.{k}'] = v

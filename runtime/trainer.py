@@ -15,7 +15,7 @@ from compiler.model import build, compile_stacks
 from runtime import checkpoint as ckpt
 from runtime import train
 from runtime.data import Batches
-from runtime.distributed import all_reduce_grads
+from runtime.distributed import all_reduce_grads, run_device
 from runtime.train import Divergence, accumulate, init_component, optimizer, set_frozen
 from store import memories
 from store.layout import RunFolder, memory_store
@@ -30,7 +30,8 @@ class Trainer:
         self.rank, self.world = rank, world
         self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
         self.vocab = self.data.vocab_size
-        self.model = build(self.plan, self.vocab)
+        self.device = run_device(self.plan.run)  # refused (exit 2) by runtime.run before this when unavailable
+        self.model = build(self.plan, self.vocab).to(self.device)  # built (seeded) on the CPU: the same weights
         if self.plan.run.compile:
             compile_stacks(self.model)
         self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
@@ -44,10 +45,12 @@ class Trainer:
         optimizer state, so none is stored."""
         if self.rank:
             return
-        state = {'model': self.model.state_dict(), 'optimizer': None if opt is None else opt.state_dict(),
+        state = {'model': _cpu(self.model.state_dict()), 'optimizer': None if opt is None else _cpu(opt.state_dict()),
                  'scheduler': None if sched is None else sched.state_dict(), 'data': self.batches.state_dict(),
                  'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
                  'summary': self.summary, 'run_id': run_id}
+        if self.device.type == 'cuda':  # memory noise draws from the GPU's generator
+            state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         if opt is None:
             state['boundary'] = True
         self.flush_metrics()
@@ -78,6 +81,8 @@ class Trainer:
             self.model.load_state_dict(ck['model'])
             self.batches.load_state_dict(ck['data'])
             torch.random.set_rng_state(ck['rng'])
+            if 'cuda_rng' in ck and self.device.type == 'cuda':
+                torch.cuda.set_rng_state(ck['cuda_rng'], self.device)
             start_stage, start_step, self.summary = ck['stage'], ck['step'], ck['summary']
             for s in plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
                 if s.name in self.summary:
@@ -111,6 +116,7 @@ class Trainer:
             position, rng = self.batches.state_dict(), torch.random.get_rng_state()
             try:
                 tokens, mask = next(self.batches)
+                tokens, mask = tokens.to(self.device), None if mask is None else mask.to(self.device)
                 opt.zero_grad(set_to_none=True)
                 loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
                 all_reduce_grads(params, self.world)
@@ -164,7 +170,7 @@ class Trainer:
             self.checkpoint(si, stage.steps, opt, sched, run_id)
 
     def save_weights(self, path: Path) -> None:
-        weights = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        weights = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
         ckpt.atomic_write(path, lambda p: save_file(weights, p))
 
     def memory_store(self) -> Path | None:
@@ -197,6 +203,18 @@ class Trainer:
         return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
                               self.plan.data.batch_size, self.plan.run.eval_batches,
                               self.data.bytes_per_token.get('val'), self.vocab)
+
+
+def _cpu(state):
+    """A state dict with its tensors on the CPU, so a checkpoint written on a GPU loads anywhere (CPU tensors are
+    returned as they are: no copy)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu(v) for v in state)
+    return state
 
 
 SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),

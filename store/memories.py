@@ -98,13 +98,14 @@ def write(path, run_id: str, stage: str, model, tokens: torch.Tensor, mask: torc
     """Encode every held-out sequence's chunks with `model.encode` and store them. Returns rows written."""
     s, n, l = tokens.shape
     was = model.training
+    device = next(model.parameters()).device  # the model's (Run.device); tokens and memories stay on the CPU
     model.eval()
     try:
-        first = model.encode(tokens[:1].reshape(n, l), mask[:1].reshape(n, l))
+        first = model.encode(tokens[:1].reshape(n, l).to(device), mask[:1].reshape(n, l).to(device))
         w = Writer(path, run_id, stage, attrs | {'memory_dim': int(first.shape[-1])}, (s, n, l, first.shape[-1]), dtype)
         for i in range(0, s, batch_size):
             t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
-            mem = model.encode(t.reshape(-1, l), m.reshape(-1, l)).view(len(t), n, -1)
+            mem = model.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device)).view(len(t), n, -1).cpu()
             w.append(mem, t, m)
         w.close()
     finally:

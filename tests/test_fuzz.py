@@ -5,6 +5,8 @@ traceback. Either the spec compiles, or `python -m compiler` prints one clear me
 Mutations: deleted, duplicated or truncated lines, values swapped between bindings, values replaced by wrong types,
 unknown or undefined names, huge, tiny or negative numbers, broken includes (missing, a folder, a cycle, a binary
 file), syntax garbage and non-UTF-8 bytes, in the top-level spec or in any file it includes, plus mutated -b bindings.
+A second fuzzer misspells the scopes of bindings and @references (and of -b bindings): those must compile or be
+refused with exactly one located message.
 
 The examples run in process through compiler.__main__.main (the CLI minus the process boundary); a few fixed
 mutations that once produced tracebacks also run as real `python -m compiler` subprocesses, started in the
@@ -207,16 +209,98 @@ def test_mutated_specs_compile_or_exit_2_with_one_message(data):
         assert_clear_outcome(code, out, err, seconds)
 
 
+# ------------------------------------------------------------------------- misspelt scopes and @references (issue 13)
+# A scope typo used to compile silently into another experiment. Now each must compile (the typo hit something
+# without effect, e.g. a scope another binding also sets) or be refused with exactly one message located at a
+# file:line, a -b binding, or the field left at its default that the typo unbound.
+SCOPED = re.compile(r'^(\s*)([A-Za-z_][\w/]*)/([A-Z][A-Za-z]*\.\w+\s*=.*)$')  # scope/Configurable.param = value
+REFERENCE = re.compile(r'@([A-Za-z_][\w/]*)/([A-Z][A-Za-z]*)\(')  # @scope/Name(
+SCOPES = ['encoder', 'decoder', 'ae_decoder', 'clm', 'blank', 'copy', 'combined', 'autoencode', 'ae', 'probe']
+LOCATED = re.compile(r"^error: (\S+\.gin:\d+|binding -b '.*?'|[\w/]+\.\w+ \(default\)|[^:\n]+\.gin \(macro )")
+
+
+def misspell(draw, scope: str) -> str:
+    """A typo of a scope name: a letter dropped, doubled, swapped or replaced, another known scope, or none."""
+    how = draw(st.sampled_from(['drop', 'double', 'swap', 'replace', 'other', 'none']), label='typo')
+    i = draw(st.integers(0, max(0, len(scope) - 2)), label='at')
+    if how == 'drop' and len(scope) > 1:
+        return scope[:i] + scope[i + 1:]
+    if how == 'double':
+        return scope[:i] + scope[i] + scope[i:]
+    if how == 'swap' and len(scope) > 1:
+        return scope[:i] + scope[i + 1] + scope[i] + scope[i + 2:]
+    if how == 'replace':
+        return scope[:i] + draw(st.sampled_from('aeiouxz_'), label='letter') + scope[i + 1:]
+    if how == 'other':
+        return draw(st.sampled_from(SCOPES), label='other')
+    return ''
+
+
+def mutate_scope(draw, text: str) -> str | None:
+    """Misspell the scope of one scoped binding or one @scope/Name() reference; None when the text has neither."""
+    lines = text.splitlines()
+    sites = [(k, 'binding', None) for k, line in enumerate(lines) if SCOPED.match(line)]
+    sites += [(k, 'reference', m) for k, line in enumerate(lines) for m in REFERENCE.finditer(line)]
+    if not sites:
+        return None
+    k, kind, m = draw(st.sampled_from(sites), label='site')
+    if kind == 'binding':
+        indent, scope, rest = SCOPED.match(lines[k]).groups()
+        new = misspell(draw, scope)
+        lines[k] = f"{indent}{new + '/' if new else ''}{rest}"
+    else:
+        new = misspell(draw, m.group(1))
+        lines[k] = f"{lines[k][:m.start()]}@{new + '/' if new else ''}{m.group(2)}({lines[k][m.end():]}"
+    note(f'{kind} scope {m.group(1) if m else SCOPED.match(text.splitlines()[k]).group(2)!r} -> {new!r}: {lines[k]}')
+    return '\n'.join(lines) + '\n'
+
+
+SCOPED_BINDINGS = [('Stack', 'n_layers', '3'), ('Stack', 'causal', 'True'), ('Stage', 'steps', '7'),
+                   ('Stage', 'lr', '1e-3'), ('Objective', 'weight', '0.5'), ('Objective', 'kind', "'clm'")]
+
+
+# complete specs: those whose includes bind Plan.family (paper/mixer.gin and the like are include-only, refused alone)
+COMPLETE = [t for t in TOP if any('Plan.family' in (SPECS_DIR / f).read_text() for f in includes(SPECS_DIR, t))]
+
+
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_misspelt_scopes_and_references_compile_or_exit_2_with_one_located_message(data):
+    top = data.draw(st.sampled_from(COMPLETE), label='spec')
+    with tempfile.TemporaryDirectory(prefix='memspec-fuzz-') as tmp:
+        folder = Path(tmp) / 'specs'
+        shutil.copytree(SPECS_DIR, folder)
+        files = includes(folder, top)
+        for _ in range(data.draw(st.integers(1, 2), label='mutations')):
+            rel = data.draw(st.sampled_from(files), label='file')
+            new = mutate_scope(data.draw, (folder / rel).read_text())
+            if new is not None:
+                (folder / rel).write_text(new)
+        argv = [str(folder / top)]
+        if data.draw(st.booleans(), label='binding'):
+            cls, param, value = data.draw(st.sampled_from(SCOPED_BINDINGS), label='scoped')
+            scope = misspell(data.draw, data.draw(st.sampled_from(SCOPES), label='scope'))
+            argv += ['-b', f"{scope + '/' if scope else ''}{cls}.{param} = {value}"]
+        note(f'argv: {argv}')
+        code, out, err, seconds = compile_cli(argv)
+        event('compiled' if code == 0 else f"refused: {re.sub(r'[^a-z ]', '', err.split(': ', 2)[-1])[:30]}")
+        assert_clear_outcome(code, out, err, seconds)
+        if code == 2:
+            assert err.count('error: ') == 1 and LOCATED.match(err), f'not located:\n{err}'
+
+
 # ------------------------------------------------------------------------------ regressions found by the fuzzer
 # Each once gave a traceback (or ran for minutes) instead of a message. In process here; as subprocesses below.
 FOUND = {
     'huge_d_model': (['specs/memory_clm.gin', '-b', 'D_MODEL = 1000000000'], 'parameters'),
     'huge_vocab': (['specs/clm.gin', '-b', 'Data.vocab_size = 1000000000000'], 'parameters'),
     'beyond_int64': (['specs/memory_clm.gin', '-b', f"CHUNK_LEN = {'9' * 30}"], 'too large'),
-    'negative_kv_heads': (['specs/memory_clm.gin', '-b', 'decoder/Stack.n_kv_heads = -1'], 'n_kv_heads = -1'),
+    'negative_kv_heads': (['specs/memory_clm.gin', '-b', 'decoder/Stack.n_kv_heads = -1'],
+                          'n_kv_heads must be >= 1, got -1'),
     'odd_d_model': (['specs/clm.gin', '-b', 'D_MODEL = 129'], 'odd'),
     'huge_odd_d_model_heads': (['specs/clm.gin', '-b', 'D_MODEL = 999999998'], 'not divisible by n_heads'),
-    'too_many_layers': (['specs/clm.gin', '-b', 'N_LAYERS = 100000'], 'n_layers = 100000'),
+    'too_many_layers': (['specs/clm.gin', '-b', 'N_LAYERS = 100000'], 'n_layers must be in [1, 1024], got 100000'),
 }
 
 
