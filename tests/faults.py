@@ -361,12 +361,18 @@ def query(db, sql, *args):
         con.close()
 
 
+def run_dir(out_dir: Path, run_id) -> Path:
+    """The folder of run `run_id` under out_dir: <id>-<key> (store/layout.py); <out_dir>/<id>-? when there is none."""
+    found = sorted(Path(out_dir).glob(f'{run_id}-*'))
+    return found[0] if len(found) == 1 else Path(out_dir) / f'{run_id}-?'
+
+
 def record_of(db, out_dir: Path, run_id: str) -> dict:
     """Everything that should match the baseline, from the run folder, the database and the Zarr store."""
     from safetensors.torch import load_file
 
     from store import memories as M
-    d = out_dir / run_id
+    d = run_dir(out_dir, run_id)
     rec = {'summary': json.loads((d / 'summary.json').read_text()) if (d / 'summary.json').is_file() else None,
            'final': load_file(d / 'final.safetensors') if (d / 'final.safetensors').is_file() else None,
            'stages': {p.stem: load_file(p) for p in sorted((d / 'stages').glob('*.safetensors'))},
@@ -380,7 +386,7 @@ def record_of(db, out_dir: Path, run_id: str) -> dict:
     for g in M.listing(store):
         entry = dict(g)
         if g['complete']:
-            grp = M.open_group(store, g['run_id'], g['stage'])
+            grp = M.open_group(store, g['run'], g['stage'])
             entry['arrays'] = {k: torch.from_numpy(getattr(grp, k)[:].copy()) for k in ('memories', 'tokens', 'mask')}
             entry['step'] = grp.attrs.get('step')
         rec['zarr'][(g['run_id'], g['stage'])] = entry
@@ -651,14 +657,14 @@ class Suite:
         res['problems'] += stderr_problems(text, code, 1, ('No space left on device', '--resume', 'intact'))
         res['message'] = error_message(text)
         (run_id,) = recorded_ids(db_path(out)) or [None]
-        d = out / str(run_id)
+        d = run_dir(out, run_id)
         ck = d / 'checkpoint.pt'
         import runtime.checkpoint as R
         if ck.is_file():
             side = ck.with_name('checkpoint.pt.sha256')
             if not (side.is_file() and R.sha256_file(ck) in side.read_text().split()[:1]):
                 res['problems'].append('the previous checkpoint does not verify after the failed write')
-            state = torch.load(ck, weights_only=False)
+            state = torch.load(ck, weights_only=True)
             res['checkpoint_left'] = {'stage': state['stage'], 'step': state['step']}
         temps = sorted(p.name for p in list(d.glob('.*')) + list(d.glob('stages/.*')))
         if temps:
@@ -670,7 +676,7 @@ class Suite:
                 res['problems'].append('the interrupted memory group is not marked incomplete')
             else:
                 try:
-                    M.open_group(out / 'memories.zarr', torn[0]['run_id'], torn[0]['stage'])
+                    M.open_group(out / 'memories.zarr', torn[0]['run'], torn[0]['stage'])
                     res['problems'].append('a reader opened the half-written memory group')
                 except Exception as e:  # noqa: BLE001
                     if type(e).__name__ != 'SpecError':
@@ -815,7 +821,7 @@ class Suite:
         if code != -signal.SIGKILL:
             res['problems'].append(f'the run was not killed (exit {code})')
         (run_id,) = recorded_ids(db_path(out)) or [None]
-        ck = out / str(run_id) / 'checkpoint.pt'
+        ck = run_dir(out, run_id) / 'checkpoint.pt'
         data = bytearray(ck.read_bytes())
         for i in range(len(data) // 3, len(data) // 3 + 64):
             data[i] ^= 0xFF
@@ -889,7 +895,7 @@ class Suite:
         groups = M.listing(out / 'memories.zarr')
         base = self.base_record()
         want_rows = {s: g['rows'] for (rid, s), g in base['zarr'].items()}
-        folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != 'memories.zarr')
+        folders = sorted(p.name.split('-')[0] for p in out.iterdir() if p.is_dir() and p.name != 'memories.zarr')
         if sorted(folders) != sorted(ids):
             res['problems'].append(f'run folders {folders} vs recorded ids {ids}')
         base_steps = collections.Counter((nm, s) for nm, s, _ in base['metrics'])
@@ -909,7 +915,7 @@ class Suite:
                     res['problems'].append(f'run {rid}: memory group {stage} {g}')
                     res['lost']['zarr rows'] = (res['lost'].get('zarr rows', 0) + rows_
                                                 - (g['rows'] if g and g['complete'] else 0))
-            if not (out / rid / 'final.safetensors').is_file():
+            if not (run_dir(out, rid) / 'final.safetensors').is_file():
                 res['problems'].append(f'run {rid}: no final.safetensors')
             arts = sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', rid))
             if arts != sorted(base['artifacts']):
