@@ -24,6 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -177,7 +178,9 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
                                    f'is not the one in {side.name}', fix)
         _digests[str(path)] = digest
     try:
-        state = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files: the error says more
+            warnings.simplefilter('ignore')
+            state = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: unpickling fails in many ways)
         if isinstance(e, pickle.UnpicklingError) and 'Weights only load failed' in str(e):
             raise SpecError(where, f'the checkpoint {path} holds objects other than tensors and plain values, which '

@@ -52,7 +52,7 @@ from runtime.data import prepare
 from runtime.distributed import NullRun, distributed
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
-from store import database
+from store import database, memories
 from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
 
 
@@ -118,7 +118,11 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     where = f'--resume {ref}'
     check_reference(ref, where)
     run_id, key = parse_name(ref)
-    run = database.recorded_run(url, run_id)  # None: no such run (an absent SQLite file stays absent)
+    try:
+        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
+    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
+        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+    run = found[0] if found else None
     if run is None:
         raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
                         'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
@@ -236,7 +240,12 @@ def _run_main(args, locks: list) -> None:
     check_writable(runs_dir, locate(spec.locations, plan.run, 'out_dir'))
     store = memory_store(plan.run) if family(plan).stores_memories else None
     if store is not None:
-        check_writable(writable_store(store), locate(spec.locations, plan.run, 'memory_store'), 'Run.memory_store')
+        where = locate(spec.locations, plan.run, 'memory_store')
+        check_writable(writable_store(store), where, 'Run.memory_store')
+        try:
+            memories.check_store(store)  # a damaged store is found now, not when the first stage has trained
+        except SpecError as e:
+            raise SpecError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
     outcome = execute(spec, data, obs, url, runs_dir, target, world, locks)
     if outcome.get('error'):

@@ -26,6 +26,7 @@ match). Appends are chunk-aligned batches of ROWS.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ ROWS = 256  # rows per Zarr chunk; appends are whole multiples of it (except the
 BF16_NAN = 0x7FC0  # the bit pattern of a bfloat16 NaN: the fill of bfloat16 memories
 FILL = {'memories': float('nan'), 'tokens': -1, 'mask': False}
 ARRAYS = ('memories', 'tokens', 'mask')
+REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
@@ -182,7 +184,8 @@ class Group:
             out = (np.asarray(self.memories[start:stop]), np.asarray(self.tokens[start:stop]),
                    np.asarray(self.mask[start:stop]))
         except Exception as e:  # noqa: BLE001  (a damaged chunk fails in the codec: checksum, zstd, size)
-            raise damaged(self.where, start, stop, f'a chunk is corrupt ({_first(e)})')
+            why = 'its crc32c checksum does not match' if 'checksum' in str(e) else _first(e)
+            raise damaged(self.where, start, stop, f'a chunk is corrupt ({why})')
         if self._fill(out[0], out[1]):
             raise damaged(self.where, start, stop, 'they read as fill values: a chunk is missing')
         return out
@@ -196,8 +199,7 @@ class Group:
 def damaged(where: str, start: int, stop: int, why: str) -> SpecError:
     chunk = f'rows {start}-{stop - 1}' if stop - start > 1 else f'row {start}'
     return SpecError(where, f'the stored memories are damaged: {chunk} cannot be read: {why}',
-                     'rerun the run to rewrite its memories (python -m runtime.run SPEC ...), or restore the store '
-                     'from a backup')
+                     REPAIR)
 
 
 def missing_chunks(group, array: str, rows: int) -> list[tuple[int, int]]:
@@ -216,10 +218,10 @@ def _verify(g, attrs: dict, where: str) -> None:
         shapes = {k: a.shape[0] for k, a in arrays.items()}
     except Exception as e:  # noqa: BLE001  (a missing or garbled zarr.json of an array)
         raise SpecError(where, f'the stored memories are damaged: array metadata unreadable ({_first(e)})',
-                        'rerun the run to rewrite its memories, or restore the store from a backup')
+                        REPAIR)
     if len(set(shapes.values())) != 1 or rows != shapes['memories']:
         raise SpecError(where, f'the stored memories are damaged: {rows} rows were recorded at write but the arrays '
-                        f'hold {shapes}', 'rerun the run to rewrite its memories, or restore the store from a backup')
+                        f'hold {shapes}', REPAIR)
     checked = ARRAYS if attrs.get('version', 1) >= 2 else ('memories',)  # version 1 skipped chunks of zeros
     gone = {k: missing_chunks(g, k, rows) for k in checked}
     gone = {k: v for k, v in gone.items() if v}
@@ -247,7 +249,9 @@ def open_group(path, run: str, stage: str) -> Group:
         node = root[run]
         stages = sorted(node.group_keys())
     except Exception as e:  # noqa: BLE001
-        raise SpecError(where, f'the group metadata is damaged ({_first(e)})', 'restore the store from a backup')
+        raise SpecError(where, f'the stored memories are damaged: zarr.json of stage {_unreadable(path / run)} is '
+                        f'unreadable ({_first(e)})',
+                        REPAIR)
     if stage not in stages:
         raise SpecError(f'{path} run {run}', f"no stage '{stage}' (stages: {', '.join(stages)})",
                         'pick a listed stage')
@@ -257,7 +261,7 @@ def open_group(path, run: str, stage: str) -> Group:
         a = dict(g.attrs)
     except Exception as e:  # noqa: BLE001  (a garbled zarr.json)
         raise SpecError(where, f'the stored memories are damaged: group metadata unreadable ({_first(e)})',
-                        'rerun the run to rewrite its memories, or restore the store from a backup')
+                        REPAIR)
     if a and (a.get('format') != FORMAT or a.get('version') not in READABLE_VERSIONS):  # no attrs: killed at birth
         raise SpecError(where, f"written by an incompatible version (format {a.get('format')!r} "
                         f"version {a.get('version')!r}, this tool reads {FORMAT!r} versions "
@@ -275,11 +279,24 @@ def open_group(path, run: str, stage: str) -> Group:
     return Group(a, g['memories'], g['tokens'], g['mask'], where)
 
 
+def _unreadable(folder: Path) -> str:
+    """Whose zarr.json under a group folder cannot be read ("'blank_copy'", ...): zarr's own error names none."""
+    bad = []
+    for child in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else [folder]:
+        try:
+            json.loads((child / 'zarr.json').read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            bad.append(f'{folder.name!r} itself' if child == folder else f'{child.name!r}')
+    return ', '.join(bad) or 'a member'
+
+
 def _open_read(path: Path) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode='r')
     except Exception as e:  # noqa: BLE001  (a garbled root zarr.json)
-        raise SpecError(str(path), f'the memory store metadata is damaged ({_first(e)})',
+        raise SpecError(str(path), f'the memory store is damaged: its zarr.json is unreadable ({_first(e)})',
                         'restore the store from a backup')
 
 
@@ -287,8 +304,8 @@ def _keys(root, path) -> list[str]:
     try:
         return list(root.group_keys())
     except Exception as e:  # noqa: BLE001  (a run group's zarr.json garbled)
-        raise SpecError(str(path), f'the memory store metadata is damaged ({_first(e)})',
-                        'restore the store from a backup')
+        raise SpecError(str(path), f'the memory store is damaged: zarr.json of {_unreadable(Path(path))} is unreadable '
+                        f'({_first(e)})', "restore the store from a backup, or remove that run's group")
 
 
 def listing(path) -> list[dict]:
