@@ -198,7 +198,7 @@ def check_lasting(url: str) -> None:
         return
     try:
         u = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         return  # ResumableSqlObserver reports an unparsable URL
     memory = not u.database or u.database == ':memory:' or u.database.startswith('file::memory:') \
         or u.query.get('mode') == 'memory'

@@ -252,7 +252,7 @@ class SqlDb:
         self.name = self.where[len('--db '):]
         try:
             u = sa.engine.make_url(url)
-        except sa.exc.ArgumentError:
+        except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
             raise SpecError(self.where, 'not a database URL',
                             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
         backend = u.get_backend_name()
