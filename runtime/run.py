@@ -53,7 +53,7 @@ from runtime.distributed import NullRun, distributed
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
-from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
+from store.layout import RunFolder, check_reference, check_stage_name, memory_store, new_run_key, parse_name
 
 
 def _sanitize(obj):
@@ -224,6 +224,8 @@ def main(argv=None):
 def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding)
     plan = spec.plan
+    for stage in plan.curriculum:  # stage names become file names: none may leave the run's folder
+        check_stage_name(stage.name, locate(spec.locations, stage, 'name'))
     rank, world = distributed()
     runs_dir = Path(plan.run.out_dir)
     url = args.db or database.default_url(plan.run.out_dir)

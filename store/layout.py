@@ -21,7 +21,8 @@ several (listing them) instead of picking one. Folders named by the id alone wer
 they are read (a unique match) but never written.
 
 Names that become paths are checked here: a run reference must be an id or an `<id>-<key>` name (no separators, no
-'..'), and stage names become file names only after the validator has checked them.
+'..'), and a stage name a plain file name (check_stage_name), so no value of a spec can name a path outside the
+run's folder.
 """
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ RUN_KEY_HEX = 10  # 40 random bits: two runs sharing a folder or store group wou
 _ID = r'\d{1,18}'
 _NAME = re.compile(rf'^({_ID})-([0-9a-f]{{{RUN_KEY_HEX}}})$')
 _LEGACY = re.compile(rf'^({_ID})$')
+
+
+_FILE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$')
+
+
+def check_stage_name(stage: str, where: str) -> None:
+    """A stage name becomes a file name (stages/<stage>.safetensors) and a store group: it must be a plain name that
+    cannot leave the run's folder."""
+    if not isinstance(stage, str) or not _FILE_NAME.match(stage) or '..' in stage:
+        raise SpecError(where, f'stage name {stage!r} cannot be a file name (it becomes stages/<name>.safetensors '
+                        'and a memory-store group)', "use letters, digits, '_', '-' and '.', e.g. 'blank_copy'")
 
 
 def new_run_key() -> str:
@@ -147,6 +159,7 @@ class RunFolder:
         return self.root / 'stages'
 
     def stage_weights(self, stage: str) -> Path:
+        check_stage_name(stage, f'Stage.name {stage!r}')
         return self.stages / f'{stage}.safetensors'
 
     @property

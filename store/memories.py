@@ -36,7 +36,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
-from store.layout import parse_name
+from store.layout import check_stage_name, parse_name
 
 FORMAT = 'memspec-memories'
 FORMAT_VERSION = 2
@@ -74,6 +74,7 @@ class Writer:
     def __init__(self, path: str | Path, run: str, stage: str, attrs: dict, shape: tuple[int, int, int, int],
                  dtype: str = 'float32'):
         s, n, l, d = shape
+        check_stage_name(stage, f'Stage.name {stage!r}')
         root = open_root(path)
         name = f'{run}/{stage}'
         run_id = str(attrs.get('run_id', (parse_name(run) or (run,))[0]))
