@@ -259,6 +259,7 @@ def install_hooks(spec: dict | None) -> None:
         if _spec['phase'] == 'torn':
             os.truncate(tmp, os.path.getsize(tmp) // 2)
             _act(path)
+        os.chmod(tmp, C.file_mode())  # as the real atomic_write does before its rename
         _at(hit, 'written', path)
         os.replace(tmp, path)
         _at(hit, 'renamed', path)
