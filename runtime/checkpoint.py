@@ -35,10 +35,13 @@ FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
 
 
 def file_mode() -> int:
-    """The mode a plain open() would give a new file under this process's umask (os.umask can only be read by
-    setting it, so set it back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    """The mode a plain open() would give a new file under this process's umask."""
+    try:  # Linux shows the umask; reading it there changes nothing, not even for a moment
+        with open('/proc/self/status') as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere it can only be read by setting it: set it back at once
+        os.umask(mask)
     return 0o666 & ~mask
 
 
@@ -114,6 +117,8 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except WriteFailed:
+        raise  # a nested write (checkpoint.pt.sha256 inside checkpoint.pt's) already named its file
     except Exception as e:
         err = write_error(e, path)  # asked before the temporary is removed: it holds what filled the disk
         if err is not None and err is not e:

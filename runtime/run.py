@@ -139,18 +139,19 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     if owner is not None and (str(owner.get('run_id')) != run_id or owner.get('run_key') != run.run_key):
         raise SpecError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
                         'leave it alone; check the --db and Run.out_dir of the run you mean')
+    def same_plan(started_from):
+        if started_from != spec.hash:
+            raise SpecError(where, f"run {run_id} was started from a different plan "
+                            f"(hash {started_from}, this spec {spec.hash})",
+                            'resume with the same spec files and bindings')
+    if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
+        same_plan(run.config['spec_hash'])
     if locks is not None:
         lock = take_lock(folder, run, where)
         if lock is not None:
             locks.append(lock)
-    if folder.checkpoint.is_file():
-        resume = load_checkpoint(folder.checkpoint, where, run_id)
-        started_from = resume['spec_hash']
-    else:
-        resume, started_from = None, run.config.get('spec_hash')
-    if started_from != spec.hash:
-        raise SpecError(where, f"run {run_id} was started from a different plan "
-                        f"(hash {started_from}, this spec {spec.hash})", 'resume with the same spec files and bindings')
+    resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
+    same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
 
 
