@@ -269,6 +269,13 @@ class RunLock:
         self.fd = fd
         return self
 
+    def give_back(self) -> None:
+        """Release without having run: the previous holder's note is put back (it names the process to wait for)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(self.previous).encode(), 0)
+        self.release()
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock

@@ -181,7 +181,7 @@ def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock
         return None
     other = lock.previous.get('host')
     if other and other != socket.gethostname() and silent is not None and silent < database.STALE_AFTER:
-        lock.release()
+        lock.give_back()
         raise SpecError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
                         f'its {beat}, and a file lock taken on another host is not seen here',
                         f'if that process is dead, --resume again when its heartbeat is older than '

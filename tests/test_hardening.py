@@ -216,3 +216,58 @@ def test_a_writer_never_replaces_another_runs_group(tmp_path):
     with pytest.raises(SpecError, match='the group belongs to another run .run key aaaaaaaaaa, this run bbbbbbbbbb'):
         M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'bbbbbbbbbb'}, shape)
     M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'aaaaaaaaaa'}, shape)  # its own run: a rewrite
+
+
+# ------------------------------------------------------------------------------------------------ the run lock
+
+def _record(beat_ago):
+    from store.database import RunRecord
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return RunRecord('3', 'RUNNING', now - dt.timedelta(hours=3), None, {}, {'run_key': 'a' * 10},
+                     heartbeat=now - beat_ago)
+
+
+def test_the_run_lock_is_exclusive_while_held_and_free_once_released(tmp_path):
+    import socket
+
+    from runtime.checkpoint import RunBusy, RunLock
+    first = RunLock(tmp_path / 'run.lock').acquire()
+    with pytest.raises(RunBusy) as e:
+        RunLock(tmp_path / 'run.lock').acquire()
+    assert e.value.holder['pid'] == os.getpid() and e.value.holder['host'] == socket.gethostname()
+    first.release()
+    RunLock(tmp_path / 'run.lock').acquire().release()
+
+
+def test_a_holder_on_another_host_with_a_fresh_heartbeat_counts_as_alive(tmp_path):
+    """flock does not reach across hosts on some network filesystems: the lock file names the last holder's host,
+    and a fresh heartbeat from another host refuses the resume until it is stale."""
+    from runtime.run import take_lock
+    from store.database import STALE_AFTER
+    from store.layout import RunFolder
+    folder = RunFolder(tmp_path, '3', 'a' * 10)
+    folder.root.mkdir()
+    folder.lock.write_text(json.dumps({'pid': 4242, 'host': 'elsewhere', 'since': 'then'}))
+    with pytest.raises(SpecError) as e:
+        take_lock(folder, _record(dt.timedelta(seconds=5)), '--resume 3')
+    assert 'may still be running on host elsewhere (pid 4242)' in e.value.what and 'stale' in e.value.fix
+    assert json.loads(folder.lock.read_text())['host'] == 'elsewhere'  # the holder's note is not overwritten
+    take_lock(folder, _record(STALE_AFTER * 2), '--resume 3').release()  # stale: taken over
+
+
+def test_a_filesystem_without_locks_falls_back_to_the_heartbeat(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    from runtime.run import take_lock
+    from store.database import STALE_AFTER
+    from store.layout import RunFolder
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    folder = RunFolder(tmp_path, '3', 'a' * 10)
+    with pytest.raises(SpecError, match='cannot lock files'):
+        take_lock(folder, _record(dt.timedelta(seconds=5)), '--resume 3')
+    assert take_lock(folder, _record(STALE_AFTER * 2), '--resume 3') is None
+    assert 'without file locks' in capsys.readouterr().err
