@@ -36,11 +36,17 @@ def read_llama(path: str) -> dict[str, torch.Tensor]:
                         'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
     state = {}
     for f in files:
-        if f.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            state.update(load_file(f))
-        else:
-            state.update(torch.load(f, map_location='cpu', weights_only=True))
+        try:
+            if f.suffix == '.safetensors':
+                from safetensors.torch import load_file
+                state.update(load_file(f))
+            else:
+                state.update(torch.load(f, map_location='cpu', weights_only=True))
+        except Exception as e:  # noqa: BLE001  (truncated, foreign or pickled-code files fail in many ways)
+            text = str(e).strip()
+            raise SpecError(f"init_from 'llama:{path}'", f'cannot read {f}: {type(e).__name__}: '
+                            f'{text.splitlines()[0] if text else ""}',
+                            'the file is damaged or not a checkpoint: download or save it again')
     return state
 
 

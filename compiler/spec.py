@@ -151,7 +151,8 @@ class _Loader:
             return count
         except SyntaxError as e:
             where = self.label or f'{_display(e.filename or filename)}:{e.lineno}'
-            raise SpecError(where, f'malformed gin: {e.msg}', 'write bindings as `scope/Configurable.param = value`')
+            raise SpecError(where, f'malformed gin: {_token_free(e.msg)}',
+                            'write bindings as `scope/Configurable.param = value`')
         except tokenize.TokenError as e:  # e.g. an unclosed bracket at the end of the text: not a SyntaxError
             msg, (line, _) = e.args
             token = getattr(ref[0], '_current_token', None)  # the last good token: where the open statement is
@@ -208,6 +209,14 @@ class _Loader:
             if name in self.macros and self.macros[name] != where:
                 out[key] = f'{self.macros[name]} (macro {name}, used at {where})'
         return out
+
+
+def _token_free(msg: str) -> str:
+    """gin's parse error without the text it quotes: an included file that is not a spec (a credentials file, say)
+    must not be echoed. What kind of token is wrong is kept, the token is not."""
+    if 'Failed to parse token' in msg:
+        return 'a value is not a Python literal (number, quoted string, list, dict, True, False or None)'
+    return re.sub(r'\s*Got (\w+) = .*', r' Got a token of type \1.', msg.splitlines()[0] if msg else msg)
 
 
 def resolve_include(name: str, folder: Path, where: str) -> Path:

@@ -12,6 +12,9 @@ Choices worth knowing:
 - The cache key covers everything the cached arrays depend on (source identity incl. file size/mtime,
   tokenizer settings, layout, N, L, val_fraction). Not the seed: nothing cached depends on it (shuffling
   happens in Batches), so a seed sweep reuses one cache entry.
+- A cache entry is derived data: meta.json records the sha256 of tokenizer.json and examples.pt, and an entry that
+  does not verify (a truncated file, garbage in meta.json) is rebuilt with a one-line note. A cache folder that
+  cannot be written is refused (exit 2) before anything else happens.
 
 `python -m runtime.data SPEC [more.gin] [-b BINDING]...` prepares the data of a spec and prints a report.
 """
@@ -38,7 +41,8 @@ from compiler.errors import SpecError, cli
 
 SPECIAL_TOKENS = ('<pad>', '<eod>', '<blank>', '<copy>')
 BYTE_ALPHABET = 256  # byte-level BPE starts from all 256 bytes
-CACHE_VERSION = 1  # bump when the cached format or the example-building logic changes
+CACHE_VERSION = 2  # bump when the cached format or the example-building logic changes (2: sha256 of files in meta)
+CACHE_FILES = ('tokenizer.json', 'examples.pt')  # their sha256 is recorded in meta.json and checked on every load
 OFFLINE_VARS = ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')
 PROGRESS_BYTES = 1 << 20  # show progress bars only for corpora larger than this
 
@@ -366,11 +370,18 @@ def prepare(plan, progress: bool = True) -> Prepared:
     key = cache_key(d, n, l)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(d.cache_dir) / f'data-{digest}'
-    if _complete(path):
-        _log(progress, f'reusing cached data {path}')
-        return _load(path)
-    if path.exists():  # a broken entry (files deleted by hand): rebuild it
-        shutil.rmtree(path)
+    if path.exists():
+        damage = _damage(path)
+        if damage is None:
+            try:
+                out = _load(path)
+            except Exception as e:  # noqa: BLE001  (verified files that still do not load: rebuild them too)
+                damage = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}'
+            else:
+                _log(progress, f'reusing cached data {path}')
+                return out
+        print(f'[data] note: the cached data {path} is damaged ({damage}); rebuilding it', file=sys.stderr, flush=True)
+        _discard(path)
 
     docs = load_documents(d)
     train_idx, val_idx = split_documents(docs, d.val_fraction)
@@ -400,19 +411,26 @@ def prepare(plan, progress: bool = True) -> Prepared:
             raise _no_examples(d, split, lengths, n, l)
 
     # Write into a private temp folder, then rename: a crash or a concurrent writer never leaves a half entry.
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f'.{path.name}.tmp{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tok.save(str(tmp / 'tokenizer.json'))
-    torch.save(arrays, tmp / 'examples.pt')
-    meta = {'key': key, 'special_ids': ids, 'vocab_size': tok.get_vocab_size(with_added_tokens=True), 'stats': stats}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tok.save(str(tmp / 'tokenizer.json'))
+        torch.save(arrays, tmp / 'examples.pt')
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's own writer on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SpecError(_where('cache_dir', d.cache_dir), f'cannot write the data cache in {path.parent}: '
+                        f'{getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0]}',
+                        'point Data.cache_dir at a folder this user can write that has room for the cache')
+    meta = {'key': key, 'special_ids': ids, 'vocab_size': tok.get_vocab_size(with_added_tokens=True), 'stats': stats,
+            'sha256': {f: _sha256(tmp / f) for f in CACHE_FILES}}
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=1))
     try:
         os.rename(tmp, path)
     except OSError:  # another process (e.g. another DDP rank) finished first: keep its entry
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(path):
+        if _damage(path) is not None:
             raise
     _log(progress, f'cached data in {path}')
     out = _load(path)
@@ -434,12 +452,46 @@ def _no_examples(d, split: str, lengths: np.ndarray, n: int, l: int) -> SpecErro
                      + (', or a larger Data.val_fraction' if split == 'val' else ''))
 
 
-def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in ('tokenizer.json', 'examples.pt', 'meta.json'))
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta(path: Path) -> dict:
+    meta = json.loads((path / 'meta.json').read_text())
+    if not isinstance(meta, dict):
+        raise ValueError('meta.json is not a JSON object')
+    return meta
+
+
+def _damage(path: Path) -> str | None:
+    """Why a cache entry cannot be used (None: every file is there and matches the sha256 recorded at build)."""
+    missing = [f for f in (*CACHE_FILES, 'meta.json') if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        recorded = _meta(path)['sha256']
+        bad = [f for f in CACHE_FILES if _sha256(path / f) != recorded[f]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f'meta.json unreadable: {type(e).__name__}'
+    return f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not match the sha256 in meta.json" if bad else None
+
+
+def _discard(path: Path) -> None:
+    """Move a damaged entry aside, then delete it: a concurrent run that rebuilt it meanwhile keeps its own."""
+    aside = path.parent / f'.{path.name}.damaged{os.getpid()}'
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return  # already moved by another process
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _load(path: Path) -> Prepared:
-    meta = json.loads((path / 'meta.json').read_text())
+    meta = _meta(path)
     arrays = torch.load(path / 'examples.pt', weights_only=True)
     tok = Tokenizer.from_file(str(path / 'tokenizer.json'))
     tok.encode_special_tokens = True

@@ -38,7 +38,7 @@ import torch
 from compiler.blocks import KVCache
 from compiler.errors import SpecError, cli, either
 from compiler.families import REGISTRY, family
-from store.layout import RunFolder, memory_store
+from store.layout import RunFolder, memory_store, parse_name
 
 _GENERATING = sorted((f for f in REGISTRY.values() if f.generation), key=lambda f: f.generation != 'memory')
 OTHER_USE = f'generate with a {either(f.name for f in _GENERATING)} run'  # memory models first
@@ -196,11 +196,31 @@ def generate(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, 
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 def run_folder(run: str, runs: str) -> Path:
-    for p in (Path(run), Path(runs) / run):
-        if RunFolder.at(p).operative.is_file():
-            return p
-    raise SpecError(f'RUN {run}', f'no run folder at {run} or {Path(runs) / run} (a run folder holds operative.gin)',
-                    'give a run folder, or a run id under --runs (python -m store.runs list)')
+    """RUN: a run folder's path, or a run id or full run name (<id>-<key>) under --runs (an id that several folders
+    share, runs of different databases, is refused with the candidates listed)."""
+    path = Path(run)
+    if path.is_dir() and RunFolder.at(path).operative.is_file():
+        return path
+    under, ref = (path.parent, path.name) if len(path.parts) > 1 else (Path(runs), run)
+    where = f'RUN {run}'
+    if parse_name(ref) is not None:
+        found = RunFolder.find(under, ref, where)  # several runs with this id: refused, the candidates listed
+        if found is not None and found.operative.is_file():
+            return found.root
+    raise SpecError(where, f'no run folder at {run} and no run {ref} under {under} (a run folder holds operative.gin)',
+                    'give a run id (python -m store.runs list), its full name <id>-<key> under --runs, or a run '
+                    'folder')
+
+
+def read_weights(path: Path, where: str) -> dict:
+    """A run's safetensors weights; a truncated or foreign file is refused (exit 2) rather than read."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (SafetensorError: header too small, file not fully covered, ...)
+        text = str(e).strip()
+        raise SpecError(where, f"cannot read the weights {path}: {text.splitlines()[0] if text else type(e).__name__}",
+                        'the file is damaged or not a safetensors file: rerun the run (or the stage) to rewrite it')
 
 
 def check_generates(plan, where: str) -> None:
@@ -218,8 +238,6 @@ def check_generates(plan, where: str) -> None:
 
 def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
     """(plan, model with the run's weights, prepared data: tokenizer and special ids) of a run folder."""
-    from safetensors.torch import load_file
-
     from compiler.model import build
     from compiler.spec import load
     from runtime.data import prepare
@@ -234,9 +252,14 @@ def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
         raise SpecError(f'run {folder}', f'no weights at {weights} (the run did not finish'
                         + (' that stage)' if stage else ')'),
                         'let the run finish (python -m runtime.run ... --resume ID), or pick a finished --stage')
+    state = read_weights(weights, f'run {folder}')  # before any work: a damaged file is bad input
     data = prepare(plan, progress=False)
     model = build(plan, data.vocab_size)
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SpecError(f'run {folder}', f'the weights {weights} do not fit the model of its operative.gin: '
+                        f'{str(e).strip().splitlines()[-1].strip()}', 'rerun the run to rewrite them')
     return plan, model.to(device).eval(), data
 
 
@@ -269,7 +292,7 @@ def stored_memories(ref: str, plan, folder: Path):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m runtime.generate', description=__doc__.split('\n\n')[1])
-    ap.add_argument('run', metavar='RUN', help='run folder, or a run id under --runs')
+    ap.add_argument('run', metavar='RUN', help='run id or full run name (<id>-<key>) under --runs, or a run folder')
     ap.add_argument('--runs', default='runs', help='folder of run folders (default runs)')
     ap.add_argument('--stage', help='weights at the end of this stage (default: final.safetensors)')
     ap.add_argument('--prompt', required=True, help='text to continue: the end of the conditioning text')

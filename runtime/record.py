@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from sacred.observers import SqlObserver
 
 from compiler.errors import SpecError
-from store.database import METRICS, display_url, make_engine
+from store.database import METRICS, display_url, first_line, make_engine
 
 
 class RecordingLost(RuntimeError):
@@ -54,7 +55,7 @@ class ResumableSqlObserver(SqlObserver):
             with engine.connect():
                 pass
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL)
-            raise SpecError(f'--db {url}', f'cannot open the run database: {str(e).splitlines()[0]}',
+            raise SpecError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
         from sqlalchemy.orm import sessionmaker
         # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets, but
@@ -71,6 +72,7 @@ class ResumableSqlObserver(SqlObserver):
         self.pending: list[dict] = []  # metric rows not yet in the database (it did not answer)
         self.lost: Exception | None = None  # the last database failure since the last successful sync
         self.metrics_lock = Lock()
+        self.initial_info: dict = {}  # written with a new run row, in the same INSERT (the run key)
 
     def _add_event(self, *args, **kwargs):
         with self.lock:
@@ -85,7 +87,8 @@ class ResumableSqlObserver(SqlObserver):
             # unique run_id; roll back and let it pick again (it then sees the other run's row).
             for attempt in range(50):
                 try:
-                    return super()._add_event(ex_info, command, host_info, config, meta_info, _id, status, **kwargs)
+                    return super()._add_event(ex_info, command, host_info, config, meta_info, _id, status,
+                                              info=json.dumps(self.initial_info), **kwargs)
                 except sa.exc.IntegrityError:
                     self.session.rollback()
                     if _id is not None or attempt == 49:
@@ -133,7 +136,7 @@ class ResumableSqlObserver(SqlObserver):
                         conn.execute(sa.text('SELECT 1'))
             except sa.exc.SQLAlchemyError as e:
                 self.lost = e
-                cause = (str(getattr(e, 'orig', None) or e).strip().splitlines() or [type(e).__name__])[0]
+                cause = first_line(e, self.url)
                 raise RecordingLost(f'the run database {display_url(self.url)} stopped answering ({cause}); '
                                     f'{len(self.pending)} metric rows are not recorded yet') from e
             self.lost = None
@@ -182,9 +185,28 @@ def observer(url: str):
         from sacred.observers import MongoObserver
         return MongoObserver(url=url)
     if not (url.startswith('sqlite://') or url.startswith('postgresql')):
-        raise SpecError(f'--db {url}', 'unsupported database URL',
+        raise SpecError(f'--db {display_url(url)}', 'unsupported database URL',
                         'use sqlite:///runs/sacred.db, postgresql://user@host/db or mongodb://host/db')
+    check_lasting(url)
     return ResumableSqlObserver(url)
+
+
+def check_lasting(url: str) -> None:
+    """Refuse a run database that ends with the process (in-memory SQLite): the run could never be resumed or
+    queried."""
+    if not url.startswith('sqlite'):
+        return
+    try:
+        u = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return  # ResumableSqlObserver reports an unparsable URL
+    memory = not u.database or u.database == ':memory:' or u.database.startswith('file::memory:') \
+        or u.query.get('mode') == 'memory'
+    if memory:
+        raise SpecError(f'--db {display_url(url)}', 'an in-memory SQLite database ends with the process: the run '
+                        'could not be resumed, queried or analysed afterwards',
+                        'give a database file, e.g. --db sqlite:///runs/sacred.db (the default is '
+                        '<Run.out_dir>/sacred.db)')
 
 
 def now():

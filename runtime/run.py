@@ -1,23 +1,33 @@
 """python -m runtime.run SPEC [more.gin ...] [-b BINDING ...] [--db URL] [--resume RUN_ID]
 
 Trains a spec's curriculum, stage by stage, and records the run with Sacred: config = the Plan + the operative
-gin text + the spec hash; metrics; status; artifacts (final weights as safetensors, operative config, summary).
-Run folder: <Run.out_dir>/<run id>/ with checkpoint.pt (latest, written atomically; its sha256 in checkpoint.pt.sha256,
-checked by --resume), stages/<stage>.safetensors (weights at each stage end, what `init_from = 'run:<id>/<stage>'`
-reads), final.safetensors, summary.md.
+gin text + the spec hash; info = the run key, host, run folder, data, stage end steps; metrics; status; artifacts
+(final weights as safetensors, operative config, summary). Run folder: <Run.out_dir>/<id>-<key>/ (store/layout.py:
+the run key tells apart runs with the same id in different databases) with run.json (the marker naming the run),
+run.lock (held while the run trains), checkpoint.pt (latest, written atomically; its sha256 in
+checkpoint.pt.sha256, checked by --resume), stages/<stage>.safetensors (weights at each stage end, what
+`init_from = 'run:<id>/<stage>'` reads), final.safetensors, summary.md.
 
 Faults (tests/test_faults.py, tests/faults.py): a run killed at any moment continues with --resume
 to the same weights, metrics and memories as an uninterrupted one, as one record (a run killed before its first
-checkpoint starts again from its first step under the same id). A write that fails mid-run (disk full, folder gone)
-or a run database that stops answering stops the run with a message and exit code 1, before the next checkpoint, so
-the last checkpoint is intact and --resume continues it. A damaged checkpoint is refused (exit 2).
+checkpoint starts again from its first step under the same id). SIGTERM and Ctrl-C stop it as INTERRUPTED with a
+resume point (exit 143 / 130). A write that fails mid-run (disk full, folder gone) ends it FAILED with a message
+naming the file and the disk (exit 1), and a run database that stops answering stops it (exit 1), before the next
+checkpoint, so the last checkpoint is intact and --resume continues it. Refused before anything is recorded (exit 2):
+a --resume that is not a run id, of a run another live process is training, from a damaged checkpoint or one that
+holds anything but tensors and plain values; an in-memory database; unwritable output folders.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -28,13 +38,22 @@ from compiler.errors import SpecError, cli
 from compiler.families import family
 from compiler.spec import load, locate
 from runtime import record
-from runtime.checkpoint import check_writable, load_checkpoint, remove_stale_temporaries
+from runtime.checkpoint import (
+    LocksUnsupported,
+    RunBusy,
+    RunLock,
+    WriteFailed,
+    check_writable,
+    load_checkpoint,
+    remove_stale_temporaries,
+    write_text,
+)
 from runtime.data import prepare
 from runtime.distributed import NullRun, distributed, run_device
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
-from store import database
-from store.layout import RunFolder, memory_store
+from store import database, memories
+from store.layout import RunFolder, check_reference, check_stage_name, memory_store, new_run_key, parse_name
 
 
 def _sanitize(obj):
@@ -52,24 +71,122 @@ def host_info() -> dict:
     return {'python': platform.python_version(), 'packages': pkgs, 'threads': torch.get_num_threads()}
 
 
-def resume_point(run_id: str, spec, folder: RunFolder, url: str) -> dict | None:
-    """The checkpoint --resume continues (None: the run was recorded but killed before its first checkpoint, so it
-    starts again from step 0 under the same id). Refuses unknown runs and runs of another plan (exit 2)."""
-    where = f'--resume {run_id}'
-    if folder.checkpoint.is_file():
-        resume = load_checkpoint(folder.checkpoint, where, run_id)
-        started_from = resume['spec_hash']
-    else:
-        resume = None
-        config = database.recorded_config(url, run_id)  # None: no such run (an absent SQLite file stays absent)
-        if config is None:
-            raise SpecError(where, f'no checkpoint at {folder.checkpoint}',
-                            'give the id of a run started with this out_dir (python -m store.runs list)')
-        started_from = config.get('spec_hash')
-    if started_from != spec.hash:
-        raise SpecError(where, f"run {run_id} was started from a different plan "
-                        f"(hash {started_from}, this spec {spec.hash})", 'resume with the same spec files and bindings')
-    return resume
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before they kill a job), raised in the main thread like Ctrl-C, so the run
+    stops the same way: INTERRUPTED, with a resume point."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        # the first SIGTERM stops the run; a second one must not cut short the resume point and status it writes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(e: KeyboardInterrupt) -> tuple[str, int]:
+    return ('SIGTERM', 128 + signal.SIGTERM) if isinstance(e, Terminated) else ('Ctrl-C', 130)
+
+
+@dataclass
+class Resume:
+    """What --resume continues: the run's record and folder, and its checkpoint (None: the run was recorded but killed
+    before its first checkpoint, so it starts again from step 0 under the same id and key)."""
+    run: database.RunRecord
+    folder: RunFolder
+    checkpoint: dict | None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+
+def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resume:
+    """The run `--resume ref` names, found through its record (its run key names its folder), locked for this process
+    when `locks` is a list (rank 0; the lock is appended), its checkpoint verified. Every refusal is exit 2, before
+    anything is written or recorded."""
+    where = f'--resume {ref}'
+    check_reference(ref, where)
+    run_id, key = parse_name(ref)
+    try:
+        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
+    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
+        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+    run = found[0] if found else None
+    if run is None:
+        raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
+                        'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
+                        'was recorded in')
+    if run.run_key is None:
+        raise SpecError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
+                        f'so its folder cannot be told apart from other runs numbered {run_id}',
+                        'start a new run with the same spec (its numbers will be the same)')
+    if key is not None and key != run.run_key:
+        raise SpecError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
+                        f'resume {run.name}, or pass the --db that recorded {ref}')
+    folder = RunFolder(runs_dir, run_id, run.run_key)
+    owner = folder.owner()
+    if owner is not None and (str(owner.get('run_id')) != run_id or owner.get('run_key') != run.run_key):
+        raise SpecError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
+                        'leave it alone; check the --db and Run.out_dir of the run you mean')
+    def same_plan(started_from):
+        if started_from != spec.hash:
+            raise SpecError(where, f"run {run_id} was started from a different plan "
+                            f"(hash {started_from}, this spec {spec.hash})",
+                            'resume with the same spec files and bindings')
+    if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
+        same_plan(run.config['spec_hash'])
+    if locks is not None:
+        lock = take_lock(folder, run, where)
+        if lock is not None:
+            locks.append(lock)
+    resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
+    same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
+    return Resume(run, folder, resume)
+
+
+def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock | None:
+    """The run's lock for this process, or SpecError naming the live process that holds it. A lock taken on another
+    host is invisible here on some network filesystems: a holder on another host whose heartbeat is fresh counts as
+    alive too."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    silent = run.silent_for()
+    beat = 'never beat' if silent is None else f'last heartbeat {database.span(silent)} ago'
+    try:
+        lock = RunLock(folder.lock).acquire()
+    except RunBusy as e:
+        pid, host = e.holder.get('pid', '?'), e.holder.get('host', '?')
+        raise SpecError(where, f'run {run.id} is being trained by a live process: pid {pid} on {host} holds '
+                        f"{folder.lock} (since {e.holder.get('since', '?')}; {beat})",
+                        f'wait for it to finish, or stop it (kill {pid} on {host}) and --resume {run.id} again: '
+                        'the lock of a process that died is free')
+    except LocksUnsupported as e:
+        if silent is not None and silent < database.STALE_AFTER:
+            raise SpecError(where, f'run {run.id} may be running: it is RUNNING with its {beat}, and the filesystem '
+                            f'of {folder.root} cannot lock files ({e})',
+                            f'if its process is dead, --resume again when its heartbeat is older than '
+                            f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
+        print(f'note: {folder.root} is on a filesystem without file locks ({e}): nothing stops a second process '
+              f'resuming run {run.id} at the same time', file=sys.stderr)
+        return None
+    other = lock.previous.get('host')
+    if other and other != socket.gethostname() and silent is not None and silent < database.STALE_AFTER:
+        lock.give_back()
+        raise SpecError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
+                        f'its {beat}, and a file lock taken on another host is not seen here',
+                        f'if that process is dead, --resume again when its heartbeat is older than '
+                        f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
+    return lock
 
 
 def done_steps(plan, resume: dict | None) -> int:
@@ -77,37 +194,66 @@ def done_steps(plan, resume: dict | None) -> int:
     return 0 if resume is None else plan.stage_start(resume['stage']) + resume['step']
 
 
+def writable_store(store: Path) -> Path:
+    """The folder a memory store's writes go to: the store itself once it exists, else the folder it is created in."""
+    return store if store.exists() else store.parent
+
+
 @cli
 def main(argv=None):
     ap = parser('python -m runtime.run', __doc__.split('\n\n')[0])
     ap.add_argument('--db', help='observer database URL (default sqlite:///<Run.out_dir>/sacred.db)')
-    ap.add_argument('--resume', metavar='RUN_ID', help='continue a killed or interrupted run')
+    ap.add_argument('--resume', metavar='RUN_ID',
+                    help='continue a killed or interrupted run: its id (python -m store.runs list), not a path')
     args = ap.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+    locks: list[RunLock] = []
+    with sigterm_as_interrupt():
+        try:
+            _run_main(args, locks)
+        except KeyboardInterrupt as e:  # before the run was recorded (execute handles the rest)
+            how, code = _interrupt(e)
+            print(f'\ninterrupted ({how}) before the run was recorded: nothing was recorded; start it again',
+                  file=sys.stderr)
+            sys.exit(code)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
+    for stage in plan.curriculum:  # stage names become file names: none may leave the run's folder
+        check_stage_name(stage.name, locate(spec.locations, stage, 'name'))
     rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
     if rank == 0:
         for w in spec.warnings:  # also recorded in the run's config ('warnings')
             print(f'warning: {w}', file=sys.stderr)
     runs_dir = Path(plan.run.out_dir)
     url = args.db or database.default_url(plan.run.out_dir)
-    resume = None if args.resume is None else resume_point(args.resume, spec, RunFolder(runs_dir, args.resume), url)
+    record.check_lasting(url)
+    target = None if args.resume is None else resume_target(args.resume, spec, runs_dir, url,
+                                                            locks if rank == 0 else None)
+    checkpoint = None if target is None else target.checkpoint
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
-    check_init_sources(plan, runs_dir, resume, data.vocab_size)
+    check_init_sources(plan, runs_dir, checkpoint, data.vocab_size)
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
-        Trainer(spec, data, runs_dir / (args.resume or '_worker'), resume, rank, world).run(NullRun())
+        Trainer(spec, data, target.folder.root if target else runs_dir / '_worker', checkpoint, rank,
+                world).run(NullRun())
         return
     check_writable(runs_dir, locate(spec.locations, plan.run, 'out_dir'))
     store = memory_store(plan.run) if family(plan).stores_memories else None
     if store is not None:
-        check_writable(store.parent, locate(spec.locations, plan.run, 'memory_store'))
+        where = locate(spec.locations, plan.run, 'memory_store')
+        check_writable(writable_store(store), where, 'Run.memory_store')
+        try:
+            memories.check_store(store)  # a damaged store is found now, not when the first stage has trained
+        except SpecError as e:
+            raise SpecError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
-    if args.resume is not None and database.recorded_config(url, args.resume) is None:
-        raise SpecError(f'--resume {args.resume}', f'run {args.resume} is not in {database.display_url(url)}',
-                        'pass the --db the run was recorded in')
-    outcome = execute(spec, data, obs, url, runs_dir, args.resume, resume, world)
+    outcome = execute(spec, data, obs, url, runs_dir, target, world, locks)
     if outcome.get('error'):
         print(outcome['error'], file=sys.stderr)
         sys.exit(outcome['code'])
@@ -115,17 +261,42 @@ def main(argv=None):
     print(f"run folder   {outcome['out_dir']}  (final.safetensors, stages/, summary.md)")
     print(f'database     {database.display_url(url)}  (python -m store.runs show {outcome["run_id"]})')
     if outcome['memories'] is not None:
-        print(f"memories     {outcome['memories']}  (group {outcome['run_id']}/<stage>; python -m store.analyze info)")
+        print(f"memories     {outcome['memories']}  (group {outcome['name']}/<stage>; "
+              f"python -m store.analyze info {outcome['name']} --store {outcome['memories']})")
 
 
-def execute(spec, data, obs, url: str, runs_dir: Path, resume_id: str | None, resume: dict | None,
-            world: int = 1) -> dict:
-    """Train and record the run as a Sacred experiment; -> {'run_id', 'out_dir', 'table', 'memories'} or, when the
-    run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
+def open_folder(folder: RunFolder, url: str, locks: list) -> None:
+    """A new run's folder: created (never an existing one: it would be another run's), locked, marked."""
+    try:
+        folder.root.mkdir(parents=True)
+    except FileExistsError:
+        raise SpecError(f'run {folder.run_id}', f'{folder.root} already exists: it belongs to another run',
+                        'start the run again (it gets a new run key)')
+    try:
+        locks.append(RunLock(folder.lock).acquire())
+    except LocksUnsupported:
+        pass  # a new folder has no other user; --resume reports the missing locks
+    mark(folder, url)
+
+
+def mark(folder: RunFolder, url: str) -> None:
+    write_text(folder.marker, json.dumps({'run_id': folder.run_id, 'run_key': folder.key,
+                                          'database': database.display_url(url)}, indent=1) + '\n')
+
+
+def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, world: int = 1,
+            locks: list | None = None) -> dict:
+    """Train and record the run as a Sacred experiment; -> {'run_id', 'name', 'out_dir', 'table', 'memories'} or, when
+    the run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
     from sacred import SETTINGS, Experiment
     plan = spec.plan
+    locks = [] if locks is None else locks
+    key = target.run.run_key if target is not None else new_run_key()
+    resume = None if target is None else target.checkpoint
     SETTINGS.CAPTURE_MODE = 'no'  # tqdm owns the terminal; output capture would store carriage-return noise
     ex = Experiment(plan.run.name, save_git_info=False)
+    if hasattr(obs, 'initial_info'):
+        obs.initial_info = {'run_key': key}  # recorded with the new run row itself: a run never exists without it
     ex.observers.append(obs)
     ex.add_config({'plan': _sanitize(plan.to_dict()), 'operative_gin': spec.operative, 'spec_hash': spec.hash,
                    'spec_files': spec.files, 'spec_sources': spec.sources, 'bindings': spec.bindings,
@@ -135,15 +306,18 @@ def execute(spec, data, obs, url: str, runs_dir: Path, resume_id: str | None, re
     @ex.main
     def _main(_run):
         run_id = str(_run._id)
-        holder['run_id'] = run_id
-        folder = RunFolder(runs_dir, run_id)
-        folder.root.mkdir(parents=True, exist_ok=True)
-        if resume_id is not None:
+        folder = RunFolder(runs_dir, run_id, key)
+        holder.update(run_id=run_id, name=folder.name)
+        if target is None:
+            open_folder(folder, url, locks)
+        else:
             remove_stale_temporaries(folder.root)
+            if folder.owner() is None:  # killed between creating the folder and marking it
+                mark(folder, url)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
-        folder.operative.write_text(spec.operative)
-        if resume_id is not None and hasattr(obs, 'forget_after'):  # steps after the checkpoint are replayed
+        write_text(folder.operative, spec.operative)
+        if target is not None and hasattr(obs, 'forget_after'):  # steps after the checkpoint are replayed
             obs.forget_after(run_id, done_steps(plan, resume))
         trainer = Trainer(spec, data, folder.root, resume, 0, world)  # rank 0 records; ranks > 0 ran in main
         _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
@@ -151,31 +325,34 @@ def execute(spec, data, obs, url: str, runs_dir: Path, resume_id: str | None, re
         summary = trainer.run(_run)
         trainer.save_weights(folder.final)
         table = summary_table(summary)
-        folder.summary_md.write_text(f'# run {run_id} ({plan.run.name}, plan {spec.hash})\n\n{table}\n')
-        folder.summary_json.write_text(json.dumps(summary, indent=2))
+        write_text(folder.summary_md, f'# run {run_id} ({plan.run.name}, plan {spec.hash})\n\n{table}\n')
+        write_text(folder.summary_json, json.dumps(summary, indent=2))
         for path in (folder.final, folder.operative, folder.summary_md, folder.summary_json):
             _run.add_artifact(str(path), path.name)
-        holder.update(run_id=run_id, out_dir=folder.root, table=table, memories=trainer.memory_store())
+        holder.update(out_dir=folder.root, table=table, memories=trainer.memory_store())
         last = summary[plan.curriculum[-1].name]
         return float(last.get('clm.ce', last.get('autoencode.ce', 0.0)))
 
     try:
-        ex.run(options={'--id': resume_id} if resume_id is not None else {})
+        ex.run(options={'--id': target.run_id} if target is not None else {}, info={'run_key': key})
     except Divergence as e:
         return {'error': f'error: run diverged: {e}. The run is recorded as FAILED.', 'code': 1}
-    except KeyboardInterrupt:
-        return {'error': f"\ninterrupted: the run is recorded as INTERRUPTED; continue it with --resume "
-                         f"{holder.get('run_id', '<id>')}", 'code': 130}
+    except KeyboardInterrupt as e:
+        how, code = _interrupt(e)
+        return {'error': f"\ninterrupted ({how}): the run is recorded as INTERRUPTED; continue it with --resume "
+                         f"{holder.get('run_id', '<id>')}", 'code': code}
     except (record.RecordingLost, sa.exc.SQLAlchemyError) as e:
         cause = e if isinstance(e, record.RecordingLost) else \
-            f'the run database {database.display_url(url)} failed ({database.first_line(e)})'
+            f'the run database {database.display_url(url)} failed ({database.first_line(e, url)})'
         return {'error': f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last '
                          f'checkpoint is recorded and nothing after it is lost. '
                          f'{_continue(holder, "when the database answers again")}', 'code': 1}
     except OSError as e:  # disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to
-        return {'error': f"\nerror: cannot write {e.filename or 'a file'}: {e.strerror or e}.\n  The run stopped; its "
-                         f"last checkpoint is intact (written atomically). "
-                         f"{_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
+        what = str(e) if isinstance(e, WriteFailed) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
+        status = 'recorded as FAILED' if getattr(obs, 'lost', None) is None else \
+            f'left RUNNING (the run database {database.display_url(url)} did not take its status)'
+        return {'error': f"\nerror: {what}.\n  The run is {status}; its last checkpoint is intact (written "
+                         f"atomically). {_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
     if getattr(obs, 'lost', None) is not None:
         return {'error': f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) "
                          f"but the run database {database.display_url(url)} stopped answering at the end, "

@@ -138,14 +138,22 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
     ref, _, src_comp = source[len('run:'):].partition(':')
     run_id, stage = ref.split('/', 1)
     src_comp = src_comp or component
-    path = RunFolder(runs_dir, run_id).stage_weights(stage)
     where = f"init_from '{source}'"
-    if not path.is_file():
+    # an id or <id>-<key>, never a path; an id several runs share (different databases) is refused
+    folder = RunFolder.find(runs_dir, run_id, where, f"as in 'run:<id>-<key>/{stage}'")
+    path = folder.stage_weights(stage) if folder is not None else Path(runs_dir) / run_id / 'stages' / f'{stage}.*'
+    if folder is None or '/' in stage or stage.startswith('.') or not path.is_file():
         raise SpecError(where, f'no stage checkpoint at {path}',
                         'give the id of a finished run and one of its stage names (python -m store.runs list)')
     own = dict(parameters_of(model, component))
     out = {}
-    with safe_open(str(path), 'pt') as f:
+    try:
+        f = safe_open(str(path), 'pt')
+    except Exception as e:  # noqa: BLE001  (SafetensorError: a truncated or foreign file)
+        text = str(e).strip()
+        raise SpecError(where, f"cannot read {path}: {text.splitlines()[0] if text else type(e).__name__}",
+                        'the file is damaged: rerun the source run (or its stage) to rewrite it')
+    with f:
         keys = set(f.keys())
         for name, p in own.items():
             key = src_comp + name[len(component):]

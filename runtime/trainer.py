@@ -177,19 +177,26 @@ class Trainer:
         return memory_store(self.plan.run) if family(self.plan).stores_memories else None
 
     def write_memories(self, stage: str, run_id: str) -> None:
-        """Memories of the held-out set -> Zarr, marked complete only when every row is in."""
+        """Memories of the held-out set -> Zarr group <run name>/<stage> (the run folder's name: store/layout.py),
+        marked complete only when every row is in."""
         path = self.memory_store()
         if path is None:
             return
         plan = self.plan
-        attrs = {'spec_hash': self.spec.hash, 'step': plan.stage_end(stage), 'family': plan.family,
-                 'encoder_d_model': plan.encoder.d_model,
+        attrs = {'run_key': self.folder.key, 'spec_hash': self.spec.hash, 'step': plan.stage_end(stage),
+                 'family': plan.family, 'encoder_d_model': plan.encoder.d_model,
                  'chunks': plan.memory.chunks, 'chunk_len': plan.memory.chunk_len, 'vocab_size': self.vocab,
                  'tokenizer_path': str((self.data.cache_path / 'tokenizer.json').resolve()),
                  'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
                  'special_ids': self.data.special_ids}
-        memories.write(path, run_id, stage, self.model, self.data.val, self.data.val_mask, attrs,
-                       dtype=plan.run.memory_dtype)
+        try:
+            memories.write(path, self.folder.name, stage, self.model, self.data.val, self.data.val_mask,
+                           dict(attrs, run_id=run_id), dtype=plan.run.memory_dtype)
+        except OSError as e:  # a full disk: name the group and the disk (zarr's own error names no file)
+            err = ckpt.write_error(e, Path(path) / self.folder.name / stage / 'memories')
+            if err is None:
+                raise
+            raise err from None
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""

@@ -21,9 +21,14 @@ How stored memories are decoded (the run's own decoder, rebuilt from the run fol
   token of a chunk has no prediction. `--readout blank_copy` forces this read-out on a curriculum model too (its
   ae_decoder is frozen after stage 0, so only this shows what the later stages' decoder reads from memories).
 
+RUN_ID is a run's id or its full name <id>-<key> (the name of its folder and group, store/layout.py). Ids repeat
+across run databases: an id that matches several groups of the store is refused with the candidates listed (give
+the full name, or --db to take the run key from that database's record).
+
 Every subcommand streams the store in slices of store.memories.ROWS rows (model work in smaller micro-batches), so
-memory stays bounded on stores of millions of rows. Bad input (missing store, unknown run or stage, half-written
-group, incompatible store version, a checkpoint that does not match the stored widths) -> one message, exit 2.
+memory stays bounded on stores of millions of rows. Bad input (missing store, unknown or ambiguous run, unknown stage,
+half-written group, incompatible store version, damaged metadata, missing or corrupt chunks (the message names the
+run, stage and rows), a checkpoint that does not match the stored widths) -> one message, exit 2.
 """
 from __future__ import annotations
 
@@ -47,8 +52,8 @@ from compiler.families import REGISTRY, family
 from compiler.spec import load
 from store import memories as M
 from store import tables
-from store.database import default_url, display_url, open_db, recorded_config
-from store.layout import RunFolder, memory_store
+from store.database import default_url, display_url, open_db, recorded_run
+from store.layout import RunFolder, memory_store, parse_name, resolve, run_name
 from store.tables import num
 
 DEFAULT_STORE = str(memory_store(P.Run()))
@@ -72,20 +77,46 @@ def slices(group: M.Group, limit: int | None = None, desc: str = ''):
             bar.update(stop - start)
 
 
-def stages(store, run_id: str, stage: str | None = None) -> list[tuple[str, M.Group]]:
-    """The run's groups to analyse: the named stage, or every complete stage in curriculum order (by step).
-    Half-written stages are skipped with a note; a run whose every stage is half-written is an error."""
-    run_id = str(run_id)
+def run_group(store, ref: str, db: str | None = None) -> str:
+    """The store group a RUN argument names: a group name as listed ('3-1a2b3c4d5e'), or a run id. An id goes
+    through the run database's record when --db is given (its run key names the group), else it must match one group
+    of the store: ids repeat across databases, so several matches are refused with the candidates listed."""
+    ref = str(ref)
+    names = sorted({g['run'] for g in M.listing(store)})
+    if ref in names:
+        return ref
+    parsed = parse_name(ref)
+    if parsed is None:
+        return ref  # open_group reports that the store has no such run, listing the runs it has
+    if db:
+        found = open_db(db).runs(run_id=parsed[0])
+        if not found:
+            raise SpecError(f'run {ref}', f'no run {parsed[0]} in {display_url(db)}',
+                            'pick an id from python -m store.runs list --db ..., or leave --db out')
+        name = found[0].name
+        if parsed[1] is not None and name != ref:
+            raise SpecError(f'run {ref}', f'run {parsed[0]} of {display_url(db)} is {name}, not {ref}',
+                            f'analyse {name}, or pass the --db that recorded {ref}')
+        return name
+    return resolve(names, ref, f'run {ref}', f'in {store}',
+                   'or pass --db with the run database that recorded the run you mean') or ref
+
+
+def stages(store, run: str, stage: str | None = None) -> list[tuple[str, M.Group]]:
+    """The run's groups to analyse (`run`: a group name, see run_group): the named stage, or every complete stage in
+    curriculum order (by step). Half-written stages are skipped with a note; a run whose every stage is half-written
+    is an error."""
+    run = str(run)
     if stage is not None:
-        return [(stage, M.open_group(store, run_id, stage))]
-    names = [g['stage'] for g in M.listing(store) if g['run_id'] == run_id]
+        return [(stage, M.open_group(store, run, stage))]
+    names = [g['stage'] for g in M.listing(store) if g['run'] == run]
     if not names:
-        M.open_group(store, run_id, '?')  # raises: no store here / unknown run (with the runs listed)
-        raise SpecError(f'{store} run {run_id}', 'the run has no stage groups', 'rerun the run to write its memories')
+        M.open_group(store, run, '?')  # raises: no store here / unknown run (with the runs listed)
+        raise SpecError(f'{store} run {run}', 'the run has no stage groups', 'rerun the run to write its memories')
     out, torn = [], []
     for name in names:
         try:
-            out.append((name, M.open_group(store, run_id, name)))
+            out.append((name, M.open_group(store, run, name)))
         except SpecError as e:
             if 'half-written' not in e.what:
                 raise
@@ -99,6 +130,11 @@ def stages(store, run_id: str, stage: str | None = None) -> list[tuple[str, M.Gr
 
 # ------------------------------------------------------------------------------------------------ rebuilding models
 
+def _label(attrs: dict) -> str:
+    """The run that wrote a group, as its folder and group are named."""
+    return run_name(attrs.get('run_id'), attrs.get('run_key'))
+
+
 def run_folder(attrs: dict) -> Path:
     """The run folder: the checkpoint_path attribute is its stage weights file (store/layout.py)."""
     return Path(attrs['checkpoint_path']).parent.parent
@@ -110,11 +146,14 @@ def _plan_from_operative(path: Path):
     return spec.plan, spec.hash
 
 
-def _plan_from_sacred(url: str, run_id: str):
-    config = recorded_config(url, run_id)
-    if config is None:
+def _plan_from_sacred(url: str, run_id: str, run_key: str | None):
+    run = recorded_run(url, run_id)
+    if run is None:
         raise LookupError(f'run {run_id} is not in {display_url(url)}')
-    plan = P.Plan.from_dict(config['plan'])
+    if run_key is not None and run.run_key != run_key:  # another database's run with the same id
+        raise LookupError(f'run {run_id} of {display_url(url)} is {run.name}, not the run that wrote these memories '
+                          f'(key {run_key})')
+    plan = P.Plan.from_dict(run.config['plan'])
     return plan, plan.hash
 
 
@@ -133,7 +172,8 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
     candidates = [('operative.gin', lambda: _plan_from_operative(op))] if op.is_file() else []
     url = db or default_url(folder.parent)
     if db or (folder.parent / 'sacred.db').is_file():
-        candidates.append((f'Sacred config in {url}', lambda: _plan_from_sacred(url, run_id)))
+        candidates.append((f'Sacred config in {display_url(url)}',
+                           lambda: _plan_from_sacred(url, run_id, attrs.get('run_key'))))
     fallback = None
     for name, fn in candidates:
         try:
@@ -179,7 +219,7 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
 
     from compiler.model import build
     a = group.attrs
-    where = f"run {a['run_id']} stage {a['stage']}"
+    where = f"run {_label(a)} stage {a['stage']}"
     missing = [k for k in ('checkpoint_path', 'vocab_size', 'chunks', 'chunk_len', 'spec_hash') if a.get(k) is None]
     if missing:
         raise SpecError(where, f"the group lacks the attribute(s) {', '.join(missing)} needed to rebuild its model "
@@ -275,7 +315,7 @@ def tokenizer_of(attrs: dict):
     from tokenizers import Tokenizer
     p = attrs.get('tokenizer_path')
     if not p or not Path(p).is_file():
-        raise SpecError(f"run {attrs['run_id']} stage {attrs['stage']}", f'tokenizer {p} not found',
+        raise SpecError(f"run {_label(attrs)} stage {attrs['stage']}", f'tokenizer {p} not found',
                         "keep the run's data cache (Data.cache_dir) where the run wrote it")
     return Tokenizer.from_file(p)
 
@@ -598,9 +638,10 @@ def cmd_plot(args) -> None:
     ax.legend()
     written.append(_save(fig, out / f'{args.run_id}_position_accuracy.png'))
     if args.db:
-        rows = metric_rows(args.db, args.run_id)
+        rows = metric_rows(args.db, groups[0][1].attrs.get('run_id', args.run_id))
         if not rows:
-            print(f'note: no metrics for run {args.run_id} in {args.db}; metric curves skipped', file=sys.stderr)
+            print(f'note: no metrics for run {args.run_id} in {display_url(args.db)}; metric curves skipped',
+                  file=sys.stderr)
         else:
             written.append(_metric_figure(plt, rows, groups, args.run_id, out))
     for p in written:
@@ -718,6 +759,10 @@ def _check_args(args) -> None:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     _check_args(args)
+    if hasattr(args, 'run_ids'):  # ids -> the store's group names, before anything is read
+        args.run_ids = [run_group(args.store, r, args.db) for r in args.run_ids]
+    else:
+        args.run_id = run_group(args.store, args.run_id, args.db)
     args.fn(args)
 
 

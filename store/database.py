@@ -22,8 +22,12 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 from compiler.errors import SpecError
+from store.layout import is_run_key, run_name
 
 DEFAULT_DB = 'sqlite:///runs/sacred.db'
+# A RUNNING run whose last heartbeat is older than this is presumably dead: Sacred beats every 10 s, so this is six
+# missed beats (a busy SQLite file or a loaded machine delays one by seconds, not by a minute).
+STALE_AFTER = dt.timedelta(seconds=60)
 STATUSES = ('COMPLETED', 'FAILED', 'INTERRUPTED', 'RUNNING', 'TIMEOUT', 'QUEUED')
 
 METRICS = sa.Table(
@@ -72,24 +76,65 @@ def display_url(url: str) -> str:
     """The URL with any password replaced by ***: safe to print."""
     try:
         return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
-    except Exception:  # noqa: BLE001  (only for messages)
-        return re.sub(r'//([^:/@]*):[^@/]*@', r'//\1:***@', url)
+    except Exception:  # noqa: BLE001  (only for messages; an unparsable URL may still hold user:password@)
+        return re.sub(r'^([^@/]*//)?([^:@/]*):[^@]*@', lambda m: f"{m.group(1) or ''}{m.group(2)}:***@", url)
 
 
-def first_line(e: Exception) -> str:
-    """The first line of a database error (the driver's own message when there is one)."""
-    text = str(getattr(e, 'orig', None) or e).strip()
+def _secrets(url: str) -> list[str]:
+    """The password of a database URL as it may appear in text: raw and %-decoded."""
+    from urllib.parse import unquote
+    try:
+        password = sa.engine.make_url(engine_url(url)).password
+    except Exception:  # noqa: BLE001
+        m = re.search(r'//[^:@/]*:([^@]*)@', url)
+        password = m.group(1) if m else None
+    if not password:
+        return []
+    password = str(password)
+    return sorted({password, unquote(password), quote(password, safe='')} - {''}, key=len, reverse=True)
+
+
+def redact(text: str, url: str | None) -> str:
+    """`text` (a driver's error message, a traceback) with the password of `url` replaced by ***."""
+    text = str(text)
+    for secret in _secrets(url) if url else []:
+        text = text.replace(secret, '***')
+    return text
+
+
+def span(t: dt.timedelta) -> str:
+    """A duration for messages: '45 s', '12 min', '2 h 05 min', '3 days'."""
+    s = max(0, int(t.total_seconds()))
+    if s < 120:
+        return f'{s} s'
+    if s < 7200:
+        return f'{s // 60} min'
+    if s < 3 * 86400:
+        return f'{s // 3600} h {s % 3600 // 60:02d} min'
+    return f'{s // 86400} days'
+
+
+def first_line(e: Exception, url: str | None = None) -> str:
+    """The first line of a database error (the driver's own message when there is one), without the password of
+    `url` (some drivers and SQLAlchemy's URL parser quote the URL they were given)."""
+    text = redact(str(getattr(e, 'orig', None) or e).strip(), url)
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def recorded_config(url: str, run_id: str) -> dict | None:
-    """The recorded config of a run ({} when unreadable), or None when the database (an SQLite file that does not
-    exist is not created) or the run is not there."""
+def recorded_run(url: str, run_id: str) -> RunRecord | None:
+    """A run as recorded, or None when the database (an SQLite file that does not exist is not created) or the run
+    is not there."""
     try:
         found = open_db(url).runs(run_id=run_id)
     except SpecError:
         return None
-    return found[0].config if found else None
+    return found[0] if found else None
+
+
+def recorded_config(url: str, run_id: str) -> dict | None:
+    """The recorded config of a run ({} when unreadable), or None when the database or the run is not there."""
+    run = recorded_run(url, run_id)
+    return None if run is None else run.config
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -106,6 +151,28 @@ class RunRecord:
     fail_trace: str | None = None
     host: dict = dataclasses.field(default_factory=dict)
     experiment: str = ''
+    heartbeat: dt.datetime | None = None  # Sacred's last heartbeat (naive UTC), None before the first one
+
+    @property
+    def run_key(self) -> str | None:
+        """The run key recorded with the run (store/layout.py); None for runs recorded before run keys."""
+        key = self.info.get('run_key')
+        return key if is_run_key(key) else None
+
+    @property
+    def name(self) -> str:
+        """The name of the run's folder and memory group (store/layout.py)."""
+        return run_name(self.id, self.run_key)
+
+    def silent_for(self, now: dt.datetime | None = None) -> dt.timedelta | None:
+        """How long a RUNNING run has not beaten (since its start when it never did); None for other states."""
+        last = self.heartbeat or self.start
+        if self.status != 'RUNNING' or last is None:
+            return None
+        now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        if last.tzinfo is not None:
+            last = last.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return now - last
 
     @property
     def plan(self) -> dict:
@@ -185,8 +252,8 @@ class SqlDb:
         self.name = self.where[len('--db '):]
         try:
             u = sa.engine.make_url(url)
-        except sa.exc.ArgumentError:
-            raise SpecError(f'--db {url}', 'not a database URL',
+        except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+            raise SpecError(self.where, 'not a database URL',
                             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
         backend = u.get_backend_name()
         if backend == 'sqlite':
@@ -205,7 +272,7 @@ class SqlDb:
             try:
                 self.engine = sa.create_engine(engine_url(url), connect_args={'connect_timeout': 5})
             except (ImportError, sa.exc.ArgumentError) as e:
-                raise SpecError(self.where, f'cannot use this URL: {first_line(e)}',
+                raise SpecError(self.where, f'cannot use this URL: {first_line(e, url)}',
                                 'use postgresql://user:password@host:port/database (psycopg2 driver)')
         else:
             raise SpecError(self.where, f"unsupported database '{backend}'",
@@ -213,7 +280,7 @@ class SqlDb:
         try:
             tables = set(sa.inspect(self.engine).get_table_names())
         except sa.exc.DBAPIError as e:
-            raise SpecError(self.where, f'cannot open the run database: {first_line(e)}',
+            raise SpecError(self.where, f'cannot open the run database: {first_line(e, url)}',
                             'check the URL, the credentials and that the server runs '
                             '(locally: pg_ctlcluster 15 main start)' if backend == 'postgresql' else
                             'check that the file is a SQLite database written by python -m runtime.run')
@@ -234,13 +301,14 @@ class SqlDb:
             with self.engine.connect() as conn:
                 return conn.execute(stmt, params or {}).all()
         except sa.exc.DBAPIError as e:
-            raise SpecError(self.where, f'query failed: {first_line(e)}',
+            raise SpecError(self.where, f'query failed: {first_line(e, self.url)}',
                             'check that this is a run database written by python -m runtime.run')
 
     def runs(self, status: str | None = None, run_id: str | None = None) -> list[RunRecord]:
         if not self.has_runs:  # a metrics-only database
             return []
-        cols = ['r.run_id', 'r.status', 'r.start_time', 'r.stop_time', 'r.config', 'r.info', 'r.result', 'r.fail_trace']
+        cols = ['r.run_id', 'r.status', 'r.start_time', 'r.stop_time', 'r.config', 'r.info', 'r.result', 'r.fail_trace',
+                'r.heartbeat']
         joins = ''
         if self.has_host:
             cols += ['h.hostname', 'h.cpu', 'h.os_info', 'h.python_version']
@@ -264,7 +332,7 @@ class SqlDb:
             host = {k: m[k] for k in ('hostname', 'cpu', 'os_info', 'python_version') if k in m and m[k] is not None}
             out.append(RunRecord(str(m['run_id']), str(m['status']), _time(m['start_time']), _time(m['stop_time']),
                                  _json(m['config']), _json(m['info']), m['result'], m['fail_trace'], host,
-                                 m.get('experiment') or ''))
+                                 m.get('experiment') or '', _time(m['heartbeat'])))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -330,7 +398,7 @@ class MongoDb:
             self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
             self.client.admin.command('ping')
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL or server)
-            raise SpecError(self.where, f'cannot reach the MongoDB server: {first_line(e)}',
+            raise SpecError(self.where, f'cannot reach the MongoDB server: {first_line(e, url)}',
                             'check the URL and that mongod runs and is reachable')
         self.db = self.client['sacred']  # runtime.run's MongoObserver(url=...) writes to Sacred's default database
 
@@ -354,7 +422,7 @@ class MongoDb:
                                  {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
                                   'os_info': ' '.join(host.get('os') or []),
                                   'python_version': host.get('python_version')},
-                                 (d.get('experiment') or {}).get('name', '')))
+                                 (d.get('experiment') or {}).get('name', ''), _time(d.get('heartbeat'))))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -399,7 +467,7 @@ def open_db(url: str):
     if '://' not in url:
         fix = f'write sqlite:///{url}' if url.endswith(('.db', '.sqlite')) or Path(url).is_file() else \
             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host'
-        raise SpecError(f'--db {url}', 'not a database URL', fix)
+        raise SpecError(f'--db {display_url(url)}', 'not a database URL', fix)
     return SqlDb(url)
 
 

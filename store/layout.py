@@ -1,34 +1,150 @@
-"""Where a run's files live: the one place that knows the run-folder layout and the memory store's default path.
+"""Where a run's files live: the one place that knows the run-folder layout, how runs are named on disk and the
+memory store's default path.
 
     <Run.out_dir>/sacred.db                    the default run database (store/database.py)
     <Run.out_dir>/memories.zarr                the default memory store (Run.memory_store overrides it)
-    <Run.out_dir>/<run>/operative.gin          the complete spec the run was compiled from
-    <Run.out_dir>/<run>/checkpoint.pt          the latest resume point (+ checkpoint.pt.sha256)
-    <Run.out_dir>/<run>/stages/<stage>.safetensors   weights at each stage end (what init_from 'run:' reads)
-    <Run.out_dir>/<run>/final.safetensors      the final weights
-    <Run.out_dir>/<run>/summary.md, summary.json     stage-end metrics
+    <Run.out_dir>/<id>-<key>/run.json          the marker: {run_id, run_key} of the run that owns the folder
+    <Run.out_dir>/<id>-<key>/run.lock          held (fcntl.flock) by the process training the run
+    <Run.out_dir>/<id>-<key>/operative.gin     the complete spec the run was compiled from
+    <Run.out_dir>/<id>-<key>/checkpoint.pt     the latest resume point (+ checkpoint.pt.sha256)
+    <Run.out_dir>/<id>-<key>/stages/<stage>.safetensors   weights at each stage end (what init_from 'run:' reads)
+    <Run.out_dir>/<id>-<key>/final.safetensors the final weights
+    <Run.out_dir>/<id>-<key>/summary.md, summary.json     stage-end metrics
+    <store>/<id>-<key>/<stage>/...             the run's memories (store/memories.py)
 
-Stage names become file names here only after the validator has checked them.
+Run names. A run id is unique only within its database (Sacred counts 0, 1, 2, ... per database), so two databases
+sharing an out_dir, or two out_dirs sharing a memory store, would both have a run 0. Every run therefore gets a run
+key (RUN_KEY_HEX random hex digits) when it is first recorded; the key is recorded with the run (Sacred
+`info.run_key`) and in the folder's marker, and the run's folder and memory group are named `<id>-<key>`. Users still
+name runs by id: `resolve` finds the folder or group whose name starts with that id, and refuses an id that matches
+several (listing them) instead of picking one. Folders named by the id alone were written before run keys existed;
+they are read (a unique match) but never written.
+
+Names that become paths are checked here: a run reference must be an id or an `<id>-<key>` name (no separators, no
+'..'), and a stage name a plain file name (check_stage_name), so no value of a spec can name a path outside the
+run's folder.
 """
 from __future__ import annotations
 
+import json
+import re
+import secrets
 from pathlib import Path
 
+from compiler.errors import SpecError
+
 MEMORY_STORE = 'memories.zarr'
+RUN_KEY_HEX = 10  # 40 random bits: two runs sharing a folder or store group would need the same id and key
+_ID = r'\d{1,18}'
+_NAME = re.compile(rf'^({_ID})-([0-9a-f]{{{RUN_KEY_HEX}}})$')
+_LEGACY = re.compile(rf'^({_ID})$')
+
+
+_FILE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$')
+
+
+def check_stage_name(stage: str, where: str) -> None:
+    """A stage name becomes a file name (stages/<stage>.safetensors) and a store group: it must be a plain name that
+    cannot leave the run's folder."""
+    if not isinstance(stage, str) or not _FILE_NAME.match(stage) or '..' in stage:
+        raise SpecError(where, f'stage name {stage!r} cannot be a file name (it becomes stages/<name>.safetensors '
+                        'and a memory-store group)', "use letters, digits, '_', '-' and '.', e.g. 'blank_copy'")
+
+
+def new_run_key() -> str:
+    return secrets.token_hex(RUN_KEY_HEX // 2)
+
+
+def is_run_key(key) -> bool:
+    return isinstance(key, str) and re.fullmatch(f'[0-9a-f]{{{RUN_KEY_HEX}}}', key) is not None
+
+
+def run_name(run_id, key: str | None) -> str:
+    """The name of a run's folder and memory group: '<id>-<key>' ('<id>' for a run recorded before run keys)."""
+    return str(run_id) if key is None else f'{run_id}-{key}'
+
+
+def parse_name(name: str) -> tuple[str, str | None] | None:
+    """'<id>-<key>' -> (id, key); '<id>' (written before run keys) -> (id, None); anything else -> None."""
+    m = _NAME.match(name)
+    if m:
+        return m.group(1), m.group(2)
+    m = _LEGACY.match(name)
+    return (m.group(1), None) if m else None
+
+
+def check_reference(ref: str, where: str) -> None:
+    """A run as a user names it: an id ('3') or a run name ('3-1a2b3c4d5e'), never a path."""
+    if parse_name(str(ref)) is None:
+        raise SpecError(where, f'{ref!r} is not a run id',
+                        'give the run id (a number, e.g. 3; python -m store.runs list) or its full name '
+                        f'<id>-<key> (e.g. 3-{"0" * RUN_KEY_HEX}); paths are not accepted')
+
+
+def matching(names, ref: str) -> list[str]:
+    """The run names among `names` that `ref` (an id or a full name) denotes."""
+    ref = str(ref)
+    parsed = parse_name(ref)
+    if parsed is None:
+        return []
+    if parsed[1] is not None:
+        return [n for n in names if n == ref]
+    return sorted((n for n in names if (parse_name(n) or (None,))[0] == ref), key=lambda n: (n != ref, n))
+
+
+def resolve(names, ref: str, where: str, what: str, pick: str) -> str | None:
+    """The one run name `ref` denotes among `names` (None: none); several -> SpecError listing them. `what` says what
+    holds them ('under runs/'), `pick` how else to choose (e.g. 'or pass --db')."""
+    found = matching(names, ref)
+    if len(found) > 1:
+        raise SpecError(where, f'run id {ref} is ambiguous: {len(found)} runs with this id {what} '
+                        f"({', '.join(found)}; runs recorded in different databases)",
+                        f'give the full name, e.g. {found[0]}, {pick}')
+    return found[0] if found else None
 
 
 class RunFolder:
     """The files of one run under its out_dir."""
 
-    def __init__(self, out_dir, run: str):
-        self.out_dir, self.run = Path(out_dir), str(run)
-        self.root = self.out_dir / self.run
+    def __init__(self, out_dir, run_id, key: str | None):
+        self.out_dir, self.run_id, self.key = Path(out_dir), str(run_id), key
+        self.name = run_name(run_id, key)
+        self.root = self.out_dir / self.name
 
     @classmethod
     def at(cls, folder) -> RunFolder:
-        """The layout of an existing run folder given by its path."""
+        """The layout of an existing run folder given by its path (named '<id>-<key>', or '<id>' before run keys;
+        folders of other names, e.g. a test's scratch folder, keep their name as the id)."""
         folder = Path(folder)
-        return cls(folder.parent, folder.name)
+        run_id, key = parse_name(folder.name) or (folder.name, None)
+        self = cls(folder.parent, run_id, key)
+        self.name, self.root = folder.name, folder
+        return self
+
+    @classmethod
+    def find(cls, out_dir, ref: str, where: str, pick: str = 'or the path of its folder') -> RunFolder | None:
+        """The run folder under out_dir that `ref` (an id or a full name) denotes; None when there is none."""
+        check_reference(ref, where)
+        out_dir = Path(out_dir)
+        names = [p.name for p in out_dir.iterdir() if p.is_dir()] if out_dir.is_dir() else []
+        name = resolve(names, ref, where, f'under {out_dir}', pick)
+        return None if name is None else cls.at(out_dir / name)
+
+    @property
+    def marker(self) -> Path:
+        return self.root / 'run.json'
+
+    @property
+    def lock(self) -> Path:
+        return self.root / 'run.lock'
+
+    def owner(self) -> dict | None:
+        """The marker's {run_id, run_key} (None: no marker, or unreadable)."""
+        try:
+            owner = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
 
     @property
     def operative(self) -> Path:
@@ -43,6 +159,7 @@ class RunFolder:
         return self.root / 'stages'
 
     def stage_weights(self, stage: str) -> Path:
+        check_stage_name(stage, f'Stage.name {stage!r}')
         return self.stages / f'{stage}.safetensors'
 
     @property

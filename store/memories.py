@@ -1,35 +1,51 @@
 """The Zarr v3 memory store: memory embeddings of held-out sequences, per run and stage.
 
-Layout (plain Zarr v3; readable with `zarr` alone):
+Layout (plain Zarr v3; readable with `zarr` alone; <run> is the run's name `<id>-<key>`, store/layout.py):
 
-    <store>/<run_id>/<stage>/memories   float32 [sequences, chunks, dim]   (bfloat16 as uint16 raw bits)
-    <store>/<run_id>/<stage>/tokens     int32   [sequences, chunks, chunk_len]
-    <store>/<run_id>/<stage>/mask       bool    [sequences, chunks, chunk_len]   (True = real token)
+    <store>/<run>/<stage>/memories   float32 [sequences, chunks, dim]   (bfloat16 as uint16 raw bits)
+    <store>/<run>/<stage>/tokens     int32   [sequences, chunks, chunk_len]
+    <store>/<run>/<stage>/mask       bool    [sequences, chunks, chunk_len]   (True = real token)
 
-Group attributes of <run_id>/<stage> (all JSON):
+Group attributes of <run>/<stage> (all JSON):
     format          'memspec-memories'       version   FORMAT_VERSION
-    run_id, spec_hash, stage, step, family, encoder_d_model, memory_dim, chunks, chunk_len, vocab_size
+    run_id, run_key, spec_hash, stage, step, family, encoder_d_model, memory_dim, chunks, chunk_len, vocab_size
     dtype           logical dtype ('float32' or 'bfloat16'); storage_dtype: what the array holds
     tokenizer_path, checkpoint_path          where to decode from
     rows            rows written so far      complete  True only once every row is written
 
+Integrity (version 2). Every chunk ends with a crc32c checksum (zarr's crc32c codec after zstd), so a damaged chunk
+fails to decode instead of decoding to other numbers; every chunk is written, even one that equals the fill value,
+and the fill values cannot occur in real data (memories NaN, tokens -1), so a missing chunk is found by listing the
+chunks against the row count and reads as detectable fill. Readers report the run, stage and rows that are
+damaged (SpecError, exit 2). Version 1 stores (no checksums, zero fill) are still read; a missing memories chunk is
+found there too.
+
 A killed writer leaves `complete` false (or absent): readers refuse such a group with a clear message instead of
-reading torn data, and a rewrite of the same run/stage replaces it. Appends are chunk-aligned batches of ROWS.
+reading torn data, and a rewrite of the same run/stage replaces it (never a group of another run: the run key must
+match). Appends are chunk-aligned batches of ROWS.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
+from store.layout import check_stage_name, parse_name
 
 FORMAT = 'memspec-memories'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ROWS = 256  # rows per Zarr chunk; appends are whole multiples of it (except the final tail)
+BF16_NAN = 0x7FC0  # the bit pattern of a bfloat16 NaN: the fill of bfloat16 memories
+FILL = {'memories': float('nan'), 'tokens': -1, 'mask': False}
+ARRAYS = ('memories', 'tokens', 'mask')
+REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
@@ -55,25 +71,34 @@ def open_root(path: str | Path) -> zarr.Group:
 class Writer:
     """Write one run/stage group, batch by batch; `close()` marks it complete."""
 
-    def __init__(self, path: str | Path, run_id: str, stage: str, attrs: dict, shape: tuple[int, int, int, int],
+    def __init__(self, path: str | Path, run: str, stage: str, attrs: dict, shape: tuple[int, int, int, int],
                  dtype: str = 'float32'):
         s, n, l, d = shape
+        check_stage_name(stage, f'Stage.name {stage!r}')
         root = open_root(path)
-        name = f'{run_id}/{stage}'
+        name = f'{run}/{stage}'
+        run_id = str(attrs.get('run_id', (parse_name(run) or (run,))[0]))
         if name in root:  # a rerun (e.g. after resume) or a torn group from a killed writer: replace it whole
+            owner = _attrs(_node(root, name)).get('run_key')
+            if owner is not None and owner != attrs.get('run_key'):
+                raise SpecError(f'{path}/{name}', f'the group belongs to another run (run key {owner}, this run '
+                                f"{attrs.get('run_key')})", 'give the run its own Run.memory_store')
             del root[name]
         self.group = root.require_group(name)
-        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': str(run_id),
+        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': run_id,
                                       'stage': stage, 'dtype': dtype,
                                       'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
                                       'rows': 0, 'complete': False, **attrs})
         store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32
-        # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
-        self.mem = self.group.create_array('memories', shape=(s, n, d), chunks=(ROWS, n, d), dtype=store_dtype,
-                                           overwrite=True)
-        self.tok = self.group.create_array('tokens', shape=(s, n, l), chunks=(ROWS, n, l), dtype=np.int32,
-                                           overwrite=True)
-        self.msk = self.group.create_array('mask', shape=(s, n, l), chunks=(ROWS, n, l), dtype=bool, overwrite=True)
+
+        def array(key, shape, dtype, fill):
+            # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
+            return self.group.create_array(key, shape=shape, chunks=(ROWS, *shape[1:]), dtype=dtype, fill_value=fill,
+                                           compressors=[ZstdCodec(level=0), Crc32cCodec()],
+                                           config={'write_empty_chunks': True}, overwrite=True)
+        self.mem = array('memories', (s, n, d), store_dtype, BF16_NAN if dtype == 'bfloat16' else FILL['memories'])
+        self.tok = array('tokens', (s, n, l), np.int32, FILL['tokens'])
+        self.msk = array('mask', (s, n, l), bool, FILL['mask'])
         self.dtype, self.rows, self.total = dtype, 0, s
 
     def append(self, memories: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
@@ -93,16 +118,17 @@ class Writer:
 
 
 @torch.no_grad()
-def write(path, run_id: str, stage: str, model, tokens: torch.Tensor, mask: torch.Tensor, attrs: dict,
+def write(path, run: str, stage: str, model, tokens: torch.Tensor, mask: torch.Tensor, attrs: dict,
           batch_size: int = ROWS, dtype: str = 'float32') -> int:
-    """Encode every held-out sequence's chunks with `model.encode` and store them. Returns rows written."""
+    """Encode every held-out sequence's chunks with `model.encode` and store them in group <run>/<stage>. Returns
+    rows written."""
     s, n, l = tokens.shape
     was = model.training
     device = next(model.parameters()).device  # the model's (Run.device); tokens and memories stay on the CPU
     model.eval()
     try:
         first = model.encode(tokens[:1].reshape(n, l).to(device), mask[:1].reshape(n, l).to(device))
-        w = Writer(path, run_id, stage, attrs | {'memory_dim': int(first.shape[-1])}, (s, n, l, first.shape[-1]), dtype)
+        w = Writer(path, run, stage, attrs | {'memory_dim': int(first.shape[-1])}, (s, n, l, first.shape[-1]), dtype)
         for i in range(0, s, batch_size):
             t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
             mem = model.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device)).view(len(t), n, -1).cpu()
@@ -113,61 +139,202 @@ def write(path, run_id: str, stage: str, model, tokens: torch.Tensor, mask: torc
     return s
 
 
+def _node(root, name):
+    try:
+        return root[name]
+    except Exception:  # noqa: BLE001  (torn by a kill: no metadata)
+        return None
+
+
+def check_store(path) -> None:
+    """A store a run is about to write into must be readable (SpecError: its root metadata is damaged)."""
+    if (Path(path) / 'zarr.json').is_file():
+        _keys(_open_read(Path(path)), path)
+
+
+def _attrs(node) -> dict:
+    try:
+        return dict(node.attrs)
+    except Exception:  # noqa: BLE001  (damaged metadata: the callers report it)
+        return {}
+
+
+def _first(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 @dataclass
 class Group:
-    """A complete run/stage group, opened for reading (arrays stay on disk; slice them to stream)."""
+    """A complete run/stage group, opened for reading (arrays stay on disk; slice them to stream). Reads go through
+    `rows`, which turns a chunk that fails its checksum or reads as fill into a SpecError naming the rows."""
     attrs: dict
     memories: zarr.Array
     tokens: zarr.Array
     mask: zarr.Array
+    where: str = ''
+
+    def _fill(self, mem: np.ndarray, tok: np.ndarray) -> bool:
+        if self.attrs.get('version', 1) < 2:  # version 1 filled with zeros, which real data holds too
+            return False
+        gone = (mem == BF16_NAN) if mem.dtype == np.uint16 else np.isnan(mem)
+        return bool(gone.any() or (tok == FILL['tokens']).any())
+
+    def raw(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored arrays of rows [start, stop), verified."""
+        try:
+            out = (np.asarray(self.memories[start:stop]), np.asarray(self.tokens[start:stop]),
+                   np.asarray(self.mask[start:stop]))
+        except Exception as e:  # noqa: BLE001  (a damaged chunk fails in the codec: checksum, zstd, size)
+            why = 'its crc32c checksum does not match' if 'checksum' in str(e) else _first(e)
+            raise damaged(self.where, start, stop, f'a chunk is corrupt ({why})')
+        if self._fill(out[0], out[1]):
+            raise damaged(self.where, start, stop, 'they read as fill values: a chunk is missing')
+        return out
 
     def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = self.memories[start:stop]
-        mem = _from_bits(m).float() if self.attrs['dtype'] == 'bfloat16' else torch.from_numpy(np.asarray(m))
-        return (mem, torch.from_numpy(np.asarray(self.tokens[start:stop])).long(),
-                torch.from_numpy(np.asarray(self.mask[start:stop])))
+        m, t, k = self.raw(start, stop)
+        mem = _from_bits(m).float() if self.attrs['dtype'] == 'bfloat16' else torch.from_numpy(m)
+        return mem, torch.from_numpy(t).long(), torch.from_numpy(k)
 
 
-def open_group(path, run_id: str, stage: str) -> Group:
-    """Open a run/stage group; bad input (missing store, unknown run or stage, torn group, other version) ->
-    SpecError."""
+def damaged(where: str, start: int, stop: int, why: str) -> SpecError:
+    chunk = f'rows {start}-{stop - 1}' if stop - start > 1 else f'row {start}'
+    return SpecError(where, f'the stored memories are damaged: {chunk} cannot be read: {why}',
+                     REPAIR)
+
+
+def missing_chunks(group, array: str, rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of `array` whose chunk file is absent (a local store)."""
+    a = group[array]
+    folder = Path(str(group.store.root)) / group.path / array
+    return [(i * ROWS, min((i + 1) * ROWS, rows)) for i in range(-(-rows // ROWS))
+            if not (folder / a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))).is_file()]
+
+
+def _verify(g, attrs: dict, where: str) -> None:
+    """Metadata and chunk listing against the recorded row count, before any row is read."""
+    rows = attrs.get('rows')
+    try:
+        arrays = {k: g[k] for k in ARRAYS}
+        shapes = {k: a.shape[0] for k, a in arrays.items()}
+    except Exception as e:  # noqa: BLE001  (a missing or garbled zarr.json of an array)
+        raise SpecError(where, f'the stored memories are damaged: array metadata unreadable ({_first(e)})',
+                        REPAIR)
+    if len(set(shapes.values())) != 1 or rows != shapes['memories']:
+        raise SpecError(where, f'the stored memories are damaged: {rows} rows were recorded at write but the arrays '
+                        f'hold {shapes}', REPAIR)
+    checked = ARRAYS if attrs.get('version', 1) >= 2 else ('memories',)  # version 1 skipped chunks of zeros
+    gone = {k: missing_chunks(g, k, rows) for k in checked}
+    gone = {k: v for k, v in gone.items() if v}
+    if gone:
+        first = min(r for v in gone.values() for r in v)
+        detail = '; '.join(f"{k}: rows {', '.join(f'{a}-{b - 1}' for a, b in v)}" for k, v in gone.items())
+        raise damaged(where, first[0], first[1], f'chunks are missing ({detail})')
+
+
+def open_group(path, run: str, stage: str) -> Group:
+    """Open a run/stage group (`run`: the group name, '<id>-<key>'); bad input (missing store, unknown run or
+    stage, torn group, other version, damaged metadata or chunks) -> SpecError."""
     path = Path(path)
     if not (path / 'zarr.json').is_file():
         raise SpecError(str(path), 'no memory store here',
                         'pass --store with the path a run wrote (default runs/memories.zarr)')
-    root = zarr.open_group(str(path), mode='r')
-    if str(run_id) not in root:
-        raise SpecError(f'{path} run {run_id}',
-                        f'run {run_id} has no memories in this store (runs: {", ".join(sorted(root.group_keys()))})',
-                        'pick a run id listed, or run it first')
-    run = root[str(run_id)]
-    if stage not in run:
-        raise SpecError(f'{path} run {run_id}', f"no stage '{stage}' (stages: {', '.join(sorted(run.group_keys()))})",
+    root = _open_read(path)
+    run = str(run)
+    if run not in _keys(root, path):
+        raise SpecError(f'{path} run {run}',
+                        f'run {run} has no memories in this store (runs: {", ".join(sorted(_keys(root, path)))})',
+                        'pick a run listed, or run it first')
+    where = f'{path}/{run}'
+    try:
+        node = root[run]
+        stages = sorted(node.group_keys())
+    except Exception as e:  # noqa: BLE001
+        raise SpecError(where, f'the stored memories are damaged: zarr.json of stage {_unreadable(path / run)} is '
+                        f'unreadable ({_first(e)})',
+                        REPAIR)
+    if stage not in stages:
+        raise SpecError(f'{path} run {run}', f"no stage '{stage}' (stages: {', '.join(stages)})",
                         'pick a listed stage')
-    g = run[stage]
-    a = dict(g.attrs)
-    if a and (a.get('format') != FORMAT or a.get('version') != FORMAT_VERSION):  # no attrs at all: killed at birth
-        raise SpecError(f'{path}/{run_id}/{stage}', f"written by an incompatible version (format {a.get('format')!r} "
-                        f"version {a.get('version')!r}, this tool reads {FORMAT!r} version {FORMAT_VERSION})",
+    where = f'{path}/{run}/{stage}'
+    try:
+        g = node[stage]
+        a = dict(g.attrs)
+    except Exception as e:  # noqa: BLE001  (a garbled zarr.json)
+        raise SpecError(where, f'the stored memories are damaged: group metadata unreadable ({_first(e)})',
+                        REPAIR)
+    if a and (a.get('format') != FORMAT or a.get('version') not in READABLE_VERSIONS):  # no attrs: killed at birth
+        raise SpecError(where, f"written by an incompatible version (format {a.get('format')!r} "
+                        f"version {a.get('version')!r}, this tool reads {FORMAT!r} versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))})",
                         'rewrite the memories with this version (rerun the stage) or use the matching tool version')
     if not a.get('complete'):
-        total = g['memories'].shape[0] if 'memories' in g else '?'  # killed before its arrays were created
-        raise SpecError(f'{path}/{run_id}/{stage}', f"half-written group: {a.get('rows', 0)} rows of {total} "
+        try:
+            total = g['memories'].shape[0] if 'memories' in g else '?'  # killed before its arrays were created
+        except Exception:  # noqa: BLE001
+            total = '?'
+        raise SpecError(where, f"half-written group: {a.get('rows', 0)} rows of {total} "
                         'were written before the writer stopped', 'resume or rerun the run to rewrite this stage')
-    return Group(a, g['memories'], g['tokens'], g['mask'])
+    where = f"{path} run {run} stage {stage}"
+    _verify(g, a, where)
+    return Group(a, g['memories'], g['tokens'], g['mask'], where)
+
+
+def _unreadable(folder: Path) -> str:
+    """Whose zarr.json under a group folder cannot be read ("'blank_copy'", ...): zarr's own error names none."""
+    bad = []
+    for child in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else [folder]:
+        try:
+            json.loads((child / 'zarr.json').read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            bad.append(f'{folder.name!r} itself' if child == folder else f'{child.name!r}')
+    return ', '.join(bad) or 'a member'
+
+
+def _open_read(path: Path) -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode='r')
+    except Exception as e:  # noqa: BLE001  (a garbled root zarr.json)
+        raise SpecError(str(path), f'the memory store is damaged: its zarr.json is unreadable ({_first(e)})',
+                        'restore the store from a backup')
+
+
+def _keys(root, path) -> list[str]:
+    try:
+        return list(root.group_keys())
+    except Exception as e:  # noqa: BLE001  (a run group's zarr.json garbled)
+        raise SpecError(str(path), f'the memory store is damaged: zarr.json of {_unreadable(Path(path))} is unreadable '
+                        f'({_first(e)})', "restore the store from a backup, or remove that run's group")
 
 
 def listing(path) -> list[dict]:
-    """Every run/stage group of a store with its state (complete or half-written), for reports."""
+    """Every run/stage group of a store with its state (complete, half-written, or damaged metadata), for reports:
+    {'run': group name, 'run_id', 'run_key', 'stage', 'rows', 'complete', 'shape'} (+ 'damaged': why)."""
     path = Path(path)
     if not (path / 'zarr.json').is_file():
         return []
-    root = zarr.open_group(str(path), mode='r')
+    root = _open_read(path)
     out = []
-    for run_id in sorted(root.group_keys()):
-        for stage in sorted(root[run_id].group_keys()):
-            g = root[run_id][stage]
-            out.append({'run_id': run_id, 'stage': stage, 'rows': g.attrs.get('rows', 0),
-                        'complete': bool(g.attrs.get('complete')),
-                        'shape': list(g['memories'].shape) if 'memories' in g else None})
+    for run in sorted(_keys(root, path)):
+        try:
+            stages = sorted(root[run].group_keys())
+        except Exception as e:  # noqa: BLE001
+            out.append({'run': run, 'run_id': (parse_name(run) or (run,))[0], 'run_key': None, 'stage': None,
+                        'rows': 0, 'complete': False, 'shape': None, 'damaged': _first(e)})
+            continue
+        for stage in stages:
+            entry = {'run': run, 'run_id': (parse_name(run) or (run,))[0], 'run_key': None, 'stage': stage, 'rows': 0,
+                     'complete': False, 'shape': None}
+            try:
+                g = root[run][stage]
+                a = dict(g.attrs)
+                entry.update(run_id=str(a.get('run_id', entry['run_id'])), run_key=a.get('run_key'),
+                             rows=a.get('rows', 0), complete=bool(a.get('complete')),
+                             shape=list(g['memories'].shape) if 'memories' in g else None)
+            except Exception as e:  # noqa: BLE001
+                entry['damaged'] = _first(e)
+            out.append(entry)
     return out

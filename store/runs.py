@@ -1,7 +1,8 @@
 """python -m store.runs {list,show,metrics,compare} [--db URL] ...: query the runs that `python -m runtime.run` recorded.
 
     list                       one line per run: id, spec, status, stages, final eval metrics, start time
-                               (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable)
+                               (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable); a RUNNING run
+                               whose heartbeat stopped shows as 'RUNNING (stale: no heartbeat for 2 h 05 min)'
     show ID                    plan summary, host, run folder, artifacts, stage-end metrics, operative gin
     metrics ID [--name PAT]    every logged value (name, step, value); --csv for CSV, --plot OUT.png for curves
     compare ID ID ...          plan keys, CLI bindings and stage-end metrics that differ between runs
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 from compiler.errors import SpecError, cli
-from store.database import DEFAULT_DB, STATUSES, RunRecord, get_run, open_db
+from store.database import DEFAULT_DB, STALE_AFTER, STATUSES, RunRecord, get_run, open_db, span
 from store.plots import plot
 from store.tables import (
     duration,
@@ -76,6 +77,15 @@ def stage_end_metrics(db, run: RunRecord) -> dict[str, dict[str, float]]:
     return {s: {k: float(v) for k, v in m.items()} for s, m in summary.items() if isinstance(m, dict)}
 
 
+def status_text(run: RunRecord) -> str:
+    """The status, with RUNNING flagged when the run's heartbeat stopped: its process died without a word (kill -9,
+    power loss), and `python -m runtime.run ... --resume ID` continues it."""
+    silent = run.silent_for()
+    if silent is not None and silent > STALE_AFTER:
+        return f'RUNNING (stale: no heartbeat for {span(silent)})'
+    return run.status
+
+
 # ------------------------------------------------------------------------------------------------ --where
 
 # ------------------------------------------------------------------------------------------------ output
@@ -110,7 +120,7 @@ def cmd_list(db, args) -> None:
         done = len(r.end_steps)
         if r.status != 'COMPLETED' and r.stages:
             stages += f' ({done}/{len(r.stages)} done)'
-        rows.append([r.id, spec_text(r), r.status, stages] + [num(finals.get(r.id, {}).get(n)) for _, n in cols]
+        rows.append([r.id, spec_text(r), status_text(r), stages] + [num(finals.get(r.id, {}).get(n)) for _, n in cols]
                     + [when(r.start)])
     print(table(headers, rows, right={0} | set(range(4, 4 + len(cols)))))
 
@@ -123,7 +133,7 @@ def cmd_show(db, args) -> None:
                 print(f'{k} = {fmt(v)}')
         return
     cfg, info = run.config, run.info
-    print(f"run {run.id}  {run.status}  experiment '{run.experiment or '?'}'  plan {cfg.get('spec_hash', '?')}")
+    print(f"run {run.id}  {status_text(run)}  experiment '{run.experiment or '?'}'  plan {cfg.get('spec_hash', '?')}")
     print(f'started     {when(run.start, True)} UTC'
           + (f'   stopped {when(run.stop, True)} UTC  ({duration(run.start, run.stop)})' if run.stop else ''))
     tops = top_specs(run)

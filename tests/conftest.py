@@ -99,11 +99,26 @@ def rt_main(argv: list[str]) -> int:
     return 0
 
 
-def rt_run_ids(out_dir) -> set[str]:
-    """Run folders under an out_dir (everything but the data cache and databases)."""
+def rt_run_folders(out_dir) -> dict[str, list[Path]]:
+    """Run id -> the run folders (<id>-<key>, store/layout.py) with that id under an out_dir."""
+    from store.layout import parse_name
     out_dir = Path(out_dir)
-    return {p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in ('cache', 'memories.zarr')} \
-        if out_dir.is_dir() else set()
+    found: dict[str, list[Path]] = {}
+    for p in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if p.is_dir() and parse_name(p.name):
+            found.setdefault(parse_name(p.name)[0], []).append(p)
+    return found
+
+
+def rt_run_ids(out_dir) -> set[str]:
+    """The run ids of the run folders under an out_dir."""
+    return set(rt_run_folders(out_dir))
+
+
+def rt_run_dir(out_dir, run_id) -> Path:
+    """The one run folder of run `run_id` under an out_dir."""
+    (folder,) = rt_run_folders(out_dir)[str(run_id)]
+    return folder
 
 
 @pytest.fixture(scope='session')
@@ -121,9 +136,10 @@ def flagship_run(tmp_path_factory, rt_cache):
     ids = rt_run_ids(out)
     assert len(ids) == 1, ids
     run_id = ids.pop()
-    return _types.SimpleNamespace(out_dir=out, run_id=run_id, run_dir=out / run_id, argv=argv,
+    run_dir = rt_run_dir(out, run_id)
+    return _types.SimpleNamespace(out_dir=out, run_id=run_id, run_dir=run_dir, argv=argv,
                                   bindings=rt_bindings(argv), db=out / 'sacred.db',
-                                  summary=_json.loads((out / run_id / 'summary.json').read_text()))
+                                  summary=_json.loads((run_dir / 'summary.json').read_text()))
 
 
 # --- subprocess checks started early ------------------------------------------------------------------------------

@@ -43,6 +43,31 @@ Resource faults (each followed by the same checks after --resume where the run i
   deleting checkpoint.pt and checkpoint.pt.sha256, as the message says, restarts the run from its first step under
   the same id, which again ends equal to the baseline
 
+Hardening scenarios (one per class of failure found by the adversarial pass; each would have caught it):
+- real full disk: out_dir on a 32 MiB tmpfs the suite mounts (skipped, with the reason, where mounting is impossible),
+  filled to the last byte just before a checkpoint, a memory append or the final weights: torch.save then raises
+  RuntimeError ('unexpected pos'), safetensors and zarr their own errors. Exit 1, one message naming the file, the
+  disk and its free space, FAILED, last checkpoint intact, no temporaries; space freed, --resume equals the baseline
+- SIGTERM sent by the suite to a live run held mid-step, in evaluation, in a memory append or in a checkpoint write:
+  exit 143, one message, INTERRUPTED, a resume point that verifies; --resume equals the baseline
+- --resume of a run whose process is alive: exit 2 naming its pid and host, the record untouched; the process killed,
+  `store.runs list` flags the row as stale (heartbeat made 2 h old) and a plain --resume takes the run over
+- crafted checkpoint: a pickle whose __reduce__ creates a file (raw, and in torch's zip format) with a matching sha256
+  file; --resume refuses it and the file is never created; --resume with a path is refused
+- two run databases sharing an out_dir, and another out_dir sharing its memory store (three runs numbered 0):
+  distinct folders and groups; the baseline-equal run stays equal; store.analyze and runtime.generate refuse the
+  ambiguous id listing the runs, and by full name (analyze also by --db) give each run's own numbers
+- damaged memory store (a missing chunk, a corrupt chunk, garbled group and array metadata): store.analyze and
+  runtime.generate --memories exit 2 naming the run, stage and rows, printing no numbers
+- damaged data cache (truncated examples.pt, garbage meta.json or tokenizer.json): one note, rebuilt, the run equals
+  the baseline; an unwritable cache folder: exit 2, nothing recorded
+- refused before any work: in-memory SQLite (sqlite://, sqlite:///:memory:), a memory store on a read-only filesystem
+  or with garbled metadata, a truncated .safetensors as init_from source or for runtime.generate
+- PostgreSQL with a password (a throwaway role): runs, a failing run, a wrong password, --resume, store.runs and
+  store.analyze; the password is in no output, no file under the out_dir and no database row
+Every scenario also checks that the files a run leaves have the mode the umask gives (mkstemp's 0600 would keep
+other users from resuming or generating).
+
 --concurrent N: N runs forked at the same instant on one SQLite database and one Zarr store (and on PostgreSQL with
 --postgres): distinct ids, complete records and memories for all.
 
@@ -62,6 +87,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -112,6 +138,22 @@ def argv_for(out_dir: Path, cache: Path, extra=(), bindings=()) -> list[str]:
     return argv + list(extra)
 
 
+class Payload:
+    """What a crafted checkpoint holds: unpickling it opens (creates) a file, the side effect a code-execution
+    payload would have. torch.load(weights_only=True) must refuse it unread."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def M_listing(store):
+    from store import memories as M
+    return M.listing(store)
+
+
 # ----------------------------------------------------------------------------------------- in the forked run
 _counts: collections.Counter = collections.Counter()
 _lock = threading.Lock()
@@ -139,6 +181,25 @@ def _act(filename=None) -> None:
     if action == 'pg_down':
         _pg_block(_spec['admin'], _spec['database'])
         _db_down.set()
+    if action == 'pause':  # a live run, held here: the suite resumes it meanwhile, or sends it a real SIGTERM
+        Path(_spec['ready']).write_text(str(os.getpid()))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.05)
+    if action == 'fill':
+        fill_disk(Path(_spec['path']))
+
+
+def fill_disk(folder: Path) -> None:
+    """Fill the filesystem holding `folder` to the last byte (a real full disk: every later write fails there)."""
+    with open(folder / 'filler', 'ab', buffering=0) as f:  # unbuffered: nothing is left to flush when it closes
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b'\0' * size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
 
 
 def _at(hit: bool, phase: str, filename=None) -> None:
@@ -187,7 +248,8 @@ def install_hooks(spec: dict | None) -> None:
 
     def atomic_write(path, write):
         hit = _tick('ckpt_write')
-        if not hit:
+        if not hit or _spec['action'] in ('fill', 'pause'):  # these act, then the real write proceeds (or fails)
+            _at(hit, 'begin', path)
             return real_atomic_write(path, write)
         _at(hit, 'begin', path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +259,7 @@ def install_hooks(spec: dict | None) -> None:
         if _spec['phase'] == 'torn':
             os.truncate(tmp, os.path.getsize(tmp) // 2)
             _act(path)
+        os.chmod(tmp, C.file_mode())  # as the real atomic_write does before its rename
         _at(hit, 'written', path)
         os.replace(tmp, path)
         _at(hit, 'renamed', path)
@@ -278,18 +341,20 @@ def install_hooks(spec: dict | None) -> None:
         D.DefaultDialect.do_execute, D.DefaultDialect.do_executemany = do_execute, do_executemany
 
 
-def _child(argv, spec, log: Path, counts: Path | None, start_at: float | None):
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _child(argv, spec, log: Path, counts: Path | None, start_at: float | None, module: str = 'runtime.run'):
+    paths = log if isinstance(log, tuple) else (log,)  # (stdout, stderr), or one log for both
+    for targets, path in zip(((1,), (2,)) if len(paths) == 2 else ((1, 2),), paths):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for target in targets:
+            os.dup2(fd, target)
+        os.close(fd)
     code = 1
     try:
         install_hooks(spec)
         if start_at is not None:  # concurrent runs: start together
             time.sleep(max(0.0, start_at - time.time()))
-        import runtime.run as R
-        R.main(argv)
+        import importlib
+        importlib.import_module(module).main(argv)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -306,19 +371,20 @@ def _child(argv, spec, log: Path, counts: Path | None, start_at: float | None):
             os._exit(code)
 
 
-def fork_run(argv, log: Path, spec: dict | None = None, counts: Path | None = None, start_at=None) -> int:
-    """Run runtime.run.main(argv) in a forked copy of this process (torch and the runtime already imported);
-    -> its exit code, or -signal when it was killed."""
-    pid = spawn(argv, log, spec, counts, start_at)
+def fork_run(argv, log: Path, spec: dict | None = None, counts: Path | None = None, start_at=None,
+             module: str = 'runtime.run') -> int:
+    """Run <module>.main(argv) (runtime.run by default) in a forked copy of this process (torch and the runtime
+    already imported); -> its exit code, or -signal when it was killed."""
+    pid = spawn(argv, log, spec, counts, start_at, module)
     return wait(pid)
 
 
-def spawn(argv, log, spec=None, counts=None, start_at=None) -> int:
+def spawn(argv, log, spec=None, counts=None, start_at=None, module: str = 'runtime.run') -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(argv, spec, log, counts, start_at)
+        _child(argv, spec, log, counts, start_at, module)
     return pid
 
 
@@ -361,13 +427,46 @@ def query(db, sql, *args):
         con.close()
 
 
-def record_of(db, out_dir: Path, run_id: str) -> dict:
+def run_key(db, run_id) -> str | None:
+    """The run key recorded with a run (Sacred info.run_key)."""
+    rows = query(db, 'SELECT info FROM run WHERE run_id = ?', str(run_id))
+    try:
+        return json.loads(rows[0][0] or '{}').get('run_key') if rows else None
+    except ValueError:
+        return None
+
+
+def run_dir(out_dir: Path, run_id, db=None) -> Path:
+    """The folder of run `run_id` under out_dir, <id>-<key> (store/layout.py): the key from the run's record in `db`,
+    else the one folder of that id (<out_dir>/<id>-? when there is none)."""
+    key = run_key(db, run_id) if db is not None else None
+    if key:
+        return Path(out_dir) / f'{run_id}-{key}'
+    found = sorted(Path(out_dir).glob(f'{run_id}-*'))
+    return found[0] if len(found) == 1 else Path(out_dir) / f'{run_id}-?'
+
+
+def bad_modes(folder: Path) -> list[str]:
+    """Files and folders under `folder` whose permissions are not what the umask gives (mkstemp's 0600 would keep
+    other users from resuming or generating)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = []
+    for p in [folder, *folder.rglob('*')] if folder.is_dir() else []:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        if p.stat().st_mode & 0o777 != want:
+            out.append(f'{p.relative_to(folder.parent)} {oct(p.stat().st_mode & 0o777)}')
+    return out
+
+
+def record_of(db, out_dir: Path, run_id: str, store: Path | None = None) -> dict:
     """Everything that should match the baseline, from the run folder, the database and the Zarr store."""
     from safetensors.torch import load_file
 
     from store import memories as M
-    d = out_dir / run_id
-    rec = {'summary': json.loads((d / 'summary.json').read_text()) if (d / 'summary.json').is_file() else None,
+    d = run_dir(out_dir, run_id, db)
+    rec = {'name': d.name,
+           'summary': json.loads((d / 'summary.json').read_text()) if (d / 'summary.json').is_file() else None,
            'final': load_file(d / 'final.safetensors') if (d / 'final.safetensors').is_file() else None,
            'stages': {p.stem: load_file(p) for p in sorted((d / 'stages').glob('*.safetensors'))},
            'runs': query(db, 'SELECT run_id, status FROM run ORDER BY id'),
@@ -375,15 +474,16 @@ def record_of(db, out_dir: Path, run_id: str) -> dict:
                                 'ORDER BY name, step, id', run_id),
            'artifacts': sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', run_id)),
            'row': (query(db, 'SELECT info, result FROM run WHERE run_id = ?', run_id) or [(None, None)])[0]}
-    store = out_dir / 'memories.zarr'
+    store = store or out_dir / 'memories.zarr'
     rec['zarr'] = {}
     for g in M.listing(store):
         entry = dict(g)
         if g['complete']:
-            grp = M.open_group(store, g['run_id'], g['stage'])
+            grp = M.open_group(store, g['run'], g['stage'])
             entry['arrays'] = {k: torch.from_numpy(getattr(grp, k)[:].copy()) for k in ('memories', 'tokens', 'mask')}
             entry['step'] = grp.attrs.get('step')
-        rec['zarr'][(g['run_id'], g['stage'])] = entry
+        rec['zarr'][(g['run'], g['stage'])] = entry
+    rec['modes'] = bad_modes(d) + bad_modes(Path(store) / d.name)
     rec['temporaries'] = (sorted(str(p.relative_to(d)) for p in list(d.glob('.*')) + list(d.glob('stages/.*')))
                           if d.is_dir() else [])
     ck = d / 'checkpoint.pt'
@@ -445,19 +545,20 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
     if rec['row'][1] != base['row'][1]:
         problems.append(f"result {rec['row'][1]} vs {base['row'][1]}")
     # the Zarr store: exactly the baseline's groups, complete, same rows
-    base_groups = {stage: g for (rid, stage), g in base['zarr'].items() if rid == base_id}
+    name = rec['name']
+    base_groups = {stage: g for (rid, stage), g in base['zarr'].items() if rid == base['name']}
     for (rid, stage), g in rec['zarr'].items():
-        if rid != run_id or stage not in base_groups:
+        if rid != name or stage not in base_groups:
             problems.append(f'zarr: unexpected group {rid}/{stage}')
             dup['zarr rows'] += g['rows']
     for stage, bg in base_groups.items():
-        g = rec['zarr'].get((run_id, stage))
+        g = rec['zarr'].get((name, stage))
         if g is None or not g['complete']:
-            problems.append(f"zarr: group {run_id}/{stage} {'missing' if g is None else 'torn (incomplete)'}")
+            problems.append(f"zarr: group {name}/{stage} {'missing' if g is None else 'torn (incomplete)'}")
             lost['zarr rows'] += bg['rows']
             continue
         if g['rows'] != bg['rows'] or g['shape'] != bg['shape']:
-            problems.append(f"zarr: {run_id}/{stage} has {g['rows']} rows {g['shape']} "
+            problems.append(f"zarr: {name}/{stage} has {g['rows']} rows {g['shape']} "
                             f"(want {bg['rows']} {bg['shape']})")
             lost['zarr rows'] += max(0, bg['rows'] - g['rows'])
             dup['zarr rows'] += max(0, g['rows'] - bg['rows'])
@@ -465,13 +566,15 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
         for k, a in bg['arrays'].items():
             b = g['arrays'][k]
             if a.shape != b.shape or not (torch.allclose(a.float(), b.float(), rtol=0, atol=1e-6)):
-                problems.append(f'zarr: {run_id}/{stage}/{k} differs from the uninterrupted run')
+                problems.append(f'zarr: {name}/{stage}/{k} differs from the uninterrupted run')
         if g['step'] != bg['step']:
-            problems.append(f"zarr: {run_id}/{stage} step attribute {g['step']} vs {bg['step']}")
+            problems.append(f"zarr: {name}/{stage} step attribute {g['step']} vs {bg['step']}")
     if not rec['checkpoint_ok']:
         problems.append('checkpoint.pt does not verify against checkpoint.pt.sha256')
     if rec['temporaries']:
         problems.append(f"temporary files left: {rec['temporaries']}")
+    if rec['modes']:
+        problems.append(f"files other users cannot read (not the umask's mode): {rec['modes'][:4]}")
     return problems, dict(lost), dict(dup)
 
 
@@ -479,14 +582,17 @@ def recorded_ids(db) -> list[str]:
     return [r[0] for r in query(db, 'SELECT run_id FROM run ORDER BY id')]
 
 
-def stderr_problems(text: str, code: int, want_code: int, needles=()) -> list[str]:
+def stderr_problems(text: str, code: int, want_code: int, needles=(), errors: int | None = None) -> list[str]:
+    """What is wrong with a command's output: exit code, a traceback, not exactly one 'error:' message (`errors`: how
+    many instead), a needle missing."""
     out = []
     if code != want_code:
         out.append(f'exit {code} (want {want_code})')
     if 'Traceback' in text:
         out.append('a traceback was printed')
-    if want_code and text.count('error:') != 1:
-        out.append(f"{text.count('error:')} 'error:' messages (want one)")
+    errors = (1 if want_code else 0) if errors is None else errors
+    if (want_code or errors) and text.count('error:') != errors:
+        out.append(f"{text.count('error:')} 'error:' messages (want {errors})")
     for n in needles:
         if n not in text:
             out.append(f'{n!r} not in the message')
@@ -567,6 +673,7 @@ class Suite:
         if self.base is None:
             (self.base_id,) = recorded_ids(db_path(self.base_dir))
             self.base = record_of(db_path(self.base_dir), self.base_dir, self.base_id)
+            self.base_name = self.base['name']
         return self.base
 
     def plan_kills(self, n: int) -> list[dict]:
@@ -585,18 +692,20 @@ class Suite:
             points.append({'id': f'kill{i:02d}', 'kind': 'kill', 'category': cat, 'hooks': specs})
         return points
 
-    def finish(self, out: Path, name: str, resume_id: str | None) -> tuple[int, str | None]:
-        """Resume (or, when nothing was recorded, rerun) until done -> (exit code, run id)."""
-        extra = ['--resume', resume_id] if resume_id is not None else []
-        code = fork_run(argv_for(out, self.cache, extra), out / f'{name}.log')
-        ids = recorded_ids(db_path(out))
+    def finish(self, out: Path, name: str, resume_id: str | None, extra=(), db=None,
+               log: Path | None = None) -> tuple[int, str | None]:
+        """Resume (or, when nothing was recorded, rerun) until done -> (exit code, run id). `extra`: more arguments
+        (--db), `db` the database they name (default <out>/sacred.db)."""
+        more = ['--resume', resume_id] if resume_id is not None else []
+        code = fork_run(argv_for(out, self.cache, list(extra) + more), log or out / f'{name}.log')
+        ids = recorded_ids(db or db_path(out))
         return code, resume_id if resume_id is not None else (ids[-1] if ids else None)
 
-    def check(self, out: Path, run_id: str | None) -> tuple[list[str], dict, dict]:
+    def check(self, out: Path, run_id: str | None, db=None) -> tuple[list[str], dict, dict]:
         base = self.base_record()
         if run_id is None:
             return ['no run was recorded'], {'run rows': 1}, {}
-        return compare(record_of(db_path(out), out, run_id), base, run_id, self.base_id)
+        return compare(record_of(db or db_path(out), out, run_id), base, run_id, self.base_id)
 
     def kill_point(self, point: dict) -> dict:
         out = self.root / point['id']
@@ -651,14 +760,14 @@ class Suite:
         res['problems'] += stderr_problems(text, code, 1, ('No space left on device', '--resume', 'intact'))
         res['message'] = error_message(text)
         (run_id,) = recorded_ids(db_path(out)) or [None]
-        d = out / str(run_id)
+        d = run_dir(out, run_id)
         ck = d / 'checkpoint.pt'
         import runtime.checkpoint as R
         if ck.is_file():
             side = ck.with_name('checkpoint.pt.sha256')
             if not (side.is_file() and R.sha256_file(ck) in side.read_text().split()[:1]):
                 res['problems'].append('the previous checkpoint does not verify after the failed write')
-            state = torch.load(ck, weights_only=False)
+            state = torch.load(ck, weights_only=True)
             res['checkpoint_left'] = {'stage': state['stage'], 'step': state['step']}
         temps = sorted(p.name for p in list(d.glob('.*')) + list(d.glob('stages/.*')))
         if temps:
@@ -670,7 +779,7 @@ class Suite:
                 res['problems'].append('the interrupted memory group is not marked incomplete')
             else:
                 try:
-                    M.open_group(out / 'memories.zarr', torn[0]['run_id'], torn[0]['stage'])
+                    M.open_group(out / 'memories.zarr', torn[0]['run'], torn[0]['stage'])
                     res['problems'].append('a reader opened the half-written memory group')
                 except Exception as e:  # noqa: BLE001
                     if type(e).__name__ != 'SpecError':
@@ -678,13 +787,15 @@ class Suite:
                                                'not a clear error')
         return self.resume_and_check(out, res, run_id)
 
-    def resume_and_check(self, out: Path, res: dict, run_id, what: str = 'resume') -> dict:
+    def resume_and_check(self, out: Path, res: dict, run_id, what: str = 'resume', extra=(), db=None,
+                         log: Path | None = None) -> dict:
         """The end of every fault scenario: --resume, then compare with the uninterrupted baseline."""
-        code, run_id = self.finish(out, 'resume', run_id)
+        log = log or out / 'resume.log'
+        code, run_id = self.finish(out, 'resume', run_id, extra, db, log)
         if code != 0:
-            res['problems'].append(f'{what} exited {code}: {tail(out / "resume.log", 800)}')
+            res['problems'].append(f'{what} exited {code}: {tail(log, 800)}')
         else:
-            p, res['lost'], res['duplicated'] = self.check(out, run_id)
+            p, res['lost'], res['duplicated'] = self.check(out, run_id, db)
             res['problems'] += p
         res['survived'] = not res['problems']
         return res
@@ -815,7 +926,7 @@ class Suite:
         if code != -signal.SIGKILL:
             res['problems'].append(f'the run was not killed (exit {code})')
         (run_id,) = recorded_ids(db_path(out)) or [None]
-        ck = out / str(run_id) / 'checkpoint.pt'
+        ck = run_dir(out, run_id) / 'checkpoint.pt'
         data = bytearray(ck.read_bytes())
         for i in range(len(data) // 3, len(data) // 3 + 64):
             data[i] ^= 0xFF
@@ -855,12 +966,488 @@ class Suite:
                    'db_gone_midrun', {'hook': 'step', 'phase': 'begin', 'k': 4},
                    ('stopped answering', '--resume', 'nothing after it is lost'))),
                ('db_gone_at_the_end', lambda: self.fault_db_gone(  # before final.safetensors: after the last checkpoint
-                   'db_gone_at_the_end', {'hook': 'ckpt_write', 'phase': 'begin', 'k': self.counts['ckpt_write']},
+                   'db_gone_at_the_end', {'hook': 'ckpt_write', 'phase': 'begin', 'k': self.final_write()},
                    ('finished', 'not recorded', '--resume'))),
                ('corrupt_checkpoint', self.fault_corrupt_checkpoint),
                ('kill_while_replacing_memories', self.fault_kill_while_replacing_memories)]
         if self.postgres:
             out.append(('postgres_gone_midrun', self.fault_pg_gone))
+        return out + self.hardening()
+
+    # ------------------------------------------------------------------ hardening: security, identity, signals, disks
+    def final_write(self) -> int:
+        """The atomic_write call that writes final.safetensors: the last three are final weights, summary.md and
+        summary.json (runtime.run.execute)."""
+        return self.counts['ckpt_write'] - 2
+
+    @staticmethod
+    def result(fid: str) -> dict:
+        return {'id': fid, 'kind': 'fault', 'problems': [], 'lost': {}, 'duplicated': {}}
+
+    @staticmethod
+    def mount(folder: Path, options: str) -> str | None:
+        """Mount a tmpfs at `folder` -> None, or why it cannot be mounted here (then the scenario is skipped)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if not shutil.which('mount'):
+            return 'no mount command on this machine'
+        r = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(folder)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            return f"cannot mount a tmpfs here ({(r.stderr.strip() or 'mount failed').splitlines()[0]}; needs root)"
+        return None
+
+    @staticmethod
+    def umount(folder: Path) -> None:
+        subprocess.run(['umount', str(folder)], capture_output=True)
+
+    def pause_at(self, out: Path, hook: str, k: int, log: Path, extra=()) -> tuple[int, Path]:
+        """A run forked and held at the k-th call of `hook` (alive, its lock held): -> (pid, ready file)."""
+        ready = out.parent / f'{out.name}.ready'
+        ready.unlink(missing_ok=True)
+        pid = spawn(argv_for(out, self.cache, extra), log,
+                    {'hook': hook, 'phase': 'begin', 'k': k, 'action': 'pause', 'ready': str(ready)})
+        deadline = time.time() + RUN_TIMEOUT
+        while not ready.is_file() and time.time() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            time.sleep(0.05)
+        return pid, ready
+
+    def checkpoint_verifies(self, d: Path) -> bool:
+        import runtime.checkpoint as R
+        ck, side = d / 'checkpoint.pt', d / 'checkpoint.pt.sha256'
+        return ck.is_file() and side.is_file() and R.sha256_file(ck) in side.read_text().split()
+
+    def fault_real_disk_full(self, fid: str, hook: str, k: int, what: str) -> dict:
+        """A real full filesystem: out_dir on a 32 MiB tmpfs, filled to the last byte when `hook` is called the k-th
+        time, so torch.save (RuntimeError 'unexpected pos'), safetensors or zarr fail as they do on a full disk.
+        Exit 1, one message naming the file, the disk and its free space; the record says FAILED (it lives on another
+        disk); the last checkpoint verifies; no temporaries. Space freed, --resume ends equal to the baseline."""
+        res = self.result(fid)
+        disk = self.root / f'{fid}-disk'
+        why = self.mount(disk, 'size=32m')
+        if why:
+            return dict(res, skipped=why, survived=True)
+        try:
+            out, db = disk / 'runs', self.root / f'{fid}.db'
+            extra = ['--db', f'sqlite:///{db}']
+            log = self.root / f'{fid}-full.log'
+            code = fork_run(argv_for(out, self.cache, extra), log,
+                            {'hook': hook, 'phase': 'begin', 'k': k, 'action': 'fill', 'path': str(disk)})
+            text = tail(log, 100000)
+            res['problems'] += stderr_problems(text, code, 1, ('No space left on device', what,
+                                                               f'the filesystem at {disk} (0 B free',
+                                                               'recorded as FAILED', 'intact', '--resume'))
+            res['message'] = error_message(text)
+            (run_id,) = recorded_ids(db) or [None]
+            if query(db, 'SELECT status FROM run') != [('FAILED',)]:
+                res['problems'].append(f"status {query(db, 'SELECT status FROM run')} (want FAILED)")
+            d = run_dir(out, run_id, db)
+            if not self.checkpoint_verifies(d):
+                res['problems'].append('the last checkpoint does not verify after the failed write')
+            temps = sorted(p.name for p in list(d.glob('.*')) + list(d.glob('stages/.*')))
+            if temps:
+                res['problems'].append(f'temporary files left after the failed write: {temps}')
+            (disk / 'filler').unlink()
+            return self.resume_and_check(out, res, run_id, extra=extra, db=db, log=self.root / f'{fid}-resume.log')
+        finally:
+            self.umount(disk)
+
+    def fault_sigterm(self, fid: str, hook: str, k: int) -> dict:
+        """A real SIGTERM (what batch schedulers send), sent by the suite to a live run held at the k-th call of `hook`:
+        exit 143, one message, status INTERRUPTED, a resume point that verifies; --resume ends equal to the baseline."""
+        res, out = self.result(fid), self.root / fid
+        log = self.log(out, 'term')
+        pid, ready = self.pause_at(out, hook, k, log)
+        if not ready.is_file():
+            os.kill(pid, signal.SIGKILL)
+            wait(pid)
+            return dict(res, problems=[f'the run never reached {hook} #{k}: {tail(log, 600)}'], survived=False)
+        os.kill(pid, signal.SIGTERM)
+        code = wait(pid)
+        text = tail(log, 100000)
+        res['problems'] += stderr_problems(text, code, 143, ('INTERRUPTED', '--resume'), errors=0)
+        if text.count('interrupted (SIGTERM)') != 1:
+            res['problems'].append(f"{text.count('interrupted (SIGTERM)')} 'interrupted (SIGTERM)' messages (want 1)")
+        res['message'] = text[text.rfind('interrupted'):].strip()
+        (run_id,) = recorded_ids(db_path(out)) or [None]
+        if query(db_path(out), 'SELECT status FROM run') != [('INTERRUPTED',)]:
+            res['problems'].append(f"status {query(db_path(out), 'SELECT status FROM run')} (want INTERRUPTED)")
+        if not self.checkpoint_verifies(run_dir(out, run_id)):
+            res['problems'].append('no resume point that verifies')
+        return self.resume_and_check(out, res, run_id)
+
+    def fault_resume_while_alive(self) -> dict:
+        """--resume of a run whose process is alive is refused (exit 2) naming its pid and host, and touches nothing;
+        killed, the dead run shows as stale in `store.runs list` and a plain --resume takes it over."""
+        import socket
+        res, out = self.result('resume_while_alive'), self.root / 'alive'
+        pid, ready = self.pause_at(out, 'step', 4, self.log(out, 'alive'))
+        try:
+            (run_id,) = recorded_ids(db_path(out)) or [None]
+            before = query(db_path(out), 'SELECT name, step, value FROM memspec_metrics ORDER BY id')
+            code = fork_run(argv_for(out, self.cache, ['--resume', str(run_id)]), self.log(out, 'second'))
+            text = tail(self.log(out, 'second'), 100000)
+            res['problems'] += stderr_problems(text, code, 2, (f'pid {pid} on {socket.gethostname()}', 'live process',
+                                                               f'kill {pid}', f'--resume {run_id} again'))
+            res['message'] = error_message(text)
+            if query(db_path(out), 'SELECT status FROM run') != [('RUNNING',)] or \
+                    query(db_path(out), 'SELECT name, step, value FROM memspec_metrics ORDER BY id') != before:
+                res['problems'].append('the refused resume changed the record')
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            wait(pid)
+        con = sqlite3.connect(db_path(out), timeout=60)
+        with con:
+            con.execute("UPDATE run SET heartbeat = datetime('now', '-2 hours')")
+        con.close()
+        code = fork_run(['list', '--db', f'sqlite:///{db_path(out)}'], self.log(out, 'list'), module='store.runs')
+        listed = tail(self.log(out, 'list'), 100000)
+        if code != 0 or 'RUNNING (stale: no heartbeat for 2 h' not in listed:
+            res['problems'].append(f'store.runs list does not flag the dead run as stale (exit {code}): '
+                                   f'{listed[-600:]}')
+        res['listed'] = [ln for ln in listed.splitlines() if 'stale' in ln]
+        return self.resume_and_check(out, res, run_id)
+
+    def fault_crafted_checkpoint(self) -> dict:
+        """checkpoint.pt replaced by a pickle whose __reduce__ creates a file (as a raw pickle and inside torch's zip
+        format), with a matching checkpoint.pt.sha256: --resume refuses it (exit 2) and the payload never runs.
+        --resume with a path instead of an id is refused too. The original checkpoint put back, --resume ends equal
+        to the baseline (nothing else was touched)."""
+        import hashlib
+        import pickle
+        res, out = self.result('crafted_checkpoint'), self.root / 'crafted'
+        code = fork_run(argv_for(out, self.cache), self.log(out, 'killed'),
+                        {'hook': 'step', 'phase': 'begin', 'k': 5, 'action': 'kill'})
+        (run_id,) = recorded_ids(db_path(out)) or [None]
+        d = run_dir(out, run_id)
+        ck, side = d / 'checkpoint.pt', d / 'checkpoint.pt.sha256'
+        original = ck.read_bytes(), side.read_bytes()
+        ran = self.root / 'crafted-payload-ran'
+        control = self.root / 'crafted-payload-control'
+        pickle.loads(pickle.dumps(Payload(control)))  # the payload does run when unpickled plainly
+        if not control.is_file():
+            res['problems'].append('the crafted payload does not work: the test would prove nothing')
+        buf = io.BytesIO()
+        torch.save({'model': Payload(ran)}, buf)
+        for fmt, blob in (('raw pickle', pickle.dumps({'model': Payload(ran)})), ('torch zip', buf.getvalue())):
+            ck.write_bytes(blob)
+            side.write_text(f'{hashlib.sha256(blob).hexdigest()}  checkpoint.pt\n')
+            code = fork_run(argv_for(out, self.cache, ['--resume', str(run_id)]), self.log(out, 'crafted'))
+            text = tail(self.log(out, 'crafted'), 100000)
+            res['problems'] += [f'{fmt}: {p}' for p in stderr_problems(
+                text, code, 2, ('holds objects other than tensors', 'not loaded', str(ck)))]
+            res['message'] = error_message(text)
+            if ran.exists():
+                res['problems'].append(f'{fmt}: the payload ran (it created {ran})')
+        ck.write_bytes(original[0])
+        side.write_bytes(original[1])
+        for ref in ('/tmp', '../..', f'{run_id}/../..', f'{d}'):
+            code = fork_run(argv_for(out, self.cache, ['--resume', ref]), self.log(out, 'path'))
+            text = tail(self.log(out, 'path'), 100000)
+            res['problems'] += [f'--resume {ref}: {p}' for p in stderr_problems(text, code, 2, ('is not a run id',))]
+        return self.resume_and_check(out, res, run_id)
+
+    def fault_shared_out_dir(self) -> dict:
+        """Two run databases sharing one out_dir (run 0 of each), and a third out_dir sharing its memory store: three
+        runs numbered 0, three folders and memory groups, none touching another. Run A (the baseline's arguments)
+        ends equal to the baseline. `store.analyze info 0` and `runtime.generate 0` refuse the ambiguous id, listing
+        the runs; by full name (or analyze --db) each gives its own run's numbers."""
+        res = self.result('shared_out_dir')
+        out, other = self.root / 'shared', self.root / 'shared-other'
+        db_a, db_b, db_c = db_path(out), self.root / 'shared-b.db', db_path(other)
+        store = out / 'memories.zarr'
+        runs = {'A': (argv_for(out, self.cache), db_a),
+                'B': (argv_for(out, self.cache, ['--db', f'sqlite:///{db_b}'], ['Run.seed=1']), db_b),
+                'C': (argv_for(other, self.cache, [], [f"Run.memory_store='{store}'", 'Run.seed=2']), db_c)}
+        for key, (argv, db) in runs.items():
+            code = fork_run(argv, self.log(self.root, f'shared-{key}'))
+            if code != 0 or recorded_ids(db) != ['0']:
+                res['problems'].append(f'run {key} exited {code}, ids {recorded_ids(db)}: '
+                                       f'{tail(self.log(self.root, f"shared-{key}"), 600)}')
+        if res['problems']:
+            return dict(res, survived=False)
+        names = {k: run_dir(out if k != 'C' else other, '0', db).name for k, (_, db) in runs.items()}
+        if len(set(names.values())) != 3 or not all(n.startswith('0-') for n in names.values()):
+            res['problems'].append(f'run folders/groups are not distinct: {names}')
+        groups = sorted((g['run'], g['stage'], g['complete']) for g in M_listing(store))
+        want = sorted((n, s, True) for n in names.values() for s in STAGES)
+        if groups != want:
+            res['problems'].append(f'memory store holds {groups}, want {want}')
+        rec = record_of(db_a, out, '0')
+        rec['zarr'] = {k: v for k, v in rec['zarr'].items() if k[0] == names['A']}  # the others are B's and C's
+        p, res['lost'], res['duplicated'] = compare(rec, self.base_record(), '0', self.base_id)
+        res['problems'] += [f'run A: {x}' for x in p]
+
+        def cli(module, argv, tag):
+            log = (self.root / f'shared-{tag}.out', self.root / f'shared-{tag}.err')
+            code = fork_run([str(a) for a in argv], log, module=module)
+            return code, tail(log[0], 100000), tail(log[1], 100000)
+
+        def info(tag, *argv):
+            code, text, err = cli('store.analyze', ['info', *argv, '--csv', '-'], tag)
+            rows = [ln.split(',') for ln in text.strip().splitlines()]
+            if code != 0 or len(rows) != 1 + len(STAGES):
+                res['problems'].append(f'analyze info {argv}: exit {code}: {err[-600:]}')
+                return []
+            return rows
+
+        code, _, err = cli('store.analyze', ['info', '0', '--store', store], 'info-ambiguous')
+        res['problems'] += [f'analyze info 0: {x}'
+                            for x in stderr_problems(err, code, 2, ('ambiguous', *names.values()))]
+        res['message'] = error_message(err)
+        base_rows = info('info-base', self.base_name, '--store', self.base_dir / 'memories.zarr')
+        a_rows = info('info-a', names['A'], '--store', store)
+        b_rows = info('info-b', '0', '--store', store, '--db', f'sqlite:///{db_b}')
+        if [r[1:] for r in a_rows] != [r[1:] for r in base_rows] or not a_rows:
+            res['problems'].append(f'analyze info of run A {a_rows} differs from the baseline {base_rows}')
+        if not b_rows or {r[0] for r in b_rows[1:]} != {names['B']}:
+            res['problems'].append(f"analyze info 0 --db <B's database> did not analyse run B: {b_rows}")
+        code, _, err = cli('runtime.generate', ['0', '--runs', out, '--prompt', 'The'], 'gen-ambiguous')
+        res['problems'] += [f'generate 0: {x}' for x in stderr_problems(err, code, 2, ('ambiguous', names['A'],
+                                                                                       names['B']))]
+        gen = ['--prompt', 'The while statement', '--max-new-tokens', '8', '--json']
+        texts = {}
+        for tag, argv in (('A', [names['A'], '--runs', out]), ('base', [self.base_name, '--runs', self.base_dir]),
+                          ('B', [names['B'], '--runs', out])):
+            code, text, err = cli('runtime.generate', argv + gen, f'gen-{tag}')
+            texts[tag] = json.loads(text)['tokens'] if code == 0 and text.strip() else None
+            if code != 0:
+                res['problems'].append(f'generate {argv[0]}: exit {code}: {err[-600:]}')
+        if texts['A'] is None or texts['A'] != texts['base']:
+            res['problems'].append(f"generate from run A {texts['A']} differs from the baseline's {texts['base']}")
+        res['names'] = names
+        res['survived'] = not res['problems']
+        return res
+
+    def fault_damaged_memories(self) -> dict:
+        """The baseline's memory store, damaged one way per copy: a missing chunk, a corrupt chunk (bytes flipped), a
+        garbled group zarr.json and array zarr.json. `store.analyze info` and `runtime.generate --memories` exit 2
+        naming the run, the stage and the rows; nothing reads as numbers."""
+        res = self.result('damaged_memories')
+        self.base_record()
+        name, src = self.base_name, self.base_dir
+        cases = {'missing chunk': ('autoencode/memories/c/1/0/0', 'delete', ('autoencode', 'rows 256-506', 'missing')),
+                 'corrupt chunk': ('autoencode/tokens/c/0/0/0', 'flip', ('autoencode', 'rows 0-255', 'corrupt',
+                                                                         'checksum')),
+                 'garbled group metadata': ('blank_copy/zarr.json', 'garble', ('blank_copy', 'damaged')),
+                 'garbled array metadata': ('autoencode/mask/zarr.json', 'garble', ('autoencode', 'damaged'))}
+        for i, (case, (rel, how, needles)) in enumerate(cases.items()):
+            copy = self.root / f'damaged-{i}'
+            shutil.copytree(src, copy, ignore=shutil.ignore_patterns('sacred.db*'))
+            target = copy / 'memories.zarr' / name / rel
+            if how == 'delete':
+                target.unlink()
+            elif how == 'flip':
+                data = bytearray(target.read_bytes())
+                for j in range(len(data) // 3, len(data) // 3 + 8):
+                    data[j] ^= 0xFF
+                target.write_bytes(bytes(data))
+            else:
+                target.write_text('{"zarr_format": 3, "node_type": ' + 'x' * 40)
+            log = (self.root / f'damaged-{i}.out', self.root / f'damaged-{i}.err')
+            code = fork_run(['info', name, '--store', str(copy / 'memories.zarr')], log, module='store.analyze')
+            err = tail(log[1], 100000)
+            res['problems'] += [f'{case}: analyze: {p}' for p in stderr_problems(err, code, 2, (name, *needles))]
+            if tail(log[0], 100000).strip():
+                res['problems'].append(f'{case}: analyze printed results: {tail(log[0], 300)}')
+            res.setdefault('messages', {})[case] = error_message(err)
+            if how == 'delete':  # generation conditioned on a stored row of the missing chunk
+                code = fork_run([name, '--runs', str(copy), '--prompt', 'The', '--memories', 'autoencode:300'], log,
+                                module='runtime.generate')
+                err = tail(log[1], 100000)
+                res['problems'] += [f'{case}: generate: {p}' for p in stderr_problems(
+                    err, code, 2, ('autoencode', 'rows 256-506', 'missing'))]
+        res['survived'] = not res['problems']
+        return res
+
+    def fault_damaged_cache(self) -> dict:
+        """The data cache damaged (examples.pt truncated, garbage in meta.json, garbage in tokenizer.json): the next
+        run says so in one note, rebuilds it, and ends equal to the baseline. A cache folder that cannot be written
+        (a file in its place) is refused before anything is recorded (exit 2)."""
+        res = self.result('damaged_cache')
+        cases = {'truncated examples.pt': ('examples.pt', 'truncate'), 'garbage meta.json': ('meta.json', 'garbage'),
+                 'garbage tokenizer.json': ('tokenizer.json', 'garbage')}
+        for i, (case, (file, how)) in enumerate(cases.items()):
+            cache, out = self.root / f'cache-{i}', self.root / f'cache-run-{i}'
+            shutil.copytree(self.cache, cache)
+            (entry,) = cache.glob('data-*')
+            target = entry / file
+            if how == 'truncate':
+                os.truncate(target, target.stat().st_size // 2)
+            else:
+                target.write_bytes(b'\x00garbage{' * 16)
+            log = self.log(out, 'run')
+            code = fork_run(argv_for(out, cache), log)
+            text = tail(log, 100000)
+            res['problems'] += [f'{case}: {p}' for p in stderr_problems(text, code, 0, (file, 'rebuilding it'))]
+            if text.count('is damaged') != 1:
+                res['problems'].append(f"{case}: {text.count('is damaged')} damage notes (want 1)")
+            res.setdefault('notes', {})[case] = next((ln for ln in text.splitlines() if 'is damaged' in ln), '')
+            if code == 0:
+                p, lost, dup = self.check(out, (recorded_ids(db_path(out)) or [None])[0])
+                res['problems'] += [f'{case}: {x}' for x in p]
+                for k, v in lost.items():
+                    res['lost'][k] = res['lost'].get(k, 0) + v
+        blocker, out = self.root / 'cache-file', self.root / 'cache-run-blocked'
+        blocker.write_text('not a folder\n')
+        log = self.log(out, 'blocked')
+        code = fork_run(argv_for(out, blocker), log)
+        res['problems'] += [f'unwritable cache: {p}' for p in stderr_problems(tail(log, 100000), code, 2,
+                                                                             ('Data.cache_dir', 'cannot write'))]
+        if recorded_ids(db_path(out)) or [p for p in out.iterdir() if p.is_dir()]:
+            res['problems'].append('unwritable cache: something was recorded or written')
+        res['survived'] = not res['problems']
+        return res
+
+    def fault_refused_before_work(self) -> dict:
+        """Refused before anything is recorded or written (exit 2, one message): an in-memory SQLite database; a memory
+        store on a read-only filesystem (tmpfs mounted ro) or with damaged root metadata; a truncated .safetensors
+        as an init_from source or given to runtime.generate."""
+        res = self.result('refused_before_work')
+        self.base_record()
+
+        def refused(tag, argv, needles, module='runtime.run', out=None):
+            log = self.root / f'refused-{tag}.log'
+            code = fork_run([str(a) for a in argv], log, module=module)
+            text = tail(log, 100000)
+            res['problems'] += [f'{tag}: {p}' for p in stderr_problems(text, code, 2, needles)]
+            res.setdefault('messages', {})[tag] = error_message(text)
+            if out is not None and (db_path(out).exists() or any(p.is_dir() for p in out.glob('*'))):
+                res['problems'].append(f'{tag}: something was recorded or written under {out}')
+
+        for tag, url in (('memory db', 'sqlite://'), ('memory db file', 'sqlite:///:memory:')):
+            out = self.root / f'refused-{tag.replace(" ", "-")}'
+            refused(tag, argv_for(out, self.cache, ['--db', url]), ('in-memory', 'could not be resumed'), out=out)
+        garbled = self.root / 'refused-garbled-store'
+        garbled.mkdir()
+        (garbled / 'zarr.json').write_text('{"zarr_format": 3,')
+        out = self.root / 'refused-garbled'
+        refused('garbled store', argv_for(out, self.cache, [], [f"Run.memory_store='{garbled}'"]),
+                ('Run.memory_store', 'damaged'), out=out)
+        ro = self.root / 'refused-ro'
+        why = self.mount(ro, 'size=1m,ro')
+        if why:
+            res['skipped_parts'] = [f'read-only memory store: {why}']
+        else:
+            try:
+                out = self.root / 'refused-ro-run'
+                refused('read-only store', argv_for(out, self.cache, [], [f"Run.memory_store='{ro / 'm.zarr'}'"]),
+                        ('Run.memory_store', 'cannot write', 'Read-only file system'), out=out)
+            finally:
+                self.umount(ro)
+        trunc = self.root / 'refused-trunc'
+        shutil.copytree(self.base_dir, trunc, ignore=shutil.ignore_patterns('sacred.db*', 'memories.zarr'))
+        folder = trunc / self.base_name
+        for f in (folder / 'final.safetensors', folder / 'stages' / 'autoencode.safetensors'):
+            os.truncate(f, f.stat().st_size // 2)
+        refused('truncated weights to generate', [self.base_name, '--runs', trunc, '--prompt', 'The'],
+                ('cannot read the weights', 'final.safetensors'), module='runtime.generate')
+        out = self.root / 'refused-init'
+        probe = ['specs/information_probe.gin', '-b', f"Run.out_dir='{trunc}'", '-b', f"Data.cache_dir='{self.cache}'",
+                 '-b', f"probe/Stage.init_from = {{'encoder': 'run:{self.base_id}/autoencode'}}",
+                 *[x for b in BINDINGS[:6] + ['probe/Stage.steps=2'] for x in ('-b', b)]]
+        before = sorted(p.name for p in trunc.iterdir())
+        refused('truncated init_from source', probe, ("init_from 'run:", 'cannot read', 'autoencode.safetensors'))
+        if sorted(p.name for p in trunc.iterdir()) != before:
+            res['problems'].append('truncated init_from source: the refused run wrote into its out_dir')
+        res['survived'] = not res['problems']
+        return res
+
+    def fault_password_never_shown(self) -> dict:
+        """PostgreSQL with a password (a role made for the test): a run, a failing run, a refused run with a wrong
+        password, a --resume, store.runs and store.analyze with both. The password appears in no output stream, in
+        no file under the out_dir and in no row of the database; the URL is printed as user:***@."""
+        import uuid
+
+        import psycopg2
+        from sqlalchemy.engine import make_url
+        res = self.result('password_never_shown')
+        role = f'memspec_pw_{os.getpid()}_{random.randrange(1 << 30)}'
+        secret, wrong = f'pw-{uuid.uuid4().hex}', f'pw-{uuid.uuid4().hex}'
+        admin = psycopg2.connect(self.postgres, connect_timeout=10)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'")
+            cur.execute(f'CREATE DATABASE {role} OWNER {role}')
+        base = make_url(self.postgres).set(username=role, database=role)
+        good = base.set(password=secret).render_as_string(hide_password=False)
+        bad = base.set(password=wrong).render_as_string(hide_password=False)
+        out = self.root / 'password'
+        logs = []
+        try:
+            def call(tag, argv, want, module='runtime.run'):
+                log = self.root / f'password-{tag}.log'
+                logs.append(log)
+                code = fork_run([str(a) for a in argv], log, module=module)
+                if code != want:
+                    res['problems'].append(f'{tag}: exit {code} (want {want}): {tail(log, 600)}')
+                return tail(log, 100000)
+
+            text = call('run', argv_for(out, self.cache, ['--db', good]), 0)
+            if f'postgresql://{role}:***@' not in text:
+                res['problems'].append('the run does not print its database as user:***@')
+            call('failing run', argv_for(out, self.cache, ['--db', good], ['autoencode/Stage.lr=1e30',
+                                                                           'autoencode/Stage.warmup=0']), 1)
+            call('wrong password', argv_for(out, self.cache, ['--db', bad]), 2)
+            call('resume, wrong password', argv_for(out, self.cache, ['--db', bad, '--resume', '0']), 2)
+            call('resume of a finished run', argv_for(out, self.cache, ['--db', good, '--resume', '0']), 0)
+            for tag, db, want in (('runs', good, 0), ('runs, wrong password', bad, 2)):
+                call(tag, ['list', '--db', db], want, 'store.runs')
+                call(f'{tag} show', ['show', '0', '--db', db], want, 'store.runs')
+            for tag, db, want in (('analyze', good, 0), ('analyze, wrong password', bad, 2)):
+                call(tag, ['info', '0', '--store', out / 'memories.zarr', '--db', db], want, 'store.analyze')
+            leaks = [f'{log.name}' for log in logs for pw in (secret, wrong) if pw in log.read_text(errors='replace')]
+            leaks += [str(p.relative_to(out)) for p in out.rglob('*') if p.is_file()
+                      for pw in (secret, wrong) if pw.encode() in p.read_bytes()]
+            con = psycopg2.connect(good, connect_timeout=10)
+            try:
+                with con.cursor() as cur:
+                    cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+                    tables = [t for (t,) in cur.fetchall()]
+                    rows = 0
+                    for t in tables:
+                        cur.execute(f'SELECT row_to_json(x)::text FROM "{t}" x')
+                        for (row,) in cur.fetchall():
+                            rows += 1
+                            if secret in row or wrong in row:
+                                leaks.append(f'database table {t}')
+            finally:
+                con.close()
+            res['checked'] = {'logs': len(logs), 'files': sum(1 for p in out.rglob('*') if p.is_file()),
+                              'tables': len(tables), 'rows': rows}
+            if leaks:
+                res['problems'].append(f'the password appears in: {sorted(set(leaks))}')
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS {role} WITH (FORCE)')
+                cur.execute(f'DROP ROLE IF EXISTS {role}')
+            admin.close()
+        res['survived'] = not res['problems']
+        return res
+
+    def hardening(self) -> list:
+        """(name, callable) of the scenarios of the hardening pass: disk, signals, locks, crafted files, shared
+        folders, damaged stores and caches, refusals, secrets."""
+        out = [('disk_full_real_checkpoint', lambda: self.fault_real_disk_full(
+                   'disk_full_real_checkpoint', 'ckpt_write', 6, 'checkpoint.pt')),  # the first stage boundary
+               ('disk_full_real_memories', lambda: self.fault_real_disk_full(
+                   'disk_full_real_memories', 'zarr_append', 2, 'memories')),
+               ('disk_full_real_final_weights', lambda: self.fault_real_disk_full(
+                   'disk_full_real_final_weights', 'ckpt_write', self.final_write(), 'final.safetensors')),
+               ('sigterm_mid_step', lambda: self.fault_sigterm('sigterm_mid_step', 'step', 4)),
+               ('sigterm_in_evaluation', lambda: self.fault_sigterm('sigterm_in_evaluation', 'eval', 2)),
+               ('sigterm_in_memory_write', lambda: self.fault_sigterm('sigterm_in_memory_write', 'zarr_append', 2)),
+               ('sigterm_in_checkpoint_write', lambda: self.fault_sigterm('sigterm_in_checkpoint_write', 'ckpt_write',
+                                                                          6)),
+               ('resume_while_alive', self.fault_resume_while_alive),
+               ('crafted_checkpoint', self.fault_crafted_checkpoint),
+               ('shared_out_dir', self.fault_shared_out_dir),
+               ('damaged_memories', self.fault_damaged_memories),
+               ('damaged_cache', self.fault_damaged_cache),
+               ('refused_before_work', self.fault_refused_before_work)]
+        if self.postgres:
+            out.append(('password_never_shown', self.fault_password_never_shown))
         return out
 
     # ------------------------------------------------------------------ concurrent runs
@@ -889,7 +1476,7 @@ class Suite:
         groups = M.listing(out / 'memories.zarr')
         base = self.base_record()
         want_rows = {s: g['rows'] for (rid, s), g in base['zarr'].items()}
-        folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != 'memories.zarr')
+        folders = sorted(p.name.split('-')[0] for p in out.iterdir() if p.is_dir() and p.name != 'memories.zarr')
         if sorted(folders) != sorted(ids):
             res['problems'].append(f'run folders {folders} vs recorded ids {ids}')
         base_steps = collections.Counter((nm, s) for nm, s, _ in base['metrics'])
@@ -909,7 +1496,7 @@ class Suite:
                     res['problems'].append(f'run {rid}: memory group {stage} {g}')
                     res['lost']['zarr rows'] = (res['lost'].get('zarr rows', 0) + rows_
                                                 - (g['rows'] if g and g['complete'] else 0))
-            if not (out / rid / 'final.safetensors').is_file():
+            if not (run_dir(out, rid) / 'final.safetensors').is_file():
                 res['problems'].append(f'run {rid}: no final.safetensors')
             arts = sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', rid))
             if arts != sorted(base['artifacts']):
@@ -959,7 +1546,10 @@ def run_parallel(tasks: list, jobs: int, root: Path) -> list[dict]:
 
 
 def _faults(p: dict) -> int:
-    """Faults injected by a scenario: kills that landed, one per resource fault, none for concurrent runs."""
+    """Faults injected by a scenario: kills that landed, one per resource fault, none for concurrent runs or skipped
+    scenarios."""
+    if p.get('skipped'):
+        return 0
     return p.get('killed', 0) if p['kind'] == 'kill' else 0 if p['kind'] == 'concurrent' else 1
 
 
@@ -967,7 +1557,7 @@ def _runs(p: dict) -> tuple[int, int]:
     """(runs that ended with correct, complete records, runs that should have): a kill point or fault is one run
     (however often it was killed), a concurrent scenario is its n runs. Kill points whose hook was not reached
     (no fault landed) are left out."""
-    if p['kind'] == 'kill' and not p.get('killed'):
+    if (p['kind'] == 'kill' and not p.get('killed')) or p.get('skipped'):
         return 0, 0
     n = p.get('runs', 1) if p['kind'] == 'concurrent' else 1
     return (n if p.get('survived') else 0), n
@@ -979,7 +1569,8 @@ def summarize(points: list[dict]) -> dict:
             'scenarios': len(points), 'runs_failed': [p['id'] for p in points if not p.get('survived')],
             'records_lost': sum(sum(p.get('lost', {}).values()) for p in points),
             'records_duplicated': sum(sum(p.get('duplicated', {}).values()) for p in points),
-            'not_reached': [p['id'] for p in points if p['kind'] == 'kill' and not p.get('killed')]}
+            'not_reached': [p['id'] for p in points if p['kind'] == 'kill' and not p.get('killed')],
+            'skipped': {p['id']: p['skipped'] for p in points if p.get('skipped')}}
 
 
 def table(points: list[dict]) -> str:
@@ -1062,6 +1653,8 @@ def main(argv=None) -> int:
         print(f"\nfaults injected {summary['faults_injected']}, runs survived {summary['runs_survived']} of "
               f"{summary['runs']}, records lost {summary['records_lost']}, records duplicated "
               f"{summary['records_duplicated']}  ({report['seconds']} s)")
+        for name, why in summary['skipped'].items():
+            print(f'\nSKIPPED {name}: {why}')
         for p in points:
             if not p.get('survived'):
                 print(f"\nFAILED {p['id']} {p.get('hooks', '')}:\n  " + '\n  '.join(p['problems']))

@@ -59,7 +59,7 @@ def ae_run(tmp_path_factory):
     store = out / 'memories.zarr'
     (entry,) = M.listing(store)
     assert entry['complete']
-    return {'store': str(store), 'run_id': entry['run_id'], 'stage': entry['stage'], 'out': out,
+    return {'store': str(store), 'run_id': entry['run'], 'id': entry['run_id'], 'stage': entry['stage'], 'out': out,
             'db': f"sqlite:///{out / 'sacred.db'}"}
 
 
@@ -82,7 +82,7 @@ def reference(ae_run):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
     with sa.create_engine(ae_run['db']).connect() as c:
         cfg = json.loads(c.execute(sa.text('SELECT config FROM run WHERE run_id = :r'),
-                                   {'r': ae_run['run_id']}).first()[0])
+                                   {'r': ae_run['id']}).first()[0])
     plan = P.Plan.from_dict(cfg['plan'])
     model = build(plan, g.attrs['vocab_size'])
     model.load_state_dict(load_file(g.attrs['checkpoint_path']))
@@ -202,7 +202,7 @@ def test_plot_writes_pngs(ae_run, capsys, tmp_path):
     engine = sa.create_engine(db)
     METRICS.create(engine)
     with engine.begin() as c:
-        c.execute(METRICS.insert(), [{'run_id': ae_run['run_id'], 'name': n, 'step': s, 'value': v}
+        c.execute(METRICS.insert(), [{'run_id': ae_run['id'], 'name': n, 'step': s, 'value': v}
                                      for s in (40, 80) for n, v in (('eval/autoencode.token_accuracy', s / 100),
                                                                     ('eval/autoencode.ce', 5 - s / 40),
                                                                     ('train/loss', 4.0))])
@@ -293,7 +293,8 @@ def test_killed_writer_is_reported_as_half_written(tmp_path, capsys):
     w = M.Writer(store, 'k', 's', {}, (600, 2, 4, 8))
     w.append(torch.zeros(256, 2, 8), torch.zeros(256, 2, 4, dtype=torch.long), torch.ones(256, 2, 4, dtype=torch.bool))
     del w  # the writer dies here: no close(); what is on disk is what a killed process leaves
-    assert M.listing(store) == [{'run_id': 'k', 'stage': 's', 'rows': 256, 'complete': False, 'shape': [600, 2, 8]}]
+    assert M.listing(store) == [{'run': 'k', 'run_id': 'k', 'run_key': None, 'stage': 's', 'rows': 256,
+                                 'complete': False, 'shape': [600, 2, 8]}]
     for extra in ((), ('--stage', 's')):
         code, out, err = cli('info', 'k', '--store', store, *extra, capsys=capsys)
         assert code == 2 and 'half-written' in err and '256 rows of 600' in err and 'Traceback' not in err

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_ids
+from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.cost import kv_cache_bytes
 from compiler.model import build
@@ -131,7 +131,7 @@ def tiny_run(tmp_path_factory, rt_cache):
     bindings = [b for b in TINY if not b.startswith('Run.memory_store')] + ['clm/Stage.steps=2']
     assert rt_main(rt_argv('specs/memory_clm.gin', out, rt_cache, bindings)) == 0
     (run_id,) = rt_run_ids(out)
-    run = out / run_id
+    run = rt_run_dir(out, run_id)
     data = [f"Data.cache_dir = '{rt_cache}'", f"Run.out_dir = '{out}'"]
     for name, files in (('ae', ['specs/autoencoder.gin']), ('mixer', ['specs/memory_clm.gin', 'specs/base/mixer.gin']),
                         ('full_context', ['specs/full_context.gin'])):
@@ -199,8 +199,14 @@ def refusals(run, stored_rows=0):
     other = 'generate with a memory, no_memory, clm or full_context run'
     return {
         'missing run': (['nope', '--runs', runs, *ok],
-                        f'RUN nope: no run folder at nope or {runs / "nope"} (a run folder holds operative.gin)\n'
-                        '  fix: give a run folder, or a run id under --runs (python -m store.runs list)'),
+                        f'RUN nope: no run folder at nope and no run nope under {runs} (a run folder holds '
+                        'operative.gin)\n'
+                        '  fix: give a run id (python -m store.runs list), its full name <id>-<key> under --runs, '
+                        'or a run folder'),
+        'missing id': (['7', '--runs', runs, *ok],
+                       f'RUN 7: no run folder at 7 and no run 7 under {runs} (a run folder holds operative.gin)\n'
+                       '  fix: give a run id (python -m store.runs list), its full name <id>-<key> under --runs, '
+                       'or a run folder'),
         'missing weights': ([runs / 'unfinished', *ok],
                             f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} '
                             '(the run did not finish)\n'

@@ -4,7 +4,7 @@ import json
 import sqlite3
 
 import pytest
-from conftest import FLAGSHIP, TINY_FLAGSHIP, rt_argv, rt_bindings, rt_main, rt_run_ids
+from conftest import FLAGSHIP, TINY_FLAGSHIP, rt_argv, rt_bindings, rt_main, rt_run_dir, rt_run_ids
 
 # tiny flagship: autoencode 3, blank_copy 3, copy 2, combined 2 steps; Run.log_every=1, Stage.eval_every=2
 STEPS = list(range(1, 11))
@@ -91,7 +91,7 @@ def test_metrics_are_queryable_with_plain_sql_from_postgresql(pg_url, tmp_path, 
         finally:
             con.close()
 
-    check_recorded(query, run_id, out / run_id, argv)
+    check_recorded(query, run_id, rt_run_dir(out, run_id), argv)
     assert query('SELECT COUNT(*) FROM run') == [(1,)]
 
 

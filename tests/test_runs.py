@@ -109,6 +109,11 @@ class Runs:
         finally:
             conn.close()
 
+    def folder(self, rid) -> Path:
+        """The run's folder, <id>-<key> (store/layout.py)."""
+        (folder,) = self.tmp.glob(f'{rid}-*')
+        return folder
+
     def metrics(self, rid):
         return self.rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step', rid)
 
@@ -225,7 +230,7 @@ def test_list_bad_where_names_the_filter(runs, capsys, where, says):
 
 def test_show(runs, capsys):
     out = cli(capsys, 'show', runs.a, db=runs.db)
-    run_dir = runs.tmp / runs.a
+    run_dir = runs.folder(runs.a)
     assert out.startswith(f'run {runs.a}  COMPLETED')
     assert f'run folder  {run_dir}' in out
     assert 'frozen_encoder_curriculum.gin' in out and 'includes base/memory.gin, base/tiny.gin' in out
@@ -251,7 +256,7 @@ def test_stage_end_metrics_equal_the_runs_summary(runs):
     db = open_db(runs.db)
     for rid in runs.ids:
         run = get_run(db, rid)
-        summary = json.loads((runs.tmp / rid / 'summary.json').read_text())
+        summary = json.loads((runs.folder(rid) / 'summary.json').read_text())
         assert R.stage_end_metrics(db, run) == summary
 
 

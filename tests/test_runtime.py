@@ -20,6 +20,7 @@ from conftest import (
     rt_bindings,
     rt_env,
     rt_main,
+    rt_run_dir,
     rt_run_ids,
 )
 from safetensors.torch import load_file
@@ -162,9 +163,9 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
     assert killed.returncode == -signal.SIGKILL, f'run B was not killed (exit {killed.returncode}):\n{err[-3000:]}'
     (a_id,), (b_id,) = rt_run_ids(out_a), rt_run_ids(out_b)
     db_a, db_b = out_a / 'sacred.db', out_b / 'sacred.db'
-    ck = torch.load(out_b / b_id / 'checkpoint.pt', weights_only=False)
+    ck = torch.load(rt_run_dir(out_b, b_id) / 'checkpoint.pt', weights_only=True)
     assert (ck['stage'], ck['step']) == (1, 2), 'the kill was meant to land in blank_copy after its step-2 checkpoint'
-    assert not (out_b / b_id / 'final.safetensors').exists()
+    assert not (rt_run_dir(out_b, b_id) / 'final.safetensors').exists()
     assert run_status(db_b, b_id) == [('RUNNING',)]
     logged = db_rows(db_b, "SELECT step FROM memspec_metrics WHERE run_id = ? AND name = 'train/loss' ORDER BY step",
                      b_id)
@@ -173,11 +174,11 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
     # B continues from its checkpoint
     assert rt_main(argv_b + ['--resume', b_id]) == 0
     assert rt_run_ids(out_b) == {b_id}
-    fa, fb = load_file(out_a / a_id / 'final.safetensors'), load_file(out_b / b_id / 'final.safetensors')
+    fa, fb = (load_file(rt_run_dir(o, i) / 'final.safetensors') for o, i in ((out_a, a_id), (out_b, b_id)))
     assert fa.keys() == fb.keys()
     for k in fa:
         assert torch.allclose(fa[k], fb[k], rtol=0, atol=1e-6), f'{k} differs after resume'
-    sa, sb = (json.loads((o / i / 'summary.json').read_text()) for o, i in ((out_a, a_id), (out_b, b_id)))
+    sa, sb = (json.loads((rt_run_dir(o, i) / 'summary.json').read_text()) for o, i in ((out_a, a_id), (out_b, b_id)))
     assert list(sa) == list(sb) == list(FLAGSHIP_STAGES)
 
     ma, mb = metrics(db_a, a_id), metrics(db_b, b_id)
@@ -235,8 +236,8 @@ def test_divergence_stops_the_run_with_exit_1_and_status_failed(tmp_path, rt_cac
     assert 'Traceback' not in err
     (run_id,) = rt_run_ids(out)
     assert run_status(out / 'sacred.db', run_id) == [('FAILED',)]
-    assert not (out / run_id / 'final.safetensors').exists()
-    assert not (out / run_id / 'stages' / 'autoencode.safetensors').exists()
+    assert not (rt_run_dir(out, run_id) / 'final.safetensors').exists()
+    assert not (rt_run_dir(out, run_id) / 'stages' / 'autoencode.safetensors').exists()
 
 
 # ------------------------------------------------------------------------------------------------- init_from
@@ -249,7 +250,7 @@ def test_init_from_copies_a_runs_stage_weights_and_keeps_them_frozen(flagship_ru
         f"probe/Stage.init_from = {{'encoder': 'run:{flagship_run.run_id}/autoencode'}}"])
     assert rt_main(argv) == 0
     (probe_id,) = rt_run_ids(out) - before
-    probe = load_file(out / probe_id / 'final.safetensors')
+    probe = load_file(rt_run_dir(out, probe_id) / 'final.safetensors')
     init, _ = initial_weights(rt_bindings(argv), PROBE)
     enc = component(src, 'encoder')
     assert enc and set(component(probe, 'encoder')) == set(enc)
