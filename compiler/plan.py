@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import gin
 from compiler.families import NAMES as FAMILIES
 
 STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack
+# A name that becomes a file or group name (Stage.name: stages/<name>.safetensors, a memory-store group; Run.name):
+# an identifier cannot name a path outside the run's folder. The one definition, for the validator and store.layout.
+NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
 INT_LIMIT = 2 ** 63  # every integer of a plan must fit int64
 
 

@@ -27,7 +27,7 @@ MAX_PARAMS = 10 ** 12
 MAX_LAYERS = 1024
 MAX_VOCAB = 262144  # beyond the largest vocabularies in use: a warning, not an error
 SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds
-IDENTIFIER = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
+IDENTIFIER = P.NAME
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from runtime.distributed import NullRun, distributed, run_device
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
-from store.layout import RunFolder, check_reference, check_stage_name, memory_store, new_run_key, parse_name
+from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
 
 
 def _sanitize(obj):
@@ -225,8 +225,6 @@ def main(argv=None):
 def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
-    for stage in plan.curriculum:  # stage names become file names: none may leave the run's folder
-        check_stage_name(stage.name, locate(spec.locations, stage, 'name'))
     rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
     if rank == 0:
         for w in spec.warnings:  # also recorded in the run's config ('warnings')

@@ -32,6 +32,7 @@ import secrets
 from pathlib import Path
 
 from compiler.errors import SpecError
+from compiler.plan import NAME
 
 MEMORY_STORE = 'memories.zarr'
 RUN_KEY_HEX = 10  # 40 random bits: two runs sharing a folder or store group would need the same id and key
@@ -40,15 +41,13 @@ _NAME = re.compile(rf'^({_ID})-([0-9a-f]{{{RUN_KEY_HEX}}})$')
 _LEGACY = re.compile(rf'^({_ID})$')
 
 
-_FILE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$')
-
-
 def check_stage_name(stage: str, where: str) -> None:
-    """A stage name becomes a file name (stages/<stage>.safetensors) and a store group: it must be a plain name that
-    cannot leave the run's folder."""
-    if not isinstance(stage, str) or not _FILE_NAME.match(stage) or '..' in stage:
+    """A stage name becomes a file name (stages/<stage>.safetensors) and a store group: it must be a name
+    (compiler.plan.NAME, what the validator requires of Stage.name) that cannot leave the run's folder. Checked
+    again here because plans also come from records (Plan.from_dict), which no validator has seen."""
+    if not isinstance(stage, str) or not NAME.match(stage):
         raise SpecError(where, f'stage name {stage!r} cannot be a file name (it becomes stages/<name>.safetensors '
-                        'and a memory-store group)', "use letters, digits, '_', '-' and '.', e.g. 'blank_copy'")
+                        'and a memory-store group)', "use letters, digits and '_', e.g. 'blank_copy'")
 
 
 def new_run_key() -> str:
