@@ -133,3 +133,57 @@ class Tally:
         if bytes_per_token:
             out['bits_per_byte'] = ce / math.log(2) / bytes_per_token
         return out
+
+
+def floors(train: torch.Tensor, train_mask: torch.Tensor, val: torch.Tensor, val_mask: torch.Tensor, vocab: int,
+           prior: float = 10.0) -> dict[str, dict[str, dict[str, float]]]:
+    """What token statistics of the training split alone achieve on the held-out targets: cross-entropy and token
+    accuracy of a unigram model (add-one smoothed) and of a bigram model that reads the previous token of the same
+    chunk (p(b|a) = (c(a, b) + prior * p(b)) / (c(a) + prior): counts shrunk toward the unigram). Examples are
+    [E, N, L] with key masks. For two target sets:
+    - 'clm': the next token inside a chunk (the memory models' clm, copy and blank-copy targets);
+    - 'autoencode': every real token (a reconstruction from memory). Its unigram row is the floor of an
+      informationless probe; its bigram row is given the true previous token, a reference for what knowing the
+      sequence buys, not a floor a probe can reach (the first token of a chunk falls back to the unigram).
+    -> {'clm': {'unigram': {'ce', 'token_accuracy'}, 'bigram': {...}}, 'autoencode': {...}}."""
+    def pairs(x, m):
+        a, b = x[..., :-1].reshape(-1), x[..., 1:].reshape(-1)
+        ok = (m[..., :-1] & m[..., 1:]).reshape(-1)
+        return a[ok], b[ok]
+
+    uni = torch.bincount(train[train_mask.bool()].reshape(-1), minlength=vocab).double() + 1
+    p_uni = uni / uni.sum()
+    a, b = pairs(train, train_mask.bool())
+    codes, counts = torch.unique(a * vocab + b, return_counts=True)
+    row = torch.bincount(a, minlength=vocab).double()
+    # the bigram's best guess per previous token: the best observed pair, unless the unigram's favourite (with no pair
+    # count) scores higher
+    score = counts.double() + prior * p_uni[codes % vocab]
+    best = torch.full((vocab,), prior * float(p_uni.max()), dtype=torch.double)
+    best = best.scatter_reduce(0, codes // vocab, score, 'amax')
+    guess = torch.full((vocab,), int(p_uni.argmax()), dtype=torch.long)
+    top = score >= best[codes // vocab]
+    guess[codes[top] // vocab] = codes[top] % vocab
+
+    def bigram(prev, nxt):
+        idx = torch.searchsorted(codes, prev * vocab + nxt).clamp(max=len(codes) - 1)
+        c = torch.where(codes[idx] == prev * vocab + nxt, counts[idx].double(), 0.0)
+        p = (c + prior * p_uni[nxt]) / (row[prev] + prior)
+        return {'ce': float(-p.log().mean()), 'token_accuracy': float((guess[prev] == nxt).double().mean())}
+
+    def unigram(targets):
+        return {'ce': float(-p_uni[targets].log().mean()),
+                'token_accuracy': float((targets == p_uni.argmax()).double().mean())}
+
+    vm = val_mask.bool()
+    va, vb = pairs(val, vm)
+    every = val[vm].reshape(-1)
+    first = vm.clone()
+    first[..., 1:] &= ~vm[..., :-1]  # a chunk's first real token: no previous token inside the chunk
+    firsts = val[first]
+    n_first, n_pairs = len(firsts), len(vb)
+    ae_bigram = bigram(va, vb)
+    ae_first = unigram(firsts) if n_first else {'ce': 0.0, 'token_accuracy': 0.0}
+    mix = {k: (ae_bigram[k] * n_pairs + ae_first[k] * n_first) / max(n_pairs + n_first, 1) for k in ae_bigram}
+    return {'clm': {'unigram': unigram(vb), 'bigram': bigram(va, vb)},
+            'autoencode': {'unigram': unigram(every), 'bigram': mix}}

@@ -36,6 +36,7 @@ import torch
 from compiler.__main__ import parser
 from compiler.errors import SpecError, cli
 from compiler.families import family
+from compiler.objectives import floors
 from compiler.spec import load, locate
 from runtime import record
 from runtime.checkpoint import (
@@ -318,8 +319,10 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         if target is not None and hasattr(obs, 'forget_after'):  # steps after the checkpoint are replayed
             obs.forget_after(run_id, done_steps(plan, resume))
         trainer = Trainer(spec, data, folder.root, resume, 0, world)  # rank 0 records; ranks > 0 ran in main
-        _run.info['data'] = {'cache': str(trainer.data.cache_path), 'vocab_size': trainer.vocab,
-                             'special_ids': trainer.data.special_ids, 'stats': trainer.data.stats}
+        d = trainer.data
+        _run.info['data'] = {'cache': str(d.cache_path), 'vocab_size': trainer.vocab, 'special_ids': d.special_ids,
+                             'stats': d.stats,  # what token statistics alone achieve on the held-out targets
+                             'floors': floors(d.train, d.train_mask, d.val, d.val_mask, trainer.vocab)}
         summary = trainer.run(_run)
         trainer.save_weights(folder.final)
         table = summary_table(summary)

@@ -11,7 +11,7 @@ from compiler import objectives as O
 from compiler import plan as P
 from compiler.checkpoint import check_llama, load_llama, read_llama
 from compiler.errors import SpecError
-from compiler.families import family
+from compiler.families import COPY_KINDS, family
 from compiler.model import Graph, build, meta_build, parameters_of
 from store.layout import RunFolder
 
@@ -106,8 +106,10 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
              bytes_per_token: float | None, vocab: int) -> dict[str, float]:
     """Held-out metrics per objective: ce, token_accuracy, normalized_hamming, info_proportion (+ bits_per_byte
     for clm). Copy and blank copy are scored on full-length sequences only (no padding), as the paper does.
-    For memory models the blank-copy score is also measured with every memory replaced by the pad slot
-    ('blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control."""
+    For memory models copy and blank copy are also scored with every memory replaced by the pad slot
+    ('copy_ablated', 'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory
+    control. Copy with tokens visible is mostly next-token prediction at short chunks; what memories add to it is
+    copy minus copy_ablated."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
@@ -116,7 +118,7 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
     fam = family(plan)
     for obj in (P.Objective(kind=k) for k in fam.eval_suite(plan)):
         runs = [('', False)]
-        if obj.kind == 'blank_copy' and fam.ablation:
+        if obj.kind in COPY_KINDS and fam.ablation:
             runs.append(('_ablated', True))
         for suffix, ablate in runs:
             x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)

@@ -225,8 +225,9 @@ def _cpu(state):
 
 
 SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),
+                   ('copy_ablated.token_accuracy', 'copy, memories ablated'),
                    ('blank_copy.token_accuracy', 'blank-copy acc'),
-                   ('blank_copy_ablated.token_accuracy', 'no-memory (ablated)'),
+                   ('blank_copy_ablated.token_accuracy', 'blank copy, memories ablated'),
                    ('autoencode.token_accuracy', 'autoencode acc'), ('autoencode.info_proportion', 'I_e (ae)'),
                    ('clm.bits_per_byte', 'clm bpb')]
 

@@ -46,7 +46,8 @@ HEADLINE = [('clm.ce', 'eval/clm.ce'), ('blank_copy acc', 'eval/blank_copy.token
             ('copy acc', 'eval/copy.token_accuracy'), ('autoencode acc', 'eval/autoencode.token_accuracy')]
 # stage-end metrics shown by `compare` unless --name picks others
 COMPARE_METRICS = ['clm.ce', 'clm.token_accuracy', 'clm.bits_per_byte', 'copy.token_accuracy',
-                   'blank_copy.token_accuracy', 'blank_copy_ablated.token_accuracy', 'autoencode.token_accuracy',
+                   'copy_ablated.token_accuracy', 'blank_copy.token_accuracy', 'blank_copy_ablated.token_accuracy',
+                   'autoencode.token_accuracy',
                    'autoencode.info_proportion']
 
 

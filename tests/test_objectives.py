@@ -200,3 +200,60 @@ def test_combine_keeps_gradients():
     stage = Stage(objectives=(Objective(kind='clm', weight=3.0), Objective(kind='copy', weight=0.5)))
     O.combine({'clm': a, 'copy': b}, stage).backward()
     assert a.grad.item() == 3.0 and b.grad.item() == 0.5
+
+
+def test_floors_equal_a_direct_count_of_unigram_and_bigram_statistics():
+    """Unigram and bigram floors against a dense, loop-by-loop recomputation on a small random corpus (pairs never
+    cross a chunk boundary or padding; the bigram shrinks counts toward the unigram with weight `prior`)."""
+    import math
+
+    from compiler.objectives import floors
+    g = torch.Generator().manual_seed(0)
+    vocab, prior = 7, 3.0
+    train = torch.randint(0, vocab, (40, 2, 5), generator=g)
+    train_mask = torch.rand(40, 2, 5, generator=g) > 0.2
+    val = torch.randint(0, vocab, (9, 2, 5), generator=g)
+    val_mask = torch.ones_like(val, dtype=torch.bool)
+    val_mask[0, 1, 3:] = False
+    uni = [1.0] * vocab
+    pair = [[0.0] * vocab for _ in range(vocab)]
+    for e in range(40):
+        for c in range(2):
+            for t in range(5):
+                if train_mask[e, c, t]:
+                    uni[int(train[e, c, t])] += 1
+                if t < 4 and train_mask[e, c, t] and train_mask[e, c, t + 1]:
+                    pair[int(train[e, c, t])][int(train[e, c, t + 1])] += 1
+    p_uni = [u / sum(uni) for u in uni]
+
+    def p_bi(a, b):
+        return (pair[a][b] + prior * p_uni[b]) / (sum(pair[a]) + prior)
+
+    clm, every = [], []
+    for e in range(9):
+        for c in range(2):
+            for t in range(5):
+                if val_mask[e, c, t]:
+                    prev = int(val[e, c, t - 1]) if t and val_mask[e, c, t - 1] else None
+                    every.append((prev, int(val[e, c, t])))
+                    if prev is not None:
+                        clm.append((prev, int(val[e, c, t])))
+
+    def expect(targets, bigram):
+        ce = acc = 0.0
+        for prev, b in targets:
+            if bigram and prev is not None:
+                p = p_bi(prev, b)
+                guess = max(range(vocab), key=lambda x: p_bi(prev, x))
+            else:
+                p, guess = p_uni[b], max(range(vocab), key=lambda x: p_uni[x])
+            ce -= math.log(p)
+            acc += guess == b
+        return ce / len(targets), acc / len(targets)
+
+    got = floors(train, train_mask, val, val_mask, vocab, prior)
+    for kind, targets in (('clm', clm), ('autoencode', every)):
+        for model in ('unigram', 'bigram'):
+            ce, acc = expect(targets, model == 'bigram')
+            assert got[kind][model]['ce'] == pytest.approx(ce, rel=1e-9), (kind, model)
+            assert got[kind][model]['token_accuracy'] == pytest.approx(acc), (kind, model)

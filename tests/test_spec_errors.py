@@ -158,8 +158,10 @@ SCALE = ("to scale every stage, use -b 'Run.steps_scale = 0.01' (steps and warmu
          "e.g. -b 'autoencode/Stage.steps = ...'")
 NAME_FIX = "use letters, digits and underscores, not starting with a digit, at most 64 characters (e.g. 'blank_copy')"
 STAGE_FILE = 'it names the stage weights file (stages/<name>.safetensors) and memory-store group'
-FLAGSHIP_STEPS = ', '.join(f'{s}/Stage.steps (specs/frozen_encoder_curriculum.gin:{n})'
-                           for s, n in (('autoencode', 15), ('blank', 23), ('combined', 38), ('copy', 31)))
+_FLAGSHIP_LINES = {ln.split('/')[0]: i for i, ln in enumerate(
+    (ROOT / 'specs/frozen_encoder_curriculum.gin').read_text().splitlines(), 1) if '/Stage.steps =' in ln}
+FLAGSHIP_STEPS = ', '.join(f'{s}/Stage.steps (specs/frozen_encoder_curriculum.gin:{_FLAGSHIP_LINES[s]})'
+                           for s in ('autoencode', 'blank', 'combined', 'copy'))
 NO_CUDA = f"torch {torch.__version__}, {'built without CUDA' if torch.version.cuda is None else 'no usable GPU'}"
 CUDA_FIX = "use Run.device = 'auto' (CUDA when available, else CPU) or 'cpu'"
 
