@@ -422,7 +422,7 @@ def score(model, contexts: list[list[int]], continuations: list[list[int]], mode
     """Teacher-forced log-likelihood of each continuation after its context, read exactly as generation reads it:
     the context is prefilled (memory models: complete chunks -> memories), the continuation fed with step()'s
     semantics (a chunk that fills up becomes a memory). Causal readings left-truncate context + continuation to
-    the window (at least one context token stays); a continuation that alone fills the window is refused."""
+    the window (the token before the continuation stays); a continuation longer than the window is refused."""
     model.eval()
     device = device or next(model.parameters()).device
     how = reading(model, mode)
@@ -430,9 +430,9 @@ def score(model, contexts: list[list[int]], continuations: list[list[int]], mode
     for ctx, cont in zip(contexts, continuations):
         if not ctx or not cont:
             raise ValueError('score() needs a context and a continuation of at least one token each')
-        if how.causal and len(cont) >= how.window:
+        if how.causal and len(cont) > how.window:
             raise ValueError(f'a continuation of {len(cont)} tokens does not fit the window of {how.window} '
-                             'positions after a context token')
+                             'positions')
         rows.append(list(ctx) + list(cont))
     out: list[Scored | None] = [None] * len(rows)
     if how.causal:  # one prefill over left-padded context + continuation scores every position at once
