@@ -56,16 +56,20 @@ class Reading:
     causal: bool
     keep: int = 0
     window: int | None = None  # causal: positions the decoder was built for (None: memories slide, no limit)
+    chunk: int = 0  # tokens per memory (the run's chunk_len, or a shorter one for a compression sweep)
 
 
-def reading(model, mode: str = 'on') -> Reading:
+def reading(model, mode: str = 'on', keep: int | None = None, chunk_len: int | None = None) -> Reading:
     """The Reading of `model` under memory mode `mode`:
     - 'on': as trained (memory models keep their N-1 newest memories);
     - 'ablated': every memory slot empty (the pad slot): the same decoder without memory information, the stage-end
       ablation of training; only for families that form memories;
     - 'full_context': no compression: a chunked decoder reads the context tokens themselves in its own window of
       S + L positions (S memory slots + one chunk: the positions it was trained on), the oldest tokens falling out;
-      families that read all tokens anyway (clm, full_context) have no such mode."""
+      families that read all tokens anyway (clm, full_context) have no such mode.
+    Compression sweeps (memory readings): `keep` memories instead of N-1 (0..N-1), chunks of `chunk_len` tokens
+    instead of the trained L (1..L: the encoder reads any length up to the one it was built for, and the decoder's
+    slots + chunk positions stay within those it was trained on)."""
     fam = model.family
     if mode not in MODES:
         raise SpecError(f'--memory {mode}', 'unknown memory mode', f"use one of {', '.join(MODES)}")
@@ -78,8 +82,25 @@ def reading(model, mode: str = 'on') -> Reading:
                         'use --memory on for it; full_context mode is for memory models (their decoder then reads '
                         'tokens instead of memories)')
     if causal or mode == 'full_context':
+        if keep is not None or chunk_len is not None:
+            raise SpecError('keep, chunk_len', f'a {mode} reading of a {fam.name} model has no memories to sweep',
+                            'sweep a memory model with --memory on')
         return Reading(mode, True, 0, model.decoder.seq_len)
-    return Reading(mode, False, keep_memories(model) if mode == 'on' else 0)
+    most = keep_memories(model) if mode == 'on' else 0
+    if keep is not None and not 0 <= keep <= most:
+        raise SpecError(f'keep={keep}', f'the decoder reads 0..{most} memories in {mode} mode',
+                        f'pick keep in 0..{most}')
+    if chunk_len is not None and not (1 <= chunk_len <= model.l and model.family.has_encoder
+                                      and getattr(model.encoder.cfg, 'kind', '') == 'transformer'):
+        raise SpecError(f'chunk_len={chunk_len}', f'the encoder of this {fam.name} model reads chunks of 1..{model.l} '
+                        'tokens only if it is a transformer (masked mixers are built for one length)',
+                        f'pick chunk_len in 1..{model.l} for a transformer encoder, or leave it out')
+    return Reading(mode, False, most if keep is None else keep, None, chunk_len or model.l)
+
+
+def _how(model, mode) -> Reading:
+    """`mode` is a memory mode name or a Reading already made (a compression sweep's)."""
+    return mode if isinstance(mode, Reading) else reading(model, mode)
 
 
 class MemoryCache:
@@ -172,7 +193,7 @@ def keep_memories(model) -> int:
     return model.n - 1 if getattr(model, 'use_memory', False) else 0
 
 
-def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, mode: str = 'on',
+def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, mode: str | Reading = 'on',
             mask: torch.Tensor | None = None, memory_cache: MemoryCache | None = None, keep: int = 1) -> State:
     """Read conditioning tokens [B, T] (T >= 1), after optional earlier memories [B, k, d]. Causal readings cache
     them all (left padding allowed: mask [B, T], True = real token; positions of real tokens start at 0). Memory
@@ -181,7 +202,7 @@ def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, m
     of the last `keep` positions (state.scores), for teacher-forced scoring."""
     if model.family.generation is None:
         raise ValueError(f'family {model.family.name} cannot decode through a KV cache (see check_generates)')
-    how = reading(model, mode)
+    how = _how(model, mode)
     b, t = tokens.shape
     if how.causal:
         if t > how.window:
@@ -194,7 +215,7 @@ def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, m
         return state
     if mask is not None and not bool(mask.all()):
         raise ValueError('memory models read rows of one length together (generate() groups ragged rows)')
-    l = model.l
+    l = how.chunk
     complete = (t - 1) // l  # the current chunk keeps >= 1 token: the decoder needs a position to predict from
     encode = min(complete, how.keep)  # older chunks would not fit the slots: they are not encoded at all
     if encode:
@@ -234,7 +255,7 @@ def step(model, state: State, token: torch.Tensor) -> State:
     """Feed the sampled tokens [B]; state.logits then scores the token after them."""
     token = token[:, None]
     how = _reading_of(model, state)
-    if how.causal or state.tokens.shape[1] < model.l:
+    if how.causal or state.tokens.shape[1] < how.chunk:
         state.tokens = torch.cat([state.tokens, token], 1)
         _feed(model, state, model.decoder.embedding(token))
         return state
@@ -247,7 +268,7 @@ def advance(model, state: State, tokens: torch.Tensor) -> tuple[State, torch.Ten
     [B, t, vocab]: scores[:, i] scores the token after tokens[:, i]."""
     how, out, i, t = _reading_of(model, state), [], 0, tokens.shape[1]
     while i < t:
-        room = t - i if how.causal else model.l - state.tokens.shape[1]
+        room = t - i if how.causal else how.chunk - state.tokens.shape[1]
         if room == 0:
             state = _roll_over(model, state, tokens[:, i:i + 1])
             out.append(state.logits[:, None])
@@ -287,7 +308,7 @@ def _layout(model, how: Reading, row: list[int]) -> tuple[tuple, list[int], int]
     that share (current chunk length, memories) roll over at the same steps, so they advance together."""
     if how.causal:
         return ('causal',), row[-how.window:], 0
-    l = model.l
+    l = how.chunk
     complete = (len(row) - 1) // l
     kept = min(complete, how.keep)
     return (len(row) - complete * l, kept), row[(complete - kept) * l:], complete - kept
@@ -301,9 +322,10 @@ class Group:
     dropped: list[int]
 
 
-def groups(model, rows: list[list[int]], mode: str = 'on', device='cpu', size: int | None = None) -> list[Group]:
+def groups(model, rows: list[list[int]], mode: str | Reading = 'on', device='cpu',
+           size: int | None = None) -> list[Group]:
     """Split a ragged batch into groups of rows that advance together (at most `size` rows each)."""
-    how = reading(model, mode)
+    how = _how(model, mode)
     by: dict[tuple, list] = {}
     for i, row in enumerate(rows):
         key, toks, dropped = _layout(model, how, row)
@@ -347,8 +369,9 @@ def _clock(device) -> float:
 @torch.inference_mode()
 def generate(model, tokens, memories: torch.Tensor | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, eod: int | None = None,
-             generator: torch.Generator | None = None, mode: str = 'on', memory_cache: MemoryCache | None = None,
-             stop: Callable[[list[int]], bool] | None = None, device=None) -> Generation:
+             generator: torch.Generator | None = None, mode: str | Reading = 'on',
+             memory_cache: MemoryCache | None = None, stop: Callable[[list[int]], bool] | None = None,
+             device=None) -> Generation:
     """Continue every row of `tokens` (a [B, T] tensor, or a list of token lists of any lengths) by up to
     max_new_tokens tokens, timed. Ragged rows are grouped (`groups`) and the groups advance in lockstep; greedy
     output of a row equals generating that row alone. `memories` [B, k, d]: earlier memories before every row
@@ -417,7 +440,7 @@ class Scored:
 
 
 @torch.inference_mode()
-def score(model, contexts: list[list[int]], continuations: list[list[int]], mode: str = 'on',
+def score(model, contexts: list[list[int]], continuations: list[list[int]], mode: str | Reading = 'on',
           memory_cache: MemoryCache | None = None, batch_size: int = 32, device=None) -> list[Scored]:
     """Teacher-forced log-likelihood of each continuation after its context, read exactly as generation reads it:
     the context is prefilled (memory models: complete chunks -> memories), the continuation fed with step()'s
@@ -425,7 +448,7 @@ def score(model, contexts: list[list[int]], continuations: list[list[int]], mode
     the window (the token before the continuation stays); a continuation longer than the window is refused."""
     model.eval()
     device = device or next(model.parameters()).device
-    how = reading(model, mode)
+    how = _how(model, mode)
     rows = []
     for ctx, cont in zip(contexts, continuations):
         if not ctx or not cont:

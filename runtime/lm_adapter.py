@@ -5,7 +5,8 @@
     python -m runtime.harness --model memspec --model_args run=runs/0 --include_path specs/eval --tasks memspec
 
 model_args: run (a run folder, or an id under `runs`, default folder 'runs'), stage (default: the final weights),
-memory (on | ablated | full_context, runtime/generate.py `reading`), device (default: the harness' --device when it
+memory (on | ablated | full_context, runtime/generate.py `reading`), keep (memories read, 0..N-1) and
+chunk_len (tokens per memory, 1..L) for compression sweeps, device (default: the harness' --device when it
 is usable here, else cpu), batch_size (rows per decoder call, default 32).
 
 Every request is read as runtime/generate.py reads text: the context is cut into chunk_len-token chunks, the complete
@@ -63,13 +64,15 @@ def _device(device) -> str:
 @register_model('memspec')
 class MemspecLM(TemplateLM):
     def __init__(self, run, stage=None, memory='on', runs='runs', device=None, batch_size=32, max_batch_size=None,
-                 **_ignored):
+                 keep=None, chunk_len=None, **_ignored):
         super().__init__()
         self.folder = run_folder(str(run), str(runs))
         self.device_name = _device(device)
         self.plan, self.model, self.data = load_run(self.folder, stage or None, self.device_name)
-        self.stage, self.memory = stage or None, memory
-        self.how = reading(self.model, memory)  # an inapplicable mode is refused here, once
+        self.stage = stage or None
+        self.how = reading(self.model, memory, None if keep in (None, '') else int(keep),
+                           None if chunk_len in (None, '') else int(chunk_len))  # refused here, once, if it cannot
+        self.memory = memory
         self.tok = self.data.tokenizer
         self.memories = MemoryCache()
         self.batch = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 32
@@ -90,7 +93,7 @@ class MemspecLM(TemplateLM):
         out = [Likelihood(_Empty()) for _ in requests]  # an empty continuation has log-likelihood 0
         idx = [i for i, (_, _, cont) in enumerate(requests) if cont]
         got = score(self.model, [list(requests[i][1]) for i in idx], [list(requests[i][2]) for i in idx],
-                    self.memory, self.memories, self.batch, self.device_name) if idx else []
+                    self.how, self.memories, self.batch, self.device_name) if idx else []
         for i, s in zip(idx, got):
             out[i] = Likelihood(s)
         return out
@@ -109,7 +112,7 @@ class MemspecLM(TemplateLM):
             elif ids:
                 pairs.append(([self.eot_token_id], ids))
                 owner.append(k)
-        got = score(self.model, [p[0] for p in pairs], [p[1] for p in pairs], self.memory, self.memories,
+        got = score(self.model, [p[0] for p in pairs], [p[1] for p in pairs], self.how, self.memories,
                     self.batch, self.device_name) if pairs else []
         out = [0.0] * len(requests)
         for k, s in zip(owner, got):
@@ -140,7 +143,7 @@ class MemspecLM(TemplateLM):
                 return bool(until) and any(u in self.tok_decode(new) for u in until)
             for s in range(0, len(rows), self.batch):
                 res = generate(self.model, rows[s:s + self.batch], max_new_tokens=max_new, temperature=temp,
-                               eod=self.eot_token_id, generator=gen, mode=self.memory, memory_cache=self.memories,
+                               eod=self.eot_token_id, generator=gen, mode=self.how, memory_cache=self.memories,
                                stop=stop, device=self.device_name)
                 for i, toks in zip(idx[s:s + self.batch], res.tokens):
                     text = self.tok_decode(toks)

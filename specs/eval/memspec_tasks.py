@@ -59,11 +59,18 @@ def _source(run: str | None, runs: str, stage: str | None = None):
 
 
 def _examples(meta: dict):
+    """(tokenizer, held-out examples [N, L] of plain text, tokenizer path, documents per task). `chunk_len` in the
+    metadata (a compression sweep's model argument) re-cuts the same held-out tokens into N chunks of that length."""
     tok, val, mask, special, path = _source(meta.get('run'), str(meta.get('runs', 'runs')))
     rows = []
     for x, m in zip(val, mask):
         if bool(m.all()) and not any(int(t) in special.values() for t in x.flatten()):  # plain text only
             rows.append(x)
+    if meta.get('chunk_len') not in (None, '') and rows:
+        import torch
+        n, l = rows[0].shape[0], int(meta['chunk_len'])
+        flat = torch.cat([x.flatten() for x in rows])
+        rows = list(flat[:len(flat) // (n * l) * n * l].view(-1, n, l))
     return tok, rows, path, int(meta.get('max_docs', MAX_DOCS))
 
 
