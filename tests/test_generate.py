@@ -218,6 +218,25 @@ def test_full_context_reading_is_the_decoder_over_tokens_alone():
         G.reading(model_of('full_context')[1], 'full_context')
 
 
+@torch.no_grad()
+def test_compression_sweep_readings_are_the_forward_pass_at_that_shape():
+    """reading(chunk_len=4): scores equal model(tokens) over 4 chunks of 4 tokens (the encoder and decoder read
+    shorter chunks as they are); reading(keep=1): the decoder keeps only the newest memory, as a prefill of the last
+    chunk + the current one does; out-of-range sweeps are refused with one message."""
+    plan, model = model_of('memory-fixed')
+    seq = random_tokens(1, 16, seed=11)
+    ref = torch.log_softmax(model(seq.view(1, 4, 4)).flatten(1, 2)[0], -1)
+    got = G.score(model, [seq[0, :3].tolist()], [seq[0, 3:].tolist()], mode=G.reading(model, chunk_len=4))[0]
+    torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(2, 15), seq[0, 3:]], **TOL)
+    seq = random_tokens(1, 30, seed=12)
+    one = G.prefill(model, seq, mode=G.reading(model, keep=1))
+    torch.testing.assert_close(one.logits, G.prefill(model, seq[:, 16:]).logits, **TOL)
+    with pytest.raises(SpecError, match=r'keep=4: the decoder reads 0..3 memories in on mode'):
+        G.reading(model, keep=4)
+    with pytest.raises(SpecError, match=r'chunk_len=9: the encoder of this memory model reads chunks of 1..8 tokens'):
+        G.reading(model, chunk_len=9)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope='session')
