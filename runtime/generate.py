@@ -673,6 +673,9 @@ def main(argv=None) -> None:
     context = tok.encode(context_text(args), add_special_tokens=False).ids
     rows = [context + tok.encode(p, add_special_tokens=False).ids for p in args.prompt]
     reading(model, args.memory)  # an inapplicable mode is refused before any work
+    if memories is not None and len({len(r) for r in rows}) > 1:
+        raise SpecError(f'--memories {args.memories}', 'stored memories condition prompts of one token length only',
+                        'give one --prompt, or prompts that encode to the same number of tokens')
     for ids in rows:
         fits_window(plan, model, len(ids), args.max_new_tokens, args.memory)
     gen = torch.Generator(args.device).manual_seed(args.seed)

@@ -311,6 +311,20 @@ def test_cli_conditions_on_stored_memories(tiny_run, capsys):
     assert json.loads(out)['tokens'] == G.generate(model, ids, mem, max_new_tokens=6, eod=data.eod_id).tokens[0]
 
 
+def test_cli_generates_a_batch_of_prompts_after_one_context(tiny_run, capsys):
+    """--prompt repeated: one JSON line per prompt, each what the library generates for that row alone."""
+    context = 'The while statement is used for repeated execution as long as an expression is true.'
+    prompts = ['The for statement', 'A break', 'x']
+    argv = [tiny_run, '--context', context, '--max-new-tokens', 5, '--json']
+    code, out, err = cli(argv + [a for p in prompts for a in ('--prompt', p)], capsys)
+    assert code == 0, err
+    plan, model, data = G.load_run(tiny_run, None)
+    enc = lambda s: data.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    got = [json.loads(line)['tokens'] for line in out.splitlines()]
+    assert got == [G.generate(model, torch.tensor([enc(context) + enc(p)]), max_new_tokens=5, eod=data.eod_id).tokens[0]
+                   for p in prompts]
+
+
 def refusals(run, stored_rows=0):
     """(argv, exact stderr) of every bad input the CLI must refuse with exit code 2."""
     runs, store = run.parent, run.parent / 'memories.zarr'
