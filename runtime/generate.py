@@ -1,4 +1,4 @@
-"""python -m runtime.generate RUN --prompt TEXT [--context TEXT | --context-file F | --memories STAGE:ROW] [options]
+"""python -m runtime.generate RUN --prompt TEXT [--prompt ...] [--context TEXT | --context-file F | --memories S:ROW]
 
 Text generation from a trained run with a KV cache, conditioned on memories (the paper's claim 3: a chunk of
 context costs the decoder one slot, not chunk_len cache rows).
@@ -20,8 +20,18 @@ baseline is trained on the same label set, so its chunk-boundary positions are e
 Causal LMs (families clm, full_context) decode plainly over context + prompt through a cache of the model's whole
 context, N*L positions; a request that does not fit is refused.
 
+Batches (evaluation, the harness adapter runtime/lm_adapter.py, and several --prompt): rows of any lengths. Causal
+readings left-pad them (key mask; positions of real tokens start at 0). Memory readings group rows that share the
+current chunk's length and their memory count, so a group's chunks fill up and roll over at the same steps; the
+groups advance in lockstep. Either way a row's greedy output equals generating it alone. Memories come through an
+LRU keyed by the chunk's tokens (MemoryCache): prompts that share a context encode its chunks once.
+
+Memory modes (`reading`): on; ablated (every slot the pad slot: the training ablation); full_context (a memory
+model's decoder reads the context tokens themselves in its S + L window, no compression).
+
 Library (benchmarks/inference.py reuses it): prefill() reads conditioning tokens into a State, step() feeds one token,
-sample() picks one, generate() times the whole thing.
+advance() feeds many (teacher forcing), sample() picks one, generate() times the whole thing, score() gives the
+teacher-forced log-likelihood of continuations.
 """
 from __future__ import annotations
 
@@ -445,38 +455,47 @@ def score(model, contexts: list[list[int]], continuations: list[list[int]], mode
     """Teacher-forced log-likelihood of each continuation after its context, read exactly as generation reads it:
     the context is prefilled (memory models: complete chunks -> memories), the continuation fed with step()'s
     semantics (a chunk that fills up becomes a memory). Causal readings left-truncate context + continuation to
-    the window (the token before the continuation stays); a continuation longer than the window is refused."""
+    the window (the token before the continuation stays); a continuation longer than the window is scored in
+    pieces of half a window, each after the tokens before it that fit (the harness' rolling windows)."""
     model.eval()
     device = device or next(model.parameters()).device
     how = _how(model, mode)
-    rows = []
-    for ctx, cont in zip(contexts, continuations):
-        if not ctx or not cont:
-            raise ValueError('score() needs a context and a continuation of at least one token each')
-        if how.causal and len(cont) > how.window:
-            raise ValueError(f'a continuation of {len(cont)} tokens does not fit the window of {how.window} '
-                             'positions')
-        rows.append(list(ctx) + list(cont))
-    out: list[Scored | None] = [None] * len(rows)
-    if how.causal:  # one prefill over left-padded context + continuation scores every position at once
-        for g in groups(model, [r[:-1] for r in rows], mode, device, batch_size):
-            width = max(len(continuations[i]) for i in g.rows)
-            state = prefill(model, g.tokens, None, mode, g.mask, memory_cache, keep=width)
-            for j, i in enumerate(g.rows):
-                c = len(continuations[i])
-                out[i] = _scored(state.scores[j, width - c:], continuations[i])
-        return out
-    for g in groups(model, [list(c) for c in contexts], mode, device, batch_size):
+    if any(not ctx or not cont for ctx, cont in zip(contexts, continuations)):
+        raise ValueError('score() needs a context and a continuation of at least one token each')
+    if how.causal:
+        return _score_window(model, how, contexts, continuations, memory_cache, batch_size, device)
+    out: list[Scored | None] = [None] * len(contexts)
+    for g in groups(model, [list(c) for c in contexts], how, device, batch_size):
         width = max(len(continuations[i]) for i in g.rows)
         cont = torch.zeros(len(g.rows), width, dtype=torch.long, device=device)
         for j, i in enumerate(g.rows):  # right padding: what follows a row's continuation cannot change its scores
             cont[j, :len(continuations[i])] = torch.tensor(continuations[i])
-        state = prefill(model, g.tokens, None, mode, g.mask, memory_cache)
+        state = prefill(model, g.tokens, None, how, g.mask, memory_cache)
         first = state.logits[:, None]
         _, later = advance(model, state, cont[:, :-1]) if width > 1 else (state, first[:, :0])
         logits = torch.cat([first, later], 1)
         for j, i in enumerate(g.rows):
             out[i] = _scored(logits[j, :len(continuations[i])], continuations[i])
+    return out
+
+
+def _score_window(model, how: Reading, contexts, continuations, memory_cache, batch_size, device) -> list[Scored]:
+    """Causal readings: one prefill over left-padded context + continuation scores every position at once."""
+    parts = []  # (request, context, piece of its continuation)
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        full, step = list(ctx) + list(cont), len(cont) if len(cont) <= how.window else max(1, how.window // 2)
+        parts += [(i, full[:len(ctx) + s], list(cont[s:s + step])) for s in range(0, len(cont), step)]
+    rows = [ctx + piece for _, ctx, piece in parts]
+    got: list[Scored | None] = [None] * len(parts)
+    for g in groups(model, [r[:-1] for r in rows], how, device, batch_size):
+        width = max(len(parts[k][2]) for k in g.rows)
+        state = prefill(model, g.tokens, None, how, g.mask, memory_cache, keep=width)
+        for j, k in enumerate(g.rows):
+            got[k] = _scored(state.scores[j, width - len(parts[k][2]):], parts[k][2])
+    out = [Scored([], []) for _ in contexts]
+    for (i, _, _), sc in zip(parts, got):
+        out[i].logprobs += sc.logprobs
+        out[i].greedy += sc.greedy
     return out
 
 

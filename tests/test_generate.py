@@ -212,6 +212,16 @@ def test_full_context_reading_is_the_decoder_over_tokens_alone():
         ref = torch.log_softmax(model.decoder.head(model.decoder(seq)), -1)[0]
     got = G.score(model, [seq[0, :4].tolist()], [seq[0, 4:].tolist()], mode='full_context')[0]
     torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(3, 11), seq[0, 4:]], **TOL)
+    long = random_tokens(1, 22, seed=13)[0].tolist()  # a continuation longer than the window: rolling pieces of 6
+    got = G.score(model, [long[:2]], [long[2:]], mode='full_context')[0]
+    want = []
+    for s in range(2, 22, 6):
+        window = torch.tensor([long[:s + 6][:-1][-12:]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model.decoder.head(model.decoder(window)), -1)[0]
+        piece = long[s:s + 6]
+        want += lp[torch.arange(window.shape[1] - len(piece), window.shape[1]), torch.tensor(piece)].tolist()
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want), **TOL)
     with pytest.raises(SpecError, match="a 'no_memory' model forms no memories, so there is nothing to ablate"):
         G.reading(model_of('no_memory-variable')[1], 'ablated')
     with pytest.raises(SpecError, match="a 'full_context' model reads every context token in its window already"):
