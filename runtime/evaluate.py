@@ -107,13 +107,14 @@ def main(argv=None) -> None:
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
                                   bootstrap_iters=0, log_samples=False)
     rows = rows_of(res['results'])
+    docs = {t: n.get('effective') for t, n in (res.get('n-samples') or {}).items()}
     stage = args.stage or 'final'
     now = dt.datetime.now(dt.timezone.utc)
     record_evaluations(url, folder.name, [{'stage': stage, 'task': t, 'metric': m, 'value': v, 'memory': args.memory,
                                            'limit': args.limit, 'time': now} for t, m, v, _ in rows])
     report = {'run': folder.name, 'run_folder': str(folder), 'stage': stage, 'memory': args.memory,
               'limit': args.limit, 'tasks': tasks, 'family': lm.plan.family, 'time': now.isoformat(),
-              'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}
+              'documents': docs, 'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}
     out = folder / 'evaluations' / f'{stage}.{args.memory}.json'
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix('.tmp')
@@ -124,8 +125,8 @@ def main(argv=None) -> None:
         return
     print(f'run {folder.name} ({lm.plan.family}), stage {stage}, memory {args.memory}'
           + (f', limit {args.limit}' if args.limit else ''))
-    print(table(['task', 'metric', 'value', 'stderr'], [[t, m, num(v), num(e)] for t, m, v, e in rows],
-                right={2, 3}))
+    print(table(['task', 'documents', 'metric', 'value', 'stderr'],
+                [[t, str(docs.get(t, '-')), m, num(v), num(e)] for t, m, v, e in rows], right={1, 3, 4}))
     print(f'\nrecorded in {display_url(url)} (memspec_evaluations), written to {out}', file=sys.stderr)
 
 

@@ -5,6 +5,7 @@ lm_eval.simple_evaluate, the needle's answer is reachable only through memories,
 records, prints and refuses bad input with one message. Needs the `eval` extra (lm-eval); the test command installs
 it."""
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_evaluate_records_prints_and_writes_json(flagship_run, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert report['stage'] == 'copy' and report['memory'] == 'ablated' and report['limit'] == 3
+    assert report['documents'] == {'memspec_needle': 3}
     acc = [r['value'] for r in report['results'] if r['metric'] == 'acc']
     assert len(acc) == 1 and json.loads((run / 'evaluations' / 'copy.ablated.json').read_text()) == report
     con = sqlite3.connect(flagship_run.db)
@@ -151,7 +153,7 @@ def test_evaluate_records_prints_and_writes_json(flagship_run, capsys):
     code, out, err = cli([run, '--tasks', 'memspec_needle', '--limit', 3], capsys)
     assert code == 0, err
     assert out.splitlines()[0] == f'run {flagship_run.run_id} (memory), stage final, memory on, limit 3'
-    assert 'memspec_needle  acc' in out
+    assert re.search(r'memspec_needle +3  acc ', out)
     R.main(['show', flagship_run.run_id, '--db', f'sqlite:///{flagship_run.db}'])
     shown = capsys.readouterr().out
     assert 'evaluations (python -m runtime.evaluate; the newest of each)' in shown
