@@ -21,6 +21,7 @@ from pathlib import Path
 from compiler.errors import SpecError, cli
 from runtime.generate import MODES, run_folder
 from store.database import default_url, display_url, get_run, open_db, record_evaluations
+from store.layout import RunFolder
 from store.tables import num, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
     if url.startswith('mongodb'):
         raise SpecError(f'--db {display_url(url)}', 'evaluations are recorded in SQL run databases only',
                         'record the run in sqlite:/// or postgresql:// (python -m runtime.run ... --db URL)')
-    get_run(open_db(url), folder.name)  # the run must be recorded where its evaluation goes
+    run_id = RunFolder.at(folder).run_id
+    get_run(open_db(url), run_id)  # the run must be recorded where its evaluation goes
     try:
         import lm_eval
 
@@ -110,9 +112,9 @@ def main(argv=None) -> None:
     docs = {t: n.get('effective') for t, n in (res.get('n-samples') or {}).items()}
     stage = args.stage or 'final'
     now = dt.datetime.now(dt.timezone.utc)
-    record_evaluations(url, folder.name, [{'stage': stage, 'task': t, 'metric': m, 'value': v, 'memory': args.memory,
+    record_evaluations(url, run_id, [{'stage': stage, 'task': t, 'metric': m, 'value': v, 'memory': args.memory,
                                            'limit': args.limit, 'time': now} for t, m, v, _ in rows])
-    report = {'run': folder.name, 'run_folder': str(folder), 'stage': stage, 'memory': args.memory,
+    report = {'run': run_id, 'run_folder': str(folder), 'stage': stage, 'memory': args.memory,
               'limit': args.limit, 'tasks': tasks, 'family': lm.plan.family, 'time': now.isoformat(),
               'documents': docs, 'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}
     out = folder / 'evaluations' / f'{stage}.{args.memory}.json'
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f'run {folder.name} ({lm.plan.family}), stage {stage}, memory {args.memory}'
+    print(f'run {run_id} ({lm.plan.family}), stage {stage}, memory {args.memory}'
           + (f', limit {args.limit}' if args.limit else ''))
     print(table(['task', 'documents', 'metric', 'value', 'stderr'],
                 [[t, str(docs.get(t, '-')), m, num(v), num(e)] for t, m, v, e in rows], right={1, 3, 4}))

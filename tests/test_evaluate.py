@@ -173,8 +173,9 @@ def refusals(run):
                           'combined)\n  fix: pick one of the listed stages, or leave --stage out for the final '
                           'weights'),
         'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],
-                        f'RUN nope: no run folder at nope or {runs / "nope"} (a run folder holds operative.gin)\n'
-                        '  fix: give a run folder, or a run id under --runs (python -m store.runs list)'),
+                        f'RUN nope: no run folder at nope and no run nope under {runs} (a run folder holds '
+                        'operative.gin)\n  fix: give a run id (python -m store.runs list), its full name <id>-<key> '
+                        'under --runs, or a run folder'),
         'limit': ([run, '--tasks', 'memspec', '--limit', 0], '--limit 0: must be at least 1\n'
                   '  fix: pass --limit 1 or more, or leave it out'),
     }
@@ -190,7 +191,7 @@ def test_evaluate_refuses_a_run_its_database_does_not_hold(flagship_run, tmp_pat
     """A run folder copied elsewhere has no record beside it: refused as a subprocess, exit 2, no traceback, nothing
     written."""
     import shutil
-    copy = tmp_path / 'runs' / flagship_run.run_id
+    copy = tmp_path / 'runs' / flagship_run.run_dir.name
     shutil.copytree(flagship_run.run_dir, copy, ignore=shutil.ignore_patterns('checkpoint.pt*', 'evaluations'))
     src, con = sqlite3.connect(flagship_run.db), sqlite3.connect(tmp_path / 'runs' / 'sacred.db')
     src.backup(con)  # the database is in WAL mode: a file copy could miss the log
