@@ -48,7 +48,7 @@ def main():
     probe = MemspecLM(run=str(folder), device='cpu')
     n, l = probe.plan.memory.chunks, probe.plan.memory.chunk_len
     lens = args.chunk_lens or sorted({max(3, l // 2), max(3, 3 * l // 4), l})  # the needle needs 3+ tokens
-    result = {'run': str(folder), 'chunks': n, 'chunk_len': l, 'limit': args.limit, 'by_chunk_len': {}, 'by_keep': {}}
+    result = {'run': folder.name, 'chunks': n, 'chunk_len': l, 'limit': args.limit, 'by_chunk_len': {}, 'by_keep': {}}
     print(f'run {folder}: N = {n} chunks of L = {l} tokens; needle accuracy (chance 0.10), '
           'reconstruction token accuracy')
     print('\n| tokens per memory | needle acc | reconstruction token acc |\n|---|---|---|')
@@ -82,7 +82,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks([int(x) for x in xs])
     a.set_ylabel('retention')
     a.legend(fontsize=8)
-    fig.suptitle(f"retention vs compression: {result['run']} (N = {result['chunks']}, L = {result['chunk_len']})")
+    fig.suptitle(f"retention vs compression: run {result['run']} (N = {result['chunks']}, L = {result['chunk_len']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
