@@ -7,7 +7,8 @@
 model_args: run (a run folder, or an id under `runs`, default folder 'runs'), stage (default: the final weights),
 memory (on | ablated | full_context, runtime/generate.py `reading`), keep (memories read, 0..N-1) and
 chunk_len (tokens per memory, 1..L) for compression sweeps, device (default: the harness' --device when it
-is usable here, else cpu), batch_size (rows per decoder call, default 32).
+is usable here, else cpu), batch_size (rows per decoder call, default 32; the harness' CLI passes its --batch_size,
+so there give --batch_size, not a model argument).
 
 Every request is read as runtime/generate.py reads text: the context is cut into chunk_len-token chunks, the complete
 ones become memories in one batched encoder call (through an LRU shared by all requests, so choices that share a

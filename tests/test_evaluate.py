@@ -158,6 +158,23 @@ def test_evaluate_records_prints_and_writes_json(flagship_run, capsys):
     shown = capsys.readouterr().out
     assert 'evaluations (python -m runtime.evaluate; the newest of each)' in shown
     assert 'copy   ablated      3  memspec_needle  acc' in shown
+    R.main(['compare', flagship_run.run_id, flagship_run.run_id, '--db', f'sqlite:///{flagship_run.db}'])
+    compared = capsys.readouterr().out
+    assert re.search(r'memspec_needle +acc +copy/ablated/limit 3 +([0-9.]+) +\1', compared)
+
+
+def test_harness_entry_hands_every_flag_to_the_harness_cli(flagship_run, tmp_path):
+    """python -m runtime.harness: the harness' own CLI (its flags: --model_args, --include_path, --limit,
+    --output_path, ...) with the memspec model registered."""
+    p = subprocess.run([sys.executable, '-m', 'runtime.harness', '--model', 'memspec', '--model_args',
+                        f'run={flagship_run.run_dir},memory=ablated', '--batch_size', '8',
+                        '--include_path', 'specs/eval', '--tasks', 'memspec_needle', '--limit', '3', '--device', 'cpu',
+                        '--output_path', str(tmp_path / 'out')],
+                       cwd=ROOT, env=rt_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r'\|memspec_needle\|1\|none\|0\|acc\|', p.stdout.replace(' ', '')), p.stdout
+    written = list((tmp_path / 'out').rglob('results_*.json'))
+    assert len(written) == 1 and 'memspec_needle' in json.loads(written[0].read_text())['results']
 
 
 def refusals(run):
