@@ -16,6 +16,11 @@ context), decode tokens/s (the 63 tokens after the first), KV-cache bytes of the
 compiler.cost.kv_cache_bytes (asserted equal), the ratios full/ours (TTFT, KV bytes) and ours/full (tokens/s), and how
 each number grows from the smallest to the largest N. Timing: one warm-up request per model, then `--repeats` rounds
 that run both models in turn (so drift hits both alike); medians. Results go to benchmarks/results/inference.json.
+
+Batched generation (runtime/generate.py, `--batches 1 8 32` at N = `--batch-chunks` chunks): B requests of the same
+shape (different random tokens per row) in one call; decode throughput = new tokens of all rows per second. Reported:
+tokens/s of each model at each batch size, the ratio to its own batch 1, and ours/full at each batch size; batch
+sizes and models are interleaved within each round, so every ratio is taken in one process under the same load.
 """
 from __future__ import annotations
 
@@ -68,6 +73,42 @@ def summarize(runs: list, plan) -> dict:
             'new_tokens': len(runs[0].tokens[0])}
 
 
+def batched(args, device) -> dict:
+    """Decode throughput at each batch size, both models, interleaved in every round; medians and ratios."""
+    n = args.batch_chunks
+    plans = {k: plan_for(spec, n, args) for k, spec in SPECS.items()}
+    models = {k: build(p, args.vocab).to(device).eval() for k, p in plans.items()}
+    length = (n - 1) * args.chunk_len + args.prompt
+    gen = torch.Generator().manual_seed(n)
+    inputs = {b: torch.randint(4, args.vocab, (b, length), generator=gen).to(device) for b in args.batches}
+    for model in models.values():  # warm-up
+        for b in args.batches:
+            generate(model, inputs[b], max_new_tokens=4)
+    runs = {(k, b): [] for k in models for b in args.batches}
+    for _ in range(args.repeats):
+        for b in args.batches:
+            for k, model in models.items():
+                runs[k, b].append(generate(model, inputs[b], max_new_tokens=args.new))
+    out = {'chunks': n, 'context_tokens': length, 'rows': {}}
+    print(f'\nbatched generation, N = {n} chunks ({length} context tokens per row), {args.new} new tokens per row; '
+          'decode tokens/s = new tokens of all rows per second (median)')
+    print('| batch | tok/s ours | x batch 1 | tok/s full | x batch 1 | ours/full | TTFT ours (ms) | TTFT full (ms) |\n'
+          '|---|---|---|---|---|---|---|---|')
+    base = {k: statistics.median(r.tokens_per_s for r in runs[k, args.batches[0]]) for k in models}
+    for b in args.batches:
+        tps = {k: statistics.median(r.tokens_per_s for r in runs[k, b]) for k in models}
+        ttft = {k: statistics.median(r.ttft_s for r in runs[k, b]) for k in models}
+        assert all(r.tokens == runs[k, b][0].tokens for k in models for r in runs[k, b]), 'greedy is deterministic'
+        row = {'tokens_per_s': tps, 'ttft_s': ttft, 'over_batch_1': {k: tps[k] / base[k] for k in models},
+               'ours_over_full': tps['ours'] / tps['full'],
+               'all_tokens_per_s': {k: [r.tokens_per_s for r in runs[k, b]] for k in models}}
+        out['rows'][b] = row
+        print(f"| {b} | {tps['ours']:.0f} | {row['over_batch_1']['ours']:.2f} | {tps['full']:.0f} | "
+              f"{row['over_batch_1']['full']:.2f} | {row['ours_over_full']:.2f} | {ttft['ours'] * 1e3:.1f} | "
+              f"{ttft['full'] * 1e3:.1f} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
@@ -79,6 +120,9 @@ def main():
     ap.add_argument('--prompt', type=int, default=64, help='prompt tokens after the N-1 context chunks')
     ap.add_argument('--new', type=int, default=64, help='greedy new tokens')
     ap.add_argument('--repeats', type=int, default=5)
+    ap.add_argument('--batches', type=int, nargs='*', default=[1, 8, 32],
+                    help='batch sizes of the batched-generation table (none: skip it); the first is the baseline')
+    ap.add_argument('--batch-chunks', type=int, default=8, help='N of the batched-generation table')
     ap.add_argument('--threads', type=int, default=os.cpu_count())
     ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/inference.json'))
     args = ap.parse_args()
@@ -124,6 +168,8 @@ def main():
         print(f'\ngrowth from {lo} to {hi} chunks (x)\n| model | TTFT | tokens/s | KV bytes |\n|---|---|---|---|')
         for k, g in growth.items():
             print(f"| {k} | {g['ttft']:.2f} | {g['tokens_per_s']:.2f} | {g['kv_cache_bytes']:.2f} |")
+    if args.batches:
+        result['batched'] = batched(args, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f'\nwrote {args.out}')

@@ -5,7 +5,10 @@ the store's readers use it).
   `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` hides passwords;
   every message that names a database uses it.
 - Tables: Sacred's SqlObserver tables (`run`, `host`, `experiment`, `artifact`, ...) plus `memspec_metrics`
-  (run_id, name, step, value, time), which Sacred's SqlObserver does not keep. Plain SQL joins it to `run`.
+  (run_id, name, step, value, time), which Sacred's SqlObserver does not keep, and `memspec_evaluations`
+  (run_id, stage, task, metric, value, memory, limit, time): one row per metric of `python -m runtime.evaluate`,
+  tied to the run and the stage whose weights were evaluated ('final' for the final weights). Plain SQL joins both
+  to `run` on run_id.
 - Reading: `open_db(url)` -> SqlDb or MongoDb with one interface (runs, metrics, final_metrics, at_steps,
   artifacts); SQLite files are opened read-only and never created. `RunRecord` is one run as recorded.
 """
@@ -39,6 +42,52 @@ METRICS = sa.Table(
     sa.Column('value', sa.Float),
     sa.Column('time', sa.DateTime),
 )
+
+EVALUATIONS = sa.Table(
+    'memspec_evaluations', sa.MetaData(),
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('run_id', sa.String(24), index=True, nullable=False),
+    sa.Column('stage', sa.String(128), nullable=False),  # the stage whose end weights were read, or 'final'
+    sa.Column('task', sa.String(256), nullable=False),
+    sa.Column('metric', sa.String(256), nullable=False),
+    sa.Column('value', sa.Float),
+    sa.Column('memory', sa.String(32), nullable=False),  # on | ablated | full_context
+    sa.Column('limit', sa.Integer),  # documents per task (None: all)
+    sa.Column('time', sa.DateTime),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    stage: str
+    task: str
+    metric: str
+    value: float
+    memory: str
+    limit: int | None
+    time: dt.datetime | None
+
+
+def record_evaluations(url: str, run_id: str, rows: list[dict]) -> None:
+    """Append evaluation rows (stage, task, metric, value, memory, limit, time) of one run, in one transaction."""
+    engine = make_engine(url)
+    try:
+        EVALUATIONS.create(engine, checkfirst=True)
+        with engine.begin() as conn:
+            conn.execute(EVALUATIONS.insert(), [{'run_id': str(run_id), **r} for r in rows])
+    except sa.exc.SQLAlchemyError as e:
+        raise SpecError(f'--db {display_url(url)}', f'cannot record the evaluation: {first_line(e)}',
+                        'check that the database is writable and its server runs; nothing was recorded')
+    finally:
+        engine.dispose()
+
+
+def latest_evaluations(evals: list[Evaluation]) -> list[Evaluation]:
+    """The newest value of each (stage, memory, limit, task, metric), in first-recorded order."""
+    out: dict[tuple, Evaluation] = {}
+    for e in evals:
+        out[(e.stage, e.memory, e.limit, e.task, e.metric)] = e
+    return list(out.values())
 
 
 def engine_url(url: str) -> str:
@@ -292,6 +341,7 @@ class SqlDb:
         self.has_host = 'host' in tables
         self.has_experiment = 'experiment' in tables
         self.has_artifacts = 'artifact' in tables
+        self.has_evaluations = 'memspec_evaluations' in tables
 
     def _rows(self, sql: str, params: dict | None = None, expanding: tuple = ()) -> list:
         stmt = sa.text(sql)
@@ -364,6 +414,15 @@ class SqlDb:
                           'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)},
                           expanding=('steps',))
         return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+
+    def evaluations(self, run_id: str) -> list[Evaluation]:
+        """Every evaluation row of a run, oldest first."""
+        if not self.has_evaluations:
+            return []
+        rows = self._rows('SELECT stage, task, metric, value, memory, "limit", time FROM memspec_evaluations '
+                          'WHERE run_id = :r ORDER BY id', {'r': str(run_id)})
+        return [Evaluation(st, t, m, float('nan') if v is None else float(v), mem, lim, _time(tm))
+                for st, t, m, v, mem, lim, tm in rows]
 
     def artifacts(self, run_id: str) -> list[tuple[str, int]]:
         if not self.has_artifacts:
@@ -441,6 +500,9 @@ class MongoDb:
 
     def at_steps(self, run_id: str, steps: list[int]) -> list[tuple[str, int, float]]:
         return [r for r in self.metrics(run_id) if r[0].startswith('eval/') and r[1] in set(steps)]
+
+    def evaluations(self, run_id: str) -> list[Evaluation]:
+        return []  # runtime.evaluate records into SQL databases only
 
     def _artifact_docs(self, run_id: str) -> list[dict]:
         d = self.db.runs.find_one({'_id': self._key(run_id)}, {'artifacts': 1}) or {}

@@ -3,9 +3,9 @@
     list                       one line per run: id, spec, status, stages, final eval metrics, start time
                                (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable); a RUNNING run
                                whose heartbeat stopped shows as 'RUNNING (stale: no heartbeat for 2 h 05 min)'
-    show ID                    plan summary, host, run folder, artifacts, stage-end metrics, operative gin
+    show ID                    plan summary, host, run folder, stage-end metrics, evaluations, artifacts, gin
     metrics ID [--name PAT]    every logged value (name, step, value); --csv for CSV, --plot OUT.png for curves
-    compare ID ID ...          plan keys, CLI bindings and stage-end metrics that differ between runs
+    compare ID ID ...          plan keys, CLI bindings, stage-end metrics and evaluations side by side
 
 The database is Sacred's (SqlObserver tables `run`, `host`, `experiment`, `artifact`, ...) plus our
 `memspec_metrics(run_id, name, step, value, time)` table: sqlite:///runs/sacred.db by default, or a PostgreSQL URL;
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from compiler.errors import SpecError, cli
-from store.database import DEFAULT_DB, STALE_AFTER, STATUSES, RunRecord, get_run, open_db, span
+from store.database import DEFAULT_DB, STALE_AFTER, STATUSES, RunRecord, get_run, latest_evaluations, open_db, span
 from store.plots import plot
 from store.tables import (
     duration,
@@ -175,6 +175,11 @@ def cmd_show(db, args) -> None:
     sm = stage_end_metrics(db, run)
     print('\nstage-end metrics (eval, at each stage\'s last step)')
     print(metrics_table(sm, run.end_steps) if sm else '  none recorded')
+    evals = latest_evaluations(db.evaluations(run.id))
+    print('\nevaluations (python -m runtime.evaluate; the newest of each)')
+    print(table(['stage', 'memory', 'limit', 'task', 'metric', 'value', 'evaluated (UTC)'],
+                [[e.stage, e.memory, '-' if e.limit is None else str(e.limit), e.task, e.metric, num(e.value),
+                  when(e.time)] for e in evals], right={2, 5}, indent='  ') if evals else '  none recorded')
     arts = db.artifacts(run.id)
     print('\nartifacts')
     if arts:
@@ -275,6 +280,15 @@ def cmd_compare(db, args) -> None:
     print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
     if mrows:
         print(table(['stage', 'metric'] + ids, mrows, right=set(range(2, 2 + len(ids))), indent='  '))
+    evals = [{(e.task, e.metric, e.stage, e.memory, e.limit): e.value for e in latest_evaluations(db.evaluations(i))}
+             for i in ids]
+    keys = list(dict.fromkeys(k for ev in evals for k in ev))
+    print('\nevaluations (python -m runtime.evaluate)' + ('' if keys else ': none recorded'))
+    if keys:
+        erows = [[t, m, f"{st}/{mem}" + ('' if lim is None else f'/limit {lim}')] + [num(ev.get(k)) for ev in evals]
+                 for k in keys for t, m, st, mem, lim in [k]]
+        print(table(['task', 'metric', 'stage/memory'] + ids, erows, right=set(range(3, 3 + len(ids))),
+                    indent='  '))
 
 
 _MISSING = object()

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.cost import kv_cache_bytes
+from compiler.errors import SpecError
 from compiler.model import build
 from compiler.spec import load
 from runtime import generate as G
@@ -118,6 +119,134 @@ def test_kv_cache_bytes_equal_the_cost_model(case, extra):
     assert G.generate(model, random_tokens(1, 3), max_new_tokens=2).kv_cache_bytes == kv_cache_bytes(plan)
 
 
+# --------------------------------------------------------------------------------------------- batches
+
+RAGGED = [1, 5, 8, 9, 17, 30, 9, 40]  # lengths: every phase of the 8-token chunk, 0..3 memories, slid past N-1
+
+
+def ragged_rows(lengths=RAGGED, seed=3):
+    return [random_tokens(1, n, seed=seed + i)[0].tolist() for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_batched_ragged_greedy_generation_equals_each_row_alone(case):
+    """One call over rows of 1..40 tokens (causal LMs: left padding; memory models: rows grouped by chunk phase and
+    memory count) gives every row exactly the greedy tokens it gets alone, across chunk roll-overs."""
+    plan, model = model_of(case)
+    window = plan.memory.chunks * plan.memory.chunk_len
+    rows = [r[-(window - 12):] for r in ragged_rows()] if case == 'full_context' else ragged_rows()
+    batch = G.generate(model, rows, max_new_tokens=12)
+    alone = [G.generate(model, torch.tensor([r]), max_new_tokens=12).tokens[0] for r in rows]
+    assert batch.tokens == alone
+    assert len({len(r) for r in rows}) > 4 and all(len(t) == 12 for t in alone)
+
+
+@torch.no_grad()
+def test_left_padded_rows_read_their_tokens_from_position_zero():
+    """A causal row left-padded with junk (masked) gets the scores of the unpadded row: real positions start at 0."""
+    plan, model = model_of('full_context')
+    real = random_tokens(1, 9, seed=4)
+    junk = random_tokens(1, 6, seed=5)
+    mask = torch.cat([torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)], 1)
+    padded = G.prefill(model, torch.cat([junk, real], 1), mask=mask, keep=9)
+    plain = G.prefill(model, real, keep=9)
+    torch.testing.assert_close(padded.scores, plain.scores, **TOL)
+    torch.testing.assert_close(padded.scores, full_logits(model, plan, F_pad(real, plan))[:, :9], **TOL)
+
+
+def F_pad(tokens, plan):
+    """Right-pad [1, t] to a whole [1, N*L] example (positions after the real ones cannot change their scores)."""
+    out = torch.zeros(1, plan.memory.chunks * plan.memory.chunk_len, dtype=torch.long)
+    out[:, :tokens.shape[1]] = tokens
+    return out
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_scores_equal_the_forward_pass(case):
+    """score(): the log-probability of every continuation token equals log_softmax of model(tokens) at the position
+    before it (1e-5), for ragged context/continuation pairs scored in one batch, chunk boundaries included."""
+    plan, model = model_of(case)
+    total = plan.memory.chunks * plan.memory.chunk_len
+    seq = random_tokens(1, total, seed=6)
+    ref = torch.log_softmax(full_logits(model, plan, seq)[0], -1)
+    splits = [(1, 31), (3, 5), (8, 8), (9, 14), (16, 1), (20, 12), (31, 1)]  # (context length, continuation length)
+    ctxs = [seq[0, :c].tolist() for c, _ in splits]
+    conts = [seq[0, c:c + k].tolist() for c, k in splits]
+    got = G.score(model, ctxs, conts, batch_size=3)
+    for (c, k), sc, cont in zip(splits, got, conts):
+        want = ref[torch.arange(c - 1, c + k - 1), torch.tensor(cont)]
+        torch.testing.assert_close(torch.tensor(sc.logprobs), want, **TOL)
+        assert sc.greedy == (ref[c - 1:c + k - 1].argmax(-1) == torch.tensor(cont)).tolist()
+
+
+def test_memories_of_a_shared_context_are_encoded_once():
+    """Prompts after one context: its chunks are encoded once (an LRU keyed by chunk tokens), and the output equals
+    generating without the cache."""
+    plan, model = model_of('memory-fixed')
+    context = random_tokens(1, 24, seed=7)[0].tolist()
+    rows = [context + random_tokens(1, n, seed=8 + n)[0].tolist() for n in (2, 3, 5)]
+    cache = G.MemoryCache()
+    cached = G.generate(model, rows, max_new_tokens=4, memory_cache=cache)
+    assert cached.tokens == G.generate(model, rows, max_new_tokens=4).tokens
+    assert (cache.misses, cache.hits) == (3, 6)  # the three context chunks once; later prompts hit
+
+
+@torch.no_grad()
+def test_ablated_reading_is_the_training_ablation():
+    """--memory ablated: the decoder reads pad slots only, exactly model(tokens, ablate_memory=True)."""
+    plan, model = model_of('memory-fixed')
+    seq = random_tokens(1, 32, seed=9)
+    ref = torch.log_softmax(model(seq.view(1, 4, 8), ablate_memory=True).flatten(1, 2)[0], -1)
+    got = G.score(model, [seq[0, :20].tolist()], [seq[0, 20:].tolist()], mode='ablated')[0]
+    torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(19, 31), seq[0, 20:]], **TOL)
+
+
+def test_full_context_reading_is_the_decoder_over_tokens_alone():
+    """--memory full_context: a memory model's decoder reads the tokens in its S + L window, no slots, no memories;
+    the modes that mean nothing for a family are refused with one message."""
+    plan, model = model_of('memory-fixed')
+    how = G.reading(model, 'full_context')
+    assert how.causal and how.window == plan.memory.chunks + plan.memory.chunk_len
+    seq = random_tokens(1, 12, seed=10)
+    with torch.no_grad():
+        ref = torch.log_softmax(model.decoder.head(model.decoder(seq)), -1)[0]
+    got = G.score(model, [seq[0, :4].tolist()], [seq[0, 4:].tolist()], mode='full_context')[0]
+    torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(3, 11), seq[0, 4:]], **TOL)
+    long = random_tokens(1, 22, seed=13)[0].tolist()  # a continuation longer than the window: rolling pieces of 6
+    got = G.score(model, [long[:2]], [long[2:]], mode='full_context')[0]
+    want = []
+    for s in range(2, 22, 6):
+        window = torch.tensor([long[:s + 6][:-1][-12:]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model.decoder.head(model.decoder(window)), -1)[0]
+        piece = long[s:s + 6]
+        want += lp[torch.arange(window.shape[1] - len(piece), window.shape[1]), torch.tensor(piece)].tolist()
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want), **TOL)
+    with pytest.raises(SpecError, match="a 'no_memory' model forms no memories, so there is nothing to ablate"):
+        G.reading(model_of('no_memory-variable')[1], 'ablated')
+    with pytest.raises(SpecError, match="a 'full_context' model reads every context token in its window already"):
+        G.reading(model_of('full_context')[1], 'full_context')
+
+
+@torch.no_grad()
+def test_compression_sweep_readings_are_the_forward_pass_at_that_shape():
+    """reading(chunk_len=4): scores equal model(tokens) over 4 chunks of 4 tokens (the encoder and decoder read
+    shorter chunks as they are); reading(keep=1): the decoder keeps only the newest memory, as a prefill of the last
+    chunk + the current one does; out-of-range sweeps are refused with one message."""
+    plan, model = model_of('memory-fixed')
+    seq = random_tokens(1, 16, seed=11)
+    ref = torch.log_softmax(model(seq.view(1, 4, 4)).flatten(1, 2)[0], -1)
+    got = G.score(model, [seq[0, :3].tolist()], [seq[0, 3:].tolist()], mode=G.reading(model, chunk_len=4))[0]
+    torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(2, 15), seq[0, 3:]], **TOL)
+    seq = random_tokens(1, 30, seed=12)
+    one = G.prefill(model, seq, mode=G.reading(model, keep=1))
+    torch.testing.assert_close(one.logits, G.prefill(model, seq[:, 16:]).logits, **TOL)
+    with pytest.raises(SpecError, match=r'keep=4: the decoder reads 0..3 memories in on mode'):
+        G.reading(model, keep=4)
+    with pytest.raises(SpecError, match=r'chunk_len=9: the encoder of this memory model reads chunks of 1..8 tokens'):
+        G.reading(model, chunk_len=9)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope='session')
@@ -190,6 +319,20 @@ def test_cli_conditions_on_stored_memories(tiny_run, capsys):
     mem = M.open_group(tiny_run.parent / 'memories.zarr', tiny_run.name, 'clm').rows(5, 6)[0][:, :3]
     ids = torch.tensor([data.tokenizer.encode('The', add_special_tokens=False).ids])
     assert json.loads(out)['tokens'] == G.generate(model, ids, mem, max_new_tokens=6, eod=data.eod_id).tokens[0]
+
+
+def test_cli_generates_a_batch_of_prompts_after_one_context(tiny_run, capsys):
+    """--prompt repeated: one JSON line per prompt, each what the library generates for that row alone."""
+    context = 'The while statement is used for repeated execution as long as an expression is true.'
+    prompts = ['The for statement', 'A break', 'x']
+    argv = [tiny_run, '--context', context, '--max-new-tokens', 5, '--json']
+    code, out, err = cli(argv + [a for p in prompts for a in ('--prompt', p)], capsys)
+    assert code == 0, err
+    plan, model, data = G.load_run(tiny_run, None)
+    enc = lambda s: data.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    got = [json.loads(line)['tokens'] for line in out.splitlines()]
+    assert got == [G.generate(model, torch.tensor([enc(context) + enc(p)]), max_new_tokens=5, eod=data.eod_id).tokens[0]
+                   for p in prompts]
 
 
 def refusals(run, stored_rows=0):
