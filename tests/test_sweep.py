@@ -1,0 +1,391 @@
+"""Declarative sweeps (runtime/sweep.py): expansion of seeds x grid, dependencies by name, refusal of bad sweeps with
+their exact messages, the driver's skip / resume / start decisions, and real tiny sweeps run by local processes and by
+submitit's local executor into one SQLite database."""
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT, TINY, rt_env
+
+from compiler.errors import SpecError
+from runtime import sweep as S
+from store.database import RunRecord, default_url
+
+PROBES = 'specs/sweeps/probes.gin'
+TINY_MEMBERS = TINY + ['autoencode/Stage.steps=2', 'probe/Stage.steps=2']
+# the shipped sweep cut to 2 trials x 2 seeds: ae, then a probe of the autoencoder of its own seed
+SMALL = ['Sweep.seeds = [0, 1]', 'Sweep.trials = [@ae/Trial(), @probe/Trial()]', 'probe/Trial.grid = {}']
+
+HEAD = """Sweep.seeds = [0, 1]
+Sweep.trials = [@ae/Trial(), @probe/Trial()]
+ae/Trial.specs = ['specs/autoencoder.gin']
+probe/Trial.specs = ['specs/information_probe.gin']
+probe/Trial.bindings = ["probe/Stage.init_from = {'encoder': 'run:@ae/autoencode'}"]
+"""
+
+
+def sweep_file(tmp_path, extra: str = '', name: str = 'sweep.gin') -> Path:
+    path = tmp_path / name
+    path.write_text(HEAD + extra)
+    return path
+
+
+def members_of(path, bindings=(), extra=()):
+    sweep_b, member_b = S.split_bindings(list(bindings))
+    return S.expand(S.load_sweep(str(path), sweep_b), member_b + list(extra))
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+
+def test_every_trial_runs_once_per_seed_and_grid_point_dependencies_first(tmp_path):
+    path = sweep_file(tmp_path, "probe/Trial.grid = {'Memory.chunk_len': [8, 16], 'probe/Stage.lr': [1e-3, 2e-3]}\n"
+                                "Sweep.bindings = ['D_MODEL = 32']\n")
+    members = members_of(path, ['Run.log_every = 5'])
+    assert [(m.trial, m.seed, m.point) for m in members] == [
+        ('ae', 0, {}), ('ae', 1, {}),
+        *[('probe', s, {'Memory.chunk_len': c, 'probe/Stage.lr': lr}) for s in (0, 1) for c in (8, 16)
+          for lr in (1e-3, 2e-3)]]
+    probe = members[-1]
+    # Sweep.bindings, the trial's, the command line's, then the grid point and the seed (which win)
+    assert probe.bindings == ['D_MODEL = 32', "probe/Stage.init_from = {'encoder': 'run:@ae/autoencode'}",
+                              'Run.log_every = 5', 'Memory.chunk_len = 16', 'probe/Stage.lr = 0.002', 'Run.seed = 1']
+    plan = probe.spec.plan
+    assert (plan.run.seed, plan.memory.chunk_len, plan.curriculum[0].lr, plan.decoder.d_model) == (1, 16, 2e-3, 32)
+    assert probe.label == 'probe-seed1-4' and members[0].label == 'ae-seed0'
+    assert len({m.hash for m in members}) == len(members)
+
+
+def test_a_dependency_resolves_by_name_to_the_run_of_the_same_seed_and_grid_point(tmp_path):
+    path = sweep_file(tmp_path, "ae/Trial.grid = {'Memory.chunk_len': [8, 16]}\n"
+                                "probe/Trial.grid = {'Memory.chunk_len': [8, 16], 'probe/Stage.lr': [1e-3, 2e-3]}\n")
+    members = members_of(path)
+    ae = {(m.seed, m.point['Memory.chunk_len']): m for m in members if m.trial == 'ae'}
+    probes = [m for m in members if m.trial == 'probe']
+    assert len(ae) == 4 and len(probes) == 8
+    for i, m in enumerate(ae.values()):
+        m.run_id = str(10 + i)
+    for p in probes:
+        dep = p.deps['ae']
+        assert dep is ae[(p.seed, p.point['Memory.chunk_len'])]
+        spec = S.compile_member(p)
+        assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_id}/autoencode'}
+
+
+def test_the_dependency_component_suffix_is_kept(tmp_path):
+    path = sweep_file(tmp_path, 'probe/Trial.bindings = ["probe/Stage.init_from = '
+                                "{'encoder': 'run:@ae/autoencode:encoder'}\"]\n")
+    members = members_of(path)
+    members[1].run_id = '7'
+    assert S.compile_member(members[3]).plan.curriculum[0].init_from == {'encoder': 'run:7/autoencode:encoder'}
+
+
+def test_sweep_flags_of_runtime_run_expand_to_a_one_trial_sweep():
+    layout = S.grid_sweep(['specs/autoencoder.gin'], ['Memory.chunks=[2,4]', 'Run.seed=[0,1]', 'D_MODEL=[32,64]'])
+    assert (layout.sweep.name, layout.sweep.seeds) == ('autoencoder', (0, 1))
+    members = S.expand(layout, [])
+    assert [(m.trial, m.seed, m.point) for m in members] == [
+        ('autoencoder', s, {'Memory.chunks': c, 'D_MODEL': d}) for s in (0, 1) for c in (2, 4) for d in (32, 64)]
+    assert [(m.spec.plan.memory.chunks, m.spec.plan.encoder.d_model) for m in members[:4]] == [
+        (2, 32), (2, 64), (4, 32), (4, 64)]
+
+
+def test_the_recorded_sweep_entry_has_no_dots_in_its_keys():
+    entry = S.member_config(json.dumps({'name': 'n', 'sweep_id': 'n-1', 'trial': 't', 'seed': 0,
+                                        'grid': {'Memory.chunk_len': 8, 'probe/Stage.lr': [1, 2]}}))
+    assert entry['grid'] == {'Memory:chunk_len': 8, 'probe/Stage:lr': [1, 2]}
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+REFUSALS = {
+    'unknown dependency': ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@aa/autoencode\'}"]',
+                           "{f}:6: 'run:@aa/' names no trial of this sweep (trials: ae, probe)\n"
+                           "  fix: depend on a trial of the sweep by its name: 'run:@<trial>/<stage>'"),
+    'binding for no trial': ("prbe/Trial.grid = {'Memory.chunks': [4, 8]}",
+                             "{f}:6: 'prbe' is not a trial of this sweep (trials: ae, probe)\n"
+                             '  fix: add @prbe/Trial() to Sweep.trials or fix the scope'),
+    'cycle': ('ae/Trial.bindings = ["Stage.init_from = {\'encoder\': \'run:@probe/probe\'}"]',
+              '{f}:5: dependency cycle: ae -> probe -> ae\n'
+              '  fix: a trial cannot read (through run:@...) a trial that reads it'),
+    'unknown grid parameter': ("probe/Trial.grid = {'Memory.chunkz': [4, 8]}",
+                               "{f}:6 (binding -b 'Memory.chunkz = 4'): trial 'probe' (seed 0, Memory.chunkz=4): "
+                               "'Memory' has no parameter 'chunkz'\n  fix: did you mean 'chunks'? known names: "
+                               'chunk_len, chunks, compression, decoder_input, noise, pad, position, slots'),
+    'bad grid value': ("probe/Trial.grid = {'Memory.chunks': [4, 0]}",
+                       "{f}:6 (binding -b 'Memory.chunks = 0'): trial 'probe' (seed 0, Memory.chunks=0): "
+                       'Memory.chunks = 0 must be positive\n  fix: use at least 1 chunk'),
+    'grid key without effect': ("probe/Trial.grid = {'prob/Stage.lr': [0.1, 0.2]}",
+                                "{f}:6: grid key 'prob/Stage.lr' of trial 'probe' changes nothing: 0.1 or 0.2 give the "
+                                'same plan\n  fix: check the key: its scope and configurable must be ones the specs '
+                                'use'),
+    'unused macro': ("probe/Trial.grid = {'CHUNKZ': [4]}",
+                     "{f}:6: grid key 'CHUNKZ' of trial 'probe' is a macro its specs never use\n  fix: vary a macro "
+                     "the specs use (BATCH, CHUNKS, CHUNK_LEN, D_MODEL, KIND, N_HEADS, N_LAYERS, VOCAB) or a "
+                     "'[scope/]Configurable.param'"),
+    'not a key': ("probe/Trial.grid = {'Memory.chunks = 3': [4]}",
+                  "{f}:6: grid key 'Memory.chunks = 3' of trial 'probe' is not a binding name\n"
+                  "  fix: use '[scope/]Configurable.param' or a MACRO, e.g. {{'Memory.chunks': [4, 8]}}"),
+    'value twice': ("probe/Trial.grid = {'Memory.chunks': [4, 4]}",
+                    "{f}:6: grid key 'Memory.chunks' of trial 'probe' lists a value twice: [4, 4]\n"
+                    '  fix: list every value once'),
+    'seed in grid': ("probe/Trial.grid = {'Run.seed': [4]}",
+                     "{f}:6: trial 'probe' varies Run.seed, which Sweep.seeds already varies\n"
+                     '  fix: list the seeds in Sweep.seeds only'),
+    'unknown stage': ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@ae/autoencoder\'}"]',
+                      "{f}:6: 'run:@ae/autoencoder': trial 'ae' has no stage 'autoencoder'\n"
+                      '  fix: name one of its stages: autoencode'),
+    'ambiguous dependency': ("ae/Trial.grid = {'Memory.chunks': [4, 8]}",
+                             "{f}:5: trial 'probe' reads trial 'ae', which varies Memory.chunks and 'probe' does not: "
+                             "which 'ae' run each 'probe' run reads is ambiguous\n  fix: give 'probe' the same grid "
+                             "keys (and values), or take them out of 'ae'"),
+    'no matching point': ("ae/Trial.grid = {'Memory.chunks': [4, 8]}\nprobe/Trial.grid = {'Memory.chunks': [4, 16]}",
+                          "{f}:7: trial 'probe' at Memory.chunks=16 reads trial 'ae', which has no run at these "
+                          "values\n  fix: give 'ae' the same grid values as 'probe'"),
+    'missing spec': ("ae/Trial.specs = ['nope.gin']",
+                     "{f}:6: spec 'nope.gin' not found (looked in ., {d} and specs/)\n"
+                     '  fix: fix the path in Trial.specs: relative to the current folder, the sweep file or specs/'),
+    'seed twice': ('Sweep.seeds = [0, 0]', '{f}:6: Sweep.seeds lists a seed twice: [0, 0]\n'
+                                          '  fix: list every seed once'),
+    'trial named twice': ('Sweep.trials = [@ae/Trial(), @ae/Trial()]',
+                          "{f}:3: two trials are named 'ae'\n  fix: give every trial its own scope or name"),
+    'unnamed trial': ('Sweep.trials = [@Trial()]',
+                      '{f}:6: a trial has no name\n  fix: scope it (@ae/Trial()) or bind Trial.name'),
+    'unknown field': ('Sweep.trialz = []', "{f}:6: 'Sweep' has no parameter 'trialz'\n"
+                                           "  fix: did you mean 'trials'? known names: bindings, name, seeds, trials"),
+    'two out_dirs': ("ae/Trial.bindings = [\"Run.out_dir = 'elsewhere'\"]",
+                     "{f}:2: the members write to different Run.out_dir: ['elsewhere', 'runs']\n  fix: give every "
+                     "trial the same Run.out_dir (e.g. -b \"Run.out_dir='runs'\"): a dependency is read from the "
+                     "dependent's out_dir and the sweep records into one database"),
+}
+
+
+def test_refusal_table_is_large_enough():
+    assert len(REFUSALS) >= 15
+
+
+@pytest.mark.parametrize('case', sorted(REFUSALS))
+def test_a_bad_sweep_is_refused_with_a_located_message(case, tmp_path):
+    text, message = REFUSALS[case]
+    path = sweep_file(tmp_path, text + '\n')
+    with pytest.raises(SpecError) as e:
+        members_of(path)
+    assert str(e.value) == message.format(f=path, d=tmp_path)
+
+
+def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
+    with pytest.raises(SpecError) as e:
+        members_of(sweep_file(tmp_path), ['Run.seed = 3'])
+    assert str(e.value) == ("binding -b 'Run.seed = 3': 'Run.seed' is what the sweep varies\n"
+                            '  fix: drop this binding (the sweep sets it for every member)')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['Memory.chunks=4'], "--sweep 'Memory.chunks=4': a sweep flag is one binding key and a list of its values\n"
+                          "  fix: write --sweep 'Memory.chunks=[4,8,16]' (repeat --sweep for more keys)"),
+    (['Memory.chunks=[4]', 'Memory.chunks=[8]'], "--sweep 'Memory.chunks=[8]': 'Memory.chunks' is swept twice\n"
+                                                 '  fix: give each key one --sweep flag with all its values'),
+    (["Run.seed=['a']"], "--sweep 'Run.seed=['a']': seeds are integers, not ['a']\n"
+                         "  fix: write --sweep 'Run.seed=[0,1,2]'"),
+])
+def test_bad_sweep_flags_are_refused(flags, message):
+    with pytest.raises(SpecError) as e:
+        S.grid_sweep(['specs/autoencoder.gin'], flags)
+    assert str(e.value) == message
+
+
+def test_refused_sweeps_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / 'runs'
+    bad = sweep_file(tmp_path, 'Sweep.seeds = [0, 0]\n')
+    cases = {
+        'spec': [sys.executable, '-m', 'runtime.sweep', 'run', str(bad), '-b', f"Run.out_dir='{out}'"],
+        'slurm': [sys.executable, '-m', 'runtime.sweep', 'run', str(sweep_file(tmp_path, name='good.gin')), '-b',
+                  f"Run.out_dir='{out}'", '--executor', 'slurm'],
+        'jobs without sweep': [sys.executable, '-m', 'runtime.run', 'specs/autoencoder.gin', '--jobs', '2'],
+    }
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in cases.items()}
+    results = {k: p.communicate(timeout=120) + (p.returncode,) for k, p in procs.items()}
+    expected = {
+        'spec': f'error: {bad}:6: Sweep.seeds lists a seed twice: [0, 0]\n  fix: list every seed once\n',
+        'slurm': 'error: --executor slurm: sbatch is not on PATH: this machine cannot submit Slurm jobs\n'
+                 '  fix: run the sweep on a Slurm login node, or use --executor local\n',
+        'jobs without sweep': "error: --jobs: this option is for sweeps\n"
+                              "  fix: add --sweep 'KEY=[values]' or drop the option\n",
+    }
+    for k, (_, stderr, code) in results.items():
+        assert code == 2, f'{k}: exit {code}\n{stderr[-2000:]}'
+        assert stderr.endswith(expected[k]), f'{k}:\n{stderr[-2000:]}'
+        assert 'Traceback' not in stderr
+    assert not out.exists(), 'a refused sweep wrote into its out_dir'
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+class FakePool:
+    """Stands in for the executors: records what would run and answers with the exit code `codes` gives a trial."""
+    threads = 1
+
+    def __init__(self, codes=None):
+        self.codes, self.started = codes or {}, []
+
+    def start(self, argv, env, log, cwd, shown):
+        entry = json.loads(argv[argv.index('--sweep-member') + 1])
+        self.started.append(argv)
+        future = Future()
+        now = time.time()
+        future.set_result({'code': self.codes.get((entry['trial'], entry['seed']), 0), 'start': now, 'stop': now})
+        return future
+
+    def close(self):
+        pass
+
+
+def record(m, status, run_id, hash_=None):
+    entry = {'name': 'sweep', 'sweep_id': 'sweep-old', 'trial': m.trial, 'seed': m.seed, 'grid': S.stored(m.point)}
+    return RunRecord(run_id, status, None, None, {'sweep': entry, 'spec_hash': hash_ or m.hash}, {})
+
+
+@pytest.mark.parametrize('status, checkpoint, expected', [
+    ('COMPLETED', False, 'skip'), ('INTERRUPTED', False, 'resume'), ('FAILED', True, 'resume'),
+    ('FAILED', False, 'start'), ('RUNNING', False, 'leave'), ('COMPLETED (other plan)', False, 'start')])
+def test_a_rerun_skips_completed_members_resumes_stopped_ones_and_starts_the_rest(status, checkpoint, expected,
+                                                                                  tmp_path):
+    out = tmp_path / 'runs'
+    (m,) = [m for m in members_of(sweep_file(tmp_path), ['Sweep.seeds = [0]', f"Run.out_dir = '{out}'"])
+            if m.trial == 'ae']
+    if checkpoint:
+        (out / '5').mkdir(parents=True)
+        (out / '5' / 'checkpoint.pt').write_bytes(b'x')
+    other = status.endswith('(other plan)')
+    recorded = [record(m, 'FAILED', '4'), record(m, status.split()[0], '5', 'f' * 12 if other else None)]
+    pool = FakePool()
+    driver = S.Driver('sweep', 'sweep-new', 'sqlite:///unused.db', SimpleNamespace(db=None, jobs=1), tmp_path, pool,
+                      recorded)
+    driver.members = [m]
+    driver.bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None, write=lambda s, **k: None)
+    future = driver.start(m)
+    if expected == 'skip':
+        assert future is None and pool.started == [] and (m.status, m.run_id, m.before) == ('COMPLETED', '5', True)
+    elif expected == 'leave':
+        assert future is None and pool.started == [] and (m.status, m.run_id) == ('RUNNING', '5')
+    else:
+        (argv,) = pool.started
+        assert ('--resume' in argv) == (expected == 'resume')
+        if expected == 'resume':
+            assert argv[argv.index('--resume') + 1] == '5' and m.resume == '5'
+        entry = json.loads(argv[argv.index('--sweep-member') + 1])
+        assert entry == {'name': 'sweep', 'sweep_id': 'sweep-new', 'trial': 'ae', 'seed': 0, 'grid': {}}
+
+
+def test_a_failed_member_skips_its_dependents_and_the_others_continue(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'runs'
+    layout = S.load_sweep(str(sweep_file(tmp_path)))
+    pool = FakePool({('ae', 0): 1})
+    monkeypatch.setattr(S, '_executor', lambda args, folder: pool)
+    args = SimpleNamespace(db=None, jobs=2, executor='local')
+    code = S.execute(layout, [f"Run.out_dir = '{out}'"], args)
+    assert code == 1
+    started = [json.loads(a[a.index('--sweep-member') + 1]) for a in pool.started]
+    assert [(e['trial'], e['seed']) for e in started] == [('ae', 0), ('ae', 1), ('probe', 1)]
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines() if re.match(r'^(ae|probe)\s', line)]
+    assert [(r[0], r[1], r[-2]) for r in rows] == [('ae', '0', 'FAILED'), ('ae', '1', 'COMPLETED'),
+                                                    ('probe', '0', 'SKIPPED'), ('probe', '1', 'COMPLETED')]
+    assert (out / 'sacred.db').is_file() and len(list((out / 'sweeps').iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------------ real sweeps
+
+def sweep_cmd(out, cache, *extra) -> list[str]:
+    """The shipped probes sweep cut to SMALL, tiny members, 2 at once, recorded in <out>/sacred.db."""
+    return [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, *[a for b in SMALL for a in ('-b', b)],
+            '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{cache}'",
+            *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2', *extra]
+
+
+def completed(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f'exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope='module')
+def small_sweeps(tmp_path_factory, rt_cache):
+    """The small sweep run by local processes and, at the same time (most of a member's time here is start-up),
+    through submitit's local executor, each into its own folder and database: {executor: (out_dir, result)}."""
+    outs = {k: tmp_path_factory.mktemp(k) / 'runs' for k in ('local', 'submitit')}
+    procs = {'local': sweep_cmd(outs['local'], rt_cache),
+             'submitit': sweep_cmd(outs['submitit'], rt_cache, '--executor', 'submitit-local')}
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in procs.items()}
+    return {k: (outs[k], completed(p)) for k, p in procs.items()}
+
+
+def recorded(db) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute('SELECT run_id, status, config, start_time, stop_time FROM run ORDER BY id').fetchall()
+    finally:
+        con.close()
+    return [(i, s, json.loads(c), start, stop) for i, s, c, start, stop in rows]
+
+
+def check_small_sweep(out, stdout) -> str:
+    """4 COMPLETED runs in one database, each with its sweep entry; each probe read the autoencoder of its seed, which
+    had completed before the probe started. -> the sweep id."""
+    sweep_id = re.search(r'^sweep (probes-\S+):', stdout, re.M).group(1)
+    runs = recorded(out / 'sacred.db')
+    assert [s for _, s, *_ in runs] == ['COMPLETED'] * 4
+    entries = {(c['sweep']['trial'], c['sweep']['seed']): (i, c, start, stop) for i, _, c, start, stop in runs}
+    assert sorted(entries) == [('ae', 0), ('ae', 1), ('probe', 0), ('probe', 1)]
+    for (trial, seed), (_, c, start, _) in entries.items():
+        assert c['sweep'] == {'name': 'probes', 'sweep_id': sweep_id, 'trial': trial, 'seed': seed, 'grid': {}}
+        assert c['plan']['run']['seed'] == seed
+        if trial == 'probe':
+            ae_id, _, _, ae_stop = entries[('ae', seed)]
+            assert c['plan']['curriculum'][0]['init_from'] == {'encoder': f'run:{ae_id}/autoencode'}
+            assert start >= ae_stop, f'probe seed {seed} started before its autoencoder completed'
+    logs = sorted(p.name for p in (out / 'sweeps' / sweep_id).iterdir() if p.suffix == '.log')
+    assert logs == ['ae-seed0.log', 'ae-seed1.log', 'probe-seed0.log', 'probe-seed1.log']
+    return sweep_id
+
+
+def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(small_sweeps, rt_cache):
+    out, first = small_sweeps['local']
+    sweep_id = check_small_sweep(out, first.stdout)
+    assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
+    before = recorded(out / 'sacred.db')
+
+    rows = [line.split() for line in S.status(sweep_id, [], default_url(str(out))).splitlines()
+            if re.match(r'^(ae|probe)\s', line)]
+    ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): i for i, _, c, *_ in before}
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [(t, s, ids[(t, s)], 'COMPLETED') for t, s in sorted(ids)]
+
+    again = completed(subprocess.Popen(sweep_cmd(out, rt_cache), cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True))
+    assert recorded(out / 'sacred.db') == before, 'the rerun recorded or changed runs'
+    rows = [line.split() for line in again.stdout.splitlines() if re.match(r'^(ae|probe)\s', line)]
+    assert [(r[0], r[3], r[4], r[5]) for r in rows] == [(t, ids[(t, s)], 'COMPLETED', '(before)')
+                                                        for t, s in sorted(ids)]
+    new_id = re.search(r'^sweep (probes-\S+):', again.stdout, re.M).group(1)
+    assert new_id != sweep_id
+    assert not [p for p in (out / 'sweeps' / new_id).iterdir() if p.suffix == '.log'], 'the rerun started a member'
+
+
+def test_the_same_sweep_through_submitits_local_executor(small_sweeps):
+    out, r = small_sweeps['submitit']
+    sweep_id = check_small_sweep(out, r.stdout)
+    assert 'submitit-local executor, 2 at once' in r.stdout
+    jobs = list((out / 'sweeps' / sweep_id / 'submitit').glob('*_result.pkl'))
+    assert len(jobs) == 4, 'each member should have been one submitit job'
