@@ -611,8 +611,10 @@ def execute(layout: Layout, extra: list[str], args) -> int:
     text = summary(members)
     (folder / 'summary.txt').write_text(text + '\n')
     db = '' if url == database.DEFAULT_DB else f' --db {database.display_url(url)}'
+    started = any(m.run_id and not (m.before or m.resume) for m in members)  # what `status SWEEP_ID` lists
     print(f'\nsweep {sweep_id} ({layout.sweep.name})\n\n{text}\n\nlogs      {folder}\n'
-          f'database  {database.display_url(url)}  (python -m runtime.sweep status {sweep_id}{db})')
+          f'database  {database.display_url(url)}'
+          + (f'  (python -m runtime.sweep status {sweep_id}{db})' if started else ''))
     for m in members:
         if m.status in ('FAILED', 'REFUSED', 'INTERRUPTED'):
             print(f'  {m.label} {m.status}: see {folder / (m.label + ".log")}')

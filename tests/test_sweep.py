@@ -294,8 +294,7 @@ def test_a_failed_member_skips_its_dependents_and_the_others_continue(tmp_path, 
     assert code == 1
     started = [json.loads(a[a.index('--sweep-member') + 1]) for a in pool.started]
     assert [(e['trial'], e['seed']) for e in started] == [('ae', 0), ('ae', 1), ('probe', 1)]
-    table = capsys.readouterr().out
-    rows = [line.split() for line in table.splitlines() if re.match(r'^(ae|probe)\s', line)]
+    rows = member_rows(capsys.readouterr().out)
     assert [(r[0], r[1], r[-2]) for r in rows] == [('ae', '0', 'FAILED'), ('ae', '1', 'COMPLETED'),
                                                     ('probe', '0', 'SKIPPED'), ('probe', '1', 'COMPLETED')]
     assert (out / 'sacred.db').is_file() and len(list((out / 'sweeps').iterdir())) == 1
@@ -341,6 +340,10 @@ def recorded(db) -> list[tuple]:
     return [(i, s, json.loads(c), start, stop) for i, s, c, start, stop in rows]
 
 
+def member_rows(table: str) -> list[list[str]]:
+    return [line.split() for line in table.splitlines() if re.match(r'^(ae|probe)\s', line)]
+
+
 def check_small_sweep(out, stdout) -> str:
     """4 COMPLETED runs in one database, each with its sweep entry; each probe read the autoencoder of its seed, which
     had completed before the probe started. -> the sweep id."""
@@ -367,17 +370,23 @@ def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(smal
     assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
     before = recorded(out / 'sacred.db')
 
-    rows = [line.split() for line in S.status(sweep_id, [], default_url(str(out))).splitlines()
-            if re.match(r'^(ae|probe)\s', line)]
     ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): i for i, _, c, *_ in before}
-    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [(t, s, ids[(t, s)], 'COMPLETED') for t, s in sorted(ids)]
+    listed = [(t, s, ids[(t, s)], 'COMPLETED') for t, s in sorted(ids)]
+    rows = member_rows(S.status(sweep_id, [], default_url(str(out))))
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == listed
+    # by the sweep spec: every member's latest run, and whether it ran the plan the spec now gives
+    bindings = [*SMALL, f"Run.out_dir='{out}'", f"Data.cache_dir='{rt_cache}'", *TINY_MEMBERS]
+    assert [(r[0], r[1], r[3], r[4]) for r in member_rows(S.status(PROBES, bindings, None))] == listed
+    rows = member_rows(S.status(PROBES, bindings + ['probe/Stage.steps=3'], None))
+    assert [' '.join(r[4:-1]) for r in rows] == ['COMPLETED'] * 2 + ['COMPLETED (other plan)'] * 2
 
     again = completed(subprocess.Popen(sweep_cmd(out, rt_cache), cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True))
     assert recorded(out / 'sacred.db') == before, 'the rerun recorded or changed runs'
-    rows = [line.split() for line in again.stdout.splitlines() if re.match(r'^(ae|probe)\s', line)]
+    rows = member_rows(again.stdout)
     assert [(r[0], r[3], r[4], r[5]) for r in rows] == [(t, ids[(t, s)], 'COMPLETED', '(before)')
                                                         for t, s in sorted(ids)]
+    assert 'runtime.sweep status' not in again.stdout, 'a rerun that started nothing has no runs to list by its id'
     new_id = re.search(r'^sweep (probes-\S+):', again.stdout, re.M).group(1)
     assert new_id != sweep_id
     assert not [p for p in (out / 'sweeps' / new_id).iterdir() if p.suffix == '.log'], 'the rerun started a member'
@@ -389,3 +398,20 @@ def test_the_same_sweep_through_submitits_local_executor(small_sweeps):
     assert 'submitit-local executor, 2 at once' in r.stdout
     jobs = list((out / 'sweeps' / sweep_id / 'submitit').glob('*_result.pkl'))
     assert len(jobs) == 4, 'each member should have been one submitit job'
+
+
+def test_the_readme_sweep_query_shows_each_probe_reading_its_own_seeds_autoencoder(small_sweeps):
+    text = (ROOT / 'README.md').read_text()
+    section = text.split('\n## Sweeps\n', 1)[1].split('\n## ', 1)[0]
+    (query,) = re.findall(r'```sql\n(.*?)```', section, re.S)
+    out, _ = small_sweeps['local']
+    con = sqlite3.connect(out / 'sacred.db')
+    try:
+        rows = con.execute(query).fetchall()
+    finally:
+        con.close()
+    ae = {seed: run_id for trial, seed, _, run_id, _, _ in rows if trial == 'ae'}
+    assert sorted(ae) == [0, 1]
+    probes = [(seed, encoder) for trial, seed, _, _, encoder, _ in rows if trial == 'probe']
+    assert sorted(probes) == [(s, f'run:{ae[s]}/autoencode') for s in (0, 1)]
+    assert all(0 <= acc <= 1 for *_, acc in rows)
