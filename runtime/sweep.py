@@ -557,12 +557,12 @@ def _executor(args, folder: Path):
         return LocalProcesses(args.jobs)
     import submitit
     cluster = 'slurm' if args.executor == 'slurm' else 'local'
-    if cluster == 'slurm' and shutil.which('sbatch') is None:
-        raise SpecError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
-                        'run the sweep on a Slurm login node, or use --executor local')
     if cluster == 'slurm' and args.slurm_time is None:
         raise SpecError('--executor slurm', "no time limit: submitit's default would stop every member after 5 min",
                         'give --slurm-time MINUTES')
+    if cluster == 'slurm' and shutil.which('sbatch') is None:
+        raise SpecError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
+                        'run the sweep on a Slurm login node, or use --executor local')
     params = {'timeout_min': args.slurm_time or SLURM_MINUTES, 'gpus_per_node': args.gpus_per_node,
               'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
               'name': 'memspec'}
