@@ -111,7 +111,7 @@ class Layout:
 def load_sweep(path: str, bindings=()) -> Layout:
     """A sweep spec file (+ -b bindings of Sweep/Trial) -> Layout. SpecError at the line of anything wrong."""
     _register()
-    sweep, locations, _ = build('Sweep', CONFIGURABLES, [path], bindings)
+    sweep, locations = build('Sweep', CONFIGURABLES, [path], bindings)
 
     def where(owner, name):
         return locate(locations, owner, name)
@@ -184,7 +184,8 @@ class Member:
     seed: int = 0  # the Run.seed it trains with
     hash: str = ''
     run_id: str | None = None
-    resume: str | None = None  # the run id this invocation continues
+    run_name: str | None = None  # '<id>-<key>' (store/layout.py): what init_from and --resume name, unambiguously
+    resume: str | None = None  # the run this invocation continues
     before: bool = False  # completed in an earlier invocation: not run again
     status: str = 'PENDING'
     note: str = ''
@@ -206,9 +207,9 @@ class Member:
         return self.trial, self.seed, _canonical(self.point)
 
     def resolved(self, placeholder: bool = False) -> list[str]:
-        """The bindings with each run:@<trial>/ replaced by the run id of that dependency (or a stand-in id that
+        """The bindings with each run:@<trial>/ replaced by the run name of that dependency (or a stand-in that
         compiles, for the check before anything runs)."""
-        ids = {t: (f'sweep.{t}' if placeholder else d.run_id) for t, d in self.deps.items()}
+        ids = {t: (f'sweep.{t}' if placeholder else d.run_name) for t, d in self.deps.items()}
         return [REFERENCE.sub(lambda m: f'run:{ids[m.group(1)]}/{m.group(2)}', b) for b in self.bindings]
 
 
@@ -288,7 +289,6 @@ def expand(layout: Layout, extra: list[str]) -> list[Member]:
             m.deps[dep] = _match(m, by_trial[dep], trials, layout)
         m.spec = compile_member(m, placeholder=True)
         m.seed, m.hash = m.spec.plan.run.seed, m.spec.hash
-        _check_macros(m, trials[m.trial], layout)
     for m in members:
         _check_stages(m, layout)
     _check_grid_effect(by_trial, trials, layout)
@@ -381,17 +381,9 @@ def compile_member(m: Member, placeholder: bool = False):
     except SpecError as e:
         flag = next((b for b in bindings if e.where.startswith(f"binding -b '{b}'")), None)
         where = f'{origin[flag]} ({e.where})' if flag in origin else e.where
-        raise SpecError(where, f'{m.describe()}: {e.what}', e.fix)
-
-
-def _check_macros(m: Member, t: Trial, layout: Layout) -> None:
-    """A grid macro no spec uses changes nothing: gin accepts `CHUNKZ = 8` silently."""
-    used = read_bindings(m.spec.operative)[1]
-    for key in t.grid:
-        if '.' not in key and key not in used:
-            raise SpecError(layout.at(t.name, 'grid'), f"grid key '{key}' of trial '{t.name}' is a macro its specs "
-                            'never use', f"vary a macro the specs use ({', '.join(sorted(used))}) or a "
-                            "'[scope/]Configurable.param'")
+        fix = e.fix if flag is None or flag in origin else (  # a -b of the command line: it goes to every member
+            f'{e.fix}; a -b binding is given to every member: for some trials only, put it in their Trial.bindings')
+        raise SpecError(where, f'{m.describe()}: {e.what}', fix)
 
 
 def _check_stages(m: Member, layout: Layout) -> None:
@@ -405,7 +397,8 @@ def _check_stages(m: Member, layout: Layout) -> None:
 
 
 def _check_grid_effect(by_trial: dict, trials: dict, layout: Layout) -> None:
-    """Each grid key must change the plan: `prob/Stage.lr` (a scope no spec uses) binds nothing."""
+    """Different values of a grid key must make different plans (1 and 1.0 for a float field do not; nor do values of
+    a binding the compiler accepts with a warning that it has no effect): else two members are the same run."""
     for name, members in by_trial.items():
         for key in trials[name].grid:
             seen: dict = {}
@@ -415,9 +408,9 @@ def _check_grid_effect(by_trial: dict, trials: dict, layout: Layout) -> None:
             for hashes in seen.values():
                 same = next((vs for vs in hashes.values() if len(vs) > 1), None)
                 if same:
-                    raise SpecError(layout.at(name, 'grid'), f"grid key '{key}' of trial '{name}' changes nothing: "
+                    raise SpecError(layout.at(name, 'grid'), f"grid key '{key}' of trial '{name}': "
                                     f'{either(fmt(v) for v in same)} give the same plan',
-                                    'check the key: its scope and configurable must be ones the specs use')
+                                    'list values that make different plans (each grid point is its own run)')
 
 
 # ------------------------------------------------------------------------------------------------ the record
@@ -444,6 +437,16 @@ def prior(m: Member, recorded: list[database.RunRecord]) -> database.RunRecord |
     same = [r for r in recorded if _identity(r) == m.key() and r.config.get('spec_hash') == m.hash]
     done = [r for r in same if r.status == 'COMPLETED']
     return (done or same or [None])[-1]
+
+
+def resumable(run: database.RunRecord | None, out_dir: str) -> bool:
+    """Did the run stop where `--resume` continues it: INTERRUPTED, RUNNING with a stale heartbeat (its process was
+    killed), or FAILED with a checkpoint?"""
+    if run is None:
+        return False
+    silent = run.silent_for()
+    return run.status == 'INTERRUPTED' or (silent is not None and silent >= database.STALE_AFTER) or (
+        run.status == 'FAILED' and RunFolder(out_dir, run.id, run.run_key).checkpoint.is_file())
 
 
 def member_config(text: str | None) -> dict | None:
@@ -683,24 +686,27 @@ class Driver:
             return None
         m.hash = spec.hash
         before = prior(m, self.recorded)
+        if before is not None:
+            m.run_id, m.run_name = before.id, before.name
         if before is not None and before.status == 'COMPLETED':
-            m.run_id, m.start, m.stop, m.before = before.id, before.start, before.stop, True
+            m.start, m.stop, m.before = before.start, before.stop, True
             self.finish(m, 'COMPLETED', '(recorded before: skipped)')
             return None
-        if before is not None and before.status == 'RUNNING':
-            m.run_id = before.id
-            self.finish(m, 'RUNNING', f'(elsewhere: not started here; if it was killed, resume it with '
-                                      f'python -m runtime.run ... --resume {before.id} and rerun the sweep)')
+        silent = None if before is None else before.silent_for()
+        if silent is not None and silent < database.STALE_AFTER:
+            self.finish(m, 'RUNNING', f'(in another process, its last heartbeat {database.span(silent)} ago: not '
+                                      'started here; rerun the sweep once it ended)')
             return None
         argv = [*m.specs]
         for b in m.resolved():
             argv += ['-b', b]
         if self.args.db:
             argv += ['--db', self.args.db]
-        if before is not None and (before.status == 'INTERRUPTED' or (
-                before.status == 'FAILED' and RunFolder(spec.plan.run.out_dir, before.id).checkpoint.is_file())):
-            m.resume = m.run_id = before.id
-            argv += ['--resume', before.id]
+        if resumable(before, spec.plan.run.out_dir):
+            m.resume = before.name
+            argv += ['--resume', before.name]
+        else:
+            m.run_id = m.run_name = None
         entry = {'name': self.name, 'sweep_id': self.sweep_id, 'trial': m.trial, 'seed': m.seed,
                  'grid': stored(m.point)}
         argv += ['--sweep-member', json.dumps(entry)]
@@ -718,7 +724,8 @@ class Driver:
         code = result['code']
         if m.run_id is None:  # a new run: the id it was recorded under
             found = [r for r in records(self.url, self.name, self.sweep_id) if _identity(r) == m.key()]
-            m.run_id = found[-1].id if found else None
+            if found:
+                m.run_id, m.run_name = found[-1].id, found[-1].name
         status = {0: 'COMPLETED', 2: 'REFUSED', 130: 'INTERRUPTED'}.get(code, 'FAILED')
         self.finish(m, status, '' if code in (0, 2, 130) else f'(exit {code})')
 
@@ -742,13 +749,13 @@ def status(target: str, bindings: list[str], db: str | None) -> str:
         url = db or database.default_url(members[0].spec.plan.run.out_dir)
         recorded = records(url, layout.sweep.name)
         for m in members:
-            if all(d.run_id for d in m.deps.values()):
+            if all(d.run_name for d in m.deps.values()):
                 m.hash = compile_member(m).hash
             before = prior(m, recorded) or next((r for r in reversed(recorded) if _identity(r) == m.key()), None)
             if before is None:
                 m.status = 'not started'
                 continue
-            m.run_id, m.start, m.stop = before.id, before.start, before.stop
+            m.run_id, m.run_name, m.start, m.stop = before.id, before.name, before.start, before.stop
             m.status = before.status if before.config.get('spec_hash') == m.hash else f'{before.status} (other plan)'
         return f'sweep {layout.sweep.name} in {database.display_url(url)}\n\n{summary(members)}'
     url = db or database.DEFAULT_DB

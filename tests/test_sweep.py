@@ -1,6 +1,7 @@
 """Declarative sweeps (runtime/sweep.py): expansion of seeds x grid, dependencies by name, refusal of bad sweeps with
 their exact messages, the driver's skip / resume / start decisions, and real tiny sweeps run by local processes and by
 submitit's local executor into one SQLite database."""
+import datetime as dt
 import json
 import re
 import sqlite3
@@ -19,7 +20,7 @@ from runtime import sweep as S
 from store.database import RunRecord, default_url
 
 PROBES = 'specs/sweeps/probes.gin'
-TINY_MEMBERS = TINY + ['autoencode/Stage.steps=2', 'probe/Stage.steps=2']
+TINY_MEMBERS = TINY + ['Run.steps_scale = 0.0025']  # every stage of every member: 800 -> 2 steps
 # the shipped sweep cut to 2 trials x 2 seeds: ae, then a probe of the autoencoder of its own seed
 SMALL = ['Sweep.seeds = [0, 1]', 'Sweep.trials = [@ae/Trial(), @probe/Trial()]', 'probe/Trial.grid = {}']
 
@@ -70,20 +71,21 @@ def test_a_dependency_resolves_by_name_to_the_run_of_the_same_seed_and_grid_poin
     probes = [m for m in members if m.trial == 'probe']
     assert len(ae) == 4 and len(probes) == 8
     for i, m in enumerate(ae.values()):
-        m.run_id = str(10 + i)
+        m.run_id, m.run_name = str(10 + i), f'{10 + i}-0123456789'
     for p in probes:
         dep = p.deps['ae']
         assert dep is ae[(p.seed, p.point['Memory.chunk_len'])]
         spec = S.compile_member(p)
-        assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_id}/autoencode'}
+        assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_name}/autoencode'}
 
 
 def test_the_dependency_component_suffix_is_kept(tmp_path):
     path = sweep_file(tmp_path, 'probe/Trial.bindings = ["probe/Stage.init_from = '
                                 "{'encoder': 'run:@ae/autoencode:encoder'}\"]\n")
     members = members_of(path)
-    members[1].run_id = '7'
-    assert S.compile_member(members[3]).plan.curriculum[0].init_from == {'encoder': 'run:7/autoencode:encoder'}
+    members[1].run_name = '7-0123456789'
+    assert S.compile_member(members[3]).plan.curriculum[0].init_from == {
+        'encoder': 'run:7-0123456789/autoencode:encoder'}
 
 
 def test_sweep_flags_of_runtime_run_expand_to_a_one_trial_sweep():
@@ -120,15 +122,18 @@ REFUSALS = {
                                'chunk_len, chunks, compression, decoder_input, noise, pad, position, slots'),
     'bad grid value': ("probe/Trial.grid = {'Memory.chunks': [4, 0]}",
                        "{f}:6 (binding -b 'Memory.chunks = 0'): trial 'probe' (seed 0, Memory.chunks=0): "
-                       'Memory.chunks = 0 must be positive\n  fix: use at least 1 chunk'),
+                       'Memory.chunks must be >= 1, got 0\n  fix: use at least 1 chunk'),
     'grid key without effect': ("probe/Trial.grid = {'prob/Stage.lr': [0.1, 0.2]}",
-                                "{f}:6: grid key 'prob/Stage.lr' of trial 'probe' changes nothing: 0.1 or 0.2 give the "
-                                'same plan\n  fix: check the key: its scope and configurable must be ones the specs '
-                                'use'),
+                                "{f}:6 (binding -b 'prob/Stage.lr = 0.1'): trial 'probe' (seed 0, prob/Stage.lr=0.1): "
+                                "prob/Stage.lr has no effect: no Stage is built in scope 'prob' and no @prob/...() "
+                                "reference names it\n  fix: did you mean 'probe/Stage.lr'? scopes of Stage: probe"),
     'unused macro': ("probe/Trial.grid = {'CHUNKZ': [4]}",
-                     "{f}:6: grid key 'CHUNKZ' of trial 'probe' is a macro its specs never use\n  fix: vary a macro "
-                     "the specs use (BATCH, CHUNKS, CHUNK_LEN, D_MODEL, KIND, N_HEADS, N_LAYERS, VOCAB) or a "
-                     "'[scope/]Configurable.param'"),
+                     "{f}:6 (binding -b 'CHUNKZ = 4'): trial 'probe' (seed 0, CHUNKZ=4): macro 'CHUNKZ' has no effect: "
+                     "no binding uses %CHUNKZ\n  fix: did you mean 'CHUNKS'? macros in use: BATCH, CHUNKS, CHUNK_LEN, "
+                     'D_MODEL, KIND, N_HEADS, N_LAYERS, VOCAB; or bind the parameter itself'),
+    'values of one plan': ("probe/Trial.grid = {'probe/Stage.lr': [1, 1.0]}",
+                           "{f}:6: grid key 'probe/Stage.lr' of trial 'probe': 1 or 1.0 give the same plan\n"
+                           '  fix: list values that make different plans (each grid point is its own run)'),
     'not a key': ("probe/Trial.grid = {'Memory.chunks = 3': [4]}",
                   "{f}:6: grid key 'Memory.chunks = 3' of trial 'probe' is not a binding name\n"
                   "  fix: use '[scope/]Configurable.param' or a MACRO, e.g. {{'Memory.chunks': [4, 8]}}"),
@@ -177,6 +182,15 @@ def test_a_bad_sweep_is_refused_with_a_located_message(case, tmp_path):
     with pytest.raises(SpecError) as e:
         members_of(path)
     assert str(e.value) == message.format(f=path, d=tmp_path)
+
+
+def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_each(tmp_path):
+    with pytest.raises(SpecError) as e:
+        members_of(sweep_file(tmp_path), ['probe/Stage.steps = 3'])
+    assert str(e.value) == (
+        "binding -b 'probe/Stage.steps = 3': trial 'ae' (seed 0): probe/Stage.steps has no effect: no Stage is built "
+        "in scope 'probe' and no @probe/...() reference names it\n  fix: scopes of Stage: autoencode; a -b binding is "
+        'given to every member: for some trials only, put it in their Trial.bindings')
 
 
 def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
@@ -263,24 +277,32 @@ class FakePool:
         pass
 
 
-def record(m, status, run_id, hash_=None):
+KEY = '0123456789'
+
+
+def record(m, status, run_id, hash_=None, silent=None):
+    """A recorded run of member m (RUNNING: its last heartbeat `silent` ago)."""
     entry = {'name': 'sweep', 'sweep_id': 'sweep-old', 'trial': m.trial, 'seed': m.seed, 'grid': S.stored(m.point)}
-    return RunRecord(run_id, status, None, None, {'sweep': entry, 'spec_hash': hash_ or m.hash}, {})
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return RunRecord(run_id, status, now - dt.timedelta(hours=1), None, {'sweep': entry, 'spec_hash': hash_ or m.hash},
+                     {'run_key': KEY}, heartbeat=None if silent is None else now - silent)
 
 
 @pytest.mark.parametrize('status, checkpoint, expected', [
     ('COMPLETED', False, 'skip'), ('INTERRUPTED', False, 'resume'), ('FAILED', True, 'resume'),
-    ('FAILED', False, 'start'), ('RUNNING', False, 'leave'), ('COMPLETED (other plan)', False, 'start')])
+    ('FAILED', False, 'start'), ('RUNNING', False, 'leave'), ('RUNNING stale', False, 'resume'),
+    ('COMPLETED (other plan)', False, 'start')])
 def test_a_rerun_skips_completed_members_resumes_stopped_ones_and_starts_the_rest(status, checkpoint, expected,
                                                                                   tmp_path):
     out = tmp_path / 'runs'
     (m,) = [m for m in members_of(sweep_file(tmp_path), ['Sweep.seeds = [0]', f"Run.out_dir = '{out}'"])
             if m.trial == 'ae']
     if checkpoint:
-        (out / '5').mkdir(parents=True)
-        (out / '5' / 'checkpoint.pt').write_bytes(b'x')
+        (out / f'5-{KEY}').mkdir(parents=True)
+        (out / f'5-{KEY}' / 'checkpoint.pt').write_bytes(b'x')
     other = status.endswith('(other plan)')
-    recorded = [record(m, 'FAILED', '4'), record(m, status.split()[0], '5', 'f' * 12 if other else None)]
+    silent = dt.timedelta(minutes=10 if status.endswith('stale') else 0)
+    recorded = [record(m, 'FAILED', '4'), record(m, status.split()[0], '5', 'f' * 12 if other else None, silent)]
     pool = FakePool()
     driver = S.Driver('sweep', 'sweep-new', 'sqlite:///unused.db', SimpleNamespace(db=None, jobs=1), tmp_path, pool,
                       recorded)
@@ -295,7 +317,9 @@ def test_a_rerun_skips_completed_members_resumes_stopped_ones_and_starts_the_res
         (argv,) = pool.started
         assert ('--resume' in argv) == (expected == 'resume')
         if expected == 'resume':
-            assert argv[argv.index('--resume') + 1] == '5' and m.resume == '5'
+            assert argv[argv.index('--resume') + 1] == f'5-{KEY}' and (m.resume, m.run_id) == (f'5-{KEY}', '5')
+        else:
+            assert m.run_id is None
         entry = json.loads(argv[argv.index('--sweep-member') + 1])
         assert entry == {'name': 'sweep', 'sweep_id': 'sweep-new', 'trial': 'ae', 'seed': 0, 'grid': {}}
 
@@ -348,12 +372,14 @@ def small_sweeps(tmp_path_factory, rt_cache):
 
 
 def recorded(db) -> list[tuple]:
+    """(run name '<id>-<key>', status, config, start, stop) of every run in the database."""
     con = sqlite3.connect(db)
     try:
-        rows = con.execute('SELECT run_id, status, config, start_time, stop_time FROM run ORDER BY id').fetchall()
+        rows = con.execute('SELECT run_id, status, config, info, start_time, stop_time FROM run ORDER BY id').fetchall()
     finally:
         con.close()
-    return [(i, s, json.loads(c), start, stop) for i, s, c, start, stop in rows]
+    return [(f"{i}-{json.loads(info)['run_key']}", s, json.loads(c), start, stop)
+            for i, s, c, info, start, stop in rows]
 
 
 def member_rows(table: str) -> list[list[str]]:
@@ -366,14 +392,14 @@ def check_small_sweep(out, stdout) -> str:
     sweep_id = re.search(r'^sweep (probes-\S+):', stdout, re.M).group(1)
     runs = recorded(out / 'sacred.db')
     assert [s for _, s, *_ in runs] == ['COMPLETED'] * 4
-    entries = {(c['sweep']['trial'], c['sweep']['seed']): (i, c, start, stop) for i, _, c, start, stop in runs}
+    entries = {(c['sweep']['trial'], c['sweep']['seed']): (n, c, start, stop) for n, _, c, start, stop in runs}
     assert sorted(entries) == [('ae', 0), ('ae', 1), ('probe', 0), ('probe', 1)]
     for (trial, seed), (_, c, start, _) in entries.items():
         assert c['sweep'] == {'name': 'probes', 'sweep_id': sweep_id, 'trial': trial, 'seed': seed, 'grid': {}}
         assert c['plan']['run']['seed'] == seed
         if trial == 'probe':
-            ae_id, _, _, ae_stop = entries[('ae', seed)]
-            assert c['plan']['curriculum'][0]['init_from'] == {'encoder': f'run:{ae_id}/autoencode'}
+            ae_name, _, _, ae_stop = entries[('ae', seed)]
+            assert c['plan']['curriculum'][0]['init_from'] == {'encoder': f'run:{ae_name}/autoencode'}
             assert start >= ae_stop, f'probe seed {seed} started before its autoencoder completed'
     logs = sorted(p.name for p in (out / 'sweeps' / sweep_id).iterdir() if p.suffix == '.log')
     assert logs == ['ae-seed0.log', 'ae-seed1.log', 'probe-seed0.log', 'probe-seed1.log']
@@ -386,14 +412,16 @@ def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(smal
     assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
     before = recorded(out / 'sacred.db')
 
-    ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): i for i, _, c, *_ in before}
+    ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): n.split('-')[0] for n, _, c, *_ in before}
     listed = [(t, s, ids[(t, s)], 'COMPLETED') for t, s in sorted(ids)]
     rows = member_rows(S.status(sweep_id, [], default_url(str(out))))
     assert [(r[0], r[1], r[3], r[4]) for r in rows] == listed
     # by the sweep spec: every member's latest run, and whether it ran the plan the spec now gives
     bindings = [*SMALL, f"Run.out_dir='{out}'", f"Data.cache_dir='{rt_cache}'", *TINY_MEMBERS]
     assert [(r[0], r[1], r[3], r[4]) for r in member_rows(S.status(PROBES, bindings, None))] == listed
-    rows = member_rows(S.status(PROBES, bindings + ['probe/Stage.steps=3'], None))
+    changed = ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@ae/autoencode\'}", '
+               '"probe/Stage.lr = 0.005"]')
+    rows = member_rows(S.status(PROBES, bindings + [changed], None))
     assert [' '.join(r[4:-1]) for r in rows] == ['COMPLETED'] * 2 + ['COMPLETED (other plan)'] * 2
 
     again = completed(subprocess.Popen(sweep_cmd(out, rt_cache), cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE,
@@ -429,5 +457,6 @@ def test_the_readme_sweep_query_shows_each_probe_reading_its_own_seeds_autoencod
     ae = {seed: run_id for trial, seed, _, run_id, _, _ in rows if trial == 'ae'}
     assert sorted(ae) == [0, 1]
     probes = [(seed, encoder) for trial, seed, _, _, encoder, _ in rows if trial == 'probe']
-    assert sorted(probes) == [(s, f'run:{ae[s]}/autoencode') for s in (0, 1)]
+    assert sorted(s for s, _ in probes) == [0, 1]
+    assert all(re.fullmatch(rf'run:{ae[s]}-[0-9a-f]{{10}}/autoencode', encoder) for s, encoder in probes), probes
     assert all(0 <= acc <= 1 for *_, acc in rows)
