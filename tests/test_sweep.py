@@ -88,6 +88,12 @@ def test_the_dependency_component_suffix_is_kept(tmp_path):
         'encoder': 'run:7-0123456789/autoencode:encoder'}
 
 
+@pytest.mark.parametrize('path', sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'specs' / 'sweeps').glob('*.gin')))
+def test_every_shipped_sweep_compiles_every_member_without_warnings(path):
+    members = members_of(ROOT / path)
+    assert members and all(m.spec.warnings == [] for m in members)
+
+
 def test_sweep_flags_of_runtime_run_expand_to_a_one_trial_sweep():
     layout = S.grid_sweep(['specs/autoencoder.gin'], ['Memory.chunks=[2,4]', 'Run.seed=[0,1]', 'D_MODEL=[32,64]'])
     assert (layout.sweep.name, layout.sweep.seeds) == ('autoencoder', (0, 1))
