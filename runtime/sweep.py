@@ -53,7 +53,6 @@ from store.tables import duration, fmt, table
 ROOT = Path(__file__).resolve().parent.parent
 SEED_KEY = 'Run.seed'
 REFERENCE = re.compile(r'run:@([^/\s\'"]*)/([A-Za-z0-9_.-]*)')  # 'run:@ae/autoencode:encoder' -> ('ae', 'autoencode')
-NAME = re.compile(r'^[A-Za-z0-9_.-]+$')  # trial and sweep names become file names
 GRID_KEY = re.compile(r'^[A-Za-z0-9_./-]+$')  # [scope/]Configurable.param or MACRO: one binding, nothing else
 EXECUTORS = ('local', 'slurm', 'submitit-local')
 SLURM_MINUTES = 24 * 60  # submitit-local's time limit (submitit's own default of 2 minutes would stop real runs)
@@ -117,7 +116,7 @@ def load_sweep(path: str, bindings=()) -> Layout:
         return locate(locations, owner, name)
 
     if not sweep.name:
-        sweep = dataclasses.replace(sweep, name=Path(path).stem)
+        sweep = dataclasses.replace(sweep, name=default_name(path))
     named = {}
     for t in sweep.trials:
         name = t.name or t.scope
@@ -141,6 +140,11 @@ def load_sweep(path: str, bindings=()) -> Layout:
     return Layout(dataclasses.replace(sweep, trials=trials), spots, Path(path).resolve().parent)
 
 
+def default_name(path: str) -> str:
+    """A sweep (or --sweep trial) named after its file: 'specs/my-probes.gin' -> 'my_probes'."""
+    return re.sub(r'\W', '_', Path(path).stem)
+
+
 def grid_sweep(specs: list[str], flags: list[str]) -> Layout:
     """`python -m runtime.run SPEC --sweep 'Memory.chunks=[4,8]' --sweep 'Run.seed=[0,1]'`: a one-trial sweep named
     after the first spec; Run.seed values become the sweep's seeds."""
@@ -161,7 +165,7 @@ def grid_sweep(specs: list[str], flags: list[str]) -> Layout:
             seeds, where[('', 'seeds')] = tuple(values), flag
         else:
             grid[key], where[('', 'grid')] = list(values), ' '.join(filter(None, [where.get(('', 'grid')), flag]))
-    name = Path(specs[0]).stem
+    name = default_name(specs[0])
     where[('', 'specs')] = where[('', 'trials')] = ' '.join(specs)
     sweep = Sweep(name=name, seeds=seeds, trials=(Trial(specs=tuple(specs), grid=grid, name=name),))
     return Layout(sweep, where, Path.cwd())
@@ -244,9 +248,9 @@ def expand(layout: Layout, extra: list[str]) -> list[Member]:
     for its dependencies). `extra`: -b bindings given to every member (after the trials' own, before grid and seed).
     Raises SpecError, located in the sweep, on anything that would stop a member."""
     sweep = layout.sweep
-    if not NAME.match(sweep.name):
-        raise SpecError(layout.at('', 'name'), f"sweep name {sweep.name!r} is not a plain name",
-                        'use letters, digits, _, . and - (it names the log folder)')
+    if not plan_mod.NAME.match(sweep.name):  # the names that become file names: as for Stage.name
+        raise SpecError(layout.at('', 'name'), f'sweep name {sweep.name!r} is not an identifier',
+                        "use letters, digits and '_' (it names the sweep's log folder)")
     if not sweep.trials:
         raise SpecError(layout.at('', 'trials'), 'the sweep has no trials',
                         'list them: Sweep.trials = [@ae/Trial(), @probe/Trial()]')
@@ -301,9 +305,9 @@ def expand(layout: Layout, extra: list[str]) -> list[Member]:
 
 
 def _check_trial(t: Trial, layout: Layout, trials: dict, sweep: Sweep) -> None:
-    if not NAME.match(t.name):
-        raise SpecError(layout.at(t.name, 'name'), f'trial name {t.name!r} is not a plain name',
-                        'use letters, digits, _, . and - (it names log files and dependencies)')
+    if not plan_mod.NAME.match(t.name):
+        raise SpecError(layout.at(t.name, 'name'), f'trial name {t.name!r} is not an identifier',
+                        "use letters, digits and '_' (it names log files and dependencies)")
     if not t.specs:
         raise SpecError(layout.at(t.name, 'specs'), f"trial '{t.name}' has no specs",
                         f"bind {t.name}/Trial.specs = ['specs/...gin']")

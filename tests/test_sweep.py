@@ -162,6 +162,9 @@ REFUSALS = {
     'missing spec': ("ae/Trial.specs = ['nope.gin']",
                      "{f}:6: spec 'nope.gin' not found (looked in ., {d} and specs/)\n"
                      '  fix: fix the path in Trial.specs: relative to the current folder, the sweep file or specs/'),
+    'trial name': ("ae/Trial.name = 'a-e'",
+                   "{f}:6: trial name 'a-e' is not an identifier\n"
+                   "  fix: use letters, digits and '_' (it names log files and dependencies)"),
     'seed twice': ('Sweep.seeds = [0, 0]', '{f}:6: Sweep.seeds lists a seed twice: [0, 0]\n'
                                           '  fix: list every seed once'),
     'trial named twice': ('Sweep.trials = [@ae/Trial(), @ae/Trial()]',
