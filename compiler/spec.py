@@ -65,8 +65,8 @@ class _Delegate(config_parser.ParserDelegate):
     def configurable_reference(self, scoped_name, evaluate):
         scope, _, name = scoped_name.rpartition('/')
         where = self._loader.where(self._parser_ref[0]._current_location())
-        if name not in plan_mod.CONFIGURABLES:
-            raise SpecError(where, f"unknown configurable '@{scoped_name}'", _suggest(name, plan_mod.CONFIGURABLES))
+        if name not in self._loader.configurables:
+            raise SpecError(where, f"unknown configurable '@{scoped_name}'", _suggest(name, self._loader.configurables))
         self._loader.references.append(Reference(scope, name, evaluate, where))
         return self._gin.configurable_reference(scoped_name, evaluate)
 
@@ -92,7 +92,8 @@ def _suggest(name, known) -> str:
 
 
 class _Loader:
-    def __init__(self):
+    def __init__(self, configurables: dict):
+        self.configurables = configurables  # name -> dataclass: what this kind of spec may bind
         self.locations: dict = {}
         self.macros: dict = {}
         self.macro_uses: list = []
@@ -178,10 +179,10 @@ class _Loader:
             self._note_macro(name, st.value)
             gin.bind_parameter((name, 'gin.macro', 'value'), st.value)
         else:
-            cls = plan_mod.CONFIGURABLES.get(st.selector)
+            cls = self.configurables.get(st.selector)
             if cls is None:
                 raise SpecError(where, f"unknown configurable '{st.selector}'",
-                                _suggest(st.selector, plan_mod.CONFIGURABLES))
+                                _suggest(st.selector, self.configurables))
             params = [f for f in cls.__dataclass_fields__ if f != 'scope']
             if st.arg_name not in params:
                 raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'",
@@ -253,8 +254,33 @@ def load(files, bindings=(), devices: int = 1) -> Spec:
     """Parse spec files and -b bindings into a validated Plan (Run.steps_scale applied). Raises SpecError on bad
     input; questionable but legal values and bindings without effect are listed in Spec.warnings. `devices`: the
     processes a run splits each batch over (the activation-memory warning is per process)."""
+    loader = _parse(files, bindings, plan_mod.CONFIGURABLES)
+    _check_references(loader)
+    _check_complete(loader, files, bindings)
+    built, locations = _construct(loader, 'Plan', bindings)
+    operative = gin.operative_config_str()
+    warnings = _check_usage(loader, operative, built.family)
+    where = lambda owner, name: locate(locations, owner, name)  # noqa: E731
+    validate.check(built, where)
+    try:
+        plan = plan_mod.scale_steps(built)
+    except plan_mod.PlanError as e:
+        raise SpecError(where(e.owner, e.name), e.message, e.fix)
+    warnings += validate.warnings(plan, where, devices=devices)
+    return Spec(plan, operative, loader.files, list(bindings), locations, [str(Path(f).resolve()) for f in files],
+                warnings, tuple(s.steps for s in built.curriculum))
+
+
+def build(root: str, configurables: dict, files, bindings=()) -> tuple[object, dict]:
+    """Another kind of spec (e.g. runtime.sweep's): parse files and -b bindings that may bind `configurables` with the
+    same parser and call the `root` configurable -> (what it built, binding key -> 'file:line')."""
+    return _construct(_parse(files, bindings, configurables), root, bindings)
+
+
+def _parse(files, bindings, configurables: dict) -> _Loader:
+    """gin's config cleared, then the files and -b bindings parsed into it; macros checked."""
     gin.clear_config()
-    loader = _Loader()
+    loader = _Loader(configurables)
     for f in files:
         p = Path(f)
         if not p.is_file():
@@ -274,11 +300,14 @@ def load(files, bindings=(), devices: int = 1) -> Spec:
         if len(chain) > 1 and chain[-1] == name:
             raise SpecError(where, f"macro '{name}' refers to itself: {' -> '.join(chain)}",
                             'give one of these macros a value')
-    _check_references(loader)
-    _check_complete(loader, files, bindings)
+    return loader
+
+
+def _construct(loader: _Loader, root: str, bindings) -> tuple[object, dict]:
+    """Call the root configurable; a bad value is reported at the binding that set it."""
     locations = loader.resolved_locations()
     try:
-        built = gin.get_configurable('Plan')()
+        built = gin.get_configurable(root)()
     except plan_mod.PlanError as e:
         raise SpecError(locate(locations, e.owner, e.name), e.message, e.fix)
     except RecursionError:  # `X = %X`, or `s/Stage.objectives = [@s/Stage()]`: gin evaluates it forever
@@ -290,17 +319,7 @@ def load(files, bindings=(), devices: int = 1) -> Spec:
             raise SpecError(_required_location(loader, e), f'a required value was not set: {str(e).splitlines()[0]}',
                             "bind it in the spec or on the command line, e.g. -b 'scope/Configurable.param = value'")
         raise
-    operative = gin.operative_config_str()
-    warnings = _check_usage(loader, operative, built.family)
-    where = lambda owner, name: locate(locations, owner, name)  # noqa: E731
-    validate.check(built, where)
-    try:
-        plan = plan_mod.scale_steps(built)
-    except plan_mod.PlanError as e:
-        raise SpecError(where(e.owner, e.name), e.message, e.fix)
-    warnings += validate.warnings(plan, where, devices=devices)
-    return Spec(plan, operative, loader.files, list(bindings), locations, [str(Path(f).resolve()) for f in files],
-                warnings, tuple(s.steps for s in built.curriculum))
+    return built, locations
 
 
 # --- does every binding take effect? -------------------------------------------------------------------------------

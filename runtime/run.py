@@ -19,6 +19,7 @@ holds anything but tensors and plain values; an in-memory database; unwritable o
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -38,7 +39,7 @@ from compiler.errors import SpecError, cli
 from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate
-from runtime import record
+from runtime import record, sweep
 from runtime.checkpoint import (
     LocksUnsupported,
     RunBusy,
@@ -206,7 +207,10 @@ def main(argv=None):
     ap.add_argument('--db', help='observer database URL (default sqlite:///<Run.out_dir>/sacred.db)')
     ap.add_argument('--resume', metavar='RUN_ID',
                     help='continue a killed or interrupted run: its id (python -m store.runs list), not a path')
+    ap.add_argument('--sweep-member', help=argparse.SUPPRESS)  # from runtime.sweep: recorded as the config 'sweep'
+    sweep.add_options(ap)
     args = ap.parse_args(argv)
+    sweep.run_requested(args)  # --sweep: the grid runs as a sweep of member runs, and exits
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
     locks: list[RunLock] = []
@@ -252,7 +256,7 @@ def _run_main(args, locks: list) -> None:
         except SpecError as e:
             raise SpecError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
-    outcome = execute(spec, data, obs, url, runs_dir, target, world, locks)
+    outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, sweep.member_config(args.sweep_member))
     if outcome.get('error'):
         print(outcome['error'], file=sys.stderr)
         sys.exit(outcome['code'])
@@ -284,7 +288,7 @@ def mark(folder: RunFolder, url: str) -> None:
 
 
 def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, world: int = 1,
-            locks: list | None = None) -> dict:
+            locks: list | None = None, sweep_member: dict | None = None) -> dict:
     """Train and record the run as a Sacred experiment; -> {'run_id', 'name', 'out_dir', 'table', 'memories'} or, when
     the run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
     from sacred import SETTINGS, Experiment
@@ -300,6 +304,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
     ex.add_config({'plan': _sanitize(plan.to_dict()), 'operative_gin': spec.operative, 'spec_hash': spec.hash,
                    'spec_files': spec.files, 'spec_sources': spec.sources, 'bindings': spec.bindings,
                    'warnings': [str(w) for w in spec.warnings]})
+    if sweep_member is not None:
+        ex.add_config({'sweep': sweep_member})
     holder = {}
 
     @ex.main

@@ -1,0 +1,471 @@
+"""Declarative sweeps (runtime/sweep.py): expansion of seeds x grid, dependencies by name, refusal of bad sweeps with
+their exact messages, the driver's skip / resume / start decisions, and real tiny sweeps run by local processes and by
+submitit's local executor into one SQLite database."""
+import datetime as dt
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT, TINY, rt_env
+
+from compiler.errors import SpecError
+from runtime import sweep as S
+from store.database import RunRecord, default_url
+
+PROBES = 'specs/sweeps/probes.gin'
+TINY_MEMBERS = TINY + ['Run.steps_scale = 0.0025']  # every stage of every member: 800 -> 2 steps
+# the shipped sweep cut to 2 trials x 2 seeds: ae, then a probe of the autoencoder of its own seed
+SMALL = ['Sweep.seeds = [0, 1]', 'Sweep.trials = [@ae/Trial(), @probe/Trial()]', 'probe/Trial.grid = {}']
+
+HEAD = """Sweep.seeds = [0, 1]
+Sweep.trials = [@ae/Trial(), @probe/Trial()]
+ae/Trial.specs = ['specs/autoencoder.gin']
+probe/Trial.specs = ['specs/information_probe.gin']
+probe/Trial.bindings = ["probe/Stage.init_from = {'encoder': 'run:@ae/autoencode'}"]
+"""
+
+
+def sweep_file(tmp_path, extra: str = '', name: str = 'sweep.gin') -> Path:
+    path = tmp_path / name
+    path.write_text(HEAD + extra)
+    return path
+
+
+def members_of(path, bindings=(), extra=()):
+    sweep_b, member_b = S.split_bindings(list(bindings))
+    return S.expand(S.load_sweep(str(path), sweep_b), member_b + list(extra))
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+
+def test_every_trial_runs_once_per_seed_and_grid_point_dependencies_first(tmp_path):
+    path = sweep_file(tmp_path, "probe/Trial.grid = {'Memory.chunk_len': [8, 16], 'probe/Stage.lr': [1e-3, 2e-3]}\n"
+                                "Sweep.bindings = ['D_MODEL = 32']\n")
+    members = members_of(path, ['Run.log_every = 5'])
+    assert [(m.trial, m.seed, m.point) for m in members] == [
+        ('ae', 0, {}), ('ae', 1, {}),
+        *[('probe', s, {'Memory.chunk_len': c, 'probe/Stage.lr': lr}) for s in (0, 1) for c in (8, 16)
+          for lr in (1e-3, 2e-3)]]
+    probe = members[-1]
+    # Sweep.bindings, the trial's, the command line's, then the grid point and the seed (which win)
+    assert probe.bindings == ['D_MODEL = 32', "probe/Stage.init_from = {'encoder': 'run:@ae/autoencode'}",
+                              'Run.log_every = 5', 'Memory.chunk_len = 16', 'probe/Stage.lr = 0.002', 'Run.seed = 1']
+    plan = probe.spec.plan
+    assert (plan.run.seed, plan.memory.chunk_len, plan.curriculum[0].lr, plan.decoder.d_model) == (1, 16, 2e-3, 32)
+    assert probe.label == 'probe-seed1-4' and members[0].label == 'ae-seed0'
+    assert len({m.hash for m in members}) == len(members)
+
+
+def test_a_dependency_resolves_by_name_to_the_run_of_the_same_seed_and_grid_point(tmp_path):
+    path = sweep_file(tmp_path, "ae/Trial.grid = {'Memory.chunk_len': [8, 16]}\n"
+                                "probe/Trial.grid = {'Memory.chunk_len': [8, 16], 'probe/Stage.lr': [1e-3, 2e-3]}\n")
+    members = members_of(path)
+    ae = {(m.seed, m.point['Memory.chunk_len']): m for m in members if m.trial == 'ae'}
+    probes = [m for m in members if m.trial == 'probe']
+    assert len(ae) == 4 and len(probes) == 8
+    for i, m in enumerate(ae.values()):
+        m.run_id, m.run_name = str(10 + i), f'{10 + i}-0123456789'
+    for p in probes:
+        dep = p.deps['ae']
+        assert dep is ae[(p.seed, p.point['Memory.chunk_len'])]
+        spec = S.compile_member(p)
+        assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_name}/autoencode'}
+
+
+def test_the_dependency_component_suffix_is_kept(tmp_path):
+    path = sweep_file(tmp_path, 'probe/Trial.bindings = ["probe/Stage.init_from = '
+                                "{'encoder': 'run:@ae/autoencode:encoder'}\"]\n")
+    members = members_of(path)
+    members[1].run_name = '7-0123456789'
+    assert S.compile_member(members[3]).plan.curriculum[0].init_from == {
+        'encoder': 'run:7-0123456789/autoencode:encoder'}
+
+
+@pytest.mark.parametrize('path', sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'specs' / 'sweeps').glob('*.gin')))
+def test_every_shipped_sweep_compiles_every_member_without_warnings(path):
+    members = members_of(ROOT / path)
+    assert members and all(m.spec.warnings == [] for m in members)
+
+
+def test_sweep_flags_of_runtime_run_expand_to_a_one_trial_sweep():
+    layout = S.grid_sweep(['specs/autoencoder.gin'], ['Memory.chunks=[2,4]', 'Run.seed=[0,1]', 'D_MODEL=[32,64]'])
+    assert (layout.sweep.name, layout.sweep.seeds) == ('autoencoder', (0, 1))
+    members = S.expand(layout, [])
+    assert [(m.trial, m.seed, m.point) for m in members] == [
+        ('autoencoder', s, {'Memory.chunks': c, 'D_MODEL': d}) for s in (0, 1) for c in (2, 4) for d in (32, 64)]
+    assert [(m.spec.plan.memory.chunks, m.spec.plan.encoder.d_model) for m in members[:4]] == [
+        (2, 32), (2, 64), (4, 32), (4, 64)]
+
+
+def test_the_recorded_sweep_entry_has_no_dots_in_its_keys():
+    entry = S.member_config(json.dumps({'name': 'n', 'sweep_id': 'n-1', 'trial': 't', 'seed': 0,
+                                        'grid': {'Memory.chunk_len': 8, 'probe/Stage.lr': [1, 2]}}))
+    assert entry['grid'] == {'Memory:chunk_len': 8, 'probe/Stage:lr': [1, 2]}
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+REFUSALS = {
+    'unknown dependency': ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@aa/autoencode\'}"]',
+                           "{f}:6: 'run:@aa/' names no trial of this sweep (trials: ae, probe)\n"
+                           "  fix: depend on a trial of the sweep by its name: 'run:@<trial>/<stage>'"),
+    'binding for no trial': ("prbe/Trial.grid = {'Memory.chunks': [4, 8]}",
+                             "{f}:6: 'prbe' is not a trial of this sweep (trials: ae, probe)\n"
+                             '  fix: add @prbe/Trial() to Sweep.trials or fix the scope'),
+    'cycle': ('ae/Trial.bindings = ["Stage.init_from = {\'encoder\': \'run:@probe/probe\'}"]',
+              '{f}:5: dependency cycle: ae -> probe -> ae\n'
+              '  fix: a trial cannot read (through run:@...) a trial that reads it'),
+    'unknown grid parameter': ("probe/Trial.grid = {'Memory.chunkz': [4, 8]}",
+                               "{f}:6 (binding -b 'Memory.chunkz = 4'): trial 'probe' (seed 0, Memory.chunkz=4): "
+                               "'Memory' has no parameter 'chunkz'\n  fix: did you mean 'chunks'? known names: "
+                               'chunk_len, chunks, compression, decoder_input, noise, pad, position, slots'),
+    'bad grid value': ("probe/Trial.grid = {'Memory.chunks': [4, 0]}",
+                       "{f}:6 (binding -b 'Memory.chunks = 0'): trial 'probe' (seed 0, Memory.chunks=0): "
+                       'Memory.chunks must be >= 1, got 0\n  fix: use at least 1 chunk'),
+    'grid key without effect': ("probe/Trial.grid = {'prob/Stage.lr': [0.1, 0.2]}",
+                                "{f}:6 (binding -b 'prob/Stage.lr = 0.1'): trial 'probe' (seed 0, prob/Stage.lr=0.1): "
+                                "prob/Stage.lr has no effect: no Stage is built in scope 'prob' and no @prob/...() "
+                                "reference names it\n  fix: did you mean 'probe/Stage.lr'? scopes of Stage: probe"),
+    'unused macro': ("probe/Trial.grid = {'CHUNKZ': [4]}",
+                     "{f}:6 (binding -b 'CHUNKZ = 4'): trial 'probe' (seed 0, CHUNKZ=4): macro 'CHUNKZ' has no effect: "
+                     "no binding uses %CHUNKZ\n  fix: did you mean 'CHUNKS'? macros in use: BATCH, CHUNKS, CHUNK_LEN, "
+                     'D_MODEL, KIND, N_HEADS, N_LAYERS, VOCAB; or bind the parameter itself'),
+    'values of one plan': ("probe/Trial.grid = {'probe/Stage.lr': [1, 1.0]}",
+                           "{f}:6: grid key 'probe/Stage.lr' of trial 'probe': 1 or 1.0 give the same plan\n"
+                           '  fix: list values that make different plans (each grid point is its own run)'),
+    'not a key': ("probe/Trial.grid = {'Memory.chunks = 3': [4]}",
+                  "{f}:6: grid key 'Memory.chunks = 3' of trial 'probe' is not a binding name\n"
+                  "  fix: use '[scope/]Configurable.param' or a MACRO, e.g. {{'Memory.chunks': [4, 8]}}"),
+    'value twice': ("probe/Trial.grid = {'Memory.chunks': [4, 4]}",
+                    "{f}:6: grid key 'Memory.chunks' of trial 'probe' lists a value twice: [4, 4]\n"
+                    '  fix: list every value once'),
+    'seed in grid': ("probe/Trial.grid = {'Run.seed': [4]}",
+                     "{f}:6: trial 'probe' varies Run.seed, which Sweep.seeds already varies\n"
+                     '  fix: list the seeds in Sweep.seeds only'),
+    'unknown stage': ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@ae/autoencoder\'}"]',
+                      "{f}:6: 'run:@ae/autoencoder': trial 'ae' has no stage 'autoencoder'\n"
+                      '  fix: name one of its stages: autoencode'),
+    'ambiguous dependency': ("ae/Trial.grid = {'Memory.chunks': [4, 8]}",
+                             "{f}:5: trial 'probe' reads trial 'ae', which varies Memory.chunks and 'probe' does not: "
+                             "which 'ae' run each 'probe' run reads is ambiguous\n  fix: give 'probe' the same grid "
+                             "keys (and values), or take them out of 'ae'"),
+    'no matching point': ("ae/Trial.grid = {'Memory.chunks': [4, 8]}\nprobe/Trial.grid = {'Memory.chunks': [4, 16]}",
+                          "{f}:7: trial 'probe' at Memory.chunks=16 reads trial 'ae', which has no run at these "
+                          "values\n  fix: give 'ae' the same grid values as 'probe'"),
+    'missing spec': ("ae/Trial.specs = ['nope.gin']",
+                     "{f}:6: spec 'nope.gin' not found (looked in ., {d} and specs/)\n"
+                     '  fix: fix the path in Trial.specs: relative to the current folder, the sweep file or specs/'),
+    'trial name': ("ae/Trial.name = 'a-e'",
+                   "{f}:6: trial name 'a-e' is not an identifier\n"
+                   "  fix: use letters, digits and '_' (it names log files and dependencies)"),
+    'seed twice': ('Sweep.seeds = [0, 0]', '{f}:6: Sweep.seeds lists a seed twice: [0, 0]\n'
+                                          '  fix: list every seed once'),
+    'trial named twice': ('Sweep.trials = [@ae/Trial(), @ae/Trial()]',
+                          "{f}:3: two trials are named 'ae'\n  fix: give every trial its own scope or name"),
+    'unnamed trial': ('Sweep.trials = [@Trial()]',
+                      '{f}:6: a trial has no name\n  fix: scope it (@ae/Trial()) or bind Trial.name'),
+    'unknown field': ('Sweep.trialz = []', "{f}:6: 'Sweep' has no parameter 'trialz'\n"
+                                           "  fix: did you mean 'trials'? known names: bindings, name, seeds, trials"),
+    'two out_dirs': ("ae/Trial.bindings = [\"Run.out_dir = 'elsewhere'\"]",
+                     "{f}:2: the members write to different Run.out_dir: ['elsewhere', 'runs']\n  fix: give every "
+                     "trial the same Run.out_dir (e.g. -b \"Run.out_dir='runs'\"): a dependency is read from the "
+                     "dependent's out_dir and the sweep records into one database"),
+}
+
+
+def test_refusal_table_is_large_enough():
+    assert len(REFUSALS) >= 15
+
+
+@pytest.mark.parametrize('case', sorted(REFUSALS))
+def test_a_bad_sweep_is_refused_with_a_located_message(case, tmp_path):
+    text, message = REFUSALS[case]
+    path = sweep_file(tmp_path, text + '\n')
+    with pytest.raises(SpecError) as e:
+        members_of(path)
+    assert str(e.value) == message.format(f=path, d=tmp_path)
+
+
+def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_each(tmp_path):
+    with pytest.raises(SpecError) as e:
+        members_of(sweep_file(tmp_path), ['probe/Stage.steps = 3'])
+    assert str(e.value) == (
+        "binding -b 'probe/Stage.steps = 3': trial 'ae' (seed 0): probe/Stage.steps has no effect: no Stage is built "
+        "in scope 'probe' and no @probe/...() reference names it\n  fix: scopes of Stage: autoencode; a -b binding is "
+        'given to every member: for some trials only, put it in their Trial.bindings')
+
+
+def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
+    with pytest.raises(SpecError) as e:
+        members_of(sweep_file(tmp_path), ['Run.seed = 3'])
+    assert str(e.value) == ("binding -b 'Run.seed = 3': 'Run.seed' is what the sweep varies\n"
+                            '  fix: drop this binding (the sweep sets it for every member)')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['Memory.chunks=4'], "--sweep 'Memory.chunks=4': a sweep flag is one binding key and a list of its values\n"
+                          "  fix: write --sweep 'Memory.chunks=[4,8,16]' (repeat --sweep for more keys)"),
+    (['Memory.chunks=[4]', 'Memory.chunks=[8]'], "--sweep 'Memory.chunks=[8]': 'Memory.chunks' is swept twice\n"
+                                                 '  fix: give each key one --sweep flag with all its values'),
+    (["Run.seed=['a']"], "--sweep 'Run.seed=['a']': seeds are integers, not ['a']\n"
+                         "  fix: write --sweep 'Run.seed=[0,1,2]'"),
+])
+def test_bad_sweep_flags_are_refused(flags, message):
+    with pytest.raises(SpecError) as e:
+        S.grid_sweep(['specs/autoencoder.gin'], flags)
+    assert str(e.value) == message
+
+
+REFUSED_COMMANDS = {
+    'bad spec': (['Sweep.seeds = [0, 0]'], [], '{f}:6: Sweep.seeds lists a seed twice: [0, 0]\n'
+                                               '  fix: list every seed once'),
+    'slurm without a time limit': ([], ['--executor', 'slurm'],
+                                   "--executor slurm: no time limit: submitit's default would stop every member after "
+                                   '5 min\n  fix: give --slurm-time MINUTES'),
+    'no sbatch': ([], ['--executor', 'slurm', '--slurm-time', '60'],
+                  '--executor slurm: sbatch is not on PATH: this machine cannot submit Slurm jobs\n'
+                  '  fix: run the sweep on a Slurm login node, or use --executor local'),
+    'unknown slurm parameter': ([], ['--executor', 'submitit-local', '--slurm-param', 'acount=lab'],
+                                "--slurm-param acount=lab: not a submitit Slurm parameter: 'acount'\n  fix: write "
+                                'KEY=VALUE with KEY one of: {slurm}'),
+    'no jobs': ([], ['--jobs', '0'], '--jobs 0: needs at least one job\n  fix: give --jobs 1 or more'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(REFUSED_COMMANDS))
+def test_a_refused_sweep_exits_2_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
+    import submitit
+    monkeypatch.setattr(S.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
+    lines, flags, message = REFUSED_COMMANDS[case]
+    path = sweep_file(tmp_path, ''.join(f'{line}\n' for line in lines))
+    out = tmp_path / 'runs'
+    with pytest.raises(SystemExit) as e:
+        S.main(['run', str(path), '-b', f"Run.out_dir='{out}'", *flags])
+    assert e.value.code == 2
+    slurm = ', '.join(sorted(submitit.SlurmExecutor._valid_parameters()))
+    assert capsys.readouterr().err == f'error: {message.format(f=path, slurm=slurm)}\n'
+    assert not out.exists(), 'a refused sweep wrote into its out_dir'
+
+
+def test_sweep_options_without_a_sweep_are_refused(tmp_path, capsys):
+    from runtime.run import main
+    out = tmp_path / 'runs'
+    with pytest.raises(SystemExit) as e:
+        main(['specs/autoencoder.gin', '-b', f"Run.out_dir='{out}'", '--jobs', '2'])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --jobs: this option is for sweeps\n"
+                                       "  fix: add --sweep 'KEY=[values]' or drop the option\n")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+class FakePool:
+    """Stands in for the executors: records what would run and answers with the exit code `codes` gives a trial."""
+    threads = 1
+
+    def __init__(self, codes=None):
+        self.codes, self.started = codes or {}, []
+
+    def start(self, argv, env, log, cwd, shown):
+        entry = json.loads(argv[argv.index('--sweep-member') + 1])
+        self.started.append(argv)
+        future = Future()
+        now = time.time()
+        future.set_result({'code': self.codes.get((entry['trial'], entry['seed']), 0), 'start': now, 'stop': now})
+        return future
+
+    def close(self):
+        pass
+
+
+KEY = '0123456789'
+
+
+def record(m, status, run_id, hash_=None, silent=None):
+    """A recorded run of member m (RUNNING: its last heartbeat `silent` ago)."""
+    entry = {'name': 'sweep', 'sweep_id': 'sweep-old', 'trial': m.trial, 'seed': m.seed, 'grid': S.stored(m.point)}
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return RunRecord(run_id, status, now - dt.timedelta(hours=1), None, {'sweep': entry, 'spec_hash': hash_ or m.hash},
+                     {'run_key': KEY}, heartbeat=None if silent is None else now - silent)
+
+
+@pytest.mark.parametrize('status, checkpoint, expected', [
+    ('COMPLETED', False, 'skip'), ('INTERRUPTED', False, 'resume'), ('FAILED', True, 'resume'),
+    ('FAILED', False, 'start'), ('RUNNING', False, 'leave'), ('RUNNING stale', False, 'resume'),
+    ('COMPLETED (other plan)', False, 'start')])
+def test_a_rerun_skips_completed_members_resumes_stopped_ones_and_starts_the_rest(status, checkpoint, expected,
+                                                                                  tmp_path):
+    out = tmp_path / 'runs'
+    (m,) = [m for m in members_of(sweep_file(tmp_path), ['Sweep.seeds = [0]', f"Run.out_dir = '{out}'"])
+            if m.trial == 'ae']
+    if checkpoint:
+        (out / f'5-{KEY}').mkdir(parents=True)
+        (out / f'5-{KEY}' / 'checkpoint.pt').write_bytes(b'x')
+    other = status.endswith('(other plan)')
+    silent = dt.timedelta(minutes=10 if status.endswith('stale') else 0)
+    recorded = [record(m, 'FAILED', '4'), record(m, status.split()[0], '5', 'f' * 12 if other else None, silent)]
+    pool = FakePool()
+    driver = S.Driver('sweep', 'sweep-new', 'sqlite:///unused.db', SimpleNamespace(db=None, jobs=1), tmp_path, pool,
+                      recorded)
+    driver.members = [m]
+    driver.bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None, write=lambda s, **k: None)
+    future = driver.start(m)
+    if expected == 'skip':
+        assert future is None and pool.started == [] and (m.status, m.run_id, m.before) == ('COMPLETED', '5', True)
+    elif expected == 'leave':
+        assert future is None and pool.started == [] and (m.status, m.run_id) == ('RUNNING', '5')
+    else:
+        (argv,) = pool.started
+        assert ('--resume' in argv) == (expected == 'resume')
+        if expected == 'resume':
+            assert argv[argv.index('--resume') + 1] == f'5-{KEY}' and (m.resume, m.run_id) == (f'5-{KEY}', '5')
+        else:
+            assert m.run_id is None
+        entry = json.loads(argv[argv.index('--sweep-member') + 1])
+        assert entry == {'name': 'sweep', 'sweep_id': 'sweep-new', 'trial': 'ae', 'seed': 0, 'grid': {}}
+
+
+def test_a_failed_member_skips_its_dependents_and_the_others_continue(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'runs'
+    layout = S.load_sweep(str(sweep_file(tmp_path)))
+    pool = FakePool({('ae', 0): 1})
+    monkeypatch.setattr(S, '_executor', lambda args, folder: pool)
+    args = SimpleNamespace(db=None, jobs=2, executor='local')
+    code = S.execute(layout, [f"Run.out_dir = '{out}'"], args)
+    assert code == 1
+    started = [json.loads(a[a.index('--sweep-member') + 1]) for a in pool.started]
+    assert [(e['trial'], e['seed']) for e in started] == [('ae', 0), ('ae', 1), ('probe', 1)]
+    rows = member_rows(capsys.readouterr().out)
+    assert [(r[0], r[1], r[-2]) for r in rows] == [('ae', '0', 'FAILED'), ('ae', '1', 'COMPLETED'),
+                                                    ('probe', '0', 'SKIPPED'), ('probe', '1', 'COMPLETED')]
+    assert (out / 'sacred.db').is_file() and len(list((out / 'sweeps').iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------------ real sweeps
+
+def sweep_cmd(out, cache, *extra) -> list[str]:
+    """The shipped probes sweep cut to SMALL, tiny members, 2 at once, recorded in <out>/sacred.db."""
+    return [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, *[a for b in SMALL for a in ('-b', b)],
+            '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{cache}'",
+            *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2', *extra]
+
+
+def completed(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f'exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope='module')
+def small_sweeps(tmp_path_factory, rt_cache):
+    """The small sweep run by local processes and, at the same time (most of a member's time here is start-up),
+    through submitit's local executor, each into its own folder and database: {executor: (out_dir, result)}."""
+    outs = {k: tmp_path_factory.mktemp(k) / 'runs' for k in ('local', 'submitit')}
+    procs = {'local': sweep_cmd(outs['local'], rt_cache),
+             'submitit': sweep_cmd(outs['submitit'], rt_cache, '--executor', 'submitit-local')}
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in procs.items()}
+    return {k: (outs[k], completed(p)) for k, p in procs.items()}
+
+
+def recorded(db) -> list[tuple]:
+    """(run name '<id>-<key>', status, config, start, stop) of every run in the database."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute('SELECT run_id, status, config, info, start_time, stop_time FROM run ORDER BY id').fetchall()
+    finally:
+        con.close()
+    return [(f"{i}-{json.loads(info)['run_key']}", s, json.loads(c), start, stop)
+            for i, s, c, info, start, stop in rows]
+
+
+def member_rows(table: str) -> list[list[str]]:
+    return [line.split() for line in table.splitlines() if re.match(r'^(ae|probe)\s', line)]
+
+
+def check_small_sweep(out, stdout) -> str:
+    """4 COMPLETED runs in one database, each with its sweep entry; each probe read the autoencoder of its seed, which
+    had completed before the probe started. -> the sweep id."""
+    sweep_id = re.search(r'^sweep (probes-\S+):', stdout, re.M).group(1)
+    runs = recorded(out / 'sacred.db')
+    assert [s for _, s, *_ in runs] == ['COMPLETED'] * 4
+    entries = {(c['sweep']['trial'], c['sweep']['seed']): (n, c, start, stop) for n, _, c, start, stop in runs}
+    assert sorted(entries) == [('ae', 0), ('ae', 1), ('probe', 0), ('probe', 1)]
+    for (trial, seed), (_, c, start, _) in entries.items():
+        assert c['sweep'] == {'name': 'probes', 'sweep_id': sweep_id, 'trial': trial, 'seed': seed, 'grid': {}}
+        assert c['plan']['run']['seed'] == seed
+        if trial == 'probe':
+            ae_name, _, _, ae_stop = entries[('ae', seed)]
+            assert c['plan']['curriculum'][0]['init_from'] == {'encoder': f'run:{ae_name}/autoencode'}
+            assert start >= ae_stop, f'probe seed {seed} started before its autoencoder completed'
+    logs = sorted(p.name for p in (out / 'sweeps' / sweep_id).iterdir() if p.suffix == '.log')
+    assert logs == ['ae-seed0.log', 'ae-seed1.log', 'probe-seed0.log', 'probe-seed1.log']
+    return sweep_id
+
+
+def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(small_sweeps, rt_cache):
+    out, first = small_sweeps['local']
+    sweep_id = check_small_sweep(out, first.stdout)
+    assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
+    before = recorded(out / 'sacred.db')
+
+    ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): n.split('-')[0] for n, _, c, *_ in before}
+    listed = [(t, s, ids[(t, s)], 'COMPLETED') for t, s in sorted(ids)]
+    rows = member_rows(S.status(sweep_id, [], default_url(str(out))))
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == listed
+    # by the sweep spec: every member's latest run, and whether it ran the plan the spec now gives
+    bindings = [*SMALL, f"Run.out_dir='{out}'", f"Data.cache_dir='{rt_cache}'", *TINY_MEMBERS]
+    assert [(r[0], r[1], r[3], r[4]) for r in member_rows(S.status(PROBES, bindings, None))] == listed
+    changed = ('probe/Trial.bindings = ["probe/Stage.init_from = {\'encoder\': \'run:@ae/autoencode\'}", '
+               '"probe/Stage.lr = 0.005"]')
+    rows = member_rows(S.status(PROBES, bindings + [changed], None))
+    assert [' '.join(r[4:-1]) for r in rows] == ['COMPLETED'] * 2 + ['COMPLETED (other plan)'] * 2
+
+    again = completed(subprocess.Popen(sweep_cmd(out, rt_cache), cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True))
+    assert recorded(out / 'sacred.db') == before, 'the rerun recorded or changed runs'
+    rows = member_rows(again.stdout)
+    assert [(r[0], r[3], r[4], r[5]) for r in rows] == [(t, ids[(t, s)], 'COMPLETED', '(before)')
+                                                        for t, s in sorted(ids)]
+    assert 'runtime.sweep status' not in again.stdout, 'a rerun that started nothing has no runs to list by its id'
+    new_id = re.search(r'^sweep (probes-\S+):', again.stdout, re.M).group(1)
+    assert new_id != sweep_id
+    assert not [p for p in (out / 'sweeps' / new_id).iterdir() if p.suffix == '.log'], 'the rerun started a member'
+
+
+def test_the_same_sweep_through_submitits_local_executor(small_sweeps):
+    out, r = small_sweeps['submitit']
+    sweep_id = check_small_sweep(out, r.stdout)
+    assert 'submitit-local executor, 2 at once' in r.stdout
+    jobs = list((out / 'sweeps' / sweep_id / 'submitit').glob('*_result.pkl'))
+    assert len(jobs) == 4, 'each member should have been one submitit job'
+
+
+def test_the_readme_sweep_query_shows_each_probe_reading_its_own_seeds_autoencoder(small_sweeps):
+    text = (ROOT / 'README.md').read_text()
+    section = text.split('\n## Sweeps\n', 1)[1].split('\n## ', 1)[0]
+    (query,) = re.findall(r'```sql\n(.*?)```', section, re.S)
+    out, _ = small_sweeps['local']
+    con = sqlite3.connect(out / 'sacred.db')
+    try:
+        rows = con.execute(query).fetchall()
+    finally:
+        con.close()
+    ae = {seed: run_id for trial, seed, _, run_id, _, _ in rows if trial == 'ae'}
+    assert sorted(ae) == [0, 1]
+    probes = [(seed, encoder) for trial, seed, _, _, encoder, _ in rows if trial == 'probe']
+    assert sorted(s for s, _ in probes) == [0, 1]
+    assert all(re.fullmatch(rf'run:{ae[s]}-[0-9a-f]{{10}}/autoencode', encoder) for s, encoder in probes), probes
+    assert all(0 <= acc <= 1 for *_, acc in rows)
