@@ -1,7 +1,9 @@
 """Training throughput of the chunk-parallel memory model against the research approach, in one process.
 
     python benchmarks/train_throughput.py                       # d256 and d512, 4 layers, 4 x 128 tokens, CPU
+    python benchmarks/train_throughput.py --compile             # + ours with Run.compile (its own rows)
     python benchmarks/train_throughput.py --device cuda         # same on a GPU (bf16 autocast for every model)
+    python benchmarks/train_throughput.py --device cuda --paper --compile   # paper scale: d512, 16 layers, 4 x 256
     python benchmarks/train_throughput.py --profile ours        # where the time of one model goes
 
 Models, all on identical dimensions and identical (seeded, random-token) batches, each a full training step
@@ -14,6 +16,10 @@ Models, all on identical dimensions and identical (seeded, random-token) batches
   call, one decoder call over all chunks, last-block work nobody reads skipped, fused AdamW).
 - full context: a causal transformer over all N*L tokens (specs/full_context.gin), no memory.
 - no memory: ours with every memory slot padding (specs/no_memory.gin).
+- NAME+compile: NAME with Run.compile (runtime.train.compile_step: each objective's whole step, example to loss,
+  one compiled graph); research+compile: the research module under torch.compile. Compiled models get a fresh
+  inductor cache (unless --inductor-cache), so their first step is a cold compilation: reported as compile_s. The
+  graph breaks of our compiled step (torch._dynamo.explain) are printed and recorded.
 The encoder is causal here for every model, as in the research code, so all do the same work per token.
 
 Model FLOP utilisation = achieved training FLOP/s (the compiler's cost model, compiler.cost, times measured
@@ -33,6 +39,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +57,12 @@ from compiler import plan as P  # noqa: E402
 from compiler.spec import SPECS_DIR, load  # noqa: E402
 from runtime import train as T  # noqa: E402
 
+SPECS = {'research': 'memory_clm.gin', 'ours': 'memory_clm.gin', 'full_context': 'full_context.gin',
+         'no_memory': 'no_memory.gin'}
+COMPILE = '+compile'
+MODELS = ['research', 'ours', 'full_context', 'no_memory']
+COMPILED_MODELS = ['research', 'ours', 'ours+compile']
+PAPER = {'sizes': [512], 'layers': 16, 'chunks': 4, 'chunk_len': 256, 'vocab': 8192}  # specs/base/paper_scale.gin
 STAGE = P.Stage(name='clm', steps=10 ** 6, lr=2e-4, warmup=0, objectives=(P.Objective(kind='clm'),))
 IDS = O.SpecialIds(pad=0, blank=1, copy=2)
 
@@ -108,8 +121,8 @@ def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool
 
         def forward_backward(tokens):
             return T.accumulate(model, stage, tokens, None, IDS)[0]
-    if compile_model:  # ours: every Stack, as Run.compile does; the research loop: its whole module
-        M.compile_stacks(model) if kind != 'research' else model.compile()
+    if compile_model:  # ours: the whole step, as Run.compile does; the research loop: its whole module
+        T.compile_step(model, ROOT / '.cache/memspec') if kind != 'research' else model.compile()
     model.train()
 
     def step(tokens):
@@ -118,7 +131,7 @@ def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    return step
+    return step, model
 
 
 def peak_matmul_flops(device, dtype, n: int, repeats: int = 5) -> float:
@@ -140,11 +153,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per step of each model: warm-up, then rounds that run every model for `steps` steps in turn."""
-    for step in models.values():
+def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int):
+    """Seconds per step of each model: warm-up, then rounds that run every model for `steps` steps in turn.
+    Returns ({model: [seconds per step, one per round]}, {model: seconds of its first step}): a compiled model's
+    first step compiles it."""
+    first = {}
+    for name, step in models.items():
         for i in range(warmup):
-            step(batches[i % len(batches)])
+            sync(device)
+            t0 = time.perf_counter()
+            float(step(batches[i % len(batches)]).detach())
+            if i == 0:
+                first[name] = time.perf_counter() - t0
     sync(device)
     times = {name: [] for name in models}
     for _ in range(rounds):
@@ -155,7 +175,16 @@ def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int)
                 loss = step(batches[i % len(batches)])
             float(loss.detach())  # the step is done when its loss exists
             times[name].append((time.perf_counter() - t0) / steps)
-    return times
+    return times, first
+
+
+def graph_breaks(model, batch, autocast) -> dict:
+    """torch._dynamo.explain of our compiled region (runtime.train.objective_loss) on one batch: how many graphs
+    and why it broke. Resets dynamo, so it runs before anything is compiled."""
+    with autocast():
+        ex = torch._dynamo.explain(T.objective_loss)(model, STAGE.objectives[0], batch, None, IDS)
+    return {'graphs': ex.graph_count, 'graph_breaks': ex.graph_break_count,
+            'reasons': [str(b.reason).splitlines()[0] for b in ex.break_reasons]}
 
 
 def profile(step, batches, device, top: int = 25) -> str:
@@ -179,24 +208,38 @@ def main():
     ap.add_argument('--chunks', type=int, default=4)
     ap.add_argument('--chunk-len', type=int, default=128)
     ap.add_argument('--vocab', type=int, default=8192)
+    ap.add_argument('--paper', action='store_true', help='paper scale (specs/base/paper_scale.gin) by default: '
+                    + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in PAPER.items()))
     ap.add_argument('--batch', type=int, default=8)
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--steps', type=int, default=2, help='steps per model per round')
     ap.add_argument('--rounds', type=int, default=3)
     ap.add_argument('--threads', type=int, default=os.cpu_count())
-    ap.add_argument('--models', nargs='+', default=['research', 'ours', 'full_context', 'no_memory'])
+    ap.add_argument('--models', nargs='+', help=f'of {", ".join(SPECS)}, each also as NAME+compile (default: '
+                    f'{" ".join(MODELS)}; with --compile: {" ".join(COMPILED_MODELS)})')
     ap.add_argument('--attention', default='auto', choices=['auto', 'sdpa', 'xformers'],
                     help="our models' backend (auto: xformers on CUDA when it imports, else sdpa)")
-    ap.add_argument('--compile', action='store_true', help='torch.compile our models (Run.compile = True)')
-    ap.add_argument('--compile-research', action='store_true', help='torch.compile the research loop too')
+    ap.add_argument('--compile', action='store_true', help='add ours with Run.compile to the default models')
+    ap.add_argument('--inductor-cache', help='inductor cache of compiled models (default: a fresh temporary folder, '
+                    'so the first step is a cold compilation)')
     ap.add_argument('--micro-batch', type=int, help='Stage.micro_batch of our models (rows per forward/backward)')
     ap.add_argument('--profile', help='print a profile of one model instead of timing (research, ours, ...)')
     ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_throughput.json'))
+    if ap.parse_known_args()[0].paper:
+        ap.set_defaults(**PAPER)
     args = ap.parse_args()
+    models = args.models or (COMPILED_MODELS if args.compile else MODELS)
+    unknown = [m for m in models if m.removesuffix(COMPILE) not in SPECS]
+    if unknown:
+        ap.error(f'unknown models {unknown}: choose from {list(SPECS)}, each optionally with {COMPILE}')
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
+    compiled = [m for m in models if m.endswith(COMPILE)]
+    if compiled:  # cold unless told otherwise: runtime.train.compile_step keeps a cache folder it is given
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(Path(args.inductor_cache or
+                                                         tempfile.mkdtemp(prefix='memspec-inductor-')).resolve())
     # CPU trains in fp32 (bf16 autocast on CPU is 15x slower here, docs/design.md); CUDA in bf16 autocast
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     attention = args.attention
@@ -204,51 +247,60 @@ def main():
     # measured again after each size: this machine's speed drifts
     peaks = [peak_matmul_flops(device, peak_dtype, peak_n)]
     peak = peaks[0]
-    specs = {'research': 'memory_clm.gin', 'ours': 'memory_clm.gin', 'full_context': 'full_context.gin',
-             'no_memory': 'no_memory.gin'}
     result = {'device': torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               'threads': args.threads, 'torch': torch.__version__, 'dtype': 'bf16 autocast' if cuda else 'fp32',
               'batch': args.batch, 'layers': args.layers, 'chunks': args.chunks, 'chunk_len': args.chunk_len,
-              'vocab': args.vocab, 'compile': args.compile, 'compile_research': args.compile_research,
-              'micro_batch': args.micro_batch, 'attention': attention, 'peak_matmul_flops': peak, 'sizes': {}}
+              'vocab': args.vocab, 'paper': args.paper, 'models': models, 'micro_batch': args.micro_batch,
+              'attention': attention, 'inductor_cache': os.environ.get('TORCHINDUCTOR_CACHE_DIR') if compiled else None,
+              'peak_matmul_flops': peak, 'sizes': {}}
     print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {result["dtype"]}; '
           f'peak matmul {peak / 1e9:.1f} GFLOP/s')
     for d in args.sizes:
-        plans = {k: plan_for(specs[k], d, args.layers, args.chunks, args.chunk_len, args.vocab, attention)
-                 for k in args.models}
+        plans = {k: plan_for(SPECS[k.removesuffix(COMPILE)], d, args.layers, args.chunks, args.chunk_len, args.vocab,
+                             attention) for k in models}
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(3, args.vocab, (args.batch, args.chunks, args.chunk_len), generator=g).to(device)
                    for _ in range(4)]
-        steps = {k: train_step_fn(k, plans[k], device, autocast,
-                                  args.compile_research if k == 'research' else args.compile, args.micro_batch)
-                 for k in args.models}
+        steps, built = {}, {}
+        for k in models:
+            steps[k], built[k] = train_step_fn(k.removesuffix(COMPILE), plans[k], device, autocast, k in compiled,
+                                               args.micro_batch)
         if args.profile:
             print(profile(steps[args.profile], batches, device))
             continue
-        times = measure(steps, batches, device, args.warmup, args.steps, args.rounds)
+        ours = [k for k in compiled if not k.startswith('research')]
+        breaks = graph_breaks(built[ours[0]], batches[0], autocast) if ours else None
+        times, first = measure(steps, batches, device, args.warmup, args.steps, args.rounds)
         peaks.append(peak_matmul_flops(device, peak_dtype, peak_n))
         peak = max(peaks)  # the attainable peak: the best seen in this process
         tokens = args.batch * args.chunks * args.chunk_len
         rows = {}
-        for k in args.models:
+        for k in models:
             step_s = statistics.median(times[k])
             flops = cost.flops_per_token(plans[k], training=True, objective='clm')  # the work the model needs
             rows[k] = {'step_s': step_s, 'all_step_s': times[k], 'tokens_per_s': tokens / step_s,
-                       'train_flops_per_token': flops, 'mfu': flops * tokens / step_s / peak}
+                       'train_flops_per_token': flops, 'mfu': flops * tokens / step_s / peak,
+                       'first_step_s': first.get(k)}
+            if k in compiled:
+                rows[k]['compile_s'] = first[k] - step_s  # the first step, less one step's work
         ratios = {f'{k}_vs_research': rows[k]['tokens_per_s'] / rows['research']['tokens_per_s']
                   for k in rows if k != 'research' and 'research' in rows}
-        result['sizes'][d] = {'models': rows, 'ratios': ratios, 'peak_matmul_flops': peak}
+        result['sizes'][d] = {'models': rows, 'ratios': ratios, 'peak_matmul_flops': peak, 'graph_breaks': breaks}
         result['peak_matmul_flops'], result['all_peaks'] = peak, peaks
         print(f'\nd_model {d}, {args.layers} layers, {args.chunks} x {args.chunk_len} tokens, batch {args.batch}, '
               f'vocab {args.vocab}; '
               f'peak matmul {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements)')
-        print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU |\n|---|---|---|---|---|---|')
+        if breaks is not None:
+            print(f"our compiled step ({ours[0]}): {breaks['graphs']} graph(s), {breaks['graph_breaks']} graph "
+                  f"break(s){': ' + '; '.join(breaks['reasons']) if breaks['reasons'] else ''}")
+        print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU | cold compile (s) |\n'
+              '|---|---|---|---|---|---|---|')
         for k, r in rows.items():
             x = r['tokens_per_s'] / rows['research']['tokens_per_s'] if 'research' in rows else float('nan')
+            comp = f"{r['compile_s']:.1f}" if 'compile_s' in r else '-'
             print(f"| {k} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {x:.2f} | "
-                  f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} |")
-    if not args.profile:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                  f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} | {comp} |")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every size: a time limit keeps the rest
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f'\nwrote {args.out}')
 

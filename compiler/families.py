@@ -170,7 +170,9 @@ def _recurrent_lengths(plan: Plan) -> dict[str, int]:
 
 def _recurrent_work(plan: Plan, objective: str) -> Work:
     n, l = plan.memory.chunks, plan.memory.chunk_len
-    return Work((Pass('decoder', n, 1 + l, None, l),), forms=n)  # every chunk is run: the memory needs it
+    first = _first(objective, n)  # every chunk is run (the memory needs it); the head reads the scored ones only
+    scored = Pass('decoder', n - first, 1 + l, None, l)
+    return Work((Pass('decoder', first, 1 + l), scored) if first else (scored,), forms=n)
 
 
 CAUSAL = frozenset({'clm', 'copy', 'blank_copy'})

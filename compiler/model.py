@@ -6,6 +6,10 @@ One interface for every graph:
 
 where logits[:, c, t] scores the token *after* position t for causal families (shift in the objective) and
 token t itself for autoencoders. Families with an encoder also expose `memories(tokens, key_mask)`.
+`head=False` returns the final-normed hidden states the head would read ([B, N, L, d]) instead, so that the loss can
+run the head on the positions with a target only (compiler.objectives.token_loss, which never holds the logits of
+all positions). key_mask None means: no padding. Nothing in a forward pass reads a tensor's value on the host
+(no data-dependent Python branch or shape), so a whole training step compiles into one graph.
 
 Component names (what `Stage.freeze` and `Stage.init_from` accept) are the module paths:
 encoder.{embedding,layers,norm}, memory.{compress,proj,unroll,pad}, decoder.{embedding,layers,norm,head},
@@ -34,10 +38,12 @@ class Graph(nn.Module):
 
     def encode(self, tokens, key_mask=None):
         """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder). A memory reads one
-        position per row, so the encoder's last block computes only from the earliest such position on."""
+        position per row. Without padding that is the same position in every row, so the encoder's last block
+        computes only from it on; with padding the rows differ and the last block computes every position (the
+        earliest one would have to be read on the host, a sync and a data-dependent shape)."""
         m, t = tokens.shape
         idx = select_index(key_mask, m, t, self.memory.cfg.position, tokens.device)
-        keep = min(t, t - int(idx.min()) if key_mask is not None else 1 + (self.memory.cfg.position == 'second_last'))
+        keep = t if key_mask is not None else min(t, 1 + (self.memory.cfg.position == 'second_last'))
         h = self.encoder(tokens, key_mask=key_mask, keep_last=keep)
         return self.memory.project(h[torch.arange(m, device=h.device), idx - (t - keep)])
 
@@ -60,21 +66,21 @@ class CausalLM(Graph):
         self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
-    def forward(self, tokens, key_mask=None, first_chunk=0):
+    def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
         b = tokens.shape[0]
         km = None if key_mask is None else key_mask.reshape(b, -1)
         keep = (self.n - first_chunk) * self.l if first_chunk else None
-        h = self.decoder(tokens.reshape(b, -1), key_mask=km, keep_last=keep)
-        return self.decoder.head(h).view(b, self.n - first_chunk, self.l, -1)
+        h = self.decoder(tokens.reshape(b, -1), key_mask=km, keep_last=keep).view(b, self.n - first_chunk, self.l, -1)
+        return self.decoder.head(h) if head else h
 
 
-def reconstruct(model: Graph, decoder: Stack, tokens, key_mask):
+def reconstruct(model: Graph, decoder: Stack, tokens, key_mask, head=True):
     """Autoencoding: every chunk -> one memory -> `decoder` regenerates the chunk (unshifted)."""
     b, n, l = tokens.shape
     km = None if key_mask is None else key_mask.reshape(b * n, l)
     mem = model.encode(tokens.reshape(b * n, l), km)
-    h = decoder(embeds=model.memory.decoder_input(mem, l))
-    return decoder.head(h).view(b, n, l, -1)
+    h = decoder(embeds=model.memory.decoder_input(mem, l)).view(b, n, l, -1)
+    return decoder.head(h) if head else h
 
 
 class Autoencoder(Graph):
@@ -95,8 +101,8 @@ class Autoencoder(Graph):
         km = None if key_mask is None else key_mask.reshape(b * n, l)
         return self.encode(tokens.reshape(b * n, l), km).view(b, n, -1)
 
-    def forward(self, tokens, key_mask=None):
-        return reconstruct(self, self.decoder, tokens, key_mask)
+    def forward(self, tokens, key_mask=None, head=True):
+        return reconstruct(self, self.decoder, tokens, key_mask, head)
 
     autoencode = forward
 
@@ -121,8 +127,8 @@ class ChunkedMemoryLM(Graph):
         if ae:
             self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
 
-    def autoencode(self, tokens, key_mask=None):
-        return reconstruct(self, self.ae_decoder, tokens, key_mask)
+    def autoencode(self, tokens, key_mask=None, head=True):
+        return reconstruct(self, self.ae_decoder, tokens, key_mask, head)
 
     def memories(self, tokens, key_mask=None):
         """[B, N, L] -> memories of chunks 0..N-2: [B, N-1, d_dec]."""
@@ -137,7 +143,7 @@ class ChunkedMemoryLM(Graph):
         km = None if key_mask is None else key_mask[:, :-1].reshape(b * (n - 1), l)
         return self.encode(tokens[:, :-1].reshape(b * (n - 1), l), km).view(b, n - 1, -1)
 
-    def forward(self, tokens, key_mask=None, ablate_memory=False, first_chunk=0):
+    def forward(self, tokens, key_mask=None, ablate_memory=False, first_chunk=0, head=True):
         """Logits of chunks first_chunk..N-1 (copy objectives supervise only the second half: the decoder skips
         the rest). ablate_memory: every slot gets the pad embedding (the same decoder, no memory information)."""
         b, n, l = tokens.shape
@@ -145,11 +151,13 @@ class ChunkedMemoryLM(Graph):
         slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
         c = slice(first_chunk, n)
         x = torch.cat([slots[:, c], self.decoder.embedding(tokens[:, c])], dim=2)  # [B, n', S+L, d]
-        tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
-        mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
-        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=None if bool(mask.all()) else mask,
-                         keep_last=l)
-        return self.decoder.head(h).view(b, n - first_chunk, l, -1)  # the head runs on token positions only
+        mask = None  # fixed slots are always attended: without padding nothing is masked
+        if key_mask is not None or self.variable:
+            tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
+            mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
+        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=mask, keep_last=l)
+        h = h.view(b, n - first_chunk, l, -1)
+        return self.decoder.head(h) if head else h  # the head runs on token positions only
 
 
 class RecurrentMemoryLM(Graph):
@@ -164,7 +172,7 @@ class RecurrentMemoryLM(Graph):
                                    unroll=False, pad=self.family.pad_slot)
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
-    def forward(self, tokens, key_mask=None, first_chunk=0):
+    def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
         b, n, l = tokens.shape
         mem = self.memory.pad.expand(b, -1)
         out = []
@@ -172,9 +180,10 @@ class RecurrentMemoryLM(Graph):
             km = None if key_mask is None else torch.cat([key_mask.new_ones(b, 1), key_mask[:, c]], 1).bool()
             x = torch.cat([mem[:, None], self.decoder.embedding(tokens[:, c])], 1)
             h = self.decoder(embeds=x, key_mask=km)
-            out.append(self.decoder.head(h[:, 1:]))
+            out.append(h[:, 1:])
             mem = self.memory.form(h, km)
-        return torch.stack(out[first_chunk:], 1)
+        h = torch.stack(out[first_chunk:], 1)
+        return self.decoder.head(h) if head else h
 
 
 GRAPHS = {cls.__name__: cls for cls in (CausalLM, Autoencoder, ChunkedMemoryLM, RecurrentMemoryLM)}  # Family.graph
@@ -215,15 +224,6 @@ def meta_build(plan: P.Plan, vocab: int | None = None) -> Graph:
     the graph before a run starts)."""
     with torch.device('meta'), _skip_init_mode()():
         return GRAPHS[family(plan).graph](plan, vocab or plan.data.vocab_size)
-
-
-def compile_stacks(model: nn.Module) -> nn.Module:
-    """torch.compile every Stack in place. Module.compile keeps parameter names, so state dicts, freezing and
-    checkpoints are unchanged; each Stack is one graph whichever family or objective calls it."""
-    for mod in model.modules():
-        if isinstance(mod, Stack):
-            mod.compile()
-    return model
 
 
 def init_weights(model: nn.Module) -> None:

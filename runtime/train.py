@@ -1,7 +1,14 @@
-"""One curriculum stage: freezing, optimizer and schedule, the objective mixture, evaluation."""
+"""One curriculum stage: freezing, optimizer and schedule, the objective mixture (the training step, compiled
+under Run.compile), evaluation."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
+import sys
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -9,6 +16,7 @@ from safetensors import safe_open
 
 from compiler import objectives as O
 from compiler import plan as P
+from compiler.attention import xformers_problem
 from compiler.checkpoint import check_llama, load_llama, read_llama
 from compiler.errors import SpecError
 from compiler.families import COPY_KINDS, family
@@ -50,55 +58,161 @@ def optimizer(params, stage: P.Stage):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def forward(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False):
-    """-> (logits, labels) for one objective on one batch. Copy objectives decode only the supervised half."""
+def padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask a graph is given: None when every position is real (packed data), which selects the unmasked
+    paths (causal attention without a mask, the encoder's last-block trim). Decided on the loader's CPU tensor,
+    before the step: inside it no tensor value is read on the host."""
+    return None if mask is None or bool(mask.all()) else mask
+
+
+def forward(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False, head=True):
+    """-> (logits, labels) for one objective on one batch (head=False: the hidden states the head reads instead of
+    logits). Copy objectives decode only the supervised half."""
     inp, m, labels = O.make_example(obj, tokens, mask, ids)
     if obj.kind == 'autoencode':
-        return model.autoencode(inp, m), labels
+        return model.autoencode(inp, m, head=head), labels
     first = tokens.shape[1] // 2 if obj.kind in ('copy', 'blank_copy') else 0
     extra = {'ablate_memory': True} if ablate_memory else {}
-    return model(inp, m, first_chunk=first, **extra), labels[:, first:]
+    return model(inp, m, first_chunk=first, head=head, **extra), labels[:, first:]
+
+
+def objective_loss(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds):
+    """One objective's mean loss and token accuracy on one batch: the whole forward pass of a training step
+    (example, embedding, encoder, memories, decoder, head, cross-entropy). The head runs only on the positions that
+    can have a target and never holds the logits of all of them (compiler.objectives.token_loss). Under Run.compile
+    this function is the compiled region (compile_step)."""
+    h, labels = forward(model, obj, tokens, mask, ids, head=False)
+    keep = O.target_positions(obj)
+    stack = getattr(model, model.family.autoencode_via) if obj.kind == 'autoencode' else model.decoder
+    return O.token_loss(h[..., keep, :], stack.head.weight, labels[..., keep])
+
+
+# Run.compile: the models whose steps run compiled, and the (stage, objective) steps each has compiled so far
+_COMPILED: weakref.WeakKeyDictionary[Graph, set] = weakref.WeakKeyDictionary()  # model -> steps compiled so far
+# (stage, objective) graphs of one process: 7 in the frozen-encoder curriculum, and a smaller last micro-batch or a
+# padded batch adds one each; above the limit dynamo would silently run the step eagerly
+RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def _compiled_objective_loss():
+    """The compiled region (built on first use: importing dynamo costs seconds that eager runs need not pay)."""
+    return torch.compile(objective_loss, dynamic=False)
+
+
+def compile_step(model: Graph, cache_dir) -> Graph:
+    """Run.compile = True: stage_loss runs each objective's step (objective_loss: example to loss) as one graph,
+    compiled on first use per (stage, objective) with static shapes (a stage's steps never recompile) and run
+    compiled in forward and backward. The model itself is untouched: parameter names, state dicts and checkpoints
+    are those of the eager model. Inductor keeps its compiled kernels in <cache_dir>/inductor (or where
+    TORCHINDUCTOR_CACHE_DIR says), so a second run of the same shapes skips most of the compilation."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    chosen = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    if chosen is None or chosen == os.path.abspath(default_cache_dir()):  # unset, or torch's default filled in
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str((Path(cache_dir) / 'inductor').resolve())
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # noise (Memory.noise) drawn from torch's own generator, as eager draws it: compiled and eager runs, and a
+    # resume, follow the same trajectory
+    torch._inductor.config.fallback_random = True
+    _COMPILED.setdefault(model, set())
+    return model
+
+
+def compiled(model: Graph) -> bool:
+    return model in _COMPILED
+
+
+def inductor_cache_counts() -> tuple[int, int]:
+    """(hits, misses) of inductor's FX graph cache in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss']
+
+
+@contextlib.contextmanager
+def compile_report(model: Graph, stage: P.Stage, tokens):
+    """Around one forward and backward: when it compiled new steps, say in the run's log what, how long it took
+    (the whole first step: tracing, forward and backward compilation, one run) and how much the inductor cache
+    served (0 hits: a cold compile)."""
+    seen = _COMPILED.get(model)
+    if seen is None:
+        yield
+        return
+    before, counts, t0 = set(seen), inductor_cache_counts(), time.perf_counter()
+    yield
+    new = seen - before
+    if new:
+        hits, misses = (a - b for a, b in zip(inductor_cache_counts(), counts))
+        print(f"Run.compile: stage {stage.name}, {', '.join(key[1].kind for key in new)} on {tuple(tokens.shape)}: "
+              f'compiled in {time.perf_counter() - t0:.1f} s (first step included; inductor cache '
+              f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}: {hits} hits, {misses} misses)", file=sys.stderr, flush=True)
 
 
 def stage_loss(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
-    """The stage's objective mixture on one batch. Returns (total loss, {kind: loss}, {kind: accuracy})."""
+    """The stage's objective mixture on one batch. Returns (total loss, {kind: loss}, {kind: accuracy}), all
+    tensors: nothing is read on the host (non-finite losses are caught by DivergenceWatch)."""
     losses, accs = {}, {}
     for obj in stage.objectives:
         if obj.kind == 'retrieval':
             losses[obj.kind], accs[obj.kind] = O.retrieval_loss(model, tokens, mask, obj, ids, generator)
             continue
-        logits, labels = forward(model, obj, tokens, mask, ids)
-        losses[obj.kind] = O.token_loss(logits, labels)
-        with torch.no_grad():
-            valid = labels != O.IGNORE
-            accs[obj.kind] = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
-    total = O.combine(losses, stage)
-    if not torch.isfinite(total):
-        raise Divergence(f'loss became {float(total)} ({ {k: float(v) for k, v in losses.items()} }); '
-                         f'lower Stage.lr (now {stage.lr}) or add warmup')
-    return total, losses, accs
+        loss_fn = objective_loss
+        if compiled(model):
+            if tokens.is_cuda:  # the attention backend's probe runs eagerly, before tracing (it is not traceable)
+                xformers_problem(tokens.device)
+            # what a new graph is compiled for: trainable parameters, objective, shapes, mask, grad mode
+            _COMPILED[model].add((stage.name, obj, tuple(tokens.shape), mask is None, torch.is_grad_enabled()))
+            loss_fn = _compiled_objective_loss()
+        losses[obj.kind], accs[obj.kind] = loss_fn(model, obj, tokens, mask, ids)
+    return O.combine(losses, stage), losses, accs
 
 
 def accumulate(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
     """Forward and backward of one step's batch in micro-batches of Stage.micro_batch rows. The gradients add up
     to those of the row-weighted mean of the micro-batch losses (the batch loss itself when every row has the
     same number of supervised tokens, as packed data does; DDP averages ranks the same way).
-    Returns detached row-weighted means (loss, {kind: loss}, {kind: accuracy})."""
+    Returns detached row-weighted means (loss, {kind: loss}, {kind: accuracy}), without a host sync."""
     b = tokens.shape[0]
     size = stage.micro_batch or b
     total, losses, accs = 0.0, {}, {}
     for i in range(0, b, size):
         rows = slice(i, i + size)
-        loss, part_losses, part_accs = stage_loss(model, stage, tokens[rows], None if mask is None else mask[rows], ids,
-                                                  generator)
+        part_mask = padding(None if mask is None else mask[rows])
         w = (min(i + size, b) - i) / b
-        (loss * w).backward()
+        with compile_report(model, stage, tokens[rows]):
+            loss, part_losses, part_accs = stage_loss(model, stage, tokens[rows], part_mask, ids, generator)
+            (loss * w).backward()
         total = total + loss.detach() * w
         for k, v in part_losses.items():
             losses[k] = losses.get(k, 0.0) + v.detach() * w
         for k, v in part_accs.items():
             accs[k] = accs.get(k, 0.0) + v * w
     return total, losses, accs
+
+
+class DivergenceWatch:
+    """Non-finite losses, watched without a host sync per step: `add` folds each step's losses into tensors, and
+    `check` reads them on the host; the trainer checks where it reads the host anyway (log steps) and before it
+    evaluates or writes anything, so a diverged state is never persisted. Raises Divergence with the losses of the
+    first non-finite step."""
+
+    def __init__(self, stage: P.Stage):
+        self.stage, self.names, self.values, self.bad = stage, None, None, None
+
+    def add(self, total: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values())])
+        bad = ~torch.isfinite(values[0])
+        if self.values is None:
+            self.names, self.values, self.bad = list(losses), values, bad
+        else:  # keep the first non-finite step's losses
+            self.values = torch.where(self.bad, self.values, values)
+            self.bad = self.bad | bad
+
+    def check(self) -> None:
+        if self.bad is None or not bool(self.bad):
+            return
+        total, *parts = self.values.tolist()
+        raise Divergence(f'loss became {total} ({dict(zip(self.names, parts))}); '
+                         f'lower Stage.lr (now {self.stage.lr}) or add warmup')
 
 
 @torch.no_grad()
@@ -124,8 +238,9 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
             x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)
             tally = O.Tally()
             for i in range(0, min(len(x), batch_size * max_batches), batch_size):
-                logits, labels = forward(model, obj, x[i:i + batch_size].to(device), m[i:i + batch_size].to(device),
-                                         ids, ablate)
+                pad = padding(m[i:i + batch_size])  # decided on the CPU tensor: no host read on the device
+                logits, labels = forward(model, obj, x[i:i + batch_size].to(device),
+                                         None if pad is None else pad.to(device), ids, ablate)
                 tally.add(logits, labels)
             for k, v in tally.metrics(vocab, bytes_per_token if obj.kind == 'clm' else None).items():
                 out[f'{obj.kind}{suffix}.{k}'] = v

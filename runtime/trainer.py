@@ -11,12 +11,12 @@ from tqdm import tqdm
 
 from compiler import objectives as O
 from compiler.families import family
-from compiler.model import build, compile_stacks
+from compiler.model import build
 from runtime import checkpoint as ckpt
 from runtime import train
 from runtime.data import Batches
 from runtime.distributed import all_reduce_grads, run_device
-from runtime.train import Divergence, accumulate, init_component, optimizer, set_frozen
+from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, init_component, optimizer, set_frozen
 from store import memories
 from store.layout import RunFolder, memory_store
 
@@ -33,7 +33,7 @@ class Trainer:
         self.device = run_device(self.plan.run)  # refused (exit 2) by runtime.run before this when unavailable
         self.model = build(self.plan, self.vocab).to(self.device)  # built (seeded) on the CPU: the same weights
         if self.plan.run.compile:
-            compile_stacks(self.model)
+            compile_step(self.model, self.plan.data.cache_dir)
         self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
                                rank=rank, world=world)
         self.out_dir, self.folder, self.resume = out_dir, RunFolder.at(out_dir), resume
@@ -111,29 +111,36 @@ class Trainer:
         params = [p for g in opt.param_groups for p in g['params']]
         bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
-        t0, done = time.perf_counter(), 0
+        t0, done, watch = time.perf_counter(), 0, DivergenceWatch(stage)
         while step < stage.steps:
             position, rng = self.batches.state_dict(), torch.random.get_rng_state()
             try:
                 tokens, mask = next(self.batches)
+                mask = train.padding(mask)  # decided on the loader's CPU tensor, before the step
                 tokens, mask = tokens.to(self.device), None if mask is None else mask.to(self.device)
                 opt.zero_grad(set_to_none=True)
                 loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
+                watch.add(loss, losses)
                 all_reduce_grads(params, self.world)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point
                 bar.close()
+                watch.check()  # never a diverged resume point
                 self.batches.load_state_dict(position)
                 torch.random.set_rng_state(rng)
                 self.checkpoint(si, step, opt, sched, run_id)
-                raise
-            except Divergence:
-                bar.close()
                 raise
             opt.step()
             sched.step()
             step, done = step + 1, done + 1
             gstep = offset + step
+            if (step % plan.run.log_every == 0 or step % stage.eval_every == 0 or step == stage.steps
+                    or step % plan.run.checkpoint_every == 0):  # the host reads losses only where it logs or writes
+                try:
+                    watch.check()
+                except Divergence:
+                    bar.close()
+                    raise
             if step % plan.run.log_every == 0 or step == stage.steps:
                 logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
                                            **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v

@@ -156,10 +156,121 @@ def test_tally_accumulates_over_batches_and_mutates_nothing():
 
 
 def test_token_loss_ignores_padding():
-    logits = PROBS.log()
-    assert O.token_loss(logits, LABELS).item() == pytest.approx(CE, rel=1e-6)
-    uniform = torch.zeros(1, 1, 2, 8)
-    assert O.token_loss(uniform, t([[[3, I]]])).item() == pytest.approx(math.log(8), rel=1e-6)
+    """token_loss takes the hidden states and the head's weight: with an identity head they are the logits."""
+    loss, acc = O.token_loss(PROBS.log(), torch.eye(4), LABELS)
+    assert loss.item() == pytest.approx(CE, rel=1e-6)
+    assert acc.item() == pytest.approx(3 / 5)
+    loss, acc = O.token_loss(torch.zeros(1, 1, 2, 8), torch.eye(8), t([[[3, I]]]))
+    assert loss.item() == pytest.approx(math.log(8), rel=1e-6)
+    loss, acc = O.token_loss(PROBS.log(), torch.eye(4), torch.full_like(LABELS, I))  # no target at all: 0, not NaN
+    assert loss.item() == 0.0 and acc.item() == 0.0
+
+
+def _head_case(rows=37, d=16, vocab=53, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, d, generator=g, dtype=dtype)
+    w = torch.randn(vocab, d, generator=g, dtype=dtype) * 0.5
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::5] = I  # rows without a target
+    return h, w, labels
+
+
+@pytest.mark.parametrize('tile', [1, 4, 7, 36, 37, 1000])
+@pytest.mark.parametrize('grads', ['both', 'hidden only', 'weight only'])
+def test_head_cross_entropy_equals_the_reference_loss_gradients_and_argmax(tile, grads):
+    """The tiled head + cross-entropy against F.cross_entropy on the full fp32 logits: the summed loss, the
+    gradients of the hidden states and of the head's weight (scaled by an upstream gradient, as a weighted mean
+    of objectives does), and the argmax of every row, for tiles that do and do not divide the rows, and with the
+    head or the hidden states frozen."""
+    h, w, labels = _head_case()
+    ours_h, ours_w = h.clone().requires_grad_(grads != 'weight only'), w.clone().requires_grad_(grads != 'hidden only')
+    ref_h, ref_w = h.clone().requires_grad_(grads != 'weight only'), w.clone().requires_grad_(grads != 'hidden only')
+    nll, pred = O.head_cross_entropy(ours_h, ours_w, labels, tile)
+    (nll * 0.37).backward()
+    logits = ref_h @ ref_w.T
+    ref = F.cross_entropy(logits, labels, ignore_index=I, reduction='sum')
+    (ref * 0.37).backward()
+    torch.testing.assert_close(nll, ref, rtol=1e-6, atol=1e-5)
+    assert torch.equal(pred, logits.argmax(-1))
+    for ours, theirs in ((ours_h, ref_h), (ours_w, ref_w)):
+        if theirs.requires_grad:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+        else:
+            assert ours.grad is None
+
+
+def test_head_cross_entropy_is_exact_in_double_precision_and_without_gradients():
+    h, w, labels = _head_case(dtype=torch.float64)
+    h.requires_grad_()
+    w.requires_grad_()
+    with torch.no_grad():
+        nll, pred = O.head_cross_entropy(h, w, labels.view(37, 1), 5)  # any label shape: rows are flattened
+    ref = F.cross_entropy(h @ w.T, labels, ignore_index=I, reduction='sum')
+    assert nll.dtype == torch.float64 and not nll.requires_grad
+    torch.testing.assert_close(nll, ref, rtol=1e-12, atol=1e-12)
+    assert pred.shape == (37, 1)
+
+
+def test_head_cross_entropy_never_holds_the_logits_of_all_rows():
+    """No tensor of the forward or backward pass is as large as the logits of all rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor):
+                    Largest.numel = max(Largest.numel, x.numel())
+            return out
+
+    h, w, labels = _head_case(rows=64, vocab=50)
+    h.requires_grad_()
+    w.requires_grad_()
+    with Largest():
+        nll, _ = O.head_cross_entropy(h, w, labels, tile=8)
+        nll.backward()
+    assert Largest.numel < 64 * 50  # the largest is the hidden states' gradient (64 x 16); a tile's logits: 8 x 50
+    Largest.numel = 0
+    with Largest():
+        F.cross_entropy(h @ w.T, labels, ignore_index=I, reduction='sum').backward()
+    assert Largest.numel == 64 * 50  # the reference does
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (benchmarks/gpu_check.sh runs it)')
+def test_head_cross_entropy_under_bf16_autocast_matches_the_reference():
+    """As the GPU trains (bf16 autocast): the head's matmuls run in bf16, the softmax in fp32, like
+    F.cross_entropy(logits.float()) on bf16 logits; gradients come back in the parameters' fp32."""
+    h, w, labels = (x.cuda() for x in _head_case(rows=300, d=64, vocab=1000))
+    grads = []
+    for ours in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            if ours:
+                nll, pred = O.head_cross_entropy(hh, ww, labels, tile=64)
+            else:
+                logits = hh @ ww.T
+                nll = F.cross_entropy(logits.float(), labels, ignore_index=I, reduction='sum')
+                pred = logits.argmax(-1)
+        nll.backward()
+        grads.append((nll.detach(), pred, hh.grad, ww.grad))
+    (n0, p0, gh0, gw0), (n1, p1, gh1, gw1) = grads
+    assert n0.dtype == torch.float32 and gh0.dtype == gw0.dtype == torch.float32
+    torch.testing.assert_close(n0, n1, rtol=1e-3, atol=1e-2)
+    assert (p0 == p1).float().mean() > 0.99  # bf16 ties may break differently
+    torch.testing.assert_close(gh0, gh1, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw0, gw1, rtol=2e-2, atol=2e-3)
+
+
+def test_target_positions_cover_every_label():
+    """The head skips only positions that can never have a target (the last of a chunk when labels shift)."""
+    for kind in ('clm', 'autoencode', 'copy', 'blank_copy', 'retrieval'):
+        _, _, labels = O.make_example(Objective(kind=kind, delimiter=2 if 'copy' in kind else 0), PADDED, MASK, IDS)
+        skipped = torch.ones(labels.shape[-1], dtype=torch.bool)
+        skipped[O.target_positions(Objective(kind=kind))] = False
+        assert (labels[..., skipped] == I).all()
+        assert skipped.sum() == (kind != 'autoencode')
 
 
 def test_shifted_labels_matches_cross_entropy_convention():
