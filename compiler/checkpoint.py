@@ -25,15 +25,22 @@ def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_llama(path: str) -> dict[str, torch.Tensor]:
-    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one
-    (or shards)."""
+def llama_files(path: str) -> list:
+    """The files of a Llama checkpoint: the file itself, or the *.safetensors (else pytorch_model*.bin) of a
+    transformers folder (shards included)."""
     from pathlib import Path
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
     if not files:
         raise SpecError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
                         'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
+    return files
+
+
+def read_llama(path: str) -> dict[str, torch.Tensor]:
+    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one
+    (or shards)."""
+    files = llama_files(path)
     state = {}
     for f in files:
         try:
