@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from compiler.checkpoint import sha256_file  # noqa: F401  (its home; checkpoints and tests use it here)
 from compiler.errors import SpecError
-from store.layout import sha256_file  # noqa: F401  (its home is store.layout; checkpoints and tests use it here)
 
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
 

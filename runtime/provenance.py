@@ -15,9 +15,9 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-from compiler.checkpoint import llama_files
+from compiler.checkpoint import llama_files, sha256_file
 from runtime.train import run_source
-from store.layout import file_ref, sha256_file
+from store.layout import file_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ('compiler', 'runtime', 'store', 'specs')  # what a source-tree hash covers

@@ -30,12 +30,12 @@ run's folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import secrets
 from pathlib import Path
 
+from compiler.checkpoint import sha256_file
 from compiler.errors import SpecError
 from compiler.plan import NAME
 
@@ -196,14 +196,6 @@ class RunFolder:
     @property
     def summary_json(self) -> Path:
         return self.root / 'summary.json'
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_ref(path) -> dict:
