@@ -641,11 +641,12 @@ def position_accuracy(dec: Decoder, group: M.Group, limit=None, desc='') -> np.n
 
 
 def metric_rows(url: str, attrs: dict) -> list[tuple[str, int, float]]:
-    """The run's metrics from its record (the run key must match: ids repeat across databases)."""
-    run = recorded_run(url, attrs.get('run_id'))
-    if run is None or (attrs.get('run_key') is not None and run.run_key != attrs.get('run_key')):
+    """The run's metrics (none when the database records another run under this id: ids repeat across databases)."""
+    db = open_db(url)
+    found = db.runs(run_id=str(attrs.get('run_id')))
+    if found and attrs.get('run_key') is not None and found[0].run_key not in (None, attrs.get('run_key')):
         return []
-    return open_db(url).metrics(run.id)
+    return db.metrics(str(attrs.get('run_id')))
 
 
 def cmd_plot(args) -> None:

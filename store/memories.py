@@ -264,6 +264,8 @@ def consolidate(path) -> None:
     seen every earlier write."""
     path = Path(path)
     with _turn(path):
+        for stale in path.glob('.zarr.json.*.tmp'):  # a writer killed mid-refresh (temporaries are made in turn)
+            stale.unlink(missing_ok=True)
         root = _json(path / 'zarr.json')
         if root is None:
             return

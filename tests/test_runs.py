@@ -499,7 +499,7 @@ def test_postgres_list_and_metrics(runs, pg, capsys):
     assert listed(cli(capsys, 'list', '--where', 'Memory.chunks=4', '--status', 'COMPLETED', db=pg.url)) == ids
     assert listed(cli(capsys, 'list', '--where', 'Memory.chunks=2', db=pg.url)) == []
     out = cli(capsys, 'metrics', ids[0], '--csv', db=pg.url)
-    got = [(n, int(s), float(v)) for n, s, v in list(csv.reader(io.StringIO(out)))[1:]]
+    got = [(n, int(s), float(v)) for _, n, s, v in list(csv.reader(io.StringIO(out)))[1:]]
     want = pg.rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = %s ORDER BY name, step, id', ids[0])
     assert got == [(n, s, v) for n, s, v in want] and got
     out = cli(capsys, 'show', ids[0], db=pg.url)
