@@ -368,7 +368,9 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
     resume = None if target is None else target.checkpoint
     # what the run prints is captured (Sacred's captured_out), tqdm's redraws collapsed to their last state
     sacred.SETTINGS.CAPTURE_MODE = 'sys'
-    # base_dir: Sacred records the source of every project module the run imported (compiler/, store/, runtime/)
+    # Sacred records the source of every project module the run has imported (compiler/, store/, runtime/), not only
+    # those runtime/run.py names itself
+    sacred.SETTINGS.DISCOVER_SOURCES = 'sys'
     ex = sacred.Experiment(experiment_name(spec), base_dir=str(provenance.ROOT), save_git_info=False)
     ex.captured_out_filter = lambda text: ANSI.sub('', apply_backspaces_and_linefeeds(text))
     if hasattr(obs, 'initial_info'):
