@@ -100,7 +100,8 @@ def test_bad_input_is_refused_and_leaves_no_folder(stored_run, tmp_path, capsys)
     assert code == 2 and "no stage 'nope'" in err
     # weights that changed since the run recorded them (the record altered in a copy of the database)
     db = tmp_path / 'copy.db'
-    shutil.copy(stored_run.db, db)
+    with sqlite3.connect(stored_run.db) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)  # the whole database, its write-ahead log included
     con = sqlite3.connect(db)
     (info,) = con.execute('SELECT info FROM run').fetchone()
     info = json.loads(info)

@@ -319,13 +319,15 @@ def test_metrics_of_several_runs_overlay_in_one_figure_and_in_json(runs, capsys,
     titles = [ax.get_ylabel() for ax in fig.axes]
     assert titles[:4] == ['loss (nats)', 'cross-entropy (nats)', 'token accuracy', 'I_e = 1 - CE / ln V']
     assert 'learning rate' in titles  # one panel per kind: loss, CE and accuracy never share an axis
-    acc = fig.axes[titles.index('token accuracy')]
-    lines = [ln for ln in acc.get_lines() if len(set(ln.get_xdata())) > 1]  # curves, not the stage-end lines
-    colours = {ln.get_color() for ln in lines}
-    assert len(colours) == 3  # one colour per run, in every panel
-    for c in colours:  # within a run, each metric has its own line style (dash pattern and marker)
-        styles = [(repr(ln._dash_pattern), ln.get_marker()) for ln in lines if ln.get_color() == c]
-        assert len(styles) == len(set(styles)) > 1, styles
+    def curves(panel):  # the runs' curves, not the vertical stage-end lines
+        return [ln for ln in fig.axes[titles.index(panel)].get_lines() if len(set(ln.get_xdata())) > 1]
+    assert len({ln.get_color() for ln in curves('loss (nats)')}) == 3  # one colour per run
+    acc = curves('token accuracy')
+    per_run = {c: [(repr(ln._dash_pattern), ln.get_marker()) for ln in acc if ln.get_color() == c]
+               for c in {ln.get_color() for ln in acc}}
+    assert max(len(v) for v in per_run.values()) == 5  # the curricula's five eval accuracies
+    for styles in per_run.values():  # within a run, each metric has its own line style (dash pattern and marker)
+        assert len(styles) == len(set(styles)), styles
     data = json.loads(cli(capsys, 'metrics', runs.a, runs.c, '--name', 'train/loss', '--json', db=runs.db))
     assert [(d['run'], d['name'], d['step'], d['value']) for d in data] == \
         [(r, n, s, v) for r in (runs.a, runs.c) for n, s, v in runs.metrics(r) if n == 'train/loss']
