@@ -1,7 +1,10 @@
-"""Load a Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a Stack,
-so a pretrained LM can serve as a memory model's decoder. Our module names follow Llama's, so the mapping is a
-rename of three top-level keys; shapes are checked, nothing is silently skipped."""
+"""Checkpoint files: a Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a
+Stack, so a pretrained LM can serve as a memory model's decoder, and a Stack out as one (store/export.py). Our module
+names follow Llama's, so the mapping is a rename of three top-level keys; shapes are checked, nothing is silently
+skipped. Also the sha256 of a file, by which runs reference the files they read and write."""
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -10,6 +13,14 @@ from compiler.errors import SpecError
 
 _RENAMES = (('model.embed_tokens.', 'embedding.'), ('embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
             ('model.norm.', 'norm.'), ('lm_head.', 'head.'))
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,15 +36,22 @@ def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_llama(path: str) -> dict[str, torch.Tensor]:
-    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one
-    (or shards)."""
+def llama_files(path: str) -> list:
+    """The files of a Llama checkpoint: the file itself, or the *.safetensors (else pytorch_model*.bin) of a
+    transformers folder (shards included)."""
     from pathlib import Path
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
     if not files:
         raise SpecError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
                         'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
+    return files
+
+
+def read_llama(path: str) -> dict[str, torch.Tensor]:
+    """State dict of a Llama checkpoint: a .safetensors / .bin file, or a transformers folder holding one
+    (or shards)."""
+    files = llama_files(path)
     state = {}
     for f in files:
         try:
@@ -76,3 +94,31 @@ def check_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'che
 def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
     """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
     stack.load_state_dict(check_llama(stack, state, source), strict=True)
+
+
+def stack_to_llama(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A causal Stack's state dict (embedding, layers, norm, head) as LlamaForCausalLM names it: the inverse of
+    llama_to_stack."""
+    out = {}
+    for key, value in state.items():
+        for llama, ours in (('model.embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
+                            ('model.norm.', 'norm.'), ('lm_head.', 'head.')):
+            if key.startswith(ours):
+                out[llama + key[len(ours):]] = value.contiguous()
+                break
+        else:
+            raise ValueError(f"'{key}' has no place in a Llama checkpoint")
+    return out
+
+
+def llama_config(stack, vocab: int, length: int, special_ids: dict[str, int]) -> dict:
+    """transformers.LlamaConfig arguments of a causal transformer Stack config (compiler.plan.Stack) that reads
+    `length` positions: RMSNorm, rotary positions, SiLU-gated MLP, no biases, untied head (compiler/blocks.py)."""
+    return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': vocab,
+            'hidden_size': stack.d_model, 'intermediate_size': stack.ffn, 'num_hidden_layers': stack.n_layers,
+            'num_attention_heads': stack.n_heads, 'num_key_value_heads': stack.kv_heads,
+            'head_dim': stack.d_model // stack.n_heads, 'hidden_act': 'silu', 'rms_norm_eps': stack.norm_eps,
+            'rope_theta': stack.rope_theta, 'max_position_embeddings': stack.context or length,
+            'attention_bias': False, 'mlp_bias': False, 'tie_word_embeddings': False,
+            'pad_token_id': special_ids.get('<pad>'), 'eos_token_id': special_ids.get('<eod>'),
+            'bos_token_id': None, 'torch_dtype': 'float32'}

@@ -78,14 +78,22 @@ class Family:
         suite = ['clm'] + (list(COPY_KINDS) if n >= 2 and n % 2 == 0 else [])
         return suite + (['autoencode'] if needs_ae_decoder(plan) else [])
 
-    def readout(self, plan: Plan) -> str | None:
+    def readout(self, plan: Plan, stage: str | None = None) -> str | None:
         """How stored memories are decoded offline: 'decoder' (the autoencoder's own decoder), 'ae_decoder' (a
-        memory model's stage-0 autoencoder decoder) or 'blank_copy' (the memory in the first slot, blank tokens)."""
+        memory model's stage-0 autoencoder decoder) or 'blank_copy' (the memory in the first slot, blank tokens).
+        For the memories of a given stage of a memory model with an ae_decoder, the read-out that stage trains:
+        'ae_decoder' where the stage autoencodes, else 'blank_copy' (the ae_decoder no longer changes after its
+        stage, so decoding later stages through it would repeat that stage's numbers)."""
         if not self.stores_memories:
             return None
         if not self.token_decoder:
             return 'decoder'
-        return 'ae_decoder' if needs_ae_decoder(plan) else 'blank_copy'
+        if not needs_ae_decoder(plan):
+            return 'blank_copy'
+        trains = [s for s in plan.curriculum if s.name == stage]
+        if trains and not any(o.kind == 'autoencode' for o in trains[0].objectives):
+            return 'blank_copy'
+        return 'ae_decoder'
 
 
 def _first(objective: str, n: int) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from compiler.checkpoint import sha256_file  # noqa: F401  (its home; checkpoints and tests use it here)
 from compiler.errors import SpecError
 
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
@@ -133,14 +133,6 @@ def atomic_write(path: Path, write) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: Path(p).write_text(text))
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 _digests: dict[str, str] = {}  # checkpoint path -> sha256 of what this process wrote or verified there

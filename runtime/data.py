@@ -71,6 +71,40 @@ class Prepared:
         return {'<pad>': self.pad_id, '<eod>': self.eod_id, '<blank>': self.blank_id, '<copy>': self.copy_id}
 
 
+@dataclass
+class Vocabulary:
+    """A tokenizer and its special ids, without the data: what generation needs of a run (its run folder holds a copy
+    of the tokenizer, so no data cache is rebuilt, which hub data would need the network for)."""
+    tokenizer: Tokenizer
+    pad_id: int
+    eod_id: int
+    blank_id: int
+    copy_id: int
+    vocab_size: int
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {'<pad>': self.pad_id, '<eod>': self.eod_id, '<blank>': self.blank_id, '<copy>': self.copy_id}
+
+
+def vocabulary(path: Path) -> Vocabulary:
+    """The Vocabulary of a tokenizer.json that prepare() wrote (a run folder's copy)."""
+    fix = 'restore the run folder, or delete its tokenizer.json to rebuild it from the data cache'
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (a damaged or foreign file)
+        text = str(e).strip()
+        raise SpecError(str(path), f'cannot load the tokenizer: {text.splitlines()[0] if text else type(e).__name__}',
+                        fix)
+    tok.encode_special_tokens = True  # as prepare() uses it: a literal "<pad>" is ordinary text
+    ids = _special_ids(tok)
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise SpecError(str(path), f"not a memspec tokenizer: it lacks {', '.join(missing)}", fix)
+    return Vocabulary(tok, ids['<pad>'], ids['<eod>'], ids['<blank>'], ids['<copy>'],
+                      tok.get_vocab_size(with_added_tokens=True))
+
+
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f'[data] {msg}', file=sys.stderr, flush=True)

@@ -551,10 +551,11 @@ def check_generates(plan, where: str) -> None:
 
 
 def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
-    """(plan, model with the run's weights, prepared data: tokenizer and special ids) of a run folder."""
+    """(plan, model with the run's weights, its vocabulary: tokenizer and special ids) of a run folder. The
+    tokenizer is the folder's copy; runs recorded before folders held one rebuild their data cache."""
     from compiler.model import build
     from compiler.spec import load
-    from runtime.data import prepare
+    from runtime.data import prepare, vocabulary
     plan = load([str(RunFolder.at(folder).operative)]).plan
     check_generates(plan, f'run {folder}')
     if stage is not None and stage not in plan.stage_names:
@@ -567,7 +568,8 @@ def load_run(folder: Path, stage: str | None, device: str = 'cpu'):
                         + (' that stage)' if stage else ')'),
                         'let the run finish (python -m runtime.run ... --resume ID), or pick a finished --stage')
     state = read_weights(weights, f'run {folder}')  # before any work: a damaged file is bad input
-    data = prepare(plan, progress=False)
+    tokenizer = RunFolder.at(folder).tokenizer
+    data = vocabulary(tokenizer) if tokenizer.is_file() else prepare(plan, progress=False)
     model = build(plan, data.vocab_size)
     try:
         model.load_state_dict(state)

@@ -10,6 +10,13 @@
 - A database that goes away mid-run: metric rows are kept in memory and retried; before each checkpoint `sync()`
   must get them all in, or it raises RecordingLost and the run stops without writing that checkpoint, so the last
   checkpoint's metrics are all recorded and `--resume` replays (and records) everything after it.
+- Run ids count 0, 1, 2, ... per database. Sacred's SqlObserver numbers a new run `1 + the primary key of the newest
+  row`, and the first row's key is 1 although its run id is 0, so its ids went 0, 2, 3, ...; `next_run_id` counts
+  from the recorded run ids instead.
+- Captured output (Sacred's `captured_out`): what the run printed, tqdm's carriage-return redraws collapsed
+  (sacred.utils.apply_backspaces_and_linefeeds); a resumed run keeps what the earlier processes captured before it.
+- Sacred imports pkg_resources, whose deprecation warning would greet every command: `import_sacred` silences that
+  one warning where sacred is first imported, and nothing else.
 """
 from __future__ import annotations
 
@@ -17,14 +24,31 @@ import datetime as dt
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from threading import Lock, RLock
 
 import sqlalchemy as sa
-from sacred.observers import SqlObserver
 
 from compiler.errors import SpecError
 from store.database import METRICS, display_url, first_line, make_engine
+
+
+def import_sacred():
+    """Import sacred without the pkg_resources deprecation warning its import triggers (sacred 0.8.7's
+    dependencies.py imports pkg_resources; setuptools < 81 is pinned for it). Only that warning is filtered, and only
+    during this import: pkg_resources warns when it is first imported, which is here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+        import sacred
+        import sacred.observers  # noqa: F401  (the observers import the rest of sacred)
+    return sacred
+
+
+import_sacred()
+from sacred.observers import SqlObserver  # noqa: E402  (after the filtered import above)
+
+RESUMED = '\n--- resumed ---\n'  # between the output of the processes of a resumed run in captured_out
 
 
 class RecordingLost(RuntimeError):
@@ -73,6 +97,7 @@ class ResumableSqlObserver(SqlObserver):
         self.lost: Exception | None = None  # the last database failure since the last successful sync
         self.metrics_lock = Lock()
         self.initial_info: dict = {}  # written with a new run row, in the same INSERT (the run key)
+        self.earlier_out = ''  # captured_out of the processes before a resume
 
     def _add_event(self, *args, **kwargs):
         with self.lock:
@@ -83,11 +108,12 @@ class ResumableSqlObserver(SqlObserver):
         _retry(lambda: Base.metadata.create_all(self.engine))
         existing = self.session.query(Run).filter_by(run_id=str(_id)).first() if _id is not None else None
         if existing is None:
-            # Sacred picks max(id) + 1: two runs starting together pick the same id and one insert violates the
-            # unique run_id; roll back and let it pick again (it then sees the other run's row).
+            # two runs starting together pick the same next id and one insert violates the unique run_id; roll
+            # back and pick again (it then sees the other run's row)
             for attempt in range(50):
                 try:
-                    return super()._add_event(ex_info, command, host_info, config, meta_info, _id, status,
+                    return super()._add_event(ex_info, command, host_info, config, meta_info,
+                                              next_run_id(self.session) if _id is None else _id, status,
                                               info=json.dumps(self.initial_info), **kwargs)
                 except sa.exc.IntegrityError:
                     self.session.rollback()
@@ -95,6 +121,7 @@ class ResumableSqlObserver(SqlObserver):
                         raise
                     time.sleep(random.uniform(0.005, 0.05))
         self.run = existing
+        self.earlier_out = (existing.captured_out or '') + RESUMED if existing.captured_out else ''
         self.run.status, self.run.stop_time, self.run.fail_trace = status, None, None
         self.save()
         return _id
@@ -152,7 +179,7 @@ class ResumableSqlObserver(SqlObserver):
             self._lose(e)
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
-        self._quietly(super().heartbeat_event, info, captured_out, beat_time, result)
+        self._quietly(super().heartbeat_event, info, self.earlier_out + (captured_out or ''), beat_time, result)
 
     def completed_event(self, stop_time, result):
         self._quietly(super().completed_event, stop_time, result)
@@ -178,6 +205,13 @@ class ResumableSqlObserver(SqlObserver):
         """On resume: drop metrics logged after the checkpoint, so replayed steps are not recorded twice."""
         with self.metrics_engine.begin() as conn:
             conn.execute(METRICS.delete().where(METRICS.c.run_id == str(run_id), METRICS.c.step > step))
+
+
+def next_run_id(session) -> int:
+    """The id of a new run: one more than the largest numeric run id recorded, 0 in an empty database."""
+    from sacred.observers.sql_bases import Run
+    ids = [int(r) for (r,) in session.query(Run.run_id).all() if str(r).isdigit()]
+    return max(ids) + 1 if ids else 0
 
 
 def observer(url: str):

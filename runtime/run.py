@@ -1,12 +1,16 @@
-"""python -m runtime.run SPEC [more.gin ...] [-b BINDING ...] [--db URL] [--resume RUN_ID]
+"""python -m runtime.run SPEC [more.gin ...] [-b BINDING ...] [--db URL] [--resume RUN_ID] [--artifacts blob]
 
-Trains a spec's curriculum, stage by stage, and records the run with Sacred: config = the Plan + the operative
-gin text + the spec hash; info = the run key, host, run folder, data, stage end steps; metrics; status; artifacts
-(final weights as safetensors, operative config, summary). Run folder: <Run.out_dir>/<id>-<key>/ (store/layout.py:
-the run key tells apart runs with the same id in different databases) with run.json (the marker naming the run),
-run.lock (held while the run trains), checkpoint.pt (latest, written atomically; its sha256 in
-checkpoint.pt.sha256, checked by --resume), stages/<stage>.safetensors (weights at each stage end, what
-`init_from = 'run:<id>/<stage>'` reads), final.safetensors, summary.md.
+Trains a spec's curriculum, stage by stage, and records the run with Sacred, as the experiment named after the spec
+('frozen_encoder_curriculum'): config = the Plan + the operative gin text + the spec hash + provenance (git commit
+and uncommitted diff or a source-tree hash, the sha256 of every init_from source; runtime/provenance.py) + `seed`
+(Run.seed, Sacred's seed); info = the run key, host, run folder, data, stage end steps, the weights by path and
+sha256; metrics (also as TensorBoard events in the run folder, runtime/tracking.py); captured output; status;
+artifacts (operative config and summaries; the weights' bytes only with --artifacts blob). Run folder:
+<Run.out_dir>/<id>-<key>/ (store/layout.py: the run key tells apart runs with the same id in different databases)
+with run.json (the marker naming the run, with its provenance), run.lock (held while the run trains), checkpoint.pt
+(latest, written atomically; its sha256 in checkpoint.pt.sha256, checked by --resume), stages/<stage>.safetensors
+(weights at each stage end, what `init_from = 'run:<id>/<stage>'` reads), final.safetensors, tokenizer.json, summary.md,
+tensorboard/, source.diff (uncommitted changes, when there are any).
 
 Faults (tests/test_faults.py, tests/faults.py): a run killed at any moment continues with --resume
 to the same weights, metrics and memories as an uninterrupted one, as one record (a run killed before its first
@@ -24,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import sys
@@ -38,8 +43,8 @@ from compiler.__main__ import parser
 from compiler.errors import SpecError, cli
 from compiler.families import family
 from compiler.objectives import floors
-from compiler.spec import load, locate
-from runtime import record, sweep
+from compiler.spec import load, locate, read_bindings
+from runtime import provenance, record, sweep
 from runtime.checkpoint import (
     LocksUnsupported,
     RunBusy,
@@ -55,7 +60,9 @@ from runtime.distributed import NullRun, distributed, run_device
 from runtime.train import Divergence, check_init_sources
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
+from store.database import flatten
 from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
+from store.tables import spec_label
 
 
 def _sanitize(obj):
@@ -144,8 +151,10 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     def same_plan(started_from):
         if started_from != spec.hash:
             raise SpecError(where, f"run {run_id} was started from a different plan "
-                            f"(hash {started_from}, this spec {spec.hash})",
-                            'resume with the same spec files and bindings')
+                            f"(hash {started_from}, this spec {spec.hash}){plan_difference(run.config, spec)}",
+                            'resume with the same spec files and bindings'
+                            + (f" (recorded: {' '.join(repr('-b ' + b) for b in run.config['bindings'])})"
+                               if run.config.get('bindings') else ''))
     if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
         same_plan(run.config['spec_hash'])
     if locks is not None:
@@ -155,6 +164,32 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
+
+
+def plan_difference(config: dict, spec, limit: int = 8) -> str:
+    """'; bindings that differ: ...' between a run's recorded config and a spec: the operative gin's bindings and
+    macros (what the user wrote), else the plan's keys (a default that changed between versions), else ''."""
+    def side(value):
+        return 'unset' if value is _UNSET else repr(value)
+
+    was, now = read_bindings(config.get('operative_gin') or ''), read_bindings(spec.operative)
+    rows = []
+    for old, new in zip(was, now):
+        rows += [f'{k}: {side(old.get(k, _UNSET))} in the run, {side(new.get(k, _UNSET))} here'
+                 for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+    what = 'bindings that differ'
+    if not rows and isinstance(config.get('plan'), dict):
+        old, new = flatten({'plan': config['plan']}), flatten({'plan': _sanitize(spec.plan.to_dict())})
+        rows = [f'{k}: {side(old.get(k, _UNSET))} in the run, {side(new.get(k, _UNSET))} here'
+                for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+        what = 'plan keys that differ'
+    if not rows:
+        return ''
+    more = f' (and {len(rows) - limit} more)' if len(rows) > limit else ''
+    return f'; {what}: ' + '; '.join(rows[:limit]) + more
+
+
+_UNSET = object()
 
 
 def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock | None:
@@ -209,6 +244,9 @@ def main(argv=None):
                     help='continue a killed or interrupted run: its id (python -m store.runs list), not a path')
     ap.add_argument('--sweep-member', help=argparse.SUPPRESS)  # from runtime.sweep: recorded as the config 'sweep'
     sweep.add_options(ap)
+    ap.add_argument('--artifacts', choices=('reference', 'blob'), default='reference',
+                    help="final weights in the run database: by path and sha256 (default), or also their bytes as a "
+                         "Sacred artifact ('blob'; hundreds of MB per run at paper scale)")
     args = ap.parse_args(argv)
     sweep.run_requested(args)  # --sweep: the grid runs as a sweep of member runs, and exits
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -256,19 +294,28 @@ def _run_main(args, locks: list) -> None:
         except SpecError as e:
             raise SpecError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
-    outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, sweep.member_config(args.sweep_member))
+    outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, args.artifacts,
+                      sweep.member_config(args.sweep_member))
     if outcome.get('error'):
         print(outcome['error'], file=sys.stderr)
         sys.exit(outcome['code'])
     print(f"\nrun {outcome['run_id']} COMPLETED  (plan {spec.hash})\n\n{outcome['table']}\n")
-    print(f"run folder   {outcome['out_dir']}  (final.safetensors, stages/, summary.md)")
+    print(f"run folder   {outcome['out_dir']}  (final.safetensors, stages/, summary.md; "
+          f"tensorboard --logdir {runs_dir})")
     print(f'database     {database.display_url(url)}  (python -m store.runs show {outcome["run_id"]})')
     if outcome['memories'] is not None:
         print(f"memories     {outcome['memories']}  (group {outcome['name']}/<stage>; "
               f"python -m store.analyze info {outcome['name']} --store {outcome['memories']})")
 
 
-def open_folder(folder: RunFolder, url: str, locks: list) -> None:
+def copy_tokenizer(data, folder: RunFolder) -> None:
+    """The run's tokenizer in its folder: generation, analysis and export then need no data cache (which another
+    machine would have to rebuild, from the network for hub data)."""
+    if not folder.tokenizer.is_file():
+        write_text(folder.tokenizer, (data.cache_path / 'tokenizer.json').read_text())
+
+
+def open_folder(folder: RunFolder, url: str, locks: list, origin: dict | None = None) -> None:
     """A new run's folder: created (never an existing one: it would be another run's), locked, marked."""
     try:
         folder.root.mkdir(parents=True)
@@ -279,31 +326,60 @@ def open_folder(folder: RunFolder, url: str, locks: list) -> None:
         locks.append(RunLock(folder.lock).acquire())
     except LocksUnsupported:
         pass  # a new folder has no other user; --resume reports the missing locks
-    mark(folder, url)
+    mark(folder, url, origin)
 
 
-def mark(folder: RunFolder, url: str) -> None:
+def mark(folder: RunFolder, url: str, origin: dict | None = None) -> None:
+    """The folder's marker: whose folder it is, where it is recorded and (a new run) its provenance (the diff itself
+    is in source.diff beside it)."""
+    if origin:
+        origin = {**origin, 'code': {k: v for k, v in origin['code'].items() if k != 'diff'}}
     write_text(folder.marker, json.dumps({'run_id': folder.run_id, 'run_key': folder.key,
-                                          'database': database.display_url(url)}, indent=1) + '\n')
+                                          'database': database.display_url(url),
+                                          **({'provenance': origin} if origin else {})}, indent=1) + '\n')
+
+
+ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')  # terminal control sequences (tqdm moves the cursor between its bars)
+
+
+def experiment_name(spec) -> str:
+    """The Sacred experiment of a run: its spec, as store.runs labels it ('frozen_encoder_curriculum',
+    'mixer/autoencoder', 'memory_clm+paper_scale'); Run.name stays the run's own label."""
+    return '+'.join(spec_label(f).removesuffix('.gin') for f in spec.sources) or spec.plan.run.name
+
+
+def origin(spec, runs_dir: Path, resume: dict | None) -> tuple[dict, str]:
+    """(the run's provenance for its config and run.json, the uncommitted diff of the code)."""
+    code, diff = provenance.source_state()
+    first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
+    return {'code': code, 'seed': spec.plan.run.seed,
+            'init_from': provenance.init_sources(spec.plan, runs_dir, first)}, diff
 
 
 def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, world: int = 1,
-            locks: list | None = None, sweep_member: dict | None = None) -> dict:
+            locks: list | None = None, artifacts: str = 'reference', sweep_member: dict | None = None) -> dict:
     """Train and record the run as a Sacred experiment; -> {'run_id', 'name', 'out_dir', 'table', 'memories'} or, when
     the run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
-    from sacred import SETTINGS, Experiment
+    sacred = record.import_sacred()
+    from sacred.utils import apply_backspaces_and_linefeeds
     plan = spec.plan
     locks = [] if locks is None else locks
     key = target.run.run_key if target is not None else new_run_key()
     resume = None if target is None else target.checkpoint
-    SETTINGS.CAPTURE_MODE = 'no'  # tqdm owns the terminal; output capture would store carriage-return noise
-    ex = Experiment(plan.run.name, save_git_info=False)
+    # what the run prints is captured (Sacred's captured_out), tqdm's redraws collapsed to their last state
+    sacred.SETTINGS.CAPTURE_MODE = 'sys'
+    # Sacred records the source of every project module the run has imported (compiler/, store/, runtime/), not only
+    # those runtime/run.py names itself
+    sacred.SETTINGS.DISCOVER_SOURCES = 'sys'
+    ex = sacred.Experiment(experiment_name(spec), base_dir=str(provenance.ROOT), save_git_info=False)
+    ex.captured_out_filter = lambda text: ANSI.sub('', apply_backspaces_and_linefeeds(text))
     if hasattr(obs, 'initial_info'):
         obs.initial_info = {'run_key': key}  # recorded with the new run row itself: a run never exists without it
     ex.observers.append(obs)
+    made, diff = origin(spec, runs_dir, resume)
     ex.add_config({'plan': _sanitize(plan.to_dict()), 'operative_gin': spec.operative, 'spec_hash': spec.hash,
                    'spec_files': spec.files, 'spec_sources': spec.sources, 'bindings': spec.bindings,
-                   'warnings': [str(w) for w in spec.warnings]})
+                   'warnings': [str(w) for w in spec.warnings], 'seed': plan.run.seed, 'provenance': made})
     if sweep_member is not None:
         ex.add_config({'sweep': sweep_member})
     holder = {}
@@ -314,14 +390,21 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
         if target is None:
-            open_folder(folder, url, locks)
+            open_folder(folder, url, locks, made)
         else:
             remove_stale_temporaries(folder.root)
             if folder.owner() is None:  # killed between creating the folder and marking it
-                mark(folder, url)
+                mark(folder, url, made)
+            # this process's code, beside the start's (config 'provenance'), and those of earlier resumes
+            _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [
+                {'at_step': done_steps(plan, resume), 'code': {k: v for k, v in made['code'].items() if k != 'diff'},
+                 'time': record.now().isoformat(timespec='seconds')}]
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)
+        if diff and target is None:
+            write_text(folder.source_diff, diff)
+        copy_tokenizer(data, folder)
         if target is not None and hasattr(obs, 'forget_after'):  # steps after the checkpoint are replayed
             obs.forget_after(run_id, done_steps(plan, resume))
         trainer = Trainer(spec, data, folder.root, resume, 0, world)  # rank 0 records; ranks > 0 ran in main
@@ -331,10 +414,13 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
                              'floors': floors(d.train, d.train_mask, d.val, d.val_mask, trainer.vocab)}
         summary = trainer.run(_run)
         trainer.save_weights(folder.final)
+        trainer.reference_weights()
         table = summary_table(summary)
         write_text(folder.summary_md, f'# run {run_id} ({plan.run.name}, plan {spec.hash})\n\n{table}\n')
         write_text(folder.summary_json, json.dumps(summary, indent=2))
-        for path in (folder.final, folder.operative, folder.summary_md, folder.summary_json):
+        small = [folder.operative, folder.summary_md, folder.summary_json] \
+            + ([folder.source_diff] if folder.source_diff.is_file() else [])
+        for path in ([folder.final] if artifacts == 'blob' else []) + small:
             _run.add_artifact(str(path), path.name)
         holder.update(out_dir=folder.root, table=table, memories=trainer.memory_store())
         last = summary[plan.curriculum[-1].name]

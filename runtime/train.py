@@ -217,13 +217,13 @@ class DivergenceWatch:
 
 @torch.no_grad()
 def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
-             bytes_per_token: float | None, vocab: int) -> dict[str, float]:
+             bytes_per_token: float | None, vocab: int, progress=None) -> dict[str, float]:
     """Held-out metrics per objective: ce, token_accuracy, normalized_hamming, info_proportion (+ bits_per_byte
     for clm). Copy and blank copy are scored on full-length sequences only (no padding), as the paper does.
     For memory models copy and blank copy are also scored with every memory replaced by the pad slot
     ('copy_ablated', 'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory
     control. Copy with tokens visible is mostly next-token prediction at short chunks; what memories add to it is
-    copy minus copy_ablated."""
+    copy minus copy_ablated. `progress(rows)` is called after every batch (a progress bar's update)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
@@ -242,19 +242,19 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
                 logits, labels = forward(model, obj, x[i:i + batch_size].to(device),
                                          None if pad is None else pad.to(device), ids, ablate)
                 tally.add(logits, labels)
+                if progress is not None:
+                    progress(len(labels))
             for k, v in tally.metrics(vocab, bytes_per_token if obj.kind == 'clm' else None).items():
                 out[f'{obj.kind}{suffix}.{k}'] = v
     model.train(was)
     return out
 
 
-def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[str, torch.Tensor]:
-    """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
-    defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
-    ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
+def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:
+    """'run:<id>/<stage>[:<component>]' -> (the stage weights file, run id, stage, source component or ''); a source
+    that names no finished stage of exactly one run is a SpecError."""
     ref, _, src_comp = source[len('run:'):].partition(':')
     run_id, stage = ref.split('/', 1)
-    src_comp = src_comp or component
     where = f"init_from '{source}'"
     # an id or <id>-<key>, never a path; an id several runs share (different databases) is refused
     folder = RunFolder.find(runs_dir, run_id, where, f"as in 'run:<id>-<key>/{stage}'")
@@ -262,6 +262,16 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
     if folder is None or '/' in stage or stage.startswith('.') or not path.is_file():
         raise SpecError(where, f'no stage checkpoint at {path}',
                         'give the id of a finished run and one of its stage names (python -m store.runs list)')
+    return path, run_id, stage, src_comp
+
+
+def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[str, torch.Tensor]:
+    """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
+    defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
+    ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
+    path, run_id, stage, src_comp = run_source(runs_dir, source)
+    src_comp = src_comp or component
+    where = f"init_from '{source}'"
     own = dict(parameters_of(model, component))
     out = {}
     try:

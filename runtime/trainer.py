@@ -16,14 +16,16 @@ from runtime import checkpoint as ckpt
 from runtime import train
 from runtime.data import Batches
 from runtime.distributed import all_reduce_grads, run_device
+from runtime.tracking import Tracker
 from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, init_component, optimizer, set_frozen
 from store import memories
-from store.layout import RunFolder, memory_store
+from store.layout import RunFolder, file_ref, memory_store
 
 
 class Trainer:
     """Trains a plan's curriculum stage by stage in one run folder: checkpoints, stage-end weights, evaluation,
-    memories, and the metrics it hands to Sacred. Rank > 0 of a torchrun job trains in lockstep and writes nothing."""
+    memories, and the metrics it hands to Sacred and TensorBoard (runtime/tracking.py). Rank > 0 of a torchrun job
+    trains in lockstep and writes nothing."""
 
     def __init__(self, spec, data, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
         self.spec, self.plan, self.data = spec, spec.plan, data
@@ -39,6 +41,7 @@ class Trainer:
         self.out_dir, self.folder, self.resume = out_dir, RunFolder.at(out_dir), resume
         self.summary: dict[str, dict] = {}
         self._run = None
+        self.tracker: Tracker | None = None
 
     def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
         """The resume point: stage `stage_idx` at `step`. Between stages (opt None) the next stage starts with fresh
@@ -63,6 +66,7 @@ class Trainer:
         run = self._run
         if getattr(run, '_metrics', None) is None:  # NullRun (ranks > 0)
             return
+        self.tracker.flush()
         from sacred.metrics_logger import linearize_metrics
         logged = linearize_metrics(run._metrics.get_last_metrics())
         for obs in run.observers:
@@ -72,8 +76,17 @@ class Trainer:
                 obs.sync()
 
     def run(self, _run) -> dict:
-        plan, run_id = self.plan, str(_run._id)
+        """Train every stage still to run; the TensorBoard writer is closed however it ends."""
         self._run = _run
+        resumed_at = None if self.resume is None else self.plan.stage_start(self.resume['stage']) + self.resume['step']
+        self.tracker = Tracker(_run, self.folder.tensorboard if self.rank == 0 else None, resumed_at)
+        try:
+            return self._train(_run)
+        finally:
+            self.tracker.close()
+
+    def _train(self, _run) -> dict:
+        plan, run_id = self.plan, str(_run._id)
         torch.manual_seed(plan.run.seed)
         start_stage, start_step, ck = 0, 0, None
         if self.resume is not None:
@@ -87,6 +100,7 @@ class Trainer:
             for s in plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
                 if s.name in self.summary:
                     _run.info.setdefault('stages', {})[s.name] = {'end_step': plan.stage_end(s.name)}
+                    self.reference_weights(s.name)
         offset = plan.stage_start(start_stage)
         for si in range(start_stage, len(plan.curriculum)):
             stage = plan.curriculum[si]
@@ -122,7 +136,7 @@ class Trainer:
                 loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
                 watch.add(loss, losses)
                 all_reduce_grads(params, self.world)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # before clipping: what train/grad_norm logs
             except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point
                 bar.close()
                 watch.check()  # never a diverged resume point
@@ -130,6 +144,7 @@ class Trainer:
                 torch.random.set_rng_state(rng)
                 self.checkpoint(si, step, opt, sched, run_id)
                 raise
+            lr = opt.param_groups[0]['lr']  # the rate of this update (the scheduler moves it on below)
             opt.step()
             sched.step()
             step, done = step + 1, done + 1
@@ -144,20 +159,24 @@ class Trainer:
             if step % plan.run.log_every == 0 or step == stage.steps:
                 logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
                                            **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v
-                                              for k, v in accs.items()}})
-                for k, v in logged.items():
-                    _run.log_scalar(f'train/{k}', v, gstep)
+                                              for k, v in accs.items()}, 'grad_norm': grad_norm})
                 rate = done * tokens_per_step / (time.perf_counter() - t0)
+                for k, v in {**logged, 'lr': lr, 'tokens_per_s': rate}.items():
+                    self.tracker.scalar(f'train/{k}', v, gstep)
                 acc = sum(v for k, v in logged.items() if k.endswith('accuracy')) / len(accs)
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f'{acc:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
             bar.update(1)
+            if step == stage.steps:
+                bar.close()  # what follows (evaluation, memories) shows its own progress
             if step % stage.eval_every == 0 or step == stage.steps:
-                metrics = self.evaluate()
+                metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
+                                        leave=step == stage.steps)  # mid-stage ones vanish under the stage's bar
                 for k, v in metrics.items():
-                    _run.log_scalar(f'eval/{k}', v, gstep)
+                    self.tracker.scalar(f'eval/{k}', v, gstep)
                 if step == stage.steps:
                     self.summary[stage.name] = metrics
                     _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
+                    self.tracker.stage_end(si, len(plan.curriculum), stage.name, offset + 1, gstep)
             if step == stage.steps:
                 self.stage_end(si, opt, sched, run_id)
             elif step % plan.run.checkpoint_every == 0:
@@ -170,7 +189,8 @@ class Trainer:
             return
         stage = self.plan.curriculum[si]
         self.save_weights(self.folder.stage_weights(stage.name))
-        self.write_memories(stage.name, run_id)
+        self.reference_weights(stage.name)
+        self.write_memories(si, run_id)
         if si + 1 < len(self.plan.curriculum):
             self.checkpoint(si + 1, 0, None, None, run_id)
         else:
@@ -180,25 +200,42 @@ class Trainer:
         weights = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
         ckpt.atomic_write(path, lambda p: save_file(weights, p))
 
+    def reference_weights(self, stage: str | None = None) -> None:
+        """Record a stage's end weights (or the final ones) in the run's info by path, size and sha256: the
+        database holds the reference, the run folder the bytes (runtime.run --artifacts blob adds the bytes)."""
+        if self.rank:
+            return
+        ref = file_ref(self.folder.weights(stage))
+        weights = self._run.info.setdefault('weights', {})
+        if stage is None:
+            weights['final'] = ref
+        else:
+            weights.setdefault('stages', {})[stage] = ref
+
     def memory_store(self) -> Path | None:
         return memory_store(self.plan.run) if family(self.plan).stores_memories else None
 
-    def write_memories(self, stage: str, run_id: str) -> None:
+    def write_memories(self, si: int, run_id: str) -> None:
         """Memories of the held-out set -> Zarr group <run name>/<stage> (the run folder's name: store/layout.py),
-        marked complete only when every row is in."""
+        marked complete only when every row is in; a reference to the previous stage's group instead when the
+        encoder has not changed since (store/memories.py)."""
         path = self.memory_store()
         if path is None:
             return
-        plan = self.plan
+        plan, stage = self.plan, self.plan.curriculum[si].name
+        tokenizer = self.folder.tokenizer if self.folder.tokenizer.is_file() else \
+            self.data.cache_path / 'tokenizer.json'  # ranks > 0 and tests that drive the trainer alone
         attrs = {'run_key': self.folder.key, 'spec_hash': self.spec.hash, 'step': plan.stage_end(stage),
                  'family': plan.family, 'encoder_d_model': plan.encoder.d_model,
                  'chunks': plan.memory.chunks, 'chunk_len': plan.memory.chunk_len, 'vocab_size': self.vocab,
-                 'tokenizer_path': str((self.data.cache_path / 'tokenizer.json').resolve()),
+                 'tokenizer_path': str(tokenizer.resolve()),
                  'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
-                 'special_ids': self.data.special_ids}
+                 'special_ids': self.data.special_ids, 'bytes_per_token': self.data.bytes_per_token.get('val')}
+        previous = plan.curriculum[si - 1].name if si else None
         try:
             memories.write(path, self.folder.name, stage, self.model, self.data.val, self.data.val_mask,
-                           dict(attrs, run_id=run_id), dtype=plan.run.memory_dtype)
+                           dict(attrs, run_id=run_id), dtype=plan.run.memory_dtype, previous=previous,
+                           progress=f'stage {si + 1}/{len(plan.curriculum)} {stage}: memories')
         except OSError as e:  # a full disk: name the group and the disk (zarr's own error names no file)
             err = ckpt.write_error(e, Path(path) / self.folder.name / stage / 'memories')
             if err is None:
@@ -213,10 +250,12 @@ class Trainer:
             flat /= self.world
         return dict(zip(values, flat.tolist()))
 
-    def evaluate(self) -> dict[str, float]:
-        return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
-                              self.plan.data.batch_size, self.plan.run.eval_batches,
-                              self.data.bytes_per_token.get('val'), self.vocab)
+    def evaluate(self, desc: str = 'evaluation', leave: bool = True) -> dict[str, float]:
+        with tqdm(desc=desc, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=leave,
+                  disable=self.rank > 0) as bar:
+            return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
+                                  self.plan.data.batch_size, self.plan.run.eval_batches,
+                                  self.data.bytes_per_token.get('val'), self.vocab, bar.update)
 
 
 def _cpu(state):

@@ -12,14 +12,17 @@ Offline analysis of the memory embeddings a run stored (store/memories.py) with 
                                                 stored chunk, candidates = every stored chunk memory, cosine;
                                                 top-1 / top-5 accuracy vs chance
   plot RUN_ID --out DIR [--db URL]              PNGs: memory PCA, accuracy by position in the chunk, metric curves
+                                                (from --db, default the run's <out_dir>/sacred.db)
 
-How stored memories are decoded (the run's own decoder, rebuilt from the run folder's plan and stage checkpoint):
+How stored memories are decoded (the run's own decoder, rebuilt from the run folder's plan and stage checkpoint; the
+family registry's `readout` decides, compiler/families.py):
 - autoencoder / probe: model.memory.decoder_input(memory) -> model.decoder -> head; target = every real token.
-- memory family with an ae_decoder (frozen-encoder curriculum): the same through model.ae_decoder.
+- memory family with an ae_decoder (frozen-encoder curriculum): the memories of a stage that autoencodes, the same
+  through model.ae_decoder; those of later stages, which leave the ae_decoder as it was, by the blank-copy read-out
+  below (through the ae_decoder every later stage would repeat the autoencode stage's numbers).
 - memory family without one: blank-copy style: memory m_c in the first slot (other slots the pad slot), blank tokens
   at the chunk's real positions; position t predicts token t+1 (the blank-copy label convention), so the first
-  token of a chunk has no prediction. `--readout blank_copy` forces this read-out on a curriculum model too (its
-  ae_decoder is frozen after stage 0, so only this shows what the later stages' decoder reads from memories).
+  token of a chunk has no prediction. `--readout ae_decoder|blank_copy` forces one read-out for every stage.
 
 RUN_ID is a run's id or its full name <id>-<key> (the name of its folder and group, store/layout.py). Ids repeat
 across run databases: an id that matches several groups of the store is refused with the candidates listed (give
@@ -54,6 +57,7 @@ from store import memories as M
 from store import tables
 from store.database import default_url, display_url, open_db, recorded_run
 from store.layout import RunFolder, memory_store, parse_name, resolve, run_name
+from store.plots import Series, curves
 from store.tables import num
 
 DEFAULT_STORE = str(memory_store(P.Run()))
@@ -140,6 +144,17 @@ def run_folder(attrs: dict) -> Path:
     return Path(attrs['checkpoint_path']).parent.parent
 
 
+def database_of(attrs: dict, db: str | None = None) -> str | None:
+    """The run database of a group's run: --db, else the default beside its run folder (<out_dir>/sacred.db) when
+    that file exists (None: neither)."""
+    if db:
+        return db
+    if not attrs.get('checkpoint_path'):
+        return None
+    out_dir = run_folder(attrs).parent
+    return default_url(out_dir) if (out_dir / 'sacred.db').is_file() else None
+
+
 def _plan_from_operative(path: Path):
     """The run folder's operative.gin is a complete spec: load it like any other."""
     spec = load([str(path)])
@@ -170,8 +185,8 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
     tried = []
     op = RunFolder.at(folder).operative
     candidates = [('operative.gin', lambda: _plan_from_operative(op))] if op.is_file() else []
-    url = db or default_url(folder.parent)
-    if db or (folder.parent / 'sacred.db').is_file():
+    url = database_of(attrs, db)
+    if url is not None:
         candidates.append((f'Sacred config in {display_url(url)}',
                            lambda: _plan_from_sacred(url, run_id, attrs.get('run_key'))))
     fallback = None
@@ -257,7 +272,7 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
                         f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}',
                         'decode with the run that wrote the store')
     model.eval().to(device)
-    kind = fam.readout(plan)
+    kind = fam.readout(plan, a.get('stage'))
     if readout != 'auto' and readout != kind:
         if kind == 'decoder' or (readout == 'ae_decoder' and not hasattr(model, 'ae_decoder')):
             raise SpecError(f'--readout {readout}', f"{where}: the '{plan.family}' model "
@@ -312,11 +327,15 @@ def iter_decoded(dec: Decoder, group: M.Group, limit: int | None = None, desc: s
 # --------------------------------------------------------------------------------------------------------- decode
 
 def tokenizer_of(attrs: dict):
+    """The run's tokenizer: the copy in its run folder, else the tokenizer_path the group names (groups written
+    before run folders held a copy point into the data cache)."""
     from tokenizers import Tokenizer
-    p = attrs.get('tokenizer_path')
+    copy = RunFolder.at(run_folder(attrs)).tokenizer if attrs.get('checkpoint_path') else None
+    p = str(copy) if copy is not None and copy.is_file() else attrs.get('tokenizer_path')
     if not p or not Path(p).is_file():
         raise SpecError(f"run {_label(attrs)} stage {attrs['stage']}", f'tokenizer {p} not found',
-                        "keep the run's data cache (Data.cache_dir) where the run wrote it")
+                        "keep the run folder (it holds tokenizer.json) or the run's data cache (Data.cache_dir) where "
+                        'the run wrote them')
     return Tokenizer.from_file(p)
 
 
@@ -368,7 +387,10 @@ def cmd_decode(args) -> None:
 # ----------------------------------------------------------------------------------------------------------- info
 
 def bytes_per_token(attrs: dict) -> float | None:
-    """Held-out UTF-8 bytes per token from the run's data cache (meta.json beside tokenizer.json), if present."""
+    """Held-out UTF-8 bytes per token: the group's attribute, else (groups written before it) the run's data cache
+    (meta.json beside tokenizer.json), if present."""
+    if attrs.get('bytes_per_token') is not None:
+        return float(attrs['bytes_per_token'])
     try:
         meta = json.loads((Path(attrs['tokenizer_path']).parent / 'meta.json').read_text())
         return float(meta['stats']['val']['bytes_per_token'])
@@ -393,7 +415,7 @@ def info_rows(store, run_ids, stage=None, db=None, device='cpu', limit=None, rea
             a = group.attrs
             m = tally.metrics(dec.vocab, bytes_per_token(a))
             rows.append({'run': str(run_id), 'stage': name, 'step': a.get('step'), 'family': a.get('family'),
-                         'decoder': dec.kind,
+                         'decoder': dec.kind, 'memories_of': group.stored_in,
                          'rows': group.tokens.shape[0] if limit is None else min(limit, group.tokens.shape[0]),
                          'tokens': tally.tokens, 'vocab_size': dec.vocab, **m})
     return rows
@@ -432,8 +454,32 @@ def cmd_info(args) -> None:
     if missing_bpb:
         print(f"bits/byte omitted for {', '.join(missing_bpb)}: no held-out bytes-per-token in the run's data cache "
               '(meta.json beside tokenizer.json).')
+    for note in readout_notes(rows):
+        print(note)
     if args.csv and args.csv != '-':
         print(f'csv: {args.csv}')
+
+
+def readout_notes(rows: list[dict]) -> list[str]:
+    """What makes rows of one run differ or not: which read-out decoded each stage, and which stages share stored
+    memories (a frozen encoder: store/memories.py references)."""
+    notes = []
+    for run in dict.fromkeys(r['run'] for r in rows):
+        mine = [r for r in rows if r['run'] == run]
+        kinds = {r['decoder'] for r in mine}
+        if {'ae_decoder', 'blank_copy'} <= kinds:
+            ae = ', '.join(r['stage'] for r in mine if r['decoder'] == 'ae_decoder')
+            bc = ', '.join(r['stage'] for r in mine if r['decoder'] == 'blank_copy')
+            notes.append(f'run {run}: {ae} decoded through the ae_decoder it trains; {bc} by the blank-copy '
+                         'read-out of their own decoder (the ae_decoder does not change after its stage, so it would '
+                         'repeat those numbers; --readout ae_decoder forces it)')
+        shared = [r for r in mine if r.get('memories_of') and r['memories_of'] != r['stage']]
+        if shared:
+            notes.append(f'run {run}: ' + ', '.join(f"{r['stage']}" for r in shared) + ' store no memories of their '
+                         'own: the encoder was frozen and unchanged, so they are those of '
+                         + ', '.join(sorted({r['memories_of'] for r in shared}))
+                         + '; rows differ only through the read-out')
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------------- retrieve
@@ -594,8 +640,13 @@ def position_accuracy(dec: Decoder, group: M.Group, limit=None, desc='') -> np.n
         return np.where(total.numpy() > 0, correct.numpy() / np.maximum(total.numpy(), 1), np.nan)
 
 
-def metric_rows(url: str, run_id: str) -> list[tuple[str, int, float]]:
-    return open_db(url).metrics(run_id)
+def metric_rows(url: str, attrs: dict) -> list[tuple[str, int, float]]:
+    """The run's metrics (none when the database records another run under this id: ids repeat across databases)."""
+    db = open_db(url)
+    found = db.runs(run_id=str(attrs.get('run_id')))
+    if found and attrs.get('run_key') is not None and found[0].run_key not in (None, attrs.get('run_key')):
+        return []
+    return db.metrics(str(attrs.get('run_id')))
 
 
 def cmd_plot(args) -> None:
@@ -637,13 +688,16 @@ def cmd_plot(args) -> None:
            ylabel='token accuracy', ylim=(0, 1))
     ax.legend()
     written.append(_save(fig, out / f'{args.run_id}_position_accuracy.png'))
-    if args.db:
-        rows = metric_rows(args.db, groups[0][1].attrs.get('run_id', args.run_id))
-        if not rows:
-            print(f'note: no metrics for run {args.run_id} in {display_url(args.db)}; metric curves skipped',
-                  file=sys.stderr)
-        else:
-            written.append(_metric_figure(plt, rows, groups, args.run_id, out))
+    url = database_of(groups[0][1].attrs, args.db)
+    rows = metric_rows(url, groups[0][1].attrs) if url else []
+    if not rows:
+        print(f'note: no metrics for run {args.run_id} in '
+              + (display_url(url) if url else 'a run database (none given with --db, and no sacred.db beside the run '
+                 'folder)') + '; metric curves skipped', file=sys.stderr)
+    else:
+        ends = {stage: g.attrs['step'] for stage, g in groups if g.attrs.get('step') is not None}
+        written.append(str(curves([Series(f'run {args.run_id}', rows, ends)], out / f'{args.run_id}_metrics.png',
+                                  f'run {args.run_id}: recorded metrics', where='plot')))
     for p in written:
         print(p)
 
@@ -666,32 +720,6 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
-def _metric_figure(plt, rows, groups, run_id, out: Path) -> str:
-    """Eval curves over the global step (one panel per metric: accuracy, CE, I_e) plus the train loss; dashed lines
-    mark stage ends (the step each stage's memories were written at)."""
-    series: dict[str, list] = {}
-    for name, step, value in rows:
-        series.setdefault(name, []).append((step, value))
-    panels = [('token_accuracy', 'eval token accuracy'), ('ce', 'eval CE (nats)'), ('info_proportion', 'eval I_e'),
-              ('train/loss', 'train loss')]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True)
-    for ax, (key, title) in zip(axes, panels):
-        for name, pts in sorted(series.items()):
-            if (name == key) or (name.startswith('eval/') and name.endswith('.' + key)):
-                pts = np.array(pts, dtype=float)
-                ax.plot(pts[:, 0], pts[:, 1], marker='.', label=name.removeprefix('eval/').removesuffix('.' + key))
-        for stage, g in groups:
-            if g.attrs.get('step') is not None:
-                ax.axvline(g.attrs['step'], color='grey', ls='--', lw=0.8)
-                ax.text(g.attrs['step'], 1.0, stage, transform=ax.get_xaxis_transform(), fontsize=7,
-                        ha='right', va='top')
-        ax.set_title(title, fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    axes[-1].set_xlabel('global step')
-    return _save(fig, out / f'{run_id}_metrics.png')
-
-
 # ------------------------------------------------------------------------------------------------------------ cli
 
 def parser() -> argparse.ArgumentParser:
@@ -704,7 +732,7 @@ def parser() -> argparse.ArgumentParser:
         if stage:
             p.add_argument('--stage', help='stage name (default: every complete stage of the run)')
         p.add_argument('--db', help='run database URL: plan fallback when operative.gin is gone; plot: metric curves '
-                       '(default for the fallback: sqlite:///<out_dir>/sacred.db)')
+                       "(default: sqlite:///<out_dir>/sacred.db, beside the run's folder)")
         p.add_argument('--device', default='cpu', help='torch device for decoding (default cpu)')
         p.add_argument('--readout', choices=('auto', 'ae_decoder', 'blank_copy'), default='auto',
                        help='memory family: decode with the autoencoder decoder (auto when the model has one) '

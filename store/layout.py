@@ -3,12 +3,16 @@ memory store's default path.
 
     <Run.out_dir>/sacred.db                    the default run database (store/database.py)
     <Run.out_dir>/memories.zarr                the default memory store (Run.memory_store overrides it)
-    <Run.out_dir>/<id>-<key>/run.json          the marker: {run_id, run_key} of the run that owns the folder
+    <Run.out_dir>/<id>-<key>/run.json          the marker: {run_id, run_key, database, provenance} of the run that owns
+                                               the folder (provenance: runtime/provenance.py)
     <Run.out_dir>/<id>-<key>/run.lock          held (fcntl.flock) by the process training the run
     <Run.out_dir>/<id>-<key>/operative.gin     the complete spec the run was compiled from
     <Run.out_dir>/<id>-<key>/checkpoint.pt     the latest resume point (+ checkpoint.pt.sha256)
     <Run.out_dir>/<id>-<key>/stages/<stage>.safetensors   weights at each stage end (what init_from 'run:' reads)
-    <Run.out_dir>/<id>-<key>/final.safetensors the final weights
+    <Run.out_dir>/<id>-<key>/final.safetensors the final weights (the database holds their path and sha256)
+    <Run.out_dir>/<id>-<key>/tokenizer.json    a copy of the run's tokenizer (readers need no data cache)
+    <Run.out_dir>/<id>-<key>/tensorboard/      TensorBoard event files of every metric (runtime/tracking.py)
+    <Run.out_dir>/<id>-<key>/source.diff       uncommitted changes of the code that ran (only when there were any)
     <Run.out_dir>/<id>-<key>/summary.md, summary.json     stage-end metrics
     <store>/<id>-<key>/<stage>/...             the run's memories (store/memories.py)
 
@@ -31,6 +35,7 @@ import re
 import secrets
 from pathlib import Path
 
+from compiler.checkpoint import sha256_file
 from compiler.errors import SpecError
 from compiler.plan import NAME
 
@@ -170,12 +175,34 @@ class RunFolder:
         return self.final if stage is None else self.stage_weights(stage)
 
     @property
+    def tokenizer(self) -> Path:
+        """A copy of the run's tokenizer: generation and analysis from anywhere need no data cache."""
+        return self.root / 'tokenizer.json'
+
+    @property
+    def tensorboard(self) -> Path:
+        """The run's TensorBoard event files (runtime/tracking.py)."""
+        return self.root / 'tensorboard'
+
+    @property
+    def source_diff(self) -> Path:
+        """The uncommitted changes of the code that ran (runtime/provenance.py), when there were any."""
+        return self.root / 'source.diff'
+
+    @property
     def summary_md(self) -> Path:
         return self.root / 'summary.md'
 
     @property
     def summary_json(self) -> Path:
         return self.root / 'summary.json'
+
+
+def file_ref(path) -> dict:
+    """A file as a run records it (its weights, init_from sources): where it is, its size and its sha256. The bytes
+    stay in the file; the database holds the reference."""
+    path = Path(path)
+    return {'path': str(path.resolve()), 'bytes': path.stat().st_size, 'sha256': sha256_file(path)}
 
 
 def memory_store(run_cfg, out_dir=None) -> Path | None:

@@ -1,24 +1,40 @@
 """The Zarr v3 memory store: memory embeddings of held-out sequences, per run and stage.
 
-Layout (plain Zarr v3; readable with `zarr` alone; <run> is the run's name `<id>-<key>`, store/layout.py):
+Layout (plain Zarr v3; readable with `zarr` alone and opened directly by `xarray.open_zarr` / `open_datatree`;
+<run> is the run's name `<id>-<key>`, store/layout.py):
 
-    <store>/<run>/<stage>/memories   float32 [sequences, chunks, dim]   (bfloat16 as uint16 raw bits)
-    <store>/<run>/<stage>/tokens     int32   [sequences, chunks, chunk_len]
-    <store>/<run>/<stage>/mask       bool    [sequences, chunks, chunk_len]   (True = real token)
+    <store>/<run>/<stage>/memories   float32 (sequence, chunk, dim)        (bfloat16 as uint16 raw bits)
+    <store>/<run>/<stage>/tokens     int32   (sequence, chunk, position)
+    <store>/<run>/<stage>/mask       bool    (sequence, chunk, position)   (True = real token)
+
+Every array names its dimensions (Zarr v3 `dimension_names`) and carries attributes saying what it holds
+(`long_name`, `units`, `description`: ARRAY_ATTRS). The store's root holds consolidated metadata (every group and
+array in one zarr.json, what xarray reads first), refreshed after each append and when a group is closed; writers
+sharing a store take turns refreshing it (a lock on the store's folder). memspec's own readers never trust it: they read
+each group's own metadata.
 
 Group attributes of <run>/<stage> (all JSON):
     format          'memspec-memories'       version   FORMAT_VERSION
     run_id, run_key, spec_hash, stage, step, family, encoder_d_model, memory_dim, chunks, chunk_len, vocab_size
     dtype           logical dtype ('float32' or 'bfloat16'); storage_dtype: what the array holds
-    tokenizer_path, checkpoint_path          where to decode from
+    tokenizer_path, checkpoint_path          where to decode from (the run folder's tokenizer.json and stage weights)
+    bytes_per_token UTF-8 bytes per token of the held-out text (bits per byte)
+    encoder_sha256  sha256 of the weights that form memories (ENCODER_PARTS)
     rows            rows written so far      complete  True only once every row is written
+    memories_from   (references only) the stage of the same run whose arrays hold these memories
+
+Shared memories (version 3). A stage whose encoder has the same weights as the previous stage's (a frozen encoder:
+the same encoder_sha256) would store the same memories again; its group instead holds only attributes, with
+`memories_from` naming the stage group that has the arrays (never another reference). Readers follow it
+(`open_group`); a user of plain zarr or xarray opens `<run>/<memories_from>`. The frozen-encoder curriculum stores its
+memories once instead of four times.
 
 Integrity (version 2). Every chunk ends with a crc32c checksum (zarr's crc32c codec after zstd), so a damaged chunk
 fails to decode instead of decoding to other numbers; every chunk is written, even one that equals the fill value,
 and the fill values cannot occur in real data (memories NaN, tokens -1), so a missing chunk is found by listing the
 chunks against the row count and reads as detectable fill. Readers report the run, stage and rows that are
-damaged (SpecError, exit 2). Version 1 stores (no checksums, zero fill) are still read; a missing memories chunk is
-found there too.
+damaged (SpecError, exit 2). Version 1 stores (no checksums, zero fill) and version 2 stores (no dimension names, no
+consolidated metadata, no references) are still read; a missing memories chunk is found in version 1 too.
 
 A killed writer leaves `complete` false (or absent): readers refuse such a group with a clear message instead of
 reading torn data, and a rewrite of the same run/stage replaces it (never a group of another run: the run key must
@@ -26,25 +42,45 @@ match). Appends are chunk-aligned batches of ROWS.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
 from store.layout import check_stage_name, parse_name
 
 FORMAT = 'memspec-memories'
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: dimension names, array attributes, consolidated metadata, shared memories (memories_from)
+READABLE_VERSIONS = (1, 2, 3)
 ROWS = 256  # rows per Zarr chunk; appends are whole multiples of it (except the final tail)
 BF16_NAN = 0x7FC0  # the bit pattern of a bfloat16 NaN: the fill of bfloat16 memories
 FILL = {'memories': float('nan'), 'tokens': -1, 'mask': False}
 ARRAYS = ('memories', 'tokens', 'mask')
+DIMS = {'memories': ('sequence', 'chunk', 'dim'), 'tokens': ('sequence', 'chunk', 'position'),
+        'mask': ('sequence', 'chunk', 'position')}
+ARRAY_ATTRS = {
+    'memories': {'long_name': 'memory embedding', 'units': '1',
+                 'description': "the run's encoder state of each chunk after memory formation (the memory the "
+                                'decoder reads), one per chunk of each held-out sequence'},
+    'tokens': {'long_name': 'token id', 'units': 'token id',
+               'description': "the chunk's tokens, ids of the run's tokenizer (group attribute tokenizer_path); "
+                              '-1 = never written'},
+    'mask': {'long_name': 'real-token mask', 'units': '1',
+             'description': 'True where the position holds a real token, False where it is padding'},
+}
+BF16_NOTE = 'bfloat16 bit patterns stored as uint16: float32 = (bits.astype(uint32) << 16).view(float32)'
+ENCODER_PARTS = ('encoder.', 'memory.compress.', 'memory.proj.')  # what Graph.encode reads (compiler/model.py)
 REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
 
@@ -59,44 +95,56 @@ def _from_bits(a: np.ndarray) -> torch.Tensor:
 def open_root(path: str | Path) -> zarr.Group:
     """The store's root group, created if missing. Several runs may create it at once: zarr creates a group
     exclusively, so all but one get ContainsGroupError (measured: 6 writers starting together lost 2-5 of their
-    groups); they then open the group the winner created."""
+    groups); they then open the group the winner created. The consolidated metadata is not used: it may lag."""
     for _ in range(10):
         try:
-            return zarr.open_group(str(path), mode='a')
+            return zarr.open_group(str(path), mode='a', use_consolidated=False)
         except zarr.errors.ContainsGroupError:
             continue
-    return zarr.open_group(str(path), mode='r+')
+    return zarr.open_group(str(path), mode='r+', use_consolidated=False)
+
+
+def fresh_group(path, run: str, stage: str, attrs: dict) -> zarr.Group:
+    """An empty group <run>/<stage> with the format's attributes and `attrs`: a rerun (e.g. after a resume) or a torn
+    group of a killed writer is replaced whole, a group of another run (another run key) never."""
+    check_stage_name(stage, f'Stage.name {stage!r}')
+    root = open_root(path)
+    name = f'{run}/{stage}'
+    if name in root:
+        owner = _attrs(_node(root, name)).get('run_key')
+        if owner is not None and owner != attrs.get('run_key'):
+            raise SpecError(f'{path}/{name}', f'the group belongs to another run (run key {owner}, this run '
+                            f"{attrs.get('run_key')})", 'give the run its own Run.memory_store')
+        del root[name]
+    group = root.require_group(name)
+    group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION,
+                             'run_id': str(attrs.get('run_id', (parse_name(run) or (run,))[0])), 'stage': stage,
+                             'rows': 0, 'complete': False, **attrs})
+    return group
 
 
 class Writer:
-    """Write one run/stage group, batch by batch; `close()` marks it complete."""
+    """Write one run/stage group, batch by batch; `close()` marks it complete. The store's consolidated metadata is
+    refreshed after every append and at the close."""
 
     def __init__(self, path: str | Path, run: str, stage: str, attrs: dict, shape: tuple[int, int, int, int],
                  dtype: str = 'float32'):
         s, n, l, d = shape
-        check_stage_name(stage, f'Stage.name {stage!r}')
-        root = open_root(path)
-        name = f'{run}/{stage}'
-        run_id = str(attrs.get('run_id', (parse_name(run) or (run,))[0]))
-        if name in root:  # a rerun (e.g. after resume) or a torn group from a killed writer: replace it whole
-            owner = _attrs(_node(root, name)).get('run_key')
-            if owner is not None and owner != attrs.get('run_key'):
-                raise SpecError(f'{path}/{name}', f'the group belongs to another run (run key {owner}, this run '
-                                f"{attrs.get('run_key')})", 'give the run its own Run.memory_store')
-            del root[name]
-        self.group = root.require_group(name)
-        self.group.update_attributes({'format': FORMAT, 'version': FORMAT_VERSION, 'run_id': run_id,
-                                      'stage': stage, 'dtype': dtype,
-                                      'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
-                                      'rows': 0, 'complete': False, **attrs})
+        self.path = Path(path)
+        self.group = fresh_group(path, run, stage, {'dtype': dtype,
+                                                    'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
+                                                    **attrs})
         store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32
 
-        def array(key, shape, dtype, fill):
+        def array(key, shape, dtype, fill, note=None):
             # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
             return self.group.create_array(key, shape=shape, chunks=(ROWS, *shape[1:]), dtype=dtype, fill_value=fill,
                                            compressors=[ZstdCodec(level=0), Crc32cCodec()],
-                                           config={'write_empty_chunks': True}, overwrite=True)
-        self.mem = array('memories', (s, n, d), store_dtype, BF16_NAN if dtype == 'bfloat16' else FILL['memories'])
+                                           config={'write_empty_chunks': True}, overwrite=True,
+                                           dimension_names=DIMS[key],
+                                           attributes=ARRAY_ATTRS[key] | ({'storage': note} if note else {}))
+        self.mem = array('memories', (s, n, d), store_dtype, BF16_NAN if dtype == 'bfloat16' else FILL['memories'],
+                         BF16_NOTE if dtype == 'bfloat16' else None)
         self.tok = array('tokens', (s, n, l), np.int32, FILL['tokens'])
         self.msk = array('mask', (s, n, l), bool, FILL['mask'])
         self.dtype, self.rows, self.total = dtype, 0, s
@@ -110,33 +158,141 @@ class Writer:
         self.msk[sl] = mask.numpy()
         self.rows += k
         self.group.attrs['rows'] = self.rows  # after the data: a reader never trusts rows it cannot see
+        consolidate(self.path)
 
     def close(self) -> None:
         if self.rows != self.total:
             raise RuntimeError(f'wrote {self.rows} of {self.total} rows')
         self.group.attrs['complete'] = True
+        consolidate(self.path)
+
+
+def encoder_sha256(model) -> str:
+    """sha256 of the tensors that form memories (Graph.encode: the encoder, then the memory's compression and
+    projection): two stages with the same digest store the same memories of the same held-out set."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(ENCODER_PARTS):
+            t = t.detach().cpu().contiguous()
+            h.update(f'{name} {t.dtype} {tuple(t.shape)}\n'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def shared_source(path, run: str, previous: str, digest: str, attrs: dict, rows: int) -> Group | None:
+    """The group of stage `previous` (or the one it references) when it holds the memories this stage would write:
+    complete, written by the same encoder weights (`digest`), same rows, shapes and dtype. None otherwise."""
+    try:
+        prev = open_group(path, run, previous)
+    except SpecError:  # absent (Run.memory_store was off), half-written or damaged: write a copy
+        return None
+    a = prev.attrs
+    same = (a.get('encoder_sha256') == digest and a.get('rows') == rows and a.get('dtype') == attrs.get('dtype')
+            and all(a.get(k) == attrs.get(k) for k in ('chunks', 'chunk_len', 'run_key', 'spec_hash')))
+    return prev if same else None
+
+
+def reference(path, run: str, stage: str, source: Group, attrs: dict) -> None:
+    """Group <run>/<stage> as a reference to `source`'s arrays (module doc: shared memories), complete at once."""
+    group = fresh_group(path, run, stage, attrs | {'memory_dim': int(source.memories.shape[-1]),
+                                                   'storage_dtype': str(source.memories.dtype),
+                                                   'memories_from': source.stored_in})
+    group.update_attributes({'rows': source.attrs['rows'], 'complete': True})
+    consolidate(path)
 
 
 @torch.no_grad()
 def write(path, run: str, stage: str, model, tokens: torch.Tensor, mask: torch.Tensor, attrs: dict,
-          batch_size: int = ROWS, dtype: str = 'float32') -> int:
-    """Encode every held-out sequence's chunks with `model.encode` and store them in group <run>/<stage>. Returns
-    rows written."""
+          batch_size: int = ROWS, dtype: str = 'float32', previous: str | None = None,
+          progress: str | None = None) -> int:
+    """Encode every held-out sequence's chunks with `model.encode` and store them in group <run>/<stage>; when the
+    encoder is the one that wrote stage `previous`'s memories, reference those instead. `progress`: the description
+    of a progress bar (None: none). Returns the rows the group holds."""
     s, n, l = tokens.shape
+    attrs = attrs | {'encoder_sha256': encoder_sha256(model), 'dtype': dtype}
+    source = None if previous is None else shared_source(path, run, previous, attrs['encoder_sha256'], attrs, s)
+    if source is not None:
+        reference(path, run, stage, source, attrs)
+        return s
     was = model.training
     device = next(model.parameters()).device  # the model's (Run.device); tokens and memories stay on the CPU
     model.eval()
     try:
         first = model.encode(tokens[:1].reshape(n, l).to(device), mask[:1].reshape(n, l).to(device))
         w = Writer(path, run, stage, attrs | {'memory_dim': int(first.shape[-1])}, (s, n, l, first.shape[-1]), dtype)
-        for i in range(0, s, batch_size):
-            t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
-            mem = model.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device)).view(len(t), n, -1).cpu()
-            w.append(mem, t, m)
+        with tqdm(total=s, desc=progress, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                  disable=progress is None) as bar:
+            for i in range(0, s, batch_size):
+                t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
+                mem = model.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device)).view(len(t), n, -1).cpu()
+                w.append(mem, t, m)
+                bar.update(len(t))
         w.close()
     finally:
         model.train(was)
     return s
+
+
+@contextlib.contextmanager
+def _turn(path: Path):
+    """Exclusive use of the store's consolidated metadata among the processes writing the store: a flock on the
+    store's folder itself (a file in it would be a stray member to zarr). Where the filesystem has no locks, writers
+    go without: the next refresh repairs what a lost one missed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def consolidate(path) -> None:
+    """Refresh the consolidated metadata of the store's root (what xarray and zarr read first): the zarr.json of
+    every run group, stage group and array, as zarr's consolidate_metadata lays them out. Nodes whose zarr.json is
+    unreadable (a killed writer, damage) are left out instead of failing the writer. Written atomically (temporary
+    file, rename), one writer at a time, each from what is on disk when its turn comes, so the last refresh has
+    seen every earlier write."""
+    path = Path(path)
+    with _turn(path):
+        for stale in path.glob('.zarr.json.*.tmp'):  # a writer killed mid-refresh (temporaries are made in turn)
+            stale.unlink(missing_ok=True)
+        root = _json(path / 'zarr.json')
+        if root is None:
+            return
+        flat = {}
+        for run in sorted(p for p in path.iterdir() if p.is_dir()):
+            for node in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
+                meta = _json(node / 'zarr.json')
+                if not isinstance(meta, dict):
+                    continue
+                key = node.relative_to(path).as_posix()
+                if meta.get('node_type') == 'group':
+                    meta['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': {}}
+                flat[key] = meta
+                if node == run:
+                    continue
+                for array in sorted(p for p in node.iterdir() if p.is_dir()):
+                    meta = _json(array / 'zarr.json')
+                    if isinstance(meta, dict) and meta.get('node_type') == 'array':
+                        flat[f'{key}/{array.name}'] = meta
+        root['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': flat}
+        tmp = path / f'.zarr.json.{os.getpid()}.tmp'
+        try:
+            tmp.write_text(json.dumps(root, indent=2, allow_nan=True))
+            os.replace(tmp, path / 'zarr.json')
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _node(root, name):
@@ -173,6 +329,7 @@ class Group:
     tokens: zarr.Array
     mask: zarr.Array
     where: str = ''
+    stored_in: str = ''  # the stage group whose arrays these are (another stage's, for a reference)
 
     def _fill(self, mem: np.ndarray, tok: np.ndarray) -> bool:
         if self.attrs.get('version', 1) < 2:  # version 1 filled with zeros, which real data holds too
@@ -277,8 +434,25 @@ def open_group(path, run: str, stage: str) -> Group:
         raise SpecError(where, f"half-written group: {a.get('rows', 0)} rows of {total} "
                         'were written before the writer stopped', 'resume or rerun the run to rewrite this stage')
     where = f"{path} run {run} stage {stage}"
+    if a.get('memories_from') is not None:
+        return _follow(path, run, stage, a, where)
     _verify(g, a, where)
-    return Group(a, g['memories'], g['tokens'], g['mask'], where)
+    return Group(a, g['memories'], g['tokens'], g['mask'], where, stage)
+
+
+def _follow(path: Path, run: str, stage: str, a: dict, where: str) -> Group:
+    """A reference group (module doc: shared memories) -> its own attributes over the arrays of the stage it names."""
+    src = a['memories_from']
+    try:
+        check_stage_name(src, where)
+        source = open_group(path, run, src)
+    except SpecError as e:
+        raise SpecError(where, f"its memories are those of stage {src!r}, which cannot be read: {e.what}", e.fix)
+    if source.attrs.get('memories_from') is not None or source.memories.shape[0] != a.get('rows'):
+        raise SpecError(where, f"the stored memories are damaged: it refers to stage {src!r}, which "
+                        + ('is a reference itself' if source.attrs.get('memories_from') is not None else
+                           f"holds {source.memories.shape[0]} rows, not the {a.get('rows')} recorded here"), REPAIR)
+    return Group(a, source.memories, source.tokens, source.mask, f'{where} (memories of stage {src})', src)
 
 
 def _unreadable(folder: Path) -> str:
@@ -295,8 +469,9 @@ def _unreadable(folder: Path) -> str:
 
 
 def _open_read(path: Path) -> zarr.Group:
+    """The root for reading, through each node's own metadata (the consolidated copy may lag a writer)."""
     try:
-        return zarr.open_group(str(path), mode='r')
+        return zarr.open_group(str(path), mode='r', use_consolidated=False)
     except Exception as e:  # noqa: BLE001  (a garbled root zarr.json)
         raise SpecError(str(path), f'the memory store is damaged: its zarr.json is unreadable ({_first(e)})',
                         'restore the store from a backup')
@@ -312,7 +487,8 @@ def _keys(root, path) -> list[str]:
 
 def listing(path) -> list[dict]:
     """Every run/stage group of a store with its state (complete, half-written, or damaged metadata), for reports:
-    {'run': group name, 'run_id', 'run_key', 'stage', 'rows', 'complete', 'shape'} (+ 'damaged': why)."""
+    {'run': group name, 'run_id', 'run_key', 'stage', 'rows', 'complete', 'shape'} (+ 'damaged': why; a reference
+    group + 'memories_from': the stage whose arrays it reads, and their shape)."""
     path = Path(path)
     if not (path / 'zarr.json').is_file():
         return []
@@ -334,7 +510,13 @@ def listing(path) -> list[dict]:
                 entry.update(run_id=str(a.get('run_id', entry['run_id'])), run_key=a.get('run_key'),
                              rows=a.get('rows', 0), complete=bool(a.get('complete')),
                              shape=list(g['memories'].shape) if 'memories' in g else None)
+                if a.get('memories_from') is not None:
+                    entry['memories_from'] = a['memories_from']
             except Exception as e:  # noqa: BLE001
                 entry['damaged'] = _first(e)
             out.append(entry)
+    shapes = {(e['run'], e['stage']): e['shape'] for e in out}
+    for e in out:  # a reference has the shape of the arrays it refers to
+        if e.get('memories_from') is not None:
+            e['shape'] = shapes.get((e['run'], e['memories_from']))
     return out

@@ -3,9 +3,13 @@
     list                       one line per run: id, spec, status, stages, final eval metrics, start time
                                (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable); a RUNNING run
                                whose heartbeat stopped shows as 'RUNNING (stale: no heartbeat for 2 h 05 min)'
-    show ID                    plan summary, host, run folder, stage-end metrics, evaluations, artifacts, gin
-    metrics ID [--name PAT]    every logged value (name, step, value); --csv for CSV, --plot OUT.png for curves
-    compare ID ID ...          plan keys, CLI bindings, stage-end metrics and evaluations side by side
+    show ID                    plan summary, host, provenance, run folder, weights, artifacts, stage-end metrics,
+                               evaluations, operative gin
+    metrics ID [ID ...]        every logged value (run, name, step, value; --name PAT); --plot OUT.png overlays the
+                               runs, one panel per metric kind (store/plots.py)
+    compare ID ID ...          plan keys, CLI bindings, stage-end metrics and evaluations that differ between runs
+
+Every command also prints --json (one JSON document) or --csv (one table) instead of text.
 
 The database is Sacred's (SqlObserver tables `run`, `host`, `experiment`, `artifact`, ...) plus our
 `memspec_metrics(run_id, name, step, value, time)` table: sqlite:///runs/sacred.db by default, or a PostgreSQL URL;
@@ -19,13 +23,24 @@ import csv
 import difflib
 import fnmatch
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from compiler.errors import SpecError, cli
-from store.database import DEFAULT_DB, STALE_AFTER, STATUSES, RunRecord, get_run, latest_evaluations, open_db, span
-from store.plots import plot
+from store.database import (
+    DEFAULT_DB,
+    STALE_AFTER,
+    STATUSES,
+    RunRecord,
+    flatten,
+    get_run,
+    latest_evaluations,
+    open_db,
+    span,
+)
+from store.plots import Series, curves
 from store.tables import (
     duration,
     fmt,
@@ -87,9 +102,40 @@ def status_text(run: RunRecord) -> str:
     return run.status
 
 
-# ------------------------------------------------------------------------------------------------ --where
-
 # ------------------------------------------------------------------------------------------------ output
+
+def _plain(v):
+    """A value as JSON holds it: non-finite floats become null (JSON has no NaN), datetimes ISO text."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, 'isoformat'):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def print_json(doc) -> None:
+    print(json.dumps(_plain(doc), indent=1))
+
+
+def print_csv(headers: list[str], rows: list[list]) -> None:
+    """Exact values: floats as repr (round-trip), None as an empty cell, lists and dicts as JSON."""
+    def cell(v):
+        if v is None:
+            return ''
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, (list, dict)):
+            return json.dumps(_plain(v))
+        return v.isoformat() if hasattr(v, 'isoformat') else str(v)
+    w = csv.writer(sys.stdout, lineterminator='\n')
+    w.writerow(headers)
+    for r in rows:
+        w.writerow([cell(v) for v in r])
+
 
 # ------------------------------------------------------------------------------------------------ commands
 
@@ -115,6 +161,15 @@ def cmd_list(db, args) -> None:
                 finals[r.id] = {f'eval/{k}': v for k, v in sm[list(sm)[-1]].items()}
     cols = [(t, n) for t, n in HEADLINE if any(n in finals.get(r.id, {}) for r in runs)]
     headers = ['id', 'spec', 'status', 'stages'] + [t for t, _ in cols] + ['started (UTC)']
+    if args.json or args.csv:
+        docs = [{'id': r.id, 'name': r.name, 'spec': spec_text(r), 'status': status_text(r), 'stages': r.stages,
+                 'stages_done': len(r.end_steps), **{n: finals.get(r.id, {}).get(n) for _, n in cols},
+                 'started': r.start} for r in runs]
+        if args.json:
+            print_json(docs)
+        else:
+            print_csv(list(docs[0]), [list(d.values()) for d in docs])
+        return
     rows = []
     for r in runs:
         stages = ','.join(r.stages)
@@ -126,12 +181,48 @@ def cmd_list(db, args) -> None:
     print(table(headers, rows, right={0} | set(range(4, 4 + len(cols)))))
 
 
+def show_document(db, run: RunRecord) -> dict:
+    """Everything `show` prints, as one JSON-able document."""
+    cfg, info = run.config, run.info
+    return {'id': run.id, 'name': run.name, 'status': status_text(run), 'experiment': run.experiment,
+            'spec_hash': cfg.get('spec_hash'), 'started': run.start, 'stopped': run.stop, 'spec': top_specs(run),
+            'spec_files': run.spec_files, 'bindings': cfg.get('bindings') or [], 'seed': cfg.get('seed'),
+            'host': {**run.host, **(info.get('host') or {})}, 'run_dir': info.get('run_dir'),
+            'data': info.get('data') or {}, 'result': run.result, 'fail_trace': run.fail_trace,
+            'provenance': cfg.get('provenance') or {}, 'resumes': info.get('resumes') or [],
+            'weights': info.get('weights') or {}, 'plan': run.plan, 'end_steps': run.end_steps,
+            'stage_end_metrics': stage_end_metrics(db, run),
+            'evaluations': [{'stage': e.stage, 'memory': e.memory, 'limit': e.limit, 'task': e.task, 'metric': e.metric,
+                             'value': e.value, 'time': e.time} for e in latest_evaluations(db.evaluations(run.id))],
+            'artifacts': [{'name': n, 'bytes': b} for n, b in db.artifacts(run.id)],
+            'operative_gin': cfg.get('operative_gin')}
+
+
+def code_line(code: dict) -> str:
+    """The provenance of a run's code in one line (runtime/provenance.py records it)."""
+    if code.get('kind') == 'git':
+        dirty = (f"dirty: {code.get('diff_bytes', 0):,} bytes of diff (sha256 {str(code.get('diff_sha256'))[:12]})"
+                 + (f", {len(code['untracked'])} untracked files" if code.get('untracked') else '')
+                 if code.get('dirty') else 'clean')
+        return f"git {str(code.get('commit'))[:12]} on {code.get('branch', '?')}, {dirty}"
+    if code.get('kind') == 'tree':
+        return f"source tree sha256 {str(code.get('sha256'))[:12]} ({code.get('files')} files; not a git checkout)"
+    return 'not recorded'
+
+
 def cmd_show(db, args) -> None:
     run = get_run(db, args.id)
     if args.keys:
         for k, v in run.flat.items():
             if k not in ('operative_gin',):
                 print(f'{k} = {fmt(v)}')
+        return
+    if args.json or args.csv:
+        doc = show_document(db, run)
+        if args.json:
+            print_json(doc)
+        else:
+            print_csv(['key', 'value'], [[k, v] for k, v in flatten(_plain(doc)).items()])
         return
     cfg, info = run.config, run.info
     print(f"run {run.id}  {status_text(run)}  experiment '{run.experiment or '?'}'  plan {cfg.get('spec_hash', '?')}")
@@ -149,9 +240,20 @@ def cmd_show(db, args) -> None:
                            f"torch {pk['torch']}" if 'torch' in pk else None,
                            f"{hi['threads']} threads" if 'threads' in hi else None) if x]
     print(f"host        {h.get('hostname', '?')}  ({', '.join(details)})")
+    origin = cfg.get('provenance') or {}
+    print(f"code        {code_line(origin.get('code') or {})}"
+          + (f"   seed {cfg['seed']}" if cfg.get('seed') is not None else ''))
+    for resumed in info.get('resumes') or []:
+        print(f"            resumed at step {resumed.get('at_step')} by {code_line(resumed.get('code') or {})}")
+    for stage, comps in (origin.get('init_from') or {}).items():
+        for comp, src in comps.items():
+            files = ', '.join(f"{f['path']} (sha256 {f['sha256'][:12]})" for f in src.get('files') or [])
+            print(f"init_from   {stage}: {comp.replace(':', '.')} <- {src.get('source')}: {files}")
     run_dir = info.get('run_dir')
     print(f"run folder  {run_dir or '?'}"
-          + ('' if not run_dir or Path(run_dir).is_dir() else '  (not on this machine)'))
+          + ('' if not run_dir or Path(run_dir).is_dir() else '  (not on this machine)')
+          + (f"   (tensorboard --logdir {Path(run_dir).parent})"
+             if run_dir and (Path(run_dir) / 'tensorboard').is_dir() else ''))
     data = info.get('data') or {}
     if data:
         st = data.get('stats') or {}
@@ -180,6 +282,17 @@ def cmd_show(db, args) -> None:
     print(table(['stage', 'memory', 'limit', 'task', 'metric', 'value', 'evaluated (UTC)'],
                 [[e.stage, e.memory, '-' if e.limit is None else str(e.limit), e.task, e.metric, num(e.value),
                   when(e.time)] for e in evals], right={2, 5}, indent='  ') if evals else '  none recorded')
+    weights = info.get('weights') or {}
+    refs = [(f'stages/{s}', r) for s, r in (weights.get('stages') or {}).items()] \
+        + ([('final', weights['final'])] if weights.get('final') else [])
+    print('\nweights (path and sha256; the bytes stay in the run folder)')
+    if refs:
+        print(table(['weights', 'bytes', 'sha256', 'path'],
+                    [[n, f"{r.get('bytes', 0):,}", str(r.get('sha256'))[:16],
+                      str(r.get('path')) + ('' if Path(str(r.get('path'))).is_file() else '  (missing here)')]
+                     for n, r in refs], right={1}, indent='  '))
+    else:
+        print('  none recorded')
     arts = db.artifacts(run.id)
     print('\nartifacts')
     if arts:
@@ -211,23 +324,35 @@ def select_metrics(rows, patterns: list[str] | None, run_id: str, place: str = '
 
 
 def cmd_metrics(db, args) -> None:
-    run = get_run(db, args.id)
-    rows = select_metrics(db.metrics(run.id), args.name, run.id)
+    runs = [get_run(db, i) for i in dict.fromkeys(args.ids)]
+    every = {r.id: db.metrics(r.id) for r in runs}
+    for r in runs:
+        if not every[r.id]:
+            select_metrics([], None, r.id)  # raises: no metrics recorded for this run
+    union = sorted({row for rows in every.values() for row in rows})
+    picked = {n for n, _, _ in select_metrics(union, args.name, ', '.join(every))}
+    rows = {r.id: [row for row in every[r.id] if row[0] in picked] for r in runs}
     if args.plot:
-        plot(rows, run, args.plot)
+        ids = ', '.join(r.id for r in runs)
+        title = f'run {runs[0].id}  {spec_text(runs[0])}  ({runs[0].status})' if len(runs) == 1 else \
+            f'runs {ids}'
+        curves([Series(f'run {r.id}  {spec_text(r)}', rows[r.id], r.end_steps) for r in runs], args.plot, title)
+    elif args.json:
+        print_json([{'run': r, 'name': n, 'step': s, 'value': v} for r, rs in rows.items() for n, s, v in rs])
     elif args.csv:
-        w = csv.writer(sys.stdout, lineterminator='\n')
-        w.writerow(['name', 'step', 'value'])
-        for name, step, value in rows:
-            w.writerow([name, step, repr(value)])
+        print_csv(['run', 'name', 'step', 'value'], [[r, n, s, v] for r, rs in rows.items() for n, s, v in rs])
     else:
-        print(table(['name', 'step', 'value'], [[n, str(s), f'{v:.6g}'] for n, s, v in rows], right={1, 2}))
+        print(table(['run', 'name', 'step', 'value'],
+                    [[r, n, str(s), f'{v:.6g}'] for r, rs in rows.items() for n, s, v in rs], right={2, 3}))
 
 
 def cmd_compare(db, args) -> None:
     if len(args.ids) < 2:
         raise SpecError('compare', 'needs at least two run ids', 'e.g. python -m store.runs compare 0 2')
     runs = [get_run(db, i) for i in args.ids]
+    if args.json or args.csv:
+        compare_document(db, runs, args)
+        return
     tty = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
     ids = [r.id for r in runs]
     print(table(['run'] + ids, [['spec'] + [spec_text(r) for r in runs], ['status'] + [r.status for r in runs],
@@ -261,12 +386,22 @@ def cmd_compare(db, args) -> None:
     print('\ncommand-line bindings that differ' + ('' if brows else ': none'))
     if brows:
         print(table(['binding'] + ids, brows, marked=bmarked, tty=tty, indent='  '))
+    sms, stages, names = compared_metrics(db, runs, args.name)
+    mrows = [[s, n] + [num(sm.get(s, {}).get(n)) for sm in sms] for s in stages for n in names
+             if any(n in sm.get(s, {}) for sm in sms)]
+    print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
+    if mrows:
+        print(table(['stage', 'metric'] + ids, mrows, right=set(range(2, 2 + len(ids))), indent='  '))
+
+
+def compared_metrics(db, runs: list[RunRecord], patterns: list[str] | None):
+    """(stage-end metrics of each run, the stages, the metric names compare shows: headline or --name)."""
     sms = [stage_end_metrics(db, r) for r in runs]
     stages = list(dict.fromkeys(s for sm in sms for s in sm))
     names = sorted({n for sm in sms for m in sm.values() for n in m})
-    if args.name:
+    if patterns:
         pick = []
-        for p in args.name:
+        for p in patterns:
             hits = [n for n in names if (fnmatch.fnmatchcase(n, p) if any(c in p for c in '*?[') else p in n)]
             if not hits:
                 raise SpecError(f'--name {p}', 'no stage-end metric of these runs matches this',
@@ -275,20 +410,43 @@ def cmd_compare(db, args) -> None:
         names = list(dict.fromkeys(pick))
     else:
         names = [n for n in COMPARE_METRICS if n in names]
-    mrows = [[s, n] + [num(sm.get(s, {}).get(n)) for sm in sms] for s in stages for n in names
-             if any(n in sm.get(s, {}) for sm in sms)]
-    print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
-    if mrows:
-        print(table(['stage', 'metric'] + ids, mrows, right=set(range(2, 2 + len(ids))), indent='  '))
+    return sms, stages, names
+
+
+def compared_evaluations(db, ids: list) -> tuple[list, list[dict]]:
+    """(keys (task, metric, stage, memory, limit) in first-seen order, each run's newest value per key)."""
     evals = [{(e.task, e.metric, e.stage, e.memory, e.limit): e.value for e in latest_evaluations(db.evaluations(i))}
              for i in ids]
-    keys = list(dict.fromkeys(k for ev in evals for k in ev))
-    print('\nevaluations (python -m runtime.evaluate)' + ('' if keys else ': none recorded'))
-    if keys:
-        erows = [[t, m, f"{st}/{mem}" + ('' if lim is None else f'/limit {lim}')] + [num(ev.get(k)) for ev in evals]
-                 for k in keys for t, m, st, mem, lim in [k]]
-        print(table(['task', 'metric', 'stage/memory'] + ids, erows, right=set(range(3, 3 + len(ids))),
-                    indent='  '))
+    return list(dict.fromkeys(k for ev in evals for k in ev)), evals
+
+
+def compare_document(db, runs: list[RunRecord], args) -> None:
+    """compare --json / --csv: the same sections as the text (plan keys that differ, or all with --all; command-line
+    bindings that differ; stage-end metrics; evaluations), every value exact; a run that lacks a key has null."""
+    ids = [r.id for r in runs]
+    plan_keys = list(dict.fromkeys(k for r in runs for k in r.flat if k.startswith('plan.')))
+    plan = {k: [r.flat.get(k) for r in runs] for k in plan_keys}
+    plan = {k: v for k, v in plan.items() if args.all or len({fmt(x) for x in v}) > 1}
+    bs = [bindings(r) for r in runs]
+    binds = {k: [b.get(k) for b in bs] for k in dict.fromkeys(k for b in bs for k in b)}
+    binds = {k: v for k, v in binds.items() if len(set(map(str, v))) > 1}
+    sms, stages, names = compared_metrics(db, runs, args.name)
+    metrics = {s: {n: [sm.get(s, {}).get(n) for sm in sms] for n in names if any(n in sm.get(s, {}) for sm in sms)}
+               for s in stages}
+    keys, evals = compared_evaluations(db, ids)
+    if args.json:
+        print_json({'runs': [{'id': r.id, 'name': r.name, 'spec': spec_text(r), 'status': r.status,
+                              'spec_hash': r.config.get('spec_hash')} for r in runs],
+                    'plan': plan, 'bindings': binds, 'stage_end_metrics': metrics,
+                    'evaluations': [{'task': t, 'metric': m, 'stage': st, 'memory': mem, 'limit': lim,
+                                     'values': [ev.get(k) for ev in evals]}
+                                    for k in keys for t, m, st, mem, lim in [k]]})
+        return
+    rows = [['plan', k, '', *v] for k, v in plan.items()] + [['binding', k, '', *v] for k, v in binds.items()] \
+        + [['stage_end_metric', n, s, *v] for s, m in metrics.items() for n, v in m.items()] \
+        + [['evaluation', f'{t}/{m}', f'{st}/{mem}' + ('' if lim is None else f'/limit {lim}'),
+            *[ev.get(k) for ev in evals]] for k in keys for t, m, st, mem, lim in [k]]
+    print_csv(['section', 'key', 'stage', *ids], rows)
 
 
 _MISSING = object()
@@ -332,7 +490,14 @@ def parser() -> argparse.ArgumentParser:
                              f'(default {DEFAULT_DB})')
     ap = argparse.ArgumentParser(prog='python -m store.runs', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split('\n\n')[1])
+                                 epilog='\n\n'.join(__doc__.split('\n\n')[1:3]))
+
+    def formats(p):
+        out = p.add_mutually_exclusive_group()
+        out.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+        out.add_argument('--csv', action='store_true', help='print one CSV table (exact values) instead of text')
+        return out
+
     sub = ap.add_subparsers(dest='command', required=True, metavar='{list,show,metrics,compare}')
     p = sub.add_parser('list', parents=[common], help='one line per run')
     p.add_argument('--spec', metavar='SUBSTRING', help='only runs whose spec file paths contain this')
@@ -341,19 +506,21 @@ def parser() -> argparse.ArgumentParser:
                    help="plan filter, repeatable (all must hold): 'Memory.chunks=4', 'encoder/Stack.d_model=128', "
                         "'blank/Stage.lr=1e-3', a macro 'LR=1e-3', or a flattened key 'plan.memory.chunks=4'; "
                         "'!=' negates")
+    formats(p)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser('show', parents=[common], help='one run in full')
     p.add_argument('id')
     p.add_argument('--keys', action='store_true',
                    help='print the flattened config keys (what --where and compare read)')
+    formats(p)
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser('metrics', parents=[common], help="one run's logged metrics")
-    p.add_argument('id')
+    p = sub.add_parser('metrics', parents=[common], help="the logged metrics of one or more runs")
+    p.add_argument('ids', nargs='+', metavar='ID')
     p.add_argument('--name', action='append', metavar='PATTERN',
                    help="metric names containing this (or matching a glob such as 'eval/*accuracy'); repeatable")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument('--csv', action='store_true', help='CSV (name,step,value) on stdout')
-    out.add_argument('--plot', metavar='OUT.png', help='plot one curve per metric, dashed lines at stage ends')
+    formats(p).add_argument('--plot', metavar='OUT.png',
+                            help='overlay the runs: one panel per metric kind, a colour per run, a line style per '
+                                 'metric, lines at stage ends')
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser('compare', parents=[common], help='what differs between runs')
     p.add_argument('ids', nargs='+', metavar='ID')
@@ -362,6 +529,7 @@ def parser() -> argparse.ArgumentParser:
                    help='stage-end metrics to compare (default: headline)')
     p.add_argument('--color', choices=('auto', 'always', 'never'), default='auto',
                    help='bold differing values (auto: when stdout is a terminal; otherwise they get a *)')
+    formats(p)
     p.set_defaults(func=cmd_compare)
     return ap
 

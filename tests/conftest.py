@@ -142,6 +142,21 @@ def flagship_run(tmp_path_factory, rt_cache):
                                   summary=_json.loads((run_dir / 'summary.json').read_text()))
 
 
+@pytest.fixture(scope='session')
+def stored_run(tmp_path_factory, rt_cache):
+    """A finished tiny flagship run that writes its memories (the default store <out_dir>/memories.zarr): the
+    tracking views, provenance, shared memories and export tests read it. out_dir, run_id, run_dir, db, store."""
+    out = tmp_path_factory.mktemp('stored')
+    bindings = [b for b in TINY_FLAGSHIP if not b.startswith('Run.memory_store')]
+    code = rt_main(rt_argv(FLAGSHIP, out, rt_cache, bindings))
+    assert code == 0, f'the tiny flagship run with a memory store failed with exit code {code}'
+    (run_id,) = rt_run_ids(out)
+    run_dir = rt_run_dir(out, run_id)
+    return _types.SimpleNamespace(out_dir=out, run_id=run_id, run_dir=run_dir, db=out / 'sacred.db',
+                                  url=f"sqlite:///{out / 'sacred.db'}", store=out / 'memories.zarr',
+                                  name=run_dir.name, bindings=bindings)
+
+
 # --- subprocess checks started early ------------------------------------------------------------------------------
 # `python -m compiler` pays ~3 s of CPU for Python + torch start-up. Test modules that run it define
 # `start_background()`, called once after collection when any of their tests is selected; the processes then run on

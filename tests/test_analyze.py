@@ -148,7 +148,8 @@ def test_info_numbers_equal_a_direct_recomputation_with_tally(ae_run, capsys):
         _, tokens, mask = g.rows(i, i + 100)
         with torch.no_grad():
             tally.add(model.autoencode(tokens, mask.bool()), torch.where(mask.bool(), tokens, O.IGNORE))
-    meta = json.loads((Path(g.attrs['tokenizer_path']).parent / 'meta.json').read_text())
+    (meta,) = [json.loads(p.read_text()) for p in (ae_run['out'] / 'cache').glob('data-*/meta.json')]
+    assert g.attrs['bytes_per_token'] == meta['stats']['val']['bytes_per_token']  # recorded with the memories
     want = tally.metrics(g.attrs['vocab_size'], meta['stats']['val']['bytes_per_token'])
     assert int(row['tokens']) == tally.tokens == int(g.mask[:].sum())
     for k in ('token_accuracy', 'normalized_hamming', 'ce', 'info_proportion', 'bits_per_byte'):

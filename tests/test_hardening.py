@@ -196,7 +196,7 @@ def test_version_1_stores_are_still_read_and_their_missing_chunks_found(tmp_path
         M.open_group(store, '0', 's')
 
 
-def test_version_2_chunks_carry_checksums_and_fill_values_real_data_never_has(tmp_path):
+def test_chunks_carry_checksums_and_fill_values_real_data_never_has(tmp_path):
     from store import memories as M
     w = M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'aaaaaaaaaa'}, (300, 2, 3, 4))
     w.append(torch.zeros(300, 2, 4), torch.zeros(300, 2, 3, dtype=torch.long), torch.zeros(300, 2, 3, dtype=bool))
@@ -206,7 +206,7 @@ def test_version_2_chunks_carry_checksums_and_fill_values_real_data_never_has(tm
         meta = json.loads((tmp_path / 's.zarr' / '0-aaaaaaaaaa' / 's' / name / 'zarr.json').read_text())
         assert [c['name'] for c in meta['codecs']] == ['bytes', 'zstd', 'crc32c'] and meta['fill_value'] == fill
         assert g[name].nchunks_initialized == 2  # all-zero and all-False chunks are written too
-    assert g.attrs['version'] == M.FORMAT_VERSION == 2 and g.attrs['rows'] == 300
+    assert g.attrs['version'] == M.FORMAT_VERSION == 3 and g.attrs['rows'] == 300
 
 
 def test_a_writer_never_replaces_another_runs_group(tmp_path):

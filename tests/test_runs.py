@@ -95,7 +95,7 @@ class Runs:
                            text=True, timeout=600)
         assert p.returncode == 0, f'recording the test runs failed:\n{p.stderr[-3000:]}'
         self.ids = [r[0] for r in self.rows('SELECT run_id FROM run ORDER BY id')]
-        assert len(self.ids) == 3, self.ids
+        assert self.ids == ['0', '1', '2'], self.ids  # counted from 0 without gaps (Sacred alone gave 0, 2, 3)
         self.a, self.b, self.c = self.ids
         for rid in self.ids:  # Sacred drops an observer that raised once: then the run has no metric rows
             assert self.rows('SELECT COUNT(*) FROM memspec_metrics WHERE run_id = ?', rid)[0][0] > 0, \
@@ -238,11 +238,16 @@ def test_show(runs, capsys):
     assert 'family      memory' in out and 'd_model 16, 1 layers' in out and '4 chunks x 8 tokens' in out
     for stage in STAGES:
         assert re.search(rf'^    {stage} +\d', out, re.M), f'curriculum line for {stage}'
-    # host, artifacts, operative gin
+    # host, code, weights by reference, artifacts, operative gin
     host = runs.rows('SELECT hostname FROM host')[0][0]
     assert f'host        {host}' in out
-    for name in ('final.safetensors', 'operative.gin', 'summary.md', 'summary.json'):
+    assert re.search(r'^code        git [0-9a-f]{12} on ', out, re.M) and 'seed 0' in out
+    final = run_dir / 'final.safetensors'
+    assert re.search(rf'^  final +{final.stat().st_size:,} +[0-9a-f]{{16}} +{re.escape(str(final))}$', out, re.M)
+    assert re.search(r'^  stages/autoencode +[\d,]+ +[0-9a-f]{16} ', out, re.M)
+    for name in ('operative.gin', 'summary.md', 'summary.json'):
         assert re.search(rf'^  {re.escape(name)} +[\d,]+$', out, re.M), name
+    assert not re.search(r'^  final\.safetensors ', out, re.M)  # the bytes stay in the run folder
     assert 'D_MODEL = 16' in out and 'Memory.chunk_len = %CHUNK_LEN' in out
     # stage-end metrics: the run's own summary.json, stage by stage
     summary = json.loads((run_dir / 'summary.json').read_text())
@@ -271,8 +276,9 @@ def test_show_keys_lists_the_flattened_config(runs, capsys):
 def test_metrics_csv_is_the_database_rows(runs, capsys):
     out = cli(capsys, 'metrics', runs.a, '--csv', db=runs.db)
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ['name', 'step', 'value']
-    got = [(n, int(s), float(v)) for n, s, v in rows[1:]]
+    assert rows[0] == ['run', 'name', 'step', 'value']
+    assert {r for r, _, _, _ in rows[1:]} == {runs.a}
+    got = [(n, int(s), float(v)) for _, n, s, v in rows[1:]]
     assert got == runs.metrics(runs.a)  # exact values, same order
     names = {n for n, _, _ in got}
     assert {'train/loss', 'train/clm.loss', 'eval/blank_copy.token_accuracy', 'eval/blank_copy_ablated.token_accuracy',
@@ -281,14 +287,14 @@ def test_metrics_csv_is_the_database_rows(runs, capsys):
 
 def test_metrics_name_filter_and_table(runs, capsys):
     out = cli(capsys, 'metrics', runs.a, '--name', 'eval/*accuracy', '--csv', db=runs.db)
-    got = {(n, int(s), float(v)) for n, s, v in list(csv.reader(io.StringIO(out)))[1:]}
+    got = {(n, int(s), float(v)) for _, n, s, v in list(csv.reader(io.StringIO(out)))[1:]}
     want = {r for r in runs.metrics(runs.a) if r[0].startswith('eval/') and r[0].endswith('accuracy')}
     assert got == want and len(want) > 4
     out = cli(capsys, 'metrics', runs.a, '--name', 'train/loss', db=runs.db)
     body = out.strip().splitlines()[2:]
     db_rows = [r for r in runs.metrics(runs.a) if r[0] == 'train/loss']
-    assert [(ln.split()[0], int(ln.split()[1])) for ln in body] == [(n, s) for n, s, _ in db_rows]
-    assert [float(ln.split()[2]) for ln in body] == pytest.approx([v for _, _, v in db_rows], rel=1e-5)
+    assert [(ln.split()[1], int(ln.split()[2])) for ln in body] == [(n, s) for n, s, _ in db_rows]
+    assert [float(ln.split()[3]) for ln in body] == pytest.approx([v for _, _, v in db_rows], rel=1e-5)
 
 
 def test_metrics_plot_writes_a_png(runs, capsys, tmp_path):
@@ -297,6 +303,59 @@ def test_metrics_plot_writes_a_png(runs, capsys, tmp_path):
     data = png.read_bytes()
     assert len(data) > 1000 and data[:8] == b'\x89PNG\r\n\x1a\n'
     assert [p.name for p in tmp_path.iterdir()] == ['curves.png']  # no temporary file left behind
+
+
+def test_metrics_of_several_runs_overlay_in_one_figure_and_in_json(runs, capsys, tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', lambda fig: figures.append(fig))  # keep the figure to look at it
+    png = tmp_path / 'three.png'
+    cli(capsys, 'metrics', runs.a, runs.b, runs.c, '--name', 'eval/', '--name', 'train/loss', '--name', 'train/lr',
+        '--plot', str(png), db=runs.db)
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    (fig,) = figures
+    titles = [ax.get_ylabel() for ax in fig.axes]
+    assert titles[:4] == ['loss (nats)', 'cross-entropy (nats)', 'token accuracy', 'I_e = 1 - CE / ln V']
+    assert 'learning rate' in titles  # one panel per kind: loss, CE and accuracy never share an axis
+    def curves(panel):  # the runs' curves, not the vertical stage-end lines
+        return [ln for ln in fig.axes[titles.index(panel)].get_lines() if len(set(ln.get_xdata())) > 1]
+    assert len({ln.get_color() for ln in curves('loss (nats)')}) == 3  # one colour per run
+    acc = curves('token accuracy')
+    per_run = {c: [(repr(ln._dash_pattern), ln.get_marker()) for ln in acc if ln.get_color() == c]
+               for c in {ln.get_color() for ln in acc}}
+    assert max(len(v) for v in per_run.values()) == 5  # the curricula's five eval accuracies
+    for styles in per_run.values():  # within a run, each metric has its own line style (dash pattern and marker)
+        assert len(styles) == len(set(styles)), styles
+    data = json.loads(cli(capsys, 'metrics', runs.a, runs.c, '--name', 'train/loss', '--json', db=runs.db))
+    assert [(d['run'], d['name'], d['step'], d['value']) for d in data] == \
+        [(r, n, s, v) for r in (runs.a, runs.c) for n, s, v in runs.metrics(r) if n == 'train/loss']
+
+
+def test_every_query_command_prints_json_and_csv(runs, capsys):
+    listed_json = json.loads(cli(capsys, 'list', '--json', db=runs.db))
+    assert [d['id'] for d in listed_json] == runs.ids and listed_json[0]['stages'] == STAGES
+    final_ce = runs.rows("SELECT value FROM memspec_metrics WHERE run_id = ? AND name = 'eval/clm.ce' "
+                         'ORDER BY step DESC LIMIT 1', runs.a)[0][0]
+    assert listed_json[0]['eval/clm.ce'] == final_ce
+    rows = list(csv.DictReader(io.StringIO(cli(capsys, 'list', '--csv', db=runs.db))))
+    assert [r['id'] for r in rows] == runs.ids and float(rows[0]['eval/clm.ce']) == final_ce
+    shown = json.loads(cli(capsys, 'show', runs.a, '--json', db=runs.db))
+    summary = json.loads((runs.folder(runs.a) / 'summary.json').read_text())
+    assert shown['stage_end_metrics'] == summary and shown['experiment'] == 'frozen_encoder_curriculum'
+    assert shown['weights']['final']['path'] == str(runs.folder(runs.a) / 'final.safetensors')
+    kv = dict(csv.reader(io.StringIO(cli(capsys, 'show', runs.a, '--csv', db=runs.db))))
+    assert float(kv['stage_end_metrics.combined.clm.ce']) == summary['combined']['clm.ce']
+    assert kv['plan.memory.chunks'] == '4'
+    cmp = json.loads(cli(capsys, 'compare', runs.a, runs.b, '--json', db=runs.db))
+    assert cmp['plan'] == {'plan.curriculum.autoencode.lr': [0.002, 0.001],
+                           'plan.curriculum.blank_copy.lr': [0.002, 0.001]}
+    assert cmp['bindings'] == {'LR': [None, '1e-3']}
+    assert cmp['stage_end_metrics']['combined']['clm.ce'][0] == summary['combined']['clm.ce']
+    table = list(csv.reader(io.StringIO(cli(capsys, 'compare', runs.a, runs.b, '--csv', db=runs.db))))
+    assert table[0] == ['section', 'key', 'stage', runs.a, runs.b]
+    assert ['plan', 'plan.curriculum.autoencode.lr', '', '0.002', '0.001'] in table
 
 
 def test_metrics_unknown_name(runs, capsys):
@@ -442,7 +501,7 @@ def test_postgres_list_and_metrics(runs, pg, capsys):
     assert listed(cli(capsys, 'list', '--where', 'Memory.chunks=4', '--status', 'COMPLETED', db=pg.url)) == ids
     assert listed(cli(capsys, 'list', '--where', 'Memory.chunks=2', db=pg.url)) == []
     out = cli(capsys, 'metrics', ids[0], '--csv', db=pg.url)
-    got = [(n, int(s), float(v)) for n, s, v in list(csv.reader(io.StringIO(out)))[1:]]
+    got = [(n, int(s), float(v)) for _, n, s, v in list(csv.reader(io.StringIO(out)))[1:]]
     want = pg.rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = %s ORDER BY name, step, id', ids[0])
     assert got == [(n, s, v) for n, s, v in want] and got
     out = cli(capsys, 'show', ids[0], db=pg.url)

@@ -24,6 +24,9 @@ from conftest import (
     rt_run_ids,
 )
 from safetensors.torch import load_file
+from test_tracking import assert_events_equal_database
+
+from runtime.tracking import WALL_CLOCK
 
 
 def stage_weights(run_dir, stage):
@@ -189,10 +192,15 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
         'train/loss steps of the resumed run differ (lost or duplicated)'
     for (s, va), (_, vb) in zip(loss_a, loss_b):
         assert abs(va - vb) <= 1e-6, f'train/loss at step {s}: {va} vs {vb}'
-    # every other metric too: same names and steps, no duplicates, same values
+    # every other metric too: same names and steps, no duplicates, same values (throughput measures the machine)
     assert [(n, s) for n, s, _ in mb] == [(n, s) for n, s, _ in ma]
     for (n, s, va), (_, _, vb) in zip(ma, mb):
-        assert abs(va - vb) <= 1e-6, f'{n} at step {s}: {va} vs {vb}'
+        assert n in WALL_CLOCK or abs(va - vb) <= 1e-6, f'{n} at step {s}: {va} vs {vb}'
+    # TensorBoard forgot what the killed process logged after its checkpoint, as the database did
+    assert_events_equal_database(rt_run_dir(out_b, b_id) / 'tensorboard', db_b, b_id)
+    assert len(list((rt_run_dir(out_b, b_id) / 'tensorboard').glob('events.out.tfevents.*'))) == 2
+    ((out,),) = db_rows(db_b, 'SELECT captured_out FROM run')
+    assert out.count('--- resumed ---') == 1 and out.index('stage 1/4') < out.index('--- resumed ---')
 
     # the resume re-attached to B's row: one row, now COMPLETED
     assert run_status(db_b, b_id) == [('COMPLETED',)]
@@ -218,7 +226,8 @@ def test_resume_of_an_unknown_run_exits_2_and_creates_nothing(rt_refusals):
 
 def test_resume_with_a_different_spec_exits_2_naming_the_hash_mismatch(rt_refusals, flagship_run):
     (out, r), before = rt_refusals.cases['other_spec'], rt_refusals.flagship_before
-    assert_refused(r, f'--resume {flagship_run.run_id}', 'different plan', 'hash')
+    assert_refused(r, f'--resume {flagship_run.run_id}', 'different plan', 'hash',
+                   'bindings that differ: combined/Stage.steps: 2 in the run, 3 here')
     # the refused resume touched neither the run's checkpoint nor its record
     assert (flagship_run.run_dir / 'checkpoint.pt').stat().st_mtime_ns == before['checkpoint']
     assert db_rows(flagship_run.db, 'SELECT run_id, status FROM run ORDER BY id') == before['rows']
@@ -260,6 +269,14 @@ def test_init_from_copies_a_runs_stage_weights_and_keeps_them_frozen(flagship_ru
     assert any(not torch.equal(init[k], v) for k, v in enc.items())
     # ... and the probe trained its decoder meanwhile
     assert any(not torch.equal(init[k], v) for k, v in component(probe, 'decoder').items())
+    # the source is recorded by its sha256, in the config and the run folder's marker
+    from compiler.checkpoint import sha256_file
+    ((config,),) = db_rows(out / 'sacred.db', 'SELECT config FROM run WHERE run_id = ?', probe_id)
+    (ref,) = json.loads(config)['provenance']['init_from']['probe']['encoder']['files']
+    source = flagship_run.run_dir / 'stages' / 'autoencode.safetensors'
+    assert ref['sha256'] == sha256_file(source) and ref['path'] == str(source.resolve())
+    marker = json.loads((rt_run_dir(out, probe_id) / 'run.json').read_text())
+    assert marker['provenance']['init_from']['probe']['encoder']['files'] == [ref]
 
 
 def test_init_from_an_unknown_run_exits_2_and_leaves_nothing_behind(rt_refusals):

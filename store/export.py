@@ -1,0 +1,194 @@
+"""python -m store.export RUN OUT [--db URL] [--stage NAME]: a recorded run as a self-contained folder.
+
+    OUT/config.json        the plan (compiler.plan.Plan.to_dict), vocabulary size, special token ids, the weights
+                           file and its sha256, the run it came from and its provenance
+    OUT/model.safetensors  the weights: final, or the end of --stage (checked against the sha256 the run recorded)
+    OUT/tokenizer.json     the run's tokenizer
+    OUT/operative.gin      the complete spec the run was compiled from (python -m compiler OUT/operative.gin)
+    OUT/README.md          a model card: what the model is, its plan, the run's stage-end metrics, provenance, how
+                           to load it
+    OUT/hf/                the decoder as a Hugging Face Llama checkpoint (families whose decoder is a causal
+                           transformer over tokens): transformers.LlamaForCausalLM.from_pretrained(OUT/hf) computes
+                           the logits our decoder computes on a plain token sequence (no memories); with
+                           tokenizer.json and tokenizer_config.json for PreTrainedTokenizerFast
+
+`compiler.model.from_pretrained(OUT)` loads the model without the database, the run folder or the data cache.
+RUN is a run id (or <id>-<key>) of the run database (--db, default sqlite:///runs/sacred.db). OUT must not exist
+(or be an empty folder); the folder is written beside it and renamed into place, so OUT is whole or absent. Bad
+input (unknown run, weights missing or changed since the run recorded them, an OUT that holds files) is one message,
+exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from compiler.checkpoint import llama_config, sha256_file, stack_to_llama
+from compiler.errors import SpecError, cli
+from compiler.families import family
+from compiler.model import EXPORT_FORMAT, build
+from compiler.plan import Plan
+from store.database import DEFAULT_DB, RunRecord, display_url, get_run, open_db
+from store.layout import RunFolder
+from store.runs import code_line, stage_end_metrics
+from store.tables import metrics_table, plan_summary, spec_text
+
+EXPORT_VERSION = 1
+
+
+def weights_of(db, run: RunRecord, stage: str | None) -> tuple[Path | None, bytes | None, str | None]:
+    """(the weights file, or their bytes from a BLOB artifact when the file is gone; the sha256 the run recorded)."""
+    refs = run.info.get('weights') or {}
+    ref = (refs.get('stages') or {}).get(stage) if stage else refs.get('final')
+    run_dir = run.info.get('run_dir')
+    path = Path(ref['path']) if ref else (RunFolder.at(run_dir).weights(stage) if run_dir else None)
+    sha = ref.get('sha256') if ref else None
+    if path is not None and path.is_file():
+        return path, None, sha
+    blob = db.artifact(run.id, 'final.safetensors') if stage is None else None  # runs recorded with BLOBs
+    return path, blob, sha
+
+
+def hf_export(model, plan: Plan, vocab: int, special_ids: dict, out: Path, tokenizer: Path) -> str | None:
+    """The decoder as a Llama checkpoint in out/hf; None when written, else why not."""
+    fam = family(plan)
+    if not fam.token_decoder:
+        return f"the '{plan.family}' decoder reads memories, not tokens"
+    if plan.decoder.kind != 'transformer' or not plan.decoder.causal:
+        return 'the decoder is not a causal transformer (a masked mixer has no Llama equivalent)'
+    from safetensors.torch import save_file
+    hf = out / 'hf'
+    hf.mkdir()
+    length = model.decoder.seq_len if hasattr(model.decoder, 'seq_len') else plan.memory.chunks * plan.memory.chunk_len
+    config = llama_config(plan.decoder, vocab, length, special_ids)
+    (hf / 'config.json').write_text(json.dumps(config, indent=1) + '\n')
+    save_file(stack_to_llama({k: v.contiguous() for k, v in model.decoder.state_dict().items()}),
+              str(hf / 'model.safetensors'), metadata={'format': 'pt'})
+    shutil.copyfile(tokenizer, hf / 'tokenizer.json')
+    (hf / 'tokenizer_config.json').write_text(json.dumps({
+        'tokenizer_class': 'PreTrainedTokenizerFast', 'pad_token': '<pad>', 'eos_token': '<eod>',
+        'model_max_length': config['max_position_embeddings']}, indent=1) + '\n')
+    return None
+
+
+def card(run: RunRecord, plan: Plan, cfg: dict, sm: dict, hf_note: str | None) -> str:
+    """The model card (OUT/README.md)."""
+    fam = family(plan)
+    stage = cfg['weights']['stage']
+    lines = [f"# memspec run {run.id}: {spec_text(run)}", '',
+             f"A `{plan.family}` model ({fam.summary}), trained by memspec's `python -m runtime.run` and exported "
+             f"with `python -m store.export`.", '',
+             f"- run: {run.name} of {cfg['run']['database']}, experiment `{run.experiment}`, status {run.status}",
+             f"- plan hash: {cfg['spec_hash']}, seed {plan.run.seed}",
+             f"- code: {code_line((cfg.get('provenance') or {}).get('code') or {})}",
+             f"- weights: `model.safetensors` ({'final' if stage is None else f'end of stage {stage}'}), sha256 "
+             f"`{cfg['weights']['sha256']}`",
+             f"- vocabulary: {cfg['vocab_size']} tokens (`tokenizer.json`), special ids "
+             + ', '.join(f'{k} {v}' for k, v in cfg['special_ids'].items()), '', '## Plan', '']
+    lines += [f'- {k}: {v}' for k, v in plan_summary(plan.to_dict())]
+    lines += [f"- curriculum: {', '.join(f'{s.name} ({s.steps} steps)' for s in plan.curriculum)}",
+              '', '## Stage-end metrics', '',
+              'Held-out metrics at the last step of each stage (as `python -m store.runs show` prints them):', '']
+    lines += ['```', metrics_table(sm, run.end_steps, indent='') if sm else 'none recorded', '```', '']
+    lines += ['## Load', '', '```python', 'from compiler.model import from_pretrained',
+              "model = from_pretrained('.')  # this folder; memspec's compiler is the only requirement", '```', '']
+    if hf_note is None:
+        lines += ['The decoder alone is also a Hugging Face Llama checkpoint (its logits on a plain token sequence, '
+                  'without memories, are the decoder\'s):', '', '```python', 'import transformers',
+                  "lm = transformers.LlamaForCausalLM.from_pretrained('hf')",
+                  "tok = transformers.PreTrainedTokenizerFast.from_pretrained('hf')", '```', '']
+    else:
+        lines += [f'No Hugging Face export: {hf_note}.', '']
+    lines += ['`operative.gin` is the complete spec the run was compiled from.', '']
+    return '\n'.join(lines)
+
+
+def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
+    where = f'export {run.id}'
+    if 'plan' not in run.config:
+        raise SpecError(where, 'the run recorded no plan', 'export a run recorded by python -m runtime.run')
+    plan = Plan.from_dict(run.config['plan'])
+    if stage is not None and stage not in plan.stage_names:
+        raise SpecError(f'--stage {stage}', f"run {run.id} has no stage '{stage}' (stages: "
+                        f"{', '.join(plan.stage_names)})", 'pick a listed stage, or leave --stage out for the final '
+                        'weights')
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpecError(f'OUT {out}', 'already exists and is not an empty folder',
+                        'export into a new folder (nothing of an existing one is replaced)')
+    path, blob, sha = weights_of(db, run, stage)
+    if path is None or (blob is None and not path.is_file()):
+        raise SpecError(where, f"the run's weights are not on this machine ({path or 'no path recorded'})",
+                        'export on the machine that holds the run folder, or copy the folder to the recorded path')
+    if blob is None and sha is not None and sha256_file(path) != sha:
+        raise SpecError(where, f'{path} changed since the run recorded it (its sha256 differs)',
+                        'restore the run folder from a backup; the recorded sha256 is in python -m store.runs show')
+    run_dir = Path(run.info.get('run_dir') or path.parent)
+    tokenizer = RunFolder.at(run_dir).tokenizer
+    if not tokenizer.is_file():
+        tokenizer = Path((run.info.get('data') or {}).get('cache') or '/nonexistent') / 'tokenizer.json'
+    if not tokenizer.is_file():
+        raise SpecError(where, f'no tokenizer: neither {RunFolder.at(run_dir).tokenizer} nor the data cache',
+                        'keep the run folder (it holds tokenizer.json) or its data cache where the run wrote them')
+    data = run.info.get('data') or {}
+    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if blob is None:
+            shutil.copyfile(path, tmp / 'model.safetensors')
+        else:
+            (tmp / 'model.safetensors').write_bytes(blob)
+        from safetensors.torch import load_file
+        state = load_file(str(tmp / 'model.safetensors'))
+        vocab = int(data.get('vocab_size') or state['decoder.head.weight'].shape[0])
+        model = build(plan, vocab)
+        model.load_state_dict(state)
+        shutil.copyfile(tokenizer, tmp / 'tokenizer.json')
+        (tmp / 'operative.gin').write_text(run.config.get('operative_gin') or '')
+        cfg = {'format': EXPORT_FORMAT, 'version': EXPORT_VERSION, 'family': plan.family, 'spec_hash':
+               run.config.get('spec_hash'), 'plan': plan.to_dict(), 'vocab_size': vocab,
+               'special_ids': data.get('special_ids') or {},
+               'weights': {'file': 'model.safetensors', 'sha256': sha256_file(tmp / 'model.safetensors'),
+                           'stage': stage},
+               'run': {'id': run.id, 'key': run.run_key, 'name': run.name, 'experiment': run.experiment,
+                       'database': display_url(db.url), 'spec': run.config.get('spec_sources') or run.spec_files},
+               'provenance': run.config.get('provenance') or {}}
+        (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
+        hf_note = hf_export(model, plan, vocab, cfg['special_ids'], tmp, tokenizer)
+        (tmp / 'README.md').write_text(card(run, plan, cfg, stage_end_metrics(db, run), hf_note))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+@cli
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog='python -m store.export', description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split('\n\n', 1)[1])
+    ap.add_argument('run', metavar='RUN', help='run id (python -m store.runs list) or its full name <id>-<key>')
+    ap.add_argument('out', metavar='OUT', help='the folder to write (must not exist, or be empty)')
+    ap.add_argument('--db', default=DEFAULT_DB, metavar='URL', help=f'run database (default {DEFAULT_DB})')
+    ap.add_argument('--stage', help='export the weights at the end of this stage (default: the final weights)')
+    args = ap.parse_args(argv)
+    db = open_db(args.db)
+    run = get_run(db, args.run.split('-', 1)[0])
+    if '-' in args.run and args.run != run.name:
+        raise SpecError(f'RUN {args.run}', f'run {run.id} of {db.name} is {run.name}', f'export {run.name}')
+    out = export(db, run, Path(args.out), args.stage)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())
+    print(f"exported run {run.name} to {out}: {', '.join(files)}")
+    print(f"load it with compiler.model.from_pretrained({str(out)!r})", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()
