@@ -485,7 +485,7 @@ def main() -> None:
     ap.add_argument('--jobs', type=int, default=2, help='runs at once (default 2: one per core)')
     ap.add_argument('--steps-scale', type=float, default=0.7,
                     help='Run.steps_scale for every run of the suite (default 0.7: the shipped report, 68 min on 2 '
-                         'cores; 1.0 runs the specs as shipped, about 100 min)')
+                         'cores; 1.0 runs the specs as shipped, about 95 min extrapolated)')
     ap.add_argument('--report-only', action='store_true', help='only regenerate the report from the database')
     args = ap.parse_args()
     runs = (ROOT / args.runs).resolve()
