@@ -392,6 +392,13 @@ def cmd_compare(db, args) -> None:
     print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
     if mrows:
         print(table(['stage', 'metric'] + ids, mrows, right=set(range(2, 2 + len(ids))), indent='  '))
+    keys, evals = compared_evaluations(db, ids)
+    print('\nevaluations (python -m runtime.evaluate)' + ('' if keys else ': none recorded'))
+    if keys:
+        erows = [[t, m, f"{st}/{mem}" + ('' if lim is None else f'/limit {lim}')] + [num(ev.get(k)) for ev in evals]
+                 for k in keys for t, m, st, mem, lim in [k]]
+        print(table(['task', 'metric', 'stage/memory'] + ids, erows, right=set(range(3, 3 + len(ids))),
+                    indent='  '))
 
 
 def compared_metrics(db, runs: list[RunRecord], patterns: list[str] | None):

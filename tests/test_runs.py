@@ -325,7 +325,7 @@ def test_metrics_of_several_runs_overlay_in_one_figure_and_in_json(runs, capsys,
     acc = curves('token accuracy')
     per_run = {c: [(repr(ln._dash_pattern), ln.get_marker()) for ln in acc if ln.get_color() == c]
                for c in {ln.get_color() for ln in acc}}
-    assert max(len(v) for v in per_run.values()) == 5  # the curricula's five eval accuracies
+    assert max(len(v) for v in per_run.values()) == 6  # clm, copy, blank copy (each also ablated but clm), autoencode
     for styles in per_run.values():  # within a run, each metric has its own line style (dash pattern and marker)
         assert len(styles) == len(set(styles)), styles
     data = json.loads(cli(capsys, 'metrics', runs.a, runs.c, '--name', 'train/loss', '--json', db=runs.db))

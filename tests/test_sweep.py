@@ -88,10 +88,19 @@ def test_the_dependency_component_suffix_is_kept(tmp_path):
         'encoder': 'run:7-0123456789/autoencode:encoder'}
 
 
+# Trials that drop part of their spec on purpose: the scopes left unused (a warning recorded in each run, never silent).
+DROPPED = {'specs/sweeps/paper_claims.gin': {'nomem_clm': {'blank'}, 'full_clm': {'blank'},  # clm-only baselines
+                                             'curriculum_random': {'autoencode', 'ae'},  # no autoencoder stage
+                                             'curriculum_causal': {'autoencode', 'ae'}}}
+
+
 @pytest.mark.parametrize('path', sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'specs' / 'sweeps').glob('*.gin')))
-def test_every_shipped_sweep_compiles_every_member_without_warnings(path):
+def test_every_shipped_sweep_compiles_every_member_and_warns_only_of_what_it_drops(path):
     members = members_of(ROOT / path)
-    assert members and all(m.spec.warnings == [] for m in members)
+    assert members
+    for m in members:
+        unused = {re.search(r"nothing is built in scope '(\w+)'", str(w)).group(1) for w in m.spec.warnings}
+        assert unused == DROPPED.get(path, {}).get(m.trial, set()), (m.trial, [str(w) for w in m.spec.warnings])
 
 
 def test_sweep_flags_of_runtime_run_expand_to_a_one_trial_sweep():
