@@ -139,7 +139,8 @@ def compile_report(model: Graph, stage: P.Stage, tokens):
         return
     before, counts, t0 = set(seen), inductor_cache_counts(), time.perf_counter()
     yield
-    new = seen - before
+    order = {o: i for i, o in enumerate(stage.objectives)}
+    new = sorted(seen - before, key=lambda key: order.get(key[1], len(order)))  # the stage's order, not a set's
     if new:
         hits, misses = (a - b for a, b in zip(inductor_cache_counts(), counts))
         print(f"Run.compile: stage {stage.name}, {', '.join(key[1].kind for key in new)} on {tuple(tokens.shape)}: "
