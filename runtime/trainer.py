@@ -130,8 +130,7 @@ class Trainer:
             position, rng = self.batches.state_dict(), torch.random.get_rng_state()
             try:
                 tokens, mask = next(self.batches)
-                mask = train.padding(mask)  # decided on the loader's CPU tensor, before the step
-                tokens, mask = tokens.to(self.device), None if mask is None else mask.to(self.device)
+                tokens = tokens.to(self.device)  # the mask stays on the CPU: accumulate decides padding there
                 opt.zero_grad(set_to_none=True)
                 loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
                 watch.add(loss, losses)
