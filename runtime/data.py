@@ -37,6 +37,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from compiler.checkpoint import sha256_file
 from compiler.errors import SpecError, cli
 
 SPECIAL_TOKENS = ('<pad>', '<eod>', '<blank>', '<copy>')
@@ -458,7 +459,7 @@ def prepare(plan, progress: bool = True) -> Prepared:
                         f'{getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0]}',
                         'point Data.cache_dir at a folder this user can write that has room for the cache')
     meta = {'key': key, 'special_ids': ids, 'vocab_size': tok.get_vocab_size(with_added_tokens=True), 'stats': stats,
-            'sha256': {f: _sha256(tmp / f) for f in CACHE_FILES}}
+            'sha256': {f: sha256_file(tmp / f) for f in CACHE_FILES}}
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=1))
     try:
         os.rename(tmp, path)
@@ -486,14 +487,6 @@ def _no_examples(d, split: str, lengths: np.ndarray, n: int, l: int) -> SpecErro
                      + (', or a larger Data.val_fraction' if split == 'val' else ''))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _meta(path: Path) -> dict:
     meta = json.loads((path / 'meta.json').read_text())
     if not isinstance(meta, dict):
@@ -508,7 +501,7 @@ def _damage(path: Path) -> str | None:
         return f"{', '.join(missing)} missing"
     try:
         recorded = _meta(path)['sha256']
-        bad = [f for f in CACHE_FILES if _sha256(path / f) != recorded[f]]
+        bad = [f for f in CACHE_FILES if sha256_file(path / f) != recorded[f]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f'meta.json unreadable: {type(e).__name__}'
     return f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not match the sha256 in meta.json" if bad else None
