@@ -395,8 +395,7 @@ def cmd_compare(db, args) -> None:
     keys, evals = compared_evaluations(db, ids)
     print('\nevaluations (python -m runtime.evaluate)' + ('' if keys else ': none recorded'))
     if keys:
-        erows = [[t, m, f"{st}/{mem}" + ('' if lim is None else f'/limit {lim}')] + [num(ev.get(k)) for ev in evals]
-                 for k in keys for t, m, st, mem, lim in [k]]
+        erows = [[k[0], k[1], evaluated_as(k)] + [num(ev.get(k)) for ev in evals] for k in keys]
         print(table(['task', 'metric', 'stage/memory'] + ids, erows, right=set(range(3, 3 + len(ids))),
                     indent='  '))
 
@@ -427,6 +426,12 @@ def compared_evaluations(db, ids: list) -> tuple[list, list[dict]]:
     return list(dict.fromkeys(k for ev in evals for k in ev)), evals
 
 
+def evaluated_as(key: tuple) -> str:
+    """'stage/memory[/limit N]' of an evaluation key (task, metric, stage, memory, limit)."""
+    _, _, stage, memory, limit = key
+    return f'{stage}/{memory}' + ('' if limit is None else f'/limit {limit}')
+
+
 def compare_document(db, runs: list[RunRecord], args) -> None:
     """compare --json / --csv: the same sections as the text (plan keys that differ, or all with --all; command-line
     bindings that differ; stage-end metrics; evaluations), every value exact; a run that lacks a key has null."""
@@ -451,8 +456,7 @@ def compare_document(db, runs: list[RunRecord], args) -> None:
         return
     rows = [['plan', k, '', *v] for k, v in plan.items()] + [['binding', k, '', *v] for k, v in binds.items()] \
         + [['stage_end_metric', n, s, *v] for s, m in metrics.items() for n, v in m.items()] \
-        + [['evaluation', f'{t}/{m}', f'{st}/{mem}' + ('' if lim is None else f'/limit {lim}'),
-            *[ev.get(k) for ev in evals]] for k in keys for t, m, st, mem, lim in [k]]
+        + [['evaluation', f'{k[0]}/{k[1]}', evaluated_as(k), *[ev.get(k) for ev in evals]] for k in keys]
     print_csv(['section', 'key', 'stage', *ids], rows)
 
 
