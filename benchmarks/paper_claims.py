@@ -88,6 +88,10 @@ class Row:
     def mean(self) -> float:
         return mean_se(list(self.values.values()))[0] if self.values else float('nan')
 
+    def error_bar(self) -> float:
+        """The standard error, or 0 where one seed gives none (a plot's error bar)."""
+        return mean_se(list(self.values.values()))[1] if self.n > 1 else 0.0
+
     def paired(self, other: Row, fn=lambda a, b: a - b) -> list[float]:
         return [fn(self.values[s], other.values[s]) for s in sorted(self.values) if s in other.values]
 
@@ -293,7 +297,7 @@ def report(s: Suite, out: Path) -> str:
                 lines.append(f'| {model} {what} | {_f(a)} | {_f(c)} | - |')
         lines.append('')
         ax.bar(range(len(shown)), [r.mean() for r, _ in shown],
-               yerr=[mean_se(list(r.values.values()))[1] if r.n > 1 else 0 for r, _ in shown], capsize=4)
+               yerr=[r.error_bar() for r, _ in shown], capsize=4)
         ax.set_xticks(range(len(shown)), [t.split('_', 1)[1] for _, t in shown], rotation=35, ha='right', fontsize=8)
         uni = s.floor(length, 'autoencode', 'unigram', 'token_accuracy')
         if uni is not None:
@@ -417,14 +421,14 @@ def _figures(plt, s: Suite, table: dict, out: Path) -> None:
     for i, key in enumerate(('blank_copy', 'blank_copy_ablated', 'copy', 'copy_ablated')):
         rows = [table[t][key] for t in labels]
         axes[0].bar([j + (i - 1.5) * width for j in range(len(labels))], [r.mean() for r in rows], width,
-                    yerr=[mean_se(list(r.values.values()))[1] if r.n > 1 else 0 for r in rows], capsize=3,
+                    yerr=[r.error_bar() for r in rows], capsize=3,
                     label=key.replace('_', ' '))
     axes[0].set_xticks(range(len(labels)), labels, rotation=30, ha='right', fontsize=8)
     axes[0].set_ylabel('held-out token accuracy')
     axes[0].legend(fontsize=7)
     rows = [table[t]['clm'] for t in labels]
     axes[1].bar(range(len(labels)), [r.mean() for r in rows],
-                yerr=[mean_se(list(r.values.values()))[1] if r.n > 1 else 0 for r in rows], capsize=3)
+                yerr=[r.error_bar() for r in rows], capsize=3)
     for model, style in (('unigram', '--'), ('bigram', ':')):
         c = s.floor(8, 'clm', model, 'ce')
         if c is not None:
@@ -445,7 +449,7 @@ def _figures(plt, s: Suite, table: dict, out: Path) -> None:
             xs = [i for i, r in enumerate(rows) if r.values]
             if xs:
                 ax.errorbar(xs, [rows[i].mean() for i in xs],
-                            yerr=[mean_se(list(rows[i].values.values()))[1] if rows[i].n > 1 else 0 for i in xs],
+                            yerr=[rows[i].error_bar() for i in xs],
                             color=color, ls=style, marker='o', capsize=3,
                             label=f"{trial} {'(memories ablated)' if 'ablated' in metric else ''}")
     ax.set_xticks(range(len(stages)), stages)
