@@ -4,6 +4,7 @@ run offline, single-threaded and deterministic in float32.
 One intra-op thread: the test models are tiny, and on the 2-core machines two OpenMP threads made a forward
 pass ~4x slower in wall time whenever anything else ran (measured), with no gain when idle."""
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -97,6 +98,26 @@ def rt_main(argv: list[str]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+def in_process(main, argv, capsys) -> tuple[int, str, str]:
+    """A CLI's main(argv) run in this process: (exit code, stdout, stderr); 0 when it returns normally."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def db_rows(db, sql, *args) -> list[tuple]:
+    """Rows of one query on a SQLite run database (a file path)."""
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
 
 
 def rt_run_folders(out_dir) -> dict[str, list[Path]]:

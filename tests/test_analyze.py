@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import in_process
 
 from compiler import objectives as O
 from compiler import plan as P
@@ -65,13 +66,7 @@ def ae_run(tmp_path_factory):
 
 def cli(*argv, capsys):
     """Run the CLI in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        A.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(A.main, argv, capsys)
 
 
 def reference(ae_run):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, rt_env
+from conftest import ROOT, in_process, rt_env
 
 lm_eval = pytest.importorskip('lm_eval', reason="lm-eval is not installed: pip install -e '.[test,eval]'")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -121,13 +121,7 @@ def test_needle_answer_sits_in_an_earlier_chunk(lm, flagship_run):
 # ------------------------------------------------------------------------------------------------ CLI
 
 def cli(argv, capsys):
-    try:
-        E.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(E.main, argv, capsys)
 
 
 def test_evaluate_records_prints_and_writes_json(flagship_run, capsys):

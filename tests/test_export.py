@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 import torch
+from conftest import in_process
 from safetensors.torch import load_file
 
 from compiler.errors import SpecError
@@ -19,13 +20,7 @@ from store.database import get_run, open_db
 
 def run_export(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()
-    try:
-        E.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(E.main, argv, capsys)
 
 
 @pytest.fixture(scope='module')

@@ -148,6 +148,22 @@ def mutate(draw, text: str, rel: str) -> str | bytes:
     return '\n'.join(lines) + '\n'
 
 
+def fuzz(examples: int):
+    """The fuzzers' hypothesis settings: `examples` cases, reproducible unless MEMSPEC_FUZZ_RANDOM is set."""
+    return settings(max_examples=examples, deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+@contextlib.contextmanager
+def spec_copy():
+    """A scratch copy of specs/ that mutations may damage: -> its folder."""
+    with tempfile.TemporaryDirectory(prefix='memspec-fuzz-') as tmp:
+        folder = Path(tmp) / 'specs'
+        shutil.copytree(SPECS_DIR, folder)
+        yield folder
+
+
 def compile_cli(argv: list[str]) -> tuple[int, str, str, float]:
     """compiler.__main__.main(argv) in process -> (exit code, stdout, stderr, seconds). Any exception other than
     SystemExit propagates: that is the traceback a user would have seen."""
@@ -172,14 +188,11 @@ def assert_clear_outcome(code: int, out: str, err: str, seconds: float) -> None:
     assert err.startswith('error: ') and err.count('\n  fix: ') == 1, f'not one clear message:\n{err}'
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@fuzz(EXAMPLES)
 @given(data=st.data())
 def test_mutated_specs_compile_or_exit_2_with_one_message(data):
     top = data.draw(st.sampled_from(TOP), label='spec')
-    with tempfile.TemporaryDirectory(prefix='memspec-fuzz-') as tmp:
-        folder = Path(tmp) / 'specs'
-        shutil.copytree(SPECS_DIR, folder)
+    with spec_copy() as folder:
         (folder / '__binary__.gin').write_bytes(bytes(range(256)))
         files = includes(folder, top)
         for _ in range(data.draw(st.integers(1, 3), label='mutations')):
@@ -263,14 +276,11 @@ SCOPED_BINDINGS = [('Stack', 'n_layers', '3'), ('Stack', 'causal', 'True'), ('St
 COMPLETE = [t for t in TOP if any('Plan.family' in (SPECS_DIR / f).read_text() for f in includes(SPECS_DIR, t))]
 
 
-@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@fuzz(max(1, EXAMPLES // 2))
 @given(data=st.data())
 def test_misspelt_scopes_and_references_compile_or_exit_2_with_one_located_message(data):
     top = data.draw(st.sampled_from(COMPLETE), label='spec')
-    with tempfile.TemporaryDirectory(prefix='memspec-fuzz-') as tmp:
-        folder = Path(tmp) / 'specs'
-        shutil.copytree(SPECS_DIR, folder)
+    with spec_copy() as folder:
         files = includes(folder, top)
         for _ in range(data.draw(st.integers(1, 2), label='mutations')):
             rel = data.draw(st.sampled_from(files), label='file')

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
+from conftest import ROOT, TINY, in_process, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.cost import kv_cache_bytes
 from compiler.errors import SpecError
@@ -276,13 +276,7 @@ def tiny_run(tmp_path_factory, rt_cache):
 
 def cli(argv, capsys):
     """runtime.generate.main in this process: (exit code, stdout, stderr)."""
-    try:
-        G.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(G.main, argv, capsys)
 
 
 def test_cli_generates_from_a_real_run(tiny_run):

@@ -3,7 +3,6 @@ divergence and init_from, on tiny curricula that run in seconds."""
 import json
 import math
 import signal
-import sqlite3
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from conftest import (
     TINY,
     TINY_FLAGSHIP,
     TINY_PROBE,
+    db_rows,
     rt_argv,
     rt_bindings,
     rt_env,
@@ -45,14 +45,6 @@ def initial_weights(bindings, spec=FLAGSHIP):
     plan = load([spec], bindings).plan
     vocab = prepare(plan, progress=False).vocab_size
     return build(plan, vocab).state_dict(), vocab
-
-
-def db_rows(db, sql, *args):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def run_status(db, run_id):

@@ -6,7 +6,6 @@ one copy of their memories (store/memories.py)."""
 import hashlib
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import warnings
@@ -14,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, rt_argv, rt_main, rt_run_dir, rt_run_ids
+from conftest import ROOT, db_rows, rt_argv, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.checkpoint import sha256_file
 from compiler.spec import load
@@ -25,16 +24,8 @@ from store import memories as M
 STAGE_ENDS = {'autoencode': 3, 'blank_copy': 6, 'copy': 8, 'combined': 10}  # TINY_FLAGSHIP
 
 
-def rows(db, sql, *args):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
-
-
 def record(stored_run) -> tuple[dict, dict]:
-    ((config, info),) = rows(stored_run.db, 'SELECT config, info FROM run WHERE run_id = ?', stored_run.run_id)
+    ((config, info),) = db_rows(stored_run.db, 'SELECT config, info FROM run WHERE run_id = ?', stored_run.run_id)
     return json.loads(config), json.loads(info)
 
 
@@ -48,9 +39,9 @@ def events(folder):
 def assert_events_equal_database(folder, db, run_id):
     """Every scalar of the event files is a metric row of the database (float32, as TensorBoard keeps it)."""
     acc = events(folder)
-    db_rows = rows(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step', run_id)
+    logged = db_rows(db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ? ORDER BY name, step', run_id)
     want: dict[str, list] = {}
-    for name, step, value in db_rows:
+    for name, step, value in logged:
         want.setdefault(name, []).append((step, np.float32(value)))
     assert set(acc.Tags()['scalars']) == set(want)
     for name, points in want.items():
@@ -73,7 +64,7 @@ def test_tensorboard_event_files_hold_exactly_the_databases_metrics(stored_run):
 def test_learning_rate_grad_norm_and_throughput_are_logged_at_every_log_step(stored_run):
     from runtime.train import optimizer
     plan = load(['specs/frozen_encoder_curriculum.gin'], stored_run.bindings).plan
-    logged = {n: dict((s, v) for _, s, v in rows(stored_run.db, 'SELECT name, step, value FROM memspec_metrics '
+    logged = {n: dict((s, v) for _, s, v in db_rows(stored_run.db, 'SELECT name, step, value FROM memspec_metrics '
                                                                  'WHERE run_id = ? AND name = ?', stored_run.run_id, n))
               for n in ('train/lr', 'train/grad_norm', 'train/tokens_per_s', 'train/loss')}
     assert set(logged['train/lr']) == set(logged['train/loss']) == set(range(1, 11))
@@ -91,7 +82,7 @@ def test_learning_rate_grad_norm_and_throughput_are_logged_at_every_log_step(sto
 
 
 def test_captured_output_experiment_name_and_seed(stored_run):
-    ((out, experiment),) = rows(stored_run.db, 'SELECT r.captured_out, e.name FROM run r JOIN experiment e '
+    ((out, experiment),) = db_rows(stored_run.db, 'SELECT r.captured_out, e.name FROM run r JOIN experiment e '
                                                'ON e.experiment_id = r.experiment_id')
     config, _ = record(stored_run)
     assert experiment == 'frozen_encoder_curriculum' and config['plan']['run']['name'] == 'run'
@@ -130,11 +121,11 @@ def test_code_and_seed_are_recorded_in_the_config_and_the_run_folder(stored_run)
     diff = stored_run.run_dir / 'source.diff'
     if code['dirty'] and code['diff_bytes']:
         assert hashlib.sha256(diff.read_bytes()).hexdigest() == code['diff_sha256']
-        assert rows(stored_run.db, "SELECT COUNT(*) FROM artifact WHERE filename = 'source.diff'") == [(1,)]
+        assert db_rows(stored_run.db, "SELECT COUNT(*) FROM artifact WHERE filename = 'source.diff'") == [(1,)]
     else:
         assert not diff.exists()
     # Sacred's own source capture covers the whole project, not runtime/ alone
-    sources = {r[0] for r in rows(stored_run.db, 'SELECT filename FROM source')}
+    sources = {r[0] for r in db_rows(stored_run.db, 'SELECT filename FROM source')}
     assert {'compiler/model.py', 'store/memories.py', 'runtime/trainer.py'} <= sources, sources
 
 
@@ -189,7 +180,7 @@ def test_weights_are_referenced_by_path_and_sha256_not_stored(stored_run):
     for stage in STAGE_ENDS:
         f = stored_run.run_dir / 'stages' / f'{stage}.safetensors'
         assert info['weights']['stages'][stage]['sha256'] == sha256_file(f)
-    arts = {r[0] for r in rows(stored_run.db, 'SELECT filename FROM artifact')}
+    arts = {r[0] for r in db_rows(stored_run.db, 'SELECT filename FROM artifact')}
     assert 'final.safetensors' not in arts and {'operative.gin', 'summary.json', 'summary.md'} <= arts
 
 
@@ -201,14 +192,14 @@ def test_artifacts_blob_keeps_the_weights_in_the_database(tmp_path, rt_cache):
     assert rt_main(argv) == 0
     (run_id,) = rt_run_ids(out)
     final = rt_run_dir(out, run_id) / 'final.safetensors'
-    ((blob,),) = rows(out / 'sacred.db', "SELECT content FROM artifact WHERE filename = 'final.safetensors'")
+    ((blob,),) = db_rows(out / 'sacred.db', "SELECT content FROM artifact WHERE filename = 'final.safetensors'")
     assert bytes(blob) == final.read_bytes()
 
 
 def test_the_tokenizer_travels_with_the_run_folder(stored_run, monkeypatch):
     from runtime import data
     from runtime import generate as G
-    (cache,) = rows(stored_run.db, 'SELECT info FROM run')[0]
+    (cache,) = db_rows(stored_run.db, 'SELECT info FROM run')[0]
     cache = json.loads(cache)['data']['cache']
     assert (stored_run.run_dir / 'tokenizer.json').read_bytes() == (ROOT / cache / 'tokenizer.json').read_bytes()
 
