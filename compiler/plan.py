@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import gin
 
 from compiler.families import NAMES as FAMILIES
+from compiler.objective_registry import NAMES as OBJECTIVES
 
 STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack
 # A name that becomes a file or group name (Stage.name: stages/<name>.safetensors, a memory-store group; Run.name):
@@ -172,7 +173,7 @@ class Memory(_PlanPart):
 
 @dataclass(frozen=True)
 class Objective(_PlanPart):
-    kind: typing.Literal['clm', 'autoencode', 'copy', 'blank_copy', 'retrieval'] = 'clm'
+    kind: typing.Literal[OBJECTIVES] = 'clm'  # type: ignore[valid-type]  # compiler/objective_registry.py
     weight: float = 1.0
     delimiter: int = 0  # copy: number of delimiter tokens before the copy (research code: 3)
     temperature: float = 0.02  # retrieval InfoNCE temperature
