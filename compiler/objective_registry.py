@@ -35,8 +35,8 @@ class ObjectiveKind:
     # family needs a token decoder), 'regenerate' (the family's autoencode_via stack regenerates each chunk from its
     # memory) or 'encoder' (only encoder embeddings: the family needs an encoder)
     stack: str
-    # the function in compiler.objectives that builds an example: (objective, tokens, key mask, ids) -> (inputs,
-    # input key mask, labels)
+    # the example builder, a function registered with @example in compiler.objectives: (objective, tokens, key mask,
+    # ids) -> (inputs, input key mask, labels)
     example: str
     # the targets: 'next' (the next token inside the chunk: every position but the last can have one) or 'self'
     # (every token predicts itself)

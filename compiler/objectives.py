@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +39,44 @@ def shifted_labels(tokens: torch.Tensor, key_mask: torch.Tensor | None) -> torch
     return labels
 
 
+# The example builders by name (ObjectiveKind.example names one): functions of (objective, tokens, key mask, ids) ->
+# (inputs, input key mask, labels). A plain dict: the compiled step (Run.compile) traces a lookup in it
+EXAMPLES: dict[str, Callable] = {}
+
+
+def example(fn: Callable) -> Callable:
+    """Registers an example builder under its function name."""
+    EXAMPLES[fn.__name__] = fn
+    return fn
+
+
 def make_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """-> (input tokens, input key mask, labels), built by the function its record names
     (ObjectiveKind.example). Inputs are never modified in place."""
-    return globals()[objective(obj).example](obj, tokens, key_mask, ids)
+    return EXAMPLES[objective(obj).example](obj, tokens, key_mask, ids)
 
 
+@example
 def next_token_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """The chunks as they are; the next token inside each chunk is the target."""
     return tokens, key_mask, shifted_labels(tokens, key_mask)
 
 
+@example
 def autoencode_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """The chunks as they are; every real token is its own target."""
     labels = tokens if key_mask is None else torch.where(key_mask, tokens, IGNORE)
     return tokens, key_mask, labels
 
 
+@example
 def copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """Input = [first half, first half]; only the second half is supervised, with the next-token targets of the
     first half (the tokens to predict are visible in the first half)."""
     return _copy(obj, tokens, key_mask, ids, blank=False)
 
 
+@example
 def blank_copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """Input = [first half, blank tokens]; only the second half is supervised, with the next-token targets of the
     first half (recall from memories alone)."""
