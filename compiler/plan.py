@@ -71,12 +71,15 @@ def _conforms(value, tp) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
                                                for k, v in value.items())
+    return _is_scalar(value, tp)
+
+
+def _is_scalar(value, tp) -> bool:
+    """None, a number (a bool is neither an int nor a float here) or an instance of a class."""
     if tp is type(None):
         return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
     return isinstance(value, tp)
 
 

@@ -14,8 +14,8 @@ from compiler import objectives as O
 from compiler import plan as P
 from compiler.errors import SpecError
 from compiler.families import NAMES, REGISTRY, family
-from compiler.objective_registry import REGISTRY as OBJECTIVES
 from compiler.model import build, meta_build
+from compiler.objective_registry import REGISTRY as OBJECTIVES
 from compiler.spec import load
 from runtime import generate as G
 from runtime.train import evaluate, forward

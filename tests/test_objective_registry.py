@@ -148,6 +148,8 @@ def test_targets_lie_where_the_record_says(kind):
         outside = torch.ones(8, dtype=torch.bool)
         outside[rec.target_positions()] = False
         assert (labels[..., outside] == O.IGNORE).all()
+        # and every target position has a target somewhere: the head runs on no position in vain
+        assert (labels[..., rec.target_positions()] != O.IGNORE).flatten(0, 1).any(0).all()
         source = x[:, :4 - first]  # the chunks whose tokens the supervised chunks predict
         source_mask = None if mask is None else mask[:, :4 - first]
         expected = (source if source_mask is None else torch.where(source_mask, source, O.IGNORE)) \
