@@ -1,11 +1,12 @@
 """The family registry: one record per model family, the only place that knows what a family is.
 
-Every other module asks the record instead of testing family names: the validator (which objectives, how many
-chunks, whether an encoder is needed), the cost model (which components exist, what work one example costs), the
-graph builder (which class, how long each stack's sequences are), the runtime (what to evaluate at a stage end,
-whether memories are stored), generation and offline decoding. Adding a family is one record here plus its graph
-code in compiler/model.py; tests/test_families.py enumerates the registry and checks that the cost model, the
-validator, the built graph and the evaluation suite agree for every family.
+Every other module asks the record instead of testing family names: the validator (which objectives: those whose
+stack the graph has, compiler/objective_registry.py; how many chunks, whether an encoder is needed), the cost model
+(which components exist, what work one example costs), the graph builder (which class, how long each stack's
+sequences are), the runtime (what to evaluate at a stage end, whether memories are stored), generation and offline
+decoding. Adding a family is one record here plus its graph code in compiler/model.py; tests/test_families.py
+enumerates the registry and checks that the cost model, the validator, the built graph and the evaluation suite agree
+for every family.
 
 The record describes the *work* of one example as passes over stacks (`Pass`): how many sequences of which length
 each stack processes for an objective, how many of their positions the last block and the head compute. The cost
@@ -18,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from compiler.objective_registry import REGISTRY as OBJECTIVES
+from compiler.objective_registry import ObjectiveKind
+
 if TYPE_CHECKING:
     from compiler.plan import Plan
-
-COPY_KINDS = ('copy', 'blank_copy')  # objectives that decode only the second half of the chunks
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,12 @@ class Family:
     summary: str
     lengths: Callable[[Plan], dict[str, int]]  # stack role -> positions per sequence (mixers are built for it)
     work: Callable[[Plan, str], Work]  # (plan, objective kind) -> passes of one example
-    objectives: frozenset[str]  # objective kinds the graph serves
     encoder: str | None = None  # what its encoder reads: 'chunk' (each chunk alone), 'sequence' (all, future included)
     forms_memories: bool = False  # memory formation (compression, projection) exists
     pad_slot: bool = False  # the decoder has memory slots; an empty one holds the pad embedding
     chunk_slots: bool = False  # chunk c reads the memories of chunks < c in slots laid out by Memory.slots
     token_decoder: bool = True  # the decoder reads tokens (False: it regenerates its input from a memory)
-    autoencode_via: str | None = None  # the stack that serves the 'autoencode' objective
+    autoencode_via: str | None = None  # the stack that serves objectives that regenerate a chunk ('autoencode')
     min_chunks: int = 1
     ablation: bool = False  # stage-end evaluation also scores blank copy with every memory replaced by the pad slot
     stores_memories: bool = False  # stage ends write held-out memories to the Zarr store
@@ -70,13 +71,23 @@ class Family:
     def has_encoder(self) -> bool:
         return self.encoder is not None
 
+    def serves(self, kind: ObjectiveKind) -> bool:
+        """Does the graph have the stack that serves an objective (ObjectiveKind.stack)?"""
+        return {'decoder': self.token_decoder, 'regenerate': self.autoencode_via is not None,
+                'encoder': self.has_encoder}[kind.stack]
+
+    @property
+    def objectives(self) -> frozenset[str]:
+        """The objective kinds the graph serves."""
+        return frozenset(k for k, o in OBJECTIVES.items() if self.serves(o))
+
     def eval_suite(self, plan: Plan) -> list[str]:
-        """Objective kinds every stage end reports, whatever the stage trained: what this family can serve."""
-        if not self.token_decoder:
-            return ['autoencode']
-        n = plan.memory.chunks
-        suite = ['clm'] + (list(COPY_KINDS) if n >= 2 and n % 2 == 0 else [])
-        return suite + (['autoencode'] if needs_ae_decoder(plan) else [])
+        """Objective kinds every stage end reports, whatever the stage trained: what this family can serve and the
+        plan's chunks hold. A token decoder's family regenerates chunks only where the curriculum built the stack
+        for it (needs_ae_decoder); a family that only regenerates reports nothing else."""
+        built = {'decoder': self.token_decoder, 'regenerate': not self.token_decoder or needs_ae_decoder(plan),
+                 'encoder': self.has_encoder}
+        return [k for k, o in OBJECTIVES.items() if o.evaluated and built[o.stack] and self.serves(o) and o.fits(plan)]
 
     def readout(self, plan: Plan, stage: str | None = None) -> str | None:
         """How stored memories are decoded offline: 'decoder' (the autoencoder's own decoder), 'ae_decoder' (a
@@ -91,14 +102,14 @@ class Family:
         if not needs_ae_decoder(plan):
             return 'blank_copy'
         trains = [s for s in plan.curriculum if s.name == stage]
-        if trains and not any(o.kind == 'autoencode' for o in trains[0].objectives):
+        if trains and not any(OBJECTIVES[o.kind].stack == 'regenerate' for o in trains[0].objectives):
             return 'blank_copy'
         return 'ae_decoder'
 
 
 def _first(objective: str, n: int) -> int:
     """Chunks a pass skips: copy objectives supervise (and decode) only the second half."""
-    return n // 2 if objective in COPY_KINDS else 0
+    return OBJECTIVES[objective].first_chunk(n)
 
 
 def _read(plan: Plan) -> int:
@@ -158,7 +169,7 @@ def _chunked_lengths(encoder: str | None) -> Callable[[Plan], dict[str, int]]:
 def _chunked_work(encoder: str | None) -> Callable[[Plan, str], Work]:
     def work(plan: Plan, objective: str) -> Work:
         n, l = plan.memory.chunks, plan.memory.chunk_len
-        if objective == 'autoencode':  # the curriculum's stage 0: every chunk through the ae_decoder, no slots
+        if OBJECTIVES[objective].stack == 'regenerate':  # stage 0 autoencodes: every chunk through the ae_decoder
             return _autoencoding(plan, 'ae_decoder')
         first = _first(objective, n)
         decoder = Pass('decoder', n - first, _slots(plan) + l, l, l)  # the head reads token positions only
@@ -183,40 +194,36 @@ def _recurrent_work(plan: Plan, objective: str) -> Work:
     return Work((Pass('decoder', first, 1 + l), scored) if first else (scored,), forms=n)
 
 
-CAUSAL = frozenset({'clm', 'copy', 'blank_copy'})
-WITH_ENCODER = CAUSAL | {'autoencode', 'retrieval'}
-REGENERATE = frozenset({'autoencode', 'retrieval'})
-
 REGISTRY: dict[str, Family] = {f.name: f for f in (
     Family('clm', 'CausalLM', 'causal LM over all N x L tokens: the baseline and the source of causal encoders',
-           _sequence_lengths, _sequence_work, CAUSAL, generation='causal', probe_source='decoder'),
+           _sequence_lengths, _sequence_work, generation='causal', probe_source='decoder'),
     Family('full_context', 'CausalLM', 'full-context transformer over N x L tokens, scored on the in-chunk targets',
-           _sequence_lengths, _sequence_work, CAUSAL, generation='causal', probe_source='decoder'),
+           _sequence_lengths, _sequence_work, generation='causal', probe_source='decoder'),
     Family('autoencoder', 'Autoencoder', 'each chunk -> one memory -> a decoder regenerates every token of it',
-           _autoencoder_lengths, _autoencoder_work, REGENERATE, encoder='chunk', forms_memories=True,
+           _autoencoder_lengths, _autoencoder_work, encoder='chunk', forms_memories=True,
            token_decoder=False, autoencode_via='decoder', stores_memories=True, probe_source='encoder',
            cannot_generate='an autoencoder regenerates its input from one memory; it does not continue text'),
     Family('probe', 'Autoencoder',
            'information probe: a (frozen) encoder and a fresh decoder that regenerates its input',
-           _autoencoder_lengths, _autoencoder_work, REGENERATE, encoder='chunk', forms_memories=True,
+           _autoencoder_lengths, _autoencoder_work, encoder='chunk', forms_memories=True,
            token_decoder=False, autoencode_via='decoder', stores_memories=True, probe_source='encoder',
            cannot_generate='an information probe regenerates its input from one memory; it does not continue text'),
     Family('memory', 'ChunkedMemoryLM', 'chunked memory model: memories of earlier chunks before each chunk\'s tokens',
-           _chunked_lengths('chunk'), _chunked_work('chunk'), WITH_ENCODER, encoder='chunk', forms_memories=True,
+           _chunked_lengths('chunk'), _chunked_work('chunk'), encoder='chunk', forms_memories=True,
            pad_slot=True, chunk_slots=True, autoencode_via='ae_decoder', min_chunks=2, ablation=True,
            stores_memories=True,
            generation='memory', probe_source='encoder'),
     Family('no_memory', 'ChunkedMemoryLM', 'control: the memory model\'s decoder with every memory slot empty',
-           _chunked_lengths(None), _chunked_work(None), CAUSAL, pad_slot=True, chunk_slots=True, min_chunks=2,
+           _chunked_lengths(None), _chunked_work(None), pad_slot=True, chunk_slots=True, min_chunks=2,
            generation='memory'),
     Family('oracle', 'ChunkedMemoryLM', 'oracle memory model: the encoder reads the whole sequence, future included',
-           _chunked_lengths('sequence'), _chunked_work('sequence'), WITH_ENCODER, encoder='sequence',
+           _chunked_lengths('sequence'), _chunked_work('sequence'), encoder='sequence',
            forms_memories=True, pad_slot=True, chunk_slots=True, autoencode_via='ae_decoder', min_chunks=2,
            ablation=True, probe_source='encoder',
            cannot_generate="the oracle's encoder reads the whole sequence, future included: there is no future to "
                            'read while generating'),
     Family('recurrent', 'RecurrentMemoryLM', 'recurrent memory transformer: one memory carried chunk to chunk',
-           _recurrent_lengths, _recurrent_work, CAUSAL, forms_memories=True, pad_slot=True, min_chunks=2,
+           _recurrent_lengths, _recurrent_work, forms_memories=True, pad_slot=True, min_chunks=2,
            cannot_generate='the recurrent memory transformer carries its memory in the decoder output of the '
                            'previous chunk; KV-cached generation is not implemented for it'),
 )}
@@ -231,7 +238,7 @@ def family(plan_or_name) -> Family:
 def needs_ae_decoder(plan: Plan) -> bool:
     """A memory model whose curriculum autoencodes (the frozen-encoder curriculum's stage 0) has an ae_decoder."""
     return family(plan).autoencode_via == 'ae_decoder' and any(
-        o.kind == 'autoencode' for s in plan.curriculum for o in s.objectives)
+        OBJECTIVES[o.kind].stack == 'regenerate' for s in plan.curriculum for o in s.objectives)
 
 
 def serving(kind: str) -> list[str]:

@@ -1,4 +1,6 @@
-"""Objectives: how a batch becomes (model input, labels), and the one place metrics are computed.
+"""Objectives: how a batch becomes (model input, labels), the losses, and the one place metrics are computed. What
+each objective kind is (which function here builds its example, which positions are targets, which loss) is its
+record in compiler/objective_registry.py.
 
 Label convention (golden-tested): labels[b, c, t] is the target of logits[b, c, t]; IGNORE marks positions
 without a target. Causal objectives predict the next token *inside* the chunk (the paper's memory-model loss:
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from compiler import plan as P
+from compiler.objective_registry import faithful_parts, objective
 
 IGNORE = -100
 
@@ -35,20 +39,57 @@ def shifted_labels(tokens: torch.Tensor, key_mask: torch.Tensor | None) -> torch
     return labels
 
 
+# The example builders by name (ObjectiveKind.example names one): functions of (objective, tokens, key mask, ids) ->
+# (inputs, input key mask, labels). A plain dict: the compiled step (Run.compile) traces a lookup in it
+EXAMPLES: dict[str, Callable] = {}
+
+
+def example(fn: Callable) -> Callable:
+    """Registers an example builder under its function name."""
+    EXAMPLES[fn.__name__] = fn
+    return fn
+
+
 def make_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
-    """-> (input tokens, input key mask, labels). Inputs are never modified in place."""
-    if obj.kind in ('clm', 'retrieval'):
-        return tokens, key_mask, shifted_labels(tokens, key_mask)
-    if obj.kind == 'autoencode':
-        labels = tokens if key_mask is None else torch.where(key_mask, tokens, IGNORE)
-        return tokens, key_mask, labels
-    # copy / blank copy: input = [first half, first half]; only the second half is supervised
+    """-> (input tokens, input key mask, labels), built by the function its record names
+    (ObjectiveKind.example). Inputs are never modified in place."""
+    return EXAMPLES[objective(obj).example](obj, tokens, key_mask, ids)
+
+
+@example
+def next_token_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """The chunks as they are; the next token inside each chunk is the target."""
+    return tokens, key_mask, shifted_labels(tokens, key_mask)
+
+
+@example
+def autoencode_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """The chunks as they are; every real token is its own target."""
+    labels = tokens if key_mask is None else torch.where(key_mask, tokens, IGNORE)
+    return tokens, key_mask, labels
+
+
+@example
+def copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """Input = [first half, first half]; only the second half is supervised, with the next-token targets of the
+    first half (the tokens to predict are visible in the first half)."""
+    return _copy(obj, tokens, key_mask, ids, blank=False)
+
+
+@example
+def blank_copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """Input = [first half, blank tokens]; only the second half is supervised, with the next-token targets of the
+    first half (recall from memories alone)."""
+    return _copy(obj, tokens, key_mask, ids, blank=True)
+
+
+def _copy(obj: P.Objective, tokens, key_mask, ids: SpecialIds, blank: bool):
     h = tokens.shape[1] // 2
     first = tokens[:, :h]
     first_mask = None if key_mask is None else key_mask[:, :h]
     mask = None if key_mask is None else torch.cat([first_mask, first_mask], 1)
-    second = torch.full_like(first, ids.blank) if obj.kind == 'blank_copy' else first
-    if first_mask is not None and obj.kind == 'blank_copy':
+    second = torch.full_like(first, ids.blank) if blank else first
+    if first_mask is not None and blank:
         second = torch.where(first_mask, second, ids.pad)
     if obj.delimiter:
         second = second.clone()
@@ -129,9 +170,9 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 
 def target_positions(obj: P.Objective) -> slice:
-    """The positions of a chunk that can have a target: every one for autoencode (a token predicts itself), all but
-    the last for the next-token objectives (shifted_labels), so the head need not run there."""
-    return slice(None) if obj.kind == 'autoencode' else slice(None, -1)
+    """The positions of a chunk that can have a target (ObjectiveKind.targets): every one where a token predicts
+    itself, all but the last for the next-token objectives (shifted_labels), so the head need not run there."""
+    return objective(obj).target_positions()
 
 
 def token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
@@ -143,7 +184,7 @@ def token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     return nll / count, ((pred == labels) & valid).sum() / count
 
 
-def retrieval_loss(model, tokens, key_mask, obj: P.Objective, ids: SpecialIds, generator=None):
+def retrieval_loss(model, obj: P.Objective, tokens, key_mask, ids: SpecialIds, generator=None):
     """InfoNCE: query = encoder embedding of a random n-gram (or n random tokens) of each document's first chunk,
     candidates = the embeddings of every document's first chunk in the batch. Returns (loss, top-1 accuracy)."""
     b, _, l = tokens.shape
@@ -170,8 +211,8 @@ def combine(losses: dict[str, torch.Tensor], stage: P.Stage) -> torch.Tensor:
     """Explicit normalization: weighted_sum = sum_i w_i * mean_i. 'faithful' reproduces the research code's
     accident, clm_mean + 0.5 * copy_mean, whatever the weights say."""
     if stage.normalize == 'faithful':
-        copy = losses.get('copy', losses.get('blank_copy'))
-        return losses['clm'] + 0.5 * copy
+        clm, copy = faithful_parts(losses)
+        return losses[clm] + 0.5 * losses[copy]
     return sum(o.weight * losses[o.kind] for o in stage.objectives)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import gin
 
 from compiler.families import NAMES as FAMILIES
+from compiler.objective_registry import NAMES as OBJECTIVES
 
 STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack
 # A name that becomes a file or group name (Stage.name: stages/<name>.safetensors, a memory-store group; Run.name):
@@ -70,12 +71,15 @@ def _conforms(value, tp) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
                                                for k, v in value.items())
+    return _is_scalar(value, tp)
+
+
+def _is_scalar(value, tp) -> bool:
+    """None, a number (a bool is neither an int nor a float here) or an instance of a class."""
     if tp is type(None):
         return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
     return isinstance(value, tp)
 
 
@@ -172,7 +176,7 @@ class Memory(_PlanPart):
 
 @dataclass(frozen=True)
 class Objective(_PlanPart):
-    kind: typing.Literal['clm', 'autoencode', 'copy', 'blank_copy', 'retrieval'] = 'clm'
+    kind: typing.Literal[OBJECTIVES] = 'clm'  # type: ignore[valid-type]  # compiler/objective_registry.py
     weight: float = 1.0
     delimiter: int = 0  # copy: number of delimiter tokens before the copy (research code: 3)
     temperature: float = 0.02  # retrieval InfoNCE temperature

@@ -19,6 +19,7 @@ from compiler import cost
 from compiler import plan as P
 from compiler.errors import SpecError, either
 from compiler.families import family, in_component, serving
+from compiler.objective_registry import faithful_pair, objective
 
 INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
 # Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
@@ -170,6 +171,22 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
         raise SpecError(where(owner, name), what, fix)
 
     check_values(plan, where)
+    _check_stacks(plan, fail)
+    _check_memory(plan, fail)
+    names = [s.name for s in plan.curriculum]
+    if not plan.curriculum:
+        fail(plan, 'curriculum', 'the curriculum has no stages', 'bind Plan.curriculum = [@stage0/Stage()]')
+    _check_size(plan, fail)
+    comps = cost.components(plan)
+    for i, stage in enumerate(plan.curriculum):
+        if stage.name in names[:i]:  # report the later duplicate: usually the line just written
+            fail(stage, 'name', f"two curriculum stages are named '{stage.name}'",
+                 'give every stage a unique Stage.name')
+        _check_stage(stage, plan, comps, fail)
+
+
+def _check_stacks(plan: P.Plan, fail) -> None:
+    """The stacks the family has, each against the sequence length it sees."""
     fam = family(plan)
     if fam.has_encoder and plan.encoder is None:
         fail(plan, 'encoder', f"family '{plan.family}' needs an encoder but Plan.encoder is not set",
@@ -181,15 +198,17 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
             continue
         _check_stack(stack, role, lengths[role], plan, fail)
 
-    m = plan.memory
+
+def _check_memory(plan: P.Plan, fail) -> None:
+    """The chunk layout and the memory against the family and its stacks (the ae_decoder's stack too)."""
+    fam, m = family(plan), plan.memory
     if m.chunks < fam.min_chunks:
         fail(m, 'chunks', f"family '{plan.family}' needs at least {fam.min_chunks} chunks "
              f'(memories of earlier chunks), got {m.chunks}', f'set Memory.chunks >= {fam.min_chunks}')
-    if plan.encoder is not None and fam.has_encoder:
-        if plan.encoder.d_model % m.compression:
-            fail(m, 'compression',
-                 f'Memory.compression = {m.compression} does not divide encoder d_model {plan.encoder.d_model}',
-                 'choose a compression factor that divides the encoder width')
+    if plan.encoder is not None and fam.has_encoder and plan.encoder.d_model % m.compression:
+        fail(m, 'compression',
+             f'Memory.compression = {m.compression} does not divide encoder d_model {plan.encoder.d_model}',
+             'choose a compression factor that divides the encoder width')
     if plan.ae_decoder is not None:
         _check_stack(plan.ae_decoder, 'ae_decoder', m.chunk_len, plan, fail)
         if plan.ae_decoder.d_model != plan.decoder.d_model:
@@ -203,17 +222,6 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
     if m.slots == 'variable' and plan.decoder.kind == 'mixer' and fam.chunk_slots:
         fail(m, 'slots', 'variable memory slots need attention; a masked-mixer decoder has fixed positions',
              "use Memory.slots = 'fixed' with a mixer decoder")
-
-    names = [s.name for s in plan.curriculum]
-    if not plan.curriculum:
-        fail(plan, 'curriculum', 'the curriculum has no stages', 'bind Plan.curriculum = [@stage0/Stage()]')
-    _check_size(plan, fail)
-    comps = cost.components(plan)
-    for i, stage in enumerate(plan.curriculum):
-        if stage.name in names[:i]:  # report the later duplicate: usually the line just written
-            fail(stage, 'name', f"two curriculum stages are named '{stage.name}'",
-                 'give every stage a unique Stage.name')
-        _check_stage(stage, plan, comps, fail)
 
 
 def _check_size(plan: P.Plan, fail) -> None:
@@ -277,11 +285,19 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
         fail(stage, 'batch_size', f'{tag}: Stage.batch_size = {stage.batch_size} is not supported; every stage '
              f'trains on batches of Data.batch_size = {plan.data.batch_size}',
              'set Data.batch_size (or Stage.micro_batch to split each batch) and leave Stage.batch_size = None')
-    if stage.micro_batch is not None and any(o.kind == 'retrieval' for o in stage.objectives):
-        fail(stage, 'micro_batch', f'{tag} has a retrieval objective, whose negatives are the other rows of the batch: '
-             'micro-batches would silently shrink them', 'leave micro_batch = None for stages with retrieval')
+    contrast = [o.kind for o in stage.objectives if objective(o).batch_negatives]
+    if stage.micro_batch is not None and contrast:
+        fail(stage, 'micro_batch', f'{tag} has a {contrast[0]} objective, whose negatives are the other rows of the '
+             'batch: micro-batches would silently shrink them',
+             f'leave micro_batch = None for stages with {contrast[0]}')
     if not stage.objectives:
         fail(stage, 'objectives', f'{tag} has no objectives', "bind Stage.objectives = [@clm/Objective()]")
+    _check_freeze(stage, tag, plan, comps, fail)
+    _check_init_from(stage, tag, plan, comps, fail)
+    _check_mixture(stage, tag, plan, fail)
+
+
+def _check_freeze(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail) -> None:
     for c in stage.freeze:
         if c not in comps:
             fail(stage, 'freeze', f"{tag} freezes '{c}', which the '{plan.family}' graph does not have",
@@ -289,6 +305,9 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
     if set(comps) and all(any(in_component(c, f) for f in stage.freeze) for c in comps if '.' in c):
         fail(stage, 'freeze', f'{tag} freezes every component: nothing would train',
              'leave at least one component trainable')
+
+
+def _check_init_from(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail) -> None:
     for c, src in stage.init_from.items():
         if c not in comps:
             fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
@@ -300,13 +319,17 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
             fail(stage, 'init_from', f"{tag}: init source {src!r} for '{c}' is not understood",
                  "use 'fresh', 'previous', 'run:<run id>/<stage name>[:<component>]' "
                  "or 'llama:<checkpoint dir or file>'")
+
+
+def _check_mixture(stage: P.Stage, tag: str, plan: P.Plan, fail) -> None:
+    """The stage's objectives, each against its record, and how their losses combine."""
     kinds = [o.kind for o in stage.objectives]
     for o in stage.objectives:
         _check_objective(o, tag, plan, fail)
     if stage.normalize == 'weighted_sum' and all(o.weight == 0 for o in stage.objectives):
         fail(stage.objectives[-1], 'weight', f'{tag}: every objective has weight 0: nothing would train',
              'give at least one objective a positive weight')
-    if stage.normalize == 'faithful' and sorted(set(kinds)) not in (['clm', 'copy'], ['blank_copy', 'clm']):
+    if stage.normalize == 'faithful' and not faithful_pair(kinds):
         fail(stage, 'normalize',
              f"{tag}: 'faithful' reproduces clm_mean + 0.5 * copy_mean and needs exactly clm and one copy objective, "
              f'got {kinds}',
@@ -314,28 +337,15 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
 
 
 def _check_objective(o: P.Objective, tag: str, plan: P.Plan, fail) -> None:
-    m, fam = plan.memory, plan.family
-    if o.kind not in family(plan).objectives:
-        if o.kind == 'autoencode':
-            fail(o, 'kind', f"{tag}: objective 'autoencode' needs an encoder ({either(serving('autoencode'))} family), "
-                 f"the plan is '{fam}'", "use Plan.family = 'autoencoder', or a clm/copy objective")
-        if o.kind == 'retrieval':
-            fail(o, 'kind', f"{tag}: retrieval compares encoder embeddings; family '{fam}' has no encoder",
-                 'use a family with an encoder')
-        fail(o, 'kind', f"{tag}: objective '{o.kind}' needs a causal decoder; the '{fam}' family regenerates its input",
-             "use objective kind 'autoencode'")
-    if o.kind in ('copy', 'blank_copy'):
-        if m.chunks < 2 or m.chunks % 2:
-            fail(m, 'chunks',
-                 f"{tag}: objective '{o.kind}' copies the first half of the chunks into the second and needs "
-                 f'an even number >= 2 of chunks, got {m.chunks}',
-                 'set Memory.chunks to 2, 4, 8, ...')
-        if o.delimiter >= m.chunk_len:
-            fail(o, 'delimiter', f'{tag}: {o.delimiter} delimiter tokens do not fit a chunk of {m.chunk_len}',
-                 'use 0 or 3')
-    if o.kind == 'retrieval':
-        if o.ngram > m.chunk_len:
-            fail(o, 'ngram', f'{tag}: retrieval ngram {o.ngram} must be in [1, chunk_len={m.chunk_len}]', 'use e.g. 7')
+    """What the objective's record (compiler/objective_registry.py) needs: a family that serves it, then its own
+    checks of the plan."""
+    kind = objective(o)
+    if not family(plan).serves(kind):
+        what, fix = kind.refusal
+        fail(o, 'kind', what.format(tag=tag, kind=o.kind, family=plan.family, serving=either(serving(o.kind))), fix)
+    problem = kind.problem(o, plan, tag)
+    if problem is not None:
+        fail(*problem)
 
 
 def machine_memory() -> int:

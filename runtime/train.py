@@ -19,8 +19,9 @@ from compiler import plan as P
 from compiler.attention import xformers_problem
 from compiler.checkpoint import check_llama, load_llama, read_llama
 from compiler.errors import SpecError
-from compiler.families import COPY_KINDS, family
+from compiler.families import family
 from compiler.model import Graph, build, meta_build, parameters_of
+from compiler.objective_registry import objective
 from store.layout import RunFolder
 
 
@@ -67,24 +68,39 @@ def padding(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def forward(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds, ablate_memory=False, head=True):
     """-> (logits, labels) for one objective on one batch (head=False: the hidden states the head reads instead of
-    logits). Copy objectives decode only the supervised half."""
+    logits), through the stack its record names (ObjectiveKind.stack: an objective that regenerates runs the
+    family's autoencode_via stack). Copy objectives decode only the supervised half."""
+    kind = objective(obj)
     inp, m, labels = O.make_example(obj, tokens, mask, ids)
-    if obj.kind == 'autoencode':
+    if kind.stack == 'regenerate':
         return model.autoencode(inp, m, head=head), labels
-    first = tokens.shape[1] // 2 if obj.kind in ('copy', 'blank_copy') else 0
+    first = kind.first_chunk(tokens.shape[1])
     extra = {'ablate_memory': True} if ablate_memory else {}
     return model(inp, m, first_chunk=first, head=head, **extra), labels[:, first:]
 
 
-def objective_loss(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds):
+def head_stack(model: Graph, obj: P.Objective):
+    """The stack whose head scores an objective's targets."""
+    return getattr(model, model.family.autoencode_via) if objective(obj).stack == 'regenerate' else model.decoder
+
+
+def objective_loss(model: Graph, obj: P.Objective, tokens, mask, ids: O.SpecialIds, generator=None):
     """One objective's mean loss and token accuracy on one batch: the whole forward pass of a training step
     (example, embedding, encoder, memories, decoder, head, cross-entropy). The head runs only on the positions that
     can have a target and never holds the logits of all of them (compiler.objectives.token_loss). Under Run.compile
-    this function is the compiled region (compile_step)."""
+    this function is the compiled region (compile_step). The objectives whose record names its own loss
+    (ObjectiveKind.loss) use that instead (loss_function)."""
     h, labels = forward(model, obj, tokens, mask, ids, head=False)
     keep = O.target_positions(obj)
-    stack = getattr(model, model.family.autoencode_via) if obj.kind == 'autoencode' else model.decoder
-    return O.token_loss(h[..., keep, :], stack.head.weight, labels[..., keep])
+    return O.token_loss(h[..., keep, :], head_stack(model, obj).head.weight, labels[..., keep])
+
+
+def loss_function(obj: P.Objective):
+    """The loss of one objective, a plain function of (model, objective, tokens, mask, ids, generator) -> (mean loss,
+    metric): the record's own loss (ObjectiveKind.loss, always run eagerly) or the head's cross-entropy on the
+    example's labels (objective_loss, which stage_loss runs compiled under Run.compile)."""
+    kind = objective(obj)
+    return objective_loss if kind.loss is None else getattr(O, kind.loss)
 
 
 # Run.compile: the models whose steps run compiled, and the (stage, objective) steps each has compiled so far
@@ -153,17 +169,16 @@ def stage_loss(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, ge
     tensors: nothing is read on the host (non-finite losses are caught by DivergenceWatch)."""
     losses, accs = {}, {}
     for obj in stage.objectives:
-        if obj.kind == 'retrieval':
-            losses[obj.kind], accs[obj.kind] = O.retrieval_loss(model, tokens, mask, obj, ids, generator)
-            continue
-        loss_fn = objective_loss
-        if compiled(model):
+        loss_fn = loss_function(obj)
+        if loss_fn is objective_loss and compiled(model):
             if tokens.is_cuda:  # the attention backend's probe runs eagerly, before tracing (it is not traceable)
                 xformers_problem(tokens.device)
             # what a new graph is compiled for: trainable parameters, objective, shapes, mask, grad mode
             _COMPILED[model].add((stage.name, obj, tuple(tokens.shape), mask is None, torch.is_grad_enabled()))
             loss_fn = _compiled_objective_loss()
-        losses[obj.kind], accs[obj.kind] = loss_fn(model, obj, tokens, mask, ids)
+            losses[obj.kind], accs[obj.kind] = loss_fn(model, obj, tokens, mask, ids)  # as traced: no generator
+        else:
+            losses[obj.kind], accs[obj.kind] = loss_fn(model, obj, tokens, mask, ids, generator)
     return O.combine(losses, stage), losses, accs
 
 
@@ -222,36 +237,41 @@ class DivergenceWatch:
 @torch.no_grad()
 def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
              bytes_per_token: float | None, vocab: int, progress=None) -> dict[str, float]:
-    """Held-out metrics per objective: ce, token_accuracy, normalized_hamming, info_proportion (+ bits_per_byte
-    for clm). Copy and blank copy are scored on full-length sequences only (no padding), as the paper does.
-    For memory models copy and blank copy are also scored with every memory replaced by the pad slot
-    ('copy_ablated', 'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory
-    control. Copy with tokens visible is mostly next-token prediction at short chunks; what memories add to it is
-    copy minus copy_ablated. `progress(rows)` is called after every batch (a progress bar's update)."""
+    """Held-out metrics per objective of the family's evaluation suite (Family.eval_suite): ce, token_accuracy,
+    normalized_hamming, info_proportion (+ bits_per_byte where the record says its targets are all of the text).
+    Copy objectives are scored on full-length sequences only (no padding), as the paper does, and, for families
+    that can ablate (Family.ablation), again with every memory replaced by the pad slot ('copy_ablated',
+    'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control. Copy with
+    tokens visible is mostly next-token prediction at short chunks; what memories add to it is copy minus
+    copy_ablated. `progress(rows)` is called after every batch (a progress bar's update)."""
     was = model.training
     model.eval()
-    device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
     out = {}
-    full = val_mask.flatten(1).all(-1)
     fam = family(plan)
+    full = val_mask.flatten(1).all(-1)
     for obj in (P.Objective(kind=k) for k in fam.eval_suite(plan)):
-        runs = [('', False)]
-        if obj.kind in COPY_KINDS and fam.ablation:
-            runs.append(('_ablated', True))
-        for suffix, ablate in runs:
-            x, m = (val[full], val_mask[full]) if obj.kind in ('copy', 'blank_copy') else (val, val_mask)
-            tally = O.Tally()
-            for i in range(0, min(len(x), batch_size * max_batches), batch_size):
-                pad = padding(m[i:i + batch_size])  # decided on the CPU tensor: no host read on the device
-                logits, labels = forward(model, obj, x[i:i + batch_size].to(device),
-                                         None if pad is None else pad.to(device), ids, ablate)
-                tally.add(logits, labels)
-                if progress is not None:
-                    progress(len(labels))
-            for k, v in tally.metrics(vocab, bytes_per_token if obj.kind == 'clm' else None).items():
+        kind = objective(obj)
+        x, m = (val[full], val_mask[full]) if kind.copies else (val, val_mask)
+        for suffix, ablate in [('', False)] + ([('_ablated', True)] if kind.copies and fam.ablation else []):
+            tally = _tally(model, obj, x[:batch_size * max_batches], m, ids, batch_size, ablate, progress)
+            for k, v in tally.metrics(vocab, bytes_per_token if kind.bits_per_byte else None).items():
                 out[f'{obj.kind}{suffix}.{k}'] = v
     model.train(was)
     return out
+
+
+def _tally(model: Graph, obj: P.Objective, x, m, ids: O.SpecialIds, batch_size: int, ablate: bool, progress):
+    """Decoding metrics of one objective over held-out rows `x` (key masks `m`), batch by batch."""
+    device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
+    tally = O.Tally()
+    for i in range(0, len(x), batch_size):
+        pad = padding(m[i:i + batch_size])  # decided on the CPU tensor: no host read on the device
+        logits, labels = forward(model, obj, x[i:i + batch_size].to(device),
+                                 None if pad is None else pad.to(device), ids, ablate)
+        tally.add(logits, labels)
+        if progress is not None:
+            progress(len(labels))
+    return tally
 
 
 def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from compiler import objectives as O
 from compiler.families import family
 from compiler.model import build
+from compiler.objective_registry import objective
 from runtime import checkpoint as ckpt
 from runtime import train
 from runtime.data import Batches
@@ -127,22 +128,7 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
         t0, done, watch = time.perf_counter(), 0, DivergenceWatch(stage)
         while step < stage.steps:
-            position, rng = self.batches.state_dict(), torch.random.get_rng_state()
-            try:
-                tokens, mask = next(self.batches)
-                tokens = tokens.to(self.device)  # the mask stays on the CPU: accumulate decides padding there
-                opt.zero_grad(set_to_none=True)
-                loss, losses, accs = accumulate(model, stage, tokens, mask, self.ids)
-                watch.add(loss, losses)
-                all_reduce_grads(params, self.world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # before clipping: what train/grad_norm logs
-            except KeyboardInterrupt:  # Ctrl-C before the update: rewind this step's batch, leave a resume point
-                bar.close()
-                watch.check()  # never a diverged resume point
-                self.batches.load_state_dict(position)
-                torch.random.set_rng_state(rng)
-                self.checkpoint(si, step, opt, sched, run_id)
-                raise
+            loss, losses, accs, grad_norm = self.train_step(si, stage, step, opt, sched, params, bar, watch, run_id)
             lr = opt.param_groups[0]['lr']  # the rate of this update (the scheduler moves it on below)
             opt.step()
             sched.step()
@@ -156,31 +142,62 @@ class Trainer:
                     bar.close()
                     raise
             if step % plan.run.log_every == 0 or step == stage.steps:
-                logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
-                                           **{f"{k}.{'top1_accuracy' if k == 'retrieval' else 'token_accuracy'}": v
-                                              for k, v in accs.items()}, 'grad_norm': grad_norm})
                 rate = done * tokens_per_step / (time.perf_counter() - t0)
-                for k, v in {**logged, 'lr': lr, 'tokens_per_s': rate}.items():
-                    self.tracker.scalar(f'train/{k}', v, gstep)
-                acc = sum(v for k, v in logged.items() if k.endswith('accuracy')) / len(accs)
-                bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f'{acc:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+                self.log_step(loss, losses, accs, grad_norm, lr, rate, gstep, bar)
             bar.update(1)
             if step == stage.steps:
                 bar.close()  # what follows (evaluation, memories) shows its own progress
-            if step % stage.eval_every == 0 or step == stage.steps:
-                metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
-                                        leave=step == stage.steps)  # mid-stage ones vanish under the stage's bar
-                for k, v in metrics.items():
-                    self.tracker.scalar(f'eval/{k}', v, gstep)
-                if step == stage.steps:
-                    self.summary[stage.name] = metrics
-                    _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
-                    self.tracker.stage_end(si, len(plan.curriculum), stage.name, offset + 1, gstep)
-            if step == stage.steps:
-                self.stage_end(si, opt, sched, run_id)
-            elif step % plan.run.checkpoint_every == 0:
-                self.checkpoint(si, step, opt, sched, run_id)
+            self.after_step(_run, si, stage, step, offset, opt, sched, run_id)
         bar.close()
+
+    def train_step(self, si, stage, step, opt, sched, params, bar, watch, run_id):
+        """Forward and backward of one batch, gradients reduced and clipped -> (loss, {kind: loss}, {kind: metric},
+        gradient norm before clipping). Ctrl-C before the update rewinds the batch and leaves a resume point."""
+        position, rng = self.batches.state_dict(), torch.random.get_rng_state()
+        try:
+            tokens, mask = next(self.batches)
+            tokens = tokens.to(self.device)  # the mask stays on the CPU: accumulate decides padding there
+            opt.zero_grad(set_to_none=True)
+            loss, losses, accs = accumulate(self.model, stage, tokens, mask, self.ids)
+            watch.add(loss, losses)
+            all_reduce_grads(params, self.world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # before clipping: what train/grad_norm logs
+        except KeyboardInterrupt:
+            bar.close()
+            watch.check()  # never a diverged resume point
+            self.batches.load_state_dict(position)
+            torch.random.set_rng_state(rng)
+            self.checkpoint(si, step, opt, sched, run_id)
+            raise
+        return loss, losses, accs, grad_norm
+
+    def log_step(self, loss, losses, accs, grad_norm, lr, rate, gstep, bar):
+        """train/ scalars (the mean over ranks): the losses, each objective's metric (ObjectiveKind.metric: train/
+        <kind>.token_accuracy, train/retrieval.top1_accuracy), the gradient norm, the rate."""
+        logged = self.global_mean({'loss': loss, **{f'{k}.loss': v for k, v in losses.items()},
+                                   **{f'{k}.{objective(k).metric}': v for k, v in accs.items()},
+                                   'grad_norm': grad_norm})
+        for k, v in {**logged, 'lr': lr, 'tokens_per_s': rate}.items():
+            self.tracker.scalar(f'train/{k}', v, gstep)
+        acc = sum(v for k, v in logged.items() if k.endswith('accuracy')) / len(accs)
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f'{acc:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+
+    def after_step(self, _run, si, stage, step, offset, opt, sched, run_id):
+        """Evaluation where Stage.eval_every says, then the stage end or a checkpoint."""
+        plan, gstep = self.plan, offset + step
+        if step % stage.eval_every == 0 or step == stage.steps:
+            metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
+                                    leave=step == stage.steps)  # mid-stage ones vanish under the stage's bar
+            for k, v in metrics.items():
+                self.tracker.scalar(f'eval/{k}', v, gstep)
+            if step == stage.steps:
+                self.summary[stage.name] = metrics
+                _run.info.setdefault('stages', {})[stage.name] = {'end_step': gstep}
+                self.tracker.stage_end(si, len(plan.curriculum), stage.name, offset + 1, gstep)
+        if step == stage.steps:
+            self.stage_end(si, opt, sched, run_id)
+        elif step % plan.run.checkpoint_every == 0:
+            self.checkpoint(si, step, opt, sched, run_id)
 
     def stage_end(self, si: int, opt, sched, run_id: str) -> None:
         """Weights of the finished stage (for init_from), then the resume point: the next stage's start."""

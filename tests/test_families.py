@@ -13,13 +13,15 @@ from compiler import cost
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.errors import SpecError
-from compiler.families import COPY_KINDS, NAMES, REGISTRY, family
+from compiler.families import NAMES, REGISTRY, family
 from compiler.model import build, meta_build
+from compiler.objective_registry import REGISTRY as OBJECTIVES
 from compiler.spec import load
 from runtime import generate as G
 from runtime.train import evaluate, forward
 
-KINDS = ('clm', 'copy', 'blank_copy', 'autoencode', 'retrieval')
+KINDS = tuple(OBJECTIVES)
+COPY_KINDS = tuple(k for k, o in OBJECTIVES.items() if o.copies)
 SMALL = ['D_MODEL = 32', 'N_HEADS = 2', 'VOCAB = 300', 'CHUNKS = 4', 'CHUNK_LEN = 8', 'BATCH = 2']
 IDS = O.SpecialIds(pad=0, blank=2, copy=3)
 
