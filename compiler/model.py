@@ -35,6 +35,7 @@ class Graph(nn.Module):
         super().__init__()
         self.family: Family = family(plan)
         self.lengths = self.family.lengths(plan)
+        self.n, self.l = plan.memory.chunks, plan.memory.chunk_len  # every graph reads examples of N chunks x L
 
     def encode(self, tokens, key_mask=None):
         """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder). A memory reads one
@@ -63,7 +64,6 @@ class CausalLM(Graph):
 
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
-        self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
@@ -89,7 +89,6 @@ class Autoencoder(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m = plan.memory
-        self.l = m.chunk_len
         self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
         self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=m.decoder_input == 'unroll', pad=self.family.pad_slot)
@@ -115,7 +114,7 @@ class ChunkedMemoryLM(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m, fam = plan.memory, self.family
-        self.n, self.l, self.variable = m.chunks, m.chunk_len, m.slots == 'variable'
+        self.variable = m.slots == 'variable'
         self.use_memory, self.oracle = fam.has_encoder, fam.encoder == 'sequence'
         if self.use_memory:
             self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
@@ -167,7 +166,6 @@ class RecurrentMemoryLM(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m = plan.memory
-        self.l = m.chunk_len
         self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=False, pad=self.family.pad_slot)
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
@@ -238,52 +236,3 @@ def init_weights(model: nn.Module) -> None:
 def parameters_of(model: nn.Module, component: str):
     """(name, parameter) pairs of one component (families.in_component)."""
     return [(n, p) for n, p in model.named_parameters() if in_component(n, component)]
-
-
-EXPORT_FORMAT, EXPORT_VERSIONS = 'memspec-export', (1,)  # the config.json of a folder store/export.py wrote
-
-
-def from_pretrained(folder) -> Graph:
-    """The model of a folder `python -m store.export` wrote, without the run database or the run folder: the plan in
-    its config.json builds the graph (compiler only), model.safetensors (checked against the sha256 recorded beside
-    it) fills it. Returned in eval mode, with `.plan` (the Plan) and `.export` (the config.json) attached. Anything
-    else in the folder's place is a SpecError naming what is wrong."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from compiler.checkpoint import sha256_file
-    from compiler.errors import SpecError
-    folder = Path(folder)
-    where = f'from_pretrained({str(folder)!r})'
-    fix = 'export the run with python -m store.export RUN OUT and load OUT'
-    try:
-        cfg = json.loads((folder / 'config.json').read_text())
-    except FileNotFoundError:
-        raise SpecError(where, f'no config.json in {folder}: not a folder python -m store.export wrote', fix)
-    except (OSError, ValueError) as e:
-        raise SpecError(where, f'config.json cannot be read: {e}', fix)
-    if not isinstance(cfg, dict) or cfg.get('format') != EXPORT_FORMAT or cfg.get('version') not in EXPORT_VERSIONS:
-        got = (cfg.get('format'), cfg.get('version')) if isinstance(cfg, dict) else type(cfg).__name__
-        raise SpecError(where, f"config.json is not a memspec export of a version this code reads ({got}; this code "
-                        f"reads {EXPORT_FORMAT!r} versions {', '.join(map(str, EXPORT_VERSIONS))})", fix)
-    try:
-        plan = P.Plan.from_dict(cfg['plan'])
-        weights = folder / cfg['weights']['file']
-        vocab = int(cfg['vocab_size'])
-    except (KeyError, TypeError, ValueError, P.PlanError) as e:
-        raise SpecError(where, f'config.json lacks or garbles its plan, weights or vocabulary ({e})', fix)
-    if not weights.is_file():
-        raise SpecError(where, f'{weights.name} is missing', fix)
-    if cfg['weights'].get('sha256') and sha256_file(weights) != cfg['weights']['sha256']:
-        raise SpecError(where, f'{weights.name} is not the file that was exported (its sha256 differs from '
-                        'config.json\'s)', 'export the run again')
-    model = build(plan, vocab)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as e:  # noqa: BLE001  (a damaged or foreign safetensors file, or other shapes)
-        raise SpecError(where, f'{weights.name} does not fit the plan of config.json: '
-                        f'{str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}', fix)
-    model.plan, model.export = plan, cfg
-    return model.eval()

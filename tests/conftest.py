@@ -111,6 +111,13 @@ def in_process(main, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def no_run(ref, looked: str) -> str:
+    """The one message (without 'error: ') of every command whose RUN matches nothing (store/runref.py)."""
+    return (f"RUN {ref}: no run matches {str(ref)!r}: it is not a run folder, and {looked} has no run with that id or "
+            'name\n  fix: give a run id (python -m store.runs list), its full name <id>-<key>, or the path of its run '
+            'folder (a folder that holds operative.gin)')
+
+
 def db_rows(db, sql, *args) -> list[tuple]:
     """Rows of one query on a SQLite run database (a file path)."""
     con = sqlite3.connect(db)

@@ -206,7 +206,8 @@ def test_the_tokenizer_travels_with_the_run_folder(stored_run, monkeypatch):
     def no_cache(*args, **kwargs):
         raise AssertionError('the data cache was read')
     monkeypatch.setattr(data, 'prepare', no_cache)
-    plan, model, vocab = G.load_run(stored_run.run_dir, None)
+    got = G.load_run(stored_run.run_dir)
+    model, vocab = got.model, got.vocab
     assert vocab.vocab_size == model.decoder.head.out_features and vocab.special_ids['<eod>'] == vocab.eod_id
     assert vocab.tokenizer.decode(vocab.tokenizer.encode('The result').ids) == 'The result'
     g = M.open_group(stored_run.store, stored_run.name, 'autoencode')
