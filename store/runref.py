@@ -24,10 +24,18 @@ FIX = ('give a run id (python -m store.runs list), its full name <id>-<key>, or 
        '(a folder that holds operative.gin)')
 
 
-def no_run(ref, looked: str) -> SpecError:
-    """The one error of every command when RUN matches nothing; `looked` says where it looked."""
+def no_run(ref, looked: str, known: list[str]) -> SpecError:
+    """The one error of every command when RUN matches nothing; `looked` says where it looked, `known` what it holds
+    (ids of a database, names of run folders or memory groups; the newest 20)."""
+    held = f"known: {', '.join(known[-20:])}" if known else 'it holds no runs'
     return SpecError(f'RUN {ref}', f'no run matches {ref!r}: it is not a run folder, and {looked} has no run with '
-                     'that id or name', FIX)
+                     f'that id or name ({held})', FIX)
+
+
+def _names(folder: Path) -> list[str]:
+    """The run folders' names under `folder`, oldest id first."""
+    names = [p.name for p in folder.iterdir() if p.is_dir() and parse_name(p.name)] if folder.is_dir() else []
+    return sorted(names, key=lambda n: (int(parse_name(n)[0]), n))
 
 
 def folder_at(ref) -> RunFolder | None:
@@ -56,7 +64,7 @@ def folder_of(ref, runs='runs') -> RunFolder:
         found = RunFolder.find(under, name, f'RUN {ref}')  # an id several folders share: refused, listed
         if found is not None:
             return found
-    raise no_run(ref, f'the folder {under}')
+    raise no_run(ref, f'the folder {under}', _names(under))
 
 
 def database_for(ref, db: str | None, default: str | None = None) -> str | None:
@@ -78,12 +86,10 @@ def record_of(db, ref):
         run_id, key = folder.run_id, folder.key
     else:
         parsed = parse_name(str(ref))
-        if parsed is None:
-            raise no_run(ref, db.name)
-        run_id, key = parsed
-    found = db.runs(run_id=run_id)
+        run_id, key = parsed or (None, None)
+    found = db.runs(run_id=run_id) if run_id is not None else []
     if not found or (key is not None and found[0].run_key not in (None, key)):
-        raise no_run(ref, db.name)
+        raise no_run(ref, db.name, [r.id for r in db.runs()])
     return found[0]
 
 

@@ -183,7 +183,8 @@ def refusals(run):
                           f"--stage nope: run {run} has no stage 'nope' (stages: autoencode, blank_copy, copy, "
                           'combined)\n  fix: pick one of the listed stages, or leave --stage out for the final '
                           'weights'),
-        'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'], no_run('nope', f'the folder {runs}')),
+        'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],
+                        no_run('nope', f'the folder {runs}', [run.name])),
         'limit': ([run, '--tasks', 'memspec', '--limit', 0], '--limit 0: must be at least 1\n'
                   '  fix: pass --limit 1 or more, or leave it out'),
     }

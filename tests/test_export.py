@@ -1,4 +1,4 @@
-"""`python -m store.export RUN OUT` (store/export.py) and `compiler.model.from_pretrained`: the exported folder loads
+"""`python -m store.export RUN OUT` (store/export.py) and `compiler.load.from_pretrained`: the exported folder loads
 without the run database, the run folder or the data cache into the run's own weights; the decoder loads as a Hugging
 Face Llama with the same logits; the model card carries the run's stage-end metrics; bad input is one message, exit 2,
 and no OUT is left half-written."""
@@ -8,14 +8,14 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import in_process
+from conftest import in_process, no_run
 from safetensors.torch import load_file
 
 from compiler.errors import SpecError
-from compiler.model import from_pretrained
+from compiler.load import from_pretrained
 from store import export as E
 from store import runs as R
-from store.database import get_run, open_db
+from store.database import display_url, get_run, open_db
 
 
 def run_export(capsys, *argv) -> tuple[int, str, str]:
@@ -90,7 +90,8 @@ def test_bad_input_is_refused_and_leaves_no_folder(stored_run, tmp_path, capsys)
     code, _, err = run_export(capsys, stored_run.run_id, full, '--db', stored_run.url)
     assert code == 2 and 'already exists and is not an empty folder' in err and (full / 'x').read_text() == 'mine'
     code, _, err = run_export(capsys, '99', tmp_path / 'a', '--db', stored_run.url)
-    assert code == 2 and 'no run with this id' in err
+    known = [r.id for r in open_db(stored_run.url).runs()]
+    assert (code, err) == (2, f"error: {no_run('99', display_url(stored_run.url), known)}\n")
     code, _, err = run_export(capsys, stored_run.run_id, tmp_path / 'b', '--db', stored_run.url, '--stage', 'nope')
     assert code == 2 and "no stage 'nope'" in err
     # weights that changed since the run recorded them (the record altered in a copy of the database)
@@ -115,7 +116,7 @@ def test_from_pretrained_refuses_what_it_cannot_trust(exported, tmp_path):
     bad = tmp_path / 'bad'
     shutil.copytree(exported, bad)
     (bad / 'model.safetensors').write_bytes((bad / 'model.safetensors').read_bytes()[:-4] + b'\0\0\0\0')
-    with pytest.raises(SpecError, match='not the file that was exported'):
+    with pytest.raises(SpecError, match='is not the file that was recorded'):
         from_pretrained(bad)
     cfg = json.loads((bad / 'config.json').read_text())
     (bad / 'config.json').write_text(json.dumps({**cfg, 'version': 99}))

@@ -397,8 +397,8 @@ def refusals(run, stored_rows=0):
     ok = ['--prompt', 'The']
     other = 'use a memory, no_memory, clm, full_context or recurrent run'
     return {
-        'missing run': (['nope', '--runs', runs, *ok], no_run('nope', f'the folder {runs}')),
-        'missing id': (['7', '--runs', runs, *ok], no_run('7', f'the folder {runs}')),
+        'missing run': (['nope', '--runs', runs, *ok], no_run('nope', f'the folder {runs}', [run.name])),
+        'missing id': (['7', '--runs', runs, *ok], no_run('7', f'the folder {runs}', [run.name])),
         'missing weights': ([runs / 'unfinished', *ok],
                             f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} '
                             '(the run did not finish)\n'
