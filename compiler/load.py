@@ -4,7 +4,8 @@
     vocabulary(path)           a run's tokenizer.json and its special ids
     read_weights(path, ...)    safetensors weights, checked against a recorded sha256 and against the graph's names and
                                shapes (read from the file's header) before a byte of the model is allocated
-    load(plan, weights, ...)   -> Loaded(plan, model in eval mode, vocabulary)
+    load(plan, weights, ...)   -> Loaded(plan, model in eval mode, vocabulary); Loaded.encode and Loaded.read_out
+                               are what store.analyze asks of a model (the store never runs one itself)
     from_pretrained(folder)    the model of a folder `python -m store.export` wrote
 
 Every caller that loads a model goes through `load`: runtime.generate, runtime.evaluate and the lm-eval adapter (via
@@ -147,6 +148,25 @@ class Loaded:
     weights: Path
     where: str
     folder: object = None  # store.layout.RunFolder, when the model is a run's (store.runref.load_run)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def encode(self, tokens, key_mask=None, batch: int = 1024):
+        """Memories [M, d] on the CPU of chunks [M, L] (Graph.encode), in micro-batches, without gradients."""
+        import torch
+        with torch.no_grad():
+            return torch.cat([self.model.encode(tokens[i:i + batch].to(self.device),
+                                                None if key_mask is None else key_mask[i:i + batch].to(self.device))
+                              .cpu() for i in range(0, len(tokens), batch)])
+
+    def read_out(self, memories, tokens, key_mask, pad: int, blank: int, via: str):
+        """(logits [M, L, vocab], labels [M, L]) of stored memories [M, d] decoded as the graph's training reads a
+        memory (Graph.read_out; `via`: 'decoder', 'ae_decoder' or 'blank_copy'), on the model's device."""
+        from compiler.objectives import SpecialIds
+        dev = self.device
+        return self.model.read_out(memories.to(dev), tokens.to(dev), key_mask.to(dev), SpecialIds(pad, blank, 0), via)
 
 
 def load(plan: P.Plan, weights: Path, *, where: str, fix: str, vocab_size: int | None = None,

@@ -18,10 +18,12 @@ and the three top-level names.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 import torch.nn as nn
 
+from compiler import objectives as O
 from compiler import plan as P
 from compiler.blocks import Stack
 from compiler.families import Family, family, in_component, needs_ae_decoder
@@ -47,6 +49,40 @@ class Graph(nn.Module):
         keep = t if key_mask is not None else min(t, 1 + (self.memory.cfg.position == 'second_last'))
         h = self.encoder(tokens, key_mask=key_mask, keep_last=keep)
         return self.memory.project(h[torch.arange(m, device=h.device), idx - (t - keep)])
+
+    def regenerate(self, stack: str, memories, length: int, head=True):
+        """An autoencoding decoder (`stack`: 'decoder' of an autoencoder, 'ae_decoder' of a memory model) regenerates
+        `length` tokens from each memory [M, d] -> logits [M, length, vocab] (the decoder never sees tokens)."""
+        decoder = getattr(self, stack)
+        h = decoder(embeds=self.memory.decoder_input(memories, length))
+        return decoder.head(h) if head else h
+
+    @torch.no_grad()
+    def read_out(self, memories, tokens, key_mask, ids: O.SpecialIds, via: str):
+        """Stored memories [M, d] of M chunks (their tokens, key mask [M, L]) decoded as the graph's training reads a
+        memory -> (logits [M, L, vocab], labels [M, L]). via 'decoder' / 'ae_decoder': that stack regenerates the
+        chunk (make_example's autoencode labels); 'blank_copy': the memory in the first slot of the chunk after it,
+        blank tokens at the chunk's real positions (make_example's blank-copy example and labels)."""
+        if via in ('decoder', 'ae_decoder'):
+            _, _, labels = O.make_example(P.Objective(kind='autoencode'), tokens, key_mask, ids)
+            return self.regenerate(via, memories, tokens.shape[-1]), labels
+        return self.blank_copy_read_out(memories, tokens, key_mask, ids)
+
+    @torch.no_grad()
+    def encode_rows(self, tokens, key_mask, batch: int):
+        """Memories of every chunk of examples [S, N, L] (CPU tensors), `batch` examples at a time on the model's
+        device, in eval mode: yields (memories [b, N, d] on the CPU, tokens, key mask), what store.memories.write
+        stores. A generator: nothing is encoded until it is read."""
+        s, n, l = tokens.shape
+        device, was = next(self.parameters()).device, self.training
+        self.eval()
+        try:
+            for i in range(0, s, batch):
+                t, m = tokens[i:i + batch], key_mask[i:i + batch]
+                mem = self.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device))
+                yield mem.view(len(t), n, -1).cpu(), t, m
+        finally:
+            self.train(was)
 
     def components(self) -> list[str]:
         """Every freezable component that holds parameters, top-level and second-level names."""
@@ -74,13 +110,12 @@ class CausalLM(Graph):
         return self.decoder.head(h) if head else h
 
 
-def reconstruct(model: Graph, decoder: Stack, tokens, key_mask, head=True):
-    """Autoencoding: every chunk -> one memory -> `decoder` regenerates the chunk (unshifted)."""
+def reconstruct(model: Graph, stack: str, tokens, key_mask, head=True):
+    """Autoencoding: every chunk -> one memory -> the `stack` decoder regenerates the chunk (unshifted)."""
     b, n, l = tokens.shape
     km = None if key_mask is None else key_mask.reshape(b * n, l)
     mem = model.encode(tokens.reshape(b * n, l), km)
-    h = decoder(embeds=model.memory.decoder_input(mem, l)).view(b, n, l, -1)
-    return decoder.head(h) if head else h
+    return model.regenerate(stack, mem, l, head).view(b, n, l, -1)
 
 
 class Autoencoder(Graph):
@@ -101,7 +136,7 @@ class Autoencoder(Graph):
         return self.encode(tokens.reshape(b * n, l), km).view(b, n, -1)
 
     def forward(self, tokens, key_mask=None, head=True):
-        return reconstruct(self, self.decoder, tokens, key_mask, head)
+        return reconstruct(self, 'decoder', tokens, key_mask, head)
 
     autoencode = forward
 
@@ -127,7 +162,7 @@ class ChunkedMemoryLM(Graph):
             self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
 
     def autoencode(self, tokens, key_mask=None, head=True):
-        return reconstruct(self, self.ae_decoder, tokens, key_mask, head)
+        return reconstruct(self, 'ae_decoder', tokens, key_mask, head)
 
     def memories(self, tokens, key_mask=None):
         """[B, N, L] -> memories of chunks 0..N-2: [B, N-1, d_dec]."""
@@ -149,14 +184,30 @@ class ChunkedMemoryLM(Graph):
         mem = self.memories(tokens, key_mask) if self.use_memory and not ablate_memory else None
         slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
         c = slice(first_chunk, n)
-        x = torch.cat([slots[:, c], self.decoder.embedding(tokens[:, c])], dim=2)  # [B, n', S+L, d]
+        return self.decode(slots[:, c], slot_mask[:, c], tokens[:, c], None if key_mask is None else key_mask[:, c],
+                           head)
+
+    def decode(self, slots, slot_mask, tokens, key_mask=None, head=True):
+        """The decoder over chunks [B, C, L] after their slots [B, C, S, d] (slot mask [B, C, S]): logits (or hidden
+        states) of the token positions [B, C, L, ...]."""
+        b, c, l = tokens.shape
+        x = torch.cat([slots, self.decoder.embedding(tokens)], dim=2)  # [B, C, S+L, d]
         mask = None  # fixed slots are always attended: without padding nothing is masked
         if key_mask is not None or self.variable:
-            tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
-            mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
-        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=mask, keep_last=l)
-        h = h.view(b, n - first_chunk, l, -1)
+            tok_mask = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask.bool()
+            mask = torch.cat([slot_mask, tok_mask], dim=2).reshape(-1, x.shape[2])
+        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=mask, keep_last=l).view(b, c, l, -1)
         return self.decoder.head(h) if head else h  # the head runs on token positions only
+
+    def blank_copy_read_out(self, memories, tokens, key_mask, ids: O.SpecialIds):
+        """The blank-copy read-out of stored memories [M, d]: each chunk's memory alone in the slots of the chunk after
+        it (the N-chunk layout training uses), that chunk blank at the real positions (make_example's blank-copy
+        example); position t predicts token t+1, so the chunk's first token has no prediction."""
+        two = lambda x: None if x is None else torch.stack([x, x], 1)  # noqa: E731  (the second half is the copy)
+        inputs, mask, labels = O.make_example(P.Objective(kind='blank_copy'), two(tokens), two(key_mask), ids)
+        slots, slot_mask = self.memory.chunk_slots(memories[:, None], self.n, self.variable)
+        logits = self.decode(slots[:, None], slot_mask[:, None], inputs[:, 1:], None if mask is None else mask[:, 1:])
+        return logits[:, 0], labels[:, 1]
 
 
 class RecurrentMemoryLM(Graph):
@@ -231,6 +282,21 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(mod.weight, std=0.02)
             if getattr(mod, 'bias', None) is not None:
                 nn.init.zeros_(mod.bias)
+
+
+ENCODER_PARTS = ('encoder.', 'memory.compress.', 'memory.proj.')  # what Graph.encode reads
+
+
+def encoder_sha256(state: dict) -> str:
+    """sha256 of the tensors of a state dict that form memories (Graph.encode: the encoder, then the memory's
+    compression and projection): two stages with the same digest encode the same memories of the same input."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        if name.startswith(ENCODER_PARTS):
+            t = t.detach().cpu().contiguous()
+            h.update(f'{name} {t.dtype} {tuple(t.shape)}\n'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def parameters_of(model: nn.Module, component: str):
