@@ -250,19 +250,7 @@ def consolidate(path) -> None:
         flat = {}
         for run in sorted(p for p in path.iterdir() if p.is_dir()):
             for node in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
-                meta = _json(node / 'zarr.json')
-                if not isinstance(meta, dict):
-                    continue
-                key = node.relative_to(path).as_posix()
-                if meta.get('node_type') == 'group':
-                    meta['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': {}}
-                flat[key] = meta
-                if node == run:
-                    continue
-                for array in sorted(p for p in node.iterdir() if p.is_dir()):
-                    meta = _json(array / 'zarr.json')
-                    if isinstance(meta, dict) and meta.get('node_type') == 'array':
-                        flat[f'{key}/{array.name}'] = meta
+                flat |= _node_metadata(path, node, arrays=node != run)
         root['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': flat}
         tmp = path / f'.zarr.json.{os.getpid()}.tmp'
         try:
@@ -271,6 +259,23 @@ def consolidate(path) -> None:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _node_metadata(path: Path, node: Path, arrays: bool) -> dict:
+    """key -> zarr.json of a group (its consolidated metadata emptied) and, `arrays`, of the arrays in it; unreadable
+    nodes are left out."""
+    meta = _json(node / 'zarr.json')
+    if not isinstance(meta, dict):
+        return {}
+    key = node.relative_to(path).as_posix()
+    if meta.get('node_type') == 'group':
+        meta['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': {}}
+    out = {key: meta}
+    for array in sorted(p for p in node.iterdir() if p.is_dir()) if arrays else []:
+        a = _json(array / 'zarr.json')
+        if isinstance(a, dict) and a.get('node_type') == 'array':
+            out[f'{key}/{array.name}'] = a
+    return out
 
 
 def _node(root, name):

@@ -130,3 +130,39 @@ def test_families_without_a_token_decoder_export_no_llama():
     assert 'reads memories, not tokens' in E.hf_export(None, plan, 300, {}, None, None)
     plan = load(['specs/mixer/clm.gin'], ['Data.vocab_size=300']).plan
     assert 'masked mixer' in E.hf_export(None, plan, 300, {}, None, None)
+
+
+@pytest.mark.parametrize('case', ['vocab 1e11', 'vocab 10**11', 'vocab wrong', 'weights outside', 'plan garbled',
+                                  'plan too large', 'weights name'])
+def test_a_hostile_config_is_refused_before_anything_is_allocated(exported, tmp_path, case):
+    """config.json is a file anyone can edit: a vocabulary that would allocate 10^11 rows, a weights name that leaves
+    the folder, a plan that Plan.from_dict or the validator refuses, shapes that do not fit the weights' header: one
+    SpecError naming the place and the fix, and no model is built (the shapes are checked on the meta device)."""
+    bad = tmp_path / 'bad'
+    shutil.copytree(exported, bad)
+    cfg = json.loads((bad / 'config.json').read_text())
+    plan = cfg['plan']
+    edit, message = {
+        'vocab 1e11': ({'vocab_size': 1e11}, 'vocabulary size 100000000000.0 is not a number of tokens'),
+        'vocab 10**11': ({'vocab_size': 10 ** 11}, 'vocabulary size 100000000000 is not a number of tokens'),
+        'vocab wrong': ({'vocab_size': 299}, 'do not fit the \'memory\' graph of the plan (vocabulary 299): '
+                        'ae_decoder.head.weight is [300, 32], the graph has [299, 32]'),
+        'weights outside': ({'weights': {**cfg['weights'], 'file': '../../etc/passwd'}},
+                            "the file name '../../etc/passwd' is not a plain file name"),
+        'weights name': ({'weights': {**cfg['weights'], 'file': ['x']}}, "the file name ['x'] is not a plain file"),
+        'plan garbled': ({'plan': {**plan, 'memory': 'x'}}, 'the recorded plan is not a plan this code reads'),
+        'plan too large': ({'plan': {**plan, 'decoder': {**plan['decoder'], 'd_model': 2 ** 20, 'n_heads': 1}}},
+                           'the recorded plan does not validate'),
+    }[case]
+    (bad / 'config.json').write_text(json.dumps({**cfg, **edit}))
+    import compiler.model as graphs
+    built = []
+    real = graphs.build
+    graphs.build = lambda *a, **k: built.append(a) or real(*a, **k)
+    try:
+        with pytest.raises(SpecError, match='fix: export the run') as e:
+            from_pretrained(bad)
+    finally:
+        graphs.build = real
+    assert message in str(e.value), str(e.value)
+    assert not built

@@ -118,7 +118,7 @@ class Decoder:
     def shifted(self) -> bool:
         return self.kind == 'blank_copy'
 
-    def decode(self, mem, tokens, mask):
+    def logits_of(self, mem, tokens, mask):
         """Stored memories [M, d] of M chunks (+ their tokens and mask [M, L]) -> (logits [M, L, V], labels [M, L])."""
         return self.loaded.read_out(mem, tokens, mask, self.pad, self.blank, self.kind)
 
@@ -196,7 +196,7 @@ def decode_rows(dec: Decoder, mem, tokens, mask):
     b, n, l = tokens.shape
     step = max(1, LOGITS_BUDGET // (l * dec.vocab))
     fm, ft, fk = mem.reshape(b * n, -1), tokens.reshape(b * n, l), mask.reshape(b * n, l)
-    parts = [dec.decode(fm[i:i + step], ft[i:i + step], fk[i:i + step]) for i in range(0, b * n, step)]
+    parts = [dec.logits_of(fm[i:i + step], ft[i:i + step], fk[i:i + step]) for i in range(0, b * n, step)]
     logits = torch.cat([p[0] for p in parts]).view(b, n, l, -1)
     return logits, torch.cat([p[1] for p in parts]).view(b, n, l)
 
