@@ -4,7 +4,7 @@
     python benchmarks/compression_sweep.py runs/0 [--chunk-lens 2 4 8] [--limit 200] [--out DIR]
 
 - chunk lengths 1..L (the trained L last): the same held-out tokens re-cut into N chunks of that length, every chunk
-  one memory (runtime/generate.py `reading(..., chunk_len=)`); the decoder keeps its N-1 newest memories;
+  one memory (runtime/reading.py `reading(..., chunk_len=)`); the decoder keeps its N-1 newest memories;
 - memories kept 0..N-1 at the trained L (0 = ablated): the needle sits N/2 chunks back, so it is lost below N/2.
 Writes <out>/compression_sweep.json and <out>/compression_sweep.png (matplotlib, Agg).
 """

@@ -1,5 +1,5 @@
-"""KV-cached generation (runtime/generate.py): decoding through the cache reproduces the trained forward pass at
-every position, greedy decoding equals argmax by full recomputation, the cache is the size the cost model says,
+"""Generation and scoring (runtime/decoding.py with a KV cache, runtime/window.py without one, runtime/scoring.py):
+decoding through the cache reproduces the trained forward pass at every position, greedy decoding equals argmax by full recomputation, the cache is the size the cost model says,
 and the CLI generates from a real run and refuses bad input with one message (exit 2, no traceback)."""
 import json
 import shutil
