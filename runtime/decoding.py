@@ -180,7 +180,7 @@ def advance(model, state: State, tokens: torch.Tensor) -> tuple[State, torch.Ten
     return state, torch.cat(out, 1)
 
 
-def _continue(model, parts, states, toks, out, done, max_new_tokens: int, pick, note) -> int:
+def _continue(model, parts, states, toks, done, max_new_tokens: int, pick, note) -> int:
     """Step the groups in lockstep until every row is done or has max_new_tokens tokens; returns the count."""
     n = 1
     while n < max_new_tokens and not all(done):
@@ -270,9 +270,9 @@ def generate(model, tokens, memories: torch.Tensor | None = None, max_new_tokens
         toks.append(sample(state.logits, temperature, top_k, generator))
         record(g.rows, toks[-1], out, done, eod, stop)
     t1 = clock(device)
-    n = _continue(model, parts, states, toks, out, done, max_new_tokens,
-                  lambda logits: sample(logits, temperature, top_k, generator), lambda g, tok: record(
-                      g.rows, tok, out, done, eod, stop))
+    n = _continue(model, parts, states, toks, done, max_new_tokens,
+                  pick=lambda logits: sample(logits, temperature, top_k, generator),
+                  note=lambda g, tok: record(g.rows, tok, out, done, eod, stop))
     t2 = clock(device)
     dropped = [0] * len(rows)
     for g, state in zip(parts, states):
