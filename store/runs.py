@@ -140,8 +140,8 @@ def print_csv(headers: list[str], rows: list[list]) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 
-def cmd_list(db, args) -> None:
-    wheres = [Where(w) for w in args.where or []]
+def _listed(db, args, wheres: list[Where]) -> list[RunRecord]:
+    """The runs --status, --spec and every --where select."""
     runs = db.runs(status=args.status)
     if args.spec:
         runs = [r for r in runs if any(args.spec in f or args.spec in spec_label(f) for f in r.spec_files)]
@@ -151,15 +151,27 @@ def cmd_list(db, args) -> None:
                             'use Configurable.param (Memory.chunks), a macro of the operative gin (LR), or a key that '
                             'python -m store.runs show ID --keys lists (plan.memory.chunks)')
         runs = [r for r in runs if w(r)]
-    if not runs:
-        print('no runs match' if (args.spec or args.status or wheres) else f'no runs in {db.name}', file=sys.stderr)
-        return
+    return runs
+
+
+def _headline(db, runs: list[RunRecord]) -> dict[str, dict[str, float]]:
+    """Final eval metrics per run (no metric rows, e.g. another observer: its summary.json's last stage)."""
     finals = db.final_metrics([r.id for r in runs], [n for _, n in HEADLINE])
-    for r in runs:  # no metric rows (the recorder lost them, or another observer): the run's summary.json
+    for r in runs:
         if not finals.get(r.id):
             sm = stage_end_metrics(db, r)
             if sm:
                 finals[r.id] = {f'eval/{k}': v for k, v in sm[list(sm)[-1]].items()}
+    return finals
+
+
+def cmd_list(db, args) -> None:
+    wheres = [Where(w) for w in args.where or []]
+    runs = _listed(db, args, wheres)
+    if not runs:
+        print('no runs match' if (args.spec or args.status or wheres) else f'no runs in {db.name}', file=sys.stderr)
+        return
+    finals = _headline(db, runs)
     cols = [(t, n) for t, n in HEADLINE if any(n in finals.get(r.id, {}) for r in runs)]
     headers = ['id', 'spec', 'status', 'stages'] + [t for t, _ in cols] + ['started (UTC)']
     if args.json or args.csv:
@@ -377,35 +389,41 @@ def cmd_compare(db, args) -> None:
     print(table(['run'] + ids, [['spec'] + [spec_text(r) for r in runs], ['status'] + [r.status for r in runs],
                                 ['plan hash'] + [str(r.config.get('spec_hash', '?')) for r in runs]], tty=tty))
 
-    def diff_rows(values: dict[str, list], show_all: bool):
-        rows, marked = [], set()
-        for key, vals in values.items():
-            texts = [fmt(v) if v is not _MISSING else '-' for v in vals]
-            differs = len(set(texts)) > 1
-            if not differs and not show_all:
-                continue
-            i = len(rows)
-            rows.append([key] + texts)
-            marked |= {(i, j + 1) for j, t in enumerate(texts) if j and t != texts[0]}
-            if differs and show_all:
-                marked.add((i, 0))
-        return rows, marked
-
     plan_keys = list(dict.fromkeys(k for r in runs for k in r.flat if k.startswith('plan.')))
     values = {k: [r.flat.get(k, _MISSING) for r in runs] for k in plan_keys}
     ndiff = sum(1 for v in values.values() if len({fmt(x) if x is not _MISSING else '-' for x in v}) > 1)
-    rows, marked = diff_rows(collapse_missing(values, runs), args.all)
+    rows, marked = _diff_rows(collapse_missing(values, runs), args.all)
     note = 'bold' if tty else '*'
     print(f'\nplan: {ndiff} of {len(plan_keys)} keys differ ({note}: differs from run {ids[0]})')
     if rows:
         print(table(['key'] + ids, rows, marked=marked, tty=tty, indent='  '))
     bs = [bindings(r) for r in runs]
     bkeys = list(dict.fromkeys(k for b in bs for k in b))
-    brows, bmarked = diff_rows({k: [b.get(k, _MISSING) for b in bs] for k in bkeys}, False)
+    brows, bmarked = _diff_rows({k: [b.get(k, _MISSING) for b in bs] for k in bkeys}, False)
     print('\ncommand-line bindings that differ' + ('' if brows else ': none'))
     if brows:
         print(table(['binding'] + ids, brows, marked=bmarked, tty=tty, indent='  '))
-    sms, stages, names = compared_metrics(db, runs, args.name)
+    _compare_results(db, runs, ids, args.name)
+
+
+def _diff_rows(values: dict[str, list], show_all: bool):
+    """Table rows of the keys whose values differ between runs (all keys: show_all) and the cells to mark."""
+    rows, marked = [], set()
+    for key, vals in values.items():
+        texts = [fmt(v) if v is not _MISSING else '-' for v in vals]
+        differs = len(set(texts)) > 1
+        if not differs and not show_all:
+            continue
+        i = len(rows)
+        rows.append([key] + texts)
+        marked |= {(i, j + 1) for j, t in enumerate(texts) if j and t != texts[0]}
+        if differs and show_all:
+            marked.add((i, 0))
+    return rows, marked
+
+
+def _compare_results(db, runs: list[RunRecord], ids: list, names: list[str] | None) -> None:
+    sms, stages, names = compared_metrics(db, runs, names)
     mrows = [[s, n] + [num(sm.get(s, {}).get(n)) for sm in sms] for s in stages for n in names
              if any(n in sm.get(s, {}) for sm in sms)]
     print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
