@@ -1,6 +1,8 @@
 """Generation and scoring (runtime/decoding.py with a KV cache, runtime/window.py without one, runtime/scoring.py):
-decoding through the cache reproduces the trained forward pass at every position, greedy decoding equals argmax by full recomputation, the cache is the size the cost model says,
-and the CLI generates from a real run and refuses bad input with one message (exit 2, no traceback)."""
+decoding through the cache reproduces the trained forward pass at every position, greedy decoding equals argmax by
+full recomputation, the cache is the size the cost model says, families without a cache score and generate as
+their trained forward pass, and the CLI generates from a real run and refuses bad input with one message (exit 2,
+no traceback)."""
 import json
 import shutil
 import subprocess
