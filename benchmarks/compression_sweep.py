@@ -4,7 +4,7 @@
     python benchmarks/compression_sweep.py runs/0 [--chunk-lens 2 4 8] [--limit 200] [--out DIR]
 
 - chunk lengths 1..L (the trained L last): the same held-out tokens re-cut into N chunks of that length, every chunk
-  one memory (runtime/generate.py `reading(..., chunk_len=)`); the decoder keeps its N-1 newest memories;
+  one memory (runtime/reading.py `reading(..., chunk_len=)`); the decoder keeps its N-1 newest memories;
 - memories kept 0..N-1 at the trained L (0 = ablated): the needle sits N/2 chunks back, so it is lost below N/2.
 Writes <out>/compression_sweep.json and <out>/compression_sweep.png (matplotlib, Agg).
 """
@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from runtime.generate import run_folder  # noqa: E402
 from runtime.lm_adapter import MemspecLM  # noqa: E402
+from store.runref import folder_of  # noqa: E402
 
 TASKS = {'memspec_needle': 'acc,none', 'memspec_reconstruct': 'token_accuracy,none'}
 
@@ -44,7 +44,7 @@ def main():
     ap.add_argument('--limit', type=int, default=200)
     ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
     args = ap.parse_args()
-    folder = run_folder(args.run, args.runs)
+    folder = folder_of(args.run, args.runs).root
     probe = MemspecLM(run=str(folder), device='cpu')
     n, l = probe.plan.memory.chunks, probe.plan.memory.chunk_len
     lens = args.chunk_lens or sorted({max(3, l // 2), max(3, 3 * l // 4), l})  # the needle needs 3+ tokens

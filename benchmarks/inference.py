@@ -7,7 +7,7 @@ Models: specs/memory_clm.gin (ours: encoder + memory-slot decoder) and specs/ful
 all N*L tokens), both bound to d_model 256, 4 layers, 4 heads, chunks of 128 tokens, vocab 8192, N = 4, 8, 16
 chunks; untrained seeded weights (the work per token does not depend on the values), fp32, batch 1.
 Request: a context of N-1 whole chunks + a 64-token prompt (random tokens), then 64 greedy new tokens, decoded by
-runtime/generate.py for both (one implementation: prefill, then one cached step per token):
+runtime/decoding.py for both (one implementation: prefill, then one cached step per token):
 - ours encodes the N-1 context chunks in one batched call and prefills [N slots, 64 prompt tokens]; its cache holds
   N + 128 positions;
 - full context prefills all (N-1)*128 + 64 tokens; its cache holds N*128 positions.
@@ -17,7 +17,7 @@ compiler.cost.kv_cache_bytes (asserted equal), the ratios full/ours (TTFT, KV by
 each number grows from the smallest to the largest N. Timing: one warm-up request per model, then `--repeats` rounds
 that run both models in turn (so drift hits both alike); medians. Results go to benchmarks/results/inference.json.
 
-Batched generation (runtime/generate.py, `--batches 1 8 32` at N = `--batch-chunks` chunks): B requests of the same
+Batched generation (runtime/decoding.py, `--batches 1 8 32` at N = `--batch-chunks` chunks): B requests of the same
 shape (different random tokens per row) in one call; decode throughput = new tokens of all rows per second. Reported:
 tokens/s of each model at each batch size, the ratio to its own batch 1, and ours/full at each batch size; batch
 sizes and models are interleaved within each round, so every ratio is taken in one process under the same load.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from compiler import cost  # noqa: E402
 from compiler.model import build  # noqa: E402
 from compiler.spec import SPECS_DIR, load  # noqa: E402
-from runtime.generate import generate  # noqa: E402
+from runtime.decoding import generate  # noqa: E402
 
 SPECS = {'ours': 'memory_clm.gin', 'full': 'full_context.gin'}
 

@@ -18,10 +18,12 @@ and the three top-level names.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 import torch.nn as nn
 
+from compiler import objectives as O
 from compiler import plan as P
 from compiler.blocks import Stack
 from compiler.families import Family, family, in_component, needs_ae_decoder
@@ -35,6 +37,7 @@ class Graph(nn.Module):
         super().__init__()
         self.family: Family = family(plan)
         self.lengths = self.family.lengths(plan)
+        self.n, self.l = plan.memory.chunks, plan.memory.chunk_len  # every graph reads examples of N chunks x L
 
     def encode(self, tokens, key_mask=None):
         """One memory per row: tokens [M, L] -> [M, d_dec] (families with an encoder). A memory reads one
@@ -46,6 +49,40 @@ class Graph(nn.Module):
         keep = t if key_mask is not None else min(t, 1 + (self.memory.cfg.position == 'second_last'))
         h = self.encoder(tokens, key_mask=key_mask, keep_last=keep)
         return self.memory.project(h[torch.arange(m, device=h.device), idx - (t - keep)])
+
+    def regenerate(self, stack: str, memories, length: int, head=True):
+        """An autoencoding decoder (`stack`: 'decoder' of an autoencoder, 'ae_decoder' of a memory model) regenerates
+        `length` tokens from each memory [M, d] -> logits [M, length, vocab] (the decoder never sees tokens)."""
+        decoder = getattr(self, stack)
+        h = decoder(embeds=self.memory.decoder_input(memories, length))
+        return decoder.head(h) if head else h
+
+    @torch.no_grad()
+    def read_out(self, memories, tokens, key_mask, ids: O.SpecialIds, via: str):
+        """Stored memories [M, d] of M chunks (their tokens, key mask [M, L]) decoded as the graph's training reads a
+        memory -> (logits [M, L, vocab], labels [M, L]). via 'decoder' / 'ae_decoder': that stack regenerates the
+        chunk (make_example's autoencode labels); 'blank_copy': the memory in the first slot of the chunk after it,
+        blank tokens at the chunk's real positions (make_example's blank-copy example and labels)."""
+        if via in ('decoder', 'ae_decoder'):
+            _, _, labels = O.make_example(P.Objective(kind='autoencode'), tokens, key_mask, ids)
+            return self.regenerate(via, memories, tokens.shape[-1]), labels
+        return self.blank_copy_read_out(memories, tokens, key_mask, ids)
+
+    @torch.no_grad()
+    def encode_rows(self, tokens, key_mask, batch: int):
+        """Memories of every chunk of examples [S, N, L] (CPU tensors), `batch` examples at a time on the model's
+        device, in eval mode: yields (memories [b, N, d] on the CPU, tokens, key mask), what store.memories.write
+        stores. A generator: nothing is encoded until it is read."""
+        s, n, l = tokens.shape
+        device, was = next(self.parameters()).device, self.training
+        self.eval()
+        try:
+            for i in range(0, s, batch):
+                t, m = tokens[i:i + batch], key_mask[i:i + batch]
+                mem = self.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device))
+                yield mem.view(len(t), n, -1).cpu(), t, m
+        finally:
+            self.train(was)
 
     def components(self) -> list[str]:
         """Every freezable component that holds parameters, top-level and second-level names."""
@@ -63,7 +100,6 @@ class CausalLM(Graph):
 
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
-        self.n, self.l = plan.memory.chunks, plan.memory.chunk_len
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
@@ -74,13 +110,12 @@ class CausalLM(Graph):
         return self.decoder.head(h) if head else h
 
 
-def reconstruct(model: Graph, decoder: Stack, tokens, key_mask, head=True):
-    """Autoencoding: every chunk -> one memory -> `decoder` regenerates the chunk (unshifted)."""
+def reconstruct(model: Graph, stack: str, tokens, key_mask, head=True):
+    """Autoencoding: every chunk -> one memory -> the `stack` decoder regenerates the chunk (unshifted)."""
     b, n, l = tokens.shape
     km = None if key_mask is None else key_mask.reshape(b * n, l)
     mem = model.encode(tokens.reshape(b * n, l), km)
-    h = decoder(embeds=model.memory.decoder_input(mem, l)).view(b, n, l, -1)
-    return decoder.head(h) if head else h
+    return model.regenerate(stack, mem, l, head).view(b, n, l, -1)
 
 
 class Autoencoder(Graph):
@@ -89,7 +124,6 @@ class Autoencoder(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m = plan.memory
-        self.l = m.chunk_len
         self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
         self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=m.decoder_input == 'unroll', pad=self.family.pad_slot)
@@ -102,7 +136,7 @@ class Autoencoder(Graph):
         return self.encode(tokens.reshape(b * n, l), km).view(b, n, -1)
 
     def forward(self, tokens, key_mask=None, head=True):
-        return reconstruct(self, self.decoder, tokens, key_mask, head)
+        return reconstruct(self, 'decoder', tokens, key_mask, head)
 
     autoencode = forward
 
@@ -115,7 +149,7 @@ class ChunkedMemoryLM(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m, fam = plan.memory, self.family
-        self.n, self.l, self.variable = m.chunks, m.chunk_len, m.slots == 'variable'
+        self.variable = m.slots == 'variable'
         self.use_memory, self.oracle = fam.has_encoder, fam.encoder == 'sequence'
         if self.use_memory:
             self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
@@ -128,7 +162,7 @@ class ChunkedMemoryLM(Graph):
             self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
 
     def autoencode(self, tokens, key_mask=None, head=True):
-        return reconstruct(self, self.ae_decoder, tokens, key_mask, head)
+        return reconstruct(self, 'ae_decoder', tokens, key_mask, head)
 
     def memories(self, tokens, key_mask=None):
         """[B, N, L] -> memories of chunks 0..N-2: [B, N-1, d_dec]."""
@@ -150,14 +184,30 @@ class ChunkedMemoryLM(Graph):
         mem = self.memories(tokens, key_mask) if self.use_memory and not ablate_memory else None
         slots, slot_mask = self.memory.slots(mem, b, n, self.variable)
         c = slice(first_chunk, n)
-        x = torch.cat([slots[:, c], self.decoder.embedding(tokens[:, c])], dim=2)  # [B, n', S+L, d]
+        return self.decode(slots[:, c], slot_mask[:, c], tokens[:, c], None if key_mask is None else key_mask[:, c],
+                           head)
+
+    def decode(self, slots, slot_mask, tokens, key_mask=None, head=True):
+        """The decoder over chunks [B, C, L] after their slots [B, C, S, d] (slot mask [B, C, S]): logits (or hidden
+        states) of the token positions [B, C, L, ...]."""
+        b, c, l = tokens.shape
+        x = torch.cat([slots, self.decoder.embedding(tokens)], dim=2)  # [B, C, S+L, d]
         mask = None  # fixed slots are always attended: without padding nothing is masked
         if key_mask is not None or self.variable:
-            tok_mask = torch.ones_like(tokens[:, c], dtype=torch.bool) if key_mask is None else key_mask[:, c].bool()
-            mask = torch.cat([slot_mask[:, c], tok_mask], dim=2).reshape(-1, x.shape[2])
-        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=mask, keep_last=l)
-        h = h.view(b, n - first_chunk, l, -1)
+            tok_mask = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask.bool()
+            mask = torch.cat([slot_mask, tok_mask], dim=2).reshape(-1, x.shape[2])
+        h = self.decoder(embeds=x.reshape(-1, x.shape[2], x.shape[-1]), key_mask=mask, keep_last=l).view(b, c, l, -1)
         return self.decoder.head(h) if head else h  # the head runs on token positions only
+
+    def blank_copy_read_out(self, memories, tokens, key_mask, ids: O.SpecialIds):
+        """The blank-copy read-out of stored memories [M, d]: each chunk's memory alone in the slots of the chunk after
+        it (the N-chunk layout training uses), that chunk blank at the real positions (make_example's blank-copy
+        example); position t predicts token t+1, so the chunk's first token has no prediction."""
+        two = lambda x: None if x is None else torch.stack([x, x], 1)  # noqa: E731  (the second half is the copy)
+        inputs, mask, labels = O.make_example(P.Objective(kind='blank_copy'), two(tokens), two(key_mask), ids)
+        slots, slot_mask = self.memory.chunk_slots(memories[:, None], self.n, self.variable)
+        logits = self.decode(slots[:, None], slot_mask[:, None], inputs[:, 1:], None if mask is None else mask[:, 1:])
+        return logits[:, 0], labels[:, 1]
 
 
 class RecurrentMemoryLM(Graph):
@@ -167,7 +217,6 @@ class RecurrentMemoryLM(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m = plan.memory
-        self.l = m.chunk_len
         self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=False, pad=self.family.pad_slot)
         self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
@@ -235,55 +284,21 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(mod.bias)
 
 
+ENCODER_PARTS = ('encoder.', 'memory.compress.', 'memory.proj.')  # what Graph.encode reads
+
+
+def encoder_sha256(state: dict) -> str:
+    """sha256 of the tensors of a state dict that form memories (Graph.encode: the encoder, then the memory's
+    compression and projection): two stages with the same digest encode the same memories of the same input."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        if name.startswith(ENCODER_PARTS):
+            t = t.detach().cpu().contiguous()
+            h.update(f'{name} {t.dtype} {tuple(t.shape)}\n'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def parameters_of(model: nn.Module, component: str):
     """(name, parameter) pairs of one component (families.in_component)."""
     return [(n, p) for n, p in model.named_parameters() if in_component(n, component)]
-
-
-EXPORT_FORMAT, EXPORT_VERSIONS = 'memspec-export', (1,)  # the config.json of a folder store/export.py wrote
-
-
-def from_pretrained(folder) -> Graph:
-    """The model of a folder `python -m store.export` wrote, without the run database or the run folder: the plan in
-    its config.json builds the graph (compiler only), model.safetensors (checked against the sha256 recorded beside
-    it) fills it. Returned in eval mode, with `.plan` (the Plan) and `.export` (the config.json) attached. Anything
-    else in the folder's place is a SpecError naming what is wrong."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from compiler.checkpoint import sha256_file
-    from compiler.errors import SpecError
-    folder = Path(folder)
-    where = f'from_pretrained({str(folder)!r})'
-    fix = 'export the run with python -m store.export RUN OUT and load OUT'
-    try:
-        cfg = json.loads((folder / 'config.json').read_text())
-    except FileNotFoundError:
-        raise SpecError(where, f'no config.json in {folder}: not a folder python -m store.export wrote', fix)
-    except (OSError, ValueError) as e:
-        raise SpecError(where, f'config.json cannot be read: {e}', fix)
-    if not isinstance(cfg, dict) or cfg.get('format') != EXPORT_FORMAT or cfg.get('version') not in EXPORT_VERSIONS:
-        got = (cfg.get('format'), cfg.get('version')) if isinstance(cfg, dict) else type(cfg).__name__
-        raise SpecError(where, f"config.json is not a memspec export of a version this code reads ({got}; this code "
-                        f"reads {EXPORT_FORMAT!r} versions {', '.join(map(str, EXPORT_VERSIONS))})", fix)
-    try:
-        plan = P.Plan.from_dict(cfg['plan'])
-        weights = folder / cfg['weights']['file']
-        vocab = int(cfg['vocab_size'])
-    except (KeyError, TypeError, ValueError, P.PlanError) as e:
-        raise SpecError(where, f'config.json lacks or garbles its plan, weights or vocabulary ({e})', fix)
-    if not weights.is_file():
-        raise SpecError(where, f'{weights.name} is missing', fix)
-    if cfg['weights'].get('sha256') and sha256_file(weights) != cfg['weights']['sha256']:
-        raise SpecError(where, f'{weights.name} is not the file that was exported (its sha256 differs from '
-                        'config.json\'s)', 'export the run again')
-    model = build(plan, vocab)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as e:  # noqa: BLE001  (a damaged or foreign safetensors file, or other shapes)
-        raise SpecError(where, f'{weights.name} does not fit the plan of config.json: '
-                        f'{str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}', fix)
-    model.plan, model.export = plan, cfg
-    return model.eval()

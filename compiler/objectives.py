@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from compiler import plan as P
 from compiler.objective_registry import faithful_parts, objective
+from compiler.queries import queries
 
 IGNORE = -100
 
@@ -190,16 +191,7 @@ def retrieval_loss(model, obj: P.Objective, tokens, key_mask, ids: SpecialIds, g
     b, _, l = tokens.shape
     doc = tokens[:, 0]
     real = l if key_mask is None else int(key_mask[:, 0].sum(-1).min())
-    n = min(obj.ngram, real)
-    if obj.query == 'ngram':
-        start = torch.randint(0, real - n + 1, (b,), generator=generator)
-        cols = start[:, None] + torch.arange(n)
-    else:
-        cols = torch.stack([torch.randperm(real, generator=generator)[:n].sort().values for _ in range(b)])
-    q_tokens = torch.full((b, l), ids.pad, dtype=tokens.dtype)
-    q_tokens[:, :n] = doc.gather(1, cols.to(doc.device))
-    q_mask = torch.zeros(b, l, dtype=torch.bool)
-    q_mask[:, :n] = True
+    q_tokens, q_mask = queries(doc, real, obj.ngram, obj.query, ids.pad, generator)
     q = F.normalize(model.encode(q_tokens.to(doc.device), q_mask.to(doc.device)), dim=-1)
     c = F.normalize(model.encode(doc, None if key_mask is None else key_mask[:, 0]), dim=-1)
     sim = q @ c.T / obj.temperature

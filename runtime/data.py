@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from compiler.checkpoint import sha256_file
 from compiler.errors import SpecError, cli
+from compiler.load import SPECIAL_TOKENS, special_ids
 
-SPECIAL_TOKENS = ('<pad>', '<eod>', '<blank>', '<copy>')
 BYTE_ALPHABET = 256  # byte-level BPE starts from all 256 bytes
 CACHE_VERSION = 2  # bump when the cached format or the example-building logic changes (2: sha256 of files in meta)
 CACHE_FILES = ('tokenizer.json', 'examples.pt')  # their sha256 is recorded in meta.json and checked on every load
@@ -70,40 +70,6 @@ class Prepared:
     @property
     def special_ids(self) -> dict[str, int]:
         return {'<pad>': self.pad_id, '<eod>': self.eod_id, '<blank>': self.blank_id, '<copy>': self.copy_id}
-
-
-@dataclass
-class Vocabulary:
-    """A tokenizer and its special ids, without the data: what generation needs of a run (its run folder holds a copy
-    of the tokenizer, so no data cache is rebuilt, which hub data would need the network for)."""
-    tokenizer: Tokenizer
-    pad_id: int
-    eod_id: int
-    blank_id: int
-    copy_id: int
-    vocab_size: int
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return {'<pad>': self.pad_id, '<eod>': self.eod_id, '<blank>': self.blank_id, '<copy>': self.copy_id}
-
-
-def vocabulary(path: Path) -> Vocabulary:
-    """The Vocabulary of a tokenizer.json that prepare() wrote (a run folder's copy)."""
-    fix = 'restore the run folder, or delete its tokenizer.json to rebuild it from the data cache'
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001  (a damaged or foreign file)
-        text = str(e).strip()
-        raise SpecError(str(path), f'cannot load the tokenizer: {text.splitlines()[0] if text else type(e).__name__}',
-                        fix)
-    tok.encode_special_tokens = True  # as prepare() uses it: a literal "<pad>" is ordinary text
-    ids = _special_ids(tok)
-    missing = [k for k, v in ids.items() if v is None]
-    if missing:
-        raise SpecError(str(path), f"not a memspec tokenizer: it lacks {', '.join(missing)}", fix)
-    return Vocabulary(tok, ids['<pad>'], ids['<eod>'], ids['<blank>'], ids['<copy>'],
-                      tok.get_vocab_size(with_added_tokens=True))
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -394,8 +360,6 @@ def _check(d, n: int, l: int) -> None:
                         'set Memory.chunks and Memory.chunk_len to positive integers')
 
 
-def _special_ids(tok: Tokenizer) -> dict[str, int]:
-    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
 def prepare(plan, progress: bool = True) -> Prepared:
@@ -427,7 +391,7 @@ def prepare(plan, progress: bool = True) -> Prepared:
     else:
         tok = load_tokenizer(d.tokenizer)
     tok.encode_special_tokens = True  # literal "<pad>" in text is ordinary text, never the pad id
-    ids = _special_ids(tok)
+    ids = special_ids(tok)
 
     arrays, stats = {}, {}
     for split, texts in (('train', train_docs), ('val', val_docs)):

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from compiler.errors import SpecError, cli
-from runtime.generate import MODES, run_folder
+from runtime.reading import MODES
 from store.database import default_url, display_url, get_run, open_db, record_evaluations
-from store.layout import RunFolder
+from store.runref import folder_of
 from store.tables import num, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,14 +30,14 @@ TASKS_DIR = ROOT / 'specs' / 'eval'
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m runtime.evaluate', description=__doc__.split('\n\n')[1])
-    ap.add_argument('run', metavar='RUN', help='run folder, or a run id under --runs')
+    ap.add_argument('run', metavar='RUN', help="run id or full name <id>-<key> under --runs, or a run folder's path")
     ap.add_argument('--runs', default='runs', help='folder of run folders (default runs)')
     ap.add_argument('--stage', help='weights at the end of this stage (default: final.safetensors)')
     ap.add_argument('--tasks', required=True,
                     help='comma-separated harness tasks or groups (memspec: the offline set)')
     ap.add_argument('--limit', type=int, help='at most this many documents per task')
     ap.add_argument('--memory', default='on', choices=MODES, help='on (default), ablated or full_context '
-                    '(runtime/generate.py reading)')
+                    '(runtime/reading.py)')
     ap.add_argument('--db', help='run database (default: <run folder>/../sacred.db, where runtime.run records)')
     ap.add_argument('--include-path', default=str(TASKS_DIR), help='task YAML folder (default specs/eval)')
     ap.add_argument('--batch-size', type=int, default=32, help='rows per decoder call')
@@ -87,12 +87,13 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SpecError(f'--limit {args.limit}', 'must be at least 1', 'pass --limit 1 or more, or leave it out')
-    folder = run_folder(args.run, args.runs)
-    url = args.db or default_url(folder.parent)
+    run = folder_of(args.run, args.runs)
+    folder = run.root
+    url = args.db or default_url(run.out_dir)
     if url.startswith('mongodb'):
         raise SpecError(f'--db {display_url(url)}', 'evaluations are recorded in SQL run databases only',
                         'record the run in sqlite:/// or postgresql:// (python -m runtime.run ... --db URL)')
-    run_id = RunFolder.at(folder).run_id
+    run_id = run.run_id
     get_run(open_db(url), run_id)  # the run must be recorded where its evaluation goes
     try:
         import lm_eval

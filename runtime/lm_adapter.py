@@ -4,18 +4,20 @@
     lm_eval.simple_evaluate(model='memspec', model_args='run=runs/0,stage=combined,memory=on', tasks=[...])
     python -m runtime.harness --model memspec --model_args run=runs/0 --include_path specs/eval --tasks memspec
 
-model_args: run (a run folder, or an id under `runs`, default folder 'runs'), stage (default: the final weights),
-memory (on | ablated | full_context, runtime/generate.py `reading`), keep (memories read, 0..N-1) and
-chunk_len (tokens per memory, 1..L) for compression sweeps, device (default: the harness' --device when it
-is usable here, else cpu), batch_size (rows per decoder call, default 32; the harness' CLI passes its --batch_size,
-so there give --batch_size, not a model argument).
+model_args: run (a run id or its full name <id>-<key> under `runs`, default folder 'runs', or a run folder's
+path), stage (default: the final weights), memory (on | ablated | full_context, runtime/reading.py), keep (memories
+read, 0..N-1) and chunk_len (tokens per memory, 1..L) for compression sweeps, device (default: the harness' --device
+when it is usable here, else cpu), batch_size (rows per decoder call, default 32; the harness' CLI passes its
+--batch_size, so there give --batch_size, not a model argument).
 
-Every request is read as runtime/generate.py reads text: the context is cut into chunk_len-token chunks, the complete
-ones become memories in one batched encoder call (through an LRU shared by all requests, so choices that share a
-context encode it once), the decoder keeps its newest N-1 memories, the last partial chunk stays tokens; a
-continuation is scored token by token with generate's cache semantics (a chunk that fills up becomes a memory).
-Families without memories (clm, full_context, no_memory) run through the same code as plain LMs; causal LMs read
-the newest tokens that fit their window (context truncated on the left, as the harness' own models do).
+Every request is read as runtime.generate reads text (runtime/reading.py): the context is cut into chunk_len-token
+chunks, the complete ones become memories in one batched encoder call (through an LRU shared by all requests, so
+choices that share a context encode it once), the decoder keeps its newest N-1 memories, the last partial chunk stays
+tokens; a continuation is scored token by token with generation's cache semantics (a chunk that fills up becomes a
+memory). Families without memories (clm, full_context, no_memory) run through the same code as plain LMs; causal LMs
+read the newest tokens that fit their window (context truncated on the left, as the harness' own models do).
+Families and decoders without a KV cache (masked mixers, recurrent, oracle) are scored by their trained forward pass
+over a window of N x L tokens (runtime/window.py); the oracle scores but does not generate.
 
 loglikelihood returns the harness' (logprob, is_greedy) pairs; each also carries `.greedy`, the per-token argmax
 flags that the memspec tasks' token-accuracy metrics read (specs/eval/memspec_tasks.py).
@@ -29,7 +31,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows
 
-from runtime.generate import MemoryCache, generate, load_run, reading, run_folder, score
+from runtime.decoding import generate
+from runtime.generate import load_run
+from runtime.reading import MemoryCache, check_decodes, reading
+from runtime.scoring import score
 
 
 class Likelihood(tuple):
@@ -67,9 +72,9 @@ class MemspecLM(TemplateLM):
     def __init__(self, run, stage=None, memory='on', runs='runs', device=None, batch_size=32, max_batch_size=None,
                  keep=None, chunk_len=None, **_ignored):
         super().__init__()
-        self.folder = run_folder(str(run), str(runs))
         self.device_name = _device(device)
-        self.plan, self.model, self.data = load_run(self.folder, stage or None, self.device_name)
+        loaded = load_run(str(run), stage or None, str(runs), self.device_name)  # refuses what cannot score
+        self.plan, self.model, self.data, self.folder = loaded.plan, loaded.model, loaded.vocab, loaded.folder.root
         self.stage = stage or None
         self.how = reading(self.model, memory, None if keep in (None, '') else int(keep),
                            None if chunk_len in (None, '') else int(chunk_len))  # refused here, once, if it cannot
@@ -123,6 +128,7 @@ class MemspecLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with do_sample/temperature) continuations, batched per generation settings; each
         stops at the end-of-document token, at any `until` string (cut there) or after max_gen_toks tokens."""
+        check_decodes(self.plan, f'run {self.folder}', sampling=True)
         out: list[str | None] = [None] * len(requests)
         by: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from compiler import objectives as O
 from compiler.families import family
-from compiler.model import build
+from compiler.model import build, encoder_sha256
 from compiler.objective_registry import objective
 from runtime import checkpoint as ckpt
 from runtime import train
@@ -248,9 +248,12 @@ class Trainer:
                  'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
                  'special_ids': self.data.special_ids, 'bytes_per_token': self.data.bytes_per_token.get('val')}
         previous = plan.curriculum[si - 1].name if si else None
-        try:
-            memories.write(path, self.folder.name, stage, self.model, self.data.val, self.data.val_mask,
-                           dict(attrs, run_id=run_id), dtype=plan.run.memory_dtype, previous=previous,
+        tokens, mask = self.data.val, self.data.val_mask
+        try:  # the graph encodes, the store writes arrays (nothing is encoded when the previous stage's are shared)
+            memories.write(path, self.folder.name, stage, self.model.encode_rows(tokens, mask, memories.ROWS),
+                           (*tokens.shape, self.model.memory.d_dec),
+                           dict(attrs, run_id=run_id, encoder_sha256=encoder_sha256(self.model.state_dict())),
+                           dtype=plan.run.memory_dtype, previous=previous,
                            progress=f'stage {si + 1}/{len(plan.curriculum)} {stage}: memories')
         except OSError as e:  # a full disk: name the group and the disk (zarr's own error names no file)
             err = ckpt.write_error(e, Path(path) / self.folder.name / stage / 'memories')

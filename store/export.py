@@ -12,11 +12,12 @@
                            the logits our decoder computes on a plain token sequence (no memories); with
                            tokenizer.json and tokenizer_config.json for PreTrainedTokenizerFast
 
-`compiler.model.from_pretrained(OUT)` loads the model without the database, the run folder or the data cache.
-RUN is a run id (or <id>-<key>) of the run database (--db, default sqlite:///runs/sacred.db). OUT must not exist
-(or be an empty folder); the folder is written beside it and renamed into place, so OUT is whole or absent. Bad
-input (unknown run, weights missing or changed since the run recorded them, an OUT that holds files) is one message,
-exit 2.
+`compiler.load.from_pretrained(OUT)` loads the model without the database, the run folder or the data cache.
+RUN is a run id, its full name <id>-<key>, or its run folder's path (store/runref.py), looked up in the run
+database (--db; default: the sacred.db beside a run folder given by its path, else sqlite:///runs/sacred.db).
+OUT must not exist (or be an empty folder); the folder is written beside it and renamed into place, so OUT is whole
+or absent. Bad input (unknown run, weights missing or changed since the run recorded them, an OUT that holds files)
+is one message, exit 2.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from compiler import load
 from compiler.checkpoint import llama_config, sha256_file, stack_to_llama
 from compiler.errors import SpecError, cli
 from compiler.families import family
-from compiler.model import EXPORT_FORMAT, build
 from compiler.plan import Plan
-from store.database import DEFAULT_DB, RunRecord, display_url, get_run, open_db
+from store.database import DEFAULT_DB, RunRecord, display_url, open_db
 from store.layout import RunFolder
+from store.runref import database_for, record_of
 from store.runs import code_line, stage_end_metrics
 from store.tables import metrics_table, plan_summary, spec_text
 
@@ -94,7 +96,7 @@ def card(run: RunRecord, plan: Plan, cfg: dict, sm: dict, hf_note: str | None) -
               '', '## Stage-end metrics', '',
               'Held-out metrics at the last step of each stage (as `python -m store.runs show` prints them):', '']
     lines += ['```', metrics_table(sm, run.end_steps, indent='') if sm else 'none recorded', '```', '']
-    lines += ['## Load', '', '```python', 'from compiler.model import from_pretrained',
+    lines += ['## Load', '', '```python', 'from compiler.load import from_pretrained',
               "model = from_pretrained('.')  # this folder; memspec's compiler is the only requirement", '```', '']
     if hf_note is None:
         lines += ['The decoder alone is also a Hugging Face Llama checkpoint (its logits on a plain token sequence, '
@@ -107,18 +109,19 @@ def card(run: RunRecord, plan: Plan, cfg: dict, sm: dict, hf_note: str | None) -
     return '\n'.join(lines)
 
 
-def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
-    where = f'export {run.id}'
+def _plan(run: RunRecord, stage: str | None, where: str) -> Plan:
     if 'plan' not in run.config:
         raise SpecError(where, 'the run recorded no plan', 'export a run recorded by python -m runtime.run')
-    plan = Plan.from_dict(run.config['plan'])
+    plan = load.plan_from_dict(run.config['plan'], where, 'export a run recorded by python -m runtime.run')
     if stage is not None and stage not in plan.stage_names:
         raise SpecError(f'--stage {stage}', f"run {run.id} has no stage '{stage}' (stages: "
                         f"{', '.join(plan.stage_names)})", 'pick a listed stage, or leave --stage out for the final '
                         'weights')
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpecError(f'OUT {out}', 'already exists and is not an empty folder',
-                        'export into a new folder (nothing of an existing one is replaced)')
+    return plan
+
+
+def _weights(db, run: RunRecord, stage: str | None, where: str) -> tuple[Path, bytes | None]:
+    """The weights file (or its bytes from a BLOB), checked against the sha256 the run recorded."""
     path, blob, sha = weights_of(db, run, stage)
     if path is None or (blob is None and not path.is_file()):
         raise SpecError(where, f"the run's weights are not on this machine ({path or 'no path recorded'})",
@@ -126,6 +129,11 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
     if blob is None and sha is not None and sha256_file(path) != sha:
         raise SpecError(where, f'{path} changed since the run recorded it (its sha256 differs)',
                         'restore the run folder from a backup; the recorded sha256 is in python -m store.runs show')
+    return path, blob
+
+
+def _tokenizer(run: RunRecord, path: Path, where: str) -> Path:
+    """The run folder's tokenizer.json, else the data cache's."""
     run_dir = Path(run.info.get('run_dir') or path.parent)
     tokenizer = RunFolder.at(run_dir).tokenizer
     if not tokenizer.is_file():
@@ -133,7 +141,17 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
     if not tokenizer.is_file():
         raise SpecError(where, f'no tokenizer: neither {RunFolder.at(run_dir).tokenizer} nor the data cache',
                         'keep the run folder (it holds tokenizer.json) or its data cache where the run wrote them')
-    data = run.info.get('data') or {}
+    return tokenizer
+
+
+def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
+    where = f'export {run.id}'
+    plan = _plan(run, stage, where)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpecError(f'OUT {out}', 'already exists and is not an empty folder',
+                        'export into a new folder (nothing of an existing one is replaced)')
+    path, blob = _weights(db, run, stage, where)
+    tokenizer = _tokenizer(run, path, where)
     tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -143,24 +161,7 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
             shutil.copyfile(path, tmp / 'model.safetensors')
         else:
             (tmp / 'model.safetensors').write_bytes(blob)
-        from safetensors.torch import load_file
-        state = load_file(str(tmp / 'model.safetensors'))
-        vocab = int(data.get('vocab_size') or state['decoder.head.weight'].shape[0])
-        model = build(plan, vocab)
-        model.load_state_dict(state)
-        shutil.copyfile(tokenizer, tmp / 'tokenizer.json')
-        (tmp / 'operative.gin').write_text(run.config.get('operative_gin') or '')
-        cfg = {'format': EXPORT_FORMAT, 'version': EXPORT_VERSION, 'family': plan.family, 'spec_hash':
-               run.config.get('spec_hash'), 'plan': plan.to_dict(), 'vocab_size': vocab,
-               'special_ids': data.get('special_ids') or {},
-               'weights': {'file': 'model.safetensors', 'sha256': sha256_file(tmp / 'model.safetensors'),
-                           'stage': stage},
-               'run': {'id': run.id, 'key': run.run_key, 'name': run.name, 'experiment': run.experiment,
-                       'database': display_url(db.url), 'spec': run.config.get('spec_sources') or run.spec_files},
-               'provenance': run.config.get('provenance') or {}}
-        (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
-        hf_note = hf_export(model, plan, vocab, cfg['special_ids'], tmp, tokenizer)
-        (tmp / 'README.md').write_text(card(run, plan, cfg, stage_end_metrics(db, run), hf_note))
+        _write(db, run, plan, stage, tmp, tokenizer, where)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -170,24 +171,44 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
     return out
 
 
+def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokenizer: Path, where: str) -> None:
+    """Everything beside model.safetensors, once the weights load into the plan's graph (compiler.load)."""
+    data = run.info.get('data') or {}
+    weights, fix = tmp / 'model.safetensors', 'rerun the run (or the stage) to rewrite its weights'
+    vocab = data.get('vocab_size') or load.header_shapes(weights, where, fix)['decoder.head.weight'][0]
+    model = load.load(plan, weights, where=where, fix=fix, vocab_size=vocab).model  # checked against the plan
+    shutil.copyfile(tokenizer, tmp / 'tokenizer.json')
+    (tmp / 'operative.gin').write_text(run.config.get('operative_gin') or '')
+    cfg = {'format': load.EXPORT_FORMAT, 'version': EXPORT_VERSION, 'family': plan.family,
+           'spec_hash': run.config.get('spec_hash'), 'plan': plan.to_dict(), 'vocab_size': vocab,
+           'special_ids': data.get('special_ids') or {},
+           'weights': {'file': 'model.safetensors', 'sha256': sha256_file(weights), 'stage': stage},
+           'run': {'id': run.id, 'key': run.run_key, 'name': run.name, 'experiment': run.experiment,
+                   'database': display_url(db.url), 'spec': run.config.get('spec_sources') or run.spec_files},
+           'provenance': run.config.get('provenance') or {}}
+    (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
+    hf_note = hf_export(model, plan, vocab, cfg['special_ids'], tmp, tokenizer)
+    (tmp / 'README.md').write_text(card(run, plan, cfg, stage_end_metrics(db, run), hf_note))
+
+
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog='python -m store.export', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split('\n\n', 1)[1])
-    ap.add_argument('run', metavar='RUN', help='run id (python -m store.runs list) or its full name <id>-<key>')
+    ap.add_argument('run', metavar='RUN', help="run id (python -m store.runs list), its full name <id>-<key>, or "
+                    "its run folder's path")
     ap.add_argument('out', metavar='OUT', help='the folder to write (must not exist, or be empty)')
-    ap.add_argument('--db', default=DEFAULT_DB, metavar='URL', help=f'run database (default {DEFAULT_DB})')
+    ap.add_argument('--db', metavar='URL', help=f'run database (default: the one beside a run folder given by its '
+                    f'path, else {DEFAULT_DB})')
     ap.add_argument('--stage', help='export the weights at the end of this stage (default: the final weights)')
     args = ap.parse_args(argv)
-    db = open_db(args.db)
-    run = get_run(db, args.run.split('-', 1)[0])
-    if '-' in args.run and args.run != run.name:
-        raise SpecError(f'RUN {args.run}', f'run {run.id} of {db.name} is {run.name}', f'export {run.name}')
+    db = open_db(database_for(args.run, args.db, DEFAULT_DB))
+    run = record_of(db, args.run)
     out = export(db, run, Path(args.out), args.stage)
     files = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())
     print(f"exported run {run.name} to {out}: {', '.join(files)}")
-    print(f"load it with compiler.model.from_pretrained({str(out)!r})", file=sys.stderr)
+    print(f"load it with compiler.load.from_pretrained({str(out)!r})", file=sys.stderr)
 
 
 if __name__ == '__main__':

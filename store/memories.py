@@ -19,7 +19,7 @@ Group attributes of <run>/<stage> (all JSON):
     dtype           logical dtype ('float32' or 'bfloat16'); storage_dtype: what the array holds
     tokenizer_path, checkpoint_path          where to decode from (the run folder's tokenizer.json and stage weights)
     bytes_per_token UTF-8 bytes per token of the held-out text (bits per byte)
-    encoder_sha256  sha256 of the weights that form memories (ENCODER_PARTS)
+    encoder_sha256  sha256 of the weights that form memories (compiler.model.encoder_sha256)
     rows            rows written so far      complete  True only once every row is written
     memories_from   (references only) the stage of the same run whose arrays hold these memories
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -80,7 +79,6 @@ ARRAY_ATTRS = {
              'description': 'True where the position holds a real token, False where it is padding'},
 }
 BF16_NOTE = 'bfloat16 bit patterns stored as uint16: float32 = (bits.astype(uint32) << 16).view(float32)'
-ENCODER_PARTS = ('encoder.', 'memory.compress.', 'memory.proj.')  # what Graph.encode reads (compiler/model.py)
 REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
 
@@ -167,18 +165,6 @@ class Writer:
         consolidate(self.path)
 
 
-def encoder_sha256(model) -> str:
-    """sha256 of the tensors that form memories (Graph.encode: the encoder, then the memory's compression and
-    projection): two stages with the same digest store the same memories of the same held-out set."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if name.startswith(ENCODER_PARTS):
-            t = t.detach().cpu().contiguous()
-            h.update(f'{name} {t.dtype} {tuple(t.shape)}\n'.encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def shared_source(path, run: str, previous: str, digest: str, attrs: dict, rows: int) -> Group | None:
     """The group of stage `previous` (or the one it references) when it holds the memories this stage would write:
     complete, written by the same encoder weights (`digest`), same rows, shapes and dtype. None otherwise."""
@@ -201,35 +187,27 @@ def reference(path, run: str, stage: str, source: Group, attrs: dict) -> None:
     consolidate(path)
 
 
-@torch.no_grad()
-def write(path, run: str, stage: str, model, tokens: torch.Tensor, mask: torch.Tensor, attrs: dict,
-          batch_size: int = ROWS, dtype: str = 'float32', previous: str | None = None,
-          progress: str | None = None) -> int:
-    """Encode every held-out sequence's chunks with `model.encode` and store them in group <run>/<stage>; when the
-    encoder is the one that wrote stage `previous`'s memories, reference those instead. `progress`: the description
-    of a progress bar (None: none). Returns the rows the group holds."""
-    s, n, l = tokens.shape
-    attrs = attrs | {'encoder_sha256': encoder_sha256(model), 'dtype': dtype}
-    source = None if previous is None else shared_source(path, run, previous, attrs['encoder_sha256'], attrs, s)
+def write(path, run: str, stage: str, batches, shape: tuple[int, int, int, int], attrs: dict,
+          dtype: str = 'float32', previous: str | None = None, progress: str | None = None) -> int:
+    """Store the memories of every held-out sequence in group <run>/<stage>. `batches` yields (memories [b, N, d],
+    tokens [b, N, L], mask [b, N, L]) in row order, `shape` is (rows, N, L, d); the caller encodes (Graph.encode_rows
+    in runtime/trainer.py): the store only writes arrays. attrs['encoder_sha256'] names the weights that formed them
+    (compiler.model.encoder_sha256); when stage `previous` was written by the same weights, its arrays are referenced
+    instead and `batches` is never started, so nothing is encoded. `progress`: the description of a progress bar
+    (None: none). Returns the rows the group holds."""
+    s = shape[0]
+    attrs = attrs | {'dtype': dtype}
+    source = None if previous is None else shared_source(path, run, previous, attrs.get('encoder_sha256'), attrs, s)
     if source is not None:
         reference(path, run, stage, source, attrs)
         return s
-    was = model.training
-    device = next(model.parameters()).device  # the model's (Run.device); tokens and memories stay on the CPU
-    model.eval()
-    try:
-        first = model.encode(tokens[:1].reshape(n, l).to(device), mask[:1].reshape(n, l).to(device))
-        w = Writer(path, run, stage, attrs | {'memory_dim': int(first.shape[-1])}, (s, n, l, first.shape[-1]), dtype)
-        with tqdm(total=s, desc=progress, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-                  disable=progress is None) as bar:
-            for i in range(0, s, batch_size):
-                t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
-                mem = model.encode(t.reshape(-1, l).to(device), m.reshape(-1, l).to(device)).view(len(t), n, -1).cpu()
-                w.append(mem, t, m)
-                bar.update(len(t))
-        w.close()
-    finally:
-        model.train(was)
+    w = Writer(path, run, stage, attrs | {'memory_dim': int(shape[-1])}, shape, dtype)
+    with tqdm(total=s, desc=progress, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+              disable=progress is None) as bar:
+        for mem, t, m in batches:
+            w.append(mem, t, m)
+            bar.update(len(t))
+    w.close()
     return s
 
 
@@ -272,19 +250,7 @@ def consolidate(path) -> None:
         flat = {}
         for run in sorted(p for p in path.iterdir() if p.is_dir()):
             for node in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
-                meta = _json(node / 'zarr.json')
-                if not isinstance(meta, dict):
-                    continue
-                key = node.relative_to(path).as_posix()
-                if meta.get('node_type') == 'group':
-                    meta['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': {}}
-                flat[key] = meta
-                if node == run:
-                    continue
-                for array in sorted(p for p in node.iterdir() if p.is_dir()):
-                    meta = _json(array / 'zarr.json')
-                    if isinstance(meta, dict) and meta.get('node_type') == 'array':
-                        flat[f'{key}/{array.name}'] = meta
+                flat |= _node_metadata(path, node, arrays=node != run)
         root['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': flat}
         tmp = path / f'.zarr.json.{os.getpid()}.tmp'
         try:
@@ -293,6 +259,23 @@ def consolidate(path) -> None:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _node_metadata(path: Path, node: Path, arrays: bool) -> dict:
+    """key -> zarr.json of a group (its consolidated metadata emptied) and, `arrays`, of the arrays in it; unreadable
+    nodes are left out."""
+    meta = _json(node / 'zarr.json')
+    if not isinstance(meta, dict):
+        return {}
+    key = node.relative_to(path).as_posix()
+    if meta.get('node_type') == 'group':
+        meta['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': {}}
+    out = {key: meta}
+    for array in sorted(p for p in node.iterdir() if p.is_dir()) if arrays else []:
+        a = _json(array / 'zarr.json')
+        if isinstance(a, dict) and a.get('node_type') == 'array':
+            out[f'{key}/{array.name}'] = a
+    return out
 
 
 def _node(root, name):

@@ -3,13 +3,14 @@
     list                       one line per run: id, spec, status, stages, final eval metrics, start time
                                (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable); a RUNNING run
                                whose heartbeat stopped shows as 'RUNNING (stale: no heartbeat for 2 h 05 min)'
-    show ID                    plan summary, host, provenance, run folder, weights, artifacts, stage-end metrics,
+    show RUN                   plan summary, host, provenance, run folder, weights, artifacts, stage-end metrics,
                                evaluations, operative gin
-    metrics ID [ID ...]        every logged value (run, name, step, value; --name PAT); --plot OUT.png overlays the
+    metrics RUN [RUN ...]      every logged value (run, name, step, value; --name PAT); --plot OUT.png overlays the
                                runs, one panel per metric kind (store/plots.py)
-    compare ID ID ...          plan keys, CLI bindings, stage-end metrics and evaluations that differ between runs
+    compare RUN RUN ...        plan keys, CLI bindings, stage-end metrics and evaluations that differ between runs
 
-Every command also prints --json (one JSON document) or --csv (one table) instead of text.
+RUN is a run id, its full name <id>-<key>, or its run folder's path (store/runref.py). Every command also prints
+--json (one JSON document) or --csv (one table) instead of text.
 
 The database is Sacred's (SqlObserver tables `run`, `host`, `experiment`, `artifact`, ...) plus our
 `memspec_metrics(run_id, name, step, value, time)` table: sqlite:///runs/sacred.db by default, or a PostgreSQL URL;
@@ -35,12 +36,12 @@ from store.database import (
     STATUSES,
     RunRecord,
     flatten,
-    get_run,
     latest_evaluations,
     open_db,
     span,
 )
 from store.plots import Series, curves
+from store.runref import database_for, record_of
 from store.tables import (
     duration,
     fmt,
@@ -139,8 +140,8 @@ def print_csv(headers: list[str], rows: list[list]) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 
-def cmd_list(db, args) -> None:
-    wheres = [Where(w) for w in args.where or []]
+def _listed(db, args, wheres: list[Where]) -> list[RunRecord]:
+    """The runs --status, --spec and every --where select."""
     runs = db.runs(status=args.status)
     if args.spec:
         runs = [r for r in runs if any(args.spec in f or args.spec in spec_label(f) for f in r.spec_files)]
@@ -150,15 +151,27 @@ def cmd_list(db, args) -> None:
                             'use Configurable.param (Memory.chunks), a macro of the operative gin (LR), or a key that '
                             'python -m store.runs show ID --keys lists (plan.memory.chunks)')
         runs = [r for r in runs if w(r)]
-    if not runs:
-        print('no runs match' if (args.spec or args.status or wheres) else f'no runs in {db.name}', file=sys.stderr)
-        return
+    return runs
+
+
+def _headline(db, runs: list[RunRecord]) -> dict[str, dict[str, float]]:
+    """Final eval metrics per run (no metric rows, e.g. another observer: its summary.json's last stage)."""
     finals = db.final_metrics([r.id for r in runs], [n for _, n in HEADLINE])
-    for r in runs:  # no metric rows (the recorder lost them, or another observer): the run's summary.json
+    for r in runs:
         if not finals.get(r.id):
             sm = stage_end_metrics(db, r)
             if sm:
                 finals[r.id] = {f'eval/{k}': v for k, v in sm[list(sm)[-1]].items()}
+    return finals
+
+
+def cmd_list(db, args) -> None:
+    wheres = [Where(w) for w in args.where or []]
+    runs = _listed(db, args, wheres)
+    if not runs:
+        print('no runs match' if (args.spec or args.status or wheres) else f'no runs in {db.name}', file=sys.stderr)
+        return
+    finals = _headline(db, runs)
     cols = [(t, n) for t, n in HEADLINE if any(n in finals.get(r.id, {}) for r in runs)]
     headers = ['id', 'spec', 'status', 'stages'] + [t for t, _ in cols] + ['started (UTC)']
     if args.json or args.csv:
@@ -211,20 +224,26 @@ def code_line(code: dict) -> str:
 
 
 def cmd_show(db, args) -> None:
-    run = get_run(db, args.id)
+    run = record_of(db, args.id)
     if args.keys:
         for k, v in run.flat.items():
             if k not in ('operative_gin',):
                 print(f'{k} = {fmt(v)}')
-        return
-    if args.json or args.csv:
-        doc = show_document(db, run)
-        if args.json:
-            print_json(doc)
-        else:
-            print_csv(['key', 'value'], [[k, v] for k, v in flatten(_plain(doc)).items()])
-        return
-    cfg, info = run.config, run.info
+    elif args.json:
+        print_json(show_document(db, run))
+    elif args.csv:
+        print_csv(['key', 'value'], [[k, v] for k, v in flatten(_plain(show_document(db, run))).items()])
+    else:
+        for part in (_show_origin, _show_host, _show_folder, _show_plan, _show_metrics, _show_weights):
+            part(db, run)
+        print('\noperative gin')
+        gin = run.config.get('operative_gin') or '(not recorded)'
+        print('\n'.join('  ' + ln for ln in gin.rstrip().splitlines()))
+
+
+def _show_origin(db, run: RunRecord) -> None:
+    """Status, times, spec files and bindings."""
+    cfg = run.config
     print(f"run {run.id}  {status_text(run)}  experiment '{run.experiment or '?'}'  plan {cfg.get('spec_hash', '?')}")
     print(f'started     {when(run.start, True)} UTC'
           + (f'   stopped {when(run.stop, True)} UTC  ({duration(run.start, run.stop)})' if run.stop else ''))
@@ -234,6 +253,11 @@ def cmd_show(db, args) -> None:
     if cfg.get('bindings'):
         print('bindings    ' + ' '.join(f'-b {b!r}' if ' ' in b or "'" not in b else f'-b "{b}"'
                                         for b in cfg['bindings']))
+
+
+def _show_host(db, run: RunRecord) -> None:
+    """The machine, the code (and every resume's), the init_from sources."""
+    cfg, info = run.config, run.info
     h, hi = run.host, info.get('host') or {}
     pk = hi.get('packages') or {}
     details = [x for x in (h.get('cpu'), h.get('os_info'), f"Python {h.get('python_version') or hi.get('python', '?')}",
@@ -249,6 +273,11 @@ def cmd_show(db, args) -> None:
         for comp, src in comps.items():
             files = ', '.join(f"{f['path']} (sha256 {f['sha256'][:12]})" for f in src.get('files') or [])
             print(f"init_from   {stage}: {comp.replace(':', '.')} <- {src.get('source')}: {files}")
+
+
+def _show_folder(db, run: RunRecord) -> None:
+    """The run folder, its data and how the run ended."""
+    info = run.info
     run_dir = info.get('run_dir')
     print(f"run folder  {run_dir or '?'}"
           + ('' if not run_dir or Path(run_dir).is_dir() else '  (not on this machine)')
@@ -266,6 +295,9 @@ def cmd_show(db, args) -> None:
     if run.fail_trace:
         last = [ln for ln in str(run.fail_trace).strip().splitlines() if ln.strip()]
         print(f"failure     {last[-1].strip() if last else '?'}")
+
+
+def _show_plan(db, run: RunRecord) -> None:
     print('\nplan')
     for k, v in plan_summary(run.plan):
         print(f'  {k:<11} {v}')
@@ -274,6 +306,9 @@ def cmd_show(db, args) -> None:
         print('  curriculum')
         print(table(['stage', 'steps', 'lr', 'objectives', ''], [stage_line(s) for s in stages], right={1, 2},
                     indent='    '))
+
+
+def _show_metrics(db, run: RunRecord) -> None:
     sm = stage_end_metrics(db, run)
     print('\nstage-end metrics (eval, at each stage\'s last step)')
     print(metrics_table(sm, run.end_steps) if sm else '  none recorded')
@@ -282,25 +317,21 @@ def cmd_show(db, args) -> None:
     print(table(['stage', 'memory', 'limit', 'task', 'metric', 'value', 'evaluated (UTC)'],
                 [[e.stage, e.memory, '-' if e.limit is None else str(e.limit), e.task, e.metric, num(e.value),
                   when(e.time)] for e in evals], right={2, 5}, indent='  ') if evals else '  none recorded')
-    weights = info.get('weights') or {}
+
+
+def _show_weights(db, run: RunRecord) -> None:
+    weights = run.info.get('weights') or {}
     refs = [(f'stages/{s}', r) for s, r in (weights.get('stages') or {}).items()] \
         + ([('final', weights['final'])] if weights.get('final') else [])
     print('\nweights (path and sha256; the bytes stay in the run folder)')
-    if refs:
-        print(table(['weights', 'bytes', 'sha256', 'path'],
-                    [[n, f"{r.get('bytes', 0):,}", str(r.get('sha256'))[:16],
-                      str(r.get('path')) + ('' if Path(str(r.get('path'))).is_file() else '  (missing here)')]
-                     for n, r in refs], right={1}, indent='  '))
-    else:
-        print('  none recorded')
+    print(table(['weights', 'bytes', 'sha256', 'path'],
+                [[n, f"{r.get('bytes', 0):,}", str(r.get('sha256'))[:16],
+                  str(r.get('path')) + ('' if Path(str(r.get('path'))).is_file() else '  (missing here)')]
+                 for n, r in refs], right={1}, indent='  ') if refs else '  none recorded')
     arts = db.artifacts(run.id)
     print('\nartifacts')
-    if arts:
-        print(table(['name', 'bytes'], [[n, f'{s:,}'] for n, s in arts], right={1}, indent='  '))
-    else:
-        print('  none recorded')
-    print('\noperative gin')
-    print('\n'.join('  ' + ln for ln in (cfg.get('operative_gin') or '(not recorded)').rstrip().splitlines()))
+    print(table(['name', 'bytes'], [[n, f'{s:,}'] for n, s in arts], right={1}, indent='  ') if arts
+          else '  none recorded')
 
 
 def select_metrics(rows, patterns: list[str] | None, run_id: str, place: str = '--name'):
@@ -324,7 +355,7 @@ def select_metrics(rows, patterns: list[str] | None, run_id: str, place: str = '
 
 
 def cmd_metrics(db, args) -> None:
-    runs = [get_run(db, i) for i in dict.fromkeys(args.ids)]
+    runs = [record_of(db, i) for i in dict.fromkeys(args.ids)]
     every = {r.id: db.metrics(r.id) for r in runs}
     for r in runs:
         if not every[r.id]:
@@ -349,7 +380,7 @@ def cmd_metrics(db, args) -> None:
 def cmd_compare(db, args) -> None:
     if len(args.ids) < 2:
         raise SpecError('compare', 'needs at least two run ids', 'e.g. python -m store.runs compare 0 2')
-    runs = [get_run(db, i) for i in args.ids]
+    runs = [record_of(db, i) for i in args.ids]
     if args.json or args.csv:
         compare_document(db, runs, args)
         return
@@ -358,35 +389,41 @@ def cmd_compare(db, args) -> None:
     print(table(['run'] + ids, [['spec'] + [spec_text(r) for r in runs], ['status'] + [r.status for r in runs],
                                 ['plan hash'] + [str(r.config.get('spec_hash', '?')) for r in runs]], tty=tty))
 
-    def diff_rows(values: dict[str, list], show_all: bool):
-        rows, marked = [], set()
-        for key, vals in values.items():
-            texts = [fmt(v) if v is not _MISSING else '-' for v in vals]
-            differs = len(set(texts)) > 1
-            if not differs and not show_all:
-                continue
-            i = len(rows)
-            rows.append([key] + texts)
-            marked |= {(i, j + 1) for j, t in enumerate(texts) if j and t != texts[0]}
-            if differs and show_all:
-                marked.add((i, 0))
-        return rows, marked
-
     plan_keys = list(dict.fromkeys(k for r in runs for k in r.flat if k.startswith('plan.')))
     values = {k: [r.flat.get(k, _MISSING) for r in runs] for k in plan_keys}
     ndiff = sum(1 for v in values.values() if len({fmt(x) if x is not _MISSING else '-' for x in v}) > 1)
-    rows, marked = diff_rows(collapse_missing(values, runs), args.all)
+    rows, marked = _diff_rows(collapse_missing(values, runs), args.all)
     note = 'bold' if tty else '*'
     print(f'\nplan: {ndiff} of {len(plan_keys)} keys differ ({note}: differs from run {ids[0]})')
     if rows:
         print(table(['key'] + ids, rows, marked=marked, tty=tty, indent='  '))
     bs = [bindings(r) for r in runs]
     bkeys = list(dict.fromkeys(k for b in bs for k in b))
-    brows, bmarked = diff_rows({k: [b.get(k, _MISSING) for b in bs] for k in bkeys}, False)
+    brows, bmarked = _diff_rows({k: [b.get(k, _MISSING) for b in bs] for k in bkeys}, False)
     print('\ncommand-line bindings that differ' + ('' if brows else ': none'))
     if brows:
         print(table(['binding'] + ids, brows, marked=bmarked, tty=tty, indent='  '))
-    sms, stages, names = compared_metrics(db, runs, args.name)
+    _compare_results(db, runs, ids, args.name)
+
+
+def _diff_rows(values: dict[str, list], show_all: bool):
+    """Table rows of the keys whose values differ between runs (all keys: show_all) and the cells to mark."""
+    rows, marked = [], set()
+    for key, vals in values.items():
+        texts = [fmt(v) if v is not _MISSING else '-' for v in vals]
+        differs = len(set(texts)) > 1
+        if not differs and not show_all:
+            continue
+        i = len(rows)
+        rows.append([key] + texts)
+        marked |= {(i, j + 1) for j, t in enumerate(texts) if j and t != texts[0]}
+        if differs and show_all:
+            marked.add((i, 0))
+    return rows, marked
+
+
+def _compare_results(db, runs: list[RunRecord], ids: list, names: list[str] | None) -> None:
+    sms, stages, names = compared_metrics(db, runs, names)
     mrows = [[s, n] + [num(sm.get(s, {}).get(n)) for sm in sms] for s in stages for n in names
              if any(n in sm.get(s, {}) for sm in sms)]
     print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
@@ -496,9 +533,9 @@ def collapse_missing(values: dict[str, list], runs: list[RunRecord]) -> dict[str
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--db', default=DEFAULT_DB, metavar='URL',
+    common.add_argument('--db', metavar='URL',
                         help=f'run database: sqlite:///path.db, postgresql://user:pw@host/db or mongodb://host '
-                             f'(default {DEFAULT_DB})')
+                             f'(default: the sacred.db beside a run folder given by its path, else {DEFAULT_DB})')
     ap = argparse.ArgumentParser(prog='python -m store.runs', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog='\n\n'.join(__doc__.split('\n\n')[1:3]))
@@ -520,13 +557,13 @@ def parser() -> argparse.ArgumentParser:
     formats(p)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser('show', parents=[common], help='one run in full')
-    p.add_argument('id')
+    p.add_argument('id', metavar='RUN')
     p.add_argument('--keys', action='store_true',
                    help='print the flattened config keys (what --where and compare read)')
     formats(p)
     p.set_defaults(func=cmd_show)
     p = sub.add_parser('metrics', parents=[common], help="the logged metrics of one or more runs")
-    p.add_argument('ids', nargs='+', metavar='ID')
+    p.add_argument('ids', nargs='+', metavar='RUN')
     p.add_argument('--name', action='append', metavar='PATTERN',
                    help="metric names containing this (or matching a glob such as 'eval/*accuracy'); repeatable")
     formats(p).add_argument('--plot', metavar='OUT.png',
@@ -534,7 +571,7 @@ def parser() -> argparse.ArgumentParser:
                                  'metric, lines at stage ends')
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser('compare', parents=[common], help='what differs between runs')
-    p.add_argument('ids', nargs='+', metavar='ID')
+    p.add_argument('ids', nargs='+', metavar='RUN')
     p.add_argument('--all', action='store_true', help='list every plan key, not only those that differ')
     p.add_argument('--name', action='append', metavar='PATTERN',
                    help='stage-end metrics to compare (default: headline)')
@@ -548,7 +585,8 @@ def parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    db = open_db(args.db)
+    refs = [args.id] if hasattr(args, 'id') else getattr(args, 'ids', [])
+    db = open_db(args.db or next(filter(None, (database_for(r, None) for r in refs)), DEFAULT_DB))
     try:
         args.func(db, args)
         sys.stdout.flush()

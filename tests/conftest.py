@@ -111,6 +111,14 @@ def in_process(main, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def no_run(ref, looked: str, known=()) -> str:
+    """The one message (without 'error: ') of every command whose RUN matches nothing (store/runref.py)."""
+    held = f"known: {', '.join(map(str, known))}" if known else 'it holds no runs'
+    return (f"RUN {ref}: no run matches {str(ref)!r}: it is not a run folder, and {looked} has no run with that id or "
+            f'name ({held})\n  fix: give a run id (python -m store.runs list), its full name <id>-<key>, or the path '
+            'of its run folder (a folder that holds operative.gin)')
+
+
 def db_rows(db, sql, *args) -> list[tuple]:
     """Rows of one query on a SQLite run database (a file path)."""
     con = sqlite3.connect(db)

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import in_process
+from conftest import in_process, no_run
 
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.model import build
 from store import analyze as A
 from store import memories as M
+from store.analysis import figures, groups, reload, retrieve
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -103,11 +104,11 @@ def synthetic(path, run_id='syn', stage='s', rows=600, chunks=2, chunk_len=4, di
 
 def test_plan_rebuilt_from_run_folder_and_sacred_match_the_stored_hash(ae_run, tmp_path):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
-    plan = A.load_plan(g.attrs)
+    plan = reload.load_plan(g.attrs)
     assert plan.hash == g.attrs['spec_hash'] and plan.family == 'autoencoder'
     # no operative.gin where the run folder should be: the plan recorded in Sacred is used instead
     moved = {**g.attrs, 'checkpoint_path': str(tmp_path / 'gone' / 'stages' / 'x.safetensors')}
-    assert A.load_plan(moved, db=ae_run['db']).hash == g.attrs['spec_hash']
+    assert reload.load_plan(moved, db=ae_run['db']).hash == g.attrs['spec_hash']
 
 
 def test_decode_shows_original_and_decoded_text_with_per_sequence_accuracy(ae_run, capsys):
@@ -214,11 +215,11 @@ def test_plot_writes_pngs(ae_run, capsys, tmp_path):
 
 def test_position_accuracy_matches_overall_accuracy(ae_run):
     g = M.open_group(ae_run['store'], ae_run['run_id'], ae_run['stage'])
-    dec = A.load_decoder(g)
-    acc = A.position_accuracy(dec, g)
+    dec = reload.load_decoder(g)
+    acc = figures.position_accuracy(dec, g)
     counts = g.mask[:].reshape(-1, g.mask.shape[-1]).sum(0)
     tally = O.Tally()
-    for logits, labels in A.iter_decoded(dec, g):
+    for logits, labels in reload.iter_decoded(dec, g):
         tally.add(logits, labels)
     assert acc.shape == (g.tokens.shape[-1],) and np.all((acc >= 0) & (acc <= 1))
     assert float((acc * counts).sum() / counts.sum()) == pytest.approx(tally.correct / tally.tokens)
@@ -249,14 +250,14 @@ def test_checkpoint_that_does_not_match_the_stored_widths(ae_run, tmp_path, caps
 def test_retrieval_with_queries_equal_to_stored_vectors_is_perfect(tmp_path):
     mem, _, _ = synthetic(tmp_path / 's.zarr', rows=700, chunks=3, dim=16)
     g = M.open_group(tmp_path / 's.zarr', 'syn', 's')
-    r = A.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=0)
+    r = retrieve.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=0)
     assert r['top1'] == 1.0 and r['top5'] == 1.0 and r['queries'] == r['candidates'] == 2100
     assert r['chance1'] == pytest.approx(1 / 2100)
     # sampled queries, processed in several blocks: same answer
-    r = A.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=500, block=128)
+    r = retrieve.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=500, block=128)
     assert r['top1'] == 1.0 and r['queries'] == 500
     # a query that is another chunk's vector is never right
-    r = A.retrieval(g, lambda tokens, mask, memories, gen: -memories, queries=200)
+    r = retrieve.retrieval(g, lambda tokens, mask, memories, gen: -memories, queries=200)
     assert r['top1'] == 0.0
 
 
@@ -275,7 +276,7 @@ def test_streaming_keeps_memory_bounded_on_a_large_store(tmp_path, monkeypatch):
     monkeypatch.setattr(M.Group, 'rows', spy)
     tracemalloc.start()
     try:
-        r = A.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=24)
+        r = retrieve.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=24)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -304,7 +305,7 @@ def test_killed_writer_is_reported_as_half_written(tmp_path, capsys):
         assert code == 2 and 'half-written' in err
     # a complete stage beside a torn one: the torn one is skipped with a note
     synthetic(store, run_id='k', stage='t', rows=10)
-    assert [s for s, _ in A.stages(store, 'k')] == ['t']
+    assert [s for s, _ in groups.stages(store, 'k')] == ['t']
     assert 'skipping' in capsys.readouterr().err
 
 
@@ -315,7 +316,7 @@ def test_incompatible_version_unknown_run_and_missing_store_exit_2(tmp_path, cap
     code, _, err = cli('info', 'syn', '--store', store, capsys=capsys)
     assert code == 2 and 'incompatible version' in err and 'Traceback' not in err
     code, _, err = cli('retrieve', 'nope', '--store', store, capsys=capsys)
-    assert code == 2 and 'run nope has no memories' in err and 'syn' in err
+    assert (code, err) == (2, f"error: {no_run('nope', f'the memory store {store}', ['syn'])}\n")
     code, _, err = cli('decode', 'syn', '--stage', 'zzz', '--store', store, capsys=capsys)
     assert code == 2 and "no stage 'zzz'" in err
     synthetic(store, run_id='nockpt', rows=10)
@@ -360,25 +361,25 @@ def test_bfloat16_store_round_trip(tmp_path):
     bits = raw['memories'][:].astype(np.uint32) << 16
     assert np.array_equal(bits.view(np.float32), want.numpy())
     # analysis reads bf16 stores like float32 ones
-    r = A.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=0)
+    r = retrieve.retrieval(g, lambda tokens, mask, memories, gen: memories, queries=0)
     assert r['top1'] == 1.0
 
 
 def test_blank_copy_readout_equals_the_models_own_blank_copy_pass():
-    """Memory family without an ae_decoder: decoding m_c = chunk 1 of the model's forward on [chunk, blanks, ...]."""
+    """Memory family without an ae_decoder: Graph.read_out of m_c = chunk 1 of the model's forward on [chunk, blanks,
+    ...], and its labels make_example's blank-copy labels of that chunk."""
     from compiler.spec import load
     spec = load(['specs/memory_clm.gin'], ['D_MODEL=16', 'N_HEADS=2', 'N_LAYERS=1', 'CHUNK_LEN=5', 'CHUNKS=3'])
     torch.manual_seed(1)
     model = build(spec.plan, 50).eval()
     with torch.no_grad():
         model.memory.pad.normal_()
-    dec = A.Decoder(model, 'blank_copy', pad=0, blank=2, vocab=50, chunk_len=5)
     tokens = torch.randint(4, 50, (6, 5))
     mask = torch.ones(6, 5, dtype=torch.bool)
     mask[0, 3:] = False
     with torch.no_grad():
         mem = model.encode(tokens, mask)
-        logits, labels = A.decode_chunks(dec, mem, tokens, mask)
+        logits, labels = model.read_out(mem, tokens, mask, O.SpecialIds(pad=0, blank=2, copy=3), 'blank_copy')
         blank = torch.where(mask, 2, 0)
         x = torch.stack([tokens, blank, blank], 1)
         m = torch.stack([mask, mask, mask], 1)

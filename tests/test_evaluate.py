@@ -12,14 +12,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, in_process, rt_env
+from conftest import ROOT, in_process, no_run, rt_env
 
 lm_eval = pytest.importorskip('lm_eval', reason="lm-eval is not installed: pip install -e '.[test,eval]'")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 import runtime.lm_adapter as A  # noqa: E402
 from runtime import evaluate as E  # noqa: E402
-from runtime import generate as G  # noqa: E402
+from runtime import scoring as S  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'specs' / 'eval'))
 import memspec_tasks as T  # noqa: E402
@@ -72,7 +72,7 @@ def test_batched_requests_equal_one_by_one(lm):
     rolled = lm.loglikelihood_rolling(requests('loglikelihood_rolling', docs))
     for (doc,), r in zip(docs, rolled):
         ids = lm.tok_encode(doc)
-        whole = G.score(lm.model, [[lm.eot_token_id]], [ids])[0].logprob  # the document after one <eod>
+        whole = S.score(lm.model, [[lm.eot_token_id]], [ids])[0].logprob  # the document after one <eod>
         torch.testing.assert_close(torch.tensor(r), torch.tensor(whole), **TOL)
     gen = [(ctx, {'until': ['\n\n'], 'max_gen_toks': 12}) for ctx, _ in PAIRS]
     assert lm.generate_until(requests('generate_until', gen)) == \
@@ -184,9 +184,7 @@ def refusals(run):
                           'combined)\n  fix: pick one of the listed stages, or leave --stage out for the final '
                           'weights'),
         'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],
-                        f'RUN nope: no run folder at nope and no run nope under {runs} (a run folder holds '
-                        'operative.gin)\n  fix: give a run id (python -m store.runs list), its full name <id>-<key> '
-                        'under --runs, or a run folder'),
+                        no_run('nope', f'the folder {runs}', [run.name])),
         'limit': ([run, '--tasks', 'memspec', '--limit', 0], '--limit 0: must be at least 1\n'
                   '  fix: pass --limit 1 or more, or leave it out'),
     }

@@ -1,4 +1,4 @@
-"""`python -m store.export RUN OUT` (store/export.py) and `compiler.model.from_pretrained`: the exported folder loads
+"""`python -m store.export RUN OUT` (store/export.py) and `compiler.load.from_pretrained`: the exported folder loads
 without the run database, the run folder or the data cache into the run's own weights; the decoder loads as a Hugging
 Face Llama with the same logits; the model card carries the run's stage-end metrics; bad input is one message, exit 2,
 and no OUT is left half-written."""
@@ -8,14 +8,14 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import in_process
+from conftest import in_process, no_run
 from safetensors.torch import load_file
 
 from compiler.errors import SpecError
-from compiler.model import from_pretrained
+from compiler.load import from_pretrained
 from store import export as E
 from store import runs as R
-from store.database import get_run, open_db
+from store.database import display_url, get_run, open_db
 
 
 def run_export(capsys, *argv) -> tuple[int, str, str]:
@@ -90,7 +90,8 @@ def test_bad_input_is_refused_and_leaves_no_folder(stored_run, tmp_path, capsys)
     code, _, err = run_export(capsys, stored_run.run_id, full, '--db', stored_run.url)
     assert code == 2 and 'already exists and is not an empty folder' in err and (full / 'x').read_text() == 'mine'
     code, _, err = run_export(capsys, '99', tmp_path / 'a', '--db', stored_run.url)
-    assert code == 2 and 'no run with this id' in err
+    known = [r.id for r in open_db(stored_run.url).runs()]
+    assert (code, err) == (2, f"error: {no_run('99', display_url(stored_run.url), known)}\n")
     code, _, err = run_export(capsys, stored_run.run_id, tmp_path / 'b', '--db', stored_run.url, '--stage', 'nope')
     assert code == 2 and "no stage 'nope'" in err
     # weights that changed since the run recorded them (the record altered in a copy of the database)
@@ -115,7 +116,7 @@ def test_from_pretrained_refuses_what_it_cannot_trust(exported, tmp_path):
     bad = tmp_path / 'bad'
     shutil.copytree(exported, bad)
     (bad / 'model.safetensors').write_bytes((bad / 'model.safetensors').read_bytes()[:-4] + b'\0\0\0\0')
-    with pytest.raises(SpecError, match='not the file that was exported'):
+    with pytest.raises(SpecError, match='is not the file that was recorded'):
         from_pretrained(bad)
     cfg = json.loads((bad / 'config.json').read_text())
     (bad / 'config.json').write_text(json.dumps({**cfg, 'version': 99}))
@@ -129,3 +130,39 @@ def test_families_without_a_token_decoder_export_no_llama():
     assert 'reads memories, not tokens' in E.hf_export(None, plan, 300, {}, None, None)
     plan = load(['specs/mixer/clm.gin'], ['Data.vocab_size=300']).plan
     assert 'masked mixer' in E.hf_export(None, plan, 300, {}, None, None)
+
+
+@pytest.mark.parametrize('case', ['vocab 1e11', 'vocab 10**11', 'vocab wrong', 'weights outside', 'plan garbled',
+                                  'plan too large', 'weights name'])
+def test_a_hostile_config_is_refused_before_anything_is_allocated(exported, tmp_path, case):
+    """config.json is a file anyone can edit: a vocabulary that would allocate 10^11 rows, a weights name that leaves
+    the folder, a plan that Plan.from_dict or the validator refuses, shapes that do not fit the weights' header: one
+    SpecError naming the place and the fix, and no model is built (the shapes are checked on the meta device)."""
+    bad = tmp_path / 'bad'
+    shutil.copytree(exported, bad)
+    cfg = json.loads((bad / 'config.json').read_text())
+    plan = cfg['plan']
+    edit, message = {
+        'vocab 1e11': ({'vocab_size': 1e11}, 'vocabulary size 100000000000.0 is not a number of tokens'),
+        'vocab 10**11': ({'vocab_size': 10 ** 11}, 'vocabulary size 100000000000 is not a number of tokens'),
+        'vocab wrong': ({'vocab_size': 299}, 'do not fit the \'memory\' graph of the plan (vocabulary 299): '
+                        'ae_decoder.head.weight is [300, 32], the graph has [299, 32]'),
+        'weights outside': ({'weights': {**cfg['weights'], 'file': '../../etc/passwd'}},
+                            "the file name '../../etc/passwd' is not a plain file name"),
+        'weights name': ({'weights': {**cfg['weights'], 'file': ['x']}}, "the file name ['x'] is not a plain file"),
+        'plan garbled': ({'plan': {**plan, 'memory': 'x'}}, 'the recorded plan is not a plan this code reads'),
+        'plan too large': ({'plan': {**plan, 'decoder': {**plan['decoder'], 'd_model': 2 ** 20, 'n_heads': 1}}},
+                           'the recorded plan does not validate'),
+    }[case]
+    (bad / 'config.json').write_text(json.dumps({**cfg, **edit}))
+    import compiler.model as graphs
+    built = []
+    real = graphs.build
+    graphs.build = lambda *a, **k: built.append(a) or real(*a, **k)
+    try:
+        with pytest.raises(SpecError, match='fix: export the run') as e:
+            from_pretrained(bad)
+    finally:
+        graphs.build = real
+    assert message in str(e.value), str(e.value)
+    assert not built

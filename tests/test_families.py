@@ -4,6 +4,7 @@ FLOPs equal the built graph's, the graph has the declared class and sequence len
 and generation and offline read-out are offered exactly where the record says so. A new family that is registered
 without agreeing graph code fails here."""
 import inspect
+import re
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from compiler.families import NAMES, REGISTRY, family
 from compiler.model import build, meta_build
 from compiler.objective_registry import REGISTRY as OBJECTIVES
 from compiler.spec import load
-from runtime import generate as G
+from runtime import decoding as D
+from runtime import reading as R
+from runtime import scoring as S
 from runtime.train import evaluate, forward
 
 KINDS = tuple(OBJECTIVES)
@@ -135,14 +138,24 @@ def test_the_evaluation_suite_runs_and_reports_what_the_record_lists(name):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_generation_and_readout_are_offered_where_the_record_says(name):
+    """Every family whose decoder reads tokens scores text; every one of them but the oracle (whose encoder reads
+    the future) generates, through a KV cache where the record has a cached generation, else through the trained
+    forward pass; the others are refused with their record's reason, once, for scoring and generating alike."""
     fam = REGISTRY[name]
     plan = compile_family(name, main_objective(name))
-    if fam.generation is None:
+    if not fam.token_decoder or fam.encoder == 'sequence':
+        with pytest.raises(SpecError, match=f"family '{name}' cannot generate: {re.escape(fam.cannot_generate)}"):
+            R.check_decodes(plan, 'run x', sampling=True)
+    if not fam.token_decoder:
         with pytest.raises(SpecError, match=f"family '{name}' cannot generate"):
-            G.check_generates(plan, 'run x')
+            R.check_decodes(plan, 'run x')
     else:
-        G.check_generates(plan, 'run x')
-        out = G.generate(build(plan).eval(), torch.randint(4, 300, (1, 20)), max_new_tokens=12)
+        R.check_decodes(plan, 'run x')
+        model = build(plan).eval()
+        assert R.reading(model).forward == (fam.generation is None)
+        row = torch.randint(4, 300, (20,)).tolist()
+        assert len(S.score(model, [row[:12]], [row[12:]])[0].logprobs) == 8
+        out = D.generate(model, [row], max_new_tokens=12)
         assert len(out.tokens[0]) == 12
     assert (fam.readout(plan) is not None) == fam.stores_memories
     if fam.stores_memories:

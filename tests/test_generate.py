@@ -1,6 +1,8 @@
-"""KV-cached generation (runtime/generate.py): decoding through the cache reproduces the trained forward pass at
-every position, greedy decoding equals argmax by full recomputation, the cache is the size the cost model says,
-and the CLI generates from a real run and refuses bad input with one message (exit 2, no traceback)."""
+"""Generation and scoring (runtime/decoding.py with a KV cache, runtime/window.py without one, runtime/scoring.py):
+decoding through the cache reproduces the trained forward pass at every position, greedy decoding equals argmax by
+full recomputation, the cache is the size the cost model says, families without a cache score and generate as
+their trained forward pass, and the CLI generates from a real run and refuses bad input with one message (exit 2,
+no traceback)."""
 import json
 import shutil
 import subprocess
@@ -8,13 +10,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, in_process, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
+from conftest import ROOT, TINY, in_process, no_run, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.cost import kv_cache_bytes
 from compiler.errors import SpecError
 from compiler.model import build
 from compiler.spec import load
+from runtime import decoding as D
 from runtime import generate as G
+from runtime import reading as R
+from runtime import scoring as S
 
 VOCAB = 300
 SMALL = ['D_MODEL=32', 'N_HEADS=2', f'VOCAB={VOCAB}']  # 4 chunks x 8 tokens (specs/base/tiny.gin)
@@ -53,14 +58,14 @@ def test_teacher_forced_decoding_through_the_cache_reproduces_the_forward_pass(c
     total = plan.memory.chunks * plan.memory.chunk_len
     tokens = random_tokens(2, total)
     ref = full_logits(model, plan, tokens)
-    state = G.prefill(model, tokens[:, :1])
+    state = D.prefill(model, tokens[:, :1])
     got = [state.logits]
     for i in range(1, total):
-        state = G.step(model, state, tokens[:, i])
+        state = D.step(model, state, tokens[:, i])
         got.append(state.logits)
     torch.testing.assert_close(torch.stack(got, 1), ref, **TOL)
     for t in range(1, total + 1):
-        torch.testing.assert_close(G.prefill(model, tokens[:, :t]).logits, ref[:, t - 1], **TOL)
+        torch.testing.assert_close(D.prefill(model, tokens[:, :t]).logits, ref[:, t - 1], **TOL)
 
 
 @pytest.mark.parametrize('case', ['memory-fixed', 'memory-variable'])
@@ -71,13 +76,13 @@ def test_memories_slide_past_the_last_slot(case):
     plan, model = model_of(case)
     l = plan.memory.chunk_len
     tokens = random_tokens(1, 6 * l + 3, seed=1)
-    state = G.prefill(model, tokens[:, :1])
+    state = D.prefill(model, tokens[:, :1])
     for i in range(1, tokens.shape[1]):
-        state = G.step(model, state, tokens[:, i])
-    window = G.prefill(model, tokens[:, 3 * l:])
+        state = D.step(model, state, tokens[:, i])
+    window = D.prefill(model, tokens[:, 3 * l:])
     assert state.memories.shape[1] == window.memories.shape[1] == plan.memory.chunks - 1
     torch.testing.assert_close(state.logits, window.logits, **TOL)
-    everything = G.prefill(model, tokens)
+    everything = D.prefill(model, tokens)
     assert everything.dropped == 3 and window.dropped == 0
     torch.testing.assert_close(everything.logits, window.logits, **TOL)
 
@@ -89,7 +94,7 @@ def test_greedy_generation_is_deterministic_and_equals_argmax_by_full_recomputat
     plan, model = model_of(case)
     total = plan.memory.chunks * plan.memory.chunk_len
     prompt = random_tokens(1, 5, seed=2)
-    out = G.generate(model, prompt, max_new_tokens=total - 5 + 1)
+    out = D.generate(model, prompt, max_new_tokens=total - 5 + 1)
     seq = prompt[0].tolist()
     with torch.no_grad():
         while len(seq) < 5 + len(out.tokens[0]):
@@ -98,13 +103,13 @@ def test_greedy_generation_is_deterministic_and_equals_argmax_by_full_recomputat
             seq.append(int(full_logits(model, plan, padded)[0, len(seq) - 1].argmax()))
     assert len(out.tokens[0]) == total - 4
     assert out.tokens[0] == seq[5:]
-    assert G.generate(model, prompt, max_new_tokens=total - 4).tokens == out.tokens
+    assert D.generate(model, prompt, max_new_tokens=total - 4).tokens == out.tokens
     eod = out.tokens[0][6]  # generation stops before the first eod token
-    assert (G.generate(model, prompt, max_new_tokens=total - 4, eod=eod).tokens[0]
+    assert (D.generate(model, prompt, max_new_tokens=total - 4, eod=eod).tokens[0]
             == out.tokens[0][:out.tokens[0].index(eod)])
 
     def sampled(seed):
-        return G.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_k=50,
+        return D.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_k=50,
                           generator=torch.Generator().manual_seed(seed)).tokens
     assert sampled(0) == sampled(0) != out.tokens[:20]
 
@@ -113,10 +118,10 @@ def test_greedy_generation_is_deterministic_and_equals_argmax_by_full_recomputat
                          ids=list(CASES) + ['full_context-gqa'])
 def test_kv_cache_bytes_equal_the_cost_model(case, extra):
     plan, model = model_of(case, extra)
-    state = G.prefill(model, random_tokens(1, 3))
+    state = D.prefill(model, random_tokens(1, 3))
     kv = state.cache.kv
     assert kv.numel() * kv.element_size() == state.cache.nbytes == kv_cache_bytes(plan)
-    assert G.generate(model, random_tokens(1, 3), max_new_tokens=2).kv_cache_bytes == kv_cache_bytes(plan)
+    assert D.generate(model, random_tokens(1, 3), max_new_tokens=2).kv_cache_bytes == kv_cache_bytes(plan)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -135,8 +140,8 @@ def test_batched_ragged_greedy_generation_equals_each_row_alone(case):
     plan, model = model_of(case)
     window = plan.memory.chunks * plan.memory.chunk_len
     rows = [r[-(window - 12):] for r in ragged_rows()] if case == 'full_context' else ragged_rows()
-    batch = G.generate(model, rows, max_new_tokens=12)
-    alone = [G.generate(model, torch.tensor([r]), max_new_tokens=12).tokens[0] for r in rows]
+    batch = D.generate(model, rows, max_new_tokens=12)
+    alone = [D.generate(model, torch.tensor([r]), max_new_tokens=12).tokens[0] for r in rows]
     assert batch.tokens == alone
     assert len({len(r) for r in rows}) > 4 and all(len(t) == 12 for t in alone)
 
@@ -148,8 +153,8 @@ def test_left_padded_rows_read_their_tokens_from_position_zero():
     real = random_tokens(1, 9, seed=4)
     junk = random_tokens(1, 6, seed=5)
     mask = torch.cat([torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)], 1)
-    padded = G.prefill(model, torch.cat([junk, real], 1), mask=mask, keep=9)
-    plain = G.prefill(model, real, keep=9)
+    padded = D.prefill(model, torch.cat([junk, real], 1), mask=mask, keep=9)
+    plain = D.prefill(model, real, keep=9)
     torch.testing.assert_close(padded.scores, plain.scores, **TOL)
     torch.testing.assert_close(padded.scores, full_logits(model, plan, F_pad(real, plan))[:, :9], **TOL)
 
@@ -172,11 +177,62 @@ def test_scores_equal_the_forward_pass(case):
     splits = [(1, 31), (3, 5), (8, 8), (9, 14), (16, 1), (20, 12), (31, 1)]  # (context length, continuation length)
     ctxs = [seq[0, :c].tolist() for c, _ in splits]
     conts = [seq[0, c:c + k].tolist() for c, k in splits]
-    got = G.score(model, ctxs, conts, batch_size=3)
+    got = S.score(model, ctxs, conts, batch_size=3)
     for (c, k), sc, cont in zip(splits, got, conts):
         want = ref[torch.arange(c - 1, c + k - 1), torch.tensor(cont)]
         torch.testing.assert_close(torch.tensor(sc.logprobs), want, **TOL)
         assert sc.greedy == (ref[c - 1:c + k - 1].argmax(-1) == torch.tensor(cont)).tolist()
+
+
+# Families and decoders without a KV cache: the trained forward pass over the window (runtime/window.py)
+FORWARD = {'memory-mixer': (['specs/memory_clm.gin', 'specs/base/mixer.gin'], []),
+           'clm-mixer': (['specs/clm.gin', 'specs/base/mixer.gin'], []),
+           'recurrent': (['specs/recurrent.gin'], []),
+           'oracle': (['specs/oracle.gin'], [])}
+
+
+def forward_model(case):
+    specs, bindings = FORWARD[case]
+    plan = load(specs, SMALL + bindings).plan
+    return plan, build(plan, VOCAB).eval()
+
+
+def masked_logits(model, plan, row: list[int]) -> torch.Tensor:
+    """[len(row), vocab]: model(row right-padded to N x L, key mask on the real tokens), the training layout."""
+    n, l = plan.memory.chunks, plan.memory.chunk_len
+    tokens, mask = torch.zeros(1, n * l, dtype=torch.long), torch.zeros(1, n * l, dtype=torch.bool)
+    tokens[0, :len(row)], mask[0, :len(row)] = torch.tensor(row), True
+    km = None if len(row) == n * l else mask.view(1, n, l)
+    return model(tokens.view(1, n, l), km).flatten(1, 2)[0, :len(row)]
+
+
+@pytest.mark.parametrize('case', FORWARD)
+@torch.no_grad()
+def test_forward_readings_score_and_generate_as_the_trained_graph(case):
+    """Without a KV cache (masked mixers, recurrent, oracle): every score equals log_softmax of the trained forward
+    pass over the text read so far (key-masked padding; 1e-5), ragged pairs in one batch; greedy tokens equal the
+    argmax of that forward pass recomputed at every step; text beyond the window keeps its newest whole chunks."""
+    plan, model = forward_model(case)
+    how = R.reading(model)
+    n, l = plan.memory.chunks, plan.memory.chunk_len
+    assert how.forward and how.window == n * l
+    seq = random_tokens(1, n * l, seed=6)[0].tolist()
+    splits = [(1, 31), (3, 5), (8, 8), (9, 14), (16, 1), (20, 12), (31, 1)]
+    got = S.score(model, [seq[:c] for c, _ in splits], [seq[c:c + k] for c, k in splits], batch_size=3)
+    for (c, k), sc in zip(splits, got):
+        ref = torch.log_softmax(masked_logits(model, plan, seq[:c + k]), -1)
+        want = ref[torch.arange(c - 1, c + k - 1), torch.tensor(seq[c:c + k])]
+        torch.testing.assert_close(torch.tensor(sc.logprobs), want, **TOL)
+    prompt = seq[:5]
+    out = D.generate(model, [prompt], max_new_tokens=n * l - 3)  # runs past the window: old chunks (tokens) drop
+    row = list(prompt)
+    for _ in range(n * l - 3):
+        window = row[-n * l:] if plan.family == 'clm' else row[max(0, -(-len(row) // l) - n) * l:]
+        row.append(int(masked_logits(model, plan, window)[-1].argmax()))
+    assert out.tokens[0] == row[5:]
+    if plan.family != 'recurrent':
+        with pytest.raises(SpecError, match='--memory full_context'):
+            R.reading(model, 'full_context')
 
 
 def test_memories_of_a_shared_context_are_encoded_once():
@@ -185,9 +241,9 @@ def test_memories_of_a_shared_context_are_encoded_once():
     plan, model = model_of('memory-fixed')
     context = random_tokens(1, 24, seed=7)[0].tolist()
     rows = [context + random_tokens(1, n, seed=8 + n)[0].tolist() for n in (2, 3, 5)]
-    cache = G.MemoryCache()
-    cached = G.generate(model, rows, max_new_tokens=4, memory_cache=cache)
-    assert cached.tokens == G.generate(model, rows, max_new_tokens=4).tokens
+    cache = R.MemoryCache()
+    cached = D.generate(model, rows, max_new_tokens=4, memory_cache=cache)
+    assert cached.tokens == D.generate(model, rows, max_new_tokens=4).tokens
     assert (cache.misses, cache.hits) == (3, 6)  # the three context chunks once; later prompts hit
 
 
@@ -197,7 +253,7 @@ def test_ablated_reading_is_the_training_ablation():
     plan, model = model_of('memory-fixed')
     seq = random_tokens(1, 32, seed=9)
     ref = torch.log_softmax(model(seq.view(1, 4, 8), ablate_memory=True).flatten(1, 2)[0], -1)
-    got = G.score(model, [seq[0, :20].tolist()], [seq[0, 20:].tolist()], mode='ablated')[0]
+    got = S.score(model, [seq[0, :20].tolist()], [seq[0, 20:].tolist()], mode='ablated')[0]
     torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(19, 31), seq[0, 20:]], **TOL)
 
 
@@ -205,15 +261,15 @@ def test_full_context_reading_is_the_decoder_over_tokens_alone():
     """--memory full_context: a memory model's decoder reads the tokens in its S + L window, no slots, no memories;
     the modes that mean nothing for a family are refused with one message."""
     plan, model = model_of('memory-fixed')
-    how = G.reading(model, 'full_context')
+    how = R.reading(model, 'full_context')
     assert how.causal and how.window == plan.memory.chunks + plan.memory.chunk_len
     seq = random_tokens(1, 12, seed=10)
     with torch.no_grad():
         ref = torch.log_softmax(model.decoder.head(model.decoder(seq)), -1)[0]
-    got = G.score(model, [seq[0, :4].tolist()], [seq[0, 4:].tolist()], mode='full_context')[0]
+    got = S.score(model, [seq[0, :4].tolist()], [seq[0, 4:].tolist()], mode='full_context')[0]
     torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(3, 11), seq[0, 4:]], **TOL)
     long = random_tokens(1, 22, seed=13)[0].tolist()  # a continuation longer than the window: rolling pieces of 6
-    got = G.score(model, [long[:2]], [long[2:]], mode='full_context')[0]
+    got = S.score(model, [long[:2]], [long[2:]], mode='full_context')[0]
     want = []
     for s in range(2, 22, 6):
         window = torch.tensor([long[:s + 6][:-1][-12:]])
@@ -223,9 +279,9 @@ def test_full_context_reading_is_the_decoder_over_tokens_alone():
         want += lp[torch.arange(window.shape[1] - len(piece), window.shape[1]), torch.tensor(piece)].tolist()
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want), **TOL)
     with pytest.raises(SpecError, match="a 'no_memory' model forms no memories, so there is nothing to ablate"):
-        G.reading(model_of('no_memory-variable')[1], 'ablated')
+        R.reading(model_of('no_memory-variable')[1], 'ablated')
     with pytest.raises(SpecError, match="a 'full_context' model reads every context token in its window already"):
-        G.reading(model_of('full_context')[1], 'full_context')
+        R.reading(model_of('full_context')[1], 'full_context')
 
 
 @torch.no_grad()
@@ -236,15 +292,15 @@ def test_compression_sweep_readings_are_the_forward_pass_at_that_shape():
     plan, model = model_of('memory-fixed')
     seq = random_tokens(1, 16, seed=11)
     ref = torch.log_softmax(model(seq.view(1, 4, 4)).flatten(1, 2)[0], -1)
-    got = G.score(model, [seq[0, :3].tolist()], [seq[0, 3:].tolist()], mode=G.reading(model, chunk_len=4))[0]
+    got = S.score(model, [seq[0, :3].tolist()], [seq[0, 3:].tolist()], mode=R.reading(model, chunk_len=4))[0]
     torch.testing.assert_close(torch.tensor(got.logprobs), ref[torch.arange(2, 15), seq[0, 3:]], **TOL)
     seq = random_tokens(1, 30, seed=12)
-    one = G.prefill(model, seq, mode=G.reading(model, keep=1))
-    torch.testing.assert_close(one.logits, G.prefill(model, seq[:, 16:]).logits, **TOL)
+    one = D.prefill(model, seq, mode=R.reading(model, keep=1))
+    torch.testing.assert_close(one.logits, D.prefill(model, seq[:, 16:]).logits, **TOL)
     with pytest.raises(SpecError, match=r'keep=4: the decoder reads 0..3 memories in on mode'):
-        G.reading(model, keep=4)
+        R.reading(model, keep=4)
     with pytest.raises(SpecError, match=r'chunk_len=9: the encoder of this memory model reads chunks of 1..8 tokens'):
-        G.reading(model, chunk_len=9)
+        R.reading(model, chunk_len=9)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -263,12 +319,14 @@ def tiny_run(tmp_path_factory, rt_cache):
     run = rt_run_dir(out, run_id)
     data = [f"Data.cache_dir = '{rt_cache}'", f"Run.out_dir = '{out}'"]
     for name, files in (('ae', ['specs/autoencoder.gin']), ('mixer', ['specs/memory_clm.gin', 'specs/base/mixer.gin']),
-                        ('full_context', ['specs/full_context.gin'])):
+                        ('full_context', ['specs/full_context.gin']), ('oracle', ['specs/oracle.gin'])):
         (out / name).mkdir()
         (out / name / 'operative.gin').write_text(load(files, TINY + data).operative)
-    plan = load([out / 'full_context' / 'operative.gin']).plan  # untrained weights are enough for its window checks
-    save_file(build(plan, prepare(plan, progress=False).vocab_size).state_dict(),
-              out / 'full_context' / 'final.safetensors')
+    # untrained weights are enough for window checks and for generation without a KV cache (the mixer)
+    for name in ('full_context', 'mixer'):
+        plan = load([out / name / 'operative.gin']).plan
+        save_file(build(plan, prepare(plan, progress=False).vocab_size).state_dict(), out / name / 'final.safetensors')
+        shutil.copy(run / 'tokenizer.json', out / name)
     (out / 'unfinished').mkdir()
     shutil.copy(run / 'operative.gin', out / 'unfinished')
     return run
@@ -290,7 +348,7 @@ def test_cli_generates_from_a_real_run(tiny_run):
     (text, text_err), (js, js_err) = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], text_err + js_err
     assert 'Traceback' not in text_err + js_err
-    plan, model, data = G.load_run(tiny_run, None)
+    plan, model, data = loaded(tiny_run)
     enc = lambda s: data.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
     ids = enc(argv[argv.index('--context') + 1]) + enc('The for statement')
     dropped = (len(ids) - 1) // 8 - 3  # complete 8-token chunks beyond the 3 memory slots
@@ -299,7 +357,7 @@ def test_cli_generates_from_a_real_run(tiny_run):
     assert 0 < len(r['tokens']) <= 12 and r['ttft_s'] > 0 and r['tokens_per_s'] > 0
     assert r['text'] == data.tokenizer.decode(r['tokens'], skip_special_tokens=False) and text == r['text'] + '\n'
     assert r['kv_cache_bytes'] == kv_cache_bytes(plan)
-    assert G.generate(model, torch.tensor([ids]), max_new_tokens=12, eod=data.eod_id).tokens[0] == r['tokens']
+    assert D.generate(model, torch.tensor([ids]), max_new_tokens=12, eod=data.eod_id).tokens[0] == r['tokens']
 
 
 def test_cli_conditions_on_stored_memories(tiny_run, capsys):
@@ -309,10 +367,10 @@ def test_cli_conditions_on_stored_memories(tiny_run, capsys):
                          capsys)
     assert code == 0, err
     assert '3 stored memories of clm:5' in err
-    plan, model, data = G.load_run(tiny_run, None)
+    plan, model, data = loaded(tiny_run)
     mem = M.open_group(tiny_run.parent / 'memories.zarr', tiny_run.name, 'clm').rows(5, 6)[0][:, :3]
     ids = torch.tensor([data.tokenizer.encode('The', add_special_tokens=False).ids])
-    assert json.loads(out)['tokens'] == G.generate(model, ids, mem, max_new_tokens=6, eod=data.eod_id).tokens[0]
+    assert json.loads(out)['tokens'] == D.generate(model, ids, mem, max_new_tokens=6, eod=data.eod_id).tokens[0]
 
 
 def test_cli_generates_a_batch_of_prompts_after_one_context(tiny_run, capsys):
@@ -322,28 +380,27 @@ def test_cli_generates_a_batch_of_prompts_after_one_context(tiny_run, capsys):
     argv = [tiny_run, '--context', context, '--max-new-tokens', 5, '--json']
     code, out, err = cli(argv + [a for p in prompts for a in ('--prompt', p)], capsys)
     assert code == 0, err
-    plan, model, data = G.load_run(tiny_run, None)
+    plan, model, data = loaded(tiny_run)
     enc = lambda s: data.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
     got = [json.loads(line)['tokens'] for line in out.splitlines()]
-    assert got == [G.generate(model, torch.tensor([enc(context) + enc(p)]), max_new_tokens=5, eod=data.eod_id).tokens[0]
+    assert got == [D.generate(model, torch.tensor([enc(context) + enc(p)]), max_new_tokens=5, eod=data.eod_id).tokens[0]
                    for p in prompts]
+
+
+def loaded(run):
+    """(plan, model, vocabulary) of a run folder, as runtime.generate loads it."""
+    got = G.load_run(run)
+    return got.plan, got.model, got.vocab
 
 
 def refusals(run, stored_rows=0):
     """(argv, exact stderr) of every bad input the CLI must refuse with exit code 2."""
     runs, store = run.parent, run.parent / 'memories.zarr'
     ok = ['--prompt', 'The']
-    other = 'generate with a memory, no_memory, clm or full_context run'
+    other = 'use a memory, no_memory, clm, full_context or recurrent run'
     return {
-        'missing run': (['nope', '--runs', runs, *ok],
-                        f'RUN nope: no run folder at nope and no run nope under {runs} (a run folder holds '
-                        'operative.gin)\n'
-                        '  fix: give a run id (python -m store.runs list), its full name <id>-<key> under --runs, '
-                        'or a run folder'),
-        'missing id': (['7', '--runs', runs, *ok],
-                       f'RUN 7: no run folder at 7 and no run 7 under {runs} (a run folder holds operative.gin)\n'
-                       '  fix: give a run id (python -m store.runs list), its full name <id>-<key> under --runs, '
-                       'or a run folder'),
+        'missing run': (['nope', '--runs', runs, *ok], no_run('nope', f'the folder {runs}', [run.name])),
+        'missing id': (['7', '--runs', runs, *ok], no_run('7', f'the folder {runs}', [run.name])),
         'missing weights': ([runs / 'unfinished', *ok],
                             f'run {runs / "unfinished"}: no weights at {runs / "unfinished" / "final.safetensors"} '
                             '(the run did not finish)\n'
@@ -363,11 +420,10 @@ def refusals(run, stored_rows=0):
                            '  fix: pick a listed stage'),
         'autoencoder': ([runs / 'ae', *ok], f"run {runs / 'ae'}: family 'autoencoder' cannot generate: an autoencoder "
                         'regenerates its input from one memory; it does not continue text\n  fix: decode its stored '
-                        f'memories with `python -m store.analyze decode RUN_ID`, or {other}'),
-        'mixer': ([runs / 'mixer', *ok], f"run {runs / 'mixer'}: family 'memory' with a masked-mixer decoder cannot "
-                  'generate: masked mixers keep no KV cache (their token mixing is a convolution over the whole '
-                  'window)\n'
-                  f"  fix: {other} whose decoder is a transformer (decoder/Stack.kind = 'transformer')"),
+                        f'memories with `python -m store.analyze decode RUN`, or {other}'),
+        'oracle': ([runs / 'oracle', *ok], f"run {runs / 'oracle'}: family 'oracle' cannot generate: the oracle's "
+                   'encoder reads the whole sequence, future included: there is no future to read while generating\n'
+                   f'  fix: score it with python -m runtime.evaluate, or {other} to generate'),
     }
 
 
@@ -390,7 +446,7 @@ def test_full_context_refuses_what_does_not_fit_its_window(tiny_run, capsys):
     """A full-context model reads at most N*L = 32 tokens: a request beyond it is refused before any work, naming
     how many new tokens would fit; one that fits exactly generates."""
     folder = tiny_run.parent / 'full_context'
-    plan, _, data = G.load_run(folder, None)
+    plan, _, data = loaded(folder)
     n = len(data.tokenizer.encode('word word', add_special_tokens=False).ids)
     code, _, err = cli([folder, '--prompt', ' '.join(['word'] * 40)], capsys)
     assert code == 2 and "do not fit the full_context model's context of 32 tokens" in err

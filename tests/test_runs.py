@@ -406,7 +406,7 @@ def test_bad_inputs_exit_2_with_one_message(runs, tmp_path):
     """Through the real entry point: exit code 2, a message naming the place and the fix, no traceback."""
     missing = tmp_path / 'nowhere' / 'sacred.db'
     cases = {
-        'unknown run': (['show', '999', '--db', runs.db], ['run 999', 'known ids: ' + ', '.join(runs.ids)]),
+        'unknown run': (['show', '999', '--db', runs.db], ['RUN 999: no run matches', 'known: ' + ', '.join(runs.ids)]),
         'missing file': (['list', '--db', f'sqlite:///{missing}'], [f'--db sqlite:///{missing}', 'no run database']),
         'server down': (['list', '--db', 'postgresql://memspec:s3cret@127.0.0.1:1/runs'], ['--db postgresql://memspec:***@',
                                                                                           'cannot open']),
@@ -431,7 +431,7 @@ def test_bad_inputs_exit_2_with_one_message(runs, tmp_path):
 
 
 def test_more_bad_inputs(runs, capsys, tmp_path, monkeypatch):
-    assert 'run 998' in cli_error(capsys, 'compare', runs.a, '998', db=runs.db)
+    assert 'RUN 998: no run matches' in cli_error(capsys, 'compare', runs.a, '998', db=runs.db)
     assert 'needs at least two run ids' in cli_error(capsys, 'compare', runs.a, db=runs.db)
     assert f'write sqlite:///{runs.db_path}' in cli_error(capsys, 'list', db=str(runs.db_path))
     assert "unsupported database 'mysql'" in cli_error(capsys, 'list', db='mysql://u@host/db')

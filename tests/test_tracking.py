@@ -206,7 +206,8 @@ def test_the_tokenizer_travels_with_the_run_folder(stored_run, monkeypatch):
     def no_cache(*args, **kwargs):
         raise AssertionError('the data cache was read')
     monkeypatch.setattr(data, 'prepare', no_cache)
-    plan, model, vocab = G.load_run(stored_run.run_dir, None)
+    got = G.load_run(stored_run.run_dir)
+    model, vocab = got.model, got.vocab
     assert vocab.vocab_size == model.decoder.head.out_features and vocab.special_ids['<eod>'] == vocab.eod_id
     assert vocab.tokenizer.decode(vocab.tokenizer.encode('The result').ids) == 'The result'
     g = M.open_group(stored_run.store, stored_run.name, 'autoencode')
@@ -247,23 +248,34 @@ def test_the_store_opens_with_xarray_and_frozen_stages_share_one_copy(stored_run
     # and that digest is the frozen encoder's: recomputed from the last stage's weights
     from safetensors.torch import load_file
     state = load_file(stored_run.run_dir / 'stages' / 'combined.safetensors')
-    assert M.encoder_sha256(type('M', (), {'state_dict': lambda self: state})()) == g.attrs['encoder_sha256']
+    from compiler.model import encoder_sha256
+    assert encoder_sha256(state) == g.attrs['encoder_sha256']
     listed = {e['stage']: e for e in M.listing(stored_run.store)}
     assert listed['copy']['memories_from'] == 'autoencode' and listed['copy']['shape'] == [507, 4, 32]
 
 
 def test_an_encoder_that_changed_writes_its_own_memories(tmp_path):
-    from compiler.model import build
+    from compiler.model import build, encoder_sha256
     plan = load(['specs/autoencoder.gin'], ['Data.vocab_size=300', 'D_MODEL=16', 'N_HEADS=2']).plan
     model = build(plan, 300)
     tokens = torch.randint(4, 300, (20, 4, 32))
     mask = torch.ones_like(tokens, dtype=torch.bool)
     attrs = {'run_key': 'a' * 10, 'chunks': 4, 'chunk_len': 32, 'spec_hash': 'h'}
-    M.write(tmp_path / 's.zarr', '0-' + 'a' * 10, 'one', model, tokens, mask, attrs)
-    M.write(tmp_path / 's.zarr', '0-' + 'a' * 10, 'two', model, tokens, mask, attrs, previous='one')
+    encoded = []  # which stages' rows the graph was asked to encode
+
+    def write(stage, previous=None):
+        def rows():
+            encoded.append(stage)
+            yield from model.encode_rows(tokens, mask, 8)
+        digest = encoder_sha256(model.state_dict())
+        M.write(tmp_path / 's.zarr', '0-' + 'a' * 10, stage, rows(), (20, 4, 32, plan.decoder.d_model),
+                {**attrs, 'encoder_sha256': digest}, previous=previous)
+    write('one')
+    write('two', previous='one')
     with torch.no_grad():
         model.encoder.norm.weight.add_(1.0)
-    M.write(tmp_path / 's.zarr', '0-' + 'a' * 10, 'three', model, tokens, mask, attrs, previous='two')
+    write('three', previous='two')
+    assert encoded == ['one', 'three']  # a stage that shares the previous one's memories encodes nothing
     groups = {s: M.open_group(tmp_path / 's.zarr', '0-' + 'a' * 10, s) for s in ('one', 'two', 'three')}
     assert groups['two'].stored_in == 'one' and groups['three'].stored_in == 'three'
     assert not torch.equal(groups['three'].rows(0, 20)[0], groups['one'].rows(0, 20)[0])

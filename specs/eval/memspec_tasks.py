@@ -48,12 +48,11 @@ def _source(run: str | None, runs: str, stage: str | None = None):
         sys.path.insert(0, str(ROOT))
     from compiler.spec import load
     from runtime.data import prepare
-    from store.layout import RunFolder
     if run is None:
         plan = load([str(FLAGSHIP)]).plan
     else:
-        from runtime.generate import run_folder
-        plan = load([str(RunFolder.at(run_folder(str(run), runs)).operative)]).plan
+        from store.runref import folder_of
+        plan = load([str(folder_of(str(run), runs).operative)]).plan
     data = prepare(plan, progress=False)
     return data.tokenizer, data.val, data.val_mask, data.special_ids, str(data.cache_path / 'tokenizer.json')
 
