@@ -161,18 +161,19 @@ def ranges(folder: Path, name: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def move_document(folder: Path, src: Spool, dst: Spool, pos: int) -> tuple[Spool, Spool]:
-    """Document `pos` of closed spool `src` appended to open spool `dst`; src rewritten without it (streaming)."""
-    (folder / f'{src.name}.spool').rename(folder / f'{src.name}.old.spool')
-    (folder / f'{src.name}.spool.offsets').rename(folder / f'{src.name}.old.spool.offsets')
-    old = f'{src.name}.old'
-    new = Spool(folder, src.name)
-    for i, doc in enumerate(iter_spool(folder, old)):
-        (dst if i == pos else new).add(doc)
-    new.close()
+def move_document(folder: Path, src: str, dst: str, pos: int) -> tuple[Spool, Spool]:
+    """Move document `pos` of closed spool `src` into closed, empty spool `dst` (the tiny-corpus fallback of the
+    split); src is rewritten without it, streaming. Returns the new (src, dst) spools, closed."""
     for suffix in ('.spool', '.spool.offsets'):
-        (folder / f'{old}{suffix}').unlink()
-    return new, dst
+        (folder / f'{src}{suffix}').rename(folder / f'{src}.old{suffix}')
+    new, moved = Spool(folder, src), Spool(folder, dst)
+    for i, doc in enumerate(iter_spool(folder, f'{src}.old')):
+        (moved if i == pos else new).add(doc)
+    for sp in (new, moved):
+        sp.close()
+    for suffix in ('.spool', '.spool.offsets'):
+        (folder / f'{src}.old{suffix}').unlink()
+    return new, moved
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
