@@ -193,11 +193,16 @@ def prepare(plan, progress: bool = True, workers: int | None = None) -> Prepared
     path = Path(d.cache_dir) / f'data-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}'
     with _cache_errors(d, path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with T.locked(path):
-            hit = _reusable(path, progress)
-            if not hit:
-                _build(d, key, path, workers, progress)
-                _log(progress, f'cached data in {path}')
+        with T.locked(path, shared=True):  # the common case: an intact entry, verified by every rank at once
+            hit = path.exists() and _damage(path) is None
+        if hit:
+            _log(progress, f'reusing cached data {path}')
+        else:
+            with T.locked(path):  # one builder; the others wait here, then find its entry
+                hit = _reusable(path, progress)
+                if not hit:
+                    _build(d, key, path, workers, progress)
+                    _log(progress, f'cached data in {path}')
     return _open(path, d, n, l, hit)
 
 

@@ -42,10 +42,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def checksums(path: Path) -> dict:
     """{'size', 'sha256': one hex digest per BLOCK bytes}: cheap to compare, and a damaged block is named."""
-    blocks = []
+    blocks, h, filled = [], hashlib.sha256(), 0
     with open(path, 'rb') as f:
-        while chunk := f.read(BLOCK):
-            blocks.append(hashlib.sha256(chunk).hexdigest())
+        while piece := f.read(1 << 20):  # read in 1 MiB pieces: memory stays flat whatever BLOCK is
+            h.update(piece)
+            filled += len(piece)
+            if filled == BLOCK:
+                blocks.append(h.hexdigest())
+                h, filled = hashlib.sha256(), 0
+    if filled or not blocks:
+        blocks.append(h.hexdigest())
     return {'size': path.stat().st_size, 'sha256': blocks}
 
 
@@ -62,12 +68,13 @@ def damaged(folder: Path, recorded: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- lock + build
 
 @contextlib.contextmanager
-def locked(entry: Path):
-    """Hold an exclusive lock for cache entry `entry` (blocking): one preparer at a time per entry. flock is
-    released by the kernel when the holder dies, so a killed preparer never blocks the next one."""
+def locked(entry: Path, shared: bool = False):
+    """Hold a lock for cache entry `entry` (blocking): exclusive for one builder at a time, shared for readers
+    that verify it side by side (torchrun ranks). flock is released by the kernel when the holder dies, so a
+    killed preparer never blocks the next one."""
     lock = entry.parent / f'.lock-{entry.name}'
     with open(lock, 'a+b') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
