@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,12 +29,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def vm_hwm_mb() -> float:
-    """Peak resident set of this process so far (Linux VmHWM), in MB."""
-    for line in Path('/proc/self/status').read_text().splitlines():
+def vm_hwm_mb(pid='self') -> float:
+    """Peak resident set of a process so far (Linux VmHWM), in MB."""
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
         if line.startswith('VmHWM:'):
             return int(line.split()[1]) / 1024
     return float('nan')
+
+
+def watch_workers(peak: dict, stop: threading.Event) -> None:
+    """Record the VmHWM of every child process (the encoder workers) while they live. (getrusage's RUSAGE_CHILDREN
+    would count the parent's pages each child shares between fork and exec.)"""
+    while not stop.wait(0.2):
+        for task in Path('/proc/self/task').iterdir():
+            for pid in (task / 'children').read_text().split():
+                try:
+                    peak[pid] = max(peak.get(pid, 0.0), vm_hwm_mb(pid))
+                except (OSError, ValueError):
+                    pass  # it ended meanwhile
 
 
 def child(args) -> None:
@@ -45,13 +57,17 @@ def child(args) -> None:
     kw = {'tokenizer': args.tokenizer} if args.tokenizer else {}
     plan = Plan(family='clm', data=Data(source=args.corpus, vocab_size=args.vocab, cache_dir=args.cache, **kw),
                 memory=Memory(chunks=4, chunk_len=256))
+    peak, stop = {}, threading.Event()
+    watcher = threading.Thread(target=watch_workers, args=(peak, stop), daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     p = D.prepare(plan, progress=False, workers=args.workers)
     seconds = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
     tokens = p.stats['train']['tokens'] + p.stats['val']['tokens']
-    workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest worker (Linux: kB)
     print(json.dumps({'seconds': seconds, 'tokens': tokens, 'rss_after_imports_mb': base,
-                      'peak_rss_mb': vm_hwm_mb(), 'peak_worker_rss_mb': workers_kb / 1024,
+                      'peak_rss_mb': vm_hwm_mb(), 'peak_worker_rss_mb': max(peak.values(), default=0.0),
                       'cache': str(p.cache_path)}))
 
 
