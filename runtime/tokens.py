@@ -73,7 +73,19 @@ def locked(entry: Path, shared: bool = False):
     that verify it side by side (torchrun ranks). flock is released by the kernel when the holder dies, so a
     killed preparer never blocks the next one."""
     lock = entry.parent / f'.lock-{entry.name}'
-    with open(lock, 'a+b') as f:
+    try:
+        f = open(lock, 'a+b')
+    except OSError:
+        if not shared:
+            raise  # a builder must be able to write here: the caller reports the cache folder
+        # a read-only cache (a shared, pre-built one): take the lock read-only, or none where it cannot even be read
+        # (nobody can build in a folder nobody can write, so a reader needs no lock there)
+        try:
+            f = open(lock, 'rb')
+        except OSError:
+            yield
+            return
+    with f:
         fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield

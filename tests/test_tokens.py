@@ -283,6 +283,29 @@ def test_a_full_disk_is_one_message_exit_2_and_no_temp_folder(tmp_path):
     assert [q.name for q in cache.iterdir() if not q.name.startswith('.lock-')] == []
 
 
+def test_a_read_only_cache_that_holds_the_entry_is_read(tmp_path, monkeypatch):
+    """A pre-built store on a read-only mount: the lock file cannot be opened for writing (EROFS), the entry is
+    still verified and used; building there is refused naming Data.cache_dir. (Simulated: the tests run as root,
+    which permission bits do not stop.)"""
+    import builtins
+    src = corpus(tmp_path, 50)
+    plan = make_plan(tmp_path, source=src, vocab_size=300)
+    built = D.prepare(plan, progress=False)
+
+    def read_only(path, mode='r', *args, **kwargs):
+        if any(c in mode for c in 'wa+x') and str(path).startswith(str(tmp_path / 'cache')):
+            raise OSError(30, 'Read-only file system')
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(T, 'open', read_only, raising=False)
+    again = D.prepare(plan, progress=False)
+    assert again.cache_hit and torch.equal(again.train, built.train)
+    (built.cache_path / 'meta.json').write_bytes(b'garbage')  # damage it (pathlib writes through io.open, unpatched)
+    with pytest.raises(D.SpecError) as e:
+        D.prepare(plan, progress=False)
+    assert e.value.where.startswith('Data.cache_dir') and 'Read-only file system' in e.value.what
+    assert [q.name for q in (tmp_path / 'cache').iterdir() if '.tmp' in q.name] == []
+
+
 def test_parallel_workers_write_the_same_store_as_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(T, 'RANGE_BYTES', 4096)  # many ranges from a small corpus
     src = corpus(tmp_path, 600)
