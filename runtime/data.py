@@ -183,9 +183,10 @@ def _check(d, n: int, l: int) -> None:
 
 
 
-def prepare(plan, progress: bool = True, workers: int | None = None) -> Prepared:
+def prepare(plan, progress: bool = True, workers: int | None = None, warn: bool = True) -> Prepared:
     """Build the token store of `plan`'s data once (concurrent callers wait for the first, then reuse it; a damaged
-    entry is rebuilt) and open its examples for `plan`'s layout. `workers`: encoder processes (None: automatic)."""
+    entry is rebuilt) and open its examples for `plan`'s layout. `workers`: encoder processes (None: automatic).
+    With progress and warn, a curriculum that reads the train split more than once is warned about on stderr."""
     d, n, l = plan.data, plan.memory.chunks, plan.memory.chunk_len
     _check(d, n, l)
     check_source(d)  # a source that cannot be read is refused before anything is written
@@ -203,7 +204,11 @@ def prepare(plan, progress: bool = True, workers: int | None = None) -> Prepared
                 if not hit:
                     _build(d, key, path, workers, progress)
                     _log(progress, f'cached data in {path}')
-    return _open(path, d, n, l, hit)
+    out = _open(path, d, n, l, hit)
+    warning = epochs_warning(plan, out)
+    if progress and warn and warning:  # in every run's log, not only in the data report
+        print(f'[data] {warning}', file=sys.stderr, flush=True)
+    return out
 
 
 @contextlib.contextmanager
@@ -279,7 +284,9 @@ def _spool(d, tmp: Path, progress: bool) -> dict[str, T.Spool]:
     including its tiny-corpus fallback: an empty split takes the document with the extreme draw)."""
     spools = {s: T.Spool(tmp, s) for s in T.SPLITS}
     low = high = None  # (draw, split, position in that split) of the first lowest / highest draw
-    for text in tqdm(iter_documents(d), unit='doc', desc='read', file=sys.stderr, disable=not progress,
+    small = d.source == 'embedded' or (not d.source.startswith('hub:') and
+                                       local_path(d.source).stat().st_size < PROGRESS_BYTES)
+    for text in tqdm(iter_documents(d), unit='doc', desc='read', file=sys.stderr, disable=not progress or small,
                      mininterval=1.0):
         u = draw(text)
         split = 'val' if u < d.val_fraction else 'train'
@@ -399,11 +406,18 @@ def report(p: Prepared, plan=None) -> str:
                   f'{"stage":<16} {"steps":>10} {"tokens consumed":>16} {"epochs at end":>14}']
         for r in consumption(plan, p):
             lines.append(f'{r["stage"]:<16} {r["steps"]:>10,} {r["tokens"]:>16,} {r["epochs"]:>14.2f}')
-        last = consumption(plan, p)[-1:]
-        if last and last[0]['epochs'] > 1:
-            lines.append(f'warning: the curriculum reads the train split {last[0]["epochs"]:.2f} times (epochs > 1): '
-                         'examples repeat; use a larger corpus (Data.max_documents, Data.source) or fewer steps')
+        if epochs_warning(plan, p):
+            lines.append(epochs_warning(plan, p))
     return '\n'.join(lines)
+
+
+def epochs_warning(plan, p: Prepared) -> str | None:
+    """A warning when the curriculum reads the train split more than once (None when it does not)."""
+    last = consumption(plan, p)[-1:]
+    if not last or last[0]['epochs'] <= 1:
+        return None
+    return (f'warning: the curriculum reads the train split {last[0]["epochs"]:.2f} times (epochs > 1): examples '
+            'repeat; use a larger corpus (Data.max_documents, Data.source) or fewer steps')
 
 
 @cli
@@ -416,7 +430,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from compiler import spec
     plan = spec.load(args.files, args.binding).plan
-    print(report(prepare(plan, progress=not args.quiet), plan))
+    print(report(prepare(plan, progress=not args.quiet, warn=False), plan))  # the report holds the warning
 
 
 if __name__ == '__main__':

@@ -330,3 +330,8 @@ def test_report_shows_tokens_consumed_per_stage_and_warns_past_one_epoch(tmp_pat
     D.main([str(ROOT / 'specs/frozen_encoder_curriculum.gin'), '-b', f"Data.cache_dir = '{tmp_path}'",
             '-b', 'Run.steps_scale = 0.01', '--quiet'])
     assert 'warning' not in capsys.readouterr().out
+    # a run prepares its data with progress on: the warning reaches its log too (stderr), once
+    from compiler.spec import load
+    plan = load([str(ROOT / 'specs/frozen_encoder_curriculum.gin')], [f"Data.cache_dir = '{tmp_path}'"]).plan
+    D.prepare(plan, progress=True)
+    assert capsys.readouterr().err.count('warning: the curriculum reads the train split 14.84 times') == 1
