@@ -11,6 +11,8 @@ ranges of the spool with the `tokenizers` batch encoder and the parent appends t
 holds more than a few ranges of the corpus in memory. Building happens under a file lock in a private temp folder
 renamed into place at the end: concurrent preparers (torchrun ranks, sweep members) wait for the first, then reuse
 its entry; a failed or interrupted build leaves no temp folder behind (a killed one is swept by the next build).
+Files are never changed in place: a rebuild renames the old entry aside and unlinks it, which processes that still
+map it do not notice (truncating a mapped file by hand would make their reads fail with SIGBUS).
 """
 from __future__ import annotations
 
