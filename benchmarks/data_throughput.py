@@ -5,8 +5,10 @@
 Corpus: the embedded pydoc text repeated to `--mb` x scale MB, written as a .txt (so preparation also pays for
 reading and splitting the file). Each preparation runs in a fresh process with a fresh cache folder and reports:
 - seconds and tokens/s of document text (read, split, spool, encode, write, checksum);
-- peak RSS of the preparing process (VmHWM) and of its largest encoder worker, and the RSS after imports, so
-  the growth that preparation itself adds is visible. Streaming means the peak stays flat as the corpus grows.
+- peak RSS of the preparing process (VmHWM) and the RSS after imports, so the growth that preparation itself adds
+  is visible, and the largest USS (private memory) of an encoder worker (sampled; workers are forked and share the
+  parent's pages).
+  Streaming means the peaks stay flat as the corpus grows.
 Two rows per scale: 'given tokenizer' (Data.tokenizer = a trained tokenizer.json: the encoding path) and
 'trains BPE' (end to end). BPE training keeps one count per distinct word; the repeated corpus has a fixed set of
 words, so its flat peak says nothing about a corpus with a growing vocabulary of words.
@@ -37,16 +39,36 @@ def vm_hwm_mb(pid='self') -> float:
     return float('nan')
 
 
+def descendants(pid: str) -> list[str]:
+    """Every process below `pid` (the encoder workers are children of a fork server, grandchildren of this one)."""
+    out = []
+    try:
+        for task in Path(f'/proc/{pid}/task').iterdir():
+            for child in (task / 'children').read_text().split():
+                out += [child, *descendants(child)]
+    except OSError:
+        pass  # it ended meanwhile
+    return out
+
+
+def uss_mb(pid: str) -> float:
+    """Unique set size of a process now: its private pages, the memory it adds beyond what it shares, MB."""
+    kb = 0
+    for line in Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines():
+        if line.startswith(('Private_Clean:', 'Private_Dirty:')):
+            kb += int(line.split()[1])
+    return kb / 1024
+
+
 def watch_workers(peak: dict, stop: threading.Event) -> None:
-    """Record the VmHWM of every child process (the encoder workers) while they live. (getrusage's RUSAGE_CHILDREN
-    would count the parent's pages each child shares between fork and exec.)"""
+    """The largest USS of every descendant process (the encoder workers) seen while they live, sampled every 0.2 s.
+    Workers are forked and share this process' pages, which their VmHWM (and getrusage) would count in full."""
     while not stop.wait(0.2):
-        for task in Path('/proc/self/task').iterdir():
-            for pid in (task / 'children').read_text().split():
-                try:
-                    peak[pid] = max(peak.get(pid, 0.0), vm_hwm_mb(pid))
-                except (OSError, ValueError):
-                    pass  # it ended meanwhile
+        for pid in descendants(str(os.getpid())):
+            try:
+                peak[pid] = max(peak.get(pid, 0.0), uss_mb(pid))
+            except (OSError, ValueError):
+                pass  # it ended meanwhile
 
 
 def child(args) -> None:
@@ -67,7 +89,7 @@ def child(args) -> None:
     watcher.join()
     tokens = p.stats['train']['tokens'] + p.stats['val']['tokens']
     print(json.dumps({'seconds': seconds, 'tokens': tokens, 'rss_after_imports_mb': base,
-                      'peak_rss_mb': vm_hwm_mb(), 'peak_worker_rss_mb': max(peak.values(), default=0.0),
+                      'peak_rss_mb': vm_hwm_mb(), 'peak_worker_uss_mb': max(peak.values(), default=0.0),
                       'cache': str(p.cache_path)}))
 
 
@@ -130,12 +152,12 @@ def main():
     print(f'{os.cpu_count()} CPUs, vocab {args.vocab}, workers {args.workers or "automatic"}; raw encode_batch '
           f'(1x, one process): {raw / 1e6:.3f} Mtok/s')
     print(f'{"scale":>5} {"MB":>7} {"mode":<16} {"tokens":>11} {"s":>7} {"Mtok/s":>7} {"vs raw":>6} '
-          f'{"RSS base":>9} {"RSS peak":>9} {"worker peak":>11}')
+          f'{"RSS base":>9} {"RSS peak":>9} {"worker USS":>11}')
     for r in rows:
         tps = r['tokens'] / r['seconds']
         print(f'{r["scale"]:>4}x {r["corpus_mb"]:>7.1f} {r["mode"]:<16} {r["tokens"]:>11,} {r["seconds"]:>7.2f} '
               f'{tps / 1e6:>7.3f} {tps / raw:>5.2f}x {r["rss_after_imports_mb"]:>8.0f}M {r["peak_rss_mb"]:>8.0f}M '
-              f'{r["peak_worker_rss_mb"]:>10.0f}M')
+              f'{r["peak_worker_uss_mb"]:>10.0f}M')
     out = {'vocab_size': args.vocab, 'workers': args.workers, 'cpus': os.cpu_count(),
            'machine': platform.processor() or platform.machine(), 'tokenizers': tokenizers.__version__,
            'raw_encode_batch_tokens_per_s': raw, 'rows': rows}

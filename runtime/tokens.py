@@ -203,7 +203,6 @@ _TOKENIZER: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one process per core already: no Rayon threads on top
     global _TOKENIZER
     _TOKENIZER = Tokenizer.from_str(tokenizer_json)
     _TOKENIZER.encode_special_tokens = True
@@ -227,14 +226,29 @@ def _encode_range(folder: str, name: str, lo: int, hi: int) -> tuple[np.ndarray,
 
 def encoded(folder: Path, name: str, tok: Tokenizer, workers: int):
     """(ids, lengths) per range of spool `name`, in order. workers <= 1: in this process (the batch encoder still
-    uses every core through its own threads); else a spawned pool (fork after `tokenizers` has run can deadlock),
-    with a bounded number of ranges in flight."""
+    uses every core through its own threads); else a pool with a bounded number of ranges in flight. The workers
+    are forked, as torch's DataLoader forks its workers: they share this process' pages instead of re-importing
+    the caller's __main__ (spawned or fork-server workers would: torch and all, ~450 MB each under
+    `python -m runtime.run`). TOKENIZERS_PARALLELISM=false while forking tells `tokenizers` the children must not
+    use its thread pool (threads do not survive a fork) and keeps it from warning about that."""
     todo = ranges(folder, name)
     if workers <= 1:
         for lo, hi in todo:
             yield encode_texts(tok, read_spool(folder, name, lo, hi))
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_init_worker,
+    before = os.environ.get('TOKENIZERS_PARALLELISM')
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+    try:
+        yield from _pooled(folder, name, tok, workers, todo)
+    finally:
+        if before is None:
+            os.environ.pop('TOKENIZERS_PARALLELISM', None)
+        else:
+            os.environ['TOKENIZERS_PARALLELISM'] = before
+
+
+def _pooled(folder: Path, name: str, tok: Tokenizer, workers: int, todo: list[tuple[int, int]]):
+    with ProcessPoolExecutor(workers, mp_context=get_context('fork'), initializer=_init_worker,
                              initargs=(tok.to_str(),)) as pool:
         pending = deque()
         for lo, hi in todo:
