@@ -155,14 +155,14 @@ def projected_shipped(spec_path, work: Path, write) -> dict:
     from compiler import objectives as O
     from compiler.model import build
     from compiler.spec import load
-    from runtime.data import Batches, prepare
+    from runtime.data import prepare
     from runtime.train import accumulate, optimizer, set_frozen
 
     plan = load([spec_path], [f"Data.cache_dir='{work / 'cache'}'"]).plan
     data = prepare(plan, progress=False)
     model = build(plan, data.vocab_size)
     ids = O.SpecialIds(pad=data.pad_id, blank=data.blank_id, copy=data.copy_id)
-    batches = Batches(data.train, data.train_mask, plan.data.batch_size, plan.run.seed)
+    batches = data.loader(plan.data.batch_size, plan.run.seed)
     step_seconds = {}
     for stage in plan.curriculum:
         opt, _ = optimizer(set_frozen(model, stage), stage)

@@ -15,7 +15,6 @@ from compiler.model import build, encoder_sha256
 from compiler.objective_registry import objective
 from runtime import checkpoint as ckpt
 from runtime import train
-from runtime.data import Batches
 from runtime.distributed import all_reduce_grads, run_device
 from runtime.tracking import Tracker
 from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, init_component, optimizer, set_frozen
@@ -37,8 +36,7 @@ class Trainer:
         self.model = build(self.plan, self.vocab).to(self.device)  # built (seeded) on the CPU: the same weights
         if self.plan.run.compile:
             compile_step(self.model, self.plan.data.cache_dir)
-        self.batches = Batches(self.data.train, self.data.train_mask, self.plan.data.batch_size, self.plan.run.seed,
-                               rank=rank, world=world)
+        self.batches = self.data.loader(self.plan.data.batch_size, self.plan.run.seed, rank=rank, world=world)
         self.out_dir, self.folder, self.resume = out_dir, RunFolder.at(out_dir), resume
         self.summary: dict[str, dict] = {}
         self._run = None

@@ -59,7 +59,7 @@ Hardening scenarios (one per class of failure found by the adversarial pass; eac
   ambiguous id listing the runs, and by full name (analyze also by --db) give each run's own numbers
 - damaged memory store (a missing chunk, a corrupt chunk, garbled group and array metadata): store.analyze and
   runtime.generate --memories exit 2 naming the run, stage and rows, printing no numbers
-- damaged data cache (truncated examples.pt, garbage meta.json or tokenizer.json): one note, rebuilt, the run equals
+- damaged data cache (truncated train.tokens, garbage meta.json or tokenizer.json): one note, rebuilt, the run equals
   the baseline; an unwritable cache folder: exit 2, nothing recorded
 - refused before any work: in-memory SQLite (sqlite://, sqlite:///:memory:), a memory store on a read-only filesystem
   or with garbled metadata, a truncated .safetensors as init_from source or for runtime.generate
@@ -1275,11 +1275,11 @@ class Suite:
         return res
 
     def fault_damaged_cache(self) -> dict:
-        """The data cache damaged (examples.pt truncated, garbage in meta.json, garbage in tokenizer.json): the next
+        """The data cache damaged (train.tokens truncated, garbage in meta.json, garbage in tokenizer.json): the next
         run says so in one note, rebuilds it, and ends equal to the baseline. A cache folder that cannot be written
         (a file in its place) is refused before anything is recorded (exit 2)."""
         res = self.result('damaged_cache')
-        cases = {'truncated examples.pt': ('examples.pt', 'truncate'), 'garbage meta.json': ('meta.json', 'garbage'),
+        cases = {'truncated train.tokens': ('train.tokens', 'truncate'), 'garbage meta.json': ('meta.json', 'garbage'),
                  'garbage tokenizer.json': ('tokenizer.json', 'garbage')}
         for i, (case, (file, how)) in enumerate(cases.items()):
             cache, out = self.root / f'cache-{i}', self.root / f'cache-run-{i}'

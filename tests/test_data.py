@@ -90,19 +90,22 @@ def test_cache_hit_miss_and_rebuild_on_change(tmp_path):
     # any key change rebuilds into a new entry
     other = D.prepare(make_plan(tmp_path, source=src, vocab_size=270, val_fraction=0.0), progress=False)
     assert not other.cache_hit and other.cache_path != first.cache_path and other.vocab_size == 270
-    relaid = D.prepare(make_plan(tmp_path, source=src, vocab_size=300, val_fraction=0.0, layout='padded'),
-                       progress=False)
-    assert not relaid.cache_hit
+    # the layout, N and L are not: examples are cut from the same token store on the fly
+    relaid = D.prepare(make_plan(tmp_path, chunks=3, chunk_len=2, source=src, vocab_size=300, val_fraction=0.0,
+                                 layout='padded'), progress=False)
+    assert relaid.cache_hit and relaid.cache_path == first.cache_path and relaid.train.shape[1:] == (3, 2)
     # the seed is not part of the key: nothing cached depends on it
-    assert D.cache_key(plan.data, 2, 3) == D.cache_key(make_plan(tmp_path, source=src, vocab_size=300,
-                                                                 val_fraction=0.0).data, 2, 3)
+    assert D.cache_key(plan.data) == D.cache_key(make_plan(tmp_path, source=src, vocab_size=300,
+                                                           val_fraction=0.0).data)
     # editing the file (size/mtime change) rebuilds
     with open(src, 'a', encoding='utf-8') as f:
         f.write('iota kappa\n')
     edited = D.prepare(plan, progress=False)
     assert not edited.cache_hit and edited.cache_path != first.cache_path
-    # no temp folders are left behind
-    assert not [p for p in (tmp_path / 'cache').iterdir() if p.name.startswith('.')]
+    # no temp folders are left behind (only the entries and their zero-byte lock files)
+    names = sorted(p.name for p in (tmp_path / 'cache').iterdir())
+    assert all(n.startswith('data-') or (n.startswith('.lock-data-') and (tmp_path / 'cache' / n).stat().st_size == 0)
+               for n in names), names
 
 
 def test_special_tokens_are_real_distinct_and_never_ordinary(tmp_path):
@@ -181,6 +184,10 @@ def test_full_length_only(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- batches
 
+def batches(x, m, **kw):
+    return D.Batches(D.TensorExamples(x, m), **kw)
+
+
 def ids_batches(b, steps):
     return [next(b)[0][:, 0, 0].tolist() for _ in range(steps)]
 
@@ -192,44 +199,44 @@ def example_set(n=10):
 
 def test_batches_deterministic_epochs_are_permutations():
     x, m = example_set(10)
-    a = ids_batches(D.Batches(x, m, batch_size=5, seed=1), 8)
-    assert a == ids_batches(D.Batches(x, m, batch_size=5, seed=1), 8)
-    assert a != ids_batches(D.Batches(x, m, batch_size=5, seed=2), 8)
+    a = ids_batches(batches(x, m, batch_size=5, seed=1), 8)
+    assert a == ids_batches(batches(x, m, batch_size=5, seed=1), 8)
+    assert a != ids_batches(batches(x, m, batch_size=5, seed=2), 8)
     for epoch in range(4):
         assert sorted(a[2 * epoch] + a[2 * epoch + 1]) == list(range(10))
     assert a[0] + a[1] != a[2] + a[3]  # reshuffled each epoch
-    tok, mask = next(D.Batches(x, m, batch_size=5, seed=1))
+    tok, mask = next(batches(x, m, batch_size=5, seed=1))
     assert tok.shape == (5, 2, 3) and tok.dtype == torch.int64 and mask.dtype == torch.bool
     # a batch larger than the split straddles epochs, still every example equally often
-    big = ids_batches(D.Batches(x, m, batch_size=15, seed=0), 2)
+    big = ids_batches(batches(x, m, batch_size=15, seed=0), 2)
     assert sorted(big[0] + big[1]) == sorted(list(range(10)) * 3)
 
 
 def test_batches_resume_mid_epoch():
     x, m = example_set(10)
-    b = D.Batches(x, m, batch_size=3, seed=7)
+    b = batches(x, m, batch_size=3, seed=7)
     ids_batches(b, 5)  # 15 examples: epoch 1, index 5 (a batch straddled the boundary)
     state = json.loads(json.dumps(b.state_dict()))  # survives a checkpoint round trip
     assert (state['epoch'], state['index']) == (1, 5)
     expected = ids_batches(b, 6)
-    resumed = D.Batches(x, m, batch_size=3, seed=7)
+    resumed = batches(x, m, batch_size=3, seed=7)
     resumed.load_state_dict(state)
     assert ids_batches(resumed, 6) == expected
     with pytest.raises(SpecError, match='seed'):
-        D.Batches(x, m, batch_size=3, seed=8).load_state_dict(state)
+        batches(x, m, batch_size=3, seed=8).load_state_dict(state)
 
 
 def test_batches_ddp_shards_are_disjoint_and_cover_the_global_batch():
     x, m = example_set(12)
-    whole = ids_batches(D.Batches(x, m, batch_size=6, seed=3), 4)
-    ranks = [ids_batches(D.Batches(x, m, batch_size=6, seed=3, rank=r, world=3), 4) for r in range(3)]
+    whole = ids_batches(batches(x, m, batch_size=6, seed=3), 4)
+    ranks = [ids_batches(batches(x, m, batch_size=6, seed=3, rank=r, world=3), 4) for r in range(3)]
     for step in range(4):
         parts = [ranks[r][step] for r in range(3)]
         assert all(len(p) == 2 for p in parts)
         assert sum(parts, []) == whole[step]
         assert len(set(sum(parts, []))) == 6
     with pytest.raises(SpecError, match='divisible'):
-        D.Batches(x, m, batch_size=5, seed=0, world=2)
+        batches(x, m, batch_size=5, seed=0, world=2)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -222,7 +222,7 @@ def test_missing_and_corrupt_memory_chunks_are_reported_with_their_rows(report):
 def test_a_damaged_data_cache_is_rebuilt_with_one_note(report):
     p = ran(report, 'damaged_cache')
     notes = p['notes']
-    assert 'examples.pt does not match the sha256 in meta.json' in notes['truncated examples.pt'], notes
+    assert 'train.tokens does not match the sha256 in meta.json' in notes['truncated train.tokens'], notes
     assert 'meta.json unreadable' in notes['garbage meta.json'], notes
     assert 'tokenizer.json does not match the sha256' in notes['garbage tokenizer.json'], notes
 
