@@ -2,8 +2,8 @@
 the store's readers use it).
 
 - URLs: `sqlite:///path.db` (default `<Run.out_dir>/sacred.db`), `postgresql://user:password@host/db` (psycopg2),
-  `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` hides passwords;
-  every message that names a database uses it.
+  `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` (store/urls.py)
+  masks every secret a URL can carry; every message, record and export that names a database uses it.
 - Tables: Sacred's SqlObserver tables (`run`, `host`, `experiment`, `artifact`, ...) plus `memspec_metrics`
   (run_id, name, step, value, time), which Sacred's SqlObserver does not keep, and `memspec_evaluations`
   (run_id, stage, task, metric, value, memory, limit, time): one row per metric of `python -m runtime.evaluate`,
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote
@@ -26,6 +25,7 @@ import sqlalchemy as sa
 
 from compiler.errors import SpecError
 from store.layout import is_run_key, run_name
+from store.urls import display_url, redact  # noqa: F401  (display_url: the name every module imports)
 
 DEFAULT_DB = 'sqlite:///runs/sacred.db'
 # A RUNNING run whose last heartbeat is older than this is presumably dead: Sacred beats every 10 s, so this is six
@@ -119,36 +119,6 @@ def make_engine(url: str) -> sa.Engine:
 
 def default_url(out_dir: str) -> str:
     return f'sqlite:///{Path(out_dir) / "sacred.db"}'
-
-
-def display_url(url: str) -> str:
-    """The URL with any password replaced by ***: safe to print."""
-    try:
-        return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
-    except Exception:  # noqa: BLE001  (only for messages; an unparsable URL may still hold user:password@)
-        return re.sub(r'^([^@/]*//)?([^:@/]*):[^@]*@', lambda m: f"{m.group(1) or ''}{m.group(2)}:***@", url)
-
-
-def _secrets(url: str) -> list[str]:
-    """The password of a database URL as it may appear in text: raw and %-decoded."""
-    from urllib.parse import unquote
-    try:
-        password = sa.engine.make_url(engine_url(url)).password
-    except Exception:  # noqa: BLE001
-        m = re.search(r'//[^:@/]*:([^@]*)@', url)
-        password = m.group(1) if m else None
-    if not password:
-        return []
-    password = str(password)
-    return sorted({password, unquote(password), quote(password, safe='')} - {''}, key=len, reverse=True)
-
-
-def redact(text: str, url: str | None) -> str:
-    """`text` (a driver's error message, a traceback) with the password of `url` replaced by ***."""
-    text = str(text)
-    for secret in _secrets(url) if url else []:
-        text = text.replace(secret, '***')
-    return text
 
 
 def span(t: dt.timedelta) -> str:
