@@ -2,8 +2,9 @@
 
 - the code: the git commit of the project and the diff of every uncommitted change to a tracked file (`git diff
   HEAD`; 'dirty' means this diff is not empty), plus the path and sha256 of each untracked file git does not ignore
-  (listed, never counted as a change: scratch files beside the code are common), or, where the project is not a git checkout (an installed copy, an unpacked
-  archive), a sha256 over the files of compiler/, runtime/, store/ and specs/;
+  (listed, never counted as a change: scratch files beside the code are common), or, where the project is not a
+  git checkout (an installed copy, an unpacked archive), a sha256 over the files of
+  compiler/, runtime/, store/ and specs/;
 - the seed (Run.seed, which Sacred also records as its own seed);
 - the sha256 of every file a stage's init_from reads (another run's stage weights, a Llama checkpoint).
 

@@ -104,6 +104,7 @@ def make_engine(url: str) -> sa.Engine:
     (seen under load)."""
     if not url.startswith('sqlite'):
         return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
+    check_own_database(url)  # before the first connection switches the file to WAL
     # one session serves Sacred's main and heartbeat threads (under a lock), so connections cross threads
     engine = sa.create_engine(url, connect_args={'timeout': 60, 'check_same_thread': False})
 
@@ -115,6 +116,73 @@ def make_engine(url: str) -> sa.Engine:
         cur.close()
 
     return engine
+
+
+SQLITE_HEADER = b'SQLite format 3\x00'
+# Sacred's SqlObserver tables (sacred.observers.sql_bases); memspec's own are memspec_*
+SACRED_TABLES = frozenset({'artifact', 'dependency', 'experiment', 'experiments_dependencies',
+                           'experiments_repositories', 'experiments_sources', 'host', 'repository', 'resource', 'run',
+                           'runs_resources', 'source'})
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:/// URL; None for other databases, in-memory SQLite and unparsable URLs."""
+    if not url.startswith('sqlite'):
+        return None
+    try:
+        db = sa.engine.make_url(url).database
+    except (sa.exc.ArgumentError, ValueError):
+        return None
+    return None if not db or db == ':memory:' or db.startswith('file:') else Path(db)
+
+
+def connect_readonly(path: Path, where: str) -> sqlite3.Connection:
+    """A read-only connection that never creates or changes anything. A WAL database in a read-only folder cannot
+    be opened with mode=ro (SQLite wants to create its -shm file); when no -wal file holds changes, the main file is
+    the whole database and is read as immutable."""
+    uri = f'file:{quote(str(path.resolve()))}'
+    try:
+        con = sqlite3.connect(f'{uri}?mode=ro', uri=True, timeout=10)
+        con.execute('SELECT COUNT(*) FROM sqlite_master').fetchall()
+        return con
+    except sqlite3.OperationalError as e:
+        if 'unable to open' not in str(e) and 'readonly' not in str(e):
+            raise
+        wal = path.with_name(path.name + '-wal')
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise SpecError(where, f'{path} cannot be read here: its folder is read-only and {wal.name} holds changes '
+                            'not yet in the main file (SQLite needs to write beside it to read them)',
+                            f'copy {path.name}, {wal.name} and {path.name}-shm together to a writable folder and '
+                            'point --db there') from None
+        return sqlite3.connect(f'{uri}?immutable=1', uri=True, timeout=10)
+
+
+def check_own_database(url: str) -> None:
+    """Refuse, before anything is written to it, an existing SQLite file that is not a run database: memspec would
+    add its tables to another program's database and switch it to WAL. A file is a run database when it is empty
+    or SQLite holding only Sacred's and memspec's tables."""
+    path = sqlite_file(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    where = f'--db {display_url(url)}'
+    with open(path, 'rb') as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise SpecError(where, f'{path} is not a SQLite database (nothing was written to it)',
+                            'point --db at a run database, or at a file that does not exist yet')
+    try:
+        con = connect_readonly(path, where)
+        try:
+            tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise SpecError(where, f'cannot read {path}: {e} (nothing was written to it)',
+                        'point --db at a run database, or at a file that does not exist yet') from None
+    foreign = sorted(t for t in tables if t not in SACRED_TABLES and not t.startswith(('memspec_', 'sqlite_')))
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
+        raise SpecError(where, f'{path} belongs to another program: it holds tables no run database has ({shown}); '
+                        'nothing was written to it', 'record runs in their own file, e.g. --db sqlite:///runs/sacred.db')
 
 
 def default_url(out_dir: str) -> str:
@@ -171,6 +239,15 @@ class RunRecord:
     host: dict = dataclasses.field(default_factory=dict)
     experiment: str = ''
     heartbeat: dt.datetime | None = None  # Sacred's last heartbeat (naive UTC), None before the first one
+    damaged: list[str] = dataclasses.field(default_factory=list)  # fields recorded wrong and left out (checked())
+
+    def check(self) -> RunRecord:
+        """This run, or one message naming what of its record is damaged (for commands that need all of it)."""
+        if self.damaged:
+            raise SpecError(f'run {self.id}', f"its record is damaged: {'; '.join(self.damaged)}",
+                            'the row was changed outside memspec: restore the database from a backup, or record the '
+                            'run again (python -m store.runs list still lists it)')
+        return self
 
     @property
     def run_key(self) -> str | None:
@@ -195,7 +272,7 @@ class RunRecord:
 
     @property
     def plan(self) -> dict:
-        return self.config.get('plan') or {}
+        return self.config.get('plan') or {}  # an object (checked())
 
     @property
     def flat(self) -> dict:
@@ -205,7 +282,9 @@ class RunRecord:
 
     @property
     def stages(self) -> list[str]:
-        return [s.get('name', f'stage{i}') for i, s in enumerate(self.plan.get('curriculum') or [])]
+        stages = self.plan.get('curriculum')
+        return [str(s.get('name', f'stage{i}')) if isinstance(s, dict) else f'stage{i}'
+                for i, s in enumerate(stages if isinstance(stages, list) else [])]
 
     @property
     def end_steps(self) -> dict[str, int]:
@@ -218,15 +297,90 @@ class RunRecord:
         return list(self.config.get('spec_files') or [])
 
 
-def _json(value) -> dict:
+# What the readers use of a run's recorded config and info, and the type each must have: a row changed outside
+# memspec (or by another program) is checked like a spec before anything reads it (RunRecord.damaged).
+SHAPES = {
+    'config': {'plan': dict, 'operative_gin': str, 'spec_hash': str, 'spec_files': list, 'spec_sources': list,
+               'bindings': list, 'warnings': list, 'provenance': dict, 'sweep': dict, 'seed': int},
+    'info': {'run_key': str, 'run_dir': str, 'stages': dict, 'weights': dict, 'data': dict, 'resumes': list,
+             'host': dict},
+}
+ITEMS = {('config', 'spec_files'): str, ('config', 'spec_sources'): str, ('config', 'bindings'): str,
+         ('config', 'warnings'): str, ('info', 'stages'): dict, ('info', 'resumes'): dict}
+MAX_DEPTH = 64  # deeper JSON is no config memspec wrote (a plan is < 10 levels), and would exhaust recursion
+
+
+def _depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
+    todo = [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            todo += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            todo += [(x, d + 1) for x in v]
+    return False
+
+
+def _type_name(v) -> str:
+    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'true/false', type(None): 'null'}.get(
+        type(v), 'a number' if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def checked(column: str, value, damaged: list[str]) -> dict:
+    """A run's `column` ('config' or 'info') as recorded: a JSON object whose known keys have their types. What is
+    not is left out and named in `damaged` ('info.stages (a number, not an object)')."""
     if value is None or value == '':
         return {}
-    if isinstance(value, (dict, list)):
-        return value
-    try:
-        return json.loads(value)
-    except (TypeError, ValueError):
+    if isinstance(value, (bytes, str)):
+        try:
+            value = json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            damaged.append(f'{column} (not JSON)')
+            return {}
+    if not isinstance(value, dict):
+        damaged.append(f'{column} ({_type_name(value)}, not an object)')
         return {}
+    if _depth_exceeds(value):
+        damaged.append(f'{column} (nested deeper than {MAX_DEPTH} levels)')
+        return {}
+    out = dict(value)
+    for key, want in SHAPES[column].items():
+        if key not in out or out[key] is None:
+            continue
+        v = out[key]
+        item = ITEMS.get((column, key))
+        if not isinstance(v, want) or isinstance(v, bool) and want is int:
+            damaged.append(f'{column}.{key} ({_type_name(v)}, not {_type_name(want())})')
+            del out[key]
+        elif item is not None and not all(isinstance(x, item) for x in (v.values() if isinstance(v, dict) else v)):
+            damaged.append(f'{column}.{key} (holds items that are not {_type_name(item())})')
+            del out[key]
+    stages = out.get('stages') or {}
+    if not all(isinstance(x.get('end_step', 0), int) and not isinstance(x.get('end_step'), bool)
+               for x in stages.values()):
+        damaged.append(f'{column}.stages (an end_step that is not a whole number)')
+        del out['stages']
+    return out
+
+
+def record(run_id: str, status, start, stop, config, info, result, trace, host: dict, experiment,
+           heartbeat) -> RunRecord:
+    """A RunRecord from the values of one recorded row, each checked (what is damaged is named in .damaged)."""
+    damaged: list[str] = []
+    config, info = checked('config', config, damaged), checked('info', info, damaged)
+    if str(status) not in STATUSES:
+        damaged.append(f'status ({str(status)[:20]!r} is no Sacred status)')
+    if result is not None and (isinstance(result, bool) or not isinstance(result, (int, float))):
+        damaged.append(f'result ({_type_name(result)}, not a number)')
+        result = None
+    times = [_time(t) for t in (start, stop, heartbeat)]
+    for name, raw, t in zip(('start_time', 'stop_time', 'heartbeat'), (start, stop, heartbeat), times):
+        if raw is not None and t is None:
+            damaged.append(f'{name} (not a time)')
+    return RunRecord(run_id, str(status), times[0], times[1], config, info, result,
+                     trace if isinstance(trace, str) else None, host, str(experiment or ''), times[2], damaged)
 
 
 def _time(value) -> dt.datetime | None:
@@ -281,12 +435,16 @@ class SqlDb:
                                 'give the database file, e.g. sqlite:///runs/sacred.db')
             path = Path(u.database)
             if not path.is_file():
-                raise SpecError(self.where, f'no run database at {path.resolve()}',
+                raise SpecError(self.where, f'no run database at {redact(path.resolve(), url)}',
                                 'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
                                 'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
                                 'to the current folder)')
-            uri = f'file:{quote(str(path.resolve()))}?mode=ro'  # read-only: never creates or changes the file
-            self.engine = sa.create_engine('sqlite://', creator=lambda: sqlite3.connect(uri, uri=True, timeout=10))
+            with open(path, 'rb') as f:
+                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise SpecError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
+                                    'point --db at the sacred.db python -m runtime.run recorded into')
+            where = self.where
+            self.engine = sa.create_engine('sqlite://', creator=lambda: connect_readonly(path, where))
         elif backend == 'postgresql':
             try:
                 self.engine = sa.create_engine(engine_url(url), connect_args={'connect_timeout': 5})
@@ -350,9 +508,8 @@ class SqlDb:
         for row in self._rows(sql + ' ORDER BY r.id', params):
             m = row._mapping
             host = {k: m[k] for k in ('hostname', 'cpu', 'os_info', 'python_version') if k in m and m[k] is not None}
-            out.append(RunRecord(str(m['run_id']), str(m['status']), _time(m['start_time']), _time(m['stop_time']),
-                                 _json(m['config']), _json(m['info']), m['result'], m['fail_trace'], host,
-                                 m.get('experiment') or '', _time(m['heartbeat'])))
+            out.append(record(str(m['run_id']), m['status'], m['start_time'], m['stop_time'], m['config'],
+                              m['info'], m['result'], m['fail_trace'], host, m.get('experiment'), m['heartbeat']))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -443,15 +600,16 @@ class MongoDb:
             query['_id'] = self._key(run_id)
         out = []
         for d in self.db.runs.find(query, {'captured_out': 0}).sort('_id', 1):
-            host, trace, result = d.get('host') or {}, d.get('fail_trace'), d.get('result')
-            out.append(RunRecord(str(d['_id']), str(d.get('status', '')), _time(d.get('start_time')),
-                                 _time(d.get('stop_time')), d.get('config') or {}, d.get('info') or {},
-                                 result if isinstance(result, (int, float)) else None,
-                                 ''.join(trace) if isinstance(trace, list) else trace,
-                                 {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
-                                  'os_info': ' '.join(host.get('os') or []),
-                                  'python_version': host.get('python_version')},
-                                 (d.get('experiment') or {}).get('name', ''), _time(d.get('heartbeat'))))
+            host, trace = d.get('host') or {}, d.get('fail_trace')
+            host = host if isinstance(host, dict) else {}
+            out.append(record(str(d['_id']), d.get('status', ''), d.get('start_time'), d.get('stop_time'),
+                              d.get('config'), d.get('info'), d.get('result'),
+                              ''.join(map(str, trace)) if isinstance(trace, list) else trace,
+                              {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
+                               'os_info': ' '.join(map(str, host.get('os') or [])),
+                               'python_version': host.get('python_version')},
+                              (d.get('experiment') or {}).get('name', '') if isinstance(d.get('experiment'), dict)
+                              else '', d.get('heartbeat')))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -510,6 +668,6 @@ def get_run(db, run_id: str) -> RunRecord:
         known = f"known ids: {', '.join(ids[-20:])}" if ids else 'the database holds no runs yet'
         raise SpecError(f'run {run_id}', f'no run with this id in {db.name}',
                         f'pick an id from python -m store.runs list ({known}), or pass the --db it was recorded in')
-    return found[0]
+    return found[0].check()
 
 

@@ -97,6 +97,8 @@ def stage_end_metrics(db, run: RunRecord) -> dict[str, dict[str, float]]:
 def status_text(run: RunRecord) -> str:
     """The status, with RUNNING flagged when the run's heartbeat stopped: its process died without a word (kill -9,
     power loss), and `python -m runtime.run ... --resume ID` continues it."""
+    if run.damaged:  # listed, so it can be found; commands that read the whole run refuse it (RunRecord.check)
+        return f"{run.status[:20]} (damaged: {', '.join(d.split(' (')[0] for d in run.damaged)})"
     silent = run.silent_for()
     if silent is not None and silent > STALE_AFTER:
         return f'RUNNING (stale: no heartbeat for {span(silent)})'

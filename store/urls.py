@@ -100,8 +100,13 @@ def _values(url: str) -> list[str]:
 
 def url_secrets(url: str) -> list[str]:
     """The secrets of `url` in every form a message may quote them (raw, %-decoded, %-encoded), longest first."""
+    values = _values(url)
+    values += [unquote_plus(v) for v in values]
+    # a password with an '@', '/', '?' or '#' is cut there by URL parsers, whose messages then quote the pieces (as
+    # a host name, a database): those pieces are secrets too (short ones would mask ordinary words)
+    values += [piece for v in values for piece in re.split(r'[@/?#:]', v) if len(piece) >= 4]
     forms = set()
-    for v in _values(url):
+    for v in values:
         forms |= {v, unquote(v), unquote_plus(v), quote(v, safe=''), quote_plus(v, safe=''), quote(unquote(v), safe='')}
     return sorted(forms - {''}, key=len, reverse=True)
 

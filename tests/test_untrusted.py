@@ -1,0 +1,319 @@
+"""What memspec reads or is given is not trusted: secrets in run database URLs of any shape appear in no output, file
+or row (store/urls.py); a SQLite file that belongs to another program is refused before a byte of it changes; a run
+database on a read-only mount is still read; damaged run rows are named, not crashed on (store/database.py)."""
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, in_process, rt_argv, rt_main, rt_run_ids
+
+from compiler.errors import SpecError
+
+SECRET = 'Zq7-s3cr3t-XK9'
+
+# (URL, the secrets it carries): every shape a URL can hide a secret in
+URLS = [
+    (f'postgresql://adv:{SECRET}@localhost/runs', [SECRET]),
+    (f'postgresql://adv@localhost/runs?password={SECRET}', [SECRET]),
+    (f'postgresql://adv@localhost/runs?sslmode=require&PASSWORD={SECRET}', [SECRET]),
+    (f'postgresql://adv@localhost/runs?pass%77ord={SECRET}', [SECRET]),
+    (f'postgresql://adv@localhost/runs?passwd={SECRET}&pwd={SECRET}x', [SECRET]),
+    (f'postgresql://adv@localhost/runs?sslpassword={SECRET}', [SECRET]),
+    (f'postgresql://h/runs?api_key={SECRET};token={SECRET}2', [SECRET]),
+    (f'postgresql://h/runs?Secret={SECRET}&access_key=k{SECRET}', [SECRET]),
+    (f'postgresql://h/runs?options=-c%20password%3D{SECRET}', [SECRET]),
+    (f'postgresql://adv:p@ss/w?rd{SECRET}@localhost:5432/runs', [f'p@ss/w?rd{SECRET}', f'rd{SECRET}']),
+    (f'postgresql://adv:{SECRET}%40x@localhost/runs', [SECRET]),
+    (f'postgresql://adv:{SECRET}@localhost:notaport/runs', [SECRET]),
+    (f'sqlite:///runs/sacred.db#{SECRET}', [SECRET]),
+    (f'sqlite:///runs/sacred.db?token={SECRET}', [SECRET]),
+    (f'mongodb://adv:{SECRET}@h1,h2/?authSource=admin', [SECRET]),
+    (f'host=localhost dbname=runs user=adv password={SECRET}', [SECRET]),
+    (f"host=localhost password='{SECRET} with blanks' dbname=runs", [f'{SECRET} with blanks']),
+    (f'dbname=runs PassWord = {SECRET}', [SECRET]),
+]
+
+
+@pytest.mark.parametrize('url,secrets', URLS)
+def test_every_shape_of_url_is_shown_without_its_secret(url, secrets):
+    from store.database import display_url, first_line, redact
+    shown = display_url(url)
+    assert '***' in shown and not any(s in shown for s in secrets), shown
+    # a driver's message may quote the URL, or the secret raw, %-decoded or %-encoded: all go
+    from urllib.parse import quote, unquote
+    text = f'FATAL: {url} failed; ' + ' '.join(f'{s} {quote(s, safe="")} {unquote(s)}' for s in secrets)
+    assert not any(s in redact(text, url) for s in secrets), redact(text, url)
+    assert SECRET not in first_line(RuntimeError(text), url)
+
+
+def test_urls_without_secrets_are_shown_as_given():
+    from store.database import display_url
+    for url in ('sqlite:///runs/sacred.db', 'postgresql://adv@localhost:5432/runs?sslmode=require',
+                'mongodb://h1,h2/?replicaSet=rs0', 'runs/sacred.db'):
+        assert display_url(url) == url
+
+
+@pytest.mark.parametrize('url,secrets', [u for u in URLS if not u[0].startswith('sqlite')])
+def test_every_reader_and_writer_refuses_such_a_url_without_echoing_it(url, secrets, capsys):
+    from runtime import record
+    from store import analyze, export, runs
+    try:
+        record.check_lasting(url)
+        record.observer(url)
+    except SpecError as e:
+        assert not any(s in str(e) for s in secrets), str(e)
+    for main, argv in ((runs.main, ['list', '--db', url]), (runs.main, ['show', '0', '--db', url]),
+                       (analyze.main, ['info', '0', '--db', url]), (export.main, ['0', '/nonexistent/x', '--db', url])):
+        code, out, err = in_process(main, argv, capsys)
+        assert code == 2 and 'Traceback' not in err, err
+        assert not any(s in out + err for s in secrets), out + err
+
+
+def copy_db(src, dst) -> None:
+    """A consistent copy of a run database (the test session may still hold it open, with rows in its -wal), in
+    WAL mode as memspec leaves its databases, closed."""
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    a.backup(b)
+    b.execute('PRAGMA journal_mode=WAL')
+    a.close()
+    b.close()
+
+
+def _texts(folder) -> dict:
+    """Every file under `folder` (bytes), by path."""
+    return {p: p.read_bytes() for p in folder.rglob('*') if p.is_file()}
+
+
+def test_a_run_recorded_through_a_url_with_secrets_leaks_them_nowhere(tmp_path, rt_cache, capsys):
+    """A whole run, store.runs and store.export through `sqlite:///...?password=...&api_key=...` (SQLite ignores
+    the parameters, so the run succeeds): stdout, stderr, every file of the out_dir and the export, every cell of
+    every table of the database."""
+    from store import export, runs
+    out = tmp_path / 'runs'
+    db = out / 'sacred.db'
+    url = f'sqlite:///{db}?password={SECRET}&api_key=k{SECRET}'
+    argv = rt_argv('specs/autoencoder.gin', out, rt_cache, ['Data.vocab_size=300', 'D_MODEL=16', 'N_HEADS=2',
+                                                            'autoencode/Stage.steps=1', 'Run.eval_batches=1',
+                                                            "Run.memory_store='none'"], ['--db', url])
+    assert rt_main(argv) == 0
+    shown = capsys.readouterr()
+    (run_id,) = rt_run_ids(out)
+    streams = shown.out + shown.err
+    for main, args in ((runs.main, ['list', '--db', url]), (runs.main, ['show', run_id, '--db', url]),
+                       (runs.main, ['show', run_id, '--json', '--db', url]),
+                       (export.main, [run_id, str(tmp_path / 'export'), '--db', url]),
+                       (export.main, [run_id, str(tmp_path / 'export'), '--db', url])):  # refused: OUT exists
+        code, o, e = in_process(main, args, capsys)
+        assert code in (0, 2) and 'Traceback' not in e, e
+        streams += o + e
+    assert 'password=***' in streams and SECRET not in streams
+    files = {**_texts(out), **_texts(tmp_path / 'export')}
+    assert (tmp_path / 'export' / 'config.json') in files and any(p.name == 'run.json' for p in files)
+    leaks = [str(p) for p, b in files.items() if SECRET.encode() in b and p != db]
+    assert not leaks, leaks
+    con = sqlite3.connect(db)
+    try:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for row in con.execute(f'SELECT * FROM "{table}"').fetchall():
+                assert not any(SECRET.encode() in (c if isinstance(c, bytes) else str(c).encode()) for c in row), \
+                    (table, row)
+    finally:
+        con.close()
+    cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    assert cfg['run']['database'] == f'sqlite:///{db}?password=***&api_key=***'
+
+
+# ------------------------------------------------------------------------------------------------ foreign databases
+
+def _foreign_files(tmp_path) -> dict:
+    """Files that are no run database: another program's SQLite (rollback journal), one that adds a table of its
+    own to Sacred's, and files that are not SQLite at all."""
+    other = tmp_path / 'app.db'
+    con = sqlite3.connect(other)
+    con.execute('CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)')
+    con.execute("INSERT INTO users (name) VALUES ('ada')")
+    con.commit()
+    con.close()
+    mixed = tmp_path / 'mixed.db'
+    con = sqlite3.connect(mixed)
+    con.execute('CREATE TABLE run (id INTEGER)')
+    con.execute('CREATE TABLE invoices (id INTEGER)')
+    con.commit()
+    con.close()
+    text = tmp_path / 'notes.db'
+    text.write_text('my notes\n' * 100)
+    binary = tmp_path / 'blob.db'
+    binary.write_bytes(bytes(range(256)) * 8)
+    return {'another program': other, 'a foreign table': mixed, 'text': text, 'binary': binary}
+
+
+def test_a_database_of_another_program_is_refused_before_a_byte_changes(tmp_path, rt_cache, capsys):
+    from runtime import record
+    from store.database import record_evaluations
+    files = _foreign_files(tmp_path)
+    for what, path in files.items():
+        before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file())
+        url = f'sqlite:///{path}'
+        with pytest.raises(SpecError) as e:
+            record.observer(url)
+        msg = str(e.value)
+        assert ('belongs to another program' in msg or 'is not a SQLite database' in msg) and \
+            'nothing was written' in msg, (what, msg)
+        with pytest.raises(SpecError):
+            record_evaluations(url, '0', [])
+        out = tmp_path / f'runs-{path.stem}'
+        assert rt_main(rt_argv('specs/autoencoder.gin', out, rt_cache, ['Data.vocab_size=300', 'D_MODEL=16',
+                                                                       'N_HEADS=2', 'autoencode/Stage.steps=1'],
+                               ['--db', url])) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and 'Traceback' not in err, err
+        after = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file())
+        assert after == before, what  # same bytes, and no -wal / -shm / -journal beside it
+        assert not out.exists()
+
+
+def test_an_empty_file_and_a_run_database_are_accepted(tmp_path):
+    from store.database import check_own_database
+    empty = tmp_path / 'empty.db'
+    empty.touch()
+    check_own_database(f'sqlite:///{empty}')
+    check_own_database(f'sqlite:///{tmp_path / "new.db"}')
+    ours = tmp_path / 'ours.db'
+    con = sqlite3.connect(ours)
+    for t in ('run', 'host', 'experiment', 'memspec_metrics', 'memspec_anything_new'):
+        con.execute(f'CREATE TABLE {t} (id INTEGER)')
+    con.execute('CREATE TABLE t_autoinc (id INTEGER PRIMARY KEY AUTOINCREMENT)')  # creates sqlite_sequence
+    con.execute('DROP TABLE t_autoinc')
+    con.commit()
+    con.close()
+    check_own_database(f'sqlite:///{ours}')
+
+
+# ------------------------------------------------------------------------------------------------ read-only mounts
+
+READ_ONLY_LIST = """
+import sys
+from store import runs
+try:
+    runs.main(['list', '--db', 'sqlite:///' + sys.argv[1]])
+except SystemExit as e:
+    sys.exit(e.code)
+"""
+
+
+def _read_only(folder) -> list[str] | None:
+    """A command prefix that runs its command with `folder` read-only: a private read-only bind mount for root
+    (whom permissions do not stop), else the folder's permissions. None where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if shutil.which('unshare') is None:
+        return None
+    probe = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount --bind {folder} {folder} && mount -o remount,ro,bind '
+                            f'{folder} {folder} && ! touch {folder}/.probe'], capture_output=True, timeout=600)
+    if probe.returncode != 0:
+        return None
+    return ['unshare', '-m', 'sh', '-c', f'mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} '
+            f'{folder} && exec "$@"', 'sh']
+
+
+def test_a_wal_database_on_a_read_only_mount_is_listed(flagship_run, tmp_path):
+    folder = tmp_path / 'ro'
+    folder.mkdir()
+    copy_db(flagship_run.db, folder / 'sacred.db')  # in WAL mode, closed cleanly: no -wal file beside it
+    with open(folder / 'sacred.db', 'rb') as f:  # header bytes 18-19: 2 = WAL
+        assert f.read(20)[18:20] == b'\x02\x02'
+    assert sorted(x.name for x in folder.iterdir()) == ['sacred.db']
+    prefix = _read_only(folder)
+    if prefix is None:
+        pytest.skip('no way to make a read-only folder here (root without unshare)')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        p = subprocess.run([*prefix, sys.executable, '-c', READ_ONLY_LIST, str(folder / 'sacred.db')], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        folder.chmod(0o755)
+    assert p.returncode == 0, p.stderr
+    assert f'{flagship_run.run_id} ' in p.stdout and 'COMPLETED' in p.stdout, p.stdout
+    assert sorted(x.name for x in folder.iterdir()) == ['sacred.db']
+
+
+def test_a_read_only_wal_database_with_pending_changes_says_so(tmp_path, monkeypatch):
+    """A -wal file that holds changes cannot be read without writing beside it: the message says which files to
+    copy, not that the file is no SQLite database."""
+    from store import database
+    db = tmp_path / 'sacred.db'
+    db.write_bytes(b'')
+    (tmp_path / 'sacred.db-wal').write_bytes(b'x' * 100)
+    real = sqlite3.connect
+
+    def cannot_open(name, *a, **k):
+        if 'mode=ro' in str(name):
+            raise sqlite3.OperationalError('unable to open database file')
+        return real(name, *a, **k)
+    monkeypatch.setattr(database.sqlite3, 'connect', cannot_open)
+    with pytest.raises(SpecError) as e:
+        database.connect_readonly(db, '--db x')
+    assert 'its folder is read-only and sacred.db-wal holds changes' in e.value.what
+    assert 'copy sacred.db, sacred.db-wal and sacred.db-shm together' in e.value.fix
+
+
+# ------------------------------------------------------------------------------------------------ damaged rows
+
+DAMAGE = {
+    'info not JSON': ("UPDATE run SET info = '{not json' WHERE run_id = ?", 'info (not JSON)'),
+    'info a list': ("UPDATE run SET info = '[1, 2]' WHERE run_id = ?", 'info (a list, not an object)'),
+    'info.stages a number': ("""UPDATE run SET info = json_set(info, '$.stages', 5) WHERE run_id = ?""",
+                             'info.stages (a number, not an object)'),
+    'info.stages end_step text': ("""UPDATE run SET info = json_set(info, '$.stages.copy.end_step', 'x')
+                                     WHERE run_id = ?""", 'info.stages (an end_step that is not a whole number)'),
+    'info.run_dir a number': ("UPDATE run SET info = json_set(info, '$.run_dir', 7) WHERE run_id = ?",
+                              'info.run_dir (a number, not a string)'),
+    'config not JSON': ("UPDATE run SET config = 'x' WHERE run_id = ?", 'config (not JSON)'),
+    'config.bindings a string': ("UPDATE run SET config = json_set(config, '$.bindings', 'a=1') WHERE run_id = ?",
+                                 'config.bindings (a string, not a list)'),
+    'config.bindings numbers': ("UPDATE run SET config = json_set(config, '$.bindings', json('[1, 2]')) "
+                                'WHERE run_id = ?', 'config.bindings (holds items that are not a string)'),
+    'config.plan a list': ("UPDATE run SET config = json_set(config, '$.plan', json('[]')) WHERE run_id = ?",
+                           'config.plan (a list, not an object)'),
+    'config deeply nested': ("UPDATE run SET config = ? WHERE run_id = ?", 'config (not JSON)'),
+    'config nested deeper than the limit': ("UPDATE run SET config = ? WHERE run_id = ?",
+                                            'config (nested deeper than 64 levels)'),
+    'result text': ("UPDATE run SET result = 'abc' WHERE run_id = ?", 'result (a string, not a number)'),
+    'start_time garbage': ("UPDATE run SET start_time = 'yesterday' WHERE run_id = ?", 'start_time (not a time)'),
+    'status unknown': ("UPDATE run SET status = 'EXPLODED' WHERE run_id = ?", "status ('EXPLODED' is no Sacred "
+                                                                            'status)'),
+}
+
+
+@pytest.mark.parametrize('damage', list(DAMAGE))
+def test_a_damaged_run_row_is_named_not_crashed_on(damage, flagship_run, tmp_path, capsys):
+    from store import analyze, export, runs
+    db = tmp_path / 'sacred.db'
+    copy_db(flagship_run.db, db)
+    sql, named = DAMAGE[damage]
+    args = (flagship_run.run_id,)
+    if damage == 'config deeply nested':
+        args = ('[' * 100000 + ']' * 100000, flagship_run.run_id)  # json.loads: RecursionError
+    elif damage == 'config nested deeper than the limit':
+        args = ('{"plan": ' + '[' * 200 + ']' * 200 + '}', flagship_run.run_id)
+    con = sqlite3.connect(db)
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+    url = f'sqlite:///{db}'
+    code, out, err = in_process(runs.main, ['list', '--db', url], capsys)
+    assert code == 0 and 'damaged: ' + named.split(' (')[0] in out, out + err
+    for main, argv in ((runs.main, ['show', flagship_run.run_id, '--db', url]),
+                       (runs.main, ['metrics', flagship_run.run_id, '--db', url]),
+                       (export.main, [flagship_run.run_id, str(tmp_path / 'x'), '--db', url]),
+                       (analyze.main, ['info', flagship_run.run_id, '--db', url])):
+        code, out, err = in_process(main, argv, capsys)
+        assert 'Traceback' not in err and code in (0, 2), (argv, err)
+        if main is not analyze.main:  # analyze reads the memory store (none here) before the run
+            assert code == 2 and f'run {flagship_run.run_id}: its record is damaged: {named}' in err, (argv, err)
+    assert not (tmp_path / 'x').exists()
