@@ -317,3 +317,58 @@ def test_a_damaged_run_row_is_named_not_crashed_on(damage, flagship_run, tmp_pat
         if main is not analyze.main:  # analyze reads the memory store (none here) before the run
             assert code == 2 and f'run {flagship_run.run_id}: its record is damaged: {named}' in err, (argv, err)
     assert not (tmp_path / 'x').exists()
+
+
+# ------------------------------------------------------------------------------------------------ spec files
+
+LEAK = 'hunter2Xyzzy'
+# statements an included file (a credentials file named by mistake) may hold, each an error of another kind
+INCLUDED = [f'import {LEAK}', f'x/y.z = @{LEAK}', f'Memory.{LEAK} = 1', f'{LEAK}.x = 1', f'Memory.chunks = %{LEAK}',
+            f"include '{LEAK}'", f"include 'sub/{LEAK}.gin'", f'password = {LEAK}', f'{LEAK}', f'a = [{LEAK}',
+            f'token = "{LEAK}" extra', f'Stage.objectives = [@{LEAK}/Objective()]', f'key: {LEAK}',
+            f"Run.name = '{LEAK}", f'{{{LEAK}}}']
+
+
+@pytest.mark.parametrize('text', INCLUDED)
+@pytest.mark.parametrize('depth', ['included', 'nested', 'with -b'])
+def test_an_included_file_is_never_echoed(text, depth, tmp_path):
+    from compiler.spec import load
+    (tmp_path / 'creds.txt').write_text(f'# a comment\n{text}\n')
+    (tmp_path / 'middle.gin').write_text("include 'creds.txt'\n")
+    top = tmp_path / 'top.gin'
+    top.write_text("include 'memory_clm.gin'\n" + ("include 'middle.gin'\n" if depth == 'nested' else
+                                                    "include 'creds.txt'\n"))
+    with pytest.raises(SpecError) as e:
+        load([str(top)], ['Memory.chunks = 2'] if depth == 'with -b' else [])
+    assert LEAK.lower() not in str(e.value).lower(), str(e.value)
+    assert e.value.where.endswith('creds.txt:2'), e.value.where
+
+
+def test_the_users_own_spec_and_bindings_are_still_quoted(tmp_path):
+    from compiler.spec import load
+    spec = tmp_path / 'mine.gin'
+    spec.write_text("include 'memory_clm.gin'\nMemroy.chunks = 2\n")
+    with pytest.raises(SpecError) as e:
+        load([str(spec)])
+    assert "unknown configurable 'Memroy'" in e.value.what and "did you mean 'Memory'?" in e.value.fix
+    with pytest.raises(SpecError) as e:
+        load(['specs/memory_clm.gin'], ['Memory.chunkz = 2'])
+    assert "has no parameter 'chunkz'" in e.value.what and "did you mean 'chunks'?" in e.value.fix
+
+
+@pytest.mark.parametrize('binding,what,fix', [
+    ("clm/Objective.kind = 'blank_cpy'", "Objective.kind = 'blank_cpy' is not one of",
+     "did you mean 'blank_copy'? bind Objective.kind to one of 'clm', "),
+    ("Plan.family = 'memry'", "Plan.family = 'memry' is not one of", "did you mean 'memory'? "),
+    ("Memory.position = 'secnd_last'", "Memory.position = 'secnd_last' is not one of", "did you mean 'second_last'? "),
+    ("clm/Stage.freeze = ['decodr']", "freezes 'decodr', which the 'memory' graph does not have",
+     "did you mean 'decoder'? freeze one of: "),
+    ("clm/Stage.init_from = {'encodr': 'run:0/x'}", "initialises 'encodr'", "did you mean 'encoder'? use one of: "),
+    ("clm/Stage.freeze = [1, 2]", 'is not a list of strings', 'bind Stage.freeze to a list of strings'),
+])
+def test_wrong_choices_say_what_was_meant(binding, what, fix):
+    from compiler.spec import load
+    with pytest.raises(SpecError) as e:
+        load(['specs/memory_clm.gin'], [binding])
+    assert what in e.value.what and fix in e.value.fix, (e.value.what, e.value.fix)
+    assert 'a list of a ' not in e.value.what + e.value.fix
