@@ -372,3 +372,66 @@ def test_wrong_choices_say_what_was_meant(binding, what, fix):
         load(['specs/memory_clm.gin'], [binding])
     assert what in e.value.what and fix in e.value.fix, (e.value.what, e.value.fix)
     assert 'a list of a ' not in e.value.what + e.value.fix
+
+
+# ------------------------------------------------------------------------------------------------ memory stores
+
+GARBLED = {  # attribute -> a value the format never writes, and what the message says
+    'rows': ('many', 'group attribute rows = '),
+    'complete': ('yes', "group attribute complete = 'yes' is not true or false"),
+    'chunks': (-3, 'group attribute chunks = -3 is negative'),
+    'chunk_len': (99, 'group attribute chunk_len = 99 does not match the data'),
+    'memory_dim': (7, 'group attribute memory_dim = 7 does not match the data'),
+    'dtype': ('bfloat16', "group attribute dtype = 'bfloat16' does not match the data (the arrays hold float32 "
+                          'values)'),
+    'storage_dtype': ('uint16', "group attribute storage_dtype = 'uint16' does not match the data"),
+    'dtype ': ('float64', "group attribute dtype = 'float64' is not one of float32, bfloat16"),
+    'checkpoint_path': (['a', 'b'], 'group attribute checkpoint_path = '),
+    'tokenizer_path': ({'x': 1}, 'group attribute tokenizer_path = '),
+    'run_key': (5, 'group attribute run_key = 5 is not text'),
+    'bytes_per_token': (-1.0, 'bytes_per_token = -1.0 is not a positive number'),
+    'stage': ('other', "does not name this group's stage"),
+    'version': ('3', 'written by an incompatible version'),
+}
+
+
+@pytest.mark.parametrize('attr', list(GARBLED))
+def test_garbled_group_attributes_are_one_message(attr, stored_run, tmp_path, capsys):
+    from store import analyze
+    from store import memories as M
+    store = tmp_path / 'memories.zarr'
+    shutil.copytree(stored_run.store, store)
+    value, said = GARBLED[attr]
+    # autoencode holds the arrays; the frozen-encoder stages after it refer to them (shared memories)
+    assert M.open_group(stored_run.store, stored_run.name, 'copy').stored_in == 'autoencode'
+    meta_file = store / stored_run.name / 'autoencode' / 'zarr.json'
+    meta = json.loads(meta_file.read_text())
+    meta['attributes'][attr.strip()] = value
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SpecError) as e:
+        M.open_group(store, stored_run.name, 'autoencode')
+    assert said in e.value.what and 'autoencode' in e.value.where, e.value.what
+    for argv in (['info', stored_run.run_id, '--store', store, '--stage', 'autoencode'],
+                 ['decode', stored_run.run_id, '--store', store, '--stage', 'copy', '-n', '1']):
+        code, out, err = in_process(analyze.main, argv, capsys)
+        assert code == 2 and said in err and 'Traceback' not in err, (argv, code, err)
+    listed = {e['stage']: e for e in M.listing(store)}
+    assert listed['autoencode'].get('damaged'), listed['autoencode']
+    assert 'damaged' not in listed['copy']
+
+
+def test_attributes_that_are_not_json_objects_are_one_message(stored_run, tmp_path, capsys):
+    from store import analyze
+    store = tmp_path / 'memories.zarr'
+    shutil.copytree(stored_run.store, store)
+    meta_file = store / stored_run.name / 'copy' / 'zarr.json'
+    meta = json.loads(meta_file.read_text())
+    for garbage in ([1, 2], 'text', None):
+        meta['attributes'] = garbage
+        meta_file.write_text(json.dumps(meta))
+        code, out, err = in_process(analyze.main, ['info', stored_run.run_id, '--store', store, '--stage', 'copy'],
+                                    capsys)
+        assert code == 2 and 'copy' in err and 'Traceback' not in err, (garbage, err)
+    meta_file.write_text('{"attributes": ')
+    code, out, err = in_process(analyze.main, ['info', stored_run.run_id, '--store', store], capsys)
+    assert code == 2 and 'Traceback' not in err, err
