@@ -7,13 +7,14 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import uuid
 
 import pytest
 from conftest import ROOT, in_process, rt_argv, rt_main, rt_run_ids
 
 from compiler.errors import SpecError
 
-SECRET = 'Zq7-s3cr3t-XK9'
+SECRET = f'Zq7-{uuid.uuid4().hex[:10]}-XK9'  # made at run time: no source file or diff holds it
 
 # (URL, the secrets it carries): every shape a URL can hide a secret in
 URLS = [
@@ -435,3 +436,70 @@ def test_attributes_that_are_not_json_objects_are_one_message(stored_run, tmp_pa
     meta_file.write_text('{"attributes": ')
     code, out, err = in_process(analyze.main, ['info', stored_run.run_id, '--store', store], capsys)
     assert code == 2 and 'Traceback' not in err, err
+
+
+PIECE = uuid.uuid4().hex[:10]
+PG_SECRET = f'Zq7@{PIECE}/XK9'  # '@' and '/' must be %-encoded in a URL: the masker sees them both ways
+
+
+@pytest.mark.parametrize('shape', ['userinfo', 'query'])
+def test_a_postgresql_run_with_a_password_in_the_url_leaks_it_nowhere(shape, pg_url, tmp_path, rt_cache, capsys):
+    """A real PostgreSQL role with a password, given in the userinfo or as ?password=: a run, a refused run with a
+    wrong password, store.runs and store.export; no stream, file or row holds the password, raw or %-encoded."""
+    from urllib.parse import quote
+
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from store import export, runs
+    role = f'memspec_pw_{uuid.uuid4().hex[:8]}'
+    admin = make_url(pg_url)
+    con = psycopg2.connect(admin.render_as_string(hide_password=False).replace('postgresql+psycopg2', 'postgresql'))
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", (PG_SECRET,))
+        cur.execute(f'ALTER DATABASE {admin.database} OWNER TO {role}')
+        cur.execute(f'GRANT ALL ON SCHEMA public TO {role}')
+    try:
+        host = f'{admin.host or "127.0.0.1"}:{admin.port or 5432}/{admin.database}'
+        enc = quote(PG_SECRET, safe='')
+
+        def url(pw):
+            return f'postgresql://{role}:{pw}@{host}' if shape == 'userinfo' else \
+                f'postgresql://{role}@{host}?sslmode=prefer&password={pw}'
+        out = tmp_path / 'runs'
+        bindings = ['Data.vocab_size=300', 'D_MODEL=16', 'N_HEADS=2', 'autoencode/Stage.steps=1',
+                    'Run.eval_batches=1', "Run.memory_store='none'"]
+        assert rt_main(rt_argv('specs/autoencoder.gin', out, rt_cache, bindings, ['--db', url(enc)])) == 0
+        streams = ''.join(capsys.readouterr())
+        assert rt_main(rt_argv('specs/autoencoder.gin', tmp_path / 'wrong', rt_cache, bindings,
+                               ['--db', url(quote('wrong-' + PG_SECRET, safe=''))])) == 2
+        streams += ''.join(capsys.readouterr())
+        (run_id,) = rt_run_ids(out)
+        for main, args in ((runs.main, ['list', '--db', url(enc)]), (runs.main, ['show', run_id, '--db', url(enc)]),
+                           (export.main, [run_id, str(tmp_path / 'export'), '--db', url(enc)])):
+            code, o, e = in_process(main, args, capsys)
+            assert code == 0, e
+            streams += o + e
+        forms = {PG_SECRET, enc, PIECE}
+        assert not any(f in streams for f in forms), streams[-3000:]
+        files = {**_texts(out), **_texts(tmp_path / 'export')}
+        leaks = [str(p) for p, b in files.items() if any(f.encode() in b for f in forms)]
+        assert not leaks, leaks
+        with con.cursor() as cur:
+            cur.execute(f'SET ROLE {role}')
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            for (table,) in cur.fetchall():
+                cur.execute(f'SELECT * FROM "{table}"')
+                for row in cur.fetchall():
+                    text = ' '.join(bytes(c).decode('latin-1') if isinstance(c, memoryview) else str(c) for c in row)
+                    assert not any(f in text for f in forms), (table, text[:300])
+            cur.execute('RESET ROLE')
+    finally:
+        with con.cursor() as cur:
+            cur.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s', (role,))
+            cur.execute(f'ALTER DATABASE {admin.database} OWNER TO {admin.username}')
+            cur.execute(f'REASSIGN OWNED BY {role} TO {admin.username}')
+            cur.execute(f'DROP OWNED BY {role}')
+            cur.execute(f'DROP ROLE {role}')
+        con.close()
