@@ -83,8 +83,8 @@ def hparam_values(config: dict) -> dict:
         if config.get(key) is not None:
             out[key] = config[key]
     sweep = config.get('sweep') or {}
-    for key, value in (sweep.get('grid') or {}).items():
-        out[f'grid.{key}'] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
+    for key, value in (sweep.get('grid') or {}).items():  # recorded with ':' for '.' (runtime.sweep.stored)
+        out[f"grid.{key.replace(':', '.')}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
     if sweep.get('name'):
         out['sweep'] = str(sweep['name'])
     return out
