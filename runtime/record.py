@@ -31,7 +31,8 @@ from threading import Lock, RLock
 import sqlalchemy as sa
 
 from compiler.errors import SpecError
-from store.database import METRICS, check_own_database, display_url, first_line, make_engine
+from store.database import METRICS, display_url, first_line, make_engine
+from store.sqlite_files import check_own_database
 
 
 def import_sacred():
@@ -236,7 +237,7 @@ def observer(url: str):
 
 def check_lasting(url: str) -> None:
     """Refuse a run database that ends with the process (in-memory SQLite): the run could never be resumed or
-    queried; and a SQLite file that belongs to another program (store.database.check_own_database), before anything
+    queried; and a SQLite file that belongs to another program (store.sqlite_files.check_own_database), before anything
     is written."""
     if not url.startswith('sqlite'):
         return

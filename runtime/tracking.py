@@ -78,13 +78,18 @@ def hparam_values(config: dict) -> dict:
     and a sweep member's grid point."""
     out: dict = {}
     for key, value in flatten(config.get('plan') or {}).items():
-        out[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
+        out[key] = _scalar(value)
     for key in ('seed', 'spec_hash'):
         if config.get(key) is not None:
             out[key] = config[key]
     sweep = config.get('sweep') or {}
     for key, value in (sweep.get('grid') or {}).items():  # recorded with ':' for '.' (runtime.sweep.stored)
-        out[f"grid.{key.replace(':', '.')}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
+        out[f"grid.{key.replace(':', '.')}"] = _scalar(value)
     if sweep.get('name'):
         out['sweep'] = str(sweep['name'])
     return out
+
+
+def _scalar(value):
+    """What HParams can hold: a number, text or true/false; lists, dicts and None as JSON text."""
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)

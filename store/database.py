@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
-import sqlite3
 from pathlib import Path
-from urllib.parse import quote
 
 import sqlalchemy as sa
 
 from compiler.errors import SpecError
 from store.layout import is_run_key, run_name
+from store.record_checks import STATUSES, checked, type_name
+from store.sqlite_files import SQLITE_HEADER, check_own_database, connect_readonly
 from store.urls import display_url, redact  # noqa: F401  (display_url: the name every module imports)
 
 DEFAULT_DB = 'sqlite:///runs/sacred.db'
 # A RUNNING run whose last heartbeat is older than this is presumably dead: Sacred beats every 10 s, so this is six
 # missed beats (a busy SQLite file or a loaded machine delays one by seconds, not by a minute).
 STALE_AFTER = dt.timedelta(seconds=60)
-STATUSES = ('COMPLETED', 'FAILED', 'INTERRUPTED', 'RUNNING', 'TIMEOUT', 'QUEUED')
 
 METRICS = sa.Table(
     'memspec_metrics', sa.MetaData(),
@@ -116,73 +114,6 @@ def make_engine(url: str) -> sa.Engine:
         cur.close()
 
     return engine
-
-
-SQLITE_HEADER = b'SQLite format 3\x00'
-# Sacred's SqlObserver tables (sacred.observers.sql_bases); memspec's own are memspec_*
-SACRED_TABLES = frozenset({'artifact', 'dependency', 'experiment', 'experiments_dependencies',
-                           'experiments_repositories', 'experiments_sources', 'host', 'repository', 'resource', 'run',
-                           'runs_resources', 'source'})
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file of a sqlite:/// URL; None for other databases, in-memory SQLite and unparsable URLs."""
-    if not url.startswith('sqlite'):
-        return None
-    try:
-        db = sa.engine.make_url(url).database
-    except (sa.exc.ArgumentError, ValueError):
-        return None
-    return None if not db or db == ':memory:' or db.startswith('file:') else Path(db)
-
-
-def connect_readonly(path: Path, where: str) -> sqlite3.Connection:
-    """A read-only connection that never creates or changes anything. A WAL database in a read-only folder cannot
-    be opened with mode=ro (SQLite wants to create its -shm file); when no -wal file holds changes, the main file is
-    the whole database and is read as immutable."""
-    uri = f'file:{quote(str(path.resolve()))}'
-    try:
-        con = sqlite3.connect(f'{uri}?mode=ro', uri=True, timeout=10)
-        con.execute('SELECT COUNT(*) FROM sqlite_master').fetchall()
-        return con
-    except sqlite3.OperationalError as e:
-        if 'unable to open' not in str(e) and 'readonly' not in str(e):
-            raise
-        wal = path.with_name(path.name + '-wal')
-        if wal.is_file() and wal.stat().st_size > 0:
-            raise SpecError(where, f'{path} cannot be read here: its folder is read-only and {wal.name} holds changes '
-                            'not yet in the main file (SQLite needs to write beside it to read them)',
-                            f'copy {path.name}, {wal.name} and {path.name}-shm together to a writable folder and '
-                            'point --db there') from None
-        return sqlite3.connect(f'{uri}?immutable=1', uri=True, timeout=10)
-
-
-def check_own_database(url: str) -> None:
-    """Refuse, before anything is written to it, an existing SQLite file that is not a run database: memspec would
-    add its tables to another program's database and switch it to WAL. A file is a run database when it is empty
-    or SQLite holding only Sacred's and memspec's tables."""
-    path = sqlite_file(url)
-    if path is None or not path.is_file() or path.stat().st_size == 0:
-        return
-    where = f'--db {display_url(url)}'
-    with open(path, 'rb') as f:
-        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise SpecError(where, f'{path} is not a SQLite database (nothing was written to it)',
-                            'point --db at a run database, or at a file that does not exist yet')
-    try:
-        con = connect_readonly(path, where)
-        try:
-            tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as e:
-        raise SpecError(where, f'cannot read {path}: {e} (nothing was written to it)',
-                        'point --db at a run database, or at a file that does not exist yet') from None
-    foreign = sorted(t for t in tables if t not in SACRED_TABLES and not t.startswith(('memspec_', 'sqlite_')))
-    if foreign:
-        shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
-        raise SpecError(where, f'{path} belongs to another program: it holds tables no run database has ({shown}); '
-                        'nothing was written to it', 'record runs in their own file, e.g. --db sqlite:///runs/sacred.db')
 
 
 def default_url(out_dir: str) -> str:
@@ -297,74 +228,6 @@ class RunRecord:
         return list(self.config.get('spec_files') or [])
 
 
-# What the readers use of a run's recorded config and info, and the type each must have: a row changed outside
-# memspec (or by another program) is checked like a spec before anything reads it (RunRecord.damaged).
-SHAPES = {
-    'config': {'plan': dict, 'operative_gin': str, 'spec_hash': str, 'spec_files': list, 'spec_sources': list,
-               'bindings': list, 'warnings': list, 'provenance': dict, 'sweep': dict, 'seed': int},
-    'info': {'run_key': str, 'run_dir': str, 'stages': dict, 'weights': dict, 'data': dict, 'resumes': list,
-             'host': dict},
-}
-ITEMS = {('config', 'spec_files'): str, ('config', 'spec_sources'): str, ('config', 'bindings'): str,
-         ('config', 'warnings'): str, ('info', 'stages'): dict, ('info', 'resumes'): dict}
-MAX_DEPTH = 64  # deeper JSON is no config memspec wrote (a plan is < 10 levels), and would exhaust recursion
-
-
-def _depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
-    todo = [(value, 1)]
-    while todo:
-        v, d = todo.pop()
-        if d > limit:
-            return True
-        if isinstance(v, dict):
-            todo += [(x, d + 1) for x in v.values()]
-        elif isinstance(v, list):
-            todo += [(x, d + 1) for x in v]
-    return False
-
-
-def _type_name(v) -> str:
-    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'true/false', type(None): 'null'}.get(
-        type(v), 'a number' if isinstance(v, (int, float)) else type(v).__name__)
-
-
-def checked(column: str, value, damaged: list[str]) -> dict:
-    """A run's `column` ('config' or 'info') as recorded: a JSON object whose known keys have their types. What is
-    not is left out and named in `damaged` ('info.stages (a number, not an object)')."""
-    if value is None or value == '':
-        return {}
-    if isinstance(value, (bytes, str)):
-        try:
-            value = json.loads(value)
-        except (TypeError, ValueError, RecursionError):
-            damaged.append(f'{column} (not JSON)')
-            return {}
-    if not isinstance(value, dict):
-        damaged.append(f'{column} ({_type_name(value)}, not an object)')
-        return {}
-    if _depth_exceeds(value):
-        damaged.append(f'{column} (nested deeper than {MAX_DEPTH} levels)')
-        return {}
-    out = dict(value)
-    for key, want in SHAPES[column].items():
-        if key not in out or out[key] is None:
-            continue
-        v = out[key]
-        item = ITEMS.get((column, key))
-        if not isinstance(v, want) or isinstance(v, bool) and want is int:
-            damaged.append(f'{column}.{key} ({_type_name(v)}, not {_type_name(want())})')
-            del out[key]
-        elif item is not None and not all(isinstance(x, item) for x in (v.values() if isinstance(v, dict) else v)):
-            damaged.append(f'{column}.{key} (holds items that are not {_type_name(item())})')
-            del out[key]
-    stages = out.get('stages') or {}
-    if not all(isinstance(x.get('end_step', 0), int) and not isinstance(x.get('end_step'), bool)
-               for x in stages.values()):
-        damaged.append(f'{column}.stages (an end_step that is not a whole number)')
-        del out['stages']
-    return out
-
-
 def record(run_id: str, status, start, stop, config, info, result, trace, host: dict, experiment,
            heartbeat) -> RunRecord:
     """A RunRecord from the values of one recorded row, each checked (what is damaged is named in .damaged)."""
@@ -373,7 +236,7 @@ def record(run_id: str, status, start, stop, config, info, result, trace, host: 
     if str(status) not in STATUSES:
         damaged.append(f'status ({str(status)[:20]!r} is no Sacred status)')
     if result is not None and (isinstance(result, bool) or not isinstance(result, (int, float))):
-        damaged.append(f'result ({_type_name(result)}, not a number)')
+        damaged.append(f'result ({type_name(result)}, not a number)')
         result = None
     times = [_time(t) for t in (start, stop, heartbeat)]
     for name, raw, t in zip(('start_time', 'stop_time', 'heartbeat'), (start, stop, heartbeat), times):

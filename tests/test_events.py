@@ -12,7 +12,8 @@ from runtime.tracking import Tracker, hparam_values
 CONFIG = {'plan': {'family': 'memory', 'memory': {'chunks': 4, 'chunk_len': 8},
                    'curriculum': [{'name': 'copy', 'lr': 0.002, 'freeze': ['encoder'],
                                    'objectives': [{'kind': 'copy', 'weight': 1.0}]}]},
-          'seed': 3, 'spec_hash': 'abc123', 'sweep': {'name': 'probes', 'grid': {'Memory:chunks': 4}}}  # as runtime.sweep records it
+          'seed': 3, 'spec_hash': 'abc123',
+          'sweep': {'name': 'probes', 'grid': {'Memory:chunks': 4}}}  # grid keys as runtime.sweep records them
 
 
 def fake_run(config=CONFIG):

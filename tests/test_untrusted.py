@@ -178,7 +178,7 @@ def test_a_database_of_another_program_is_refused_before_a_byte_changes(tmp_path
 
 
 def test_an_empty_file_and_a_run_database_are_accepted(tmp_path):
-    from store.database import check_own_database
+    from store.sqlite_files import check_own_database
     empty = tmp_path / 'empty.db'
     empty.touch()
     check_own_database(f'sqlite:///{empty}')
@@ -246,7 +246,7 @@ def test_a_wal_database_on_a_read_only_mount_is_listed(flagship_run, tmp_path):
 def test_a_read_only_wal_database_with_pending_changes_says_so(tmp_path, monkeypatch):
     """A -wal file that holds changes cannot be read without writing beside it: the message says which files to
     copy, not that the file is no SQLite database."""
-    from store import database
+    from store import sqlite_files
     db = tmp_path / 'sacred.db'
     db.write_bytes(b'')
     (tmp_path / 'sacred.db-wal').write_bytes(b'x' * 100)
@@ -256,9 +256,9 @@ def test_a_read_only_wal_database_with_pending_changes_says_so(tmp_path, monkeyp
         if 'mode=ro' in str(name):
             raise sqlite3.OperationalError('unable to open database file')
         return real(name, *a, **k)
-    monkeypatch.setattr(database.sqlite3, 'connect', cannot_open)
+    monkeypatch.setattr(sqlite_files.sqlite3, 'connect', cannot_open)
     with pytest.raises(SpecError) as e:
-        database.connect_readonly(db, '--db x')
+        sqlite_files.connect_readonly(db, '--db x')
     assert 'its folder is read-only and sacred.db-wal holds changes' in e.value.what
     assert 'copy sacred.db, sacred.db-wal and sacred.db-shm together' in e.value.fix
 
