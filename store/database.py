@@ -10,7 +10,9 @@ the store's readers use it).
   tied to the run and the stage whose weights were evaluated ('final' for the final weights). Plain SQL joins both
   to `run` on run_id.
 - Reading: `open_db(url)` -> SqlDb or MongoDb with one interface (runs, metrics, final_metrics, at_steps,
-  artifacts); SQLite files are opened read-only and never created. `RunRecord` is one run as recorded.
+  artifacts); SQLite files are opened read-only and never created (store/sqlite_files.py, which also refuses to
+  write into a SQLite file of another program). `RunRecord` is one run as recorded, each field checked on read
+  (store/record_checks.py): a damaged one is named in `damaged`, and `get_run` refuses such a run with one message.
 """
 from __future__ import annotations
 
