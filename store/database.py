@@ -304,8 +304,8 @@ class SqlDb:
                                 'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
                                 'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
                                 'to the current folder)')
-            with open(path, 'rb') as f:
-                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            with open(path, 'rb') as f:  # an empty file is an empty database (SQLite writes its header later)
+                if path.stat().st_size and f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
                     raise SpecError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
                                     'point --db at the sacred.db python -m runtime.run recorded into')
             where = self.where
