@@ -230,6 +230,19 @@ class RunRecord:
         return list(self.config.get('spec_files') or [])
 
 
+def metric_row(run_id, name, step, value) -> tuple[str, int, float]:
+    """(name, step, value) of a recorded metric; a step that is no whole number or a value that is no number (a row
+    changed outside memspec) is one message naming the run and the metric."""
+    try:
+        if isinstance(step, bool) or (isinstance(step, float) and not step.is_integer()):
+            raise ValueError
+        return str(name), int(step), float('nan') if value is None else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(f'run {run_id}', f'its recorded metric {str(name)[:80]!r} is damaged (step {str(step)[:20]!r}, '
+                        f'value {str(value)[:20]!r})', 'the row was changed outside memspec: restore the database from '
+                        'a backup, or delete the row (memspec_metrics)') from None
+
+
 def record(run_id: str, status, start, stop, config, info, result, trace, host: dict, experiment,
            heartbeat) -> RunRecord:
     """A RunRecord from the values of one recorded row, each checked (what is damaged is named in .damaged)."""
@@ -382,7 +395,7 @@ class SqlDb:
             return []
         rows = self._rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY name, step, id',
                           {'r': str(run_id)})
-        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+        return [metric_row(run_id, n, s, v) for n, s, v in rows]
 
     def final_metrics(self, run_ids: list[str], names: list[str]) -> dict[str, dict[str, float]]:
         """run -> {name: value at the last step that logged it}."""
@@ -396,7 +409,10 @@ class SqlDb:
             {'runs': [str(r) for r in run_ids], 'names': list(names)}, expanding=('runs', 'names'))
         out: dict[str, dict[str, float]] = {}
         for r, n, v in rows:
-            out.setdefault(str(r), {})[n] = float('nan') if v is None else float(v)
+            try:
+                out.setdefault(str(r), {})[n] = metric_row(r, n, 0, v)[2]
+            except SpecError:  # a damaged row: the listing shows no number (commands that read the run refuse it)
+                out.setdefault(str(r), {})[n] = float('nan')
         return out
 
     def at_steps(self, run_id: str, steps: list[int]) -> list[tuple[str, int, float]]:
@@ -405,7 +421,7 @@ class SqlDb:
         rows = self._rows("SELECT name, step, value FROM memspec_metrics WHERE run_id = :r AND name LIKE 'eval/%' "
                           'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)},
                           expanding=('steps',))
-        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+        return [metric_row(run_id, n, s, v) for n, s, v in rows]
 
     def evaluations(self, run_id: str) -> list[Evaluation]:
         """Every evaluation row of a run, oldest first."""
@@ -413,7 +429,8 @@ class SqlDb:
             return []
         rows = self._rows('SELECT stage, task, metric, value, memory, "limit", time FROM memspec_evaluations '
                           'WHERE run_id = :r ORDER BY id', {'r': str(run_id)})
-        return [Evaluation(st, t, m, float('nan') if v is None else float(v), mem, lim, _time(tm))
+        return [Evaluation(st, t, m, metric_row(run_id, f'{t}/{m}', 0, v)[2], mem,
+                           None if lim is None else metric_row(run_id, f'{t}/{m} limit', lim, 0)[1], _time(tm))
                 for st, t, m, v, mem, lim, tm in rows]
 
     def artifacts(self, run_id: str) -> list[tuple[str, int]]:

@@ -291,6 +291,27 @@ DAMAGE = {
 }
 
 
+@pytest.mark.parametrize('column,value', [('value', "'abc'"), ('step', "'x'"), ('step', '2.5')])
+def test_a_damaged_metric_row_is_named(column, value, flagship_run, tmp_path, capsys):
+    from store import runs
+    db = tmp_path / 'sacred.db'
+    copy_db(flagship_run.db, db)
+    con = sqlite3.connect(db)
+    con.execute(f"UPDATE memspec_metrics SET {column} = {value} WHERE name = 'eval/copy.ce'")
+    con.commit()
+    con.close()
+    url = f'sqlite:///{db}'
+    code, out, err = in_process(runs.main, ['list', '--db', url], capsys)
+    assert code == 0 and 'Traceback' not in err, err
+    for argv in (['metrics', flagship_run.run_id], ['show', flagship_run.run_id]):
+        code, out, err = in_process(runs.main, [*argv, '--db', url], capsys)
+        if argv[0] == 'show' and column == 'step':  # show reads stage-end steps only: it never meets the row
+            assert code == 0 and 'Traceback' not in err, err
+            continue
+        assert code == 2 and 'Traceback' not in err, err
+        assert f"run {flagship_run.run_id}: its recorded metric 'eval/copy.ce' is damaged" in err, err
+
+
 @pytest.mark.parametrize('damage', list(DAMAGE))
 def test_a_damaged_run_row_is_named_not_crashed_on(damage, flagship_run, tmp_path, capsys):
     from store import analyze, export, runs
