@@ -20,9 +20,17 @@ def fake_run(config=CONFIG):
     return types.SimpleNamespace(config=config, log_scalar=lambda *a: None)
 
 
-def process(folder, steps, value, resumed_at=None):
-    """One process of a run: logs train/loss = value + step / 100 at `steps`, then dies (closes its writer)."""
-    t = Tracker(fake_run(), folder, resumed_at)
+def process(folder, steps, value, resumed_at=None, started=None):
+    """One process of a run: logs train/loss = value + step / 100 at `steps`, then dies (closes its writer).
+    `started`: its start time, which names its event file (files are read in name order; two writers of one test
+    process in the same second would be ordered by a counter, as text)."""
+    import time
+    real = time.time
+    time.time = (lambda: started) if started is not None else real
+    try:
+        t = Tracker(fake_run(), folder, resumed_at)
+    finally:
+        time.time = real
     for s in steps:
         t.scalar('train/loss', value + s / 100, s)
     t.close()
@@ -39,8 +47,8 @@ def test_a_later_process_purges_what_the_killed_one_logged_after_the_checkpoint(
     """The killed process got to step 10; the next one continues after the checkpoint (None: there was none, so it
     starts over) and gets to step 12: TensorBoard shows each step once, each from the process that counts."""
     first = 1 if checkpoint is None else checkpoint + 1
-    process(tmp_path, range(1, 11), 1.0)
-    process(tmp_path, range(first, 13), 2.0, checkpoint)
+    process(tmp_path, range(1, 11), 1.0, started=1_700_000_000)
+    process(tmp_path, range(first, 13), 2.0, checkpoint, started=1_700_000_060)
     got = losses(tmp_path)
     assert [s for s, _ in got] == list(range(1, 13))
     assert got == [(s, round((1.0 if s < first else 2.0) + s / 100, 4)) for s in range(1, 13)]
