@@ -427,7 +427,7 @@ def query(db, sql, *args):
             con.close()
     if not Path(db).is_file():
         return []
-    con = sqlite3.connect(db, timeout=60)
+    con = sqlite3.connect(db, timeout=600)
     try:
         return con.execute(sql, args).fetchall()
     except sqlite3.OperationalError:  # no such table: nothing recorded
@@ -1110,7 +1110,7 @@ class Suite:
         finally:
             os.kill(pid, signal.SIGKILL)
             wait(pid)
-        con = sqlite3.connect(db_path(out), timeout=60)
+        con = sqlite3.connect(db_path(out), timeout=600)
         with con:
             con.execute("UPDATE run SET heartbeat = datetime('now', '-2 hours')")
         con.close()
