@@ -507,7 +507,7 @@ def test_postgres_list_and_metrics(runs, pg, capsys):
     out = cli(capsys, 'show', ids[0], db=pg.url)
     assert 'final.safetensors' in out and 'autoencode.token_accuracy' in out
     err = cli_error(capsys, 'show', '12345', db=pg.url)
-    assert 'run 12345' in err
+    assert "RUN 12345: no run matches '12345'" in err  # store/runref.py's message (issue 22)
     # the README's first two queries are plain SQL for PostgreSQL as well
     q1, q2, _ = readme_queries()
     pg.rows(q1)
