@@ -11,6 +11,7 @@ value can be traced back to the file and line that bound it (see compiler/spec.p
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -47,7 +48,8 @@ def _check_types(obj) -> None:
         value = getattr(obj, f.name)
         if not _conforms(value, hints[f.name]):
             raise PlanError(obj, f.name, f'{type(obj).__name__}.{f.name} = {value!r} is not {_describe(hints[f.name])}',
-                            f'bind {type(obj).__name__}.{f.name} to {_describe(hints[f.name])}')
+                            _misspelt_choice(value, hints[f.name])
+                            + f'bind {type(obj).__name__}.{f.name} to {_describe(hints[f.name])}')
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
             # torch, numpy and the cost model's float arithmetic overflow beyond int64 (fuzzing found tracebacks)
             raise PlanError(obj, f.name, f'{type(obj).__name__}.{f.name} = {value} is too large (the limit is 2**63)',
@@ -83,6 +85,48 @@ def _is_scalar(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _choices(tp) -> tuple:
+    """The fixed choices a type allows (Literal values, through Optional/Union, tuples and dict values)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return args
+    return tuple(c for a in args if a is not Ellipsis for c in _choices(a)) if args else ()
+
+
+def did_you_mean(value, choices) -> str:
+    """"did you mean 'blank_copy'? " when `value` is a near miss of one of `choices` (else ''): every field with a
+    fixed set of choices says it."""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6) \
+        if isinstance(value, str) else []
+    return f'did you mean {close[0]!r}? ' if close else ''
+
+
+def _misspelt_choice(value, tp) -> str:
+    """did_you_mean for the first wrong choice in a value (itself, an item, or a dict key or value)."""
+    choices = [c for c in _choices(tp) if isinstance(c, str)]
+    items = [*value, *value.values()] if isinstance(value, dict) else \
+        list(value) if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, str) and v not in choices and did_you_mean(v, choices):
+            return did_you_mean(v, choices)[:-2] + (f' (for {v!r})? ' if len(items) > 1 else '? ')
+    return ''
+
+
+_PLURAL = {int: 'integers', float: 'numbers', str: 'strings', bool: 'True/False values'}
+
+
+def _plural(tp) -> str:
+    """What the items of a list are, in the plural: 'strings', 'lists of integers', "values from 'a', 'b'"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in _PLURAL:
+        return _PLURAL[tp]
+    if origin is typing.Literal:
+        return 'values from ' + ', '.join(repr(a) for a in args)
+    if origin is tuple:
+        return f'lists of {_plural(args[0])}'
+    return f'items that are each {_describe(tp)}'
+
+
 def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
@@ -90,9 +134,9 @@ def _describe(tp) -> str:
     if origin is typing.Union or origin is types.UnionType:
         return ' or '.join(_describe(a) for a in args)
     if origin is tuple:
-        return f'a list of {_describe(args[0])}'
+        return f'a list of {_plural(args[0])}'
     if origin is dict:
-        return f'a dict of {_describe(args[0])} -> {_describe(args[1])}'
+        return f'a dict of {_plural(args[0])} -> {_plural(args[1])}'
     if tp is type(None):
         return 'None'
     return {int: 'an integer', float: 'a number', str: 'a string',

@@ -66,7 +66,8 @@ class _Delegate(config_parser.ParserDelegate):
         scope, _, name = scoped_name.rpartition('/')
         where = self._loader.where(self._parser_ref[0]._current_location())
         if name not in self._loader.configurables:
-            raise SpecError(where, f"unknown configurable '@{scoped_name}'", _suggest(name, self._loader.configurables))
+            raise SpecError(where, f"unknown configurable {self._loader.quote('@' + scoped_name)}",
+                            _suggest(name, self._loader.configurables, self._loader.included))
         self._loader.references.append(Reference(scope, name, evaluate, where))
         return self._gin.configurable_reference(scoped_name, evaluate)
 
@@ -85,8 +86,10 @@ class Reference:
     where: str
 
 
-def _suggest(name, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+def _suggest(name, known, private: bool = False) -> str:
+    """'did you mean ...? known names: ...'; `private`: `name` comes from an included file, so no guess that would
+    spell out what it says."""
+    close = [] if private else difflib.get_close_matches(name, list(known), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ''
     return f"{hint}known names: {', '.join(sorted(known))}"
 
@@ -103,12 +106,27 @@ class _Loader:
         self.references: list[Reference] = []
         self.origin: dict = {}  # binding key or macro name -> 'binding' (-b), 'file' (given) or 'include'
         self._origin = 'file'
+        # locations in included files: a message about them names the line, never its text (an included file may be
+        # anything: a credentials file named by mistake, or on purpose)
+        self.private: set[str] = set()
 
+    @property
+    def included(self) -> bool:
+        return self._origin == 'include'
+
+    def quote(self, text: str, where: str | None = None) -> str:
+        """`text` of the spec quoted for a message, or a stand-in when it comes from an included file (where the
+        statement at `where` is, or the text being parsed now)."""
+        private = where in self.private if where is not None else self.included
+        return '(text of an included file, not repeated)' if private else f"'{text}'"
     def where(self, location) -> str:
         if self.label is not None:
             return self.label
         filename, line = location[0], location[1]
-        return f'{_display(filename)}:{line}'
+        where = f'{_display(filename)}:{line}'
+        if self.included:
+            self.private.add(where)
+        return where
 
     def parse_file(self, path: Path, chain: tuple = ()):
         path = path.resolve()
@@ -150,6 +168,8 @@ class _Loader:
                 count += 1
                 self._apply(statement, folder, chain)
             return count
+        except SpecError as e:  # gin appends the offending line to errors raised while it parses: drop it
+            raise SpecError(e.where, e.what, e.fix) from None
         except SyntaxError as e:
             where = self.label or f'{_display(e.filename or filename)}:{e.lineno}'
             raise SpecError(where, f'malformed gin: {_token_free(e.msg)}',
@@ -166,9 +186,9 @@ class _Loader:
             if self.label:
                 raise SpecError(where, 'include is not allowed in a -b binding',
                                 'pass the file as an extra spec argument')
-            self.parse_file(resolve_include(st.filename, folder, where), chain)
+            self.parse_file(resolve_include(st.filename, folder, where, self.included), chain)
         elif isinstance(st, config_parser.ImportStatement):
-            raise SpecError(where, f'import {st.module!r}: specs cannot import modules',
+            raise SpecError(where, f'import {self.quote(st.module)}: specs cannot import modules',
                             'remove the import; the compiler registers every configurable')
         elif isinstance(st, config_parser.BlockDeclaration):
             raise SpecError(where, 'block declarations are not supported', 'write one binding per line')
@@ -181,12 +201,12 @@ class _Loader:
         else:
             cls = self.configurables.get(st.selector)
             if cls is None:
-                raise SpecError(where, f"unknown configurable '{st.selector}'",
-                                _suggest(st.selector, self.configurables))
+                raise SpecError(where, f'unknown configurable {self.quote(st.selector)}',
+                                _suggest(st.selector, self.configurables, self.included))
             params = [f for f in cls.__dataclass_fields__ if f != 'scope']
             if st.arg_name not in params:
-                raise SpecError(where, f"'{st.selector}' has no parameter '{st.arg_name}'",
-                                _suggest(st.arg_name, params))
+                raise SpecError(where, f"'{st.selector}' has no parameter {self.quote(st.arg_name)}",
+                                _suggest(st.arg_name, params, self.included))
             self.locations[(st.scope, st.selector, st.arg_name)] = where
             self.origin[(st.scope, st.selector, st.arg_name)] = self._origin
             self._note_macro((st.scope, st.selector, st.arg_name), st.value)
@@ -220,13 +240,15 @@ def _token_free(msg: str) -> str:
     return re.sub(r'\s*Got (\w+) = .*', r' Got a token of type \1.', msg.splitlines()[0] if msg else msg)
 
 
-def resolve_include(name: str, folder: Path, where: str) -> Path:
+def resolve_include(name: str, folder: Path, where: str, private: bool = False) -> Path:
+    """The file an include names; `private`: the include is in an included file, whose text is never echoed."""
     candidates = [folder / name, SPECS_DIR / name]
     for c in candidates:
         if c.is_file():
             return c
-    raise SpecError(where,
-                    f"include '{name}' not found (looked in {', '.join(_display(c.parent) for c in candidates)})",
+    looked = [folder, SPECS_DIR] if private else [c.parent for c in candidates]
+    shown = '(text of an included file, not repeated)' if private else f"'{name}'"
+    raise SpecError(where, f"include {shown} not found (looked in {', '.join(_display(c) for c in looked)})",
                     'fix the path: includes resolve from the including spec\'s folder, then from specs/')
 
 
@@ -290,9 +312,10 @@ def _parse(files, bindings, configurables: dict) -> _Loader:
         loader.parse_binding(b)
     for name, where in loader.macro_uses:
         if name not in loader.macros:
-            raise SpecError(where, f"undefined macro '%{name}'",
-                            f"define it (`{name} = ...`) or include the spec that does; "
-                            + _suggest(name, loader.macros))
+            private = where in loader.private
+            raise SpecError(where, f"undefined macro {loader.quote('%' + name, where)}",
+                            f"define it (`{'NAME' if private else name} = ...`) or include the spec that does; "
+                            + _suggest(name, loader.macros, private))
     for name, where in loader.macros.items():  # `A = %B`, `B = %A`: name the line instead of recursing
         chain = [name]
         while loader.via_macro.get(chain[-1]) in loader.macros and chain[-1] not in chain[:-1]:
@@ -363,6 +386,9 @@ def _check_references(loader: _Loader) -> None:
         if any(s and _under(s, r.scope) and c in inner for s, c in bound):
             continue
         scopes = sorted({s for s, c in bound if s and c == r.name})
+        if r.where in loader.private:
+            raise SpecError(r.where, f'a reference to {r.name} names a scope in which nothing is bound: it would build '
+                            f'a default {r.name}', f"scopes with {r.name} bindings: {', '.join(scopes) or 'none'}")
         close = difflib.get_close_matches(r.scope, scopes, n=1)
         raise SpecError(r.where, f"@{r.scope}/{r.name}() names scope '{r.scope}', in which nothing is bound: it would "
                         f'build a default {r.name}',

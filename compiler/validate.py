@@ -301,7 +301,7 @@ def _check_freeze(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail
     for c in stage.freeze:
         if c not in comps:
             fail(stage, 'freeze', f"{tag} freezes '{c}', which the '{plan.family}' graph does not have",
-                 'freeze one of: ' + ', '.join(comps))
+                 P.did_you_mean(c, comps) + 'freeze one of: ' + ', '.join(comps))
     if set(comps) and all(any(in_component(c, f) for f in stage.freeze) for c in comps if '.' in c):
         fail(stage, 'freeze', f'{tag} freezes every component: nothing would train',
              'leave at least one component trainable')
@@ -311,7 +311,7 @@ def _check_init_from(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], f
     for c, src in stage.init_from.items():
         if c not in comps:
             fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
-                 'use one of: ' + ', '.join(comps))
+                 P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps))
         if src.startswith('llama:') and c not in ('decoder', 'encoder'):
             fail(stage, 'init_from', f"{tag}: a Llama checkpoint initialises a whole stack, not '{c}'",
                  "use {'decoder': 'llama:<path>'} (or 'encoder')")

@@ -1,8 +1,10 @@
 """What produced a run, recorded with it (Sacred config 'provenance' and the run folder's run.json):
 
-- the code: the git commit of the project and the diff of every uncommitted change (`git diff HEAD`, plus the
-  sha256 of each untracked file), or, where the project is not a git checkout (an installed copy, an unpacked
-  archive), a sha256 over the files of compiler/, runtime/, store/ and specs/;
+- the code: the git commit of the project and the diff of every uncommitted change to a tracked file (`git diff
+  HEAD`; 'dirty' means this diff is not empty), plus the path and sha256 of each untracked file git does not ignore
+  (listed, never counted as a change: scratch files beside the code are common), or, where the project is not a
+  git checkout (an installed copy, an unpacked archive), a sha256 over the files of
+  compiler/, runtime/, store/ and specs/;
 - the seed (Run.seed, which Sacred also records as its own seed);
 - the sha256 of every file a stage's init_from reads (another run's stage weights, a Llama checkpoint).
 
@@ -50,7 +52,7 @@ def git_state(root: Path = ROOT) -> tuple[dict | None, str]:
     files = [{'path': p, 'sha256': sha256_file(root / p)} for p in sorted(untracked)[:UNTRACKED_LIMIT]
              if (root / p).is_file()]
     raw = diff.encode()
-    state = {'kind': 'git', 'commit': commit, 'branch': branch, 'dirty': bool(diff or untracked),
+    state = {'kind': 'git', 'commit': commit, 'branch': branch, 'dirty': bool(diff),
              'diff_sha256': hashlib.sha256(raw).hexdigest(), 'diff_bytes': len(raw),
              'diff': diff if len(raw) <= DIFF_LIMIT else None, 'untracked': files,
              'untracked_more': max(0, len(untracked) - UNTRACKED_LIMIT)}
@@ -92,13 +94,3 @@ def init_sources(plan, runs_dir: Path, first_stage: int = 0) -> dict:
             out.setdefault(stage.name, {})[comp.replace('.', ':')] = {'source': src,
                                                                       'files': [file_ref(p) for p in paths]}
     return out
-
-
-def summary(state: dict) -> str:
-    """One line for messages and model cards: 'git 1a2b3c4d5e6f (dirty, diff sha256 ...)' or 'source tree ...'."""
-    if state.get('kind') == 'git':
-        dirty = f", dirty: diff sha256 {state['diff_sha256'][:12]}" if state.get('dirty') else ', clean'
-        return f"git {state['commit'][:12]} ({state.get('branch', '?')}{dirty})"
-    if state.get('kind') == 'tree':
-        return f"source tree sha256 {state['sha256'][:12]} ({state.get('files')} files; not a git checkout)"
-    return 'not recorded'

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from compiler.errors import SpecError
 from store.database import METRICS, display_url, first_line, make_engine
+from store.sqlite_files import check_own_database
 
 
 def import_sacred():
@@ -78,6 +79,8 @@ class ResumableSqlObserver(SqlObserver):
             engine = make_engine(url)
             with engine.connect():
                 pass
+        except SpecError:
+            raise
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL)
             raise SpecError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
@@ -217,7 +220,14 @@ def next_run_id(session) -> int:
 def observer(url: str):
     if url.startswith('mongodb://') or url.startswith('mongodb+srv://'):
         from sacred.observers import MongoObserver
-        return MongoObserver(url=url)
+        try:
+            return MongoObserver(url=url)
+        except ImportError:
+            raise SpecError(f'--db {display_url(url)}', 'recording into MongoDB needs pymongo, which is not installed',
+                            'pip install pymongo, or record into sqlite:///runs/sacred.db or postgresql://') from None
+        except Exception as e:  # noqa: BLE001  (pymongo's errors: a bad URL or an unreachable server)
+            raise SpecError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
+                            'check the URL and that mongod runs and is reachable') from None
     if not (url.startswith('sqlite://') or url.startswith('postgresql')):
         raise SpecError(f'--db {display_url(url)}', 'unsupported database URL',
                         'use sqlite:///runs/sacred.db, postgresql://user@host/db or mongodb://host/db')
@@ -227,9 +237,11 @@ def observer(url: str):
 
 def check_lasting(url: str) -> None:
     """Refuse a run database that ends with the process (in-memory SQLite): the run could never be resumed or
-    queried."""
+    queried; and a SQLite file that belongs to another program (store.sqlite_files.check_own_database), before anything
+    is written."""
     if not url.startswith('sqlite'):
         return
+    check_own_database(url)
     try:
         u = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError):

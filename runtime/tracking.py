@@ -7,14 +7,22 @@ update), train/grad_norm (the global gradient norm before clipping to 1.0), trai
 second since the stage started), eval/<objective>.<metric>. Stage ends are text markers (tag 'stages') at their last
 step.
 
-Resume: the run database forgets the metrics logged after the checkpoint (runtime.record); the event writer of the
-resumed process starts with a purge step (one after the checkpoint), which tells TensorBoard to drop what the killed
-process wrote after the checkpoint. The writer is flushed with every checkpoint, so what the checkpoint covers is on
-disk in both places.
+Resume: the run database forgets the metrics logged after the checkpoint (runtime.record); the event writer of any
+later process of a run (its folder already holds event files) starts with a purge step, one after the checkpoint's
+step, or 0 when the run is resumed from its start (killed before its first checkpoint), which tells TensorBoard to
+drop what the killed process wrote after the checkpoint. The writer is flushed with every checkpoint, so what the
+checkpoint covers is on disk in both places.
+
+HParams: every run's events carry its configuration for TensorBoard's HParams tab (filter and sort runs by config):
+the plan's scalar fields (`memory.chunks`, `curriculum.blank_copy.lr`, ...), the seed and plan hash, and a sweep
+member's grid point (`grid.<key>`), with train/loss and each objective's held-out CE as the metrics.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from store.database import flatten
 
 # metrics that measure the machine, not the trajectory: a resumed or repeated run gets other values
 WALL_CLOCK = ('train/tokens_per_s',)
@@ -27,8 +35,23 @@ class Tracker:
         self.run, self.writer = run, None
         if folder is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(folder), purge_step=None if resumed_at is None else resumed_at + 1,
-                                        flush_secs=30)
+            earlier = Path(folder).is_dir() and any(Path(folder).glob('events.out.tfevents.*'))
+            purge = resumed_at + 1 if resumed_at is not None else 0 if earlier else None
+            self.writer = SummaryWriter(str(folder), purge_step=purge, flush_secs=30)
+            self.hparams(getattr(run, 'config', None) or {})
+
+    def hparams(self, config: dict) -> None:
+        """The run's configuration as TensorBoard HParams, in this run's own event file (SummaryWriter.add_hparams
+        would start a sub-run of its own)."""
+        from torch.utils.tensorboard.summary import hparams
+        values = hparam_values(config)
+        if not values:
+            return
+        kinds = sorted({o.get('kind') for s in (config.get('plan') or {}).get('curriculum') or []
+                        for o in s.get('objectives') or [] if isinstance(o, dict) and o.get('kind')})
+        metrics = {'train/loss': 0.0, **{f'eval/{k}.ce': 0.0 for k in kinds}}
+        for summary in hparams(values, metrics):
+            self.writer.file_writer.add_summary(summary)
 
     def scalar(self, name: str, value: float, step: int) -> None:
         self.run.log_scalar(name, value, step)
@@ -48,3 +71,25 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def hparam_values(config: dict) -> dict:
+    """{name: int | float | str | bool}: the plan's scalar fields (lists and None as text), the seed, the plan hash
+    and a sweep member's grid point."""
+    out: dict = {}
+    for key, value in flatten(config.get('plan') or {}).items():
+        out[key] = _scalar(value)
+    for key in ('seed', 'spec_hash'):
+        if config.get(key) is not None:
+            out[key] = config[key]
+    sweep = config.get('sweep') or {}
+    for key, value in (sweep.get('grid') or {}).items():  # recorded with ':' for '.' (runtime.sweep.stored)
+        out[f"grid.{key.replace(':', '.')}"] = _scalar(value)
+    if sweep.get('name'):
+        out['sweep'] = str(sweep['name'])
+    return out
+
+
+def _scalar(value):
+    """What HParams can hold: a number, text or true/false; lists, dicts and None as JSON text."""
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)

@@ -2,36 +2,36 @@
 the store's readers use it).
 
 - URLs: `sqlite:///path.db` (default `<Run.out_dir>/sacred.db`), `postgresql://user:password@host/db` (psycopg2),
-  `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` hides passwords;
-  every message that names a database uses it.
+  `mongodb://host` (Sacred's MongoObserver, read with pymongo where installed). `display_url` (store/urls.py)
+  masks every secret a URL can carry; every message, record and export that names a database uses it.
 - Tables: Sacred's SqlObserver tables (`run`, `host`, `experiment`, `artifact`, ...) plus `memspec_metrics`
   (run_id, name, step, value, time), which Sacred's SqlObserver does not keep, and `memspec_evaluations`
   (run_id, stage, task, metric, value, memory, limit, time): one row per metric of `python -m runtime.evaluate`,
   tied to the run and the stage whose weights were evaluated ('final' for the final weights). Plain SQL joins both
   to `run` on run_id.
 - Reading: `open_db(url)` -> SqlDb or MongoDb with one interface (runs, metrics, final_metrics, at_steps,
-  artifacts); SQLite files are opened read-only and never created. `RunRecord` is one run as recorded.
+  artifacts); SQLite files are opened read-only and never created (store/sqlite_files.py, which also refuses to
+  write into a SQLite file of another program). `RunRecord` is one run as recorded, each field checked on read
+  (store/record_checks.py): a damaged one is named in `damaged`, and `get_run` refuses such a run with one message.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
-import re
-import sqlite3
 from pathlib import Path
-from urllib.parse import quote
 
 import sqlalchemy as sa
 
 from compiler.errors import SpecError
 from store.layout import is_run_key, run_name
+from store.record_checks import STATUSES, checked, type_name
+from store.sqlite_files import SQLITE_HEADER, check_own_database, connect_readonly
+from store.urls import display_url, redact  # noqa: F401  (display_url: the name every module imports)
 
 DEFAULT_DB = 'sqlite:///runs/sacred.db'
 # A RUNNING run whose last heartbeat is older than this is presumably dead: Sacred beats every 10 s, so this is six
 # missed beats (a busy SQLite file or a loaded machine delays one by seconds, not by a minute).
 STALE_AFTER = dt.timedelta(seconds=60)
-STATUSES = ('COMPLETED', 'FAILED', 'INTERRUPTED', 'RUNNING', 'TIMEOUT', 'QUEUED')
 
 METRICS = sa.Table(
     'memspec_metrics', sa.MetaData(),
@@ -104,6 +104,7 @@ def make_engine(url: str) -> sa.Engine:
     (seen under load)."""
     if not url.startswith('sqlite'):
         return sa.create_engine(engine_url(url), pool_pre_ping=True, connect_args={'connect_timeout': 10})
+    check_own_database(url)  # before the first connection switches the file to WAL
     # one session serves Sacred's main and heartbeat threads (under a lock), so connections cross threads
     engine = sa.create_engine(url, connect_args={'timeout': 60, 'check_same_thread': False})
 
@@ -119,36 +120,6 @@ def make_engine(url: str) -> sa.Engine:
 
 def default_url(out_dir: str) -> str:
     return f'sqlite:///{Path(out_dir) / "sacred.db"}'
-
-
-def display_url(url: str) -> str:
-    """The URL with any password replaced by ***: safe to print."""
-    try:
-        return sa.engine.make_url(engine_url(url)).render_as_string(hide_password=True).replace('+psycopg2', '')
-    except Exception:  # noqa: BLE001  (only for messages; an unparsable URL may still hold user:password@)
-        return re.sub(r'^([^@/]*//)?([^:@/]*):[^@]*@', lambda m: f"{m.group(1) or ''}{m.group(2)}:***@", url)
-
-
-def _secrets(url: str) -> list[str]:
-    """The password of a database URL as it may appear in text: raw and %-decoded."""
-    from urllib.parse import unquote
-    try:
-        password = sa.engine.make_url(engine_url(url)).password
-    except Exception:  # noqa: BLE001
-        m = re.search(r'//[^:@/]*:([^@]*)@', url)
-        password = m.group(1) if m else None
-    if not password:
-        return []
-    password = str(password)
-    return sorted({password, unquote(password), quote(password, safe='')} - {''}, key=len, reverse=True)
-
-
-def redact(text: str, url: str | None) -> str:
-    """`text` (a driver's error message, a traceback) with the password of `url` replaced by ***."""
-    text = str(text)
-    for secret in _secrets(url) if url else []:
-        text = text.replace(secret, '***')
-    return text
 
 
 def span(t: dt.timedelta) -> str:
@@ -201,6 +172,15 @@ class RunRecord:
     host: dict = dataclasses.field(default_factory=dict)
     experiment: str = ''
     heartbeat: dt.datetime | None = None  # Sacred's last heartbeat (naive UTC), None before the first one
+    damaged: list[str] = dataclasses.field(default_factory=list)  # fields recorded wrong and left out (checked())
+
+    def check(self) -> RunRecord:
+        """This run, or one message naming what of its record is damaged (for commands that need all of it)."""
+        if self.damaged:
+            raise SpecError(f'run {self.id}', f"its record is damaged: {'; '.join(self.damaged)}",
+                            'the row was changed outside memspec: restore the database from a backup, or record the '
+                            'run again (python -m store.runs list still lists it)')
+        return self
 
     @property
     def run_key(self) -> str | None:
@@ -225,7 +205,7 @@ class RunRecord:
 
     @property
     def plan(self) -> dict:
-        return self.config.get('plan') or {}
+        return self.config.get('plan') or {}  # an object (checked())
 
     @property
     def flat(self) -> dict:
@@ -235,7 +215,9 @@ class RunRecord:
 
     @property
     def stages(self) -> list[str]:
-        return [s.get('name', f'stage{i}') for i, s in enumerate(self.plan.get('curriculum') or [])]
+        stages = self.plan.get('curriculum')
+        return [str(s.get('name', f'stage{i}')) if isinstance(s, dict) else f'stage{i}'
+                for i, s in enumerate(stages if isinstance(stages, list) else [])]
 
     @property
     def end_steps(self) -> dict[str, int]:
@@ -248,15 +230,35 @@ class RunRecord:
         return list(self.config.get('spec_files') or [])
 
 
-def _json(value) -> dict:
-    if value is None or value == '':
-        return {}
-    if isinstance(value, (dict, list)):
-        return value
+def metric_row(run_id, name, step, value) -> tuple[str, int, float]:
+    """(name, step, value) of a recorded metric; a step that is no whole number or a value that is no number (a row
+    changed outside memspec) is one message naming the run and the metric."""
     try:
-        return json.loads(value)
-    except (TypeError, ValueError):
-        return {}
+        if isinstance(step, bool) or (isinstance(step, float) and not step.is_integer()):
+            raise ValueError
+        return str(name), int(step), float('nan') if value is None else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(f'run {run_id}', f'its recorded metric {str(name)[:80]!r} is damaged (step {str(step)[:20]!r}, '
+                        f'value {str(value)[:20]!r})', 'the row was changed outside memspec: restore the database from '
+                        'a backup, or delete the row (memspec_metrics)') from None
+
+
+def record(run_id: str, status, start, stop, config, info, result, trace, host: dict, experiment,
+           heartbeat) -> RunRecord:
+    """A RunRecord from the values of one recorded row, each checked (what is damaged is named in .damaged)."""
+    damaged: list[str] = []
+    config, info = checked('config', config, damaged), checked('info', info, damaged)
+    if str(status) not in STATUSES:
+        damaged.append(f'status ({str(status)[:20]!r} is no Sacred status)')
+    if result is not None and (isinstance(result, bool) or not isinstance(result, (int, float))):
+        damaged.append(f'result ({type_name(result)}, not a number)')
+        result = None
+    times = [_time(t) for t in (start, stop, heartbeat)]
+    for name, raw, t in zip(('start_time', 'stop_time', 'heartbeat'), (start, stop, heartbeat), times):
+        if raw is not None and t is None:
+            damaged.append(f'{name} (not a time)')
+    return RunRecord(run_id, str(status), times[0], times[1], config, info, result,
+                     trace if isinstance(trace, str) else None, host, str(experiment or ''), times[2], damaged)
 
 
 def _time(value) -> dt.datetime | None:
@@ -311,12 +313,16 @@ class SqlDb:
                                 'give the database file, e.g. sqlite:///runs/sacred.db')
             path = Path(u.database)
             if not path.is_file():
-                raise SpecError(self.where, f'no run database at {path.resolve()}',
+                raise SpecError(self.where, f'no run database at {redact(path.resolve(), url)}',
                                 'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
                                 'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
                                 'to the current folder)')
-            uri = f'file:{quote(str(path.resolve()))}?mode=ro'  # read-only: never creates or changes the file
-            self.engine = sa.create_engine('sqlite://', creator=lambda: sqlite3.connect(uri, uri=True, timeout=10))
+            with open(path, 'rb') as f:  # an empty file is an empty database (SQLite writes its header later)
+                if path.stat().st_size and f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise SpecError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
+                                    'point --db at the sacred.db python -m runtime.run recorded into')
+            where = self.where
+            self.engine = sa.create_engine('sqlite://', creator=lambda: connect_readonly(path, where))
         elif backend == 'postgresql':
             try:
                 self.engine = sa.create_engine(engine_url(url), connect_args={'connect_timeout': 5})
@@ -380,9 +386,8 @@ class SqlDb:
         for row in self._rows(sql + ' ORDER BY r.id', params):
             m = row._mapping
             host = {k: m[k] for k in ('hostname', 'cpu', 'os_info', 'python_version') if k in m and m[k] is not None}
-            out.append(RunRecord(str(m['run_id']), str(m['status']), _time(m['start_time']), _time(m['stop_time']),
-                                 _json(m['config']), _json(m['info']), m['result'], m['fail_trace'], host,
-                                 m.get('experiment') or '', _time(m['heartbeat'])))
+            out.append(record(str(m['run_id']), m['status'], m['start_time'], m['stop_time'], m['config'],
+                              m['info'], m['result'], m['fail_trace'], host, m.get('experiment'), m['heartbeat']))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -390,7 +395,7 @@ class SqlDb:
             return []
         rows = self._rows('SELECT name, step, value FROM memspec_metrics WHERE run_id = :r ORDER BY name, step, id',
                           {'r': str(run_id)})
-        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+        return [metric_row(run_id, n, s, v) for n, s, v in rows]
 
     def final_metrics(self, run_ids: list[str], names: list[str]) -> dict[str, dict[str, float]]:
         """run -> {name: value at the last step that logged it}."""
@@ -404,7 +409,10 @@ class SqlDb:
             {'runs': [str(r) for r in run_ids], 'names': list(names)}, expanding=('runs', 'names'))
         out: dict[str, dict[str, float]] = {}
         for r, n, v in rows:
-            out.setdefault(str(r), {})[n] = float('nan') if v is None else float(v)
+            try:
+                out.setdefault(str(r), {})[n] = metric_row(r, n, 0, v)[2]
+            except SpecError:  # a damaged row: the listing shows no number (commands that read the run refuse it)
+                out.setdefault(str(r), {})[n] = float('nan')
         return out
 
     def at_steps(self, run_id: str, steps: list[int]) -> list[tuple[str, int, float]]:
@@ -413,7 +421,7 @@ class SqlDb:
         rows = self._rows("SELECT name, step, value FROM memspec_metrics WHERE run_id = :r AND name LIKE 'eval/%' "
                           'AND step IN :steps ORDER BY id', {'r': str(run_id), 'steps': list(steps)},
                           expanding=('steps',))
-        return [(n, int(s), float('nan') if v is None else float(v)) for n, s, v in rows]
+        return [metric_row(run_id, n, s, v) for n, s, v in rows]
 
     def evaluations(self, run_id: str) -> list[Evaluation]:
         """Every evaluation row of a run, oldest first."""
@@ -421,7 +429,8 @@ class SqlDb:
             return []
         rows = self._rows('SELECT stage, task, metric, value, memory, "limit", time FROM memspec_evaluations '
                           'WHERE run_id = :r ORDER BY id', {'r': str(run_id)})
-        return [Evaluation(st, t, m, float('nan') if v is None else float(v), mem, lim, _time(tm))
+        return [Evaluation(st, t, m, metric_row(run_id, f'{t}/{m}', 0, v)[2], mem,
+                           None if lim is None else metric_row(run_id, f'{t}/{m} limit', lim, 0)[1], _time(tm))
                 for st, t, m, v, mem, lim, tm in rows]
 
     def artifacts(self, run_id: str) -> list[tuple[str, int]]:
@@ -473,15 +482,16 @@ class MongoDb:
             query['_id'] = self._key(run_id)
         out = []
         for d in self.db.runs.find(query, {'captured_out': 0}).sort('_id', 1):
-            host, trace, result = d.get('host') or {}, d.get('fail_trace'), d.get('result')
-            out.append(RunRecord(str(d['_id']), str(d.get('status', '')), _time(d.get('start_time')),
-                                 _time(d.get('stop_time')), d.get('config') or {}, d.get('info') or {},
-                                 result if isinstance(result, (int, float)) else None,
-                                 ''.join(trace) if isinstance(trace, list) else trace,
-                                 {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
-                                  'os_info': ' '.join(host.get('os') or []),
-                                  'python_version': host.get('python_version')},
-                                 (d.get('experiment') or {}).get('name', ''), _time(d.get('heartbeat'))))
+            host, trace = d.get('host') or {}, d.get('fail_trace')
+            host = host if isinstance(host, dict) else {}
+            out.append(record(str(d['_id']), d.get('status', ''), d.get('start_time'), d.get('stop_time'),
+                              d.get('config'), d.get('info'), d.get('result'),
+                              ''.join(map(str, trace)) if isinstance(trace, list) else trace,
+                              {'hostname': host.get('hostname'), 'cpu': host.get('cpu'),
+                               'os_info': ' '.join(map(str, host.get('os') or [])),
+                               'python_version': host.get('python_version')},
+                              (d.get('experiment') or {}).get('name', '') if isinstance(d.get('experiment'), dict)
+                              else '', d.get('heartbeat')))
         return out
 
     def metrics(self, run_id: str) -> list[tuple[str, int, float]]:
@@ -540,6 +550,6 @@ def get_run(db, run_id: str) -> RunRecord:
         known = f"known ids: {', '.join(ids[-20:])}" if ids else 'the database holds no runs yet'
         raise SpecError(f'run {run_id}', f'no run with this id in {db.name}',
                         f'pick an id from python -m store.runs list ({known}), or pass the --db it was recorded in')
-    return found[0]
+    return found[0].check()
 
 

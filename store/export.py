@@ -7,6 +7,9 @@
     OUT/operative.gin      the complete spec the run was compiled from (python -m compiler OUT/operative.gin)
     OUT/README.md          a model card: what the model is, its plan, the run's stage-end metrics, provenance, how
                            to load it
+    OUT/source.diff        only with --include-diff: the uncommitted changes of the source tree the run ran (an
+                           export is meant to be shared, and a diff may hold anything; config.json records the
+                           diff's sha256 and size either way, the diff itself stays in the run folder)
     OUT/hf/                the decoder as a Hugging Face Llama checkpoint (families whose decoder is a causal
                            transformer over tokens): transformers.LlamaForCausalLM.from_pretrained(OUT/hf) computes
                            the logits our decoder computes on a plain token sequence (no memories); with
@@ -17,7 +20,8 @@ RUN is a run id, its full name <id>-<key>, or its run folder's path (store/runre
 database (--db; default: the sacred.db beside a run folder given by its path, else sqlite:///runs/sacred.db).
 OUT must not exist (or be an empty folder); the folder is written beside it and renamed into place, so OUT is whole
 or absent. Bad input (unknown run, weights missing or changed since the run recorded them, an OUT that holds files)
-is one message, exit 2.
+is one message, exit 2; so is a full or read-only disk (nothing is left half-written). Files get the permissions the
+umask gives.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from compiler.errors import SpecError, cli
 from compiler.families import family
 from compiler.plan import Plan
 from store.database import DEFAULT_DB, RunRecord, display_url, open_db
+from store.files import disk_error, settle
 from store.layout import RunFolder
 from store.runref import database_for, record_of
 from store.runs import code_line, stage_end_metrics
@@ -144,7 +149,24 @@ def _tokenizer(run: RunRecord, path: Path, where: str) -> Path:
     return tokenizer
 
 
-def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
+def shared_provenance(run: RunRecord, include_diff: bool) -> tuple[dict, str | None]:
+    """(the provenance config.json carries, the diff to write as OUT/source.diff or None): the diff's sha256 and
+    size always, its text only when asked (from the run folder's source.diff, else the recorded copy)."""
+    prov = dict(run.config.get('provenance') or {})
+    code = dict(prov.get('code') or {})
+    recorded = code.pop('diff', None)
+    prov['code'] = code
+    if not include_diff or not code.get('diff_bytes'):
+        return prov, None
+    kept = RunFolder.at(run.info['run_dir']).source_diff if run.info.get('run_dir') else None
+    diff = kept.read_text() if kept is not None and kept.is_file() else recorded
+    if diff is None:
+        raise SpecError(f'export {run.id}', "--include-diff: the run's diff is neither in its folder (source.diff) "
+                        'nor recorded', 'export without --include-diff (config.json still records its sha256)')
+    return prov, diff
+
+
+def export(db, run: RunRecord, out: Path, stage: str | None = None, include_diff: bool = False) -> Path:
     where = f'export {run.id}'
     plan = _plan(run, stage, where)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -152,26 +174,33 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None) -> Path:
                         'export into a new folder (nothing of an existing one is replaced)')
     path, blob = _weights(db, run, stage, where)
     tokenizer = _tokenizer(run, path, where)
+    provenance, diff = shared_provenance(run, include_diff)
     tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         if blob is None:
             shutil.copyfile(path, tmp / 'model.safetensors')
         else:
             (tmp / 'model.safetensors').write_bytes(blob)
-        _write(db, run, plan, stage, tmp, tokenizer, where)
+        _write(db, run, plan, stage, tmp, tokenizer, where, provenance, diff)
+        settle(tmp)  # safetensors writes 0600: every file gets the umask's mode, as the README promises
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+    except Exception as e:
+        err = disk_error(e, f'OUT {out}', out, 'nothing was exported')
+        if err is None:
+            raise
+        raise err from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokenizer: Path, where: str) -> None:
+def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokenizer: Path, where: str,
+           provenance: dict, diff: str | None) -> None:
     """Everything beside model.safetensors, once the weights load into the plan's graph (compiler.load)."""
     data = run.info.get('data') or {}
     weights, fix = tmp / 'model.safetensors', 'rerun the run (or the stage) to rewrite its weights'
@@ -185,10 +214,12 @@ def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokeniz
            'weights': {'file': 'model.safetensors', 'sha256': sha256_file(weights), 'stage': stage},
            'run': {'id': run.id, 'key': run.run_key, 'name': run.name, 'experiment': run.experiment,
                    'database': display_url(db.url), 'spec': run.config.get('spec_sources') or run.spec_files},
-           'provenance': run.config.get('provenance') or {}}
+           'provenance': provenance, 'source_diff': 'source.diff' if diff is not None else None}
     (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
     hf_note = hf_export(model, plan, vocab, cfg['special_ids'], tmp, tokenizer)
     (tmp / 'README.md').write_text(card(run, plan, cfg, stage_end_metrics(db, run), hf_note))
+    if diff is not None:
+        (tmp / 'source.diff').write_text(diff)
 
 
 @cli
@@ -202,10 +233,13 @@ def main(argv=None) -> None:
     ap.add_argument('--db', metavar='URL', help=f'run database (default: the one beside a run folder given by its '
                     f'path, else {DEFAULT_DB})')
     ap.add_argument('--stage', help='export the weights at the end of this stage (default: the final weights)')
+    ap.add_argument('--include-diff', action='store_true',
+                    help="also write the run's uncommitted source changes (OUT/source.diff); by default config.json "
+                         'records only their sha256 and size')
     args = ap.parse_args(argv)
     db = open_db(database_for(args.run, args.db, DEFAULT_DB))
     run = record_of(db, args.run)
-    out = export(db, run, Path(args.out), args.stage)
+    out = export(db, run, Path(args.out), args.stage, args.include_diff)
     files = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())
     print(f"exported run {run.name} to {out}: {', '.join(files)}")
     print(f"load it with compiler.load.from_pretrained({str(out)!r})", file=sys.stderr)

@@ -58,6 +58,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
 from store.layout import check_stage_name, parse_name
+from store.memory_checks import REPAIR, check_attrs, matching
 
 FORMAT = 'memspec-memories'
 FORMAT_VERSION = 3  # 3: dimension names, array attributes, consolidated metadata, shared memories (memories_from)
@@ -79,7 +80,6 @@ ARRAY_ATTRS = {
              'description': 'True where the position holds a real token, False where it is padding'},
 }
 BF16_NOTE = 'bfloat16 bit patterns stored as uint16: float32 = (bits.astype(uint32) << 16).view(float32)'
-REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
@@ -409,6 +409,7 @@ def open_group(path, run: str, stage: str) -> Group:
                         f"version {a.get('version')!r}, this tool reads {FORMAT!r} versions "
                         f"{', '.join(map(str, READABLE_VERSIONS))})",
                         'rewrite the memories with this version (rerun the stage) or use the matching tool version')
+    check_attrs(a, stage, where)
     if not a.get('complete'):
         try:
             total = g['memories'].shape[0] if 'memories' in g else '?'  # killed before its arrays were created
@@ -420,7 +421,7 @@ def open_group(path, run: str, stage: str) -> Group:
     if a.get('memories_from') is not None:
         return _follow(path, run, stage, a, where)
     _verify(g, a, where)
-    return Group(a, g['memories'], g['tokens'], g['mask'], where, stage)
+    return matching(Group(a, g['memories'], g['tokens'], g['mask'], where, stage))
 
 
 def _follow(path: Path, run: str, stage: str, a: dict, where: str) -> Group:
@@ -435,7 +436,7 @@ def _follow(path: Path, run: str, stage: str, a: dict, where: str) -> Group:
         raise SpecError(where, f"the stored memories are damaged: it refers to stage {src!r}, which "
                         + ('is a reference itself' if source.attrs.get('memories_from') is not None else
                            f"holds {source.memories.shape[0]} rows, not the {a.get('rows')} recorded here"), REPAIR)
-    return Group(a, source.memories, source.tokens, source.mask, f'{where} (memories of stage {src})', src)
+    return matching(Group(a, source.memories, source.tokens, source.mask, f'{where} (memories of stage {src})', src))
 
 
 def _unreadable(folder: Path) -> str:
@@ -443,10 +444,13 @@ def _unreadable(folder: Path) -> str:
     bad = []
     for child in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else [folder]:
         try:
-            json.loads((child / 'zarr.json').read_text())
+            meta = json.loads((child / 'zarr.json').read_text())
+            garbled = not isinstance(meta, dict) or not isinstance(meta.get('attributes', {}), dict)
         except FileNotFoundError:
             continue
         except (OSError, ValueError):
+            garbled = True
+        if garbled:
             bad.append(f'{folder.name!r} itself' if child == folder else f'{child.name!r}')
     return ', '.join(bad) or 'a member'
 
@@ -490,11 +494,16 @@ def listing(path) -> list[dict]:
             try:
                 g = root[run][stage]
                 a = dict(g.attrs)
+                check_attrs(a, stage, f'{path}/{run}/{stage}')
+                if 'memories' in g:  # a reference group's arrays are its source's, checked there
+                    matching(Group(a, g['memories'], g['tokens'], g['mask'], f'{path}/{run}/{stage}', stage))
                 entry.update(run_id=str(a.get('run_id', entry['run_id'])), run_key=a.get('run_key'),
                              rows=a.get('rows', 0), complete=bool(a.get('complete')),
                              shape=list(g['memories'].shape) if 'memories' in g else None)
                 if a.get('memories_from') is not None:
                     entry['memories_from'] = a['memories_from']
+            except SpecError as e:
+                entry['damaged'] = e.what.removeprefix('the stored memories are damaged: ')
             except Exception as e:  # noqa: BLE001
                 entry['damaged'] = _first(e)
             out.append(entry)

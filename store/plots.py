@@ -9,12 +9,14 @@ else thin lines in each run's colour.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.errors import SpecError
+from store.files import disk_error
 
 # panel order and titles; kinds not listed follow in name order, titled by their name
 KINDS = {'loss': 'loss (nats)', 'ce': 'cross-entropy (nats)', 'token_accuracy': 'token accuracy',
@@ -60,6 +62,29 @@ def style(i: int) -> dict:
     """The i-th metric's line: a dash pattern, then (past the patterns) the patterns again with a marker."""
     return {'linestyle': STYLES[i % len(STYLES)], 'marker': MARKERS[(i // len(STYLES)) % len(MARKERS)],
             'markersize': 3}
+
+
+def save_figure(fig, path: Path, where: str, **kwargs) -> Path:
+    """Write a figure atomically (a temporary file, then a rename) and close it: a file format matplotlib does not
+    know, a full or read-only disk -> one message (SpecError), nothing half-written."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{path.suffix}')
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except ValueError as e:  # unsupported format
+        raise SpecError(where, f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg') from None
+    except OSError as e:
+        err = disk_error(e, where, path, 'no plot was written')
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path:
@@ -112,16 +137,7 @@ def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path
     fig.suptitle(title, y=1.0 - 0.02 / fig.get_figheight() if len(series) == 1 else 1.0)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.35 + 0.18 * ((len(series) + 3) // 4 - 1)) / fig.get_figheight()
                            if len(series) > 1 else 1))
-    tmp = path.with_name(f'.{path.name}.tmp{path.suffix}')
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except ValueError as e:  # unsupported format
-        raise SpecError(f'{where} {out}', f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg')
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    save_figure(fig, path, f'{where} {out}')
     points = sum(len(s.rows) for s in series)
     print(f'wrote {path} ({len(series)} run{"s" if len(series) > 1 else ""}, {len(kinds)} panels, {points} points)',
           file=sys.stderr)

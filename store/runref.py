@@ -90,7 +90,7 @@ def record_of(db, ref):
     found = db.runs(run_id=run_id) if run_id is not None else []
     if not found or (key is not None and found[0].run_key not in (None, key)):
         raise no_run(ref, db.name, [r.id for r in db.runs()])
-    return found[0]
+    return found[0].check()  # a record changed outside memspec: one message naming the run and field
 
 
 def recorded_sha256(folder: RunFolder, stage: str | None) -> str | None:

@@ -97,6 +97,8 @@ def stage_end_metrics(db, run: RunRecord) -> dict[str, dict[str, float]]:
 def status_text(run: RunRecord) -> str:
     """The status, with RUNNING flagged when the run's heartbeat stopped: its process died without a word (kill -9,
     power loss), and `python -m runtime.run ... --resume ID` continues it."""
+    if run.damaged:  # listed, so it can be found; commands that read the whole run refuse it (RunRecord.check)
+        return f"{run.status[:20]} (damaged: {', '.join(d.split(' (')[0] for d in run.damaged)})"
     silent = run.silent_for()
     if silent is not None and silent > STALE_AFTER:
         return f'RUNNING (stale: no heartbeat for {span(silent)})'
@@ -214,9 +216,13 @@ def show_document(db, run: RunRecord) -> dict:
 def code_line(code: dict) -> str:
     """The provenance of a run's code in one line (runtime/provenance.py records it)."""
     if code.get('kind') == 'git':
+        # runs recorded before 'dirty' meant "the diff is not empty" were also dirty for untracked files alone
         dirty = (f"dirty: {code.get('diff_bytes', 0):,} bytes of diff (sha256 {str(code.get('diff_sha256'))[:12]})"
-                 + (f", {len(code['untracked'])} untracked files" if code.get('untracked') else '')
-                 if code.get('dirty') else 'clean')
+                 if code.get('dirty') and code.get('diff_bytes') else 'clean')
+        files = [f.get('path', '?') for f in code.get('untracked') or [] if isinstance(f, dict)]
+        if files:
+            more = len(files) - 5 + int(code.get('untracked_more') or 0)
+            dirty += f", untracked files hashed: {', '.join(files[:5])}" + (f' and {more} more' if more > 0 else '')
         return f"git {str(code.get('commit'))[:12]} on {code.get('branch', '?')}, {dirty}"
     if code.get('kind') == 'tree':
         return f"source tree sha256 {str(code.get('sha256'))[:12]} ({code.get('files')} files; not a git checkout)"

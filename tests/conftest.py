@@ -81,7 +81,7 @@ def rt_cli_many(argvs: dict) -> dict:
     out = {}
     try:
         for k, p in procs.items():
-            stdout, stderr = p.communicate(timeout=180)
+            stdout, stderr = p.communicate(timeout=600)
             out[k] = _subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     finally:
         for p in procs.values():

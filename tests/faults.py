@@ -118,7 +118,7 @@ BINDINGS = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'BATCH=4', 'Stage.
             'Run.checkpoint_every=2', 'Run.log_every=1', 'autoencode/Stage.steps=3', 'blank/Stage.steps=3',
             'Plan.curriculum = [@autoencode/Stage(), @blank/Stage()]']
 PG_DEFAULT = 'postgresql://memspec:memspec@localhost:5432/postgres'
-RUN_TIMEOUT = 300
+RUN_TIMEOUT = 600
 
 # hook -> phases at which it can act; categories of kill points
 HOOKS = {
@@ -192,7 +192,7 @@ def _act(filename=None) -> None:
         _db_down.set()
     if action == 'pause':  # a live run, held here: the suite resumes it meanwhile, or sends it a real SIGTERM
         Path(_spec['ready']).write_text(str(os.getpid()))
-        deadline = time.time() + 120
+        deadline = time.time() + RUN_TIMEOUT
         while time.time() < deadline:
             time.sleep(0.05)
     if action == 'fill':
@@ -427,7 +427,7 @@ def query(db, sql, *args):
             con.close()
     if not Path(db).is_file():
         return []
-    con = sqlite3.connect(db, timeout=60)
+    con = sqlite3.connect(db, timeout=600)
     try:
         return con.execute(sql, args).fetchall()
     except sqlite3.OperationalError:  # no such table: nothing recorded
@@ -1110,7 +1110,7 @@ class Suite:
         finally:
             os.kill(pid, signal.SIGKILL)
             wait(pid)
-        con = sqlite3.connect(db_path(out), timeout=60)
+        con = sqlite3.connect(db_path(out), timeout=600)
         with con:
             con.execute("UPDATE run SET heartbeat = datetime('now', '-2 hours')")
         con.close()

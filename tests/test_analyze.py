@@ -337,7 +337,7 @@ def test_store_is_readable_with_plain_zarr(tmp_path):
             "'runs': sorted(root.group_keys()),\n"
             "                  'project': sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch', 'store', 'compiler'))}))\n")
-    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     assert got['project'] == [] and got['runs'] == ['r'] and got['shape'] == [300, 2, 6]

@@ -118,7 +118,7 @@ RACE = textwrap.dedent('''
 
 def race(url, n=8, runs=3):
     r = subprocess.run([sys.executable, '-c', RACE, url, str(n), str(runs)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert all(x['exit'] == 0 for x in results), r.stderr[-5000:]
@@ -194,7 +194,7 @@ def test_many_writers_create_one_zarr_store_at_once(tmp_path):
     from store import memories as M
     stores = [tmp_path / f'memories{trial}.zarr' for trial in range(4)]
     r = subprocess.run([sys.executable, '-c', ZARR_RACE, *map(str, stores), '6'], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for store in stores:
         groups = M.listing(store)

@@ -209,7 +209,7 @@ def test_evaluate_refuses_a_run_its_database_does_not_hold(flagship_run, tmp_pat
     src.close()
     con.close()
     p = subprocess.run([sys.executable, '-m', 'runtime.evaluate', str(copy), '--tasks', 'memspec'], cwd=ROOT,
-                       env=rt_env(), capture_output=True, text=True, timeout=300)
+                       env=rt_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and p.stdout == '' and 'Traceback' not in p.stderr
     assert p.stderr.startswith(f'error: run {flagship_run.run_id}: no run with this id in sqlite:///')
     assert not (copy / 'evaluations').exists()

@@ -345,7 +345,7 @@ def test_cli_generates_from_a_real_run(tiny_run):
             '--max-new-tokens', '12']
     procs = [subprocess.Popen(a, cwd=ROOT, env=rt_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for a in (argv, argv + ['--json'])]
-    (text, text_err), (js, js_err) = [p.communicate(timeout=120) for p in procs]
+    (text, text_err), (js, js_err) = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], text_err + js_err
     assert 'Traceback' not in text_err + js_err
     plan, model, data = loaded(tiny_run)
@@ -438,7 +438,7 @@ def test_cli_refuses_bad_input_with_one_message(tiny_run, capsys, case):
 def test_cli_refusal_has_no_traceback_in_a_real_process(tiny_run):
     argv, message = refusals(tiny_run)['unknown stage']
     p = subprocess.run([sys.executable, '-m', 'runtime.generate', *map(str, argv)], cwd=ROOT, env=rt_env(),
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert (p.returncode, p.stdout, p.stderr) == (2, '', f'error: {message}\n')
 
 

@@ -372,7 +372,7 @@ def start_background():
     """`python -m compiler SPEC --json` in real subprocesses, started after collection (tests/conftest.py)."""
     for spec in CLI_SPECS:
         background_run(('json', spec), [sys.executable, '-m', 'compiler', f'specs/{spec}', '--json'], cwd=ROOT,
-                       timeout=300)
+                       timeout=600)
 
 
 @pytest.mark.parametrize('spec', CLI_SPECS)

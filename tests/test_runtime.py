@@ -152,7 +152,7 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path, rt_cache):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert rt_main(argv_a) == 0
-        _, err = killed.communicate(timeout=180)
+        _, err = killed.communicate(timeout=600)
     finally:
         killed.kill()
     assert killed.returncode == -signal.SIGKILL, f'run B was not killed (exit {killed.returncode}):\n{err[-3000:]}'

@@ -113,7 +113,7 @@ def start_background():
         cmd = [sys.executable, '-m', 'compiler', *(case.files or (str(path),))]
         for b in case.bindings:
             cmd += ['-b', b]
-        background_run(('spec_error', case.id), cmd, cwd=ROOT, timeout=300)
+        background_run(('spec_error', case.id), cmd, cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope='module')
@@ -330,7 +330,7 @@ def start_exact():
         path = folder / f'{case.id}.gin'
         if case.text is not None and not path.exists():
             path.write_text(case.text)
-        background_run(('spec_exact', case.id), _exact_cmd(case, path), cwd=ROOT, timeout=300)
+        background_run(('spec_exact', case.id), _exact_cmd(case, path), cwd=ROOT, timeout=600)
 
 
 def test_exact_table_is_large_enough_and_covers_both_kinds():

@@ -100,7 +100,7 @@ def test_sacred_imports_without_the_pkg_resources_warning_and_other_warnings_sta
             'assert not leaked, leaked\n'
             'warnings.warn("still shown")\n')
     p = subprocess.run([sys.executable, '-W', 'default', '-c', code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     assert 'pkg_resources' not in p.stderr and 'still shown' in p.stderr
 

@@ -13,7 +13,8 @@ from store import memories as M
 from store.analysis.groups import reservoir, stages
 from store.analysis.reload import Decoder, database_of, iter_decoded, load_decoder
 from store.database import display_url, open_db
-from store.plots import Series, curves
+from store.files import disk_error
+from store.plots import Series, curves, save_figure
 
 
 def position_accuracy(dec: Decoder, group: M.Group, limit=None, desc='') -> np.ndarray:
@@ -44,7 +45,13 @@ def cmd_plot(args) -> None:
     import matplotlib.pyplot as plt
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = disk_error(e, f'plot --out {out}', out, 'no plot was written')
+        if err is None:
+            raise
+        raise err from None
     groups = stages(args.store, args.run_id, args.stage)
     written = []
     samples = {}
@@ -103,7 +110,4 @@ def _pca(x: torch.Tensor) -> np.ndarray:
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, path, f'plot --out {path.parent}', dpi=100))
