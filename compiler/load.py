@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import plan as P
-from compiler.checkpoint import sha256_file
+from compiler.digest import sha256_file
 from compiler.errors import SpecError
 
 SPECIAL_TOKENS = ('<pad>', '<eod>', '<blank>', '<copy>')

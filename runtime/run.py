@@ -45,22 +45,15 @@ from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
 from runtime import provenance, record, sweep
-from runtime.checkpoint import (
-    LocksUnsupported,
-    RunBusy,
-    RunLock,
-    WriteFailed,
-    check_writable,
-    load_checkpoint,
-    remove_stale_temporaries,
-    write_text,
-)
+from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
 from runtime.distributed import NullRun, distributed, run_device
-from runtime.train import Divergence, check_init_sources
+from runtime.lock import LocksUnsupported, RunBusy, RunLock
+from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
 from store.database import flatten
+from store.files import WriteFailed, check_writable, write_text
 from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
 from store.tables import spec_label
 

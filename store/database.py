@@ -151,12 +151,6 @@ def recorded_run(url: str, run_id: str) -> RunRecord | None:
     return found[0] if found else None
 
 
-def recorded_config(url: str, run_id: str) -> dict | None:
-    """The recorded config of a run ({} when unreadable), or None when the database or the run is not there."""
-    run = recorded_run(url, run_id)
-    return None if run is None else run.config
-
-
 # ------------------------------------------------------------------------------------------------ records
 
 @dataclasses.dataclass

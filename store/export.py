@@ -33,9 +33,10 @@ import sys
 from pathlib import Path
 
 from compiler import load
-from compiler.checkpoint import llama_config, sha256_file, stack_to_llama
+from compiler.digest import sha256_file
 from compiler.errors import SpecError, cli
 from compiler.families import family
+from compiler.llama import llama_config, stack_to_llama
 from compiler.plan import Plan
 from store.database import DEFAULT_DB, RunRecord, display_url, open_db
 from store.files import disk_error, settle

@@ -35,7 +35,7 @@ import re
 import secrets
 from pathlib import Path
 
-from compiler.checkpoint import sha256_file
+from compiler.digest import sha256_file
 from compiler.errors import SpecError
 from compiler.plan import NAME
 

@@ -14,7 +14,7 @@ counts how often each hook below is called, so kill points land inside the run.
 Kill points (a forked copy of this process runs `runtime.run.main` with one hook patched to SIGKILL itself at its
 k-th call; the hook and k are drawn from --seed; categories rotate so every category is hit):
 - mid-step:         runtime.train.stage_loss (a batch drawn, no update yet), runtime.run.evaluate
-- checkpoint write: runtime.run.atomic_write (checkpoint.pt, its sha256 file, stage and final safetensors), killed
+- checkpoint write: store.files.atomic_write (checkpoint.pt, its sha256 file, stage and final safetensors), killed
                     before, in the middle of the temporary file (truncated to half), after it, or after the rename;
                     torch.save with half of the bytes written
 - Zarr append:      store.memories.Writer: after the group is created, in an append between arrays, after an append,
@@ -239,8 +239,8 @@ def install_hooks(spec: dict | None) -> None:
     import sqlalchemy.engine.default as D
     import zarr
 
-    import runtime.checkpoint as C
     import runtime.train as T
+    import store.files as C
     from store import memories as M
 
     # Each hook replaces the function where it is defined; the runtime calls these through their modules, and the

@@ -249,7 +249,7 @@ def test_the_database_password_appears_in_no_output_file_or_row(report):
 # ------------------------------------------------------------------------------------------------- in process
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path):
-    from runtime.checkpoint import atomic_write
+    from store.files import atomic_write
     target = tmp_path / 'checkpoint.pt'
     target.write_bytes(b'old')
 
@@ -346,30 +346,31 @@ def test_a_library_write_error_on_a_full_disk_is_classified_by_the_filesystem(tm
     import shutil
 
     import runtime.checkpoint as R
+    import store.files as F
 
     def torn(tmp):
         raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=0))
-    with pytest.raises(R.WriteFailed) as e:
-        R.atomic_write(tmp_path / 'checkpoint.pt', torn)
+    with pytest.raises(F.WriteFailed) as e:
+        F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(f"cannot write {tmp_path / 'checkpoint.pt'}: "
                                                                      'No space left on device, on the filesystem at ')
     assert '(0 B free of ' in str(e.value) and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 30))  # room left: an I/O error
-    with pytest.raises(R.WriteFailed) as e:
-        R.atomic_write(tmp_path / 'checkpoint.pt', torn)
+    with pytest.raises(F.WriteFailed) as e:
+        F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.EIO and 'unexpected pos' in str(e.value)
     with pytest.raises(ValueError):  # not a write failure: not disguised as one
-        R.atomic_write(tmp_path / 'x', lambda tmp: int('x'))
+        F.atomic_write(tmp_path / 'x', lambda tmp: int('x'))
 
 
 def test_files_are_written_with_the_mode_the_umask_gives(tmp_path):
-    import runtime.checkpoint as R
+    import store.files as F
     old = os.umask(0o027)
     try:
-        R.write_text(tmp_path / 'a.txt', 'x')
+        F.write_text(tmp_path / 'a.txt', 'x')
         assert (tmp_path / 'a.txt').stat().st_mode & 0o777 == 0o640  # mkstemp alone would leave 0600
     finally:
         os.umask(old)

@@ -231,7 +231,7 @@ def _record(beat_ago):
 def test_the_run_lock_is_exclusive_while_held_and_free_once_released(tmp_path):
     import socket
 
-    from runtime.checkpoint import RunBusy, RunLock
+    from runtime.lock import RunBusy, RunLock
     first = RunLock(tmp_path / 'run.lock').acquire()
     with pytest.raises(RunBusy) as e:
         RunLock(tmp_path / 'run.lock').acquire()

@@ -12,8 +12,8 @@ from compiler import model as M
 from compiler import plan as P
 from compiler.__main__ import main as compiler_main
 from compiler.blocks import Stack
-from compiler.checkpoint import load_llama
 from compiler.errors import SpecError
+from compiler.llama import load_llama
 from compiler.spec import SPECS_DIR, load
 
 ROOT = SPECS_DIR.parent

@@ -5,7 +5,7 @@ import transformers
 from compiler.errors import SpecError
 from compiler.model import build
 from compiler.spec import load
-from runtime.train import init_component
+from runtime.checkpoint import init_component
 
 BINDINGS = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'decoder/Stack.ffn_hidden=128',
             'decoder/Stack.n_kv_heads=1']

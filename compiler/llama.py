@@ -1,10 +1,8 @@
-"""Checkpoint files: a Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a
+"""A Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a
 Stack, so a pretrained LM can serve as a memory model's decoder, and a Stack out as one (store/export.py). Our module
 names follow Llama's, so the mapping is a rename of three top-level keys; shapes are checked, nothing is silently
-skipped. Also the sha256 of a file, by which runs reference the files they read and write."""
+skipped."""
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
@@ -13,14 +11,6 @@ from compiler.errors import SpecError
 
 _RENAMES = (('model.embed_tokens.', 'embedding.'), ('embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
             ('model.norm.', 'norm.'), ('lm_head.', 'head.'))
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
