@@ -53,7 +53,7 @@ from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
 from store.database import flatten
-from store.files import WriteFailed, check_writable, write_text
+from store.files import WriteFailed, check_writable, refuse_link, write_text
 from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
 from store.tables import spec_label
 
@@ -150,6 +150,12 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
                                if run.config.get('bindings') else ''))
     if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
         same_plan(run.config['spec_hash'])
+    if run.status == 'COMPLETED':  # --resume would train it again from its last checkpoint under the same record
+        raise SpecError(where, f'run {run.name} already COMPLETED: there is nothing to resume',
+                        f'use its results (python -m store.runs show {run_id}; weights in {folder.final}), or drop '
+                        '--resume to train the same spec again as a new run')
+    for path in folder.written():  # before the lock: run.lock planted as a link must not be written through
+        refuse_link(path)
     if locks is not None:
         lock = take_lock(folder, run, where)
         if lock is not None:

@@ -115,13 +115,13 @@ def refuse_link(path: Path, what: str = 'write') -> None:
                         f'{what} through one', 'remove the link (and find out who made it), then run the command again')
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, prefix: str | None = None, suffix: str = '') -> None:
     """write(tmp_path) then rename: a kill leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_link(path.parent)
     refuse_link(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f'.{path.name}.', suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

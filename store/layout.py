@@ -197,6 +197,14 @@ class RunFolder:
     def summary_json(self) -> Path:
         return self.root / 'summary.json'
 
+    def written(self) -> list[Path]:
+        """Every path a run creates or replaces in its folder. memspec makes no links there, so a link at any of them
+        was planted, and is refused before a resume writes anything (store.files.refuse_link)."""
+        fixed = [self.root, self.lock, self.marker, self.operative, self.checkpoint,
+                 self.checkpoint.with_name(self.checkpoint.name + '.sha256'), self.stages, self.final, self.tokenizer,
+                 self.tensorboard, self.source_diff, self.summary_md, self.summary_json]
+        return fixed + (sorted(self.stages.iterdir()) if self.stages.is_dir() and not self.stages.is_symlink() else [])
+
 
 def file_ref(path) -> dict:
     """A file as a run records it (its weights, init_from sources): where it is, its size and its sha256. The bytes

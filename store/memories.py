@@ -57,6 +57,7 @@ from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
+from store.files import atomic_write
 from store.layout import check_stage_name, parse_name
 from store.memory_checks import REPAIR, check_attrs, matching
 
@@ -252,13 +253,8 @@ def consolidate(path) -> None:
             for node in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
                 flat |= _node_metadata(path, node, arrays=node != run)
         root['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': flat}
-        tmp = path / f'.zarr.json.{os.getpid()}.tmp'
-        try:
-            tmp.write_text(json.dumps(root, indent=2, allow_nan=True))
-            os.replace(tmp, path / 'zarr.json')
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        text = json.dumps(root, indent=2, allow_nan=True)  # a temporary of its own (O_EXCL), never a planted link
+        atomic_write(path / 'zarr.json', lambda tmp: Path(tmp).write_text(text), prefix='.zarr.json.', suffix='.tmp')
 
 
 def _node_metadata(path: Path, node: Path, arrays: bool) -> dict:

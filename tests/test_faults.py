@@ -277,10 +277,10 @@ def test_a_kill_between_the_digest_and_the_checkpoint_rename_still_verifies(tmp_
             raise KeyboardInterrupt('killed before the rename')  # stands in for SIGKILL at this instant
         return real_replace(src, dst)
 
-    monkeypatch.setattr(R.os, 'replace', killed)
+    monkeypatch.setattr(os, 'replace', killed)
     with pytest.raises(KeyboardInterrupt):
         R.save_checkpoint(path, state(2))
-    monkeypatch.setattr(R.os, 'replace', real_replace)
+    monkeypatch.setattr(os, 'replace', real_replace)
     R._digests.clear()
     assert R.load_checkpoint(path, '--resume x', 'x')['step'] == 1
     R.save_checkpoint(path, state(3))  # and the next write proceeds normally
@@ -352,13 +352,13 @@ def test_a_library_write_error_on_a_full_disk_is_classified_by_the_filesystem(tm
         raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=0))
+    monkeypatch.setattr(F.shutil, 'disk_usage', lambda p: usage._replace(free=0))
     with pytest.raises(F.WriteFailed) as e:
         F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(f"cannot write {tmp_path / 'checkpoint.pt'}: "
                                                                      'No space left on device, on the filesystem at ')
     assert '(0 B free of ' in str(e.value) and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 30))  # room left: an I/O error
+    monkeypatch.setattr(F.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 30))  # room left: an I/O error
     with pytest.raises(F.WriteFailed) as e:
         F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.EIO and 'unexpected pos' in str(e.value)
