@@ -251,7 +251,7 @@ REFUSED_COMMANDS = {
 @pytest.mark.parametrize('case', sorted(REFUSED_COMMANDS))
 def test_a_refused_sweep_exits_2_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
     import submitit
-    monkeypatch.setattr(S.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
+    monkeypatch.setattr(S.executors.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
     lines, flags, message = REFUSED_COMMANDS[case]
     path = sweep_file(tmp_path, ''.join(f'{line}\n' for line in lines))
     out = tmp_path / 'runs'
@@ -346,7 +346,7 @@ def test_a_failed_member_skips_its_dependents_and_the_others_continue(tmp_path, 
     out = tmp_path / 'runs'
     layout = S.load_sweep(str(sweep_file(tmp_path)))
     pool = FakePool({('ae', 0): 1})
-    monkeypatch.setattr(S, '_executor', lambda args, folder: pool)
+    monkeypatch.setattr(S.driver, 'make_executor', lambda args, folder: pool)
     args = SimpleNamespace(db=None, jobs=2, executor='local')
     code = S.execute(layout, [f"Run.out_dir = '{out}'"], args)
     assert code == 1
@@ -427,7 +427,7 @@ def check_small_sweep(out, stdout) -> str:
 def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(small_sweeps, rt_cache):
     out, first = small_sweeps['local']
     sweep_id = check_small_sweep(out, first.stdout)
-    assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
+    assert f'local executor, 2 at once, {max(1, S.executors.cores() // 2)} thread(s) each' in first.stdout
     before = recorded(out / 'sacred.db')
 
     ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): n.split('-')[0] for n, _, c, *_ in before}
