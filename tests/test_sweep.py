@@ -59,7 +59,8 @@ def test_every_trial_runs_once_per_seed_and_grid_point_dependencies_first(tmp_pa
                               'Run.log_every = 5', 'Memory.chunk_len = 16', 'probe/Stage.lr = 0.002', 'Run.seed = 1']
     plan = probe.spec.plan
     assert (plan.run.seed, plan.memory.chunk_len, plan.curriculum[0].lr, plan.decoder.d_model) == (1, 16, 2e-3, 32)
-    assert probe.label == 'probe-seed1-4' and members[0].label == 'ae-seed0'
+    # logs are named by the grid values (file-safe), not by the grid point's index
+    assert probe.label == 'probe-seed1-Memory.chunk_len=16,probe.Stage.lr=0.002' and members[0].label == 'ae-seed0'
     assert len({m.hash for m in members}) == len(members)
 
 
@@ -77,6 +78,12 @@ def test_a_dependency_resolves_by_name_to_the_run_of_the_same_seed_and_grid_poin
         assert dep is ae[(p.seed, p.point['Memory.chunk_len'])]
         spec = S.compile_member(p)
         assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_name}/autoencode'}
+
+
+def test_grid_values_that_read_the_same_as_file_names_fall_back_to_the_index(tmp_path):
+    path = sweep_file(tmp_path, "ae/Trial.grid = {'Run.memory_store': ['m n', 'm/n', 'c']}\n")
+    labels = [m.label for m in members_of(path, ['Sweep.seeds = [0]', 'Sweep.trials = [@ae/Trial()]'])]
+    assert labels == ['ae-seed0-point1', 'ae-seed0-point2', 'ae-seed0-Run.memory_store=c']
 
 
 def test_the_dependency_component_suffix_is_kept(tmp_path):
@@ -127,7 +134,12 @@ REFUSALS = {
                            "  fix: depend on a trial of the sweep by its name: 'run:@<trial>/<stage>'"),
     'binding for no trial': ("prbe/Trial.grid = {'Memory.chunks': [4, 8]}",
                              "{f}:6: 'prbe' is not a trial of this sweep (trials: ae, probe)\n"
-                             '  fix: add @prbe/Trial() to Sweep.trials or fix the scope'),
+                             "  fix: did you mean 'probe'? add @prbe/Trial() to Sweep.trials or fix the scope"),
+    'misspelled dependency': ('probe/Trial.bindings = '
+                              '["probe/Stage.init_from = {\'encoder\': \'run:@aes/autoencode\'}"]',
+                              "{f}:6: 'run:@aes/' names no trial of this sweep (trials: ae, probe)\n"
+                              "  fix: did you mean 'ae'? depend on a trial of the sweep by its name: "
+                              "'run:@<trial>/<stage>'"),
     'cycle': ('ae/Trial.bindings = ["Stage.init_from = {\'encoder\': \'run:@probe/probe\'}"]',
               '{f}:5: dependency cycle: ae -> probe -> ae\n'
               '  fix: a trial cannot read (through run:@...) a trial that reads it'),

@@ -12,7 +12,7 @@ from pathlib import Path
 from compiler import plan as plan_mod
 from compiler.errors import SpecError, either
 from compiler.spec import SPECS_DIR, load, read_bindings
-from runtime.sweep.spec import SEED_KEY, Layout, Sweep, Trial
+from runtime.sweep.spec import SEED_KEY, Layout, Sweep, Trial, did_you_mean
 from store.tables import fmt
 
 REFERENCE = re.compile(r'run:@([^/\s\'"]*)/([A-Za-z0-9_.-]*)')  # 'run:@ae/autoencode:encoder' -> ('ae', 'autoencode')
@@ -41,9 +41,12 @@ class Member:
     start: dt.datetime | None = None
     stop: dt.datetime | None = None
 
+    tag: str = ''  # the grid point in file names (_name_logs)
+
     @property
     def label(self) -> str:
-        return f'{self.trial}-seed{self.seed}' + (f'-{self.index}' if self.point else '')
+        """What the member's log is called: trial, seed and grid values."""
+        return f'{self.trial}-seed{self.seed}' + (f'-{self.tag}' if self.point else '')
 
     @property
     def grid_text(self) -> str:
@@ -93,44 +96,12 @@ def expand(layout: Layout, extra: list[str]) -> list[Member]:
     for its dependencies). `extra`: -b bindings given to every member (after the trials' own, before grid and seed).
     Raises SpecError, located in the sweep, on anything that would stop a member."""
     sweep = layout.sweep
-    if not plan_mod.NAME.match(sweep.name):  # the names that become file names: as for Stage.name
-        raise SpecError(layout.at('', 'name'), f'sweep name {sweep.name!r} is not an identifier',
-                        "use letters, digits and '_' (it names the sweep's log folder)")
-    if not sweep.trials:
-        raise SpecError(layout.at('', 'trials'), 'the sweep has no trials',
-                        'list them: Sweep.trials = [@ae/Trial(), @probe/Trial()]')
-    if len(set(sweep.seeds)) != len(sweep.seeds):
-        raise SpecError(layout.at('', 'seeds'), f'Sweep.seeds lists a seed twice: {list(sweep.seeds)}',
-                        'list every seed once')
+    _check_sweep(layout)
     trials = {t.name: t for t in sweep.trials}
-    swept = {SEED_KEY} if sweep.seeds else set()
     for t in sweep.trials:
         _check_trial(t, layout, trials, sweep)
-        swept |= set(t.grid)
-    for b in extra:  # the sweep's axes come last and would silently win over a -b that sets them
-        for key in [k for names in read_bindings(b) for k in names]:
-            if key in swept:
-                raise SpecError(f"binding -b '{b}'", f"'{key}' is what the sweep varies",
-                                'drop this binding (the sweep sets it for every member)')
-    order = _trial_order(trials, layout)
-    members: list[Member] = []
-    for name in order:
-        t = trials[name]
-        keys = list(t.grid)
-        points = [dict(zip(keys, values)) for values in itertools.product(*(t.grid[k] for k in keys))]
-        for seed in sweep.seeds or (None,):
-            for index, point in enumerate(points, start=1 if keys else 0):
-                origin = {b: layout.at('', 'bindings') for b in sweep.bindings}
-                origin.update({b: layout.at(name, 'bindings') for b in t.bindings})
-                bindings = [*sweep.bindings, *t.bindings, *extra]
-                for k, v in point.items():
-                    bindings.append(_binding(k, v))
-                    origin[bindings[-1]] = layout.at(name, 'grid')
-                if seed is not None:
-                    bindings.append(_binding(SEED_KEY, seed))
-                    origin[bindings[-1]] = layout.at('', 'seeds')
-                specs = [_spec_path(s, layout.folder, layout.at(name, 'specs')) for s in t.specs]
-                members.append(Member(name, seed, point, index, specs, bindings, origin))
+    _check_extra(extra, sweep)
+    members = [m for name in _trial_order(trials, layout) for m in _trial_members(trials[name], layout, extra)]
     by_trial: dict[str, list[Member]] = {}
     for m in members:
         by_trial.setdefault(m.trial, []).append(m)
@@ -146,7 +117,67 @@ def expand(layout: Layout, extra: list[str]) -> list[Member]:
         raise SpecError(layout.at('', 'trials'), f'the members write to different Run.out_dir: {sorted(out_dirs)}',
                         "give every trial the same Run.out_dir (e.g. -b \"Run.out_dir='runs'\"): a dependency is read "
                         'from the dependent\'s out_dir and the sweep records into one database')
+    _name_logs(members)
     return members
+
+
+def _check_sweep(layout: Layout) -> None:
+    sweep = layout.sweep
+    if not plan_mod.NAME.match(sweep.name):  # the names that become file names: as for Stage.name
+        raise SpecError(layout.at('', 'name'), f'sweep name {sweep.name!r} is not an identifier',
+                        "use letters, digits and '_' (it names the sweep's log folder)")
+    if not sweep.trials:
+        raise SpecError(layout.at('', 'trials'), 'the sweep has no trials',
+                        'list them: Sweep.trials = [@ae/Trial(), @probe/Trial()]')
+    if len(set(sweep.seeds)) != len(sweep.seeds):
+        raise SpecError(layout.at('', 'seeds'), f'Sweep.seeds lists a seed twice: {list(sweep.seeds)}',
+                        'list every seed once')
+
+
+def _check_extra(extra: list[str], sweep: Sweep) -> None:
+    """The sweep's axes come last and would silently win over a -b that sets them."""
+    swept = ({SEED_KEY} if sweep.seeds else set()).union(*(t.grid for t in sweep.trials))
+    for b in extra:
+        for key in [k for names in read_bindings(b) for k in names]:
+            if key in swept:
+                raise SpecError(f"binding -b '{b}'", f"'{key}' is what the sweep varies",
+                                'drop this binding (the sweep sets it for every member)')
+
+
+def _trial_members(t: Trial, layout: Layout, extra: list[str]) -> list[Member]:
+    """A trial's members: one per seed and grid point, with their bindings and where each came from."""
+    keys, sweep = list(t.grid), layout.sweep
+    points = [dict(zip(keys, values)) for values in itertools.product(*(t.grid[k] for k in keys))]
+    specs = [_spec_path(s, layout.folder, layout.at(t.name, 'specs')) for s in t.specs]
+    members = []
+    for seed in sweep.seeds or (None,):
+        for index, point in enumerate(points, start=1 if keys else 0):
+            origin = {b: layout.at('', 'bindings') for b in sweep.bindings}
+            origin.update({b: layout.at(t.name, 'bindings') for b in t.bindings})
+            bindings = [*sweep.bindings, *t.bindings, *extra]
+            axes = [(k, v, layout.at(t.name, 'grid')) for k, v in point.items()]
+            for k, v, where in axes + ([(SEED_KEY, seed, layout.at('', 'seeds'))] if seed is not None else []):
+                bindings.append(_binding(k, v))
+                origin[bindings[-1]] = where
+            members.append(Member(t.name, seed, point, index, list(specs), bindings, origin))
+    return members
+
+
+LOG_NAME = re.compile(r'[^A-Za-z0-9._=,+-]')  # what else a grid value holds becomes '_' in its log's name
+
+
+def _name_logs(members: list[Member]) -> None:
+    """Each member's log is named by its trial, seed and grid values ('probe-seed0-Memory.chunk_len=8'); where two
+    values read the same once made file-safe, or the name would be too long, the grid point's index is used."""
+    for m in members:
+        text = ','.join(f"{k.replace('/', '.')}={v if isinstance(v, str) else fmt(v)}" for k, v in m.point.items())
+        m.tag = LOG_NAME.sub('_', text)
+    seen: dict[str, list[Member]] = {}
+    for m in members:
+        seen.setdefault(m.label, []).append(m)
+    for same in seen.values():
+        for m in same if len(same) > 1 or len(same[0].label) > 120 else []:
+            m.tag = f'point{m.index}'
 
 
 def _check_trial(t: Trial, layout: Layout, trials: dict, sweep: Sweep) -> None:
@@ -176,7 +207,8 @@ def _check_trial(t: Trial, layout: Layout, trials: dict, sweep: Sweep) -> None:
                 known = ', '.join(trials)
                 raise SpecError(layout.at(t.name if b in t.bindings else '', 'bindings'),
                                 f"'run:@{dep}/' names no trial of this sweep (trials: {known})",
-                                "depend on a trial of the sweep by its name: 'run:@<trial>/<stage>'")
+                                f"{did_you_mean(dep, trials)}depend on a trial of the sweep by its name: "
+                                "'run:@<trial>/<stage>'")
 
 
 def _trial_order(trials: dict, layout: Layout) -> list[str]:

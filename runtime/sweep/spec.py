@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,12 +91,18 @@ def load_sweep(path: str, bindings=()) -> Layout:
     for (scope, cls, _), line in locations.items():  # `prbe/Trial.specs = ...`: bound, but no such trial
         if cls == 'Trial' and scope and scope not in scopes and not picked:
             raise SpecError(line, f"'{scope or 'Trial'}' is not a trial of this sweep (trials: {', '.join(named)})",
-                            f'add @{scope}/Trial() to Sweep.trials or fix the scope')
+                            f'{did_you_mean(scope, named)}add @{scope}/Trial() to Sweep.trials or fix the scope')
     spots = {('', f): where(sweep, f) for f in ('name', 'seeds', 'trials', 'bindings')}
     for n, t in named.items():
         spots.update({(n, f): where(t, f) for f in ('specs', 'bindings', 'grid', 'name')})
     trials = tuple(dataclasses.replace(t, name=n) for n, t in named.items())
     return Layout(dataclasses.replace(sweep, trials=trials), spots, Path(path).resolve().parent)
+
+
+def did_you_mean(name: str, known) -> str:
+    """"did you mean 'probe'? " for a misspelled trial name ('' when nothing is close)."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"did you mean '{close[0]}'? " if close else ''
 
 
 def default_name(path: str) -> str:
