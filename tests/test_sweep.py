@@ -490,3 +490,93 @@ def test_the_readme_sweep_query_shows_each_probe_reading_its_own_seeds_autoencod
     assert sorted(s for s, _ in probes) == [0, 1]
     assert all(re.fullmatch(rf'run:{ae[s]}-[0-9a-f]{{10}}/autoencode', encoder) for s, encoder in probes), probes
     assert all(0 <= acc <= 1 for *_, acc in rows)
+
+
+# ------------------------------------------------------------------------------------------------ two drivers at once
+
+class HeldPool(FakePool):
+    """A pool whose members run until the test lets them end (set_result on the returned future)."""
+
+    def start(self, argv, env, log, cwd, shown):
+        self.started.append(argv)
+        self.future = Future()
+        return self.future
+
+
+def claim_driver(path, out, url, sweep_id):
+    """A driver of the one-member sweep (trial ae, seed 0) with its own claims on the database at `url`."""
+    from runtime.sweep.claims import Claims
+    (m,) = members_of(path, ['Sweep.seeds = [0]', 'Sweep.trials = [@ae/Trial()]', f"Run.out_dir = '{out}'"])
+    pool = HeldPool()
+    driver = S.Driver('sweep', sweep_id, url, SimpleNamespace(db=url, jobs=1), out, pool, [],
+                      Claims(url, 'sweep', sweep_id))
+    driver.members = [m]
+    driver.bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None, write=lambda s, **k: None)
+    return driver, m, pool
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgresql'])
+def test_a_member_claimed_by_one_driver_is_not_started_by_another(backend, tmp_path, request):
+    """Two drivers of the same sweep decide on the same member: the first claims and starts it; the second finds the
+    claim and starts nothing. Once the first collected it the claim is free; a claim whose driver stopped beating
+    (killed) is taken over after database.STALE_AFTER."""
+    from runtime import record
+    from runtime.sweep import claims as C
+    from store.database import STALE_AFTER
+    out = tmp_path / 'runs'
+    url = default_url(str(out)) if backend == 'sqlite' else request.getfixturevalue('pg_url')
+    out.mkdir()
+    obs = record.observer(url)  # the run tables, as the driver makes them before any member starts
+    if hasattr(obs, 'engine'):
+        obs.engine.dispose()
+    path = sweep_file(tmp_path)
+    a, ma, pool_a = claim_driver(path, out, url, 'sweep-a')
+    b, mb, pool_b = claim_driver(path, out, url, 'sweep-b')
+    assert a.start(ma) is pool_a.future and len(pool_a.started) == 1
+    assert b.start(mb) is None and pool_b.started == []
+    assert (mb.status, mb.note) == ('RUNNING', '(claimed by sweep sweep-a, which runs it: not started here; rerun '
+                                               'the sweep once that one ended)')
+    pool_a.future.set_result({'code': 0, 'start': time.time(), 'stop': time.time()})
+    a.collect(ma, pool_a.future)  # ended: the claim is released
+    c, mc, pool_c = claim_driver(path, out, url, 'sweep-c')
+    assert c.start(mc) is pool_c.future
+    # driver c is killed: its claim stays until its heartbeat is older than STALE_AFTER
+    d, md, pool_d = claim_driver(path, out, url, 'sweep-d')
+    assert d.start(md) is None and 'claimed by sweep sweep-c' in md.note
+    engine = C.database.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(C.CLAIMS.update().values(beat=C._now() - STALE_AFTER - dt.timedelta(seconds=1)))
+    engine.dispose()
+    e, me, pool_e = claim_driver(path, out, url, 'sweep-e')
+    assert e.start(me) is pool_e.future
+    for driver in (a, b, c, d, e):
+        driver.claims.close()
+
+
+def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cache):
+    """Two `runtime.sweep run` of one sweep started together on one database: every member is recorded once; what one
+    driver ran the other reports as claimed or completed, never as a second run."""
+    out = tmp_path / 'runs'
+    cmd = [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, '-b', 'Sweep.seeds = [0, 1]',
+           '-b', 'Sweep.trials = [@ae/Trial()]', '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{rt_cache}'",
+           *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2']
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=900)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode in (0, 1), f'exit {p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
+        results.append(stdout)
+    runs = recorded(out / 'sacred.db')
+    members = sorted((c['sweep']['trial'], c['sweep']['seed']) for _, _, c, *_ in runs)
+    assert members == [('ae', 0), ('ae', 1)], members  # each member once, whichever driver ran it
+    assert [s for _, s, *_ in runs] == ['COMPLETED'] * 2
+    started = sorted(p.name for p in (out / 'sweeps').rglob('*.log'))
+    assert started == ['ae-seed0.log', 'ae-seed1.log'], started
+    for stdout in results:  # each driver's table accounts for both members, without a failure
+        rows = member_rows(stdout)
+        assert len(rows) == 2 and all(r[4] in ('COMPLETED', 'RUNNING') for r in rows), stdout

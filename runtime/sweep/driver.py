@@ -13,11 +13,13 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 from compiler.errors import SpecError
+from runtime.sweep.claims import BEAT_EVERY, Claims
 from runtime.sweep.executors import make_executor
 from runtime.sweep.expand import Member, compile_member, expand, stored
 from runtime.sweep.record import _identity, prior, records, resumable
 from runtime.sweep.spec import Layout
 from store import database
+from store.files import write_text
 from store.tables import duration, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +38,20 @@ def execute(layout: Layout, extra: list[str], args) -> int:
     if hasattr(obs, 'engine'):
         obs.engine.dispose()
     folder.mkdir(parents=True, exist_ok=True)
-    driver = Driver(layout.sweep.name, sweep_id, url, args, folder, pool, records(url, layout.sweep.name))
+    claims = Claims(url, layout.sweep.name, sweep_id)
+    driver = Driver(layout.sweep.name, sweep_id, url, args, folder, pool, records(url, layout.sweep.name), claims)
     print(f'sweep {sweep_id}: {len(members)} members, {args.executor} executor, {args.jobs} at once, '
           f'{pool.threads} thread(s) each\nlogs in {folder}', flush=True)
+    if not claims.supported:
+        print('note: a MongoDB run database holds no claims: do not run this sweep twice at the same time (a member '
+              'could start twice)', flush=True)
     try:
         driver.run(members)
     finally:
         pool.close()
+        claims.close()
     text = summary(members)
-    (folder / 'summary.txt').write_text(text + '\n')
+    write_text(folder / 'summary.txt', text + '\n')
     db = '' if url == database.DEFAULT_DB else f' --db {database.display_url(url)}'
     started = any(m.run_id and not (m.before or m.resume) for m in members)  # what `status SWEEP_ID` lists
     print(f'\nsweep {sweep_id} ({layout.sweep.name})\n\n{text}\n\nlogs      {folder}\n'
@@ -61,9 +68,11 @@ def execute(layout: Layout, extra: list[str], args) -> int:
 class Driver:
     """Submits members whose dependencies completed, at most --jobs at a time, and collects their outcome."""
 
-    def __init__(self, name: str, sweep_id: str, url: str, args, folder: Path, pool, recorded: list):
+    def __init__(self, name: str, sweep_id: str, url: str, args, folder: Path, pool, recorded: list,
+                 claims: Claims | None = None):
         self.name, self.sweep_id, self.url, self.args, self.folder, self.pool = name, sweep_id, url, args, folder, pool
         self.recorded = recorded  # the sweep's runs before this invocation
+        self.claims = claims  # None: this driver is the only one (tests)
         self.env = {'OMP_NUM_THREADS': str(pool.threads), 'MKL_NUM_THREADS': str(pool.threads),
                     'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
                     'HF_HUB_OFFLINE': os.environ.get('HF_HUB_OFFLINE', '1'),
@@ -77,20 +86,11 @@ class Driver:
         self.bar = tqdm(total=len(members), desc=f'sweep {self.name}', unit='run', file=sys.stderr)
         try:
             while pending or running:
-                for m in list(pending):
-                    if len(running) >= self.args.jobs:
-                        break
-                    failed = [d for d in m.deps.values() if d.status not in ('COMPLETED', 'PENDING')]
-                    if failed:
-                        pending.remove(m)
-                        self.finish(m, 'SKIPPED', f'({failed[0].label} did not complete)')
-                    elif all(d.status == 'COMPLETED' for d in m.deps.values()):
-                        pending.remove(m)
-                        future = self.start(m)
-                        if future is not None:
-                            running[future] = m
+                self.submit_ready(pending, running)
                 if running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    done, _ = wait(running, timeout=BEAT_EVERY, return_when=FIRST_COMPLETED)
+                    if self.claims is not None:
+                        self.claims.beat()
                     for f in done:
                         self.collect(running.pop(f), f)
         except KeyboardInterrupt:  # members got the same SIGINT: they record INTERRUPTED and leave a resume point
@@ -102,8 +102,26 @@ class Driver:
         finally:
             self.bar.close()
 
+    def submit_ready(self, pending: list[Member], running: dict) -> None:
+        """Start the pending members whose dependencies completed (up to --jobs running); skip those whose
+        dependencies did not."""
+        for m in list(pending):
+            if len(running) >= self.args.jobs:
+                break
+            failed = [d for d in m.deps.values() if d.status not in ('COMPLETED', 'PENDING')]
+            if failed:
+                pending.remove(m)
+                self.finish(m, 'SKIPPED', f'({failed[0].label} did not complete)')
+            elif all(d.status == 'COMPLETED' for d in m.deps.values()):
+                pending.remove(m)
+                future = self.start(m)
+                if future is not None:
+                    running[future] = m
+
     def finish(self, m: Member, status: str, note: str = '') -> None:
         m.status, m.note = status, note
+        if self.claims is not None:
+            self.claims.release(m.key())
         self.bar.update(1)
         self.bar.set_postfix(failed=sum(x.status not in ('COMPLETED', 'PENDING') for x in self.members))
         run = f' (run {m.run_id})' if m.run_id else ''
@@ -117,7 +135,15 @@ class Driver:
             self.finish(m, 'REFUSED', str(e).splitlines()[0])
             return None
         m.hash = spec.hash
-        before = prior(m, self.recorded)
+        recorded = self.recorded
+        if self.claims is not None:
+            holder = self.claims.take(m.key())
+            if holder is not None:
+                self.finish(m, 'RUNNING', f'(claimed by sweep {holder}, which runs it: not started here; rerun the '
+                                          'sweep once that one ended)')
+                return None
+            recorded = records(self.url, self.name)  # now: another driver may have run it since this one started
+        before = prior(m, recorded)
         if before is not None:
             m.run_id, m.run_name = before.id, before.name
         if before is not None and before.status == 'COMPLETED':

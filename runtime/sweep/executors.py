@@ -20,7 +20,8 @@ def run_member(argv: list[str], env: dict, log: str, cwd: str, shown: str) -> di
     """One member: `python -m runtime.run ARGV` with its output in LOG. A plain module-level function, so submitit can
     pickle it and run it on a Slurm node (or in its local executor)."""
     start = time.time()
-    with open(log, 'a') as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)  # never through a planted link
+    with open(fd, 'a') as out:
         out.write(f'$ {shown}\n')
         out.flush()
         code = subprocess.run([sys.executable, '-m', 'runtime.run', *argv], cwd=cwd, env={**os.environ, **env},

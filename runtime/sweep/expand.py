@@ -187,6 +187,18 @@ def _check_trial(t: Trial, layout: Layout, trials: dict, sweep: Sweep) -> None:
     if not t.specs:
         raise SpecError(layout.at(t.name, 'specs'), f"trial '{t.name}' has no specs",
                         f"bind {t.name}/Trial.specs = ['specs/...gin']")
+    _check_grid(t, layout, sweep)
+    for b in t.bindings + sweep.bindings:
+        for dep, _ in REFERENCE.findall(b):
+            if dep not in trials:
+                known = ', '.join(trials)
+                raise SpecError(layout.at(t.name if b in t.bindings else '', 'bindings'),
+                                f"'run:@{dep}/' names no trial of this sweep (trials: {known})",
+                                f"{did_you_mean(dep, trials)}depend on a trial of the sweep by its name: "
+                                "'run:@<trial>/<stage>'")
+
+
+def _check_grid(t: Trial, layout: Layout, sweep: Sweep) -> None:
     for key, values in t.grid.items():
         where = layout.at(t.name, 'grid')
         if not GRID_KEY.match(key):
@@ -201,14 +213,6 @@ def _check_trial(t: Trial, layout: Layout, trials: dict, sweep: Sweep) -> None:
         if len({_canonical({'v': v}) for v in values}) != len(values):
             raise SpecError(where, f"grid key '{key}' of trial '{t.name}' lists a value twice: {fmt(list(values))}",
                             'list every value once')
-    for b in t.bindings + sweep.bindings:
-        for dep, _ in REFERENCE.findall(b):
-            if dep not in trials:
-                known = ', '.join(trials)
-                raise SpecError(layout.at(t.name if b in t.bindings else '', 'bindings'),
-                                f"'run:@{dep}/' names no trial of this sweep (trials: {known})",
-                                f"{did_you_mean(dep, trials)}depend on a trial of the sweep by its name: "
-                                "'run:@<trial>/<stage>'")
 
 
 def _trial_order(trials: dict, layout: Layout) -> list[str]:
