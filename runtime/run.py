@@ -118,29 +118,14 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     when `locks` is a list (rank 0; the lock is appended), its checkpoint verified. Every refusal is exit 2, before
     anything is written or recorded."""
     where = f'--resume {ref}'
-    check_reference(ref, where)
-    run_id, key = parse_name(ref)
-    try:
-        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
-    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
-        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
-    run = found[0] if found else None
-    if run is None:
-        raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
-                        'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
-                        'was recorded in')
-    if run.run_key is None:
-        raise SpecError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
-                        f'so its folder cannot be told apart from other runs numbered {run_id}',
-                        'start a new run with the same spec (its numbers will be the same)')
-    if key is not None and key != run.run_key:
-        raise SpecError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
-                        f'resume {run.name}, or pass the --db that recorded {ref}')
+    run = _recorded(ref, where, url)
+    run_id = run.id
     folder = RunFolder(runs_dir, run_id, run.run_key)
     owner = folder.owner()
     if owner is not None and (str(owner.get('run_id')) != run_id or owner.get('run_key') != run.run_key):
         raise SpecError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
                         'leave it alone; check the --db and Run.out_dir of the run you mean')
+
     def same_plan(started_from):
         if started_from != spec.hash:
             raise SpecError(where, f"run {run_id} was started from a different plan "
@@ -163,6 +148,29 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
+
+
+def _recorded(ref: str, where: str, url: str) -> database.RunRecord:
+    """The record of the run `--resume ref` names (an id or '<id>-<key>'), with a run key."""
+    check_reference(ref, where)
+    run_id, key = parse_name(ref)
+    try:
+        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
+    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
+        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+    run = found[0] if found else None
+    if run is None:
+        raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
+                        'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
+                        'was recorded in')
+    if run.run_key is None:
+        raise SpecError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
+                        f'so its folder cannot be told apart from other runs numbered {run_id}',
+                        'start a new run with the same spec (its numbers will be the same)')
+    if key is not None and key != run.run_key:
+        raise SpecError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
+                        f'resume {run.name}, or pass the --db that recorded {ref}')
+    return run
 
 
 def plan_difference(config: dict, spec, limit: int = 8) -> str:
@@ -388,16 +396,7 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         run_id = str(_run._id)
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
-        if target is None:
-            open_folder(folder, url, locks, made)
-        else:
-            remove_stale_temporaries(folder.root)
-            if folder.owner() is None:  # killed between creating the folder and marking it
-                mark(folder, url, made)
-            # this process's code, beside the start's (config 'provenance'), and those of earlier resumes
-            _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [
-                {'at_step': done_steps(plan, resume), 'code': {k: v for k, v in made['code'].items() if k != 'diff'},
-                 'time': record.now().isoformat(timespec='seconds')}]
+        enter_folder(folder, target, url, locks, made, _run, plan)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)
@@ -427,24 +426,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
 
     try:
         ex.run(options={'--id': target.run_id} if target is not None else {}, info={'run_key': key})
-    except Divergence as e:
-        return {'error': f'error: run diverged: {e}. The run is recorded as FAILED.', 'code': 1}
-    except KeyboardInterrupt as e:
-        how, code = _interrupt(e)
-        return {'error': f"\ninterrupted ({how}): the run is recorded as INTERRUPTED; continue it with --resume "
-                         f"{holder.get('run_id', '<id>')}", 'code': code}
-    except (record.RecordingLost, sa.exc.SQLAlchemyError) as e:
-        cause = e if isinstance(e, record.RecordingLost) else \
-            f'the run database {database.display_url(url)} failed ({database.first_line(e, url)})'
-        return {'error': f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last '
-                         f'checkpoint is recorded and nothing after it is lost. '
-                         f'{_continue(holder, "when the database answers again")}', 'code': 1}
-    except OSError as e:  # disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to
-        what = str(e) if isinstance(e, WriteFailed) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
-        status = 'recorded as FAILED' if getattr(obs, 'lost', None) is None else \
-            f'left RUNNING (the run database {database.display_url(url)} did not take its status)'
-        return {'error': f"\nerror: {what}.\n  The run is {status}; its last checkpoint is intact (written "
-                         f"atomically). {_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
+    except (Divergence, KeyboardInterrupt, record.RecordingLost, sa.exc.SQLAlchemyError, OSError) as e:
+        return stopped(e, holder, obs, url)
     if getattr(obs, 'lost', None) is not None:
         return {'error': f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) "
                          f"but the run database {database.display_url(url)} stopped answering at the end, "
@@ -452,6 +435,43 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
                          f"rerun the same command "
                          f"with --resume {holder['run_id']}", 'code': 1}
     return holder
+
+
+def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan) -> None:
+    """A new run's folder is created, locked and marked; a resumed one loses the temporaries of the killed process,
+    and the run's info lists this process's code beside the start's (config 'provenance') and earlier resumes'."""
+    if target is None:
+        open_folder(folder, url, locks, made)
+        return
+    remove_stale_temporaries(folder.root)
+    if folder.owner() is None:  # killed between creating the folder and marking it
+        mark(folder, url, made)
+    _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [
+        {'at_step': done_steps(plan, target.checkpoint),
+         'code': {k: v for k, v in made['code'].items() if k != 'diff'},
+         'time': record.now().isoformat(timespec='seconds')}]
+
+
+def stopped(e: BaseException, holder: dict, obs, url: str) -> dict:
+    """{'error': message, 'code': exit code} of a run that stopped: diverged, interrupted, lost its database, or
+    could not write (disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to)."""
+    if isinstance(e, Divergence):
+        return {'error': f'error: run diverged: {e}. The run is recorded as FAILED.', 'code': 1}
+    if isinstance(e, KeyboardInterrupt):
+        how, code = _interrupt(e)
+        return {'error': f"\ninterrupted ({how}): the run is recorded as INTERRUPTED; continue it with --resume "
+                         f"{holder.get('run_id', '<id>')}", 'code': code}
+    if isinstance(e, (record.RecordingLost, sa.exc.SQLAlchemyError)):
+        cause = e if isinstance(e, record.RecordingLost) else \
+            f'the run database {database.display_url(url)} failed ({database.first_line(e, url)})'
+        return {'error': f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last '
+                         f'checkpoint is recorded and nothing after it is lost. '
+                         f'{_continue(holder, "when the database answers again")}', 'code': 1}
+    what = str(e) if isinstance(e, WriteFailed) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
+    status = 'recorded as FAILED' if getattr(obs, 'lost', None) is None else \
+        f'left RUNNING (the run database {database.display_url(url)} did not take its status)'
+    return {'error': f"\nerror: {what}.\n  The run is {status}; its last checkpoint is intact (written "
+                     f"atomically). {_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
 
 
 def _continue(holder: dict, when: str) -> str:
