@@ -323,7 +323,7 @@ def test_a_crafted_pickle_is_refused_unread_even_with_a_matching_sha256(tmp_path
     import io
     import pickle
 
-    from faults import Payload
+    from fault_injection.common import Payload
 
     import runtime.checkpoint as R
     control, ran = tmp_path / 'control', tmp_path / 'ran'
@@ -345,7 +345,6 @@ def test_a_library_write_error_on_a_full_disk_is_classified_by_the_filesystem(tm
     """torch.save says 'unexpected pos', not ENOSPC: atomic_write asks the filesystem, and names the file and disk."""
     import shutil
 
-    import runtime.checkpoint as R
     import store.files as F
 
     def torn(tmp):
