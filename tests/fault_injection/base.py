@@ -122,20 +122,7 @@ class SuiteBase:
         out = self.root / point['id']
         res = dict(point, killed=0, survived=False, problems=[], lost={}, duplicated={})
         t0 = time.perf_counter()
-        run_id, code = None, None
-        for j, spec in enumerate(point['hooks']):
-            extra = ['--resume', run_id] if run_id is not None else []
-            code = fork_run(argv_for(out, self.cache, extra), self.log(out, f'run{j}'), spec)
-            ids = recorded_ids(db_path(out))
-            if run_id is None and ids:
-                run_id = ids[0]
-            if code == -signal.SIGKILL:
-                res['killed'] += 1
-            elif code != 0:
-                res['problems'].append(f'run {j} exited {code}: {tail(self.log(out, f"run{j}"), 600)}')
-                break
-            else:
-                break  # finished before the k-th call (the count varies slightly with timing): nothing to resume
+        run_id, code = self.kill_runs(out, point['hooks'], res)
         if not res['killed']:
             res['note'] = 'the hook was not reached; no fault injected'
         if not res['problems']:
@@ -154,6 +141,24 @@ class SuiteBase:
         res['survived'] = not res['problems']
         res['seconds'] = round(time.perf_counter() - t0, 2)
         return res
+
+    def kill_runs(self, out: Path, hooks: list[dict], res: dict) -> tuple[str | None, int | None]:
+        """The run, killed at each hook in turn (each kill resumed by the next run); -> (run id, last exit code)."""
+        run_id, code = None, None
+        for j, spec in enumerate(hooks):
+            extra = ['--resume', run_id] if run_id is not None else []
+            code = fork_run(argv_for(out, self.cache, extra), self.log(out, f'run{j}'), spec)
+            ids = recorded_ids(db_path(out))
+            if run_id is None and ids:
+                run_id = ids[0]
+            if code == -signal.SIGKILL:
+                res['killed'] += 1
+            elif code != 0:
+                res['problems'].append(f'run {j} exited {code}: {tail(self.log(out, f"run{j}"), 600)}')
+                break
+            else:
+                break  # finished before the k-th call (the count varies slightly with timing): nothing to resume
+        return run_id, code
 
     @staticmethod
     def log(out: Path, name: str) -> Path:

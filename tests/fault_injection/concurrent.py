@@ -6,6 +6,7 @@ import collections
 import os
 import random
 import time
+from pathlib import Path
 
 from fault_injection.common import (
     argv_for,
@@ -49,37 +50,41 @@ class Concurrent:
         from store import memories as M
         groups = M.listing(out / 'memories.zarr')
         base = self.base_record()
-        want_rows = {s: g['rows'] for (rid, s), g in base['zarr'].items()}
         folders = sorted(p.name.split('-')[0] for p in out.iterdir() if p.is_dir() and p.name != 'memories.zarr')
         if sorted(folders) != sorted(ids):
             res['problems'].append(f'run folders {folders} vs recorded ids {ids}')
-        base_steps = collections.Counter((nm, s) for nm, s, _ in base['metrics'])
         for rid in ids:
-            got = collections.Counter((nm, s) for nm, s, _ in query(
-                db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ?', rid))
-            if got != base_steps:
-                res['problems'].append(f'run {rid}: metrics {sum((base_steps - got).values())} lost, '
-                                       f'{sum((got - base_steps).values())} duplicated')
-                res['lost']['metric rows'] = res['lost'].get('metric rows', 0) + sum((base_steps - got).values())
-                res['duplicated']['metric rows'] = (res['duplicated'].get('metric rows', 0)
-                                                    + sum((got - base_steps).values()))
-            mine = {g['stage']: g for g in groups if g['run_id'] == rid}
-            for stage, rows_ in want_rows.items():
-                g = mine.get(stage)
-                if g is None or not g['complete'] or g['rows'] != rows_:
-                    res['problems'].append(f'run {rid}: memory group {stage} {g}')
-                    res['lost']['zarr rows'] = (res['lost'].get('zarr rows', 0) + rows_
-                                                - (g['rows'] if g and g['complete'] else 0))
-            if not (run_dir(out, rid) / 'final.safetensors').is_file():
-                res['problems'].append(f'run {rid}: no final.safetensors')
-            arts = sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', rid))
-            if arts != sorted(base['artifacts']):
-                res['problems'].append(f'run {rid}: artifacts {arts}')
+            self.check_concurrent_run(rid, db, out, groups, base, res)
         stray = [g for g in groups if g['run_id'] not in ids]
         if stray:
             res['problems'].append(f'memory groups of unknown runs: {stray}')
         res['survived'] = not res['problems']
         return res
+
+    def check_concurrent_run(self, rid: str, db, out: Path, groups: list, base: dict, res: dict) -> None:
+        """One of the concurrent runs against the baseline: its metrics, memory groups, final weights, artifacts."""
+        base_steps = collections.Counter((nm, s) for nm, s, _ in base['metrics'])
+        want_rows = {s: g['rows'] for (rid_, s), g in base['zarr'].items()}
+        got = collections.Counter((nm, s) for nm, s, _ in query(
+            db, 'SELECT name, step, value FROM memspec_metrics WHERE run_id = ?', rid))
+        if got != base_steps:
+            res['problems'].append(f'run {rid}: metrics {sum((base_steps - got).values())} lost, '
+                                   f'{sum((got - base_steps).values())} duplicated')
+            res['lost']['metric rows'] = res['lost'].get('metric rows', 0) + sum((base_steps - got).values())
+            res['duplicated']['metric rows'] = (res['duplicated'].get('metric rows', 0)
+                                                + sum((got - base_steps).values()))
+        mine = {g['stage']: g for g in groups if g['run_id'] == rid}
+        for stage, rows_ in want_rows.items():
+            g = mine.get(stage)
+            if g is None or not g['complete'] or g['rows'] != rows_:
+                res['problems'].append(f'run {rid}: memory group {stage} {g}')
+                res['lost']['zarr rows'] = (res['lost'].get('zarr rows', 0) + rows_
+                                            - (g['rows'] if g and g['complete'] else 0))
+        if not (run_dir(out, rid) / 'final.safetensors').is_file():
+            res['problems'].append(f'run {rid}: no final.safetensors')
+        arts = sorted(r[0] for r in query(db, 'SELECT filename FROM artifact WHERE run_id = ?', rid))
+        if arts != sorted(base['artifacts']):
+            res['problems'].append(f'run {rid}: artifacts {arts}')
 
     def concurrent_pg(self, n: int) -> dict:
         import psycopg2

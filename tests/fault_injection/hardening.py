@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+from pathlib import Path
 
 import torch
 
@@ -198,6 +199,14 @@ class Hardening:
         p, res['lost'], res['duplicated'] = compare(rec, self.base_record(), '0', self.base_id)
         res['problems'] += [f'run A: {x}' for x in p]
 
+        self.shared_readers(res, out, store, names, db_b)
+        res['names'] = names
+        res['survived'] = not res['problems']
+        return res
+
+    def shared_readers(self, res: dict, out: Path, store: Path, names: dict, db_b: Path) -> None:
+        """store.analyze and runtime.generate on the three runs numbered 0: the bare id is refused as ambiguous; by
+        full name (analyze also by --db) each reads its own run."""
         def cli(module, argv, tag):
             log = (self.root / f'shared-{tag}.out', self.root / f'shared-{tag}.err')
             code = fork_run([str(a) for a in argv], log, module=module)
@@ -235,9 +244,6 @@ class Hardening:
                 res['problems'].append(f'generate {argv[0]}: exit {code}: {err[-600:]}')
         if texts['A'] is None or texts['A'] != texts['base']:
             res['problems'].append(f"generate from run A {texts['A']} differs from the baseline's {texts['base']}")
-        res['names'] = names
-        res['survived'] = not res['problems']
-        return res
 
     def hardening(self) -> list:
         """(name, callable) of the scenarios of the hardening pass: disk, signals, locks, crafted files, shared

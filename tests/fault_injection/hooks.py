@@ -103,15 +103,19 @@ def install_hooks(spec: dict | None) -> None:
     """Patch the hooks (in a forked run only). With spec None they only count calls."""
     global _spec
     _spec = spec
-    import sqlalchemy.engine.default as D
-    import zarr
-
-    import runtime.train as T
-    import store.files as C
-    from store import memories as M
 
     # Each hook replaces the function where it is defined; the runtime calls these through their modules, and the
     # baseline run checks that every hook is reached (Suite.baseline), so a refactor cannot silently bypass one.
+    _hook_training()
+    _hook_store()
+    _hook_database(spec)
+
+
+def _hook_training() -> None:
+    """Training steps, evaluation, every atomic file write and torch.save."""
+    import runtime.train as T
+    import store.files as C
+
     real_stage_loss, real_evaluate, real_atomic_write, real_save = T.stage_loss, T.evaluate, C.atomic_write, torch.save
 
     def stage_loss(*a, **kw):
@@ -150,6 +154,15 @@ def install_hooks(spec: dict | None) -> None:
             _act(f)
         return real_save(obj, f, *a, **kw)
 
+    T.stage_loss, T.evaluate, C.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
+
+
+def _hook_store() -> None:
+    """The memory store's writer (open, append, close) and zarr's group deletion."""
+    import zarr
+
+    from store import memories as M
+
     real_init, real_append, real_close = M.Writer.__init__, M.Writer.append, M.Writer.close
 
     def init(self, *a, **kw):
@@ -187,6 +200,14 @@ def install_hooks(spec: dict | None) -> None:
         real_close(self)
         _at(hit, 'done')
 
+    M.Writer.__init__, M.Writer.append, M.Writer.close = init, append, close
+    zarr.Group.__delitem__ = delitem
+
+
+def _hook_database(spec: dict | None) -> None:
+    """Every commit of the run database; with action db_down, every statement fails once the fault fired."""
+    import sqlalchemy.engine.default as D
+
     real_commit, real_execute, real_executemany = (D.DefaultDialect.do_commit, D.DefaultDialect.do_execute,
                                                    D.DefaultDialect.do_executemany)
 
@@ -209,12 +230,11 @@ def install_hooks(spec: dict | None) -> None:
         down()
         return real_executemany(self, cursor, statement, parameters, context)
 
-    T.stage_loss, T.evaluate, C.atomic_write, torch.save = stage_loss, evaluate, atomic_write, save
-    M.Writer.__init__, M.Writer.append, M.Writer.close = init, append, close
-    zarr.Group.__delitem__ = delitem
     D.DefaultDialect.do_commit = do_commit
     if spec is not None and spec['action'] == 'db_down':  # PostgreSQL's own failure needs no simulation
         D.DefaultDialect.do_execute, D.DefaultDialect.do_executemany = do_execute, do_executemany
+
+
 
 
 def _child(argv, spec, log: Path, counts: Path | None, start_at: float | None, module: str = 'runtime.run'):

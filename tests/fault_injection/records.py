@@ -109,6 +109,20 @@ def record_of(db, out_dir: Path, run_id: str, store: Path | None = None) -> dict
 def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str], dict, dict]:
     """-> (problems, records lost by kind, records duplicated by kind)."""
     problems, lost, dup = [], collections.Counter(), collections.Counter()
+    _compare_files(rec, base, problems)
+    _compare_record(rec, base, run_id, problems, lost, dup)
+    _compare_store(rec, base, problems, lost, dup)
+    if not rec['checkpoint_ok']:
+        problems.append('checkpoint.pt does not verify against checkpoint.pt.sha256')
+    if rec['temporaries']:
+        problems.append(f"temporary files left: {rec['temporaries']}")
+    if rec['modes']:
+        problems.append(f"files other users cannot read (not the umask's mode): {rec['modes'][:4]}")
+    return problems, dict(lost), dict(dup)
+
+
+def _compare_files(rec: dict, base: dict, problems: list) -> None:
+    """summary.json, the final and stage weights against the baseline's."""
     if rec['summary'] != base['summary']:
         problems.append(f"summary.json differs: {rec['summary'] and sorted(rec['summary'])} "
                         f"vs {sorted(base['summary'])}"
@@ -124,7 +138,10 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
             problems.append(f'{name} differs from the uninterrupted run')
     if set(rec['stages']) != set(base['stages']):
         problems.append(f"stage files {sorted(rec['stages'])} vs {sorted(base['stages'])}")
-    # the database: one run, COMPLETED
+
+
+def _compare_record(rec: dict, base: dict, run_id: str, problems: list, lost, dup) -> None:
+    """The database: one run, COMPLETED, with the baseline's metrics, artifacts, stage end steps and result."""
     if rec['runs'] != [(run_id, 'COMPLETED')]:
         problems.append(f"run table holds {rec['runs']} (want one row ({run_id!r}, 'COMPLETED'))")
         ids = [r for r in rec['runs'] if r[0] == run_id]
@@ -155,7 +172,10 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
         lost['stage end steps'] += len(set(base_info.get('stages') or {}) - set(info.get('stages') or {}))
     if rec['row'][1] != base['row'][1]:
         problems.append(f"result {rec['row'][1]} vs {base['row'][1]}")
-    # the Zarr store: exactly the baseline's groups, complete, same rows
+
+
+def _compare_store(rec: dict, base: dict, problems: list, lost, dup) -> None:
+    """The Zarr store: exactly the baseline's groups, complete, same rows."""
     name = rec['name']
     base_groups = {stage: g for (rid, stage), g in base['zarr'].items() if rid == base['name']}
     for (rid, stage), g in rec['zarr'].items():
@@ -180,13 +200,6 @@ def compare(rec: dict, base: dict, run_id: str, base_id: str) -> tuple[list[str]
                 problems.append(f'zarr: {name}/{stage}/{k} differs from the uninterrupted run')
         if g['step'] != bg['step']:
             problems.append(f"zarr: {name}/{stage} step attribute {g['step']} vs {bg['step']}")
-    if not rec['checkpoint_ok']:
-        problems.append('checkpoint.pt does not verify against checkpoint.pt.sha256')
-    if rec['temporaries']:
-        problems.append(f"temporary files left: {rec['temporaries']}")
-    if rec['modes']:
-        problems.append(f"files other users cannot read (not the umask's mode): {rec['modes'][:4]}")
-    return problems, dict(lost), dict(dup)
 
 
 def recorded_ids(db) -> list[str]:
