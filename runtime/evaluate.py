@@ -21,6 +21,7 @@ from pathlib import Path
 from compiler.errors import SpecError, cli
 from runtime.reading import MODES
 from store.database import default_url, display_url, get_run, open_db, record_evaluations
+from store.files import write_text
 from store.runref import folder_of
 from store.tables import num, table
 
@@ -119,10 +120,7 @@ def main(argv=None) -> None:
               'limit': args.limit, 'tasks': tasks, 'family': lm.plan.family, 'time': now.isoformat(),
               'documents': docs, 'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}
     out = folder / 'evaluations' / f'{stage}.{args.memory}.json'
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_suffix('.tmp')
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)  # never a half-written report
+    write_text(out, json.dumps(report, indent=1))  # never a half-written report, never through a planted link
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compiler.errors import SpecError
-from store.files import atomic_write
+from store.files import atomic_write, refuse_link
 from store.layout import check_stage_name, parse_name
 from store.memory_checks import REPAIR, check_attrs, matching
 
@@ -130,6 +130,8 @@ class Writer:
                  dtype: str = 'float32'):
         s, n, l, d = shape
         self.path = Path(path)
+        for folder in (self.path / run, self.path / run / stage):  # zarr writes through links: refuse planted ones
+            refuse_link(folder)
         self.group = fresh_group(path, run, stage, {'dtype': dtype,
                                                     'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
                                                     **attrs})

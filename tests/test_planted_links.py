@@ -101,6 +101,17 @@ def test_a_memory_store_metadata_file_is_not_written_through_a_link(tmp_path):
     assert sorted(p.name for p in store.iterdir()) == ['zarr.json']
 
 
+def test_a_memory_group_is_not_written_through_a_planted_link(tmp_path):
+    from store import memories
+    store, outside = tmp_path / 'memories.zarr', tmp_path / 'outside'
+    outside.mkdir()
+    memories.Writer(store, '0-aaaaaaaaaa', 'autoencode', {}, (2, 1, 4, 8))  # a store with one group
+    (store / '1-bbbbbbbbbb').symlink_to(outside)
+    with pytest.raises(SpecError, match='symbolic link'):
+        memories.Writer(store, '1-bbbbbbbbbb', 'autoencode', {}, (2, 1, 4, 8))
+    assert list(outside.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ --resume
 
 @pytest.fixture(scope='module')
