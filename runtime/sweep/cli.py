@@ -1,4 +1,29 @@
-"""The command lines: `python -m runtime.sweep run|status` and runtime.run's --sweep options."""
+"""python -m runtime.sweep run SWEEP.gin [-b BINDING ...] [--jobs N] [--executor local|slurm|submitit-local] [--db URL]
+python -m runtime.sweep status SWEEP.gin|SWEEP_ID [-b BINDING ...] [--db URL]
+
+A sweep is a spec too: a gin file binding two configurables, `Sweep` and `Trial` (specs/sweeps/probes.gin):
+
+    Sweep.name = 'probes'
+    Sweep.seeds = [0, 1, 2]                     # every trial runs once per seed (Run.seed = s)
+    Sweep.trials = [@ae/Trial(), @probe/Trial()]
+    ae/Trial.specs = ['specs/autoencoder.gin']
+    probe/Trial.specs = ['specs/information_probe.gin']
+    probe/Trial.bindings = ["probe/Stage.init_from = {'encoder': 'run:@ae/autoencode'}"]
+    probe/Trial.grid = {'Memory.chunk_len': [8, 16]}   # one run per combination of the grid's values
+
+A trial is named after its gin scope (or Trial.name). `run:@<trial>/<stage>[:<component>]` in a binding is a
+dependency by name: the run of that trial with the same seed (and the same values of the grid keys both trials vary);
+the dependent starts once it completed. `python -m runtime.run SPEC --sweep 'Memory.chunks=[4,8]'` is a one-trial
+sweep of the same kind. Every member is compiled (compiler.spec.load) before anything runs: one bad member refuses
+the whole sweep (exit 2).
+
+Members are `python -m runtime.run` processes recorded in one database with the config entry
+`sweep = {name, sweep_id, trial, seed, grid}`, run by concurrent.futures (local processes, --jobs at once) or by
+submitit (Slurm, or its local executor). A rerun skips members that COMPLETED with the same plan, resumes those that
+stopped resumably and starts the rest. Each member is claimed in the database before it starts (claims.py), so
+two drivers of the same sweep never start one member twice. Logs: <Run.out_dir>/sweeps/<sweep_id>/<member>.log,
+named by trial, seed and grid values ('probe-seed0-Memory.chunk_len=8.log').
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +32,6 @@ import sys
 from pathlib import Path
 
 from compiler.errors import SpecError, cli
-from runtime.sweep import __doc__ as SWEEP_DOC
 from runtime.sweep.driver import execute, summary
 from runtime.sweep.executors import executor_options
 from runtime.sweep.expand import compile_member, expand
@@ -77,7 +101,7 @@ def status(target: str, bindings: list[str], db: str | None) -> str:
 
 @cli
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m runtime.sweep', description=SWEEP_DOC.split('\n\n')[1],
+    ap = argparse.ArgumentParser(prog='python -m runtime.sweep', description=__doc__.split('\n\n')[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='run the members of a sweep spec (skipping those already completed)')
