@@ -196,7 +196,7 @@ class Damage:
                                                                            'autoencode/Stage.warmup=0']), 1)
             call('wrong password', argv_for(out, self.cache, ['--db', bad]), 2)
             call('resume, wrong password', argv_for(out, self.cache, ['--db', bad, '--resume', '0']), 2)
-            call('resume of a finished run', argv_for(out, self.cache, ['--db', good, '--resume', '0']), 0)
+            call('resume of a finished run (refused)', argv_for(out, self.cache, ['--db', good, '--resume', '0']), 2)
             for tag, db, want in (('runs', good, 0), ('runs, wrong password', bad, 2)):
                 call(tag, ['list', '--db', db], want, 'store.runs')
                 call(f'{tag} show', ['show', '0', '--db', db], want, 'store.runs')
