@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from compiler.blocks import Stack
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 _RENAMES = (('model.embed_tokens.', 'embedding.'), ('embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
             ('model.norm.', 'norm.'), ('lm_head.', 'head.'))
@@ -33,7 +33,7 @@ def llama_files(path: str) -> list:
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
     if not files:
-        raise SpecError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
+        raise UserError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
                         'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
     return files
 
@@ -52,7 +52,7 @@ def read_llama(path: str) -> dict[str, torch.Tensor]:
                 state.update(torch.load(f, map_location='cpu', weights_only=True))
         except Exception as e:  # noqa: BLE001  (truncated, foreign or pickled-code files fail in many ways)
             text = str(e).strip()
-            raise SpecError(f"init_from 'llama:{path}'", f'cannot read {f}: {type(e).__name__}: '
+            raise UserError(f"init_from 'llama:{path}'", f'cannot read {f}: {type(e).__name__}: '
                             f'{text.splitlines()[0] if text else ""}',
                             'the file is damaged or not a checkpoint: download or save it again')
     return state
@@ -67,22 +67,22 @@ def check_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'che
     own = stack.state_dict()
     for key, value in mapped.items():
         if key not in own:
-            raise SpecError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
+            raise UserError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
                             'declare the stack with the checkpoint\'s n_layers / sizes')
         if own[key].shape != value.shape:
-            raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
+            raise UserError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
                                     'in the stack',
                             'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary (Data.tokenizer) '
                             'to the checkpoint')
     missing = [k for k in own if k not in mapped]
     if missing:
-        raise SpecError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
+        raise UserError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
                         'use a checkpoint with every layer the stack declares')
     return mapped
 
 
 def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
-    """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
+    """Copy Llama weights into `stack` in place. Raises UserError naming the first mismatch."""
     stack.load_state_dict(check_llama(stack, state, source), strict=True)
 
 

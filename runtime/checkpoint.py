@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from compiler import plan as P
 from compiler.digest import sha256_file
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.llama import check_llama, load_llama, read_llama
 from compiler.model import Graph, build, meta_build, parameters_of
 from store import files
@@ -59,7 +59,7 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
         digest = sha256_file(path)
         known = [w for w in side.read_text().split() if len(w) == 64]
         if digest not in known:
-            raise SpecError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... '
+            raise UserError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... '
                                    f'is not the one in {side.name}', fix)
         _digests[str(path)] = digest
     try:
@@ -68,15 +68,15 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
             state = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: unpickling fails in many ways)
         if isinstance(e, pickle.UnpicklingError) and 'Weights only load failed' in str(e):
-            raise SpecError(where, f'the checkpoint {path} holds objects other than tensors and plain values, which '
+            raise UserError(where, f'the checkpoint {path} holds objects other than tensors and plain values, which '
                                    'memspec never writes; it was not loaded (loading it could run code)',
                             f'delete {path} and {side.name} to start run {run_id} again from its first step, or '
                             'start a new run; do not resume from checkpoints of unknown origin')
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise SpecError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {first}', fix)
+        raise UserError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {first}', fix)
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
     if missing:
-        raise SpecError(where, f"{path} is not a memspec checkpoint (it lacks {', '.join(missing)})", fix)
+        raise UserError(where, f"{path} is not a memspec checkpoint (it lacks {', '.join(missing)})", fix)
     return state
 
 
@@ -93,7 +93,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:
     """'run:<id>/<stage>[:<component>]' -> (the stage weights file, run id, stage, source component or ''); a source
-    that names no finished stage of exactly one run is a SpecError."""
+    that names no finished stage of exactly one run is a UserError."""
     ref, _, src_comp = source[len('run:'):].partition(':')
     run_id, stage = ref.split('/', 1)
     where = f"init_from '{source}'"
@@ -101,7 +101,7 @@ def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:
     folder = RunFolder.find(runs_dir, run_id, where, f"as in 'run:<id>-<key>/{stage}'")
     path = folder.stage_weights(stage) if folder is not None else Path(runs_dir) / run_id / 'stages' / f'{stage}.*'
     if folder is None or '/' in stage or stage.startswith('.') or not path.is_file():
-        raise SpecError(where, f'no stage checkpoint at {path}',
+        raise UserError(where, f'no stage checkpoint at {path}',
                         'give the id of a finished run and one of its stage names (python -m store.runs list)')
     return path, run_id, stage, src_comp
 
@@ -119,18 +119,18 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
         f = safe_open(str(path), 'pt')
     except Exception as e:  # noqa: BLE001  (SafetensorError: a truncated or foreign file)
         text = str(e).strip()
-        raise SpecError(where, f"cannot read {path}: {text.splitlines()[0] if text else type(e).__name__}",
+        raise UserError(where, f"cannot read {path}: {text.splitlines()[0] if text else type(e).__name__}",
                         'the file is damaged: rerun the source run (or its stage) to rewrite it')
     with f:
         keys = set(f.keys())
         for name, p in own.items():
             key = src_comp + name[len(component):]
             if key not in keys:
-                raise SpecError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
+                raise UserError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
                                 'initialise from a run whose component has the same structure (depth, kind)')
             t = f.get_tensor(key)
             if t.shape != p.shape:
-                raise SpecError(where, f"'{key}' is {tuple(t.shape)} in run {run_id} but '{name}' is {tuple(p.shape)}",
+                raise UserError(where, f"'{key}' is {tuple(t.shape)} in run {run_id} but '{name}' is {tuple(p.shape)}",
                                 'initialise from a run with the same widths, vocabulary and chunk length')
             out[name] = t
     return out

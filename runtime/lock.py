@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.files import file_mode, refuse_link
 
 
@@ -52,7 +52,7 @@ class RunLock:
             raise
         if os.fstat(fd).st_nlink > 1:  # a hard link to another file: truncating it would truncate that file
             os.close(fd)
-            raise SpecError(str(self.path), 'is a hard link to another file, which memspec never makes; it does '
+            raise UserError(str(self.path), 'is a hard link to another file, which memspec never makes; it does '
                             'not lock a run through one', 'remove it (and find out who made it), then run again')
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 import torch
 
 from compiler.__main__ import parser
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
@@ -123,12 +123,12 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     folder = RunFolder(runs_dir, run_id, run.run_key)
     owner = folder.owner()
     if owner is not None and (str(owner.get('run_id')) != run_id or owner.get('run_key') != run.run_key):
-        raise SpecError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
+        raise UserError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
                         'leave it alone; check the --db and Run.out_dir of the run you mean')
 
     def same_plan(started_from):
         if started_from != spec.hash:
-            raise SpecError(where, f"run {run_id} was started from a different plan "
+            raise UserError(where, f"run {run_id} was started from a different plan "
                             f"(hash {started_from}, this spec {spec.hash}){plan_difference(run.config, spec)}",
                             'resume with the same spec files and bindings'
                             + (f" (recorded: {' '.join(repr('-b ' + b) for b in run.config['bindings'])})"
@@ -136,7 +136,7 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
         same_plan(run.config['spec_hash'])
     if run.status == 'COMPLETED':  # --resume would train it again from its last checkpoint under the same record
-        raise SpecError(where, f'run {run.name} already COMPLETED: there is nothing to resume',
+        raise UserError(where, f'run {run.name} already COMPLETED: there is nothing to resume',
                         f'use its results (python -m store.runs show {run_id}; weights in {folder.final}), or drop '
                         '--resume to train the same spec again as a new run')
     for path in folder.written():  # before the lock: run.lock planted as a link must not be written through
@@ -156,19 +156,19 @@ def _recorded(ref: str, where: str, url: str) -> database.RunRecord:
     run_id, key = parse_name(ref)
     try:
         found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
-    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
-        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+    except UserError as e:  # no database there, or it does not answer: say so, as the answer to --resume
+        raise UserError(where, f'{e.where}: {e.what}', e.fix)
     run = found[0] if found else None
     if run is None:
-        raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
+        raise UserError(where, f'run {run_id} is not in {database.display_url(url)}',
                         'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
                         'was recorded in')
     if run.run_key is None:
-        raise SpecError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
+        raise UserError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
                         f'so its folder cannot be told apart from other runs numbered {run_id}',
                         'start a new run with the same spec (its numbers will be the same)')
     if key is not None and key != run.run_key:
-        raise SpecError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
+        raise UserError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
                         f'resume {run.name}, or pass the --db that recorded {ref}')
     return run
 
@@ -200,7 +200,7 @@ _UNSET = object()
 
 
 def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock | None:
-    """The run's lock for this process, or SpecError naming the live process that holds it. A lock taken on another
+    """The run's lock for this process, or UserError naming the live process that holds it. A lock taken on another
     host is invisible here on some network filesystems: a holder on another host whose heartbeat is fresh counts as
     alive too."""
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -210,13 +210,13 @@ def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock
         lock = RunLock(folder.lock).acquire()
     except RunBusy as e:
         pid, host = e.holder.get('pid', '?'), e.holder.get('host', '?')
-        raise SpecError(where, f'run {run.id} is being trained by a live process: pid {pid} on {host} holds '
+        raise UserError(where, f'run {run.id} is being trained by a live process: pid {pid} on {host} holds '
                         f"{folder.lock} (since {e.holder.get('since', '?')}; {beat})",
                         f'wait for it to finish, or stop it (kill {pid} on {host}) and --resume {run.id} again: '
                         'the lock of a process that died is free')
     except LocksUnsupported as e:
         if silent is not None and silent < database.STALE_AFTER:
-            raise SpecError(where, f'run {run.id} may be running: it is RUNNING with its {beat}, and the filesystem '
+            raise UserError(where, f'run {run.id} may be running: it is RUNNING with its {beat}, and the filesystem '
                             f'of {folder.root} cannot lock files ({e})',
                             f'if its process is dead, --resume again when its heartbeat is older than '
                             f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
@@ -226,7 +226,7 @@ def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock
     other = lock.previous.get('host')
     if other and other != socket.gethostname() and silent is not None and silent < database.STALE_AFTER:
         lock.give_back()
-        raise SpecError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
+        raise UserError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
                         f'its {beat}, and a file lock taken on another host is not seen here',
                         f'if that process is dead, --resume again when its heartbeat is older than '
                         f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
@@ -298,8 +298,8 @@ def _run_main(args, locks: list) -> None:
         check_writable(writable_store(store), where, 'Run.memory_store')
         try:
             memories.check_store(store)  # a damaged store is found now, not when the first stage has trained
-        except SpecError as e:
-            raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+        except UserError as e:
+            raise UserError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
     outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, args.artifacts,
                       sweep.member_config(args.sweep_member))
@@ -327,7 +327,7 @@ def open_folder(folder: RunFolder, url: str, locks: list, origin: dict | None = 
     try:
         folder.root.mkdir(parents=True)
     except FileExistsError:
-        raise SpecError(f'run {folder.run_id}', f'{folder.root} already exists: it belongs to another run',
+        raise UserError(f'run {folder.run_id}', f'{folder.root} already exists: it belongs to another run',
                         'start the run again (it gets a new run key)')
     try:
         locks.append(RunLock(folder.lock).acquire())

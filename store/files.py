@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
 # errors that mean "this disk or folder cannot take the file", not a bug
@@ -104,14 +104,14 @@ def write_error(e: BaseException, path: Path) -> OSError | None:
 
 
 def refuse_link(path: Path, what: str = 'write') -> None:
-    """SpecError when `path` is a symbolic link: memspec makes none in the folders it writes, so one there was planted
+    """UserError when `path` is a symbolic link: memspec makes none in the folders it writes, so one there was planted
     (and writing through it would change whatever it points at)."""
     if os.path.islink(path):
         try:
             target = os.readlink(path)
         except OSError:
             target = '?'
-        raise SpecError(str(path), f'is a symbolic link (to {target}), which memspec never makes; it does not '
+        raise UserError(str(path), f'is a symbolic link (to {target}), which memspec never makes; it does not '
                         f'{what} through one', 'remove the link (and find out who made it), then run the command again')
 
 
@@ -153,7 +153,7 @@ def check_writable(folder: Path, where: str, setting: str = 'Run.out_dir') -> No
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise SpecError(where, f'cannot write to {folder}: {e.strerror or e}',
+        raise UserError(where, f'cannot write to {folder}: {e.strerror or e}',
                         f'choose a folder this user can write ({setting}), or make this one writable')
 
 
@@ -165,7 +165,7 @@ def settle(folder: Path) -> None:
             os.chmod(p, mode)
 
 
-def disk_error(e: BaseException, where: str, path: Path | str, what: str = 'nothing was written') -> SpecError | None:
+def disk_error(e: BaseException, where: str, path: Path | str, what: str = 'nothing was written') -> UserError | None:
     """The message for a write that failed because of the disk or the folder (full, read-only, no permission), or
     None for any other failure. safetensors reports a full disk as its own SafetensorError with the OS text."""
     code = getattr(e, 'errno', None)
@@ -178,4 +178,4 @@ def disk_error(e: BaseException, where: str, path: Path | str, what: str = 'noth
     fix = {errno.ENOSPC: 'free space on that disk', errno.EDQUOT: 'free space within your quota',
            errno.EFBIG: 'write to a filesystem that takes larger files',
            errno.EIO: 'check the disk (an I/O error)'}.get(code, 'write to a folder you can write to')
-    return SpecError(where, f'cannot write {path}: {os.strerror(code)}; {what}', f'{fix}, then run the command again')
+    return UserError(where, f'cannot write {path}: {os.strerror(code)}; {what}', f'{fix}, then run the command again')

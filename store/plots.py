@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.files import atomic_write, disk_error
 
 # panel order and titles; kinds not listed follow in name order, titled by their name
@@ -64,13 +64,13 @@ def style(i: int) -> dict:
 
 def save_figure(fig, path: Path, where: str, **kwargs) -> Path:
     """Write a figure atomically (a temporary file, then a rename) and close it: a file format matplotlib does not
-    know, a full or read-only disk -> one message (SpecError), nothing half-written."""
+    know, a full or read-only disk -> one message (UserError), nothing half-written."""
     import matplotlib.pyplot as plt
     path = Path(path)
     try:  # a temporary of its own (never a planted link); savefig picks the format from its suffix, the path's
         atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs), prefix=f'.{path.name}.', suffix=path.suffix)
     except ValueError as e:  # unsupported format
-        raise SpecError(where, f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg') from None
+        raise UserError(where, f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg') from None
     except OSError as e:
         err = disk_error(e, where, path, 'no plot was written')
         if err is None:
@@ -90,12 +90,12 @@ def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path
 
     path = Path(out)
     if not path.parent.is_dir():
-        raise SpecError(f'{where} {out}', f'folder {path.parent} does not exist',
+        raise UserError(f'{where} {out}', f'folder {path.parent} does not exist',
                         'create it or write the plot elsewhere')
     found = {kind(name) for s in series for name, _, _ in s.rows}
     kinds = [k for k in KINDS if k in found] + sorted(found - set(KINDS))
     if not kinds:
-        raise SpecError(f'{where} {out}', 'no metric values to plot', 'pick metrics that were recorded (--name)')
+        raise UserError(f'{where} {out}', 'no metric values to plot', 'pick metrics that were recorded (--name)')
     colour = dict(zip(range(len(series)), colours(len(series))))
     shared_ends = all(s.ends == series[0].ends for s in series)
     fig, axes = plt.subplots(len(kinds), 1, figsize=(11, 2.9 * len(kinds) + 0.6), sharex=True, squeeze=False)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 SEED = int(os.environ.get('MEMSPEC_FAULT_SEED', '0'))
 KILLS = 10
@@ -303,16 +303,16 @@ def test_damaged_or_unreadable_checkpoints_are_spec_errors(tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     R._digests.clear()
-    with pytest.raises(SpecError, match='damaged'):
+    with pytest.raises(UserError, match='damaged'):
         R.load_checkpoint(path, '--resume 7', '7')
     # a checkpoint without digest (written by an older version) that does not unpickle: a message, not a traceback
     path.with_name('checkpoint.pt.sha256').unlink()
     path.write_bytes(b'PK\x03\x04 truncated')
-    with pytest.raises(SpecError, match='cannot read the checkpoint'):
+    with pytest.raises(UserError, match='cannot read the checkpoint'):
         R.load_checkpoint(path, '--resume 7', '7')
     # an unpickled dict that lacks a checkpoint's keys: named, not a KeyError later
     torch.save({'model': {}}, path)
-    with pytest.raises(SpecError, match='is not a memspec checkpoint .it lacks data, optimizer'):
+    with pytest.raises(UserError, match='is not a memspec checkpoint .it lacks data, optimizer'):
         R.load_checkpoint(path, '--resume 7', '7')
 
 
@@ -336,7 +336,7 @@ def test_a_crafted_pickle_is_refused_unread_even_with_a_matching_sha256(tmp_path
         path.write_bytes(blob)
         path.with_name('checkpoint.pt.sha256').write_text(f'{hashlib.sha256(blob).hexdigest()}  checkpoint.pt\n')
         R._digests.clear()
-        with pytest.raises(SpecError, match='holds objects other than tensors and plain values'):
+        with pytest.raises(UserError, match='holds objects other than tensors and plain values'):
             R.load_checkpoint(path, '--resume 7', '7')
         assert not ran.exists()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import PROBE, TINY_PROBE, db_rows, rt_argv, rt_main, rt_run_dir
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 SECRET = b'the bytes of a file the run must not touch\n'
 
@@ -39,13 +39,13 @@ def test_the_run_lock_refuses_a_symbolic_link_and_a_hard_link(tmp_path):
     lock = tmp_path / 'run' / 'run.lock'
     lock.parent.mkdir()
     target = plant(lock, tmp_path)
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         RunLock(lock).acquire()
     assert e.value.where == str(lock) and 'symbolic link' in e.value.what and 'remove the link' in e.value.fix
     assert target.read_bytes() == SECRET
     lock.unlink()
     os.link(target, lock)
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         RunLock(lock).acquire()
     assert 'hard link' in e.value.what
     assert target.read_bytes() == SECRET
@@ -67,10 +67,10 @@ def test_atomic_writes_refuse_a_link_at_the_file_or_as_its_folder(tmp_path, wher
         outside.mkdir()
         (run / 'stages').symlink_to(outside)
         targets = []
-    with pytest.raises(SpecError, match='symbolic link'):
+    with pytest.raises(UserError, match='symbolic link'):
         write_text(run / ('summary.md' if where == 'file' else 'stages/a.safetensors'), 'x')
     if where == 'file':
-        with pytest.raises(SpecError, match='symbolic link'):
+        with pytest.raises(UserError, match='symbolic link'):
             R.save_checkpoint(run / 'checkpoint.pt', {'step': torch.tensor(1)})
         assert all(t.read_bytes() == SECRET for t in targets)
     else:
@@ -83,7 +83,7 @@ def test_the_tensorboard_folder_is_not_a_planted_link(tmp_path):
     outside = tmp_path / 'outside'
     outside.mkdir()
     (tmp_path / 'tensorboard').symlink_to(outside)
-    with pytest.raises(SpecError, match='symbolic link'):
+    with pytest.raises(UserError, match='symbolic link'):
         Tracker(None, tmp_path / 'tensorboard')
     assert list(outside.iterdir()) == []
 
@@ -95,7 +95,7 @@ def test_a_memory_store_metadata_file_is_not_written_through_a_link(tmp_path):
     target = plant(store / 'zarr.json', tmp_path)
     target.write_text(json.dumps({'zarr_format': 3, 'node_type': 'group', 'attributes': {}}))
     before = target.read_bytes()
-    with pytest.raises(SpecError, match='symbolic link'):
+    with pytest.raises(UserError, match='symbolic link'):
         memories.consolidate(store)
     assert target.read_bytes() == before
     assert sorted(p.name for p in store.iterdir()) == ['zarr.json']
@@ -107,7 +107,7 @@ def test_a_memory_group_is_not_written_through_a_planted_link(tmp_path):
     outside.mkdir()
     memories.Writer(store, '0-aaaaaaaaaa', 'autoencode', {}, (2, 1, 4, 8))  # a store with one group
     (store / '1-bbbbbbbbbb').symlink_to(outside)
-    with pytest.raises(SpecError, match='symbolic link'):
+    with pytest.raises(UserError, match='symbolic link'):
         memories.Writer(store, '1-bbbbbbbbbb', 'autoencode', {}, (2, 1, 4, 8))
     assert list(outside.iterdir()) == []
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, TINY, rt_env
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from runtime import sweep as S
 from store.database import RunRecord, default_url
 
@@ -209,13 +209,13 @@ def test_refusal_table_is_large_enough():
 def test_a_bad_sweep_is_refused_with_a_located_message(case, tmp_path):
     text, message = REFUSALS[case]
     path = sweep_file(tmp_path, text + '\n')
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(path)
     assert str(e.value) == message.format(f=path, d=tmp_path)
 
 
 def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_each(tmp_path):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(sweep_file(tmp_path), ['probe/Stage.steps = 3'])
     assert str(e.value) == (
         "binding -b 'probe/Stage.steps = 3': trial 'ae' (seed 0): probe/Stage.steps has no effect: no Stage is built "
@@ -224,7 +224,7 @@ def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_eac
 
 
 def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(sweep_file(tmp_path), ['Run.seed = 3'])
     assert str(e.value) == ("binding -b 'Run.seed = 3': 'Run.seed' is what the sweep varies\n"
                             '  fix: drop this binding (the sweep sets it for every member)')
@@ -239,7 +239,7 @@ def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
                          "  fix: write --sweep 'Run.seed=[0,1,2]'"),
 ])
 def test_bad_sweep_flags_are_refused(flags, message):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         S.grid_sweep(['specs/autoencoder.gin'], flags)
     assert str(e.value) == message
 

@@ -31,7 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from runtime.sweep.driver import execute, summary
 from runtime.sweep.executors import executor_options
 from runtime.sweep.expand import compile_member, expand
@@ -57,10 +57,10 @@ def run_requested(args) -> None:
         given = [a.option_strings[0] for a in defaults._actions if a.dest != 'help'
                  and getattr(args, a.dest) != a.default]
         if given:
-            raise SpecError(given[0], 'this option is for sweeps', "add --sweep 'KEY=[values]' or drop the option")
+            raise UserError(given[0], 'this option is for sweeps', "add --sweep 'KEY=[values]' or drop the option")
         return
     if args.resume is not None:
-        raise SpecError('--sweep', 'a sweep cannot be resumed by run id',
+        raise UserError('--sweep', 'a sweep cannot be resumed by run id',
                         'rerun the same command: completed members are skipped and stopped ones resumed')
     sys.exit(execute(grid_sweep(args.specs, args.sweep), args.binding, args))
 
@@ -88,7 +88,7 @@ def status(target: str, bindings: list[str], db: str | None) -> str:
     trials = list(dict.fromkeys(r.config['sweep'].get('trial') for r in found))
     found.sort(key=lambda r: (trials.index(r.config['sweep'].get('trial')), str(r.config['sweep'].get('seed'))))
     if not found:
-        raise SpecError(f'sweep {target}', f'no run of this sweep in {database.display_url(url)}',
+        raise UserError(f'sweep {target}', f'no run of this sweep in {database.display_url(url)}',
                         'give the sweep id the driver printed (or the sweep spec) and the --db it recorded in')
     rows = []
     for r in found:

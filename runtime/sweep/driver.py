@@ -12,7 +12,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from runtime.sweep.claims import BEAT_EVERY, Claims
 from runtime.sweep.executors import make_executor
 from runtime.sweep.expand import Member, compile_member, expand, stored
@@ -131,7 +131,7 @@ class Driver:
         """Compile the member with its dependencies' run ids, then skip, resume or start it. -> a future or None."""
         try:
             spec = compile_member(m)
-        except SpecError as e:  # checked with stand-in ids before anything ran; a real id cannot break it
+        except UserError as e:  # checked with stand-in ids before anything ran; a real id cannot break it
             self.finish(m, 'REFUSED', str(e).splitlines()[0])
             return None
         m.hash = spec.hash

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 EXECUTORS = ('local', 'slurm', 'submitit-local')
 SLURM_MINUTES = 24 * 60  # submitit-local's time limit (submitit's own default of 2 minutes would stop real runs)
@@ -84,16 +84,16 @@ def executor_options(ap: argparse.ArgumentParser) -> None:
 
 def make_executor(args, folder: Path):
     if args.jobs < 1:
-        raise SpecError(f'--jobs {args.jobs}', 'needs at least one job', 'give --jobs 1 or more')
+        raise UserError(f'--jobs {args.jobs}', 'needs at least one job', 'give --jobs 1 or more')
     if args.executor == 'local':
         return LocalProcesses(args.jobs)
     import submitit
     cluster = 'slurm' if args.executor == 'slurm' else 'local'
     if cluster == 'slurm' and args.slurm_time is None:
-        raise SpecError('--executor slurm', "no time limit: submitit's default would stop every member after 5 min",
+        raise UserError('--executor slurm', "no time limit: submitit's default would stop every member after 5 min",
                         'give --slurm-time MINUTES')
     if cluster == 'slurm' and shutil.which('sbatch') is None:
-        raise SpecError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
+        raise UserError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
                         'run the sweep on a Slurm login node, or use --executor local')
     params = {'timeout_min': args.slurm_time or SLURM_MINUTES, 'gpus_per_node': args.gpus_per_node,
               'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
@@ -102,7 +102,7 @@ def make_executor(args, folder: Path):
     for item in args.slurm_param:
         key, eq, value = item.partition('=')
         if not eq or key not in valid:
-            raise SpecError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
+            raise UserError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
                             f"write KEY=VALUE with KEY one of: {', '.join(sorted(valid))}")
         params[f'slurm_{key}'] = int(value) if value.isdigit() else value
     threads = (args.cpus_per_task or 1) if cluster == 'slurm' else max(1, cores() // args.jobs)

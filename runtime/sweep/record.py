@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from runtime.sweep.expand import Member, stored
 from store import database
 from store.layout import RunFolder
@@ -53,5 +53,5 @@ def member_config(text: str | None) -> dict | None:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise SpecError('--sweep-member', 'not a JSON object', 'leave this option to python -m runtime.sweep')
+        raise UserError('--sweep-member', 'not a JSON object', 'leave this option to python -m runtime.sweep')
     return stored(value)

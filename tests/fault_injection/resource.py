@@ -68,7 +68,7 @@ class ResourceFaults:
                     M.open_group(out / 'memories.zarr', torn[0]['run'], torn[0]['stage'])
                     res['problems'].append('a reader opened the half-written memory group')
                 except Exception as e:  # noqa: BLE001
-                    if type(e).__name__ != 'SpecError':
+                    if type(e).__name__ != 'UserError':
                         res['problems'].append(f'reading the half-written group raised {type(e).__name__}, '
                                                'not a clear error')
         return self.resume_and_check(out, res, run_id)
