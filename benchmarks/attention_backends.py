@@ -104,9 +104,23 @@ def main():
                     rows.append({'dtype': str(dtype).split('.')[-1], 'shape': [b, t, h, d], 'mask': name, 'backend': be,
                                  'fwd_bwd_ms': ms, 'max_out_err_vs_naive': err, 'max_grad_err_vs_naive': gerr,
                                  'max_out_diff_vs_sdpa': vs_sdpa})
-                    f = (lambda x: '-' if x is None else f'{x:.2e}')
                     print(f"| {rows[-1]['dtype']} | {b}x{t}x{h}x{d} | {name} | {be} | {ms:.3f} | "
-                          f"{f(err)} | {f(gerr)} | {f(vs_sdpa)} |", flush=True)
+                          f"{_e(err)} | {_e(gerr)} | {_e(vs_sdpa)} |", flush=True)
+    speed = speedups(rows)
+    meta = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
+            'xformers': getattr(sys.modules.get('xformers'), '__version__', None), 'note': note,
+            'speedup_xformers_over_sdpa': speed, 'rows': rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(meta, indent=1))
+    print(f'wrote {args.out}')
+
+
+def _e(x) -> str:
+    return '-' if x is None else f'{x:.2e}'
+
+
+def speedups(rows: list[dict]) -> dict[str, float]:
+    """sdpa time / xformers time for each case both measured (printed too)."""
     speed = {}
     for r in rows:
         if r['backend'] == 'xformers':
@@ -117,12 +131,7 @@ def main():
         print('\nsdpa time / xformers time (>1: xformers faster):')
         for key, x in speed.items():
             print(f'  {key}: {x:.2f}')
-    meta = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
-            'xformers': getattr(sys.modules.get('xformers'), '__version__', None), 'note': note,
-            'speedup_xformers_over_sdpa': speed, 'rows': rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(meta, indent=1))
-    print(f'wrote {args.out}')
+    return speed
 
 
 if __name__ == '__main__':

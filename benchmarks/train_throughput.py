@@ -200,6 +200,28 @@ def profile(step, batches, device, top: int = 25) -> str:
     return p.key_averages().table(sort_by=key, row_limit=top)
 
 
+def model_row(plan, times: list, first: float | None, compiled: bool, tokens: int, peak: float) -> dict:
+    """One model's numbers at one size: median step time, throughput, the work per token it needs, MFU, and (compiled)
+    the cold compilation (its first step less one step's work)."""
+    step_s = statistics.median(times)
+    flops = cost.flops_per_token(plan, training=True, objective='clm')  # the work the model needs
+    row = {'step_s': step_s, 'all_step_s': times, 'tokens_per_s': tokens / step_s, 'train_flops_per_token': flops,
+           'mfu': flops * tokens / step_s / peak, 'first_step_s': first}
+    if compiled:
+        row['compile_s'] = first - step_s
+    return row
+
+
+def print_rows(rows: dict) -> None:
+    print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU | cold compile (s) |\n'
+          '|---|---|---|---|---|---|---|')
+    for k, r in rows.items():
+        x = r['tokens_per_s'] / rows['research']['tokens_per_s'] if 'research' in rows else float('nan')
+        comp = f"{r['compile_s']:.1f}" if 'compile_s' in r else '-'
+        print(f"| {k} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {x:.2f} | "
+              f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} | {comp} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
@@ -274,15 +296,7 @@ def main():
         peaks.append(peak_matmul_flops(device, peak_dtype, peak_n))
         peak = max(peaks)  # the attainable peak: the best seen in this process
         tokens = args.batch * args.chunks * args.chunk_len
-        rows = {}
-        for k in models:
-            step_s = statistics.median(times[k])
-            flops = cost.flops_per_token(plans[k], training=True, objective='clm')  # the work the model needs
-            rows[k] = {'step_s': step_s, 'all_step_s': times[k], 'tokens_per_s': tokens / step_s,
-                       'train_flops_per_token': flops, 'mfu': flops * tokens / step_s / peak,
-                       'first_step_s': first.get(k)}
-            if k in compiled:
-                rows[k]['compile_s'] = first[k] - step_s  # the first step, less one step's work
+        rows = {k: model_row(plans[k], times[k], first.get(k), k in compiled, tokens, peak) for k in models}
         ratios = {f'{k}_vs_research': rows[k]['tokens_per_s'] / rows['research']['tokens_per_s']
                   for k in rows if k != 'research' and 'research' in rows}
         result['sizes'][d] = {'models': rows, 'ratios': ratios, 'peak_matmul_flops': peak, 'graph_breaks': breaks}
@@ -293,13 +307,7 @@ def main():
         if breaks is not None:
             print(f"our compiled step ({ours[0]}): {breaks['graphs']} graph(s), {breaks['graph_breaks']} graph "
                   f"break(s){': ' + '; '.join(breaks['reasons']) if breaks['reasons'] else ''}")
-        print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU | cold compile (s) |\n'
-              '|---|---|---|---|---|---|---|')
-        for k, r in rows.items():
-            x = r['tokens_per_s'] / rows['research']['tokens_per_s'] if 'research' in rows else float('nan')
-            comp = f"{r['compile_s']:.1f}" if 'compile_s' in r else '-'
-            print(f"| {k} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {x:.2f} | "
-                  f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} | {comp} |")
+        print_rows(rows)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every size: a time limit keeps the rest
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f'\nwrote {args.out}')

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from compiler import cost
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from compiler.spec import load
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
                     '(e.g. 300 for an H100 in bf16 at ~30%% of peak); omitted: no estimate')
     args = ap.parse_args(argv)
     if args.devices < 1:
-        raise SpecError(f'--devices {args.devices}', 'the device count must be at least 1', 'use e.g. --devices 8')
+        raise UserError(f'--devices {args.devices}', 'the device count must be at least 1', 'use e.g. --devices 8')
     spec = load(args.specs, args.binding, devices=args.devices)
     r = report(spec)
     if args.tflops:

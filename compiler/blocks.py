@@ -2,7 +2,7 @@
 block, the masked-mixer block and a Stack (embedding -> blocks -> final norm [-> head]).
 
 Module names follow Hugging Face's Llama (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...) so a
-LlamaForCausalLM state dict maps onto a Stack by renaming three top-level keys (compiler/checkpoint.py).
+LlamaForCausalLM state dict maps onto a Stack by renaming three top-level keys (compiler/llama.py).
 """
 from __future__ import annotations
 
@@ -39,11 +39,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x [B, T, H, D] at positions [B, T] (may start anywhere)."""
-    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta))
 
 
 class KVCache:

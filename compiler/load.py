@@ -12,7 +12,7 @@ Every caller that loads a model goes through `load`: runtime.generate, runtime.e
 store.runref.load_run, which finds a run's files), store.analyze (the weights of a stage's memories), store.export
 and from_pretrained. Everything read here is user input: a damaged, foreign or hostile file (a config.json whose
 vocabulary would allocate 10^11 rows, a weights name that leaves the folder, a plan that fails Plan.from_dict or
-the validator, weights of other shapes, a changed sha256) is one SpecError naming the file and the fix.
+the validator, weights of other shapes, a changed sha256) is one UserError naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import plan as P
-from compiler.checkpoint import sha256_file
-from compiler.errors import SpecError
+from compiler.digest import sha256_file
+from compiler.errors import UserError
 
 SPECIAL_TOKENS = ('<pad>', '<eod>', '<blank>', '<copy>')
 MAX_VOCAB = 1 << 24  # a vocabulary row count beyond any tokenizer: refused before anything is allocated
@@ -56,12 +56,12 @@ def vocabulary(path: Path) -> Vocabulary:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001  (a damaged or foreign file)
-        raise SpecError(str(path), f'cannot load the tokenizer: {_first_line(e)}', fix)
+        raise UserError(str(path), f'cannot load the tokenizer: {_first_line(e)}', fix)
     tok.encode_special_tokens = True  # as prepare() uses it: a literal "<pad>" is ordinary text
     ids = special_ids(tok)
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        raise SpecError(str(path), f"not a memspec tokenizer: it lacks {', '.join(missing)}", fix)
+        raise UserError(str(path), f"not a memspec tokenizer: it lacks {', '.join(missing)}", fix)
     return Vocabulary(tok, ids['<pad>'], ids['<eod>'], ids['<blank>'], ids['<copy>'],
                       tok.get_vocab_size(with_added_tokens=True))
 
@@ -78,12 +78,12 @@ def plan_from_dict(d, where: str, fix: str) -> P.Plan:
     try:
         plan = P.Plan.from_dict(d)
     except (KeyError, TypeError, ValueError, AttributeError, P.PlanError) as e:
-        raise SpecError(where, f'the recorded plan is not a plan this code reads ({type(e).__name__}: '
+        raise UserError(where, f'the recorded plan is not a plan this code reads ({type(e).__name__}: '
                         f'{_first_line(e)})', fix) from None
     try:
         validate.check(plan, lambda owner, name: where)
-    except SpecError as e:
-        raise SpecError(where, f'the recorded plan does not validate: {e.what}', fix) from None
+    except UserError as e:
+        raise UserError(where, f'the recorded plan does not validate: {e.what}', fix) from None
     return plan
 
 
@@ -91,7 +91,7 @@ def inside(folder: Path, name, where: str, fix: str) -> Path:
     """A file name read from a file (config.json's weights name): a plain name of a file in `folder`, never a path
     that leaves it."""
     if not isinstance(name, str) or not name or Path(name).name != name or name in ('.', '..'):
-        raise SpecError(where, f'the file name {name!r} is not a plain file name in {folder}', fix)
+        raise UserError(where, f'the file name {name!r} is not a plain file name in {folder}', fix)
     return folder / name
 
 
@@ -102,7 +102,7 @@ def header_shapes(path: Path, where: str, fix: str) -> dict[str, tuple[int, ...]
         with safe_open(str(path), framework='pt') as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001  (SafetensorError: header too small, file not fully covered, ...)
-        raise SpecError(where, f'cannot read the weights {path}: {_first_line(e)}',
+        raise UserError(where, f'cannot read the weights {path}: {_first_line(e)}',
                         f'the file is damaged or not a safetensors file: {fix}') from None
 
 
@@ -110,7 +110,7 @@ def check_fits(plan: P.Plan, vocab: int, shapes: dict, path: Path, where: str, f
     """The weights' names and shapes are those of the plan's graph (built on the meta device: nothing allocated)."""
     from compiler.model import meta_build
     if not isinstance(vocab, int) or isinstance(vocab, bool) or not 0 < vocab <= MAX_VOCAB:
-        raise SpecError(where, f'vocabulary size {vocab!r} is not a number of tokens in 1..{MAX_VOCAB}', fix)
+        raise UserError(where, f'vocabulary size {vocab!r} is not a number of tokens in 1..{MAX_VOCAB}', fix)
     want = {k: tuple(v.shape) for k, v in meta_build(plan, vocab).state_dict().items()}
     missing, extra = sorted(want.keys() - shapes.keys()), sorted(shapes.keys() - want.keys())
     wrong = [k for k in sorted(want.keys() & shapes.keys()) if want[k] != shapes[k]]
@@ -119,7 +119,7 @@ def check_fits(plan: P.Plan, vocab: int, shapes: dict, path: Path, where: str, f
             f"missing {', '.join(missing[:3])}" + (' ...' if len(missing) > 3 else '') if missing else '',
             f"unexpected {', '.join(extra[:3])}" + (' ...' if len(extra) > 3 else '') if extra else '',
             f'{wrong[0]} is {list(shapes[wrong[0]])}, the graph has {list(want[wrong[0]])}' if wrong else '') if x)
-        raise SpecError(where, f"the weights {path} do not fit the '{plan.family}' graph of the plan "
+        raise UserError(where, f"the weights {path} do not fit the '{plan.family}' graph of the plan "
                         f'(vocabulary {vocab}): {what}', fix)
 
 
@@ -128,14 +128,14 @@ def read_weights(path: Path, where: str, fix: str, sha256: str | None = None) ->
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
-        raise SpecError(where, f'no weights at {path}', fix)
+        raise UserError(where, f'no weights at {path}', fix)
     if sha256 and sha256_file(path) != sha256:
-        raise SpecError(where, f'{path} is not the file that was recorded (its sha256 differs from the recorded '
+        raise UserError(where, f'{path} is not the file that was recorded (its sha256 differs from the recorded '
                         f'{sha256[:16]}...)', 'restore the file from a backup, or rerun the run (or export it again)')
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001
-        raise SpecError(where, f'cannot read the weights {path}: {_first_line(e)}', fix) from None
+        raise UserError(where, f'cannot read the weights {path}: {_first_line(e)}', fix) from None
 
 
 @dataclass
@@ -179,7 +179,7 @@ def load(plan: P.Plan, weights: Path, *, where: str, fix: str, vocab_size: int |
     size = vocab_size if vocab_size is not None else vocab.vocab_size if vocab is not None else None
     weights = Path(weights)
     if not weights.is_file():
-        raise SpecError(where, f'no weights at {weights}', fix)
+        raise UserError(where, f'no weights at {weights}', fix)
     check_fits(plan, size, header_shapes(weights, where, fix), weights, where, fix)
     state = read_weights(weights, where, fix, sha256)
     model = build(plan, size)
@@ -191,15 +191,15 @@ def read_export_config(folder: Path, where: str, fix: str) -> dict:
     try:
         cfg = json.loads((folder / 'config.json').read_text())
     except FileNotFoundError:
-        raise SpecError(where, f'no config.json in {folder}: not a folder python -m store.export wrote', fix) from None
+        raise UserError(where, f'no config.json in {folder}: not a folder python -m store.export wrote', fix) from None
     except (OSError, ValueError) as e:
-        raise SpecError(where, f'config.json cannot be read: {e}', fix) from None
+        raise UserError(where, f'config.json cannot be read: {e}', fix) from None
     if not isinstance(cfg, dict) or cfg.get('format') != EXPORT_FORMAT or cfg.get('version') not in EXPORT_VERSIONS:
         got = (cfg.get('format'), cfg.get('version')) if isinstance(cfg, dict) else type(cfg).__name__
-        raise SpecError(where, f"config.json is not a memspec export of a version this code reads ({got}; this code "
+        raise UserError(where, f"config.json is not a memspec export of a version this code reads ({got}; this code "
                         f"reads {EXPORT_FORMAT!r} versions {', '.join(map(str, EXPORT_VERSIONS))})", fix)
     if not isinstance(cfg.get('plan'), dict) or not isinstance(cfg.get('weights'), dict):
-        raise SpecError(where, 'config.json lacks its plan or weights entry', fix)
+        raise UserError(where, 'config.json lacks its plan or weights entry', fix)
     return cfg
 
 

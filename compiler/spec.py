@@ -440,19 +440,26 @@ def _check_usage(loader: _Loader, operative: str, family: str) -> list[validate.
         elif cls == 'Stack' and scope in plan_mod.STACK_ROLES:
             if origin != 'include':  # a base spec configures every role a family might have
                 unused.setdefault(scope, []).append((key, where, None))
-        elif scope:
-            known = sorted((built.get(cls, set()) | {r.scope for r in loader.references if cls in _contains(r.name)}
-                            | (set(plan_mod.STACK_ROLES) if cls == 'Stack' else set())) - {''})
-            close = difflib.get_close_matches(scope, known, n=1)
-            hint = f"scopes of {cls}: {', '.join(known)}" if known else f'bind {cls}.{arg} without a scope'
-            raise SpecError(where, f"{_key_text(key)} has no effect: no {cls} is built in scope '{scope}' and no "
-                            f'@{scope}/...() reference names it',
-                            (f"did you mean '{close[0]}/{cls}.{arg}'? " if close else '') + hint)
         else:
-            raise SpecError(where, f'{_key_text(key)} has no effect: no {cls} is built from these specs',
-                            f'bind {_HOME[cls]} (a default {cls} ignores bindings), or remove the binding')
+            _refuse_no_effect(loader, key, where, built)
     warnings = [_unused_warning(scope, items, family) for scope, items in unused.items()]
     return _check_macros(loader, used_macros) + warnings
+
+
+def _refuse_no_effect(loader: _Loader, key, where: str, built: dict) -> None:
+    """A binding no built instance and no reference reaches: a misspelled scope (did you mean ...) or a configurable
+    these specs never build."""
+    scope, cls, arg = key
+    if not scope:
+        raise SpecError(where, f'{_key_text(key)} has no effect: no {cls} is built from these specs',
+                        f'bind {_HOME[cls]} (a default {cls} ignores bindings), or remove the binding')
+    known = sorted((built.get(cls, set()) | {r.scope for r in loader.references if cls in _contains(r.name)}
+                    | (set(plan_mod.STACK_ROLES) if cls == 'Stack' else set())) - {''})
+    close = difflib.get_close_matches(scope, known, n=1)
+    hint = f"scopes of {cls}: {', '.join(known)}" if known else f'bind {cls}.{arg} without a scope'
+    raise SpecError(where, f"{_key_text(key)} has no effect: no {cls} is built in scope '{scope}' and no "
+                    f'@{scope}/...() reference names it',
+                    (f"did you mean '{close[0]}/{cls}.{arg}'? " if close else '') + hint)
 
 
 def _shadowed(key, where: str, reached: list, keys: dict):

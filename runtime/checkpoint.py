@@ -1,139 +1,27 @@
-"""The checkpoint format, the file writes a kill must not tear, and the lock that keeps one process per run.
+"""Checkpoints, and the stage weights of other runs that Stage.init_from starts a component from.
 
 checkpoint.pt is a dict of tensors and plain values (model and optimizer state, data position, RNG state, the stage
 and step, the stage-end summary, the plan hash), written with torch.save and read back with
 torch.load(weights_only=True), which refuses anything but tensors and plain containers: a crafted checkpoint cannot
 run code when it is loaded (its sha256 file would not stop that: whoever can write one can write both). It is
-written atomically (temporary file, then rename), with its sha256 in checkpoint.pt.sha256 beside it, checked on resume.
-
-Every file a run writes goes through atomic_write, which also gives it the permissions the umask allows (mkstemp
-creates 0600, which would keep other users from resuming or generating from the run), and turns a write that
-failed in a library's own writer (torch.save reports a full disk as RuntimeError 'unexpected pos', safetensors as
-SafetensorError) into the OSError it stands for, asking the filesystem whether it is full.
+written atomically (store/files.py), with its sha256 in checkpoint.pt.sha256 beside it, checked on resume.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
-import os
 import pickle
-import re
-import shutil
-import socket
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from compiler.checkpoint import sha256_file  # noqa: F401  (its home; checkpoints and tests use it here)
-from compiler.errors import SpecError
-
-FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
-
-
-def file_mode() -> int:
-    """The mode a plain open() would give a new file under this process's umask."""
-    try:  # Linux shows the umask; reading it there changes nothing, not even for a moment
-        with open('/proc/self/status') as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)  # elsewhere it can only be read by setting it: set it back at once
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _human(n: int) -> str:
-    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-        if n < 1024 or unit == 'TiB':
-            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
-        n /= 1024
-    return str(n)
-
-
-def mount_point(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists():
-        path = path.parent
-    while not os.path.ismount(path):
-        path = path.parent
-    return path
-
-
-def disk_report(folder: Path) -> str:
-    """'the filesystem at /mnt/x (0 B free of 2.0 MiB)': which disk a path is on and how full it is."""
-    try:
-        usage = shutil.disk_usage(mount_point(folder))
-        return f'the filesystem at {mount_point(folder)} ({_human(usage.free)} free of {_human(usage.total)})'
-    except OSError:
-        return f'the filesystem of {folder}'
-
-
-class WriteFailed(OSError):
-    """A write that failed for lack of space or an I/O error; str() is the whole message for the user."""
-
-    def __init__(self, code: int, path: Path, detail: str = ''):
-        super().__init__(code, os.strerror(code), str(path))
-        self.message = (f'cannot write {path}: {os.strerror(code)}{f" ({detail})" if detail else ""}, on '
-                        f'{disk_report(Path(path).parent)}')
-
-    def __str__(self) -> str:
-        return self.message
-
-
-_LIBRARY_WRITE_ERRORS = ('unexpected pos', 'PytorchStreamWriter', 'inline_container', 'iostream error', 'I/O error',
-                         'Error while serializing')
-
-
-def write_error(e: BaseException, path: Path) -> OSError | None:
-    """The OSError a failed write of `path` stands for (None: not a write failure). A full disk is recognised by the
-    filesystem's free space, since torch.save does not say ENOSPC."""
-    if isinstance(e, OSError):
-        code, detail = e.errno, ''
-    elif any(s in str(e) for s in _LIBRARY_WRITE_ERRORS):
-        m = re.search(r'os error (\d+)', str(e))
-        code, detail = (int(m.group(1)) if m else None), str(e).strip().splitlines()[0]
-    else:
-        return None
-    try:
-        full = shutil.disk_usage(Path(path).parent).free < FULL_BELOW
-    except OSError:
-        full = False
-    if code in (errno.ENOSPC, errno.EDQUOT) or full:
-        return WriteFailed(errno.ENOSPC if full or code == errno.ENOSPC else code, path)
-    if isinstance(e, OSError):
-        return None  # a plain OSError (permission, folder removed) already says what happened
-    return WriteFailed(code or errno.EIO, path, detail)
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a kill leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except WriteFailed:
-        raise  # a nested write (checkpoint.pt.sha256 inside checkpoint.pt's) already named its file
-    except Exception as e:
-        err = write_error(e, path)  # asked before the temporary is removed: it holds what filled the disk
-        if err is not None and err is not e:
-            raise err from None
-        if isinstance(e, OSError) and e.filename == tmp:  # name the file the user knows, not '.checkpoint.pt.x1y2'
-            e.filename = str(path)
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
-
+from compiler import plan as P
+from compiler.digest import sha256_file
+from compiler.errors import UserError
+from compiler.llama import check_llama, load_llama, read_llama
+from compiler.model import Graph, build, meta_build, parameters_of
+from store import files
+from store.layout import RunFolder
 
 _digests: dict[str, str] = {}  # checkpoint path -> sha256 of what this process wrote or verified there
 
@@ -153,9 +41,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
         new.append(sha256_file(tmp))
         old = _digests.get(str(path)) or (sha256_file(path) if path.is_file() else None)
         text = f'{new[0]}  {path.name}\n' + (f'# previous {old}\n' if old and old != new[0] else '')
-        atomic_write(side, lambda p: Path(p).write_text(text))
+        files.atomic_write(side, lambda p: Path(p).write_text(text))
 
-    atomic_write(path, write)
+    files.atomic_write(path, write)
     _digests[str(path)] = new[0]
 
 
@@ -171,7 +59,7 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
         digest = sha256_file(path)
         known = [w for w in side.read_text().split() if len(w) == 64]
         if digest not in known:
-            raise SpecError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... '
+            raise UserError(where, f'the checkpoint {path} is damaged: its sha256 {digest[:16]}... '
                                    f'is not the one in {side.name}', fix)
         _digests[str(path)] = digest
     try:
@@ -180,15 +68,15 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
             state = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: unpickling fails in many ways)
         if isinstance(e, pickle.UnpicklingError) and 'Weights only load failed' in str(e):
-            raise SpecError(where, f'the checkpoint {path} holds objects other than tensors and plain values, which '
+            raise UserError(where, f'the checkpoint {path} holds objects other than tensors and plain values, which '
                                    'memspec never writes; it was not loaded (loading it could run code)',
                             f'delete {path} and {side.name} to start run {run_id} again from its first step, or '
                             'start a new run; do not resume from checkpoints of unknown origin')
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise SpecError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {first}', fix)
+        raise UserError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {first}', fix)
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
     if missing:
-        raise SpecError(where, f"{path} is not a memspec checkpoint (it lacks {', '.join(missing)})", fix)
+        raise UserError(where, f"{path} is not a memspec checkpoint (it lacks {', '.join(missing)})", fix)
     return state
 
 
@@ -200,75 +88,80 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def check_writable(folder: Path, where: str, setting: str = 'Run.out_dir') -> None:
-    """Refuse an output folder the run could not write, before anything is recorded (exit 2)."""
+
+# ------------------------------------------------------------------------------------------------ init_from sources
+
+def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:
+    """'run:<id>/<stage>[:<component>]' -> (the stage weights file, run id, stage, source component or ''); a source
+    that names no finished stage of exactly one run is a UserError."""
+    ref, _, src_comp = source[len('run:'):].partition(':')
+    run_id, stage = ref.split('/', 1)
+    where = f"init_from '{source}'"
+    # an id or <id>-<key>, never a path; an id several runs share (different databases) is refused
+    folder = RunFolder.find(runs_dir, run_id, where, f"as in 'run:<id>-<key>/{stage}'")
+    path = folder.stage_weights(stage) if folder is not None else Path(runs_dir) / run_id / 'stages' / f'{stage}.*'
+    if folder is None or '/' in stage or stage.startswith('.') or not path.is_file():
+        raise UserError(where, f'no stage checkpoint at {path}',
+                        'give the id of a finished run and one of its stage names (python -m store.runs list)')
+    return path, run_id, stage, src_comp
+
+
+def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[str, torch.Tensor]:
+    """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
+    defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
+    ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
+    path, run_id, stage, src_comp = run_source(runs_dir, source)
+    src_comp = src_comp or component
+    where = f"init_from '{source}'"
+    own = dict(parameters_of(model, component))
+    out = {}
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.write-test.')
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise SpecError(where, f'cannot write to {folder}: {e.strerror or e}',
-                        f'choose a folder this user can write ({setting}), or make this one writable')
+        f = safe_open(str(path), 'pt')
+    except Exception as e:  # noqa: BLE001  (SafetensorError: a truncated or foreign file)
+        text = str(e).strip()
+        raise UserError(where, f"cannot read {path}: {text.splitlines()[0] if text else type(e).__name__}",
+                        'the file is damaged: rerun the source run (or its stage) to rewrite it')
+    with f:
+        keys = set(f.keys())
+        for name, p in own.items():
+            key = src_comp + name[len(component):]
+            if key not in keys:
+                raise UserError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
+                                'initialise from a run whose component has the same structure (depth, kind)')
+            t = f.get_tensor(key)
+            if t.shape != p.shape:
+                raise UserError(where, f"'{key}' is {tuple(t.shape)} in run {run_id} but '{name}' is {tuple(p.shape)}",
+                                'initialise from a run with the same widths, vocabulary and chunk length')
+            out[name] = t
+    return out
 
 
-# ------------------------------------------------------------------------------------------------ the run lock
-
-class RunBusy(Exception):
-    """Another live process holds the run's lock; `holder` is what it wrote into the lock file."""
-
-    def __init__(self, holder: dict):
-        super().__init__(holder)
-        self.holder = holder
-
-
-class LocksUnsupported(Exception):
-    """The filesystem of the run folder does not implement flock (some network filesystems)."""
-
-
-def read_holder(path: Path) -> dict:
-    try:
-        holder = json.loads(path.read_text() or '{}')
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
+def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:
+    """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>[:<comp>]'
+    copies from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
+    if source == 'previous':
+        return
+    if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
+        path = source[len('llama:'):]
+        load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
+        return
+    if source == 'fresh':
+        state = dict(build(plan, model.decoder.head.out_features, seed=seed).named_parameters())
+    else:
+        state = state_from_run(runs_dir, source, model, component)
+    with torch.no_grad():
+        for name, p in parameters_of(model, component):
+            p.copy_(state[name])
 
 
-class RunLock:
-    """An exclusive fcntl.flock on the run folder's lock file, held while a process trains the run. The OS releases
-    it when the process dies, kill -9 included, so a live run can never be resumed a second time, and the lock of a
-    dead one is free. The holder writes its pid, host and start time into the file for the message others get."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = Path(path), None
-
-    def acquire(self) -> RunLock:
-        """-> self, holding the lock; RunBusy when a live process holds it, LocksUnsupported when the filesystem
-        cannot lock."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunBusy(read_holder(self.path)) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...
-            os.close(fd)
-            raise LocksUnsupported(e.strerror or str(e)) from None
-        self.previous = read_holder(self.path)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                  'since': time.strftime('%Y-%m-%d %H:%M:%S %Z')}).encode(), 0)
-        self.fd = fd
-        return self
-
-    def give_back(self) -> None:
-        """Release without having run: the previous holder's note is put back (it names the process to wait for)."""
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, json.dumps(self.previous).encode(), 0)
-        self.release()
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) -> None:
+    """The init_from sources of the stages still to run must exist (and Llama checkpoints fit) before anything is
+    recorded: a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
+    first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
+    for stage in plan.curriculum[first:]:
+        for comp, src in stage.init_from.items():
+            if src.startswith('llama:'):
+                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]),
+                            f"init_from '{src}'")
+            if src.startswith('run:'):
+                state_from_run(runs_dir, src, meta_build(plan, vocab), comp)

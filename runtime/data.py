@@ -38,7 +38,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from compiler.load import SPECIAL_TOKENS, special_ids
 from runtime import tokens as T
 from runtime.documents import (  # noqa: F401
@@ -127,12 +127,12 @@ def load_tokenizer(path: str) -> Tokenizer:
     if p.is_dir():
         p = p / 'tokenizer.json'
     if not p.is_file():
-        raise SpecError(where('tokenizer', path), f'no tokenizer.json at {p}',
+        raise UserError(where('tokenizer', path), f'no tokenizer.json at {p}',
                         'point Data.tokenizer at a tokenizer.json or a folder with one, or set it to None to train BPE')
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:
-        raise SpecError(where('tokenizer', path), f'cannot load {p}: {e}',
+        raise UserError(where('tokenizer', path), f'cannot load {p}: {e}',
                         'use a tokenizer.json saved by `tokenizers`')
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
@@ -169,15 +169,15 @@ def cache_key(d) -> dict:
 
 def _check(d, n: int, l: int) -> None:
     if d.tokenizer is None and d.vocab_size < BYTE_ALPHABET + len(SPECIAL_TOKENS):
-        raise SpecError(where('vocab_size', d.vocab_size),
+        raise UserError(where('vocab_size', d.vocab_size),
                         f'vocabulary too small: byte-level BPE needs the {BYTE_ALPHABET} byte tokens plus the '
                         f'{len(SPECIAL_TOKENS)} special tokens {", ".join(SPECIAL_TOKENS)}',
                         f'set Data.vocab_size >= {BYTE_ALPHABET + len(SPECIAL_TOKENS)}')
     if not 0 <= d.val_fraction < 1:
-        raise SpecError(where('val_fraction', d.val_fraction), 'the validation fraction must be in [0, 1)',
+        raise UserError(where('val_fraction', d.val_fraction), 'the validation fraction must be in [0, 1)',
                         'set Data.val_fraction to e.g. 0.05')
     if n < 1 or l < 1:
-        raise SpecError(f'Memory.chunks = {n}, Memory.chunk_len = {l}', 'an example needs at least one token',
+        raise UserError(f'Memory.chunks = {n}, Memory.chunk_len = {l}', 'an example needs at least one token',
                         'set Memory.chunks and Memory.chunk_len to positive integers')
 
 
@@ -218,7 +218,7 @@ def _cache_errors(d, path: Path):
     try:
         yield
     except OSError as e:
-        raise SpecError(where('cache_dir', d.cache_dir), f'cannot write the data cache in {path.parent}: '
+        raise UserError(where('cache_dir', d.cache_dir), f'cannot write the data cache in {path.parent}: '
                         f'{e.strerror or type(e).__name__}',
                         'point Data.cache_dir at a folder this user can write that has room for the cache')
 
@@ -267,7 +267,7 @@ def _build(d, key: dict, path: Path, workers: int | None, progress: bool) -> Non
                 count = T.write_split(tmp, split, tok, ids['<eod>'], list(ids.values()), dtype,
                                       _workers(workers, sp.bytes), bar.update)
             except ValueError as e:
-                raise SpecError(where('tokenizer', d.tokenizer), str(e), f'use a tokenizer whose vocabulary does '
+                raise UserError(where('tokenizer', d.tokenizer), str(e), f'use a tokenizer whose vocabulary does '
                                 f'not contain {", ".join(SPECIAL_TOKENS)} as ordinary tokens')
             finally:
                 bar.close()
@@ -304,16 +304,16 @@ def _spool(d, tmp: Path, progress: bool) -> dict[str, T.Spool]:
     return spools
 
 
-def _no_examples(d, split: str, offsets: np.ndarray, n: int, l: int) -> SpecError:
+def _no_examples(d, split: str, offsets: np.ndarray, n: int, l: int) -> UserError:
     lengths = np.diff(offsets) - 1
     longest = int(lengths.max()) if len(lengths) else 0
     if d.full_length_only:
-        return SpecError(where('full_length_only', True),
+        return UserError(where('full_length_only', True),
                          f'the context N*L = {n}*{l} = {n * l} tokens is longer than every {split} document '
                          f'(longest: {longest} tokens), so no {split} example is left',
                          'set Data.full_length_only = False (pad short documents), '
                          'use shorter Memory.chunk_len/chunks, or a corpus with longer documents')
-    return SpecError(where('source', d.source),
+    return UserError(where('source', d.source),
                      f'the {split} split has {int(lengths.sum())} tokens, fewer than one example of N*L = {n * l}',
                      'use a larger corpus, shorter Memory.chunk_len/chunks'
                      + (', or a larger Data.val_fraction' if split == 'val' else ''))

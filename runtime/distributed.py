@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 
 class NullRun:
@@ -21,11 +21,11 @@ class NullRun:
 
 def run_device(run, where: str = 'Run.device') -> torch.device:
     """The device Run.device names for this process: 'cpu'; 'cuda' (under torchrun this process's GPU, LOCAL_RANK;
-    a SpecError at `where` when CUDA is not available: no silent fallback); 'auto': CUDA when available, else CPU."""
+    a UserError at `where` when CUDA is not available: no silent fallback); 'auto': CUDA when available, else CPU."""
     if run.device == 'cpu' or (run.device == 'auto' and not torch.cuda.is_available()):
         return torch.device('cpu')
     if not torch.cuda.is_available():
-        raise SpecError(where, f"Run.device = 'cuda' but CUDA is not available here (torch {torch.__version__}"
+        raise UserError(where, f"Run.device = 'cuda' but CUDA is not available here (torch {torch.__version__}"
                         f"{', built without CUDA' if torch.version.cuda is None else ', no usable GPU'})",
                         "use Run.device = 'auto' (CUDA when available, else CPU) or 'cpu'")
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))

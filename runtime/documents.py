@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 OFFLINE_VARS = ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')
 BLANK = re.compile(r'[ \t]*\n?')  # a separator line: only spaces and tabs (what the split on \n[ \t]*\n meant)
@@ -27,11 +27,11 @@ def where(name: str, value) -> str:
 def local_path(source: str) -> Path:
     p = Path(source).expanduser()
     if not p.is_file():
-        raise SpecError(where('source', source), f'no such file: {p.resolve()}',
+        raise UserError(where('source', source), f'no such file: {p.resolve()}',
                         "point Data.source at an existing .txt/.jsonl/.parquet file, 'embedded', "
                         "or 'hub:<name>[:<config>]'")
     if p.suffix not in ('.txt', '.jsonl', '.json', '.parquet'):
-        raise SpecError(where('source', source), f'unsupported file type {p.suffix!r}',
+        raise UserError(where('source', source), f'unsupported file type {p.suffix!r}',
                         'use a .txt (documents separated by blank lines), .jsonl or .parquet file')
     return p
 
@@ -52,11 +52,11 @@ def check_source(d) -> None:
         return
     var = offline()
     if var:
-        raise SpecError(where('source', d.source), f'a hub dataset needs the network, but {var}={os.environ[var]} '
+        raise UserError(where('source', d.source), f'a hub dataset needs the network, but {var}={os.environ[var]} '
                         f'(offline mode)', f'on a machine with network unset {" and ".join(OFFLINE_VARS)}; offline, '
                         "set Data.source to 'embedded' or a local .txt/.jsonl/.parquet file")
     if d.max_documents is None:
-        raise SpecError(where('max_documents', None), 'a hub dataset is streamed and needs a document limit',
+        raise UserError(where('max_documents', None), 'a hub dataset is streamed and needs a document limit',
                         'set Data.max_documents (e.g. 100000)')
 
 
@@ -76,7 +76,7 @@ def embedded_documents() -> list[str]:
 
 def iter_documents(d) -> Iterator[str]:
     """The documents of Data `d` in source order (stripped, empty ones dropped, at most max_documents), one at a
-    time. Raises SpecError when the source yields none."""
+    time. Raises UserError when the source yields none."""
     check_source(d)
     src = d.source
     if src == 'embedded':
@@ -96,7 +96,7 @@ def iter_documents(d) -> Iterator[str]:
         if d.max_documents is not None and count >= d.max_documents:
             break
     if not count:
-        raise SpecError(where('source', src), 'the corpus is empty (no non-blank document)',
+        raise UserError(where('source', src), 'the corpus is empty (no non-blank document)',
                         'point Data.source at a file with text in it')
 
 
@@ -118,7 +118,7 @@ def _txt_documents(p: Path, src: str) -> Iterator[str]:
                 else:
                     lines.append(line)
     except UnicodeDecodeError as e:
-        raise SpecError(where('source', src), f'not valid UTF-8 text (byte {_first_bad_byte(p)}: {e.reason})',
+        raise UserError(where('source', src), f'not valid UTF-8 text (byte {_first_bad_byte(p)}: {e.reason})',
                         'convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`')
     if lines:
         yield ''.join(lines)
@@ -139,12 +139,12 @@ def _first_bad_byte(p: Path) -> int:
 def _texts(rows, d, source: str) -> Iterator[str]:
     for row in rows:
         if d.text_field not in row:
-            raise SpecError(where('text_field', d.text_field), f'{source} has no field {d.text_field!r} '
+            raise UserError(where('text_field', d.text_field), f'{source} has no field {d.text_field!r} '
                             f'(fields: {", ".join(map(str, row))})',
                             'set Data.text_field to the column that holds the text')
         t = row[d.text_field]
         if t is not None and not isinstance(t, str):
-            raise SpecError(where('text_field', d.text_field), f'{source}: field {d.text_field!r} holds '
+            raise UserError(where('text_field', d.text_field), f'{source}: field {d.text_field!r} holds '
                             f'{type(t).__name__}, not text', 'set Data.text_field to a text column')
         if t:
             yield t
@@ -156,7 +156,7 @@ def _datasets_documents(d, p: Path) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split='train', cache_dir=str(Path(d.cache_dir) / 'hf'))
     except Exception as e:  # malformed file: datasets raises many different types
-        raise SpecError(where('source', d.source), f'could not read {p} as {kind}: {type(e).__name__}: {e}',
+        raise UserError(where('source', d.source), f'could not read {p} as {kind}: {type(e).__name__}: {e}',
                         'check that the file is valid '
                         f'{"JSON lines (one object per line)" if kind == "json" else "parquet"}')
     yield from _texts(ds, d, str(p))
@@ -168,10 +168,10 @@ def _hub_documents(d) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(name, config or None, split=d.split, streaming=True)
         yield from _texts(ds, d, d.source)
-    except SpecError:
+    except UserError:
         raise
     except Exception as e:  # no network, unknown dataset/config/split: all end here
-        raise SpecError(where('source', d.source), f'could not stream hub dataset {name!r} (config '
+        raise UserError(where('source', d.source), f'could not stream hub dataset {name!r} (config '
                         f'{config or None!r}, split {d.split!r}): {type(e).__name__}: {e}',
                         'check the name, config and Data.split and that the hub is reachable; offline, use '
                         "'embedded' or a local file")

@@ -18,9 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from runtime.reading import MODES
 from store.database import default_url, display_url, get_run, open_db, record_evaluations
+from store.files import write_text
 from store.runref import folder_of
 from store.tables import num, table
 
@@ -62,7 +63,7 @@ def task_names(names: list[str], text: str, manager) -> list[str]:
     unknown = [t for t in names if t not in known]
     if not names or unknown:
         groups = sorted(t for t in known if t.startswith('memspec'))
-        raise SpecError(f"--tasks {text}", f"unknown task {', '.join(unknown)}" if unknown else 'no task given',
+        raise UserError(f"--tasks {text}", f"unknown task {', '.join(unknown)}" if unknown else 'no task given',
                         f"name harness tasks or groups, e.g. {', '.join(groups)} (list them all: python -m "
                         'runtime.harness ls tasks --include_path specs/eval)')
     return names
@@ -86,12 +87,12 @@ def main(argv=None) -> None:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     args = parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        raise SpecError(f'--limit {args.limit}', 'must be at least 1', 'pass --limit 1 or more, or leave it out')
+        raise UserError(f'--limit {args.limit}', 'must be at least 1', 'pass --limit 1 or more, or leave it out')
     run = folder_of(args.run, args.runs)
     folder = run.root
     url = args.db or default_url(run.out_dir)
     if url.startswith('mongodb'):
-        raise SpecError(f'--db {display_url(url)}', 'evaluations are recorded in SQL run databases only',
+        raise UserError(f'--db {display_url(url)}', 'evaluations are recorded in SQL run databases only',
                         'record the run in sqlite:/// or postgresql:// (python -m runtime.run ... --db URL)')
     run_id = run.run_id
     get_run(open_db(url), run_id)  # the run must be recorded where its evaluation goes
@@ -100,10 +101,10 @@ def main(argv=None) -> None:
 
         from runtime.lm_adapter import MemspecLM
     except ImportError as e:
-        raise SpecError('python -m runtime.evaluate', f'lm-evaluation-harness is not installed ({e})',
+        raise UserError('python -m runtime.evaluate', f'lm-evaluation-harness is not installed ({e})',
                         "pip install -e '.[eval]'")
     if not Path(args.include_path).is_dir():
-        raise SpecError(f'--include-path {args.include_path}', 'no such folder', 'point it at specs/eval')
+        raise UserError(f'--include-path {args.include_path}', 'no such folder', 'point it at specs/eval')
     lm = MemspecLM(run=str(folder), stage=args.stage, memory=args.memory, device=args.device,
                    batch_size=args.batch_size)  # refuses an unknown stage or a mode the family lacks
     manager, tasks = task_manager(args.tasks, args.include_path, {'run': str(folder), 'runs': args.runs})
@@ -119,10 +120,7 @@ def main(argv=None) -> None:
               'limit': args.limit, 'tasks': tasks, 'family': lm.plan.family, 'time': now.isoformat(),
               'documents': docs, 'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}
     out = folder / 'evaluations' / f'{stage}.{args.memory}.json'
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_suffix('.tmp')
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)  # never a half-written report
+    write_text(out, json.dumps(report, indent=1))  # never a half-written report, never through a planted link
     if args.json:
         print(json.dumps(report, indent=1))
         return

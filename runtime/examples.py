@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 
 class Examples:
@@ -122,9 +122,9 @@ class Batches:
 
     def __init__(self, examples, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
         if len(examples) == 0:
-            raise SpecError('Data', 'no examples to batch', 'check the data report: python -m runtime.data SPEC')
+            raise UserError('Data', 'no examples to batch', 'check the data report: python -m runtime.data SPEC')
         if batch_size % world:
-            raise SpecError(f'Data.batch_size = {batch_size}', f'the global batch does not split over {world} '
+            raise UserError(f'Data.batch_size = {batch_size}', f'the global batch does not split over {world} '
                             'processes', f'use a Data.batch_size divisible by {world}')
         self.examples = examples
         self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
@@ -163,7 +163,7 @@ class Batches:
         mine = self.state_dict()
         for k in ('seed', 'batch_size', 'num_examples', 'shuffle'):
             if state[k] != mine[k]:  # a different stream: "continuing" it would silently change the trajectory
-                raise SpecError('resume (data position)', f'the checkpoint was taken with {k} = {state[k]}, '
+                raise UserError('resume (data position)', f'the checkpoint was taken with {k} = {state[k]}, '
                                 f'this run has {k} = {mine[k]}',
                                 'resume with the same spec and data, or start a new run')
         self.epoch, self.index = state['epoch'], state['index']

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from compiler.families import family
 from runtime.decoding import generate
 from runtime.reading import MODES, MemoryCache, check_decodes, reading
@@ -44,22 +44,22 @@ def stored_memories(ref: str, plan, folder: RunFolder):
     stage, _, row = ref.rpartition(':')
     where = f'--memories {ref}'
     if not stage or not row.isdigit():
-        raise SpecError(where, 'expected STAGE:ROW, e.g. clm:0',
+        raise UserError(where, 'expected STAGE:ROW, e.g. clm:0',
                         'name a stage of the run and a row of its stored memories')
     if not family(plan).stores_memories:
-        raise SpecError(where, f"a '{plan.family}' run has no encoder, so it stored no memories",
+        raise UserError(where, f"a '{plan.family}' run has no encoder, so it stored no memories",
                         'condition it on text with --context or --context-file')
     store = memory_store(plan.run, folder.out_dir)
     if store is None:
-        raise SpecError(where, "the run stored no memories (Run.memory_store = 'none')",
+        raise UserError(where, "the run stored no memories (Run.memory_store = 'none')",
                         'condition on text with --context')
     try:
         group = M.open_group(store, folder.name, stage)
-    except SpecError as e:  # name the option the user gave first
-        raise SpecError(where, f'{e.where}: {e.what}', e.fix) from None
+    except UserError as e:  # name the option the user gave first
+        raise UserError(where, f'{e.where}: {e.what}', e.fix) from None
     rows = group.memories.shape[0]
     if int(row) >= rows:
-        raise SpecError(where, f'row {row} is out of range: the stage stored {rows} rows',
+        raise UserError(where, f'row {row} is out of range: the stage stored {rows} rows',
                         f'pick a row in 0..{rows - 1}')
     mem, tokens, mask = group.rows(int(row), int(row) + 1)
     return mem[:, :plan.memory.chunks - 1], tokens[0, -1][mask[0, -1]]
@@ -93,19 +93,19 @@ def parser() -> argparse.ArgumentParser:
 
 def check_options(args) -> None:
     if args.max_new_tokens < 1:
-        raise SpecError(f'--max-new-tokens {args.max_new_tokens}', 'must be at least 1',
+        raise UserError(f'--max-new-tokens {args.max_new_tokens}', 'must be at least 1',
                         'pass --max-new-tokens 1 or more')
     if args.temperature < 0:
-        raise SpecError(f'--temperature {args.temperature}', 'must be >= 0',
+        raise UserError(f'--temperature {args.temperature}', 'must be >= 0',
                         'pass 0 for greedy decoding, or a positive value')
     if args.top_k is not None and args.top_k < 1:
-        raise SpecError(f'--top-k {args.top_k}', 'must be at least 1', 'pass --top-k 1 or more, or leave it out')
+        raise UserError(f'--top-k {args.top_k}', 'must be at least 1', 'pass --top-k 1 or more, or leave it out')
     if not all(args.prompt):
-        raise SpecError('--prompt', 'the prompt is empty', 'give --prompt some text: generation continues it')
+        raise UserError('--prompt', 'the prompt is empty', 'give --prompt some text: generation continues it')
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
-        raise SpecError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}', 'use --device cpu')
+        raise UserError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}', 'use --device cpu')
 
 
 def context_text(args) -> str:
@@ -114,7 +114,7 @@ def context_text(args) -> str:
     try:
         return Path(args.context_file).read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f'--context-file {args.context_file}',
+        raise UserError(f'--context-file {args.context_file}',
                         f'cannot read it: {e.strerror if isinstance(e, OSError) else e}',
                         'give a readable UTF-8 text file')
 
@@ -129,7 +129,7 @@ def fits_window(plan, model, n_tokens: int, max_new: int, mode: str = 'on') -> N
     if n_tokens + max_new - 1 > window:
         fix = (f'lower --max-new-tokens to {window - n_tokens + 1}' if n_tokens <= window else
                f'shorten --context/--prompt to at most {window} tokens')
-        raise SpecError(f'--max-new-tokens {max_new}',
+        raise UserError(f'--max-new-tokens {max_new}',
                         f"{n_tokens} conditioning tokens + {max_new} new tokens do not fit "
                         f"the {plan.family} model's context of {window} tokens "
                         + ('(Memory.chunks x chunk_len)' if one_sequence else '(its memory slots + one chunk)'),
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     rows = [context + tok.encode(p, add_special_tokens=False).ids for p in args.prompt]
     reading(model, args.memory)  # an inapplicable mode is refused before any work
     if memories is not None and len({len(r) for r in rows}) > 1:
-        raise SpecError(f'--memories {args.memories}', 'stored memories condition prompts of one token length only',
+        raise UserError(f'--memories {args.memories}', 'stored memories condition prompts of one token length only',
                         'give one --prompt, or prompts that encode to the same number of tokens')
     for ids in rows:
         fits_window(plan, model, len(ids), args.max_new_tokens, args.memory)

@@ -17,8 +17,9 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-from compiler.checkpoint import llama_files, sha256_file
-from runtime.train import run_source
+from compiler.digest import sha256_file
+from compiler.llama import llama_files
+from runtime.checkpoint import run_source
 from store.layout import file_ref
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def source_state(root: Path = ROOT) -> tuple[dict, str]:
 
 def init_sources(plan, runs_dir: Path, first_stage: int = 0) -> dict:
     """{stage: {component: {'source': ..., 'files': [file_ref, ...]}}} for every init_from of the stages from
-    `first_stage` on that reads files (sources were checked to exist by runtime.train.check_init_sources)."""
+    `first_stage` on that reads files (sources were checked to exist by runtime.checkpoint.check_init_sources)."""
     out: dict = {}
     for stage in plan.curriculum[first_stage:]:
         for comp, src in stage.init_from.items():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiler.errors import SpecError, either
+from compiler.errors import UserError, either
 from compiler.families import REGISTRY, family
 
 MODES = ('on', 'ablated', 'full_context')
@@ -58,7 +58,7 @@ def check_decodes(plan, where: str, sampling: bool = False) -> None:
     fix = (f'decode its stored memories with `python -m store.analyze decode RUN`, or {OTHER_USE}'
            if fam.readout(plan) == 'decoder' else
            f'score it with python -m runtime.evaluate, or {OTHER_USE} to generate' if fam.token_decoder else OTHER_USE)
-    raise SpecError(where, f"family '{plan.family}' cannot generate: {fam.cannot_generate}", fix)
+    raise UserError(where, f"family '{plan.family}' cannot generate: {fam.cannot_generate}", fix)
 
 
 def keep_memories(model) -> int:
@@ -69,14 +69,14 @@ def keep_memories(model) -> int:
 def _forward_reading(model, mode: str, keep, chunk_len) -> Reading:
     fam = model.family
     if mode == 'ablated' and not fam.ablation:
-        raise SpecError(f'--memory {mode}', f"a '{fam.name}' model has no memory slots to ablate",
+        raise UserError(f'--memory {mode}', f"a '{fam.name}' model has no memory slots to ablate",
                         'use --memory on' + (' (a no_memory run is already the ablated control)'
                                              if not fam.forms_memories else ''))
     if mode == 'full_context':
-        raise SpecError(f'--memory {mode}', f"a '{fam.name}' model without a KV cache reads its window of "
+        raise UserError(f'--memory {mode}', f"a '{fam.name}' model without a KV cache reads its window of "
                         f'{model.n} x {model.l} tokens as it was trained', 'use --memory on')
     if keep is not None or chunk_len is not None:
-        raise SpecError('keep, chunk_len', f'a {fam.name} model without a KV cache reads its trained layout only',
+        raise UserError('keep, chunk_len', f'a {fam.name} model without a KV cache reads its trained layout only',
                         'sweep a memory model with a transformer decoder')
     return Reading(mode, True, 0, model.n * model.l, model.l, forward=True)
 
@@ -94,29 +94,29 @@ def reading(model, mode: str = 'on', keep: int | None = None, chunk_len: int | N
     slots + chunk positions stay within those it was trained on)."""
     fam = model.family
     if mode not in MODES:
-        raise SpecError(f'--memory {mode}', 'unknown memory mode', f"use one of {', '.join(MODES)}")
+        raise UserError(f'--memory {mode}', 'unknown memory mode', f"use one of {', '.join(MODES)}")
     if not cached(model):
         return _forward_reading(model, mode, keep, chunk_len)
     causal = fam.generation == 'causal'
     if mode == 'ablated' and not fam.forms_memories:
-        raise SpecError(f'--memory {mode}', f"a '{fam.name}' model forms no memories, so there is nothing to ablate",
+        raise UserError(f'--memory {mode}', f"a '{fam.name}' model forms no memories, so there is nothing to ablate",
                         "use --memory on (a no_memory run is already the ablated control)")
     if mode == 'full_context' and causal:
-        raise SpecError(f'--memory {mode}', f"a '{fam.name}' model reads every context token in its window already",
+        raise UserError(f'--memory {mode}', f"a '{fam.name}' model reads every context token in its window already",
                         'use --memory on for it; full_context mode is for memory models (their decoder then reads '
                         'tokens instead of memories)')
     if causal or mode == 'full_context':
         if keep is not None or chunk_len is not None:
-            raise SpecError('keep, chunk_len', f'a {mode} reading of a {fam.name} model has no memories to sweep',
+            raise UserError('keep, chunk_len', f'a {mode} reading of a {fam.name} model has no memories to sweep',
                             'sweep a memory model with --memory on')
         return Reading(mode, True, 0, model.decoder.seq_len)
     most = keep_memories(model) if mode == 'on' else 0
     if keep is not None and not 0 <= keep <= most:
-        raise SpecError(f'keep={keep}', f'the decoder reads 0..{most} memories in {mode} mode',
+        raise UserError(f'keep={keep}', f'the decoder reads 0..{most} memories in {mode} mode',
                         f'pick keep in 0..{most}')
     if chunk_len is not None and not (1 <= chunk_len <= model.l and model.family.has_encoder
                                       and getattr(model.encoder.cfg, 'kind', '') == 'transformer'):
-        raise SpecError(f'chunk_len={chunk_len}', f'the encoder of this {fam.name} model reads chunks of 1..{model.l} '
+        raise UserError(f'chunk_len={chunk_len}', f'the encoder of this {fam.name} model reads chunks of 1..{model.l} '
                         'tokens only if it is a transformer (masked mixers are built for one length)',
                         f'pick chunk_len in 1..{model.l} for a transformer encoder, or leave it out')
     return Reading(mode, False, most if keep is None else keep, None, chunk_len or model.l)

@@ -30,7 +30,7 @@ from threading import Lock, RLock
 
 import sqlalchemy as sa
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.database import METRICS, display_url, first_line, make_engine
 from store.sqlite_files import check_own_database
 
@@ -79,10 +79,10 @@ class ResumableSqlObserver(SqlObserver):
             engine = make_engine(url)
             with engine.connect():
                 pass
-        except SpecError:
+        except UserError:
             raise
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL)
-            raise SpecError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
+            raise UserError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
                             'check the URL (sqlite:///path.db or postgresql://user@host/db) and that the server runs')
         from sqlalchemy.orm import sessionmaker
         # SqlObserver.__init__ would open its own engine without our SQLite settings; set up what it sets, but
@@ -223,13 +223,13 @@ def observer(url: str):
         try:
             return MongoObserver(url=url)
         except ImportError:
-            raise SpecError(f'--db {display_url(url)}', 'recording into MongoDB needs pymongo, which is not installed',
+            raise UserError(f'--db {display_url(url)}', 'recording into MongoDB needs pymongo, which is not installed',
                             'pip install pymongo, or record into sqlite:///runs/sacred.db or postgresql://') from None
         except Exception as e:  # noqa: BLE001  (pymongo's errors: a bad URL or an unreachable server)
-            raise SpecError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
+            raise UserError(f'--db {display_url(url)}', f'cannot open the run database: {first_line(e, url)}',
                             'check the URL and that mongod runs and is reachable') from None
     if not (url.startswith('sqlite://') or url.startswith('postgresql')):
-        raise SpecError(f'--db {display_url(url)}', 'unsupported database URL',
+        raise UserError(f'--db {display_url(url)}', 'unsupported database URL',
                         'use sqlite:///runs/sacred.db, postgresql://user@host/db or mongodb://host/db')
     check_lasting(url)
     return ResumableSqlObserver(url)
@@ -249,7 +249,7 @@ def check_lasting(url: str) -> None:
     memory = not u.database or u.database == ':memory:' or u.database.startswith('file::memory:') \
         or u.query.get('mode') == 'memory'
     if memory:
-        raise SpecError(f'--db {display_url(url)}', 'an in-memory SQLite database ends with the process: the run '
+        raise UserError(f'--db {display_url(url)}', 'an in-memory SQLite database ends with the process: the run '
                         'could not be resumed, queried or analysed afterwards',
                         'give a database file, e.g. --db sqlite:///runs/sacred.db (the default is '
                         '<Run.out_dir>/sacred.db)')

@@ -40,27 +40,20 @@ import sqlalchemy as sa
 import torch
 
 from compiler.__main__ import parser
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
 from runtime import provenance, record, sweep
-from runtime.checkpoint import (
-    LocksUnsupported,
-    RunBusy,
-    RunLock,
-    WriteFailed,
-    check_writable,
-    load_checkpoint,
-    remove_stale_temporaries,
-    write_text,
-)
+from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
 from runtime.distributed import NullRun, distributed, run_device
-from runtime.train import Divergence, check_init_sources
+from runtime.lock import LocksUnsupported, RunBusy, RunLock
+from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
 from store import database, memories
 from store.database import flatten
+from store.files import WriteFailed, check_writable, refuse_link, write_text
 from store.layout import RunFolder, check_reference, memory_store, new_run_key, parse_name
 from store.tables import spec_label
 
@@ -125,38 +118,29 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     when `locks` is a list (rank 0; the lock is appended), its checkpoint verified. Every refusal is exit 2, before
     anything is written or recorded."""
     where = f'--resume {ref}'
-    check_reference(ref, where)
-    run_id, key = parse_name(ref)
-    try:
-        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
-    except SpecError as e:  # no database there, or it does not answer: say so, as the answer to --resume
-        raise SpecError(where, f'{e.where}: {e.what}', e.fix)
-    run = found[0] if found else None
-    if run is None:
-        raise SpecError(where, f'run {run_id} is not in {database.display_url(url)}',
-                        'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
-                        'was recorded in')
-    if run.run_key is None:
-        raise SpecError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
-                        f'so its folder cannot be told apart from other runs numbered {run_id}',
-                        'start a new run with the same spec (its numbers will be the same)')
-    if key is not None and key != run.run_key:
-        raise SpecError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
-                        f'resume {run.name}, or pass the --db that recorded {ref}')
+    run = _recorded(ref, where, url)
+    run_id = run.id
     folder = RunFolder(runs_dir, run_id, run.run_key)
     owner = folder.owner()
     if owner is not None and (str(owner.get('run_id')) != run_id or owner.get('run_key') != run.run_key):
-        raise SpecError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
+        raise UserError(where, f'{folder.root} belongs to another run ({folder.marker.name}: {owner})',
                         'leave it alone; check the --db and Run.out_dir of the run you mean')
+
     def same_plan(started_from):
         if started_from != spec.hash:
-            raise SpecError(where, f"run {run_id} was started from a different plan "
+            raise UserError(where, f"run {run_id} was started from a different plan "
                             f"(hash {started_from}, this spec {spec.hash}){plan_difference(run.config, spec)}",
                             'resume with the same spec files and bindings'
                             + (f" (recorded: {' '.join(repr('-b ' + b) for b in run.config['bindings'])})"
                                if run.config.get('bindings') else ''))
     if run.config.get('spec_hash') is not None:  # before the lock: a refused resume leaves even the lock file alone
         same_plan(run.config['spec_hash'])
+    if run.status == 'COMPLETED':  # --resume would train it again from its last checkpoint under the same record
+        raise UserError(where, f'run {run.name} already COMPLETED: there is nothing to resume',
+                        f'use its results (python -m store.runs show {run_id}; weights in {folder.final}), or drop '
+                        '--resume to train the same spec again as a new run')
+    for path in folder.written():  # before the lock: run.lock planted as a link must not be written through
+        refuse_link(path)
     if locks is not None:
         lock = take_lock(folder, run, where)
         if lock is not None:
@@ -164,6 +148,29 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
     resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
+
+
+def _recorded(ref: str, where: str, url: str) -> database.RunRecord:
+    """The record of the run `--resume ref` names (an id or '<id>-<key>'), with a run key."""
+    check_reference(ref, where)
+    run_id, key = parse_name(ref)
+    try:
+        found = database.open_db(url).runs(run_id=run_id)  # an absent SQLite file stays absent
+    except UserError as e:  # no database there, or it does not answer: say so, as the answer to --resume
+        raise UserError(where, f'{e.where}: {e.what}', e.fix)
+    run = found[0] if found else None
+    if run is None:
+        raise UserError(where, f'run {run_id} is not in {database.display_url(url)}',
+                        'give the id of a run recorded there (python -m store.runs list), or pass the --db the run '
+                        'was recorded in')
+    if run.run_key is None:
+        raise UserError(where, f'run {run_id} was recorded without a run key (by a memspec older than run keys), '
+                        f'so its folder cannot be told apart from other runs numbered {run_id}',
+                        'start a new run with the same spec (its numbers will be the same)')
+    if key is not None and key != run.run_key:
+        raise UserError(where, f'run {run_id} of {database.display_url(url)} is {run.name}, not {ref}',
+                        f'resume {run.name}, or pass the --db that recorded {ref}')
+    return run
 
 
 def plan_difference(config: dict, spec, limit: int = 8) -> str:
@@ -193,7 +200,7 @@ _UNSET = object()
 
 
 def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock | None:
-    """The run's lock for this process, or SpecError naming the live process that holds it. A lock taken on another
+    """The run's lock for this process, or UserError naming the live process that holds it. A lock taken on another
     host is invisible here on some network filesystems: a holder on another host whose heartbeat is fresh counts as
     alive too."""
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -203,13 +210,13 @@ def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock
         lock = RunLock(folder.lock).acquire()
     except RunBusy as e:
         pid, host = e.holder.get('pid', '?'), e.holder.get('host', '?')
-        raise SpecError(where, f'run {run.id} is being trained by a live process: pid {pid} on {host} holds '
+        raise UserError(where, f'run {run.id} is being trained by a live process: pid {pid} on {host} holds '
                         f"{folder.lock} (since {e.holder.get('since', '?')}; {beat})",
                         f'wait for it to finish, or stop it (kill {pid} on {host}) and --resume {run.id} again: '
                         'the lock of a process that died is free')
     except LocksUnsupported as e:
         if silent is not None and silent < database.STALE_AFTER:
-            raise SpecError(where, f'run {run.id} may be running: it is RUNNING with its {beat}, and the filesystem '
+            raise UserError(where, f'run {run.id} may be running: it is RUNNING with its {beat}, and the filesystem '
                             f'of {folder.root} cannot lock files ({e})',
                             f'if its process is dead, --resume again when its heartbeat is older than '
                             f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
@@ -219,7 +226,7 @@ def take_lock(folder: RunFolder, run: database.RunRecord, where: str) -> RunLock
     other = lock.previous.get('host')
     if other and other != socket.gethostname() and silent is not None and silent < database.STALE_AFTER:
         lock.give_back()
-        raise SpecError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
+        raise UserError(where, f"run {run.id} may still be running on host {other} (pid {lock.previous.get('pid')}): "
                         f'its {beat}, and a file lock taken on another host is not seen here',
                         f'if that process is dead, --resume again when its heartbeat is older than '
                         f'{database.span(database.STALE_AFTER)} (python -m store.runs list marks it stale)')
@@ -291,8 +298,8 @@ def _run_main(args, locks: list) -> None:
         check_writable(writable_store(store), where, 'Run.memory_store')
         try:
             memories.check_store(store)  # a damaged store is found now, not when the first stage has trained
-        except SpecError as e:
-            raise SpecError(where, f'{e.where}: {e.what}', e.fix)
+        except UserError as e:
+            raise UserError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
     outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, args.artifacts,
                       sweep.member_config(args.sweep_member))
@@ -320,7 +327,7 @@ def open_folder(folder: RunFolder, url: str, locks: list, origin: dict | None = 
     try:
         folder.root.mkdir(parents=True)
     except FileExistsError:
-        raise SpecError(f'run {folder.run_id}', f'{folder.root} already exists: it belongs to another run',
+        raise UserError(f'run {folder.run_id}', f'{folder.root} already exists: it belongs to another run',
                         'start the run again (it gets a new run key)')
     try:
         locks.append(RunLock(folder.lock).acquire())
@@ -389,16 +396,7 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         run_id = str(_run._id)
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
-        if target is None:
-            open_folder(folder, url, locks, made)
-        else:
-            remove_stale_temporaries(folder.root)
-            if folder.owner() is None:  # killed between creating the folder and marking it
-                mark(folder, url, made)
-            # this process's code, beside the start's (config 'provenance'), and those of earlier resumes
-            _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [
-                {'at_step': done_steps(plan, resume), 'code': {k: v for k, v in made['code'].items() if k != 'diff'},
-                 'time': record.now().isoformat(timespec='seconds')}]
+        enter_folder(folder, target, url, locks, made, _run, plan)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)
@@ -428,24 +426,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
 
     try:
         ex.run(options={'--id': target.run_id} if target is not None else {}, info={'run_key': key})
-    except Divergence as e:
-        return {'error': f'error: run diverged: {e}. The run is recorded as FAILED.', 'code': 1}
-    except KeyboardInterrupt as e:
-        how, code = _interrupt(e)
-        return {'error': f"\ninterrupted ({how}): the run is recorded as INTERRUPTED; continue it with --resume "
-                         f"{holder.get('run_id', '<id>')}", 'code': code}
-    except (record.RecordingLost, sa.exc.SQLAlchemyError) as e:
-        cause = e if isinstance(e, record.RecordingLost) else \
-            f'the run database {database.display_url(url)} failed ({database.first_line(e, url)})'
-        return {'error': f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last '
-                         f'checkpoint is recorded and nothing after it is lost. '
-                         f'{_continue(holder, "when the database answers again")}', 'code': 1}
-    except OSError as e:  # disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to
-        what = str(e) if isinstance(e, WriteFailed) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
-        status = 'recorded as FAILED' if getattr(obs, 'lost', None) is None else \
-            f'left RUNNING (the run database {database.display_url(url)} did not take its status)'
-        return {'error': f"\nerror: {what}.\n  The run is {status}; its last checkpoint is intact (written "
-                         f"atomically). {_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
+    except (Divergence, KeyboardInterrupt, record.RecordingLost, sa.exc.SQLAlchemyError, OSError) as e:
+        return stopped(e, holder, obs, url)
     if getattr(obs, 'lost', None) is not None:
         return {'error': f"\nerror: run {holder['run_id']} finished (weights and summary in {holder['out_dir']}) "
                          f"but the run database {database.display_url(url)} stopped answering at the end, "
@@ -453,6 +435,43 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
                          f"rerun the same command "
                          f"with --resume {holder['run_id']}", 'code': 1}
     return holder
+
+
+def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan) -> None:
+    """A new run's folder is created, locked and marked; a resumed one loses the temporaries of the killed process,
+    and the run's info lists this process's code beside the start's (config 'provenance') and earlier resumes'."""
+    if target is None:
+        open_folder(folder, url, locks, made)
+        return
+    remove_stale_temporaries(folder.root)
+    if folder.owner() is None:  # killed between creating the folder and marking it
+        mark(folder, url, made)
+    _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [
+        {'at_step': done_steps(plan, target.checkpoint),
+         'code': {k: v for k, v in made['code'].items() if k != 'diff'},
+         'time': record.now().isoformat(timespec='seconds')}]
+
+
+def stopped(e: BaseException, holder: dict, obs, url: str) -> dict:
+    """{'error': message, 'code': exit code} of a run that stopped: diverged, interrupted, lost its database, or
+    could not write (disk full, folder removed, I/O error: stopped before the checkpoint the write belonged to)."""
+    if isinstance(e, Divergence):
+        return {'error': f'error: run diverged: {e}. The run is recorded as FAILED.', 'code': 1}
+    if isinstance(e, KeyboardInterrupt):
+        how, code = _interrupt(e)
+        return {'error': f"\ninterrupted ({how}): the run is recorded as INTERRUPTED; continue it with --resume "
+                         f"{holder.get('run_id', '<id>')}", 'code': code}
+    if isinstance(e, (record.RecordingLost, sa.exc.SQLAlchemyError)):
+        cause = e if isinstance(e, record.RecordingLost) else \
+            f'the run database {database.display_url(url)} failed ({database.first_line(e, url)})'
+        return {'error': f'\nerror: {cause}.\n  The run stopped before its next checkpoint: everything up to its last '
+                         f'checkpoint is recorded and nothing after it is lost. '
+                         f'{_continue(holder, "when the database answers again")}', 'code': 1}
+    what = str(e) if isinstance(e, WriteFailed) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
+    status = 'recorded as FAILED' if getattr(obs, 'lost', None) is None else \
+        f'left RUNNING (the run database {database.display_url(url)} did not take its status)'
+    return {'error': f"\nerror: {what}.\n  The run is {status}; its last checkpoint is intact (written "
+                     f"atomically). {_continue(holder, 'after freeing space or fixing the folder')}", 'code': 1}
 
 
 def _continue(holder: dict, when: str) -> str:

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from store.database import flatten
+from store.files import refuse_link
 
 # metrics that measure the machine, not the trajectory: a resumed or repeated run gets other values
 WALL_CLOCK = ('train/tokens_per_s',)
@@ -35,6 +36,7 @@ class Tracker:
         self.run, self.writer = run, None
         if folder is not None:
             from torch.utils.tensorboard import SummaryWriter
+            refuse_link(folder)  # a planted link would put the event files wherever it points
             earlier = Path(folder).is_dir() and any(Path(folder).glob('events.out.tfevents.*'))
             purge = resumed_at + 1 if resumed_at is not None else 0 if earlier else None
             self.writer = SummaryWriter(str(folder), purge_step=purge, flush_secs=30)

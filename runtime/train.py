@@ -12,17 +12,13 @@ import weakref
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.attention import xformers_problem
-from compiler.checkpoint import check_llama, load_llama, read_llama
-from compiler.errors import SpecError
 from compiler.families import family
-from compiler.model import Graph, build, meta_build, parameters_of
+from compiler.model import Graph, parameters_of
 from compiler.objective_registry import objective
-from store.layout import RunFolder
 
 
 class Divergence(RuntimeError):
@@ -273,78 +269,3 @@ def _tally(model: Graph, obj: P.Objective, x, m, ids: O.SpecialIds, batch_size: 
             progress(len(labels))
     return tally
 
-
-def run_source(runs_dir, source: str) -> tuple[Path, str, str, str]:
-    """'run:<id>/<stage>[:<component>]' -> (the stage weights file, run id, stage, source component or ''); a source
-    that names no finished stage of exactly one run is a SpecError."""
-    ref, _, src_comp = source[len('run:'):].partition(':')
-    run_id, stage = ref.split('/', 1)
-    where = f"init_from '{source}'"
-    # an id or <id>-<key>, never a path; an id several runs share (different databases) is refused
-    folder = RunFolder.find(runs_dir, run_id, where, f"as in 'run:<id>-<key>/{stage}'")
-    path = folder.stage_weights(stage) if folder is not None else Path(runs_dir) / run_id / 'stages' / f'{stage}.*'
-    if folder is None or '/' in stage or stage.startswith('.') or not path.is_file():
-        raise SpecError(where, f'no stage checkpoint at {path}',
-                        'give the id of a finished run and one of its stage names (python -m store.runs list)')
-    return path, run_id, stage, src_comp
-
-
-def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[str, torch.Tensor]:
-    """'run:<id>/<stage>[:<source component>]' -> {our parameter name: tensor} for `component`. The source component
-    defaults to the same name; naming it lets a probe's encoder start from a causal LM's decoder
-    ('run:3/clm:decoder'). Works on a meta-device model, so bad sources are refused before a run starts."""
-    path, run_id, stage, src_comp = run_source(runs_dir, source)
-    src_comp = src_comp or component
-    where = f"init_from '{source}'"
-    own = dict(parameters_of(model, component))
-    out = {}
-    try:
-        f = safe_open(str(path), 'pt')
-    except Exception as e:  # noqa: BLE001  (SafetensorError: a truncated or foreign file)
-        text = str(e).strip()
-        raise SpecError(where, f"cannot read {path}: {text.splitlines()[0] if text else type(e).__name__}",
-                        'the file is damaged: rerun the source run (or its stage) to rewrite it')
-    with f:
-        keys = set(f.keys())
-        for name, p in own.items():
-            key = src_comp + name[len(component):]
-            if key not in keys:
-                raise SpecError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
-                                'initialise from a run whose component has the same structure (depth, kind)')
-            t = f.get_tensor(key)
-            if t.shape != p.shape:
-                raise SpecError(where, f"'{key}' is {tuple(t.shape)} in run {run_id} but '{name}' is {tuple(p.shape)}",
-                                'initialise from a run with the same widths, vocabulary and chunk length')
-            out[name] = t
-    return out
-
-
-def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:
-    """Stage.init_from: 'previous' keeps the weights, 'fresh' re-initialises (seeded), 'run:<id>/<stage>[:<comp>]'
-    copies from another run's stage-end checkpoint, 'llama:<path>' loads a LlamaForCausalLM checkpoint."""
-    if source == 'previous':
-        return
-    if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
-        path = source[len('llama:'):]
-        load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
-        return
-    if source == 'fresh':
-        state = dict(build(plan, model.decoder.head.out_features, seed=seed).named_parameters())
-    else:
-        state = state_from_run(runs_dir, source, model, component)
-    with torch.no_grad():
-        for name, p in parameters_of(model, component):
-            p.copy_(state[name])
-
-
-def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) -> None:
-    """The init_from sources of the stages still to run must exist (and Llama checkpoints fit) before anything is
-    recorded: a bad source is a bad spec (exit 2), not a FAILED run that leaves a half-written run folder behind."""
-    first = 0 if resume is None else resume['stage'] + (resume['optimizer'] is not None)
-    for stage in plan.curriculum[first:]:
-        for comp, src in stage.init_from.items():
-            if src.startswith('llama:'):
-                check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]),
-                            f"init_from '{src}'")
-            if src.startswith('run:'):
-                state_from_run(runs_dir, src, meta_build(plan, vocab), comp)

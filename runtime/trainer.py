@@ -15,10 +15,11 @@ from compiler.model import build, encoder_sha256
 from compiler.objective_registry import objective
 from runtime import checkpoint as ckpt
 from runtime import train
+from runtime.checkpoint import init_component
 from runtime.distributed import all_reduce_grads, run_device
 from runtime.tracking import Tracker
-from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, init_component, optimizer, set_frozen
-from store import memories
+from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, optimizer, set_frozen
+from store import files, memories
 from store.layout import RunFolder, file_ref, memory_store
 
 
@@ -212,7 +213,7 @@ class Trainer:
 
     def save_weights(self, path: Path) -> None:
         weights = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
-        ckpt.atomic_write(path, lambda p: save_file(weights, p))
+        files.atomic_write(path, lambda p: save_file(weights, p))
 
     def reference_weights(self, stage: str | None = None) -> None:
         """Record a stage's end weights (or the final ones) in the run's info by path, size and sha256: the
@@ -254,7 +255,7 @@ class Trainer:
                            dtype=plan.run.memory_dtype, previous=previous,
                            progress=f'stage {si + 1}/{len(plan.curriculum)} {stage}: memories')
         except OSError as e:  # a full disk: name the group and the disk (zarr's own error names no file)
-            err = ckpt.write_error(e, Path(path) / self.folder.name / stage / 'memories')
+            err = files.write_error(e, Path(path) / self.folder.name / stage / 'memories')
             if err is None:
                 raise
             raise err from None

@@ -44,7 +44,7 @@ import argparse
 import torch
 
 from compiler import plan as P
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from store.analysis.decode import cmd_decode, cmd_info
 from store.analysis.figures import cmd_plot
 from store.analysis.groups import run_group
@@ -108,12 +108,12 @@ def _check_args(args) -> None:
     for name in ('n', 'queries', 'points', 'rows'):
         v = getattr(args, name, None)
         if v is not None and (v < 0 or (v == 0 and name in ('n', 'points', 'rows'))):
-            raise SpecError(f'--{name} {v}', 'must be a positive number', f'pass --{name} >= 1')
+            raise UserError(f'--{name} {v}', 'must be a positive number', f'pass --{name} >= 1')
     if args.device != 'cpu':
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
-            raise SpecError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}',
+            raise UserError(f'--device {args.device}', f'device not usable: {str(e).splitlines()[0]}',
                             'use --device cpu')
 
 

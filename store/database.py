@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.layout import is_run_key, run_name
 from store.record_checks import STATUSES, checked, type_name
 from store.sqlite_files import SQLITE_HEADER, check_own_database, connect_readonly
@@ -76,7 +76,7 @@ def record_evaluations(url: str, run_id: str, rows: list[dict]) -> None:
         with engine.begin() as conn:
             conn.execute(EVALUATIONS.insert(), [{'run_id': str(run_id), **r} for r in rows])
     except sa.exc.SQLAlchemyError as e:
-        raise SpecError(f'--db {display_url(url)}', f'cannot record the evaluation: {first_line(e)}',
+        raise UserError(f'--db {display_url(url)}', f'cannot record the evaluation: {first_line(e)}',
                         'check that the database is writable and its server runs; nothing was recorded')
     finally:
         engine.dispose()
@@ -146,15 +146,9 @@ def recorded_run(url: str, run_id: str) -> RunRecord | None:
     is not there."""
     try:
         found = open_db(url).runs(run_id=run_id)
-    except SpecError:
+    except UserError:
         return None
     return found[0] if found else None
-
-
-def recorded_config(url: str, run_id: str) -> dict | None:
-    """The recorded config of a run ({} when unreadable), or None when the database or the run is not there."""
-    run = recorded_run(url, run_id)
-    return None if run is None else run.config
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -177,7 +171,7 @@ class RunRecord:
     def check(self) -> RunRecord:
         """This run, or one message naming what of its record is damaged (for commands that need all of it)."""
         if self.damaged:
-            raise SpecError(f'run {self.id}', f"its record is damaged: {'; '.join(self.damaged)}",
+            raise UserError(f'run {self.id}', f"its record is damaged: {'; '.join(self.damaged)}",
                             'the row was changed outside memspec: restore the database from a backup, or record the '
                             'run again (python -m store.runs list still lists it)')
         return self
@@ -238,7 +232,7 @@ def metric_row(run_id, name, step, value) -> tuple[str, int, float]:
             raise ValueError
         return str(name), int(step), float('nan') if value is None else float(value)
     except (TypeError, ValueError, OverflowError):
-        raise SpecError(f'run {run_id}', f'its recorded metric {str(name)[:80]!r} is damaged (step {str(step)[:20]!r}, '
+        raise UserError(f'run {run_id}', f'its recorded metric {str(name)[:80]!r} is damaged (step {str(step)[:20]!r}, '
                         f'value {str(value)[:20]!r})', 'the row was changed outside memspec: restore the database from '
                         'a backup, or delete the row (memspec_metrics)') from None
 
@@ -304,22 +298,22 @@ class SqlDb:
         try:
             u = sa.engine.make_url(url)
         except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
-            raise SpecError(self.where, 'not a database URL',
+            raise UserError(self.where, 'not a database URL',
                             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
         backend = u.get_backend_name()
         if backend == 'sqlite':
             if not u.database or u.database == ':memory:':
-                raise SpecError(self.where, 'an in-memory SQLite database holds no runs',
+                raise UserError(self.where, 'an in-memory SQLite database holds no runs',
                                 'give the database file, e.g. sqlite:///runs/sacred.db')
             path = Path(u.database)
             if not path.is_file():
-                raise SpecError(self.where, f'no run database at {redact(path.resolve(), url)}',
+                raise UserError(self.where, f'no run database at {redact(path.resolve(), url)}',
                                 'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
                                 'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
                                 'to the current folder)')
             with open(path, 'rb') as f:  # an empty file is an empty database (SQLite writes its header later)
                 if path.stat().st_size and f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                    raise SpecError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
+                    raise UserError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
                                     'point --db at the sacred.db python -m runtime.run recorded into')
             where = self.where
             self.engine = sa.create_engine('sqlite://', creator=lambda: connect_readonly(path, where))
@@ -327,20 +321,20 @@ class SqlDb:
             try:
                 self.engine = sa.create_engine(engine_url(url), connect_args={'connect_timeout': 5})
             except (ImportError, sa.exc.ArgumentError) as e:
-                raise SpecError(self.where, f'cannot use this URL: {first_line(e, url)}',
+                raise UserError(self.where, f'cannot use this URL: {first_line(e, url)}',
                                 'use postgresql://user:password@host:port/database (psycopg2 driver)')
         else:
-            raise SpecError(self.where, f"unsupported database '{backend}'",
+            raise UserError(self.where, f"unsupported database '{backend}'",
                             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host')
         try:
             tables = set(sa.inspect(self.engine).get_table_names())
         except sa.exc.DBAPIError as e:
-            raise SpecError(self.where, f'cannot open the run database: {first_line(e, url)}',
+            raise UserError(self.where, f'cannot open the run database: {first_line(e, url)}',
                             'check the URL, the credentials and that the server runs '
                             '(locally: pg_ctlcluster 15 main start)' if backend == 'postgresql' else
                             'check that the file is a SQLite database written by python -m runtime.run')
         if not tables & {'run', 'memspec_metrics'}:
-            raise SpecError(self.where, "no Sacred 'run' table here: not a run database, or no run recorded yet",
+            raise UserError(self.where, "no Sacred 'run' table here: not a run database, or no run recorded yet",
                             'point --db at the database python -m runtime.run recorded into')
         self.has_runs = 'run' in tables
         self.has_metrics = 'memspec_metrics' in tables
@@ -357,7 +351,7 @@ class SqlDb:
             with self.engine.connect() as conn:
                 return conn.execute(stmt, params or {}).all()
         except sa.exc.DBAPIError as e:
-            raise SpecError(self.where, f'query failed: {first_line(e, self.url)}',
+            raise UserError(self.where, f'query failed: {first_line(e, self.url)}',
                             'check that this is a run database written by python -m runtime.run')
 
     def runs(self, status: str | None = None, run_id: str | None = None) -> list[RunRecord]:
@@ -411,7 +405,7 @@ class SqlDb:
         for r, n, v in rows:
             try:
                 out.setdefault(str(r), {})[n] = metric_row(r, n, 0, v)[2]
-            except SpecError:  # a damaged row: the listing shows no number (commands that read the run refuse it)
+            except UserError:  # a damaged row: the listing shows no number (commands that read the run refuse it)
                 out.setdefault(str(r), {})[n] = float('nan')
         return out
 
@@ -459,14 +453,14 @@ class MongoDb:
         try:
             import pymongo
         except ImportError:
-            raise SpecError(self.where, 'reading a MongoDB run database needs pymongo, which is not installed',
+            raise UserError(self.where, 'reading a MongoDB run database needs pymongo, which is not installed',
                             "pip install pymongo (Sacred's MongoObserver needs it too), or query a sqlite:/// or "
                             'postgresql:// run database')
         try:
             self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
             self.client.admin.command('ping')
         except Exception as e:  # noqa: BLE001  (any connection failure is the user's URL or server)
-            raise SpecError(self.where, f'cannot reach the MongoDB server: {first_line(e, url)}',
+            raise UserError(self.where, f'cannot reach the MongoDB server: {first_line(e, url)}',
                             'check the URL and that mongod runs and is reachable')
         self.db = self.client['sacred']  # runtime.run's MongoObserver(url=...) writes to Sacred's default database
 
@@ -539,7 +533,7 @@ def open_db(url: str):
     if '://' not in url:
         fix = f'write sqlite:///{url}' if url.endswith(('.db', '.sqlite')) or Path(url).is_file() else \
             'use sqlite:///runs/sacred.db, postgresql://user:password@host/db or mongodb://host'
-        raise SpecError(f'--db {display_url(url)}', 'not a database URL', fix)
+        raise UserError(f'--db {display_url(url)}', 'not a database URL', fix)
     return SqlDb(url)
 
 
@@ -548,7 +542,7 @@ def get_run(db, run_id: str) -> RunRecord:
     if not found:
         ids = [r.id for r in db.runs()]
         known = f"known ids: {', '.join(ids[-20:])}" if ids else 'the database holds no runs yet'
-        raise SpecError(f'run {run_id}', f'no run with this id in {db.name}',
+        raise UserError(f'run {run_id}', f'no run with this id in {db.name}',
                         f'pick an id from python -m store.runs list ({known}), or pass the --db it was recorded in')
     return found[0].check()
 

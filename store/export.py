@@ -33,9 +33,10 @@ import sys
 from pathlib import Path
 
 from compiler import load
-from compiler.checkpoint import llama_config, sha256_file, stack_to_llama
-from compiler.errors import SpecError, cli
+from compiler.digest import sha256_file
+from compiler.errors import UserError, cli
 from compiler.families import family
+from compiler.llama import llama_config, stack_to_llama
 from compiler.plan import Plan
 from store.database import DEFAULT_DB, RunRecord, display_url, open_db
 from store.files import disk_error, settle
@@ -116,10 +117,10 @@ def card(run: RunRecord, plan: Plan, cfg: dict, sm: dict, hf_note: str | None) -
 
 def _plan(run: RunRecord, stage: str | None, where: str) -> Plan:
     if 'plan' not in run.config:
-        raise SpecError(where, 'the run recorded no plan', 'export a run recorded by python -m runtime.run')
+        raise UserError(where, 'the run recorded no plan', 'export a run recorded by python -m runtime.run')
     plan = load.plan_from_dict(run.config['plan'], where, 'export a run recorded by python -m runtime.run')
     if stage is not None and stage not in plan.stage_names:
-        raise SpecError(f'--stage {stage}', f"run {run.id} has no stage '{stage}' (stages: "
+        raise UserError(f'--stage {stage}', f"run {run.id} has no stage '{stage}' (stages: "
                         f"{', '.join(plan.stage_names)})", 'pick a listed stage, or leave --stage out for the final '
                         'weights')
     return plan
@@ -129,10 +130,10 @@ def _weights(db, run: RunRecord, stage: str | None, where: str) -> tuple[Path, b
     """The weights file (or its bytes from a BLOB), checked against the sha256 the run recorded."""
     path, blob, sha = weights_of(db, run, stage)
     if path is None or (blob is None and not path.is_file()):
-        raise SpecError(where, f"the run's weights are not on this machine ({path or 'no path recorded'})",
+        raise UserError(where, f"the run's weights are not on this machine ({path or 'no path recorded'})",
                         'export on the machine that holds the run folder, or copy the folder to the recorded path')
     if blob is None and sha is not None and sha256_file(path) != sha:
-        raise SpecError(where, f'{path} changed since the run recorded it (its sha256 differs)',
+        raise UserError(where, f'{path} changed since the run recorded it (its sha256 differs)',
                         'restore the run folder from a backup; the recorded sha256 is in python -m store.runs show')
     return path, blob
 
@@ -144,7 +145,7 @@ def _tokenizer(run: RunRecord, path: Path, where: str) -> Path:
     if not tokenizer.is_file():
         tokenizer = Path((run.info.get('data') or {}).get('cache') or '/nonexistent') / 'tokenizer.json'
     if not tokenizer.is_file():
-        raise SpecError(where, f'no tokenizer: neither {RunFolder.at(run_dir).tokenizer} nor the data cache',
+        raise UserError(where, f'no tokenizer: neither {RunFolder.at(run_dir).tokenizer} nor the data cache',
                         'keep the run folder (it holds tokenizer.json) or its data cache where the run wrote them')
     return tokenizer
 
@@ -161,7 +162,7 @@ def shared_provenance(run: RunRecord, include_diff: bool) -> tuple[dict, str | N
     kept = RunFolder.at(run.info['run_dir']).source_diff if run.info.get('run_dir') else None
     diff = kept.read_text() if kept is not None and kept.is_file() else recorded
     if diff is None:
-        raise SpecError(f'export {run.id}', "--include-diff: the run's diff is neither in its folder (source.diff) "
+        raise UserError(f'export {run.id}', "--include-diff: the run's diff is neither in its folder (source.diff) "
                         'nor recorded', 'export without --include-diff (config.json still records its sha256)')
     return prov, diff
 
@@ -170,7 +171,7 @@ def export(db, run: RunRecord, out: Path, stage: str | None = None, include_diff
     where = f'export {run.id}'
     plan = _plan(run, stage, where)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpecError(f'OUT {out}', 'already exists and is not an empty folder',
+        raise UserError(f'OUT {out}', 'already exists and is not an empty folder',
                         'export into a new folder (nothing of an existing one is replaced)')
     path, blob = _weights(db, run, stage, where)
     tokenizer = _tokenizer(run, path, where)

@@ -35,8 +35,8 @@ import re
 import secrets
 from pathlib import Path
 
-from compiler.checkpoint import sha256_file
-from compiler.errors import SpecError
+from compiler.digest import sha256_file
+from compiler.errors import UserError
 from compiler.plan import NAME
 
 MEMORY_STORE = 'memories.zarr'
@@ -51,7 +51,7 @@ def check_stage_name(stage: str, where: str) -> None:
     (compiler.plan.NAME, what the validator requires of Stage.name) that cannot leave the run's folder. Checked
     again here because plans also come from records (Plan.from_dict), which no validator has seen."""
     if not isinstance(stage, str) or not NAME.match(stage):
-        raise SpecError(where, f'stage name {stage!r} cannot be a file name (it becomes stages/<name>.safetensors '
+        raise UserError(where, f'stage name {stage!r} cannot be a file name (it becomes stages/<name>.safetensors '
                         'and a memory-store group)', "use letters, digits and '_', e.g. 'blank_copy'")
 
 
@@ -80,7 +80,7 @@ def parse_name(name: str) -> tuple[str, str | None] | None:
 def check_reference(ref: str, where: str) -> None:
     """A run as a user names it: an id ('3') or a run name ('3-1a2b3c4d5e'), never a path."""
     if parse_name(str(ref)) is None:
-        raise SpecError(where, f'{ref!r} is not a run id',
+        raise UserError(where, f'{ref!r} is not a run id',
                         'give the run id (a number, e.g. 3; python -m store.runs list) or its full name '
                         f'<id>-<key> (e.g. 3-{"0" * RUN_KEY_HEX}); paths are not accepted')
 
@@ -97,11 +97,11 @@ def matching(names, ref: str) -> list[str]:
 
 
 def resolve(names, ref: str, where: str, what: str, pick: str) -> str | None:
-    """The one run name `ref` denotes among `names` (None: none); several -> SpecError listing them. `what` says what
+    """The one run name `ref` denotes among `names` (None: none); several -> UserError listing them. `what` says what
     holds them ('under runs/'), `pick` how else to choose (e.g. 'or pass --db')."""
     found = matching(names, ref)
     if len(found) > 1:
-        raise SpecError(where, f'run id {ref} is ambiguous: {len(found)} runs with this id {what} '
+        raise UserError(where, f'run id {ref} is ambiguous: {len(found)} runs with this id {what} '
                         f"({', '.join(found)}; runs recorded in different databases)",
                         f'give the full name, e.g. {found[0]}, {pick}')
     return found[0] if found else None
@@ -196,6 +196,14 @@ class RunFolder:
     @property
     def summary_json(self) -> Path:
         return self.root / 'summary.json'
+
+    def written(self) -> list[Path]:
+        """Every path a run creates or replaces in its folder. memspec makes no links there, so a link at any of them
+        was planted, and is refused before a resume writes anything (store.files.refuse_link)."""
+        fixed = [self.root, self.lock, self.marker, self.operative, self.checkpoint,
+                 self.checkpoint.with_name(self.checkpoint.name + '.sha256'), self.stages, self.final, self.tokenizer,
+                 self.tensorboard, self.source_diff, self.summary_md, self.summary_json]
+        return fixed + (sorted(self.stages.iterdir()) if self.stages.is_dir() and not self.stages.is_symlink() else [])
 
 
 def file_ref(path) -> dict:

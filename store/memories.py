@@ -33,7 +33,7 @@ Integrity (version 2). Every chunk ends with a crc32c checksum (zarr's crc32c co
 fails to decode instead of decoding to other numbers; every chunk is written, even one that equals the fill value,
 and the fill values cannot occur in real data (memories NaN, tokens -1), so a missing chunk is found by listing the
 chunks against the row count and reads as detectable fill. Readers report the run, stage and rows that are
-damaged (SpecError, exit 2). Version 1 stores (no checksums, zero fill) and version 2 stores (no dimension names, no
+damaged (UserError, exit 2). Version 1 stores (no checksums, zero fill) and version 2 stores (no dimension names, no
 consolidated metadata, no references) are still read; a missing memories chunk is found in version 1 too.
 
 A killed writer leaves `complete` false (or absent): readers refuse such a group with a clear message instead of
@@ -56,7 +56,8 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
+from store.files import atomic_write, refuse_link
 from store.layout import check_stage_name, parse_name
 from store.memory_checks import REPAIR, check_attrs, matching
 
@@ -111,7 +112,7 @@ def fresh_group(path, run: str, stage: str, attrs: dict) -> zarr.Group:
     if name in root:
         owner = _attrs(_node(root, name)).get('run_key')
         if owner is not None and owner != attrs.get('run_key'):
-            raise SpecError(f'{path}/{name}', f'the group belongs to another run (run key {owner}, this run '
+            raise UserError(f'{path}/{name}', f'the group belongs to another run (run key {owner}, this run '
                             f"{attrs.get('run_key')})", 'give the run its own Run.memory_store')
         del root[name]
     group = root.require_group(name)
@@ -129,6 +130,8 @@ class Writer:
                  dtype: str = 'float32'):
         s, n, l, d = shape
         self.path = Path(path)
+        for folder in (self.path / run, self.path / run / stage):  # zarr writes through links: refuse planted ones
+            refuse_link(folder)
         self.group = fresh_group(path, run, stage, {'dtype': dtype,
                                                     'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
                                                     **attrs})
@@ -170,7 +173,7 @@ def shared_source(path, run: str, previous: str, digest: str, attrs: dict, rows:
     complete, written by the same encoder weights (`digest`), same rows, shapes and dtype. None otherwise."""
     try:
         prev = open_group(path, run, previous)
-    except SpecError:  # absent (Run.memory_store was off), half-written or damaged: write a copy
+    except UserError:  # absent (Run.memory_store was off), half-written or damaged: write a copy
         return None
     a = prev.attrs
     same = (a.get('encoder_sha256') == digest and a.get('rows') == rows and a.get('dtype') == attrs.get('dtype')
@@ -252,13 +255,8 @@ def consolidate(path) -> None:
             for node in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
                 flat |= _node_metadata(path, node, arrays=node != run)
         root['consolidated_metadata'] = {'kind': 'inline', 'must_understand': False, 'metadata': flat}
-        tmp = path / f'.zarr.json.{os.getpid()}.tmp'
-        try:
-            tmp.write_text(json.dumps(root, indent=2, allow_nan=True))
-            os.replace(tmp, path / 'zarr.json')
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        text = json.dumps(root, indent=2, allow_nan=True)  # a temporary of its own (O_EXCL), never a planted link
+        atomic_write(path / 'zarr.json', lambda tmp: Path(tmp).write_text(text), prefix='.zarr.json.', suffix='.tmp')
 
 
 def _node_metadata(path: Path, node: Path, arrays: bool) -> dict:
@@ -286,7 +284,7 @@ def _node(root, name):
 
 
 def check_store(path) -> None:
-    """A store a run is about to write into must be readable (SpecError: its root metadata is damaged)."""
+    """A store a run is about to write into must be readable (UserError: its root metadata is damaged)."""
     if (Path(path) / 'zarr.json').is_file():
         _keys(_open_read(Path(path)), path)
 
@@ -306,7 +304,7 @@ def _first(e: Exception) -> str:
 @dataclass
 class Group:
     """A complete run/stage group, opened for reading (arrays stay on disk; slice them to stream). Reads go through
-    `rows`, which turns a chunk that fails its checksum or reads as fill into a SpecError naming the rows."""
+    `rows`, which turns a chunk that fails its checksum or reads as fill into a UserError naming the rows."""
     attrs: dict
     memories: zarr.Array
     tokens: zarr.Array
@@ -338,9 +336,9 @@ class Group:
         return mem, torch.from_numpy(t).long(), torch.from_numpy(k)
 
 
-def damaged(where: str, start: int, stop: int, why: str) -> SpecError:
+def damaged(where: str, start: int, stop: int, why: str) -> UserError:
     chunk = f'rows {start}-{stop - 1}' if stop - start > 1 else f'row {start}'
-    return SpecError(where, f'the stored memories are damaged: {chunk} cannot be read: {why}',
+    return UserError(where, f'the stored memories are damaged: {chunk} cannot be read: {why}',
                      REPAIR)
 
 
@@ -359,10 +357,10 @@ def _verify(g, attrs: dict, where: str) -> None:
         arrays = {k: g[k] for k in ARRAYS}
         shapes = {k: a.shape[0] for k, a in arrays.items()}
     except Exception as e:  # noqa: BLE001  (a missing or garbled zarr.json of an array)
-        raise SpecError(where, f'the stored memories are damaged: array metadata unreadable ({_first(e)})',
+        raise UserError(where, f'the stored memories are damaged: array metadata unreadable ({_first(e)})',
                         REPAIR)
     if len(set(shapes.values())) != 1 or rows != shapes['memories']:
-        raise SpecError(where, f'the stored memories are damaged: {rows} rows were recorded at write but the arrays '
+        raise UserError(where, f'the stored memories are damaged: {rows} rows were recorded at write but the arrays '
                         f'hold {shapes}', REPAIR)
     checked = ARRAYS if attrs.get('version', 1) >= 2 else ('memories',)  # version 1 skipped chunks of zeros
     gone = {k: missing_chunks(g, k, rows) for k in checked}
@@ -375,15 +373,15 @@ def _verify(g, attrs: dict, where: str) -> None:
 
 def open_group(path, run: str, stage: str) -> Group:
     """Open a run/stage group (`run`: the group name, '<id>-<key>'); bad input (missing store, unknown run or
-    stage, torn group, other version, damaged metadata or chunks) -> SpecError."""
+    stage, torn group, other version, damaged metadata or chunks) -> UserError."""
     path = Path(path)
     if not (path / 'zarr.json').is_file():
-        raise SpecError(str(path), 'no memory store here',
+        raise UserError(str(path), 'no memory store here',
                         'pass --store with the path a run wrote (default runs/memories.zarr)')
     root = _open_read(path)
     run = str(run)
     if run not in _keys(root, path):
-        raise SpecError(f'{path} run {run}',
+        raise UserError(f'{path} run {run}',
                         f'run {run} has no memories in this store (runs: {", ".join(sorted(_keys(root, path)))})',
                         'pick a run listed, or run it first')
     where = f'{path}/{run}'
@@ -391,21 +389,21 @@ def open_group(path, run: str, stage: str) -> Group:
         node = root[run]
         stages = sorted(node.group_keys())
     except Exception as e:  # noqa: BLE001
-        raise SpecError(where, f'the stored memories are damaged: zarr.json of stage {_unreadable(path / run)} is '
+        raise UserError(where, f'the stored memories are damaged: zarr.json of stage {_unreadable(path / run)} is '
                         f'unreadable ({_first(e)})',
                         REPAIR)
     if stage not in stages:
-        raise SpecError(f'{path} run {run}', f"no stage '{stage}' (stages: {', '.join(stages)})",
+        raise UserError(f'{path} run {run}', f"no stage '{stage}' (stages: {', '.join(stages)})",
                         'pick a listed stage')
     where = f'{path}/{run}/{stage}'
     try:
         g = node[stage]
         a = dict(g.attrs)
     except Exception as e:  # noqa: BLE001  (a garbled zarr.json)
-        raise SpecError(where, f'the stored memories are damaged: group metadata unreadable ({_first(e)})',
+        raise UserError(where, f'the stored memories are damaged: group metadata unreadable ({_first(e)})',
                         REPAIR)
     if a and (a.get('format') != FORMAT or a.get('version') not in READABLE_VERSIONS):  # no attrs: killed at birth
-        raise SpecError(where, f"written by an incompatible version (format {a.get('format')!r} "
+        raise UserError(where, f"written by an incompatible version (format {a.get('format')!r} "
                         f"version {a.get('version')!r}, this tool reads {FORMAT!r} versions "
                         f"{', '.join(map(str, READABLE_VERSIONS))})",
                         'rewrite the memories with this version (rerun the stage) or use the matching tool version')
@@ -415,7 +413,7 @@ def open_group(path, run: str, stage: str) -> Group:
             total = g['memories'].shape[0] if 'memories' in g else '?'  # killed before its arrays were created
         except Exception:  # noqa: BLE001
             total = '?'
-        raise SpecError(where, f"half-written group: {a.get('rows', 0)} rows of {total} "
+        raise UserError(where, f"half-written group: {a.get('rows', 0)} rows of {total} "
                         'were written before the writer stopped', 'resume or rerun the run to rewrite this stage')
     where = f"{path} run {run} stage {stage}"
     if a.get('memories_from') is not None:
@@ -430,10 +428,10 @@ def _follow(path: Path, run: str, stage: str, a: dict, where: str) -> Group:
     try:
         check_stage_name(src, where)
         source = open_group(path, run, src)
-    except SpecError as e:
-        raise SpecError(where, f"its memories are those of stage {src!r}, which cannot be read: {e.what}", e.fix)
+    except UserError as e:
+        raise UserError(where, f"its memories are those of stage {src!r}, which cannot be read: {e.what}", e.fix)
     if source.attrs.get('memories_from') is not None or source.memories.shape[0] != a.get('rows'):
-        raise SpecError(where, f"the stored memories are damaged: it refers to stage {src!r}, which "
+        raise UserError(where, f"the stored memories are damaged: it refers to stage {src!r}, which "
                         + ('is a reference itself' if source.attrs.get('memories_from') is not None else
                            f"holds {source.memories.shape[0]} rows, not the {a.get('rows')} recorded here"), REPAIR)
     return matching(Group(a, source.memories, source.tokens, source.mask, f'{where} (memories of stage {src})', src))
@@ -460,7 +458,7 @@ def _open_read(path: Path) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode='r', use_consolidated=False)
     except Exception as e:  # noqa: BLE001  (a garbled root zarr.json)
-        raise SpecError(str(path), f'the memory store is damaged: its zarr.json is unreadable ({_first(e)})',
+        raise UserError(str(path), f'the memory store is damaged: its zarr.json is unreadable ({_first(e)})',
                         'restore the store from a backup')
 
 
@@ -468,7 +466,7 @@ def _keys(root, path) -> list[str]:
     try:
         return list(root.group_keys())
     except Exception as e:  # noqa: BLE001  (a run group's zarr.json garbled)
-        raise SpecError(str(path), f'the memory store is damaged: zarr.json of {_unreadable(Path(path))} is unreadable '
+        raise UserError(str(path), f'the memory store is damaged: zarr.json of {_unreadable(Path(path))} is unreadable '
                         f'({_first(e)})', "restore the store from a backup, or remove that run's group")
 
 
@@ -502,7 +500,7 @@ def listing(path) -> list[dict]:
                              shape=list(g['memories'].shape) if 'memories' in g else None)
                 if a.get('memories_from') is not None:
                     entry['memories_from'] = a['memories_from']
-            except SpecError as e:
+            except UserError as e:
                 entry['damaged'] = e.what.removeprefix('the stored memories are damaged: ')
             except Exception as e:  # noqa: BLE001
                 entry['damaged'] = _first(e)

@@ -4,7 +4,7 @@ message naming the group, exit 2.
 """
 from __future__ import annotations
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 REPAIR = 'restore the store from a backup, or run the spec again (a new run writes its own memories)'
 
@@ -22,9 +22,9 @@ DTYPES = {'float32': 'float32', 'bfloat16': 'uint16'}  # logical dtype -> what t
 
 
 def check_attrs(a: dict, stage: str, where: str) -> None:
-    """The attributes of group <run>/<stage> have the types and values the format gives them (SpecError)."""
+    """The attributes of group <run>/<stage> have the types and values the format gives them (UserError)."""
     def bad(key, why):
-        return SpecError(where, f'the stored memories are damaged: group attribute {key} = {repr(a[key])[:60]} '
+        return UserError(where, f'the stored memories are damaged: group attribute {key} = {repr(a[key])[:60]} '
                          f'{why}', REPAIR)
     for key, types in ATTR_TYPES.items():
         if key in a and a[key] is not None and (not isinstance(a[key], types) or isinstance(a[key], bool)
@@ -53,12 +53,12 @@ def matching(g):
         if a.get(key) is not None:
             found[key] = (a[key], size)
     if mem.ndim != 3 or tok.ndim != 3 or g.mask.shape != tok.shape or mem.shape[:2] != tok.shape[:2]:
-        raise SpecError(g.where, f'the stored memories are damaged: the arrays do not fit together (memories '
+        raise UserError(g.where, f'the stored memories are damaged: the arrays do not fit together (memories '
                         f'{mem.shape}, tokens {tok.shape}, mask {g.mask.shape})', REPAIR)
     for key, (said, holds) in found.items():
         if said != holds:
             shown = a.get(key)
-            raise SpecError(g.where, f'the stored memories are damaged: group attribute {key} = {shown!r} does not '
+            raise UserError(g.where, f'the stored memories are damaged: group attribute {key} = {shown!r} does not '
                             f'match the data (the arrays hold {holds}' + (' values)' if 'dtype' in key else ')'),
                             REPAIR)
     return g

@@ -9,14 +9,12 @@ else thin lines in each run's colour.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compiler.errors import SpecError
-from store.files import disk_error
+from compiler.errors import UserError
+from store.files import atomic_write, disk_error
 
 # panel order and titles; kinds not listed follow in name order, titled by their name
 KINDS = {'loss': 'loss (nats)', 'ce': 'cross-entropy (nats)', 'token_accuracy': 'token accuracy',
@@ -66,15 +64,13 @@ def style(i: int) -> dict:
 
 def save_figure(fig, path: Path, where: str, **kwargs) -> Path:
     """Write a figure atomically (a temporary file, then a rename) and close it: a file format matplotlib does not
-    know, a full or read-only disk -> one message (SpecError), nothing half-written."""
+    know, a full or read-only disk -> one message (UserError), nothing half-written."""
     import matplotlib.pyplot as plt
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{path.suffix}')
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
+    try:  # a temporary of its own (never a planted link); savefig picks the format from its suffix, the path's
+        atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs), prefix=f'.{path.name}.', suffix=path.suffix)
     except ValueError as e:  # unsupported format
-        raise SpecError(where, f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg') from None
+        raise UserError(where, f'cannot write this plot: {e}', 'end the file name in .png, .pdf or .svg') from None
     except OSError as e:
         err = disk_error(e, where, path, 'no plot was written')
         if err is None:
@@ -82,8 +78,6 @@ def save_figure(fig, path: Path, where: str, **kwargs) -> Path:
         raise err from None
     finally:
         plt.close(fig)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -96,38 +90,17 @@ def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path
 
     path = Path(out)
     if not path.parent.is_dir():
-        raise SpecError(f'{where} {out}', f'folder {path.parent} does not exist',
+        raise UserError(f'{where} {out}', f'folder {path.parent} does not exist',
                         'create it or write the plot elsewhere')
     found = {kind(name) for s in series for name, _, _ in s.rows}
     kinds = [k for k in KINDS if k in found] + sorted(found - set(KINDS))
     if not kinds:
-        raise SpecError(f'{where} {out}', 'no metric values to plot', 'pick metrics that were recorded (--name)')
+        raise UserError(f'{where} {out}', 'no metric values to plot', 'pick metrics that were recorded (--name)')
     colour = dict(zip(range(len(series)), colours(len(series))))
     shared_ends = all(s.ends == series[0].ends for s in series)
     fig, axes = plt.subplots(len(kinds), 1, figsize=(11, 2.9 * len(kinds) + 0.6), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], kinds):
-        names = sorted({metric(n) for s in series for n, _, _ in s.rows if kind(n) == k})
-        for i, s in enumerate(series):
-            by_name: dict[str, tuple[list, list]] = {}
-            for name, step, value in s.rows:
-                if kind(name) == k:
-                    xs, ys = by_name.setdefault(metric(name), ([], []))
-                    xs.append(step)
-                    ys.append(value)
-            for m, (xs, ys) in by_name.items():
-                ax.plot(xs, ys, color=colour[i], linewidth=1.2, **style(names.index(m)))
-            if not shared_ends:
-                for step in s.ends.values():
-                    ax.axvline(step, color=colour[i], linewidth=0.6, alpha=0.35)
-        if shared_ends:
-            for stage, step in sorted(series[0].ends.items(), key=lambda kv: kv[1]):
-                ax.axvline(step, color='grey', linestyle='--', linewidth=0.8)
-                ax.annotate(stage, (step, 1.0), xycoords=('data', 'axes fraction'), rotation=90, fontsize=7,
-                            ha='right', va='top', color='grey')
-        ax.set_ylabel(KINDS.get(k, k), fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend([Line2D([], [], color='black', **style(j)) for j in range(len(names))], names, fontsize=7,
-                  loc='upper left', bbox_to_anchor=(1.01, 1.0), title='metric', title_fontsize=7)
+        _panel(ax, k, series, colour, shared_ends)
     axes[-1, 0].set_xlabel('step (global' + ('; dashed lines: stage ends)' if shared_ends and series[0].ends
                                              else '; vertical lines: stage ends)'))
     if len(series) > 1:
@@ -142,3 +115,30 @@ def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path
     print(f'wrote {path} ({len(series)} run{"s" if len(series) > 1 else ""}, {len(kinds)} panels, {points} points)',
           file=sys.stderr)
     return path
+
+
+def _panel(ax, k: str, series: list[Series], colour: dict, shared_ends: bool) -> None:
+    """One panel: the metrics of kind `k` of every run (colour: the run; line style: the metric), stage ends."""
+    from matplotlib.lines import Line2D
+    names = sorted({metric(n) for s in series for n, _, _ in s.rows if kind(n) == k})
+    for i, s in enumerate(series):
+        by_name: dict[str, tuple[list, list]] = {}
+        for name, step, value in s.rows:
+            if kind(name) == k:
+                xs, ys = by_name.setdefault(metric(name), ([], []))
+                xs.append(step)
+                ys.append(value)
+        for m, (xs, ys) in by_name.items():
+            ax.plot(xs, ys, color=colour[i], linewidth=1.2, **style(names.index(m)))
+        if not shared_ends:
+            for step in s.ends.values():
+                ax.axvline(step, color=colour[i], linewidth=0.6, alpha=0.35)
+    if shared_ends:
+        for stage, step in sorted(series[0].ends.items(), key=lambda kv: kv[1]):
+            ax.axvline(step, color='grey', linestyle='--', linewidth=0.8)
+            ax.annotate(stage, (step, 1.0), xycoords=('data', 'axes fraction'), rotation=90, fontsize=7,
+                        ha='right', va='top', color='grey')
+    ax.set_ylabel(KINDS.get(k, k), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend([Line2D([], [], color='black', **style(j)) for j in range(len(names))], names, fontsize=7,
+              loc='upper left', bbox_to_anchor=(1.01, 1.0), title='metric', title_fontsize=7)

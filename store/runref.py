@@ -17,18 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.layout import RunFolder, parse_name
 
 FIX = ('give a run id (python -m store.runs list), its full name <id>-<key>, or the path of its run folder '
        '(a folder that holds operative.gin)')
 
 
-def no_run(ref, looked: str, known: list[str]) -> SpecError:
+def no_run(ref, looked: str, known: list[str]) -> UserError:
     """The one error of every command when RUN matches nothing; `looked` says where it looked, `known` what it holds
     (ids of a database, names of run folders or memory groups; the newest 20)."""
     held = f"known: {', '.join(known[-20:])}" if known else 'it holds no runs'
-    return SpecError(f'RUN {ref}', f'no run matches {ref!r}: it is not a run folder, and {looked} has no run with '
+    return UserError(f'RUN {ref}', f'no run matches {ref!r}: it is not a run folder, and {looked} has no run with '
                      f'that id or name ({held})', FIX)
 
 
@@ -100,7 +100,7 @@ def recorded_sha256(folder: RunFolder, stage: str | None) -> str | None:
         return None
     try:
         run = recorded_run(default_url(folder.out_dir), folder.run_id)
-    except SpecError:
+    except UserError:
         return None
     if run is None or (folder.key is not None and run.run_key not in (None, folder.key)):
         return None  # another database's run with this id
@@ -124,12 +124,12 @@ def load_run(ref, stage: str | None = None, *, runs='runs', device: str = 'cpu',
     if check is not None:
         check(plan, where)
     if stage is not None and stage not in plan.stage_names:
-        raise SpecError(f'--stage {stage}', f"run {folder.root} has no stage '{stage}' (stages: "
+        raise UserError(f'--stage {stage}', f"run {folder.root} has no stage '{stage}' (stages: "
                         f"{', '.join(plan.stage_names)})", 'pick one of the listed stages, or leave --stage out for '
                         'the final weights')
     weights = folder.weights(stage)
     if not weights.is_file():
-        raise SpecError(where, f'no weights at {weights} (the run did not finish' + (' that stage)' if stage else ')'),
+        raise UserError(where, f'no weights at {weights} (the run did not finish' + (' that stage)' if stage else ')'),
                         'let the run finish (python -m runtime.run ... --resume ID), or pick a finished --stage')
     tokenizer = folder.tokenizer if folder.tokenizer.is_file() or vocabulary is None else vocabulary(plan)
     loaded = load.load(plan, weights, where=where, fix='rerun the run (or the stage) to rewrite its weights',

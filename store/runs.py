@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from compiler.errors import SpecError, cli
+from compiler.errors import UserError, cli
 from store.database import (
     DEFAULT_DB,
     STALE_AFTER,
@@ -149,7 +149,7 @@ def _listed(db, args, wheres: list[Where]) -> list[RunRecord]:
         runs = [r for r in runs if any(args.spec in f or args.spec in spec_label(f) for f in r.spec_files)]
     for w in wheres:
         if w.kind != 'gin' and runs and not any(w.values(r) for r in runs):
-            raise SpecError(w.place, f"no recorded run has {'macro' if w.kind == 'macro' else 'config key'} '{w.key}'",
+            raise UserError(w.place, f"no recorded run has {'macro' if w.kind == 'macro' else 'config key'} '{w.key}'",
                             'use Configurable.param (Memory.chunks), a macro of the operative gin (LR), or a key that '
                             'python -m store.runs show ID --keys lists (plan.memory.chunks)')
         runs = [r for r in runs if w(r)]
@@ -342,7 +342,7 @@ def _show_weights(db, run: RunRecord) -> None:
 
 def select_metrics(rows, patterns: list[str] | None, run_id: str, place: str = '--name'):
     if not rows:
-        raise SpecError(f'run {run_id}', 'no metrics recorded for this run',
+        raise UserError(f'run {run_id}', 'no metrics recorded for this run',
                         'metrics live in the memspec_metrics table that python -m runtime.run writes; a run that died '
                         'before its first log step, or one recorded elsewhere, has none')
     if not patterns:
@@ -354,7 +354,7 @@ def select_metrics(rows, patterns: list[str] | None, run_id: str, place: str = '
         if not hits:
             close = difflib.get_close_matches(p, names, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ''
-            raise SpecError(f'{place} {p}', f'run {run_id} has no metric matching this',
+            raise UserError(f'{place} {p}', f'run {run_id} has no metric matching this',
                             f"{hint}give a substring or glob of one of: {', '.join(names)}")
         keep |= hits
     return [r for r in rows if r[0] in keep]
@@ -385,7 +385,7 @@ def cmd_metrics(db, args) -> None:
 
 def cmd_compare(db, args) -> None:
     if len(args.ids) < 2:
-        raise SpecError('compare', 'needs at least two run ids', 'e.g. python -m store.runs compare 0 2')
+        raise UserError('compare', 'needs at least two run ids', 'e.g. python -m store.runs compare 0 2')
     runs = [record_of(db, i) for i in args.ids]
     if args.json or args.csv:
         compare_document(db, runs, args)
@@ -453,7 +453,7 @@ def compared_metrics(db, runs: list[RunRecord], patterns: list[str] | None):
         for p in patterns:
             hits = [n for n in names if (fnmatch.fnmatchcase(n, p) if any(c in p for c in '*?[') else p in n)]
             if not hits:
-                raise SpecError(f'--name {p}', 'no stage-end metric of these runs matches this',
+                raise UserError(f'--name {p}', 'no stage-end metric of these runs matches this',
                                 f"known: {', '.join(names) or 'none recorded'}")
             pick += hits
         names = list(dict.fromkeys(pick))

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import sqlalchemy as sa
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store.urls import display_url
 
 SQLITE_HEADER = b'SQLite format 3\x00'
@@ -44,7 +44,7 @@ def connect_readonly(path: Path, where: str) -> sqlite3.Connection:
             raise
         wal = path.with_name(path.name + '-wal')
         if wal.is_file() and wal.stat().st_size > 0:
-            raise SpecError(where, f'{path} cannot be read here: its folder is read-only and {wal.name} holds changes '
+            raise UserError(where, f'{path} cannot be read here: its folder is read-only and {wal.name} holds changes '
                             'not yet in the main file (SQLite needs to write beside it to read them)',
                             f'copy {path.name}, {wal.name} and {path.name}-shm together to a writable folder and '
                             'point --db there') from None
@@ -61,7 +61,7 @@ def check_own_database(url: str) -> None:
     where = f'--db {display_url(url)}'
     with open(path, 'rb') as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise SpecError(where, f'{path} is not a SQLite database (nothing was written to it)',
+            raise UserError(where, f'{path} is not a SQLite database (nothing was written to it)',
                             'point --db at a run database, or at a file that does not exist yet')
     try:
         con = connect_readonly(path, where)
@@ -70,10 +70,10 @@ def check_own_database(url: str) -> None:
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
-        raise SpecError(where, f'cannot read {path}: {e} (nothing was written to it)',
+        raise UserError(where, f'cannot read {path}: {e} (nothing was written to it)',
                         'point --db at a run database, or at a file that does not exist yet') from None
     foreign = sorted(t for t in tables if t not in SACRED_TABLES and not t.startswith(('memspec_', 'sqlite_')))
     if foreign:
         shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
-        raise SpecError(where, f'{path} belongs to another program: it holds tables no run database has ({shown}); '
+        raise UserError(where, f'{path} belongs to another program: it holds tables no run database has ({shown}); '
                         'nothing was written to it', 'record runs in their own file, e.g. --db sqlite:///runs/sacred.db')

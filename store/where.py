@@ -15,7 +15,7 @@ import difflib
 import math
 import re
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.plan import CONFIGURABLES, STACK_ROLES
 from compiler.spec import read_bindings
 from store.database import RunRecord
@@ -79,7 +79,7 @@ class Where:
         self.expr, self.place = expr, f"--where '{expr}'"
         m = re.match(r'^\s*([^=!]+?)\s*(!=|==|=)\s*(.*?)\s*$', expr)
         if not m or not m.group(1):
-            raise SpecError(self.place, 'expected KEY=VALUE',
+            raise UserError(self.place, 'expected KEY=VALUE',
                             "e.g. --where Memory.chunks=4, --where 'encoder/Stack.d_model=128', --where LR=1e-3 or "
                             '--where plan.memory.chunks=4')
         self.key, self.negate, self.value = m.group(1), m.group(2) == '!=', _literal(m.group(3))
@@ -88,16 +88,16 @@ class Where:
         if gm:
             self.scope, self.cls, self.param = gm.groups()
             if self.cls not in CONFIGURABLES:
-                raise SpecError(self.place, f"unknown configurable '{self.cls}'",
+                raise UserError(self.place, f"unknown configurable '{self.cls}'",
                                 f"use one of {', '.join(CONFIGURABLES)} (or a flattened key like plan.memory.chunks)")
             fields = [f.name for f in dataclasses.fields(CONFIGURABLES[self.cls]) if f.name != 'scope']
             if self.param not in fields:
                 close = difflib.get_close_matches(self.param, fields, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ''
-                raise SpecError(self.place, f"{self.cls} has no field '{self.param}'",
+                raise UserError(self.place, f"{self.cls} has no field '{self.param}'",
                                 f"{hint}{self.cls} fields: {', '.join(fields)}")
             if self.cls == 'Stack' and self.scope and self.scope.split('/')[-1] not in STACK_ROLES:
-                raise SpecError(self.place, f"unknown Stack scope '{self.scope}'",
+                raise UserError(self.place, f"unknown Stack scope '{self.scope}'",
                                 f"use {', '.join(s + '/Stack' for s in STACK_ROLES)} or unscoped Stack (any stack)")
             self.kind = 'gin'
         elif re.match(r'^[A-Z][A-Z0-9_]*$', self.key):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.plan import Data, Memory, Plan
 from runtime import data as D
 
@@ -131,7 +131,7 @@ def test_loaded_tokenizer_by_path(tmp_path):
     reuse = D.prepare(make_plan(tmp_path, source=src, tokenizer=str(built.cache_path), val_fraction=0.0,
                                 cache_dir=str(tmp_path / 'c2')), progress=False)
     assert reuse.special_ids == built.special_ids and torch.equal(reuse.train, built.train)
-    with pytest.raises(SpecError, match='no tokenizer.json'):
+    with pytest.raises(UserError, match='no tokenizer.json'):
         D.prepare(make_plan(tmp_path, source=src, tokenizer=str(tmp_path / 'nope')), progress=False)
 
 
@@ -176,7 +176,7 @@ def test_full_length_only(tmp_path):
                        progress=False)
     # only the long documents enter the stream: d..j <eod> k..p <eod> = 15 tokens -> 2 windows
     assert tokens(packed, packed.train) == [[['d', 'e', 'f'], ['g', 'h', 'i']], [['j', '<eod>', 'k'], ['l', 'm', 'n']]]
-    with pytest.raises(SpecError, match='longer than every train document') as e:
+    with pytest.raises(UserError, match='longer than every train document') as e:
         D.prepare(make_plan(tmp_path, source=src, vocab_size=BYTES_ONLY, val_fraction=0.0, layout='padded',
                             full_length_only=True, chunks=4), progress=False)
     assert e.value.where == 'Data.full_length_only = True' and 'full_length_only = False' in e.value.fix
@@ -222,7 +222,7 @@ def test_batches_resume_mid_epoch():
     resumed = batches(x, m, batch_size=3, seed=7)
     resumed.load_state_dict(state)
     assert ids_batches(resumed, 6) == expected
-    with pytest.raises(SpecError, match='seed'):
+    with pytest.raises(UserError, match='seed'):
         batches(x, m, batch_size=3, seed=8).load_state_dict(state)
 
 
@@ -235,7 +235,7 @@ def test_batches_ddp_shards_are_disjoint_and_cover_the_global_batch():
         assert all(len(p) == 2 for p in parts)
         assert sum(parts, []) == whole[step]
         assert len(set(sum(parts, []))) == 6
-    with pytest.raises(SpecError, match='divisible'):
+    with pytest.raises(UserError, match='divisible'):
         batches(x, m, batch_size=5, seed=0, world=2)
 
 
@@ -246,7 +246,7 @@ def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch, var):
     for v in D.OFFLINE_VARS:
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, '1')
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         D.prepare(make_plan(tmp_path, source='hub:HuggingFaceFW/fineweb-edu:sample-10BT', max_documents=10),
                   progress=False)
     assert e.value.where == "Data.source = 'hub:HuggingFaceFW/fineweb-edu:sample-10BT'"
@@ -263,7 +263,7 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'huggingface.co'")
     monkeypatch.setattr(datasets, 'load_dataset', no_network)
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         D.prepare(make_plan(tmp_path, source='hub:some/corpus', max_documents=10), progress=False)
     assert e.value.where == "Data.source = 'hub:some/corpus'"
     assert 'could not stream' in e.value.what and "Couldn't reach" in e.value.what and 'reachable' in e.value.fix
@@ -281,14 +281,14 @@ def test_bad_inputs(tmp_path):
     latin.write_bytes('caf\u00e9 cr\u00e8me'.encode('latin-1'))
     cases.append((dict(source=str(latin)), 'Data.source', 'UTF-8'))
     for data, where, what in cases:
-        with pytest.raises(SpecError) as e:
+        with pytest.raises(UserError) as e:
             D.prepare(make_plan(tmp_path, **data), progress=False)
         assert e.value.where.startswith(where) and what in e.value.what, (data, str(e.value))
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         D.prepare(make_plan(tmp_path, vocab_size=259), progress=False)
     assert '>= 260' in e.value.fix
     # a corpus smaller than one example
-    with pytest.raises(SpecError, match='fewer than one example'):
+    with pytest.raises(UserError, match='fewer than one example'):
         D.prepare(make_plan(tmp_path, source=write(tmp_path, 'ab', 'tiny.txt'), vocab_size=BYTES_ONLY,
                             val_fraction=0.0), progress=False)
 
@@ -300,7 +300,7 @@ def test_jsonl_source_and_text_field(tmp_path):
     prep = D.prepare(make_plan(tmp_path, source=str(p), vocab_size=BYTES_ONLY, val_fraction=0.2, max_documents=20),
                      progress=False)
     assert prep.stats['train']['documents'] + prep.stats['val']['documents'] == 20
-    with pytest.raises(SpecError, match="no field 'body'") as e:
+    with pytest.raises(UserError, match="no field 'body'") as e:
         D.prepare(make_plan(tmp_path, source=str(p), text_field='body'), progress=False)
     assert e.value.where == "Data.text_field = 'body'"
 

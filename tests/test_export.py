@@ -11,7 +11,7 @@ import torch
 from conftest import in_process, no_run
 from safetensors.torch import load_file
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.load import from_pretrained
 from store import export as E
 from store import runs as R
@@ -111,16 +111,16 @@ def test_bad_input_is_refused_and_leaves_no_folder(stored_run, tmp_path, capsys)
 
 
 def test_from_pretrained_refuses_what_it_cannot_trust(exported, tmp_path):
-    with pytest.raises(SpecError, match='no config.json'):
+    with pytest.raises(UserError, match='no config.json'):
         from_pretrained(tmp_path)
     bad = tmp_path / 'bad'
     shutil.copytree(exported, bad)
     (bad / 'model.safetensors').write_bytes((bad / 'model.safetensors').read_bytes()[:-4] + b'\0\0\0\0')
-    with pytest.raises(SpecError, match='is not the file that was recorded'):
+    with pytest.raises(UserError, match='is not the file that was recorded'):
         from_pretrained(bad)
     cfg = json.loads((bad / 'config.json').read_text())
     (bad / 'config.json').write_text(json.dumps({**cfg, 'version': 99}))
-    with pytest.raises(SpecError, match='not a memspec export of a version this code reads'):
+    with pytest.raises(UserError, match='not a memspec export of a version this code reads'):
         from_pretrained(bad)
 
 
@@ -137,7 +137,7 @@ def test_families_without_a_token_decoder_export_no_llama():
 def test_a_hostile_config_is_refused_before_anything_is_allocated(exported, tmp_path, case):
     """config.json is a file anyone can edit: a vocabulary that would allocate 10^11 rows, a weights name that leaves
     the folder, a plan that Plan.from_dict or the validator refuses, shapes that do not fit the weights' header: one
-    SpecError naming the place and the fix, and no model is built (the shapes are checked on the meta device)."""
+    UserError naming the place and the fix, and no model is built (the shapes are checked on the meta device)."""
     bad = tmp_path / 'bad'
     shutil.copytree(exported, bad)
     cfg = json.loads((bad / 'config.json').read_text())
@@ -160,7 +160,7 @@ def test_a_hostile_config_is_refused_before_anything_is_allocated(exported, tmp_
     real = graphs.build
     graphs.build = lambda *a, **k: built.append(a) or real(*a, **k)
     try:
-        with pytest.raises(SpecError, match='fix: export the run') as e:
+        with pytest.raises(UserError, match='fix: export the run') as e:
             from_pretrained(bad)
     finally:
         graphs.build = real

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compiler import cost
 from compiler import objectives as O
 from compiler import plan as P
-from compiler.errors import SpecError
+from compiler.errors import SpecError, UserError
 from compiler.families import NAMES, REGISTRY, family
 from compiler.model import build, meta_build
 from compiler.objective_registry import REGISTRY as OBJECTIVES
@@ -144,10 +144,10 @@ def test_generation_and_readout_are_offered_where_the_record_says(name):
     fam = REGISTRY[name]
     plan = compile_family(name, main_objective(name))
     if not fam.token_decoder or fam.encoder == 'sequence':
-        with pytest.raises(SpecError, match=f"family '{name}' cannot generate: {re.escape(fam.cannot_generate)}"):
+        with pytest.raises(UserError, match=f"family '{name}' cannot generate: {re.escape(fam.cannot_generate)}"):
             R.check_decodes(plan, 'run x', sampling=True)
     if not fam.token_decoder:
-        with pytest.raises(SpecError, match=f"family '{name}' cannot generate"):
+        with pytest.raises(UserError, match=f"family '{name}' cannot generate"):
             R.check_decodes(plan, 'run x')
     else:
         R.check_decodes(plan, 'run x')

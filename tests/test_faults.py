@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 SEED = int(os.environ.get('MEMSPEC_FAULT_SEED', '0'))
 KILLS = 10
@@ -249,7 +249,7 @@ def test_the_database_password_appears_in_no_output_file_or_row(report):
 # ------------------------------------------------------------------------------------------------- in process
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path):
-    from runtime.checkpoint import atomic_write
+    from store.files import atomic_write
     target = tmp_path / 'checkpoint.pt'
     target.write_bytes(b'old')
 
@@ -277,10 +277,10 @@ def test_a_kill_between_the_digest_and_the_checkpoint_rename_still_verifies(tmp_
             raise KeyboardInterrupt('killed before the rename')  # stands in for SIGKILL at this instant
         return real_replace(src, dst)
 
-    monkeypatch.setattr(R.os, 'replace', killed)
+    monkeypatch.setattr(os, 'replace', killed)
     with pytest.raises(KeyboardInterrupt):
         R.save_checkpoint(path, state(2))
-    monkeypatch.setattr(R.os, 'replace', real_replace)
+    monkeypatch.setattr(os, 'replace', real_replace)
     R._digests.clear()
     assert R.load_checkpoint(path, '--resume x', 'x')['step'] == 1
     R.save_checkpoint(path, state(3))  # and the next write proceeds normally
@@ -303,16 +303,16 @@ def test_damaged_or_unreadable_checkpoints_are_spec_errors(tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     R._digests.clear()
-    with pytest.raises(SpecError, match='damaged'):
+    with pytest.raises(UserError, match='damaged'):
         R.load_checkpoint(path, '--resume 7', '7')
     # a checkpoint without digest (written by an older version) that does not unpickle: a message, not a traceback
     path.with_name('checkpoint.pt.sha256').unlink()
     path.write_bytes(b'PK\x03\x04 truncated')
-    with pytest.raises(SpecError, match='cannot read the checkpoint'):
+    with pytest.raises(UserError, match='cannot read the checkpoint'):
         R.load_checkpoint(path, '--resume 7', '7')
     # an unpickled dict that lacks a checkpoint's keys: named, not a KeyError later
     torch.save({'model': {}}, path)
-    with pytest.raises(SpecError, match='is not a memspec checkpoint .it lacks data, optimizer'):
+    with pytest.raises(UserError, match='is not a memspec checkpoint .it lacks data, optimizer'):
         R.load_checkpoint(path, '--resume 7', '7')
 
 
@@ -323,7 +323,7 @@ def test_a_crafted_pickle_is_refused_unread_even_with_a_matching_sha256(tmp_path
     import io
     import pickle
 
-    from faults import Payload
+    from fault_injection.common import Payload
 
     import runtime.checkpoint as R
     control, ran = tmp_path / 'control', tmp_path / 'ran'
@@ -336,7 +336,7 @@ def test_a_crafted_pickle_is_refused_unread_even_with_a_matching_sha256(tmp_path
         path.write_bytes(blob)
         path.with_name('checkpoint.pt.sha256').write_text(f'{hashlib.sha256(blob).hexdigest()}  checkpoint.pt\n')
         R._digests.clear()
-        with pytest.raises(SpecError, match='holds objects other than tensors and plain values'):
+        with pytest.raises(UserError, match='holds objects other than tensors and plain values'):
             R.load_checkpoint(path, '--resume 7', '7')
         assert not ran.exists()
 
@@ -345,31 +345,31 @@ def test_a_library_write_error_on_a_full_disk_is_classified_by_the_filesystem(tm
     """torch.save says 'unexpected pos', not ENOSPC: atomic_write asks the filesystem, and names the file and disk."""
     import shutil
 
-    import runtime.checkpoint as R
+    import store.files as F
 
     def torn(tmp):
         raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=0))
-    with pytest.raises(R.WriteFailed) as e:
-        R.atomic_write(tmp_path / 'checkpoint.pt', torn)
+    monkeypatch.setattr(F.shutil, 'disk_usage', lambda p: usage._replace(free=0))
+    with pytest.raises(F.WriteFailed) as e:
+        F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(f"cannot write {tmp_path / 'checkpoint.pt'}: "
                                                                      'No space left on device, on the filesystem at ')
     assert '(0 B free of ' in str(e.value) and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(R.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 30))  # room left: an I/O error
-    with pytest.raises(R.WriteFailed) as e:
-        R.atomic_write(tmp_path / 'checkpoint.pt', torn)
+    monkeypatch.setattr(F.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 30))  # room left: an I/O error
+    with pytest.raises(F.WriteFailed) as e:
+        F.atomic_write(tmp_path / 'checkpoint.pt', torn)
     assert e.value.errno == errno.EIO and 'unexpected pos' in str(e.value)
     with pytest.raises(ValueError):  # not a write failure: not disguised as one
-        R.atomic_write(tmp_path / 'x', lambda tmp: int('x'))
+        F.atomic_write(tmp_path / 'x', lambda tmp: int('x'))
 
 
 def test_files_are_written_with_the_mode_the_umask_gives(tmp_path):
-    import runtime.checkpoint as R
+    import store.files as F
     old = os.umask(0o027)
     try:
-        R.write_text(tmp_path / 'a.txt', 'x')
+        F.write_text(tmp_path / 'a.txt', 'x')
         assert (tmp_path / 'a.txt').stat().st_mode & 0o777 == 0o640  # mkstemp alone would leave 0600
     finally:
         os.umask(old)

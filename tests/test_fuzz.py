@@ -91,6 +91,55 @@ def includes(folder: Path, rel: str, seen=None) -> list[str]:
     return seen
 
 
+def _swap_values(draw, lines: list[str], bindings: list[int]) -> None:
+    a, b = draw(st.sampled_from(bindings)), draw(st.sampled_from(bindings))
+    (ka, va), (kb, vb) = BINDING.match(lines[a]).groups(), BINDING.match(lines[b]).groups()
+    lines[a], lines[b] = f'{ka} = {vb}', f'{kb} = {va}'
+
+
+def _renamed(draw, line: str) -> str:
+    """A binding line with its key replaced by another name, a typo of itself, or another scope."""
+    key, val = BINDING.match(line).groups()
+    how = draw(st.sampled_from(['name', 'typo', 'scope']))
+    if how == 'name':
+        key = draw(st.sampled_from(NAMES))
+    elif how == 'typo' and key:
+        j = draw(st.integers(0, len(key) - 1))
+        key = key[:j] + draw(st.sampled_from(['', 'x', '_', '.', '/', ' '])) + key[j + 1:]
+    else:
+        key = f"{draw(st.sampled_from(['nothere', 'encoder', 'decoder', 'a/b', '']))}/{key.rsplit('/', 1)[-1]}"
+    return f'{key} = {val}'
+
+
+def _include_target(draw, rel: str) -> str:
+    target = draw(st.sampled_from(BROKEN_INCLUDES + ALL))
+    if target == '__SELF__':
+        return Path(rel).name
+    if target == '__PARENT__':  # a cycle through another file: include a spec that includes this one
+        return '../frozen_encoder_curriculum.gin' if '/' in rel else 'mixer/frozen_encoder_curriculum.gin'
+    return '__binary__.gin' if target == '__BINARY__' else target
+
+
+def _garbage(draw, lines: list[str], i: int) -> None:
+    junk = draw(st.one_of(st.sampled_from(GARBAGE), st.text(max_size=12)))
+    where = draw(st.sampled_from(['line', 'prefix', 'suffix']))
+    if where == 'line' or not lines:
+        lines.insert(i, junk)
+    elif where == 'prefix':
+        lines[i] = junk + lines[i]
+    else:
+        lines[i] = lines[i] + junk
+
+
+def _cut(draw, op: str, out: str) -> str | bytes:
+    """The text cut short ('truncate'), or its bytes with an invalid UTF-8 sequence inserted ('bytes')."""
+    if op == 'truncate':
+        return out[:draw(st.integers(0, len(out)))]
+    raw = out.encode()
+    j = draw(st.integers(0, len(raw)))
+    return raw[:j] + draw(st.sampled_from([b'\xff', b'\xc3(', b'\x00', b'\x80\x80'])) + raw[j:]
+
+
 def mutate(draw, text: str, rel: str) -> str | bytes:
     lines = text.splitlines()
     op = draw(st.sampled_from(['delete', 'duplicate', 'swap', 'value', 'value', 'value', 'rename', 'include',
@@ -102,49 +151,19 @@ def mutate(draw, text: str, rel: str) -> str | bytes:
     elif op == 'duplicate' and lines:
         lines.insert(i, lines[i])
     elif op == 'swap' and len(bindings) >= 2:
-        a, b = draw(st.sampled_from(bindings)), draw(st.sampled_from(bindings))
-        (ka, va), (kb, vb) = BINDING.match(lines[a]).groups(), BINDING.match(lines[b]).groups()
-        lines[a], lines[b] = f'{ka} = {vb}', f'{kb} = {va}'
+        _swap_values(draw, lines, bindings)
     elif op == 'value' and bindings:
         k = draw(st.sampled_from(bindings))
         lines[k] = f'{BINDING.match(lines[k]).group(1)} = {draw(value)}'
     elif op == 'rename' and bindings:
         k = draw(st.sampled_from(bindings))
-        key, val = BINDING.match(lines[k]).groups()
-        how = draw(st.sampled_from(['name', 'typo', 'scope']))
-        if how == 'name':
-            key = draw(st.sampled_from(NAMES))
-        elif how == 'typo' and key:
-            j = draw(st.integers(0, len(key) - 1))
-            key = key[:j] + draw(st.sampled_from(['', 'x', '_', '.', '/', ' '])) + key[j + 1:]
-        else:
-            key = f"{draw(st.sampled_from(['nothere', 'encoder', 'decoder', 'a/b', '']))}/{key.rsplit('/', 1)[-1]}"
-        lines[k] = f'{key} = {val}'
+        lines[k] = _renamed(draw, lines[k])
     elif op == 'include':
-        target = draw(st.sampled_from(BROKEN_INCLUDES + ALL))
-        if target == '__SELF__':
-            target = Path(rel).name
-        elif target == '__PARENT__':  # a cycle through another file: include a spec that includes this one
-            target = '../frozen_encoder_curriculum.gin' if '/' in rel else 'mixer/frozen_encoder_curriculum.gin'
-        elif target == '__BINARY__':
-            target = '__binary__.gin'
-        lines.insert(i, f"include '{target}'")
+        lines.insert(i, f"include '{_include_target(draw, rel)}'")
     elif op == 'garbage':
-        junk = draw(st.one_of(st.sampled_from(GARBAGE), st.text(max_size=12)))
-        where = draw(st.sampled_from(['line', 'prefix', 'suffix']))
-        if where == 'line' or not lines:
-            lines.insert(i, junk)
-        elif where == 'prefix':
-            lines[i] = junk + lines[i]
-        else:
-            lines[i] = lines[i] + junk
-    elif op == 'truncate':
-        out = '\n'.join(lines)
-        return out[:draw(st.integers(0, len(out)))]
-    elif op == 'bytes':
-        raw = '\n'.join(lines).encode()
-        j = draw(st.integers(0, len(raw)))
-        return raw[:j] + draw(st.sampled_from([b'\xff', b'\xc3(', b'\x00', b'\x80\x80'])) + raw[j:]
+        _garbage(draw, lines, i)
+    elif op in ('truncate', 'bytes'):
+        return _cut(draw, op, '\n'.join(lines))
     elif op == 'append':
         lines.append(f'{draw(st.sampled_from(NAMES))} = {draw(value)}')
     return '\n'.join(lines) + '\n'

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, TINY, in_process, no_run, rt_argv, rt_env, rt_main, rt_run_dir, rt_run_ids
 
 from compiler.cost import kv_cache_bytes
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.model import build
 from compiler.spec import load
 from runtime import decoding as D
@@ -231,7 +231,7 @@ def test_forward_readings_score_and_generate_as_the_trained_graph(case):
         row.append(int(masked_logits(model, plan, window)[-1].argmax()))
     assert out.tokens[0] == row[5:]
     if plan.family != 'recurrent':
-        with pytest.raises(SpecError, match='--memory full_context'):
+        with pytest.raises(UserError, match='--memory full_context'):
             R.reading(model, 'full_context')
 
 
@@ -278,9 +278,9 @@ def test_full_context_reading_is_the_decoder_over_tokens_alone():
         piece = long[s:s + 6]
         want += lp[torch.arange(window.shape[1] - len(piece), window.shape[1]), torch.tensor(piece)].tolist()
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want), **TOL)
-    with pytest.raises(SpecError, match="a 'no_memory' model forms no memories, so there is nothing to ablate"):
+    with pytest.raises(UserError, match="a 'no_memory' model forms no memories, so there is nothing to ablate"):
         R.reading(model_of('no_memory-variable')[1], 'ablated')
-    with pytest.raises(SpecError, match="a 'full_context' model reads every context token in its window already"):
+    with pytest.raises(UserError, match="a 'full_context' model reads every context token in its window already"):
         R.reading(model_of('full_context')[1], 'full_context')
 
 
@@ -297,9 +297,9 @@ def test_compression_sweep_readings_are_the_forward_pass_at_that_shape():
     seq = random_tokens(1, 30, seed=12)
     one = D.prefill(model, seq, mode=R.reading(model, keep=1))
     torch.testing.assert_close(one.logits, D.prefill(model, seq[:, 16:]).logits, **TOL)
-    with pytest.raises(SpecError, match=r'keep=4: the decoder reads 0..3 memories in on mode'):
+    with pytest.raises(UserError, match=r'keep=4: the decoder reads 0..3 memories in on mode'):
         R.reading(model, keep=4)
-    with pytest.raises(SpecError, match=r'chunk_len=9: the encoder of this memory model reads chunks of 1..8 tokens'):
+    with pytest.raises(UserError, match=r'chunk_len=9: the encoder of this memory model reads chunks of 1..8 tokens'):
         R.reading(model, chunk_len=9)
 
 

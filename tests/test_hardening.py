@@ -14,7 +14,7 @@ import torch
 import zarr
 from conftest import FLAGSHIP, TINY_FLAGSHIP, rt_argv, rt_main
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 SECRET = 'pw-4f1c9e7d2b'
 
@@ -28,12 +28,12 @@ def test_run_names_and_references():
     assert parse_name(run_name(3, key)) == ('3', key) and parse_name('3') == ('3', None)
     for bad in ('/tmp', '../..', '3/../..', '3-XYZ', '3-' + key + '/x', '', '.', 'runs/3', f'3-{key}0'):
         assert parse_name(bad) is None, bad
-        with pytest.raises(SpecError, match='is not a run id'):
+        with pytest.raises(UserError, match='is not a run id'):
             check_reference(bad, '--resume x')
     names = [f'0-{"a" * RUN_KEY_HEX}', f'0-{"b" * RUN_KEY_HEX}', f'1-{"c" * RUN_KEY_HEX}', '2', 'memories.zarr']
     assert matching(names, '1') == [names[2]] and matching(names, '2') == ['2'] and matching(names, '7') == []
     assert matching(names, names[1]) == [names[1]]
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         resolve(names, '0', 'RUN 0', 'under runs', 'or pass --db')
     assert e.value.what == (f'run id 0 is ambiguous: 2 runs with this id under runs ({names[0]}, {names[1]}; runs '
                             'recorded in different databases)')
@@ -54,7 +54,7 @@ def test_no_stage_name_leaves_the_run_folder(tmp_path, rt_cache, capsys):
     for ok in ('blank_copy', 'stage_2', 'V1'):
         check_stage_name(ok, 'x')
     for bad in ('../../evil', '/etc/x', 'a/b', '..', '.hidden', '', 'x' * 200, 'v1.5', 'stage-2'):
-        with pytest.raises(SpecError, match='cannot be a file name'):
+        with pytest.raises(UserError, match='cannot be a file name'):
             RunFolder(tmp_path, '0', 'a' * 10).stage_weights(bad)
     out = tmp_path / 'runs'
     assert rt_main(rt_argv(FLAGSHIP, out, rt_cache, TINY_FLAGSHIP + ["blank/Stage.name = '../../evil'"])) == 2
@@ -83,7 +83,7 @@ def test_database_urls_in_messages_never_show_the_password():
 def test_connection_errors_of_every_reader_and_writer_hide_the_password(url, capsys):
     from runtime import record
     from store import analyze, runs
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         record.observer(url)
     assert SECRET not in str(e.value) and 'alice:***@' in str(e.value), str(e.value)
     for main, argv in ((runs.main, ['list', '--db', url]), (analyze.main, ['info', '0', '--db', url])):
@@ -105,7 +105,7 @@ def test_an_included_non_spec_file_is_never_echoed(tmp_path):
         (tmp_path / name).write_text(text)
         spec = tmp_path / f'{name}.gin'
         spec.write_text(f"include '{name}'\n")
-        with pytest.raises(SpecError) as e:
+        with pytest.raises(UserError) as e:
             load([str(spec)])
         assert 'wJalr' not in str(e.value) and 'malformed gin' in str(e.value), str(e.value)
         assert e.value.where.endswith(f'{name}:1'), e.value.where
@@ -114,7 +114,7 @@ def test_an_included_non_spec_file_is_never_echoed(tmp_path):
 def test_an_in_memory_database_is_refused(tmp_path):
     from runtime.record import check_lasting
     for url in ('sqlite://', 'sqlite:///:memory:', 'sqlite:///file::memory:?cache=shared'):
-        with pytest.raises(SpecError, match='an in-memory SQLite database ends with the process'):
+        with pytest.raises(UserError, match='an in-memory SQLite database ends with the process'):
             check_lasting(url)
     check_lasting(f'sqlite:///{tmp_path / "runs.db"}')  # a file lasts
 
@@ -169,7 +169,7 @@ def test_an_unwritable_cache_folder_is_refused_naming_the_setting(tmp_path):
     blocker = tmp_path / 'a-file'
     blocker.write_text('x')
     plan = load([FLAGSHIP], ['Data.vocab_size=300', 'Data.max_documents=40', f"Data.cache_dir='{blocker}'"]).plan
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         prepare(plan, progress=False)
     assert e.value.where.startswith('Data.cache_dir') and 'cannot write the data cache' in e.value.what
     assert blocker.read_text() == 'x'
@@ -192,7 +192,7 @@ def test_version_1_stores_are_still_read_and_their_missing_chunks_found(tmp_path
     got, _, _ = M.open_group(store, '0', 's').rows(0, rows)
     assert torch.equal(got, torch.from_numpy(mem))
     (store / '0' / 's' / 'memories' / 'c' / '1' / '0' / '0').unlink()
-    with pytest.raises(SpecError, match=r'stage s: the stored memories are damaged: rows 256-299 cannot be read: '
+    with pytest.raises(UserError, match=r'stage s: the stored memories are damaged: rows 256-299 cannot be read: '
                                         r'chunks are missing \(memories: rows 256-299\)'):
         M.open_group(store, '0', 's')
 
@@ -214,7 +214,7 @@ def test_a_writer_never_replaces_another_runs_group(tmp_path):
     from store import memories as M
     shape = (4, 1, 2, 3)
     M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'aaaaaaaaaa'}, shape)
-    with pytest.raises(SpecError, match='the group belongs to another run .run key aaaaaaaaaa, this run bbbbbbbbbb'):
+    with pytest.raises(UserError, match='the group belongs to another run .run key aaaaaaaaaa, this run bbbbbbbbbb'):
         M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'bbbbbbbbbb'}, shape)
     M.Writer(tmp_path / 's.zarr', '0-aaaaaaaaaa', 's', {'run_key': 'aaaaaaaaaa'}, shape)  # its own run: a rewrite
 
@@ -231,7 +231,7 @@ def _record(beat_ago):
 def test_the_run_lock_is_exclusive_while_held_and_free_once_released(tmp_path):
     import socket
 
-    from runtime.checkpoint import RunBusy, RunLock
+    from runtime.lock import RunBusy, RunLock
     first = RunLock(tmp_path / 'run.lock').acquire()
     with pytest.raises(RunBusy) as e:
         RunLock(tmp_path / 'run.lock').acquire()
@@ -249,7 +249,7 @@ def test_a_holder_on_another_host_with_a_fresh_heartbeat_counts_as_alive(tmp_pat
     folder = RunFolder(tmp_path, '3', 'a' * 10)
     folder.root.mkdir()
     folder.lock.write_text(json.dumps({'pid': 4242, 'host': 'elsewhere', 'since': 'then'}))
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         take_lock(folder, _record(dt.timedelta(seconds=5)), '--resume 3')
     assert 'may still be running on host elsewhere (pid 4242)' in e.value.what and 'stale' in e.value.fix
     assert json.loads(folder.lock.read_text())['host'] == 'elsewhere'  # the holder's note is not overwritten
@@ -268,7 +268,32 @@ def test_a_filesystem_without_locks_falls_back_to_the_heartbeat(tmp_path, monkey
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
     monkeypatch.setattr(fcntl, 'flock', no_locks)
     folder = RunFolder(tmp_path, '3', 'a' * 10)
-    with pytest.raises(SpecError, match='cannot lock files'):
+    with pytest.raises(UserError, match='cannot lock files'):
         take_lock(folder, _record(dt.timedelta(seconds=5)), '--resume 3')
     assert take_lock(folder, _record(STALE_AFTER * 2), '--resume 3') is None
     assert 'without file locks' in capsys.readouterr().err
+
+
+def test_bad_input_outside_a_spec_is_a_user_error_and_spec_problems_stay_spec_errors(capsys):
+    """UserError is what every CLI turns into one message and exit 2; SpecError, its subclass, is kept for problems
+    in a spec. A database URL is not a spec."""
+    from compiler.errors import SpecError, cli
+    from compiler.spec import load
+    from store.database import open_db
+    with pytest.raises(UserError) as e:
+        open_db('runs/sacred.db')
+    assert type(e.value) is UserError and e.value.where == '--db runs/sacred.db'
+    assert e.value.fix == 'write sqlite:///runs/sacred.db'
+    with pytest.raises(SpecError) as e:
+        load(['specs/autoencoder.gin'], ['Memory.chunk_len = -1'])
+    assert isinstance(e.value, UserError) and "binding -b 'Memory.chunk_len = -1'" in e.value.where
+
+    @cli
+    def main():
+        open_db('runs/sacred.db')
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ('error: --db runs/sacred.db: not a database URL\n'
+                                       '  fix: write sqlite:///runs/sacred.db\n')

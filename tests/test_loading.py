@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, in_process
 from safetensors.torch import save_file
 
 from compiler import load as L
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.families import NAMES, REGISTRY
 from compiler.model import build
 from compiler.spec import load as load_spec
@@ -130,7 +130,7 @@ def test_the_loader_serves_every_family(name, tmp_path):
 def test_weights_that_are_not_the_recorded_ones_are_refused(tmp_path, runs_copy, stored_run, capsys):
     plan = family_plan('memory')
     save_file(build(plan, 300).state_dict(), tmp_path / 'w.safetensors')
-    with pytest.raises(SpecError, match='is not the file that was recorded'):
+    with pytest.raises(UserError, match='is not the file that was recorded'):
         L.load(plan, tmp_path / 'w.safetensors', where='w', fix='f', vocab_size=300, sha256='0' * 64)
     # a run whose database recorded other bytes for its final weights: runtime.generate refuses, exit 2
     runs = tmp_path / 'runs'
@@ -192,7 +192,7 @@ def test_lm_eval_scores_runs_without_a_kv_cache(name, cacheless_runs):
         torch.testing.assert_close(torch.tensor(res[0]), want, atol=1e-5, rtol=1e-5)
     request = Instance(request_type='generate_until', doc={}, arguments=('The', {'max_gen_toks': 3}), idx=0)
     if name == 'oracle':
-        with pytest.raises(SpecError, match="family 'oracle' cannot generate: the oracle's encoder reads"):
+        with pytest.raises(UserError, match="family 'oracle' cannot generate: the oracle's encoder reads"):
             lm.generate_until([request])
     else:
         assert isinstance(lm.generate_until([request])[0], str)

@@ -12,8 +12,8 @@ from compiler import model as M
 from compiler import plan as P
 from compiler.__main__ import main as compiler_main
 from compiler.blocks import Stack
-from compiler.checkpoint import load_llama
-from compiler.errors import SpecError
+from compiler.errors import UserError
+from compiler.llama import load_llama
 from compiler.spec import SPECS_DIR, load
 
 ROOT = SPECS_DIR.parent
@@ -314,7 +314,7 @@ def test_llama_tied_embeddings():
 def test_mismatched_llama_checkpoint_is_a_spec_error(hf_llama, kw, words):
     stack = Stack(llama_stack_cfg(**kw), 100, 0, head=True)
     before = {k: v.clone() for k, v in stack.state_dict().items()}
-    with pytest.raises(SpecError, match=words) as e:
+    with pytest.raises(UserError, match=words) as e:
         load_llama(stack, hf_llama.state_dict(), 'tiny-llama')
     assert e.value.where == 'tiny-llama'
     for k, v in stack.state_dict().items():  # nothing was half-loaded
@@ -323,7 +323,7 @@ def test_mismatched_llama_checkpoint_is_a_spec_error(hf_llama, kw, words):
 
 def test_mismatched_vocabulary_is_a_spec_error(hf_llama):
     stack = Stack(llama_stack_cfg(), 90, 0, head=True)
-    with pytest.raises(SpecError, match='embedding.weight'):
+    with pytest.raises(UserError, match='embedding.weight'):
         load_llama(stack, hf_llama.state_dict())
 
 
@@ -464,7 +464,7 @@ def test_micro_batches_accumulate_the_gradients_of_the_whole_batch(micro):
 
 
 def test_micro_batch_is_refused_for_retrieval_and_below_one():
-    with pytest.raises(SpecError, match='micro_batch must be >= 1'):
+    with pytest.raises(UserError, match='micro_batch must be >= 1'):
         load([SPECS_DIR / 'memory_clm.gin'], SMALL + ('clm/Stage.micro_batch = 0',))
-    with pytest.raises(SpecError, match='negatives are the other rows'):
+    with pytest.raises(UserError, match='negatives are the other rows'):
         load([SPECS_DIR / 'memory_clm.gin'], SMALL + ('clm/Stage.micro_batch = 2', "clm/Objective.kind = 'retrieval'"))

@@ -11,7 +11,7 @@ import torch
 
 from compiler import objectives as O
 from compiler import plan as P
-from compiler.errors import SpecError, either
+from compiler.errors import UserError, either
 from compiler.families import NAMES as FAMILIES
 from compiler.families import REGISTRY as FAMILY
 from compiler.families import family, serving
@@ -49,7 +49,7 @@ def test_the_plan_accepts_exactly_the_registered_kinds():
     assert P.Objective.__dataclass_fields__['kind'].type.startswith('typing.Literal[OBJECTIVES]')
     for kind in NAMES:
         assert P.Objective(kind=kind).kind == kind
-    with pytest.raises(SpecError, match="Objective.kind = 'blank_cpy' is not one of " +
+    with pytest.raises(UserError, match="Objective.kind = 'blank_cpy' is not one of " +
                        ', '.join(repr(k) for k in NAMES)):
         load(['specs/memory_combined.gin'], ["blank/Objective.kind = 'blank_cpy'"])
 
@@ -74,7 +74,7 @@ def test_validator_accepts_or_refuses_with_the_records_message(fam, kind):
     if FAMILY[fam].serves(rec):
         assert compile_kind(fam, kind).curriculum[0].objectives[0].kind == kind
         return
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         compile_kind(fam, kind)
     what, fix = rec.refusal
     expected = what.format(tag="stage 'combined'", kind=kind, family=fam, serving=either(serving(kind)))
@@ -88,10 +88,10 @@ def test_the_chunk_count_is_refused_exactly_where_the_record_copies(kind):
     if not REGISTRY[kind].copies:
         assert compile_kind(fam, kind, 'CHUNKS = 3').memory.chunks == 3
         return
-    with pytest.raises(SpecError, match=f"objective '{kind}' copies the first half of the chunks into the second and "
+    with pytest.raises(UserError, match=f"objective '{kind}' copies the first half of the chunks into the second and "
                        'needs an even number >= 2 of chunks, got 3'):
         compile_kind(fam, kind, 'CHUNKS = 3')
-    with pytest.raises(SpecError, match='8 delimiter tokens do not fit a chunk of 8'):
+    with pytest.raises(UserError, match='8 delimiter tokens do not fit a chunk of 8'):
         compile_kind(fam, kind, 'o/Objective.delimiter = 8')
 
 
@@ -101,12 +101,12 @@ def test_micro_batches_are_refused_exactly_for_batch_negatives(kind):
     if not REGISTRY[kind].batch_negatives:
         assert compile_kind(fam, kind, 'combined/Stage.micro_batch = 2').curriculum[0].micro_batch == 2
         return
-    with pytest.raises(SpecError, match=f"has a {kind} objective, whose negatives are the other rows of the batch"):
+    with pytest.raises(UserError, match=f"has a {kind} objective, whose negatives are the other rows of the batch"):
         compile_kind(fam, kind, 'combined/Stage.micro_batch = 2')
 
 
 def test_the_records_own_checks_refuse():
-    with pytest.raises(SpecError, match=r'retrieval ngram 9 must be in \[1, chunk_len=8\]'):
+    with pytest.raises(UserError, match=r'retrieval ngram 9 must be in \[1, chunk_len=8\]'):
         compile_kind('memory', 'retrieval', 'o/Objective.ngram = 9')
 
 
@@ -125,7 +125,7 @@ def test_faithful_normalisation_needs_clm_and_one_copy_objective(pair):
         copy = 3.0 if REGISTRY[pair[1]].copies else 2.0
         assert O.combine(losses, plan.curriculum[0]).item() == pytest.approx(5.0 - copy + 0.5 * copy)
     else:
-        with pytest.raises(SpecError, match="'faithful' reproduces clm_mean"):
+        with pytest.raises(UserError, match="'faithful' reproduces clm_mean"):
             load(['specs/memory_combined.gin'], SMALL + [f"Plan.family = '{fam}'", *stage])
 
 
@@ -237,7 +237,7 @@ def test_a_kind_registered_in_one_place_trains_and_evaluates(monkeypatch):
     monkeypatch.setitem(O.EXAMPLES, 'reverse_copy_example', reverse_copy_example)
     plan = compile_kind('memory', 'reverse_copy')
     assert objective(plan.curriculum[0].objectives[0]) is REVERSE
-    with pytest.raises(SpecError, match="objective 'reverse_copy' copies the first half"):
+    with pytest.raises(UserError, match="objective 'reverse_copy' copies the first half"):
         compile_kind('memory', 'reverse_copy', 'CHUNKS = 3')
     model = build(plan)
     x = tokens(plan)

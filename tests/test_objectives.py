@@ -313,6 +313,36 @@ def test_combine_keeps_gradients():
     assert a.grad.item() == 3.0 and b.grad.item() == 0.5
 
 
+def _direct_counts(train, mask, vocab: int):
+    """Unigram counts (add-one) and bigram counts of the unmasked tokens, pairs within a chunk, loop by loop."""
+    uni = [1.0] * vocab
+    pair = [[0.0] * vocab for _ in range(vocab)]
+    examples, chunks, length = train.shape
+    for e in range(examples):
+        for c in range(chunks):
+            for t in range(length):
+                if mask[e, c, t]:
+                    uni[int(train[e, c, t])] += 1
+                if t < length - 1 and mask[e, c, t] and mask[e, c, t + 1]:
+                    pair[int(train[e, c, t])][int(train[e, c, t + 1])] += 1
+    return uni, pair
+
+
+def _direct_targets(val, mask):
+    """(previous token or None, token) of every unmasked held-out token; clm: those with a previous token."""
+    clm, every = [], []
+    examples, chunks, length = val.shape
+    for e in range(examples):
+        for c in range(chunks):
+            for t in range(length):
+                if mask[e, c, t]:
+                    prev = int(val[e, c, t - 1]) if t and mask[e, c, t - 1] else None
+                    every.append((prev, int(val[e, c, t])))
+                    if prev is not None:
+                        clm.append((prev, int(val[e, c, t])))
+    return clm, every
+
+
 def test_floors_equal_a_direct_count_of_unigram_and_bigram_statistics():
     """Unigram and bigram floors against a dense, loop-by-loop recomputation on a small random corpus (pairs never
     cross a chunk boundary or padding; the bigram shrinks counts toward the unigram with weight `prior`)."""
@@ -326,29 +356,13 @@ def test_floors_equal_a_direct_count_of_unigram_and_bigram_statistics():
     val = torch.randint(0, vocab, (9, 2, 5), generator=g)
     val_mask = torch.ones_like(val, dtype=torch.bool)
     val_mask[0, 1, 3:] = False
-    uni = [1.0] * vocab
-    pair = [[0.0] * vocab for _ in range(vocab)]
-    for e in range(40):
-        for c in range(2):
-            for t in range(5):
-                if train_mask[e, c, t]:
-                    uni[int(train[e, c, t])] += 1
-                if t < 4 and train_mask[e, c, t] and train_mask[e, c, t + 1]:
-                    pair[int(train[e, c, t])][int(train[e, c, t + 1])] += 1
+    uni, pair = _direct_counts(train, train_mask, vocab)
     p_uni = [u / sum(uni) for u in uni]
 
     def p_bi(a, b):
         return (pair[a][b] + prior * p_uni[b]) / (sum(pair[a]) + prior)
 
-    clm, every = [], []
-    for e in range(9):
-        for c in range(2):
-            for t in range(5):
-                if val_mask[e, c, t]:
-                    prev = int(val[e, c, t - 1]) if t and val_mask[e, c, t - 1] else None
-                    every.append((prev, int(val[e, c, t])))
-                    if prev is not None:
-                        clm.append((prev, int(val[e, c, t])))
+    clm, every = _direct_targets(val, val_mask)
 
     def expect(targets, bigram):
         ce = acc = 0.0

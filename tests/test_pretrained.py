@@ -2,10 +2,10 @@
 import torch
 import transformers
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.model import build
 from compiler.spec import load
-from runtime.train import init_component
+from runtime.checkpoint import init_component
 
 BINDINGS = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'decoder/Stack.ffn_hidden=128',
             'decoder/Stack.n_kv_heads=1']
@@ -39,7 +39,7 @@ def test_a_checkpoint_of_another_depth_is_refused(tmp_path):
     model = build(plan, 300)
     try:
         init_component(model, plan, 'decoder', f'llama:{tmp_path}', 0, None)
-    except SpecError as e:
+    except UserError as e:
         assert 'layers.2' in e.what and e.where == f"init_from 'llama:{tmp_path}'"
     else:
         raise AssertionError('a 3-layer checkpoint loaded into a 2-layer decoder')

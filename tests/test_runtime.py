@@ -262,7 +262,7 @@ def test_init_from_copies_a_runs_stage_weights_and_keeps_them_frozen(flagship_ru
     # ... and the probe trained its decoder meanwhile
     assert any(not torch.equal(init[k], v) for k, v in component(probe, 'decoder').items())
     # the source is recorded by its sha256, in the config and the run folder's marker
-    from compiler.checkpoint import sha256_file
+    from compiler.digest import sha256_file
     ((config,),) = db_rows(out / 'sacred.db', 'SELECT config FROM run WHERE run_id = ?', probe_id)
     (ref,) = json.loads(config)['provenance']['init_from']['probe']['encoder']['files']
     source = flagship_run.run_dir / 'stages' / 'autoencode.safetensors'

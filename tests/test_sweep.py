@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, TINY, rt_env
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from runtime import sweep as S
 from store.database import RunRecord, default_url
 
@@ -59,7 +59,8 @@ def test_every_trial_runs_once_per_seed_and_grid_point_dependencies_first(tmp_pa
                               'Run.log_every = 5', 'Memory.chunk_len = 16', 'probe/Stage.lr = 0.002', 'Run.seed = 1']
     plan = probe.spec.plan
     assert (plan.run.seed, plan.memory.chunk_len, plan.curriculum[0].lr, plan.decoder.d_model) == (1, 16, 2e-3, 32)
-    assert probe.label == 'probe-seed1-4' and members[0].label == 'ae-seed0'
+    # logs are named by the grid values (file-safe), not by the grid point's index
+    assert probe.label == 'probe-seed1-Memory.chunk_len=16,probe.Stage.lr=0.002' and members[0].label == 'ae-seed0'
     assert len({m.hash for m in members}) == len(members)
 
 
@@ -77,6 +78,12 @@ def test_a_dependency_resolves_by_name_to_the_run_of_the_same_seed_and_grid_poin
         assert dep is ae[(p.seed, p.point['Memory.chunk_len'])]
         spec = S.compile_member(p)
         assert dict(spec.plan.curriculum[0].init_from) == {'encoder': f'run:{dep.run_name}/autoencode'}
+
+
+def test_grid_values_that_read_the_same_as_file_names_fall_back_to_the_index(tmp_path):
+    path = sweep_file(tmp_path, "ae/Trial.grid = {'Run.memory_store': ['m n', 'm/n', 'c']}\n")
+    labels = [m.label for m in members_of(path, ['Sweep.seeds = [0]', 'Sweep.trials = [@ae/Trial()]'])]
+    assert labels == ['ae-seed0-point1', 'ae-seed0-point2', 'ae-seed0-Run.memory_store=c']
 
 
 def test_the_dependency_component_suffix_is_kept(tmp_path):
@@ -127,7 +134,12 @@ REFUSALS = {
                            "  fix: depend on a trial of the sweep by its name: 'run:@<trial>/<stage>'"),
     'binding for no trial': ("prbe/Trial.grid = {'Memory.chunks': [4, 8]}",
                              "{f}:6: 'prbe' is not a trial of this sweep (trials: ae, probe)\n"
-                             '  fix: add @prbe/Trial() to Sweep.trials or fix the scope'),
+                             "  fix: did you mean 'probe'? add @prbe/Trial() to Sweep.trials or fix the scope"),
+    'misspelled dependency': ('probe/Trial.bindings = '
+                              '["probe/Stage.init_from = {\'encoder\': \'run:@aes/autoencode\'}"]',
+                              "{f}:6: 'run:@aes/' names no trial of this sweep (trials: ae, probe)\n"
+                              "  fix: did you mean 'ae'? depend on a trial of the sweep by its name: "
+                              "'run:@<trial>/<stage>'"),
     'cycle': ('ae/Trial.bindings = ["Stage.init_from = {\'encoder\': \'run:@probe/probe\'}"]',
               '{f}:5: dependency cycle: ae -> probe -> ae\n'
               '  fix: a trial cannot read (through run:@...) a trial that reads it'),
@@ -197,13 +209,13 @@ def test_refusal_table_is_large_enough():
 def test_a_bad_sweep_is_refused_with_a_located_message(case, tmp_path):
     text, message = REFUSALS[case]
     path = sweep_file(tmp_path, text + '\n')
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(path)
     assert str(e.value) == message.format(f=path, d=tmp_path)
 
 
 def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_each(tmp_path):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(sweep_file(tmp_path), ['probe/Stage.steps = 3'])
     assert str(e.value) == (
         "binding -b 'probe/Stage.steps = 3': trial 'ae' (seed 0): probe/Stage.steps has no effect: no Stage is built "
@@ -212,7 +224,7 @@ def test_a_command_line_binding_goes_to_every_member_and_must_take_effect_in_eac
 
 
 def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         members_of(sweep_file(tmp_path), ['Run.seed = 3'])
     assert str(e.value) == ("binding -b 'Run.seed = 3': 'Run.seed' is what the sweep varies\n"
                             '  fix: drop this binding (the sweep sets it for every member)')
@@ -227,7 +239,7 @@ def test_a_binding_that_sets_what_the_sweep_varies_is_refused(tmp_path):
                          "  fix: write --sweep 'Run.seed=[0,1,2]'"),
 ])
 def test_bad_sweep_flags_are_refused(flags, message):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         S.grid_sweep(['specs/autoencoder.gin'], flags)
     assert str(e.value) == message
 
@@ -251,7 +263,7 @@ REFUSED_COMMANDS = {
 @pytest.mark.parametrize('case', sorted(REFUSED_COMMANDS))
 def test_a_refused_sweep_exits_2_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
     import submitit
-    monkeypatch.setattr(S.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
+    monkeypatch.setattr(S.executors.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
     lines, flags, message = REFUSED_COMMANDS[case]
     path = sweep_file(tmp_path, ''.join(f'{line}\n' for line in lines))
     out = tmp_path / 'runs'
@@ -346,7 +358,7 @@ def test_a_failed_member_skips_its_dependents_and_the_others_continue(tmp_path, 
     out = tmp_path / 'runs'
     layout = S.load_sweep(str(sweep_file(tmp_path)))
     pool = FakePool({('ae', 0): 1})
-    monkeypatch.setattr(S, '_executor', lambda args, folder: pool)
+    monkeypatch.setattr(S.driver, 'make_executor', lambda args, folder: pool)
     args = SimpleNamespace(db=None, jobs=2, executor='local')
     code = S.execute(layout, [f"Run.out_dir = '{out}'"], args)
     assert code == 1
@@ -427,7 +439,7 @@ def check_small_sweep(out, stdout) -> str:
 def test_a_tiny_sweep_runs_in_parallel_processes_and_a_rerun_starts_nothing(small_sweeps, rt_cache):
     out, first = small_sweeps['local']
     sweep_id = check_small_sweep(out, first.stdout)
-    assert f'local executor, 2 at once, {max(1, S._cores() // 2)} thread(s) each' in first.stdout
+    assert f'local executor, 2 at once, {max(1, S.executors.cores() // 2)} thread(s) each' in first.stdout
     before = recorded(out / 'sacred.db')
 
     ids = {(c['sweep']['trial'], str(c['sweep']['seed'])): n.split('-')[0] for n, _, c, *_ in before}
@@ -478,3 +490,93 @@ def test_the_readme_sweep_query_shows_each_probe_reading_its_own_seeds_autoencod
     assert sorted(s for s, _ in probes) == [0, 1]
     assert all(re.fullmatch(rf'run:{ae[s]}-[0-9a-f]{{10}}/autoencode', encoder) for s, encoder in probes), probes
     assert all(0 <= acc <= 1 for *_, acc in rows)
+
+
+# ------------------------------------------------------------------------------------------------ two drivers at once
+
+class HeldPool(FakePool):
+    """A pool whose members run until the test lets them end (set_result on the returned future)."""
+
+    def start(self, argv, env, log, cwd, shown):
+        self.started.append(argv)
+        self.future = Future()
+        return self.future
+
+
+def claim_driver(path, out, url, sweep_id):
+    """A driver of the one-member sweep (trial ae, seed 0) with its own claims on the database at `url`."""
+    from runtime.sweep.claims import Claims
+    (m,) = members_of(path, ['Sweep.seeds = [0]', 'Sweep.trials = [@ae/Trial()]', f"Run.out_dir = '{out}'"])
+    pool = HeldPool()
+    driver = S.Driver('sweep', sweep_id, url, SimpleNamespace(db=url, jobs=1), out, pool, [],
+                      Claims(url, 'sweep', sweep_id))
+    driver.members = [m]
+    driver.bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None, write=lambda s, **k: None)
+    return driver, m, pool
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgresql'])
+def test_a_member_claimed_by_one_driver_is_not_started_by_another(backend, tmp_path, request):
+    """Two drivers of the same sweep decide on the same member: the first claims and starts it; the second finds the
+    claim and starts nothing. Once the first collected it the claim is free; a claim whose driver stopped beating
+    (killed) is taken over after database.STALE_AFTER."""
+    from runtime import record
+    from runtime.sweep import claims as C
+    from store.database import STALE_AFTER
+    out = tmp_path / 'runs'
+    url = default_url(str(out)) if backend == 'sqlite' else request.getfixturevalue('pg_url')
+    out.mkdir()
+    obs = record.observer(url)  # the run tables, as the driver makes them before any member starts
+    if hasattr(obs, 'engine'):
+        obs.engine.dispose()
+    path = sweep_file(tmp_path)
+    a, ma, pool_a = claim_driver(path, out, url, 'sweep-a')
+    b, mb, pool_b = claim_driver(path, out, url, 'sweep-b')
+    assert a.start(ma) is pool_a.future and len(pool_a.started) == 1
+    assert b.start(mb) is None and pool_b.started == []
+    assert (mb.status, mb.note) == ('RUNNING', '(claimed by sweep sweep-a, which runs it: not started here; rerun '
+                                               'the sweep once that one ended)')
+    pool_a.future.set_result({'code': 0, 'start': time.time(), 'stop': time.time()})
+    a.collect(ma, pool_a.future)  # ended: the claim is released
+    c, mc, pool_c = claim_driver(path, out, url, 'sweep-c')
+    assert c.start(mc) is pool_c.future
+    # driver c is killed: its claim stays until its heartbeat is older than STALE_AFTER
+    d, md, pool_d = claim_driver(path, out, url, 'sweep-d')
+    assert d.start(md) is None and 'claimed by sweep sweep-c' in md.note
+    engine = C.database.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(C.CLAIMS.update().values(beat=C._now() - STALE_AFTER - dt.timedelta(seconds=1)))
+    engine.dispose()
+    e, me, pool_e = claim_driver(path, out, url, 'sweep-e')
+    assert e.start(me) is pool_e.future
+    for driver in (a, b, c, d, e):
+        driver.claims.close()
+
+
+def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cache):
+    """Two `runtime.sweep run` of one sweep started together on one database: every member is recorded once; what one
+    driver ran the other reports as claimed or completed, never as a second run."""
+    out = tmp_path / 'runs'
+    cmd = [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, '-b', 'Sweep.seeds = [0, 1]',
+           '-b', 'Sweep.trials = [@ae/Trial()]', '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{rt_cache}'",
+           *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2']
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=900)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode in (0, 1), f'exit {p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
+        results.append(stdout)
+    runs = recorded(out / 'sacred.db')
+    members = sorted((c['sweep']['trial'], c['sweep']['seed']) for _, _, c, *_ in runs)
+    assert members == [('ae', 0), ('ae', 1)], members  # each member once, whichever driver ran it
+    assert [s for _, s, *_ in runs] == ['COMPLETED'] * 2
+    started = sorted(p.name for p in (out / 'sweeps').rglob('*.log'))
+    assert started == ['ae-seed0.log', 'ae-seed1.log'], started
+    for stdout in results:  # each driver's table accounts for both members, without a failure
+        rows = member_rows(stdout)
+        assert len(rows) == 2 and all(r[4] in ('COMPLETED', 'RUNNING') for r in rows), stdout

@@ -171,7 +171,7 @@ def test_resume_from_a_saved_loader_state_continues_with_the_same_batches(tmp_pa
     one = again.loader(4, seed=9)  # resumed at world size 1
     one.load_state_dict(state)
     assert all(torch.equal(next(one)[0], want) for want in expected)
-    with pytest.raises(D.SpecError, match='num_examples'):
+    with pytest.raises(D.UserError, match='num_examples'):
         D.prepare(make_plan(tmp_path, chunk_len=4, source=src, vocab_size=300),
                   progress=False).loader(4, seed=9).load_state_dict(state)
 
@@ -300,7 +300,7 @@ def test_a_read_only_cache_that_holds_the_entry_is_read(tmp_path, monkeypatch):
     again = D.prepare(plan, progress=False)
     assert again.cache_hit and torch.equal(again.train, built.train)
     (built.cache_path / 'meta.json').write_bytes(b'garbage')  # damage it (pathlib writes through io.open, unpatched)
-    with pytest.raises(D.SpecError) as e:
+    with pytest.raises(D.UserError) as e:
         D.prepare(plan, progress=False)
     assert e.value.where.startswith('Data.cache_dir') and 'Read-only file system' in e.value.what
     assert [q.name for q in (tmp_path / 'cache').iterdir() if '.tmp' in q.name] == []

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, db_rows, rt_argv, rt_main, rt_run_dir, rt_run_ids
 
-from compiler.checkpoint import sha256_file
+from compiler.digest import sha256_file
 from compiler.spec import load
 from runtime import provenance
 from runtime.tracking import WALL_CLOCK

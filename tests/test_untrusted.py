@@ -12,7 +12,7 @@ import uuid
 import pytest
 from conftest import ROOT, in_process, rt_argv, rt_main, rt_run_ids
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 SECRET = f'Zq7-{uuid.uuid4().hex[:10]}-XK9'  # made at run time: no source file or diff holds it
 
@@ -65,7 +65,7 @@ def test_every_reader_and_writer_refuses_such_a_url_without_echoing_it(url, secr
     try:
         record.check_lasting(url)
         record.observer(url)
-    except SpecError as e:
+    except UserError as e:
         assert not any(s in str(e) for s in secrets), str(e)
     for main, argv in ((runs.main, ['list', '--db', url]), (runs.main, ['show', '0', '--db', url]),
                        (analyze.main, ['info', '0', '--db', url]), (export.main, ['0', '/nonexistent/x', '--db', url])):
@@ -159,12 +159,12 @@ def test_a_database_of_another_program_is_refused_before_a_byte_changes(tmp_path
     for what, path in files.items():
         before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file())
         url = f'sqlite:///{path}'
-        with pytest.raises(SpecError) as e:
+        with pytest.raises(UserError) as e:
             record.observer(url)
         msg = str(e.value)
         assert ('belongs to another program' in msg or 'is not a SQLite database' in msg) and \
             'nothing was written' in msg, (what, msg)
-        with pytest.raises(SpecError):
+        with pytest.raises(UserError):
             record_evaluations(url, '0', [])
         out = tmp_path / f'runs-{path.stem}'
         assert rt_main(rt_argv('specs/autoencoder.gin', out, rt_cache, ['Data.vocab_size=300', 'D_MODEL=16',
@@ -257,7 +257,7 @@ def test_a_read_only_wal_database_with_pending_changes_says_so(tmp_path, monkeyp
             raise sqlite3.OperationalError('unable to open database file')
         return real(name, *a, **k)
     monkeypatch.setattr(sqlite_files.sqlite3, 'connect', cannot_open)
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         sqlite_files.connect_readonly(db, '--db x')
     assert 'its folder is read-only and sacred.db-wal holds changes' in e.value.what
     assert 'copy sacred.db, sacred.db-wal and sacred.db-shm together' in e.value.fix
@@ -360,7 +360,7 @@ def test_an_included_file_is_never_echoed(text, depth, tmp_path):
     top = tmp_path / 'top.gin'
     top.write_text("include 'memory_clm.gin'\n" + ("include 'middle.gin'\n" if depth == 'nested' else
                                                     "include 'creds.txt'\n"))
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         load([str(top)], ['Memory.chunks = 2'] if depth == 'with -b' else [])
     assert LEAK.lower() not in str(e.value).lower(), str(e.value)
     assert e.value.where.endswith('creds.txt:2'), e.value.where
@@ -370,10 +370,10 @@ def test_the_users_own_spec_and_bindings_are_still_quoted(tmp_path):
     from compiler.spec import load
     spec = tmp_path / 'mine.gin'
     spec.write_text("include 'memory_clm.gin'\nMemroy.chunks = 2\n")
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         load([str(spec)])
     assert "unknown configurable 'Memroy'" in e.value.what and "did you mean 'Memory'?" in e.value.fix
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         load(['specs/memory_clm.gin'], ['Memory.chunkz = 2'])
     assert "has no parameter 'chunkz'" in e.value.what and "did you mean 'chunks'?" in e.value.fix
 
@@ -390,7 +390,7 @@ def test_the_users_own_spec_and_bindings_are_still_quoted(tmp_path):
 ])
 def test_wrong_choices_say_what_was_meant(binding, what, fix):
     from compiler.spec import load
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         load(['specs/memory_clm.gin'], [binding])
     assert what in e.value.what and fix in e.value.fix, (e.value.what, e.value.fix)
     assert 'a list of a ' not in e.value.what + e.value.fix
@@ -430,7 +430,7 @@ def test_garbled_group_attributes_are_one_message(attr, stored_run, tmp_path, ca
     meta = json.loads(meta_file.read_text())
     meta['attributes'][attr.strip()] = value
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(UserError) as e:
         M.open_group(store, stored_run.name, 'autoencode')
     assert said in e.value.what and 'autoencode' in e.value.where, e.value.what
     for argv in (['info', stored_run.run_id, '--store', store, '--stage', 'autoencode'],

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from store import memories as M
 from store.database import display_url, open_db
 from store.layout import parse_name, resolve
@@ -50,7 +50,7 @@ def run_group(store, ref: str, db: str | None = None) -> str:
             raise no_run(ref, display_url(db), [r.id for r in open_db(db).runs()])
         name = found[0].name
         if parsed[1] is not None and name != ref:
-            raise SpecError(f'run {ref}', f'run {parsed[0]} of {display_url(db)} is {name}, not {ref}',
+            raise UserError(f'run {ref}', f'run {parsed[0]} of {display_url(db)} is {name}, not {ref}',
                             f'analyse {name}, or pass the --db that recorded {ref}')
         return name
     found = resolve(names, ref, f'run {ref}', f'in {store}',
@@ -70,12 +70,12 @@ def stages(store, run: str, stage: str | None = None) -> list[tuple[str, M.Group
     names = [g['stage'] for g in M.listing(store) if g['run'] == run]
     if not names:
         M.open_group(store, run, '?')  # raises: no store here / unknown run (with the runs listed)
-        raise SpecError(f'{store} run {run}', 'the run has no stage groups', 'rerun the run to write its memories')
+        raise UserError(f'{store} run {run}', 'the run has no stage groups', 'rerun the run to write its memories')
     out, torn = [], []
     for name in names:
         try:
             out.append((name, M.open_group(store, run, name)))
-        except SpecError as e:
+        except UserError as e:
             if 'half-written' not in e.what:
                 raise
             torn.append(e)

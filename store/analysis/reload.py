@@ -15,7 +15,7 @@ import torch
 
 from compiler import load
 from compiler import plan as P
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.families import REGISTRY, family, needs_ae_decoder
 from compiler.spec import load as load_spec
 from store import memories as M
@@ -85,7 +85,7 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
     for name, fn in candidates:
         try:
             plan, h = fn()
-        except (SpecError, LookupError, KeyError, TypeError, ValueError, P.PlanError) as e:
+        except (UserError, LookupError, KeyError, TypeError, ValueError, P.PlanError) as e:
             tried.append(f'{name}: {str(e).splitlines()[0]}')
             continue
         if h == attrs.get('spec_hash'):
@@ -98,7 +98,7 @@ def load_plan(attrs: dict, db: str | None = None) -> P.Plan:
               'using the closest one', file=sys.stderr)
         _PLANS[key] = fallback
         return fallback
-    raise SpecError(f'run {run_id} ({folder})', 'cannot rebuild the plan that wrote these memories'
+    raise UserError(f'run {run_id} ({folder})', 'cannot rebuild the plan that wrote these memories'
                     + (f" ({'; '.join(tried)})" if tried
                        else ' (no operative.gin in the run folder and no Sacred database)'),
                     'keep the run folder next to the store, or pass --db with the database the run was recorded in')
@@ -128,12 +128,12 @@ def _check_group(group: M.Group, plan: P.Plan, where: str) -> None:
     a, d_mem = group.attrs, plan.decoder.d_model  # memories are projected to the decoder's width
     stored = group.memories.shape[-1]
     if int(a.get('memory_dim', stored)) != d_mem or stored != d_mem:
-        raise SpecError(where, f"checkpoint does not match the stored widths: memory_dim {a.get('memory_dim')} "
+        raise UserError(where, f"checkpoint does not match the stored widths: memory_dim {a.get('memory_dim')} "
                         f'(arrays {stored}) but the model forms {d_mem}-wide memories',
                         'decode with the run that wrote the store')
     if (int(a['chunks']), int(a['chunk_len'])) != (plan.memory.chunks, plan.memory.chunk_len) \
             or tuple(group.tokens.shape[1:]) != (plan.memory.chunks, plan.memory.chunk_len):
-        raise SpecError(where, f"stored chunks x chunk_len {tuple(group.tokens.shape[1:])} do not match the plan's "
+        raise UserError(where, f"stored chunks x chunk_len {tuple(group.tokens.shape[1:])} do not match the plan's "
                         f'{plan.memory.chunks} x {plan.memory.chunk_len}', 'decode with the run that wrote the store')
 
 
@@ -142,12 +142,12 @@ def _kind(plan: P.Plan, stage, readout: str, where: str) -> str:
     kind = family(plan).readout(plan, stage)
     if readout != 'auto' and readout != kind:
         if kind == 'decoder' or (readout == 'ae_decoder' and not needs_ae_decoder(plan)):
-            raise SpecError(f'--readout {readout}', f"{where}: the '{plan.family}' model "
+            raise UserError(f'--readout {readout}', f"{where}: the '{plan.family}' model "
                             f"{'has no ae_decoder' if readout == 'ae_decoder' else 'has no memory slots to read from'}",
                             f"use --readout auto (here: {kind})")
         kind = readout
     if kind == 'blank_copy' and plan.memory.chunks < 2:
-        raise SpecError(where, 'a memory model with 1 chunk has no memory slot to decode from',
+        raise UserError(where, 'a memory model with 1 chunk has no memory slot to decode from',
                         'analyse a run with chunks >= 2')
     return kind
 
@@ -157,7 +157,7 @@ def _recorded_sha256(attrs: dict, db: str | None) -> str | None:
     url = database_of(attrs, db)
     try:
         run = recorded_run(url, str(attrs['run_id'])) if url else None
-    except SpecError:
+    except UserError:
         return None
     if run is None or run.run_key not in (None, attrs.get('run_key')):
         return None
@@ -172,16 +172,16 @@ def load_decoder(group: M.Group, db: str | None = None, device: str = 'cpu', rea
     where = f"run {_label(a)} stage {a['stage']}"
     missing = [k for k in ('checkpoint_path', 'vocab_size', 'chunks', 'chunk_len', 'spec_hash') if a.get(k) is None]
     if missing:
-        raise SpecError(where, f"the group lacks the attribute(s) {', '.join(missing)} needed to rebuild its model "
+        raise UserError(where, f"the group lacks the attribute(s) {', '.join(missing)} needed to rebuild its model "
                         '(not written by runtime.run?)', 'analyse groups a training run wrote')
     plan = load_plan(a, db)
     if family(plan).readout(plan) is None:
-        raise SpecError(where, f"family '{plan.family}' has no memory decoder to analyse",
+        raise UserError(where, f"family '{plan.family}' has no memory decoder to analyse",
                         'analyse a run of a family that stores memories: '
                         + ', '.join(f.name for f in REGISTRY.values() if f.stores_memories))
     ck = Path(a['checkpoint_path'])
     if not ck.is_file():
-        raise SpecError(where, f'stage checkpoint {ck} not found', 'keep the run folder where the run wrote it')
+        raise UserError(where, f'stage checkpoint {ck} not found', 'keep the run folder where the run wrote it')
     _check_group(group, plan, where)
     kind = _kind(plan, a.get('stage'), readout, where)
     vocab = int(a['vocab_size'])
@@ -217,7 +217,7 @@ def tokenizer_of(attrs: dict):
     copy = RunFolder.at(run_folder(attrs)).tokenizer if attrs.get('checkpoint_path') else None
     p = str(copy) if copy is not None and copy.is_file() else attrs.get('tokenizer_path')
     if not p or not Path(p).is_file():
-        raise SpecError(f"run {_label(attrs)} stage {attrs['stage']}", f'tokenizer {p} not found',
+        raise UserError(f"run {_label(attrs)} stage {attrs['stage']}", f'tokenizer {p} not found',
                         "keep the run folder (it holds tokenizer.json) or the run's data cache (Data.cache_dir) where "
                         'the run wrote them')
     return Tokenizer.from_file(p)

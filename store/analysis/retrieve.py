@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from compiler.errors import SpecError
+from compiler.errors import UserError
 from compiler.queries import queries
 from store import memories as M
 from store.analysis.decode import table
@@ -70,7 +70,7 @@ def retrieval(group: M.Group, query_fn, queries: int = 2048, seed: int = 0, desc
         ranks.append(greater)
         n_cand = count
     if not ranks:
-        raise SpecError(f"run {group.attrs['run_id']} stage {group.attrs['stage']}", 'no stored chunk has a real token',
+        raise UserError(f"run {group.attrs['run_id']} stage {group.attrs['stage']}", 'no stored chunk has a real token',
                         'check the store (every mask is False)')
     rank = torch.cat(ranks)
     return {'queries': len(rank), 'candidates': n_cand, 'top1': float((rank < 1).float().mean()),

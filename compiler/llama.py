@@ -1,26 +1,16 @@
-"""Checkpoint files: a Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a
+"""A Llama-architecture checkpoint (transformers' LlamaForCausalLM / LlamaModel state dict) into a
 Stack, so a pretrained LM can serve as a memory model's decoder, and a Stack out as one (store/export.py). Our module
 names follow Llama's, so the mapping is a rename of three top-level keys; shapes are checked, nothing is silently
-skipped. Also the sha256 of a file, by which runs reference the files they read and write."""
+skipped."""
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
 from compiler.blocks import Stack
-from compiler.errors import SpecError
+from compiler.errors import UserError
 
 _RENAMES = (('model.embed_tokens.', 'embedding.'), ('embed_tokens.', 'embedding.'), ('model.layers.', 'layers.'),
             ('model.norm.', 'norm.'), ('lm_head.', 'head.'))
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def llama_to_stack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,7 +33,7 @@ def llama_files(path: str) -> list:
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob('*.safetensors')) or sorted(p.glob('pytorch_model*.bin'))
     if not files:
-        raise SpecError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
+        raise UserError(f"init_from 'llama:{path}'", 'no checkpoint file (*.safetensors or pytorch_model*.bin) found',
                         'point at a LlamaForCausalLM checkpoint file or the folder save_pretrained wrote')
     return files
 
@@ -62,7 +52,7 @@ def read_llama(path: str) -> dict[str, torch.Tensor]:
                 state.update(torch.load(f, map_location='cpu', weights_only=True))
         except Exception as e:  # noqa: BLE001  (truncated, foreign or pickled-code files fail in many ways)
             text = str(e).strip()
-            raise SpecError(f"init_from 'llama:{path}'", f'cannot read {f}: {type(e).__name__}: '
+            raise UserError(f"init_from 'llama:{path}'", f'cannot read {f}: {type(e).__name__}: '
                             f'{text.splitlines()[0] if text else ""}',
                             'the file is damaged or not a checkpoint: download or save it again')
     return state
@@ -77,22 +67,22 @@ def check_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'che
     own = stack.state_dict()
     for key, value in mapped.items():
         if key not in own:
-            raise SpecError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
+            raise UserError(source, f"checkpoint tensor '{key}' has no place in the {len(stack.layers)}-layer stack",
                             'declare the stack with the checkpoint\'s n_layers / sizes')
         if own[key].shape != value.shape:
-            raise SpecError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
+            raise UserError(source, f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
                                     'in the stack',
                             'match d_model, n_heads, n_kv_heads, ffn_hidden and vocabulary (Data.tokenizer) '
                             'to the checkpoint')
     missing = [k for k in own if k not in mapped]
     if missing:
-        raise SpecError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
+        raise UserError(source, f'checkpoint lacks {missing[:3]}{"..." if len(missing) > 3 else ""}',
                         'use a checkpoint with every layer the stack declares')
     return mapped
 
 
 def load_llama(stack: Stack, state: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
-    """Copy Llama weights into `stack` in place. Raises SpecError naming the first mismatch."""
+    """Copy Llama weights into `stack` in place. Raises UserError naming the first mismatch."""
     stack.load_state_dict(check_llama(stack, state, source), strict=True)
 
 
