@@ -470,6 +470,28 @@ def _keys(root, path) -> list[str]:
                         f'({_first(e)})', "restore the store from a backup, or remove that run's group")
 
 
+def _stage_entry(root, path: Path, run: str, stage: str) -> dict:
+    """One stage group's listing entry; a damaged group is listed with why instead of failing the whole listing."""
+    entry = {'run': run, 'run_id': (parse_name(run) or (run,))[0], 'run_key': None, 'stage': stage, 'rows': 0,
+             'complete': False, 'shape': None}
+    try:
+        g = root[run][stage]
+        a = dict(g.attrs)
+        check_attrs(a, stage, f'{path}/{run}/{stage}')
+        if 'memories' in g:  # a reference group's arrays are its source's, checked there
+            matching(Group(a, g['memories'], g['tokens'], g['mask'], f'{path}/{run}/{stage}', stage))
+        entry.update(run_id=str(a.get('run_id', entry['run_id'])), run_key=a.get('run_key'),
+                     rows=a.get('rows', 0), complete=bool(a.get('complete')),
+                     shape=list(g['memories'].shape) if 'memories' in g else None)
+        if a.get('memories_from') is not None:
+            entry['memories_from'] = a['memories_from']
+    except UserError as e:
+        entry['damaged'] = e.what.removeprefix('the stored memories are damaged: ')
+    except Exception as e:  # noqa: BLE001
+        entry['damaged'] = _first(e)
+    return entry
+
+
 def listing(path) -> list[dict]:
     """Every run/stage group of a store with its state (complete, half-written, or damaged metadata), for reports:
     {'run': group name, 'run_id', 'run_key', 'stage', 'rows', 'complete', 'shape'} (+ 'damaged': why; a reference
@@ -486,25 +508,7 @@ def listing(path) -> list[dict]:
             out.append({'run': run, 'run_id': (parse_name(run) or (run,))[0], 'run_key': None, 'stage': None,
                         'rows': 0, 'complete': False, 'shape': None, 'damaged': _first(e)})
             continue
-        for stage in stages:
-            entry = {'run': run, 'run_id': (parse_name(run) or (run,))[0], 'run_key': None, 'stage': stage, 'rows': 0,
-                     'complete': False, 'shape': None}
-            try:
-                g = root[run][stage]
-                a = dict(g.attrs)
-                check_attrs(a, stage, f'{path}/{run}/{stage}')
-                if 'memories' in g:  # a reference group's arrays are its source's, checked there
-                    matching(Group(a, g['memories'], g['tokens'], g['mask'], f'{path}/{run}/{stage}', stage))
-                entry.update(run_id=str(a.get('run_id', entry['run_id'])), run_key=a.get('run_key'),
-                             rows=a.get('rows', 0), complete=bool(a.get('complete')),
-                             shape=list(g['memories'].shape) if 'memories' in g else None)
-                if a.get('memories_from') is not None:
-                    entry['memories_from'] = a['memories_from']
-            except UserError as e:
-                entry['damaged'] = e.what.removeprefix('the stored memories are damaged: ')
-            except Exception as e:  # noqa: BLE001
-                entry['damaged'] = _first(e)
-            out.append(entry)
+        out.extend(_stage_entry(root, path, run, stage) for stage in stages)
     shapes = {(e['run'], e['stage']): e['shape'] for e in out}
     for e in out:  # a reference has the shape of the arrays it refers to
         if e.get('memories_from') is not None:

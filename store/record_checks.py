@@ -39,34 +39,46 @@ def type_name(v) -> str:
         type(v), 'a number' if isinstance(v, (int, float)) else type(v).__name__)
 
 
-def checked(column: str, value, damaged: list[str]) -> dict:
-    """A run's `column` ('config' or 'info') as recorded: a JSON object whose known keys have their types. What is
-    not is left out and named in `damaged` ('info.stages (a number, not an object)')."""
-    if value is None or value == '':
-        return {}
+def _as_object(column: str, value, damaged: list[str]) -> dict | None:
+    """The column's JSON object, or None (named in `damaged`) when it is not one."""
     if isinstance(value, (bytes, str)):
         try:
             value = json.loads(value)
         except (TypeError, ValueError, RecursionError):
             damaged.append(f'{column} (not JSON)')
-            return {}
+            return None
     if not isinstance(value, dict):
         damaged.append(f'{column} ({type_name(value)}, not an object)')
-        return {}
+        return None
     if _depth_exceeds(value):
         damaged.append(f'{column} (nested deeper than {MAX_DEPTH} levels)')
+        return None
+    return value
+
+
+def _field_damage(column: str, key: str, v) -> str | None:
+    """Why a known field does not have its recorded type, or None."""
+    want, item = SHAPES[column][key], ITEMS.get((column, key))
+    if not isinstance(v, want) or isinstance(v, bool) and want is int:
+        return f'{column}.{key} ({type_name(v)}, not {type_name(want())})'
+    if item is not None and not all(isinstance(x, item) for x in (v.values() if isinstance(v, dict) else v)):
+        return f'{column}.{key} (holds items that are not {type_name(item())})'
+    return None
+
+
+def checked(column: str, value, damaged: list[str]) -> dict:
+    """A run's `column` ('config' or 'info') as recorded: a JSON object whose known keys have their types. What is
+    not is left out and named in `damaged` ('info.stages (a number, not an object)')."""
+    if value is None or value == '':
+        return {}
+    value = _as_object(column, value, damaged)
+    if value is None:
         return {}
     out = dict(value)
-    for key, want in SHAPES[column].items():
-        if key not in out or out[key] is None:
-            continue
-        v = out[key]
-        item = ITEMS.get((column, key))
-        if not isinstance(v, want) or isinstance(v, bool) and want is int:
-            damaged.append(f'{column}.{key} ({type_name(v)}, not {type_name(want())})')
-            del out[key]
-        elif item is not None and not all(isinstance(x, item) for x in (v.values() if isinstance(v, dict) else v)):
-            damaged.append(f'{column}.{key} (holds items that are not {type_name(item())})')
+    for key in SHAPES[column]:
+        why = None if out.get(key) is None else _field_damage(column, key, out[key])
+        if why is not None:
+            damaged.append(why)
             del out[key]
     stages = out.get('stages') or {}
     if not all(isinstance(x.get('end_step', 0), int) and not isinstance(x.get('end_step'), bool)
