@@ -49,8 +49,9 @@ def special_ids(tok) -> dict[str, int | None]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
-def vocabulary(path: Path) -> Vocabulary:
-    """The Vocabulary of a tokenizer.json that runtime.data.prepare wrote (a run folder's copy)."""
+def vocabulary(path: Path, plan: P.Plan | None = None) -> Vocabulary:
+    """The Vocabulary of a tokenizer.json that runtime.data.prepare wrote (a run folder's copy). A plan with backbones
+    has its special ids in the backbone's vocabulary (compiler.tokens), not as added tokens."""
     from tokenizers import Tokenizer
     fix = 'restore the run folder, or delete its tokenizer.json to rebuild it from the data cache'
     try:
@@ -58,6 +59,11 @@ def vocabulary(path: Path) -> Vocabulary:
     except Exception as e:  # noqa: BLE001  (a damaged or foreign file)
         raise UserError(str(path), f'cannot load the tokenizer: {_first_line(e)}', fix)
     tok.encode_special_tokens = True  # as prepare() uses it: a literal "<pad>" is ordinary text
+    from compiler.tokens import plan_tokens
+    mapped = None if plan is None else plan_tokens(plan)
+    if mapped is not None:
+        ids = mapped.ids
+        return Vocabulary(tok, ids['<pad>'], ids['<eod>'], ids['<blank>'], ids['<copy>'], mapped.vocab)
     ids = special_ids(tok)
     missing = [k for k, v in ids.items() if v is None]
     if missing:
@@ -175,7 +181,7 @@ def load(plan: P.Plan, weights: Path, *, where: str, fix: str, vocab_size: int |
     a Vocabulary already read) unless given. Shapes are checked against the file's header before the graph is
     built, so a size that does not fit allocates nothing."""
     from compiler.model import build
-    vocab = vocabulary(Path(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer  # or data.prepare's
+    vocab = vocabulary(Path(tokenizer), plan) if isinstance(tokenizer, (str, Path)) else tokenizer  # or prepare's
     size = vocab_size if vocab_size is not None else vocab.vocab_size if vocab is not None else None
     weights = Path(weights)
     if not weights.is_file():
