@@ -264,7 +264,7 @@ def test_block_ranges_freeze_memspec_stacks_and_backbones(tiny):
 def test_decoding_through_the_kv_cache_reproduces_the_forward_pass(tiny, tmp_path, arch, family):
     """Teacher-forced decoding one token at a time through transformers' cache (memory models restart it at every
     chunk) gives model(tokens)'s scores at every position."""
-    from runtime import generate as G
+    from runtime import decoding as G
     plan = _spec(tmp_path, f"""
 Plan.family = '{family}'
 {"Plan.encoder = @encoder/Stack()" if family == 'memory' else ''}

@@ -50,7 +50,7 @@ def test_run_weights_hold_the_adapters_and_memspec_parameters_and_name_the_base(
 def test_the_exported_adapter_loads_with_peft_onto_the_base_with_the_same_logits(icae, llama):
     from peft import PeftModel
 
-    from compiler.model import from_pretrained
+    from compiler.load import from_pretrained
     ours = from_pretrained(icae.out).encoder
     base = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
