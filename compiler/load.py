@@ -209,6 +209,26 @@ def read_export_config(folder: Path, where: str, fix: str) -> dict:
     return cfg
 
 
+def check_bases(recorded: dict, plan: P.Plan, where: str) -> None:
+    """The pretrained bases of an export's backbones are the files its run trained on (the sha256 of every weight
+    file, as the run recorded them): adapters on other weights would compute something else without a word."""
+    from compiler.backbone import identity
+    from compiler.hub import BackboneError
+    from compiler.tokens import backbones
+    for role, b in backbones(plan):
+        want = (recorded.get(role) or {}).get('sha256') if isinstance(recorded, dict) else None
+        if not want:
+            continue
+        try:
+            have = identity(b)['sha256']
+        except BackboneError as e:
+            raise SpecError(where, f'the {role} base model: {e.what}', e.fix) from None
+        if have != want:
+            raise SpecError(where, f'the {role} base model {b.source} is not the one the run trained on (the sha256 of '
+                            f'its weight files differs from config.json\'s)',
+                            f'use the recorded revision of {b.source} (config.json: backbones.{role})')
+
+
 def from_pretrained(folder):
     """The model of a folder `python -m store.export` wrote, without the run database or the run folder: the plan in
     its config.json builds the graph (compiler only), model.safetensors (checked against the sha256 recorded beside
@@ -220,6 +240,7 @@ def from_pretrained(folder):
     plan = plan_from_dict(cfg['plan'], f'{where}: config.json', fix)
     weights = inside(folder, cfg['weights'].get('file'), f'{where}: config.json', fix)
     sha = cfg['weights'].get('sha256')
+    check_bases(cfg.get('backbones') or {}, plan, where)
     loaded = load(plan, weights, where=where, fix=fix, vocab_size=cfg.get('vocab_size'),
                   sha256=sha if isinstance(sha, str) else None)
     model = loaded.model

@@ -135,3 +135,18 @@ def test_generation_and_the_lm_eval_adapter_read_a_backbone_run(copy_run, capsys
         lp = torch.log_softmax(lm.model(seq.view(1, n, l)).flatten(1, 2)[0], -1)
     want = lp[torch.arange(len(c) - 1, len(c) + len(k) - 1), torch.tensor(k)].sum()
     torch.testing.assert_close(torch.tensor(res[0]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_export_refuses_a_base_model_other_than_the_one_trained_on(icae, tmp_path):
+    import json
+    import shutil
+
+    from compiler.errors import SpecError
+    from compiler.load import from_pretrained
+    out = tmp_path / 'export'
+    shutil.copytree(icae.out, out)
+    cfg = json.loads((out / 'config.json').read_text())
+    cfg['backbones']['encoder']['sha256'] = {'model.safetensors': '0' * 64}
+    (out / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match='is not the one the run trained on'):
+        from_pretrained(out)
