@@ -69,11 +69,17 @@ def with_lora(model, lora):
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (is_gradient_checkpointing)
             warnings.simplefilter('ignore', FutureWarning)
-            return get_peft_model(model, cfg)
+            peft = get_peft_model(model, cfg)
     except ValueError as e:  # a target module the model does not have
         raise BackboneError(f'peft cannot place the adapters: {str(e).splitlines()[0]}',
                             "name modules the model has (e.g. ['q_proj', 'v_proj']) or use ['all-linear']",
                             'target_modules')
+    saved = {n.rsplit('.', 1)[-1] for n, m in peft.named_modules() if type(m).__name__ == 'ModulesToSaveWrapper'}
+    missing = [m for m in lora.modules_to_save if m.rsplit('.', 1)[-1] not in saved]
+    if missing:  # peft skips a name it does not find without a word
+        raise BackboneError(f"the model has no module {missing[0]!r} to save", "name one of the model's modules "
+                            "(e.g. ['lm_head'] or ['embed_tokens']), or leave modules_to_save empty", 'modules_to_save')
+    return peft
 
 
 def identity(b) -> dict:

@@ -345,3 +345,15 @@ def test_the_llama_import_loads_a_matching_config_and_refuses_a_folder_without_o
     (src / 'config.json').unlink()
     with pytest.raises(SpecError, match='no config.json beside the checkpoint'):
         init_component(model, plan, 'decoder', f'llama:{src}', 0, None)
+
+
+def test_modules_to_save_train_in_full_and_a_missing_one_is_refused(tiny):
+    src = tiny('llama')
+    e = _refused(PROBE.format('llama'), [f"LLAMA = '{src}'", 'encoder/Backbone.lora = @encoder/Lora()',
+                                         "encoder/Lora.modules_to_save = ['nonexistent']"])
+    assert e.where == "binding -b 'encoder/Lora.modules_to_save = ['nonexistent']'"
+    assert e.what == "encoder Lora: the model has no module 'nonexistent' to save"
+    m = _module(src, lora=P.Lora(r=2, target_modules=('q_proj',), modules_to_save=('lm_head',)))
+    names = [n for n, _ in m.members('lora')]
+    assert any('modules_to_save' in n and 'lm_head' in n for n in names)
+    assert not any('modules_to_save' in n for n, _ in m.members('base'))
