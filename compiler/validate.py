@@ -402,6 +402,10 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
         warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} is beyond {MAX_VOCAB}, larger than '
              'the vocabularies of current language models', 'use e.g. 8192 (paper scale) or 32000')
     _warn_activation_memory(plan, memory if memory is not None else machine_memory(), devices, warn)
+    from compiler.tokens import backbones
+    if backbones(plan) and not where(plan.data, 'vocab_size').endswith('(default)'):
+        warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} has no effect: the vocabulary is the '
+             f'backbone\'s ({backbones(plan)[0][1].source})', 'remove the binding')
     return out
 
 

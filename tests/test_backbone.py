@@ -357,3 +357,10 @@ def test_modules_to_save_train_in_full_and_a_missing_one_is_refused(tiny):
     names = [n for n, _ in m.members('lora')]
     assert any('modules_to_save' in n and 'lm_head' in n for n in names)
     assert not any('modules_to_save' in n for n, _ in m.members('base'))
+
+
+def test_a_vocabulary_size_bound_beside_a_backbone_is_a_warning_at_its_binding(tiny):
+    spec = load([PROBE.format('llama')], [f"LLAMA = '{tiny('llama')}'", 'Data.vocab_size = 4096'])
+    (w,) = spec.warnings
+    assert w.where == "binding -b 'Data.vocab_size = 4096'" and 'has no effect' in w.what
+    assert not load([PROBE.format('llama')], [f"LLAMA = '{tiny('llama')}'"]).warnings
