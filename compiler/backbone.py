@@ -27,20 +27,21 @@ import json
 import re
 from pathlib import Path
 
-from compiler.hub import BackboneError, config, embedding_rows, info, resolve, weight_files
+import torch
+import torch.nn as nn
+
+from compiler.hub import LAYER_RANGE, BackboneError, config, embedding_rows, info, resolve, weight_files
 
 # Freezable parts of a backbone role. layers (and layers.I, layers.I-J) hold everything in those blocks, adapters
 # included; base every pretrained weight; lora every adapter weight (and modules_to_save copies).
 PARTS = ('base', 'lora', 'embedding', 'layers', 'other', 'head', 'new_tokens')
 GROUPS = ('embedding', 'layers', 'other', 'head', 'new_tokens', 'lora')  # a partition: the cost model's components
-LAYER_RANGE = re.compile(r'^layers\.(\d+)(?:-(\d+))?$')
 ADAPTER = re.compile(r'(^|\.)(lora_[A-Za-z_]+|modules_to_save)\.')
 
 
 def hf_model(b, meta: bool):
     """The transformers model of a Backbone: on the meta device from its config (shapes only, nothing read), or
     with its weights."""
-    import torch
     import transformers
     cfg = config(b.source, b.revision)
     cls = transformers.AutoModelForCausalLM if info(b.source, b.revision).causal else transformers.AutoModel
@@ -96,11 +97,6 @@ def _cached_sha(path: str, size: int, mtime: int, digest) -> str:
     return digest(path)
 
 
-def _torch():
-    import torch
-    return torch
-
-
 class _Head:
     """The scoring head of a backbone: the model's output embedding, followed by the new rows' embeddings (tied). Not
     a module: its weights are the backbone's own parameters. `weight` is what compiler.objectives.token_loss reads."""
@@ -110,7 +106,6 @@ class _Head:
 
     @property
     def weight(self):
-        torch = _torch()
         out = self._owner.body_owner().hf().get_output_embeddings()
         if out is None:
             raise ValueError(f'{self._owner.cfg.source} is an encoder without an output head')
@@ -127,19 +122,13 @@ class _Head:
         return h.float() @ self.weight.T
 
 
-def _module_base():
-    import torch.nn as nn
-    return nn.Module
-
-
-class BackboneModule(_module_base()):
+class BackboneModule(nn.Module):
     """A Backbone in the graph (see the module docstring). `shared`: the encoder's BackboneModule whose modules a
     share_encoder decoder runs with the adapter disabled (a reference, not a child: its parameters are the
     encoder's)."""
 
     def __init__(self, cfg, vocab: int, shared: BackboneModule | None = None, seq_len: int | None = None):
         super().__init__()
-        torch = _torch()
         self.cfg, self.vocab, self.seq_len = cfg, vocab, seq_len  # seq_len: the positions the graph feeds it
         self.head = _Head(self)
         if shared is not None:
@@ -176,7 +165,6 @@ class BackboneModule(_module_base()):
     @property
     def layers(self):
         """The transformer blocks, in order (what FSDP wraps one by one)."""
-        import torch.nn as nn
         owner = self.body_owner()
         n = int(owner.hf().config.num_hidden_layers)
         for mod in owner.hf().modules():
@@ -185,7 +173,6 @@ class BackboneModule(_module_base()):
         raise BackboneError(f'{self.cfg.source}: no list of {n} blocks found', 'use another base model')
 
     def embedding(self, tokens):
-        torch = _torch()
         owner = self.body_owner()
         emb = owner.hf().get_input_embeddings()
         if owner.new_tokens is None:
@@ -198,7 +185,6 @@ class BackboneModule(_module_base()):
         """Final hidden states [B, T, d] (fp32) of tokens [B, T] or input embeddings [B, T, d]; key_mask [B, T] True =
         real; positions default to the index among real tokens, as in compiler.blocks.Stack. cache: a BackboneCache
         (incremental decoding: x holds the new positions, key_mask covers the cached ones and the new ones)."""
-        torch = _torch()
         x = self.embedding(tokens) if embeds is None else embeds
         b, t = x.shape[:2]
         past = 0 if cache is None else cache.length
@@ -328,7 +314,6 @@ def params(b, role_prefix: str, vocab: int) -> dict[str, int]:
 @functools.cache
 def meta_module(b, vocab: int) -> BackboneModule:
     """A BackboneModule on the meta device (shapes only): cached per (Backbone, vocabulary)."""
-    torch = _torch()
     with torch.device('meta'):
         return BackboneModule(b, vocab)
 
@@ -337,7 +322,6 @@ def meta_module(b, vocab: int) -> BackboneModule:
 def _block_matmul_params(b) -> int:
     """Weights of one block that multiply every position (matrices: linear layers, GPT-2's Conv1D, LoRA's A and B;
     the blocks of a model are alike)."""
-    torch = _torch()
     with torch.device('meta'):
         mod = BackboneModule(b, embedding_rows(b.source, b.revision))
     return sum(p.numel() for p in mod.layers[0].parameters() if p.dim() == 2)

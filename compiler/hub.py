@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$')
+LAYER_RANGE = re.compile(r'^layers\.(\d+)(?:-(\d+))?$')  # a block or a range of blocks of a stack: 'layers.0-7'
 
 
 class BackboneError(Exception):

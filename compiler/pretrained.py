@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 from compiler import plan as P
-from compiler.backbone import LAYER_RANGE
-from compiler.hub import BackboneError, embedding_rows, info
+from compiler.hub import LAYER_RANGE, BackboneError, embedding_rows, info
 from compiler.tokens import backbones, plan_tokens, tokenizer_digest
 
 DECODING_ROLES = ('decoder', 'ae_decoder')
