@@ -222,9 +222,9 @@ def check_bases(recorded: dict, plan: P.Plan, where: str) -> None:
         try:
             have = identity(b)['sha256']
         except BackboneError as e:
-            raise SpecError(where, f'the {role} base model: {e.what}', e.fix) from None
+            raise UserError(where, f'the {role} base model: {e.what}', e.fix) from None
         if have != want:
-            raise SpecError(where, f'the {role} base model {b.source} is not the one the run trained on (the sha256 of '
+            raise UserError(where, f'the {role} base model {b.source} is not the one the run trained on (the sha256 of '
                             f'its weight files differs from config.json\'s)',
                             f'use the recorded revision of {b.source} (config.json: backbones.{role})')
 

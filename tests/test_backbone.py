@@ -320,19 +320,19 @@ LLAMA_STACK = ['Data.vocab_size=300', 'D_MODEL=32', 'N_HEADS=2', 'decoder/Stack.
      "uses rope scaling 'llama3'", "or load the model unconverted as a Backbone"),
 ])
 def test_the_llama_import_reads_config_json_or_refuses(tmp_path, cfg, what, fix):
-    from compiler.errors import SpecError
+    from compiler.errors import UserError
     from runtime.checkpoint import check_init_sources, init_component
     src = _saved_llama(tmp_path / 'llama', **cfg)
     plan = load(['specs/memory_clm.gin'], LLAMA_STACK + [f"clm/Stage.init_from = {{'decoder': 'llama:{src}'}}"]).plan
     for call in (lambda: check_init_sources(plan, tmp_path, None, 300),
                  lambda: init_component(build(plan, 300), plan, 'decoder', f'llama:{src}', 0, None)):
-        with pytest.raises(SpecError) as e:
+        with pytest.raises(UserError) as e:
             call()
         assert e.value.where == f"init_from 'llama:{src}'" and what in e.value.what and fix in e.value.fix
 
 
 def test_the_llama_import_loads_a_matching_config_and_refuses_a_folder_without_one(tmp_path):
-    from compiler.errors import SpecError
+    from compiler.errors import UserError
     from runtime.checkpoint import init_component
     src = _saved_llama(tmp_path / 'llama', rms_norm_eps=1e-6, rope_theta=1e4)
     plan = load(['specs/memory_clm.gin'], LLAMA_STACK).plan
@@ -343,7 +343,7 @@ def test_the_llama_import_loads_a_matching_config_and_refuses_a_folder_without_o
     with torch.no_grad():
         assert torch.allclose(model.decoder.head(model.decoder(tokens)), hf(tokens).logits, atol=1e-5)
     (src / 'config.json').unlink()
-    with pytest.raises(SpecError, match='no config.json beside the checkpoint'):
+    with pytest.raises(UserError, match='no config.json beside the checkpoint'):
         init_component(model, plan, 'decoder', f'llama:{src}', 0, None)
 
 

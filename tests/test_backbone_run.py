@@ -141,12 +141,12 @@ def test_an_export_refuses_a_base_model_other_than_the_one_trained_on(icae, tmp_
     import json
     import shutil
 
-    from compiler.errors import SpecError
+    from compiler.errors import UserError
     from compiler.load import from_pretrained
     out = tmp_path / 'export'
     shutil.copytree(icae.out, out)
     cfg = json.loads((out / 'config.json').read_text())
     cfg['backbones']['encoder']['sha256'] = {'model.safetensors': '0' * 64}
     (out / 'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(SpecError, match='is not the one the run trained on'):
+    with pytest.raises(UserError, match='is not the one the run trained on'):
         from_pretrained(out)
