@@ -6,6 +6,7 @@ import json
 
 from compiler import cost
 from compiler.errors import UserError, cli
+from compiler.pretrained import report as backbone_report
 from compiler.spec import load
 
 
@@ -29,11 +30,13 @@ def report(spec) -> dict:
         'curriculum': [{'stage': st.name, 'steps': st.steps, 'unscaled_steps': unscaled,
                         # as the plan holds them: two clm objectives stay two (a dict keyed by kind merged them)
                         'objectives': [[o.kind, o.weight] for o in st.objectives], 'normalize': st.normalize,
-                        'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay, 'freeze': list(st.freeze),
+                        'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay,
+                        'freeze': list(cost.effective_freeze(plan, st.freeze)),
                         'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen}
                        for st, c, unscaled in zip(plan.curriculum, stages, spec.unscaled_steps)],
         'warnings': [{'where': w.where, 'what': w.what, 'fix': w.fix} for w in spec.warnings],
         'plan': plan.to_dict(),
+        **backbone_report(plan),  # only plans with backbones have these keys
     }
 
 
@@ -47,8 +50,9 @@ def _si(x: float) -> str:
 def render(r: dict) -> str:
     plan = r['plan']
     m = plan['memory']
+    vocab = r['tokens']['vocab'] if 'tokens' in r else plan['data']['vocab_size']
     lines = [f"plan {r['spec_hash']}  family={r['family']}  chunks={m['chunks']} x {m['chunk_len']} tokens  "
-             f"vocab={plan['data']['vocab_size']}  batch={plan['data']['batch_size']}", '']
+             f"vocab={vocab}  batch={plan['data']['batch_size']}", '']
     tree: dict[str, list] = {}
     for name, n in r['components'].items():
         top, sub = name.split('.', 1)
@@ -57,13 +61,16 @@ def render(r: dict) -> str:
         if top not in tree:
             continue
         stack = plan[top] or plan['decoder']
+        bb = r.get('backbones', {}).get(top if plan[top] else 'decoder')
         desc = (f"position={m['position']} slots={m['slots']} pad={m['pad']} compression={m['compression']}"
-                if top == 'memory'
+                if top == 'memory' else _backbone_line(bb) if bb
                 else f"{stack['kind']} d{stack['d_model']} x{stack['n_layers']} "
                      f"{'causal' if stack['causal'] else 'bidirectional'}")
         lines.append(f"{top:<10} {_si(sum(n for _, n in tree[top])):>9}   {desc}")
         for i, (sub, n) in enumerate(tree[top]):
             lines.append(f"  {'└─' if i == len(tree[top]) - 1 else '├─'} {sub:<12} {_si(n):>9}")
+    lines += [f"{role:<10} {'0':>9}   {_backbone_line(bb)}"  # no parameters of its own: it runs the encoder's
+              for role, bb in r.get('backbones', {}).items() if bb['share_encoder']]
     lines += [f"{'total':<10} {_si(r['parameters']):>9}", '',
               f"FLOPs/token inference      {_si(r['flops_per_token']['inference'])}",
               f"KV cache / sequence        {_si(r['kv_cache_bytes_per_sequence'])}B",
@@ -88,9 +95,27 @@ def render(r: dict) -> str:
         scaled = ', '.join(f"{c['stage']} {c['unscaled_steps']} -> {c['steps']}" for c in r['curriculum'])
         lines.append(f"  steps x {r['steps_scale']:g} (Run.steps_scale; warmup scaled too, eval_every capped at the "
                      f'steps): {scaled}')
+    lines += _token_lines(r.get('tokens'))
     for w in r['warnings']:
         lines += ['', f"warning: {w['where']}: {w['what']}", f"  fix: {w['fix']}"]
     return '\n'.join(lines)
+
+
+def _token_lines(t: dict | None) -> list[str]:
+    """Where memspec's special tokens are in a backbone's vocabulary (plans with backbones only)."""
+    if not t:
+        return []
+    return ['', f"tokens     vocab {t['vocab']} = {t['embedding_rows']} embedding rows + {len(t['new_rows'])} new "
+            f"({', '.join(t['new_rows']) or 'none'}); tokenizer {t['tokenizer_size']}"] + \
+        [f"  {name:<8} {s['id']:>7}  {s['from']}" for name, s in t['special'].items()]
+
+
+def _backbone_line(b: dict) -> str:
+    lora = b['lora']
+    return (f"{b['model_type']} {b['source']} d{b['d_model']} x{b['n_layers']} "
+            f"{'causal' if b['causal'] else 'bidirectional'} {b['dtype']}"
+            + (', the encoder\'s modules with the adapter off' if b['share_encoder'] else '')
+            + (f" lora r{lora['r']}" if lora else '') + (' base trains' if b['train_base'] else ''))
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -59,6 +59,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def capacity(self) -> int:
+        """Positions allocated."""
+        return self.kv.shape[3]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this call's k, v [B, t, H, D] after the filled positions; return all keys and values so far."""
         end = self.length + k.shape[1]

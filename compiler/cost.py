@@ -10,15 +10,20 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from compiler import plan as P
 from compiler.families import Work, family, in_component, needs_ae_decoder
+from compiler.tokens import vocab_of
 
 BYTES = 4  # fp32 on CPU (bf16 autocast on CPU is 15x slower here: docs/design.md)
 
 
 def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bool) -> dict[str, int]:
+    if isinstance(s, P.Backbone):  # counted on the model built from its config on the meta device
+        from compiler import backbone
+        return {} if s.share_encoder else backbone.params(s, '', vocab)
     d, f = s.d_model, s.ffn
     if s.kind == 'transformer':
         hd = d // s.n_heads
@@ -44,7 +49,7 @@ def _widths(plan: P.Plan) -> tuple[int, int]:
 
 def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
     """{'encoder.embedding': n, ...} for every component of the plan's graph, in the graph's order."""
-    vocab = vocab or plan.data.vocab_size
+    vocab = vocab or vocab_of(plan)
     fam, m, lengths = family(plan), plan.memory, family(plan).lengths(plan)
     out: dict[str, int] = {}
 
@@ -86,13 +91,51 @@ def stack_of(plan: P.Plan, role: str) -> P.Stack:
     return plan.ae_decoder or plan.decoder if role == 'ae_decoder' else getattr(plan, role)
 
 
+BASE_GROUPS = ('embedding', 'layers', 'other', 'head')  # a backbone's pretrained groups ('<role>.base')
+
+
 def is_frozen(component: str, freeze) -> bool:
-    return any(in_component(component, f) for f in freeze)
+    """Is a component of params() frozen by these freeze names? '<role>.base' names a backbone's pretrained groups."""
+    role, _, group = component.partition('.')
+    return any(in_component(component, f) or (f == f'{role}.base' and group in BASE_GROUPS) for f in freeze)
+
+
+def effective_freeze(plan: P.Plan, freeze) -> tuple[str, ...]:
+    """A stage's freeze names and the pretrained weights of every backbone that does not train its base
+    (Backbone.train_base = False; a share_encoder decoder has none of its own)."""
+    return tuple(freeze) + tuple(f'{r}.base' for r in P.STACK_ROLES if isinstance(getattr(plan, r), P.Backbone)
+                                 and not getattr(plan, r).train_base and not getattr(plan, r).share_encoder)
+
+
+def frozen_params(plan: P.Plan, freeze) -> int:
+    """Parameters a stage freezes: whole components, block ranges of Stacks ('decoder.layers.0-3': the blocks are
+    alike, so a fraction of the layers' count) and backbone groups (counted on the meta-device model)."""
+    p, freeze = params(plan), effective_freeze(plan, freeze)
+    total = 0
+    for role in P.STACK_ROLES:
+        s = stack_of(plan, role) if role in {c.split('.', 1)[0] for c in p} else None
+        if isinstance(s, P.Backbone):
+            from compiler import backbone
+            parts = ['' if f == role else f[len(role) + 1:] for f in freeze if in_component(f, role)]
+            total += backbone.frozen_count(s, vocab_of(plan), parts)
+        elif s is not None:
+            frozen = {c for c in p if c.startswith(role + '.') and is_frozen(c, freeze)}
+            total += sum(p[c] for c in frozen)
+            layers = set()
+            for f in freeze:
+                m = re.match(rf'^{role}\.layers\.(\d+)(?:-(\d+))?$', f)
+                layers |= set(range(int(m[1]), int(m[2] or m[1]) + 1)) if m else set()
+            if layers and f'{role}.layers' not in frozen:
+                total += p[f'{role}.layers'] * len(layers) // s.n_layers
+    return total + sum(v for c, v in p.items() if c.split('.', 1)[0] not in P.STACK_ROLES and is_frozen(c, freeze))
 
 
 def _block_flops(s: P.Stack, t: int, rows: int, attention: bool = True) -> float:
     """Forward FLOPs of one block over t positions of which `rows` (the last ones) are computed through
     (keep_last): the others only feed keys and values (transformer) or the token mixing (mixer)."""
+    if isinstance(s, P.Backbone):  # transformers computes every position; the graph slices afterwards
+        from compiler import backbone
+        return backbone.block_flops(s, t, attention)
     d, f = s.d_model, s.ffn
     if s.kind == 'transformer':
         hd = d // s.n_heads
@@ -126,7 +169,7 @@ def forward_flops(plan: P.Plan, objective: str = 'clm', attention: bool = True) 
     does: memories read one encoder position (keep_last), the head runs on token positions only, copy objectives
     decode only the supervised second half, autoencode runs the (ae_)decoder over each chunk without slots."""
     work: Work = family(plan).work(plan, objective)
-    m, vocab = plan.memory, plan.data.vocab_size
+    m, vocab = plan.memory, vocab_of(plan)
     d_enc, d_dec = _widths(plan)
     dec = enc = 0.0
     for p in work.passes:
@@ -156,6 +199,7 @@ def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'c
     tokens = plan.memory.chunks * plan.memory.chunk_len
     if not training:
         return (dec + enc) / tokens
+    freeze = effective_freeze(plan, freeze)
     enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
     return (3 * dec + (1 if enc_frozen else 3) * enc) / tokens
 
@@ -163,9 +207,12 @@ def flops_per_token(plan: P.Plan, freeze=(), training=False, objective: str = 'c
 def kv_cache_bytes(plan: P.Plan) -> int:
     """KV cache of the decoder for one sequence at inference (fp32). Mixers keep no KV cache (0)."""
     dec = plan.decoder
+    ctx = family(plan).lengths(plan)['decoder']
+    if isinstance(dec, P.Backbone):
+        from compiler import backbone
+        return backbone.kv_bytes(dec, ctx)
     if dec.kind != 'transformer':
         return 0
-    ctx = family(plan).lengths(plan)['decoder']
     return 2 * dec.n_layers * dec.kv_heads * (dec.d_model // dec.n_heads) * ctx * BYTES
 
 
@@ -174,14 +221,16 @@ def activation_bytes(plan: P.Plan, batch: int, freeze=()) -> int:
     position: transformer ~ 10 d + 4 ffn floats (norm in/out, q k v o, residuals, gate/up/act/product), mixer
     ~ 6 d + 2 ffn; logits 2 x vocab per predicted token; a frozen encoder with nothing trainable upstream saves
     nothing (no_grad)."""
+    freeze = effective_freeze(plan, freeze)
     enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
     floats = 0
     for p in family(plan).work(plan, 'clm').passes:
         if p.stack == 'encoder' and enc_frozen:
             continue
         s = stack_of(plan, p.stack)
-        per = (10 * s.d_model + 4 * s.ffn) if s.kind == 'transformer' else (6 * s.d_model + 2 * s.ffn)
-        floats += batch * p.rows * (p.length * per * s.n_layers + p.head * 2 * plan.data.vocab_size)
+        ffn = s.ffn if not isinstance(s, P.Backbone) else s.info().ffn
+        per = (6 * s.d_model + 2 * ffn) if s.kind == 'mixer' else (10 * s.d_model + 4 * ffn)
+        floats += batch * p.rows * (p.length * per * s.n_layers + p.head * 2 * vocab_of(plan))
     return int(floats * BYTES)
 
 
@@ -189,7 +238,7 @@ def stage_costs(plan: P.Plan) -> list[StageCost]:
     p = params(plan)
     out = []
     for s in plan.curriculum:
-        frozen = sum(v for c, v in p.items() if is_frozen(c, s.freeze))
+        frozen = frozen_params(plan, s.freeze)
         flops = sum(flops_per_token(plan, s.freeze, True, o.kind) for o in s.objectives)  # one pass per objective
         out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops,
                              activation_bytes(plan, s.batch_size or plan.data.batch_size, s.freeze)))

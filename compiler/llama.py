@@ -4,6 +4,8 @@ names follow Llama's, so the mapping is a rename of three top-level keys; shapes
 skipped."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from compiler.blocks import Stack
@@ -112,3 +114,46 @@ def llama_config(stack, vocab: int, length: int, special_ids: dict[str, int]) ->
             'attention_bias': False, 'mlp_bias': False, 'tie_word_embeddings': False,
             'pad_token_id': special_ids.get('<pad>'), 'eos_token_id': special_ids.get('<eod>'),
             'bos_token_id': None, 'torch_dtype': 'float32'}
+
+
+def check_llama_config(cfg, path: str, where: str) -> None:
+    """The config.json saved beside a Llama checkpoint against the Stack that will hold it (compiler.plan.Stack):
+    memspec's Stack is declared by hand, so every setting the weights were trained with must match it or be refused
+    (loading would otherwise compute other functions without a word): norm eps, rope theta, rope scaling (none: Llama
+    3's 'llama3' and the other scaled variants are not implemented), activation, biases, head dim."""
+    import json
+    from pathlib import Path
+    p = Path(path)
+    f = (p if p.is_dir() else p.parent) / 'config.json'
+    backbone = (f"or load the model unconverted as a Backbone: Plan.decoder = @decoder/Backbone(), "
+                f"decoder/Backbone.source = '{p if p.is_dir() else p.parent}'")
+    if not f.is_file():
+        raise UserError(where, f'no config.json beside the checkpoint ({f}): its norm eps and rope settings cannot be '
+                        'checked against the stack', 'save the model with save_pretrained (which writes it), '
+                        + backbone)
+    try:
+        c = json.loads(f.read_text())
+        rope = c.get('rope_parameters') or c.get('rope_scaling') or {}
+        theta = rope.get('rope_theta', c.get('rope_theta', 10000.0))
+        kind = rope.get('rope_type', rope.get('type', 'default'))
+        head_dim = c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise UserError(where, f'{f} is not a Llama config ({type(e).__name__}: {e})', backbone)
+    if c.get('model_type', 'llama') != 'llama':
+        raise UserError(where, f"{f} describes a '{c.get('model_type')}' model, not a Llama", backbone)
+    if kind not in ('default', None):
+        raise UserError(where, f"the checkpoint uses rope scaling '{kind}' ({f}), which memspec's Stack does not "
+                        'implement: its positions would be wrong', backbone)
+    problems = [(name, ours, theirs) for name, ours, theirs in (
+        ('norm_eps', cfg.norm_eps, c.get('rms_norm_eps', 1e-6)), ('rope_theta', cfg.rope_theta, theta))
+        if not math.isclose(float(ours), float(theirs), rel_tol=1e-9)]
+    if problems:
+        name, ours, theirs = problems[0]
+        raise UserError(where, f'the checkpoint was trained with {name} {theirs:g} (config.json), the stack has '
+                        f'{ours:g}', f"bind {cfg.scope + '/' if cfg.scope else ''}Stack.{name} = {theirs!r}")
+    fixed = [(f'hidden_act {c.get("hidden_act", "silu")!r}', c.get('hidden_act', 'silu') != 'silu'),
+             ('attention_bias', bool(c.get('attention_bias'))), ('mlp_bias', bool(c.get('mlp_bias'))),
+             (f'head_dim {head_dim}', head_dim * cfg.n_heads != cfg.d_model)]
+    for what, bad in fixed:
+        if bad:
+            raise UserError(where, f"the checkpoint's {what} is not what memspec's Stack computes", backbone)

@@ -49,8 +49,9 @@ def special_ids(tok) -> dict[str, int | None]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
-def vocabulary(path: Path) -> Vocabulary:
-    """The Vocabulary of a tokenizer.json that runtime.data.prepare wrote (a run folder's copy)."""
+def vocabulary(path: Path, plan: P.Plan | None = None) -> Vocabulary:
+    """The Vocabulary of a tokenizer.json that runtime.data.prepare wrote (a run folder's copy). A plan with backbones
+    has its special ids in the backbone's vocabulary (compiler.tokens), not as added tokens."""
     from tokenizers import Tokenizer
     fix = 'restore the run folder, or delete its tokenizer.json to rebuild it from the data cache'
     try:
@@ -58,6 +59,11 @@ def vocabulary(path: Path) -> Vocabulary:
     except Exception as e:  # noqa: BLE001  (a damaged or foreign file)
         raise UserError(str(path), f'cannot load the tokenizer: {_first_line(e)}', fix)
     tok.encode_special_tokens = True  # as prepare() uses it: a literal "<pad>" is ordinary text
+    from compiler.tokens import plan_tokens
+    mapped = None if plan is None else plan_tokens(plan)
+    if mapped is not None:
+        ids = mapped.ids
+        return Vocabulary(tok, ids['<pad>'], ids['<eod>'], ids['<blank>'], ids['<copy>'], mapped.vocab)
     ids = special_ids(tok)
     missing = [k for k, v in ids.items() if v is None]
     if missing:
@@ -175,7 +181,7 @@ def load(plan: P.Plan, weights: Path, *, where: str, fix: str, vocab_size: int |
     a Vocabulary already read) unless given. Shapes are checked against the file's header before the graph is
     built, so a size that does not fit allocates nothing."""
     from compiler.model import build
-    vocab = vocabulary(Path(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer  # or data.prepare's
+    vocab = vocabulary(Path(tokenizer), plan) if isinstance(tokenizer, (str, Path)) else tokenizer  # or prepare's
     size = vocab_size if vocab_size is not None else vocab.vocab_size if vocab is not None else None
     weights = Path(weights)
     if not weights.is_file():
@@ -203,6 +209,26 @@ def read_export_config(folder: Path, where: str, fix: str) -> dict:
     return cfg
 
 
+def check_bases(recorded: dict, plan: P.Plan, where: str) -> None:
+    """The pretrained bases of an export's backbones are the files its run trained on (the sha256 of every weight
+    file, as the run recorded them): adapters on other weights would compute something else without a word."""
+    from compiler.backbone import identity
+    from compiler.hub import BackboneError
+    from compiler.tokens import backbones
+    for role, b in backbones(plan):
+        want = (recorded.get(role) or {}).get('sha256') if isinstance(recorded, dict) else None
+        if not want:
+            continue
+        try:
+            have = identity(b)['sha256']
+        except BackboneError as e:
+            raise UserError(where, f'the {role} base model: {e.what}', e.fix) from None
+        if have != want:
+            raise UserError(where, f'the {role} base model {b.source} is not the one the run trained on (the sha256 of '
+                            f'its weight files differs from config.json\'s)',
+                            f'use the recorded revision of {b.source} (config.json: backbones.{role})')
+
+
 def from_pretrained(folder):
     """The model of a folder `python -m store.export` wrote, without the run database or the run folder: the plan in
     its config.json builds the graph (compiler only), model.safetensors (checked against the sha256 recorded beside
@@ -214,6 +240,7 @@ def from_pretrained(folder):
     plan = plan_from_dict(cfg['plan'], f'{where}: config.json', fix)
     weights = inside(folder, cfg['weights'].get('file'), f'{where}: config.json', fix)
     sha = cfg['weights'].get('sha256')
+    check_bases(cfg.get('backbones') or {}, plan, where)
     loaded = load(plan, weights, where=where, fix=fix, vocab_size=cfg.get('vocab_size'),
                   sha256=sha if isinstance(sha, str) else None)
     model = loaded.model

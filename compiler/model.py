@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,16 @@ from compiler import plan as P
 from compiler.blocks import Stack
 from compiler.families import Family, family, in_component, needs_ae_decoder
 from compiler.memory import MemoryModule, select_index
+from compiler.tokens import vocab_of
+
+
+def make_stack(cfg, vocab: int, seq_len: int, embedding: bool = True, head: bool = False, encoder=None):
+    """A Stack, or a pretrained Backbone standing in its place (compiler/backbone.py: it has its own embedding and
+    head); a share_encoder backbone runs `encoder`'s modules."""
+    if isinstance(cfg, P.Backbone):
+        from compiler.backbone import BackboneModule
+        return BackboneModule(cfg, vocab, shared=encoder if cfg.share_encoder else None, seq_len=seq_len)
+    return Stack(cfg, vocab, seq_len, embedding=embedding, head=head)
 
 
 class Graph(nn.Module):
@@ -84,11 +95,21 @@ class Graph(nn.Module):
         finally:
             self.train(was)
 
+    def pretrained_frozen(self) -> list[str]:
+        """The pretrained weights that stay frozen in every stage: each backbone's base unless Backbone.train_base
+        (compiler.cost.effective_freeze says the same from the plan)."""
+        return [f'{top}.base' for top, mod in self.named_children()
+                if hasattr(mod, 'members') and mod.shared is None and not mod.cfg.train_base]
+
     def components(self) -> list[str]:
         """Every freezable component that holds parameters, top-level and second-level names."""
         names = []
         for top, mod in self.named_children():
-            if any(True for _ in mod.parameters()):
+            if hasattr(mod, 'members'):  # a backbone: its parameter groups (compiler/backbone.py)
+                from compiler.backbone import GROUPS
+                names += [top] + [f'{top}.{g}' for g in GROUPS if any(True for _ in mod.members(g))] \
+                    if mod.members() else []
+            elif any(True for _ in mod.parameters()):
                 names.append(top)
                 names += [f'{top}.{n}' for n, m in mod.named_children() if any(True for _ in m.parameters())]
                 names += [f'{top}.{n}' for n, _ in mod.named_parameters(recurse=False)]
@@ -100,7 +121,7 @@ class CausalLM(Graph):
 
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
-        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
+        self.decoder = make_stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
         b = tokens.shape[0]
@@ -124,11 +145,11 @@ class Autoencoder(Graph):
     def __init__(self, plan: P.Plan, vocab: int):
         super().__init__(plan)
         m = plan.memory
-        self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
+        self.encoder = make_stack(plan.encoder, vocab, self.lengths['encoder'])
         self.memory = MemoryModule(m, plan.encoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=m.decoder_input == 'unroll', pad=self.family.pad_slot)
-        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], embedding=self.family.token_decoder,
-                             head=True)
+        self.decoder = make_stack(plan.decoder, vocab, self.lengths['decoder'], embedding=self.family.token_decoder,
+                                  head=True, encoder=self.encoder)
 
     def memories(self, tokens, key_mask=None):
         b, n, l = tokens.shape
@@ -152,14 +173,16 @@ class ChunkedMemoryLM(Graph):
         self.variable = m.slots == 'variable'
         self.use_memory, self.oracle = fam.has_encoder, fam.encoder == 'sequence'
         if self.use_memory:
-            self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
+            self.encoder = make_stack(plan.encoder, vocab, self.lengths['encoder'])
         ae = needs_ae_decoder(plan)
         self.memory = MemoryModule(m, plan.encoder.d_model if self.use_memory else None, plan.decoder.d_model,
                                    former=fam.forms_memories, unroll=ae and m.decoder_input == 'unroll',
                                    pad=fam.pad_slot)
-        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
+        self.decoder = make_stack(plan.decoder, vocab, self.lengths['decoder'], head=True,
+                                  encoder=getattr(self, 'encoder', None))
         if ae:
-            self.ae_decoder = Stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True)
+            self.ae_decoder = make_stack(plan.ae_decoder or plan.decoder, vocab, self.l, embedding=False, head=True,
+                                         encoder=getattr(self, 'encoder', None))
 
     def autoencode(self, tokens, key_mask=None, head=True):
         return reconstruct(self, 'ae_decoder', tokens, key_mask, head)
@@ -219,7 +242,7 @@ class RecurrentMemoryLM(Graph):
         m = plan.memory
         self.memory = MemoryModule(m, plan.decoder.d_model, plan.decoder.d_model, former=self.family.forms_memories,
                                    unroll=False, pad=self.family.pad_slot)
-        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
+        self.decoder = make_stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
 
     def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
         b, n, l = tokens.shape
@@ -240,7 +263,7 @@ GRAPHS = {cls.__name__: cls for cls in (CausalLM, Autoencoder, ChunkedMemoryLM, 
 
 def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Graph:
     """The graph of a (validated) Plan. Seeded: the same plan and seed give the same initial weights."""
-    vocab = vocab or plan.data.vocab_size
+    vocab = vocab or vocab_of(plan)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(plan.run.seed if seed is None else seed)
     try:
@@ -272,13 +295,14 @@ def meta_build(plan: P.Plan, vocab: int | None = None) -> Graph:
     """The plan's graph on the meta device: shapes and names only, nothing allocated (checks a checkpoint against
     the graph before a run starts)."""
     with torch.device('meta'), _skip_init_mode()():
-        return GRAPHS[family(plan).graph](plan, vocab or plan.data.vocab_size)
+        return GRAPHS[family(plan).graph](plan, vocab or vocab_of(plan))
 
 
 def init_weights(model: nn.Module) -> None:
     """GPT-2 style init: N(0, 0.02) for linear and embedding weights, zero biases; norms and convs keep theirs."""
+    pretrained = {id(m) for mod in model.modules() if hasattr(mod, 'members') for m in mod.modules()}
     for mod in model.modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)):
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and id(mod) not in pretrained:
             nn.init.normal_(mod.weight, std=0.02)
             if getattr(mod, 'bias', None) is not None:
                 nn.init.zeros_(mod.bias)
@@ -300,5 +324,14 @@ def encoder_sha256(state: dict) -> str:
 
 
 def parameters_of(model: nn.Module, component: str):
-    """(name, parameter) pairs of one component (families.in_component)."""
+    """(name, parameter) pairs of one component (families.in_component): a module path, a block range
+    ('decoder.layers.0-3': blocks 0 to 3), or a backbone's group ('encoder.base', 'encoder.lora', ...)."""
+    top, _, part = component.partition('.')
+    mod = getattr(model, top, None)
+    if hasattr(mod, 'members'):
+        return [(f'{top}.{n}', p) for n, p in mod.members(part)]
+    m = re.match(r'^(.+\.layers)\.(\d+)-(\d+)$', component)
+    if m:
+        blocks = [f'{m[1]}.{i}' for i in range(int(m[2]), int(m[3]) + 1)]
+        return [(n, p) for n, p in model.named_parameters() if any(in_component(n, b) for b in blocks)]
     return [(n, p) for n, p in model.named_parameters() if in_component(n, component)]

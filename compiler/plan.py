@@ -24,7 +24,7 @@ import gin
 from compiler.families import NAMES as FAMILIES
 from compiler.objective_registry import NAMES as OBJECTIVES
 
-STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack
+STACK_ROLES = ('decoder', 'encoder', 'ae_decoder')  # the Plan fields that hold a Stack (or a Backbone)
 # A name that becomes a file or group name (Stage.name: stages/<name>.safetensors, a memory-store group; Run.name):
 # an identifier cannot name a path outside the run's folder. The one definition, for the validator and store.layout.
 NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
@@ -205,6 +205,59 @@ class Stack(_PlanPart):
 
 
 @dataclass(frozen=True)
+class Lora(_PlanPart):
+    """LoRA adapters on a Backbone, through peft (compiler/backbone.py): B starts at zero, so step 0 is the base."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (suffixes, e.g. ['q_proj', 'v_proj']) or ['all-linear'] (every linear layer but the output head)
+    target_modules: tuple[str, ...] = ('all-linear',)
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full beside the adapters (e.g. ['lm_head'])
+    scope: str = _SCOPE
+
+
+@dataclass(frozen=True)
+class Backbone(_PlanPart):
+    """A pretrained Hugging Face model standing where a Stack stands, loaded by transformers' Auto classes without
+    conversion (compiler/backbone.py). Its width, depth and vocabulary come from its config.json, read from a
+    local folder or the local Hugging Face cache (the compiler never downloads)."""
+    source: str = ''  # a hub id (e.g. 'meta-llama/Llama-3.2-1B') or a local folder save_pretrained wrote
+    revision: str = 'main'  # hub revision (branch, tag or commit); a local folder has none
+    dtype: typing.Literal['float32', 'bfloat16', 'float16'] = 'float32'  # the weights' dtype
+    lora: Lora | None = None
+    # the base weights train only when True; by default they stay frozen (a probe, or LoRA's frozen base)
+    train_base: bool = False
+    # decoder only: run the encoder's base model itself with its adapter disabled (the ICAE / 500xCompressor
+    # layout); the source must be the encoder's
+    share_encoder: bool = False
+    trust_remote_code: bool = False  # refused: a spec never runs code shipped with a checkpoint
+    scope: str = _SCOPE
+
+    kind = 'backbone'
+
+    def info(self):
+        """The model's shape from its config.json (compiler.hub.info; cached, nothing downloaded)."""
+        from compiler.hub import info
+        return info(self.source, self.revision)
+
+    @property
+    def d_model(self) -> int:
+        return self.info().d_model
+
+    @property
+    def n_layers(self) -> int:
+        return self.info().n_layers
+
+    @property
+    def causal(self) -> bool:
+        return self.info().causal
+
+    @property
+    def context(self) -> int | None:
+        return self.info().context
+
+
+@dataclass(frozen=True)
 class Memory(_PlanPart):
     """How a chunk becomes one embedding and how the decoder reads it. Also the data shape: N chunks x L tokens."""
     chunks: int = 4  # N
@@ -292,10 +345,10 @@ class Run(_PlanPart):
 @dataclass(frozen=True)
 class Plan(_PlanPart):
     family: typing.Literal[FAMILIES] = 'clm'  # type: ignore[valid-type]
-    decoder: Stack = Stack()
-    encoder: Stack | None = None
+    decoder: Stack | Backbone = Stack()
+    encoder: Stack | Backbone | None = None
     # decoder of 'autoencode' stages in chunked memory models (curriculum stage 0); None = same as decoder
-    ae_decoder: Stack | None = None
+    ae_decoder: Stack | Backbone | None = None
     memory: Memory = Memory()
     data: Data = Data()
     curriculum: tuple[Stage, ...] = (Stage(),)
@@ -326,7 +379,8 @@ class Plan(_PlanPart):
     def from_dict(cls, d: dict) -> Plan:
         """Inverse of to_dict(), also for the copy recorded in a run's Sacred config (whose keys had '.' replaced
         by ':', which MongoDB forbids in keys)."""
-        stack = lambda s: None if s is None else Stack(**s)  # noqa: E731
+        stack = lambda s: None if s is None else Stack(**s) if 'source' not in s else Backbone(  # noqa: E731
+            **{**s, 'lora': s['lora'] and Lora(**s['lora'])})
         stages = tuple(Stage(**{**s, 'objectives': tuple(Objective(**o) for o in s['objectives']),
                                 'init_from': {k.replace(':', '.'): v for k, v in s.get('init_from', {}).items()}})
                        for s in d['curriculum'])
@@ -354,6 +408,6 @@ def scale_steps(plan: Plan) -> Plan:
     return dataclasses.replace(plan, curriculum=tuple(stages))
 
 
-CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Memory, Objective, Stage, Data, Run, Plan)}
+CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Lora, Backbone, Memory, Objective, Stage, Data, Run, Plan)}
 for _name, _cls in CONFIGURABLES.items():
     gin.external_configurable(_cls, _name, denylist=['scope'])  # scope is recorded, never bound

@@ -18,7 +18,7 @@ from typing import Callable
 from compiler import cost
 from compiler import plan as P
 from compiler.errors import SpecError, either
-from compiler.families import family, in_component, serving
+from compiler.families import family, serving
 from compiler.objective_registry import faithful_pair, objective
 
 INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
@@ -74,6 +74,12 @@ RULES: dict[type, dict[str, Rule]] = {
         'rope_theta': _positive('use the default 1e4 (Llama 3: 5e5)'),
         'norm_eps': _positive('use the default 1e-6'),
         'context': _at_least(1, "use None (any length) or the positions the stack supports"),
+    },
+    P.Backbone: {},
+    P.Lora: {
+        'r': _at_least(1, 'use a rank such as 8'),
+        'alpha': _positive('use e.g. 16 (twice the rank)'),
+        'dropout': Rule(0, 1, hi_open=True, fix='use 0 (off) or e.g. 0.05'),
     },
     P.Memory: {
         'chunks': _at_least(1, 'use at least 1 chunk'),
@@ -136,6 +142,8 @@ def _parts(plan: P.Plan):
         stack = getattr(plan, role)
         if stack is not None:
             yield stack, f'{role} '
+        if isinstance(stack, P.Backbone) and stack.lora is not None:
+            yield stack.lora, f'{role} '
     yield plan.memory, ''
     yield plan.data, ''
     yield plan.run, ''
@@ -171,6 +179,8 @@ def check(plan: P.Plan, where: Callable[[object, str], str]) -> None:
         raise SpecError(where(owner, name), what, fix)
 
     check_values(plan, where)
+    from compiler.pretrained import check_backbones
+    check_backbones(plan, fail)
     _check_stacks(plan, fail)
     _check_memory(plan, fail)
     names = [s.name for s in plan.curriculum]
@@ -241,7 +251,9 @@ def _check_size(plan: P.Plan, fail) -> None:
 
 
 def _check_stack(s: P.Stack, role: str, length: int, plan: P.Plan, fail) -> None:
-    if s.kind == 'transformer':
+    if isinstance(s, P.Backbone):
+        pass  # checked by compiler.pretrained.check_backbones
+    elif s.kind == 'transformer':
         if s.d_model % s.n_heads:
             h = _divisor(s.d_model, s.n_heads)
             fail(s, 'n_heads', f'{role} d_model {s.d_model} is not divisible by n_heads {s.n_heads}',
@@ -298,11 +310,17 @@ def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
 
 
 def _check_freeze(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail) -> None:
+    from compiler.pretrained import freeze_problem
     for c in stage.freeze:
         if c not in comps:
-            fail(stage, 'freeze', f"{tag} freezes '{c}', which the '{plan.family}' graph does not have",
-                 P.did_you_mean(c, comps) + 'freeze one of: ' + ', '.join(comps))
-    if set(comps) and all(any(in_component(c, f) for f in stage.freeze) for c in comps if '.' in c):
+            problem = freeze_problem(plan, c)
+            if problem is not None:
+                fail(stage, 'freeze', f"{tag} freezes '{c}', {problem}",
+                     P.did_you_mean(c, comps) + 'freeze one of: ' + ', '.join(comps)
+                     + ', <stack>.layers.I or <stack>.layers.I-J (blocks I to J), and for a backbone <role>.base '
+                       '(its pretrained weights) or <role>.lora (its adapters)')
+    freeze = cost.effective_freeze(plan, stage.freeze)
+    if set(comps) and all(cost.is_frozen(c, freeze) for c in comps if '.' in c):
         fail(stage, 'freeze', f'{tag} freezes every component: nothing would train',
              'leave at least one component trainable')
 
@@ -312,6 +330,9 @@ def _check_init_from(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], f
         if c not in comps:
             fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
                  P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps))
+        if src.startswith('llama:') and isinstance(getattr(plan, c, None), P.Backbone):
+            fail(stage, 'init_from', f"{tag}: the {c} is a Backbone, which loads its own weights; 'llama:' converts a "
+                 'checkpoint into a memspec Stack', f'remove the init_from entry (or point {c}/Backbone.source at it)')
         if src.startswith('llama:') and c not in ('decoder', 'encoder'):
             fail(stage, 'init_from', f"{tag}: a Llama checkpoint initialises a whole stack, not '{c}'",
                  "use {'decoder': 'llama:<path>'} (or 'encoder')")
@@ -381,6 +402,10 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
         warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} is beyond {MAX_VOCAB}, larger than '
              'the vocabularies of current language models', 'use e.g. 8192 (paper scale) or 32000')
     _warn_activation_memory(plan, memory if memory is not None else machine_memory(), devices, warn)
+    from compiler.tokens import backbones
+    if backbones(plan) and not where(plan.data, 'vocab_size').endswith('(default)'):
+        warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} has no effect: the vocabulary is the '
+             f'backbone\'s ({backbones(plan)[0][1].source})', 'remove the binding')
     return out
 
 

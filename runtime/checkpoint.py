@@ -18,7 +18,7 @@ from safetensors import safe_open
 from compiler import plan as P
 from compiler.digest import sha256_file
 from compiler.errors import UserError
-from compiler.llama import check_llama, load_llama, read_llama
+from compiler.llama import check_llama, check_llama_config, load_llama, read_llama
 from compiler.model import Graph, build, meta_build, parameters_of
 from store import files
 from store.layout import RunFolder
@@ -113,7 +113,8 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
     path, run_id, stage, src_comp = run_source(runs_dir, source)
     src_comp = src_comp or component
     where = f"init_from '{source}'"
-    own = dict(parameters_of(model, component))
+    stored = set(model.state_dict())  # a backbone's frozen base is not in run checkpoints: it comes from its source
+    own = {n: p for n, p in parameters_of(model, component) if n in stored}
     out = {}
     try:
         f = safe_open(str(path), 'pt')
@@ -143,6 +144,7 @@ def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed
         return
     if source.startswith('llama:'):  # a pretrained Llama-architecture LM as this stack (e.g. the decoder)
         path = source[len('llama:'):]
+        check_llama_config(getattr(plan, component), path, f"init_from 'llama:{path}'")
         load_llama(getattr(model, component), read_llama(path), f"init_from 'llama:{path}'")
         return
     if source == 'fresh':
@@ -151,7 +153,8 @@ def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed
         state = state_from_run(runs_dir, source, model, component)
     with torch.no_grad():
         for name, p in parameters_of(model, component):
-            p.copy_(state[name])
+            if name in state:  # a backbone's frozen base is not in a run's stage weights (state_from_run)
+                p.copy_(state[name])
 
 
 def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) -> None:
@@ -161,6 +164,7 @@ def check_init_sources(plan, runs_dir: Path, resume: dict | None, vocab: int) ->
     for stage in plan.curriculum[first:]:
         for comp, src in stage.init_from.items():
             if src.startswith('llama:'):
+                check_llama_config(getattr(plan, comp), src[len('llama:'):], f"init_from '{src}'")
                 check_llama(getattr(meta_build(plan, vocab), comp), read_llama(src[len('llama:'):]),
                             f"init_from '{src}'")
             if src.startswith('run:'):

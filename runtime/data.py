@@ -150,8 +150,9 @@ def _tokenizer_identity(d) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # prepare + cache
 
-def cache_key(d) -> dict:
-    """Everything the token store depends on. Local files are identified by path, size and mtime."""
+def cache_key(d, backbone: dict | None = None) -> dict:
+    """Everything the token store depends on. Local files are identified by path, size and mtime; a backbone's
+    tokenizer by its source, vocabulary digest and the special ids memspec maps into it."""
     src = d.source
     if src == 'embedded':
         import pydoc_data.topics as t
@@ -164,11 +165,25 @@ def cache_key(d) -> dict:
         st = p.stat()
         source = {'path': str(p.resolve()), 'size': st.st_size, 'mtime': st.st_mtime_ns}
     return {'version': CACHE_VERSION, 'source': source, 'text_field': d.text_field, 'max_documents': d.max_documents,
-            'tokenizer': _tokenizer_identity(d), 'val_fraction': d.val_fraction, 'specials': list(SPECIAL_TOKENS)}
+            'tokenizer': _tokenizer_identity(d), 'val_fraction': d.val_fraction, 'specials': list(SPECIAL_TOKENS),
+            **({'backbone': backbone} if backbone else {})}
 
 
-def _check(d, n: int, l: int) -> None:
-    if d.tokenizer is None and d.vocab_size < BYTE_ALPHABET + len(SPECIAL_TOKENS):
+def _backbone_tokens(plan):
+    """(tokenizer, special ids, vocabulary, cache identity) of a plan with backbones (compiler.tokens), else None."""
+    from compiler.tokens import backbones, load_tokenizer, plan_tokens, tokenizer_digest
+    t = plan_tokens(plan)
+    if t is None:
+        return None
+    b = backbones(plan)[0][1]
+    tok = Tokenizer.from_str(load_tokenizer(b.source, b.revision).backend_tokenizer.to_str())
+    identity = {'source': b.source, 'revision': b.revision, 'tokenizer': tokenizer_digest(b.source, b.revision),
+                'special_ids': t.ids, 'vocab': t.vocab}
+    return tok, dict(t.ids), t.vocab, identity
+
+
+def _check(d, n: int, l: int, pretrained: bool = False) -> None:
+    if not pretrained and d.tokenizer is None and d.vocab_size < BYTE_ALPHABET + len(SPECIAL_TOKENS):
         raise UserError(where('vocab_size', d.vocab_size),
                         f'vocabulary too small: byte-level BPE needs the {BYTE_ALPHABET} byte tokens plus the '
                         f'{len(SPECIAL_TOKENS)} special tokens {", ".join(SPECIAL_TOKENS)}',
@@ -188,9 +203,10 @@ def prepare(plan, progress: bool = True, workers: int | None = None, warn: bool 
     entry is rebuilt) and open its examples for `plan`'s layout. `workers`: encoder processes (None: automatic).
     With progress and warn, a curriculum that reads the train split more than once is warned about on stderr."""
     d, n, l = plan.data, plan.memory.chunks, plan.memory.chunk_len
-    _check(d, n, l)
+    pretrained = _backbone_tokens(plan)  # a backbone's own tokenizer and special ids
+    _check(d, n, l, pretrained is not None)
     check_source(d)  # a source that cannot be read is refused before anything is written
-    key = cache_key(d)
+    key = cache_key(d, pretrained and pretrained[3])
     path = Path(d.cache_dir) / f'data-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}'
     with _cache_errors(d, path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +218,7 @@ def prepare(plan, progress: bool = True, workers: int | None = None, warn: bool 
             with T.locked(path):  # one builder; the others wait here, then find its entry
                 hit = _reusable(path, progress)
                 if not hit:
-                    _build(d, key, path, workers, progress)
+                    _build(d, key, path, workers, progress, pretrained)
                     _log(progress, f'cached data in {path}')
     out = _open(path, d, n, l, hit)
     warning = epochs_warning(plan, out)
@@ -243,12 +259,15 @@ def _workers(requested: int | None, nbytes: int) -> int:
     return 1 if nbytes < PARALLEL_BYTES else min(len(os.sched_getaffinity(0)), 16)
 
 
-def _build(d, key: dict, path: Path, workers: int | None, progress: bool) -> None:
-    """Documents -> spools -> tokenizer -> token files + meta.json, in a temp folder renamed to `path` at the end."""
+def _build(d, key: dict, path: Path, workers: int | None, progress: bool, pretrained=None) -> None:
+    """Documents -> spools -> tokenizer -> token files + meta.json, in a temp folder renamed to `path` at the end.
+    `pretrained`: a backbone's (tokenizer, special ids, vocabulary), used as they are."""
     with T.building(path) as tmp:
         spools = _spool(d, tmp, progress)
         train = spools['train']
-        if d.tokenizer is None:
+        if pretrained is not None:
+            tok = pretrained[0]
+        elif d.tokenizer is None:
             _log(progress, f'training byte-level BPE (vocab {d.vocab_size}) on {train.docs} train documents')
             tok = train_tokenizer(T.iter_spool(tmp, 'train'), d.vocab_size,
                                   progress and train.bytes > PROGRESS_BYTES, length=train.docs)
@@ -256,8 +275,7 @@ def _build(d, key: dict, path: Path, workers: int | None, progress: bool) -> Non
             tok = load_tokenizer(d.tokenizer)
         tok.encode_special_tokens = True  # literal "<pad>" in text is ordinary text, never the pad id
         tok.save(str(tmp / 'tokenizer.json'))
-        ids = special_ids(tok)
-        vocab = tok.get_vocab_size(with_added_tokens=True)
+        ids, vocab = pretrained[1:3] if pretrained else (special_ids(tok), tok.get_vocab_size(with_added_tokens=True))
         dtype = T.token_dtype(vocab)
         stats = {}
         for split, sp in spools.items():

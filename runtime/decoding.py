@@ -78,7 +78,7 @@ def _start_chunk(model, cache: KVCache, memories: torch.Tensor | None, tokens: t
     cache.reset()
     mask = None
     if not bool(slot_mask.all()):  # variable slots: unused ones are masked out, and positions then start at m0
-        mask = torch.ones(b, cache.kv.shape[3], dtype=torch.bool, device=tokens.device)
+        mask = torch.ones(b, cache.capacity, dtype=torch.bool, device=tokens.device)
         mask[:, :slot_mask.shape[1]] = slot_mask
     state = State(cache, mask, tokens, memories, dropped=dropped)
     logits = _feed(model, state, torch.cat([slots, model.decoder.embedding(tokens)], 1), keep)
@@ -88,6 +88,9 @@ def _start_chunk(model, cache: KVCache, memories: torch.Tensor | None, tokens: t
 def new_cache(model, batch: int) -> KVCache:
     """A KV cache for the decoder's whole sequence, allocated once: S slots + L tokens for memory models, N*L tokens
     for causal LMs (what compiler.cost.kv_cache_bytes counts)."""
+    if hasattr(model.decoder, 'members'):  # a pretrained backbone: transformers' own cache
+        from compiler.backbone import BackboneCache
+        return BackboneCache(model.decoder, model.decoder.seq_len)
     p = next(model.decoder.parameters())
     return KVCache(model.decoder.cfg, batch, model.decoder.seq_len, device=p.device, dtype=p.dtype)
 
@@ -108,7 +111,7 @@ def prefill(model, tokens: torch.Tensor, memories: torch.Tensor | None = None, m
             raise ValueError(f'{t} tokens do not fit the window of {how.window} positions')
         state = State(new_cache(model, b), None, tokens, None, reading=how, memory_cache=memory_cache)
         if mask is not None and not bool(mask.all()):
-            state.mask = torch.ones(b, state.cache.kv.shape[3], dtype=torch.bool, device=tokens.device)
+            state.mask = torch.ones(b, state.cache.capacity, dtype=torch.bool, device=tokens.device)
             state.mask[:, :t] = mask
         state.scores = _feed(model, state, model.decoder.embedding(tokens), min(keep, t))
         return state

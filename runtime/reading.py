@@ -46,7 +46,7 @@ class Reading:
 
 def cached(model) -> bool:
     """Does the model decode through a KV cache (a transformer decoder of a family with a cached generation)?"""
-    return model.family.generation is not None and model.decoder.cfg.kind == 'transformer'
+    return model.family.generation is not None and model.decoder.cfg.kind in ('transformer', 'backbone')
 
 
 def check_decodes(plan, where: str, sampling: bool = False) -> None:

@@ -40,10 +40,12 @@ import sqlalchemy as sa
 import torch
 
 from compiler.__main__ import parser
+from compiler.backbone import identity
 from compiler.errors import UserError, cli
 from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
+from compiler.tokens import backbones
 from runtime import provenance, record, sweep
 from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
@@ -410,6 +412,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         _run.info['data'] = {'cache': str(d.cache_path), 'vocab_size': trainer.vocab, 'special_ids': d.special_ids,
                              'stats': d.stats,  # what token statistics alone achieve on the held-out targets
                              'floors': floors(d.train, d.train_mask, d.val, d.val_mask, trainer.vocab)}
+        if backbones(plan):  # the pretrained bases the run's weights apply to (they are not in its checkpoints)
+            _run.info['backbones'] = {role: identity(b) for role, b in backbones(plan) if not b.share_encoder}
         summary = trainer.run(_run)
         trainer.save_weights(folder.final)
         trainer.reference_weights()

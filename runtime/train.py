@@ -30,7 +30,7 @@ def set_frozen(model: Graph, stage: P.Stage) -> list[torch.nn.Parameter]:
     so no update, weight decay or momentum can touch them."""
     for p in model.parameters():
         p.requires_grad_(True)
-    for comp in stage.freeze:
+    for comp in (*stage.freeze, *model.pretrained_frozen()):
         for _, p in parameters_of(model, comp):
             p.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]

@@ -37,7 +37,7 @@ from compiler.digest import sha256_file
 from compiler.errors import UserError, cli
 from compiler.families import family
 from compiler.llama import llama_config, stack_to_llama
-from compiler.plan import Plan
+from compiler.plan import Backbone, Plan
 from store.database import DEFAULT_DB, RunRecord, display_url, open_db
 from store.files import disk_error, settle
 from store.layout import RunFolder
@@ -64,6 +64,9 @@ def weights_of(db, run: RunRecord, stage: str | None) -> tuple[Path | None, byte
 def hf_export(model, plan: Plan, vocab: int, special_ids: dict, out: Path, tokenizer: Path) -> str | None:
     """The decoder as a Llama checkpoint in out/hf; None when written, else why not."""
     fam = family(plan)
+    if isinstance(plan.decoder, Backbone):
+        return (f'the decoder is the pretrained {plan.decoder.source}'
+                + (' with a LoRA adapter (peft/decoder)' if plan.decoder.lora else ''))
     if not fam.token_decoder:
         return f"the '{plan.family}' decoder reads memories, not tokens"
     if plan.decoder.kind != 'transformer' or not plan.decoder.causal:
@@ -81,6 +84,23 @@ def hf_export(model, plan: Plan, vocab: int, special_ids: dict, out: Path, token
         'tokenizer_class': 'PreTrainedTokenizerFast', 'pad_token': '<pad>', 'eos_token': '<eod>',
         'model_max_length': config['max_position_embeddings']}, indent=1) + '\n')
     return None
+
+
+def peft_export(model, plan: Plan, run: RunRecord, out: Path) -> dict:
+    """Every backbone's LoRA adapter as peft loads it onto its base (OUT/peft/<role>); -> {role: the base's source,
+    revision and weight sha256 as the run recorded them, and the adapter folder}."""
+    from compiler.backbone import save_adapter
+    from compiler.tokens import backbones
+    out_map = {}
+    for role, b in backbones(plan):
+        if b.share_encoder:
+            continue
+        entry = dict((run.info.get('backbones') or {}).get(role) or {'source': b.source, 'revision': b.revision})
+        if b.lora is not None:
+            save_adapter(getattr(model, role), out / 'peft' / role)
+            entry['adapter'] = f'peft/{role}'
+        out_map[role] = entry
+    return out_map
 
 
 def card(run: RunRecord, plan: Plan, cfg: dict, sm: dict, hf_note: str | None) -> str:
@@ -218,6 +238,8 @@ def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokeniz
            'provenance': provenance, 'source_diff': 'source.diff' if diff is not None else None}
     (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
     hf_note = hf_export(model, plan, vocab, cfg['special_ids'], tmp, tokenizer)
+    cfg['backbones'] = peft_export(model, plan, run, tmp)
+    (tmp / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
     (tmp / 'README.md').write_text(card(run, plan, cfg, stage_end_metrics(db, run), hf_note))
     if diff is not None:
         (tmp / 'source.diff').write_text(diff)

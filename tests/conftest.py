@@ -277,3 +277,31 @@ def pg_url():
         with con.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
         con.close()
+
+
+# specs/pretrained/<spec> -> (the macro naming its hub model, the tiny architecture that stands in for it offline)
+PRETRAINED = {'pretrained/llama_copy_memory.gin': ('LLAMA', 'llama'),
+              'pretrained/llama_information.gin': ('LLAMA', 'llama'),
+              'pretrained/qwen_information.gin': ('QWEN', 'qwen3'),
+              'pretrained/bert_information.gin': ('BERT', 'bert'),
+              'pretrained/icae_autoencoder.gin': ('LLAMA', 'llama')}
+
+
+@pytest.fixture(scope='session')
+def tiny_models(tmp_path_factory):
+    """arch -> the folder of a tiny random model of that architecture (compiler/tiny.py, made on first use): the
+    offline stand-ins for the hub models of specs/pretrained/."""
+    from compiler.tiny import make
+    root, made = tmp_path_factory.mktemp('tiny'), {}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = str(make(root / arch, arch))
+        return made[arch]
+    return get
+
+
+def pretrained_bindings(spec: str, tiny_models) -> list[str]:
+    """-b bindings that point a specs/pretrained/ spec at its tiny stand-in (none for other specs)."""
+    macro, arch = PRETRAINED.get(spec, (None, None))
+    return [f"{macro} = '{tiny_models(arch)}'"] if macro else []

@@ -220,7 +220,7 @@ EXACT = [
           files=('specs/clm.gin',), bindings=('Memory.chunk = 2',)),
     Exact('configurable_typo', f"include '{S}/clm.gin'\nStak.d_model = 64\n",
           _msg('{spec}:2', "unknown configurable 'Stak'",
-               "did you mean 'Stack'? known names: Data, Memory, Objective, Plan, Run, Stack, Stage")),
+               "did you mean 'Stack'? known names: Backbone, Data, Lora, Memory, Objective, Plan, Run, Stack, Stage")),
     Exact('data_never_built', "Plan.family = 'clm'\nPlan.curriculum = [@s/Stage()]\ns/Stage.name = 's'\n"
           'Data.vocab_size = 4096\n',
           _msg('{spec}:4', 'Data.vocab_size has no effect: no Data is built from these specs',
