@@ -251,7 +251,7 @@ def test_tags_and_notes_show_in_list_and_show_and_filter(grid, capsys):
     assert json.loads(cli(capsys, 'show', '1', '--json', '--db', grid.db).out)['note'] is None
     assert cli_error(capsys, 'tag', '1', 'two words', '--db', grid.db).startswith(
         "error: tag 'two words': a tag is 1 to 64 letters, digits or _-.:+=/ (no spaces)")
-    assert cli_error(capsys, 'tag', '17', 'x', '--db', grid.db).startswith('error: run 17: no run with this id')
+    assert cli_error(capsys, 'tag', '17', 'x', '--db', grid.db).startswith("error: RUN 17: no run matches '17'")
 
 
 # ------------------------------------------------------------------------------------------------ delete
@@ -313,7 +313,7 @@ def test_delete_asks_refuses_a_live_run_and_removes_only_that_run(grid, capsys, 
     consolidated = json.loads((store / 'zarr.json').read_text())['consolidated_metadata']['metadata']
     assert not any(k.startswith(folders['3'].name) for k in consolidated)
     assert any(k.startswith(folders['0'].name) for k in consolidated)
-    assert cli_error(capsys, 'delete', '3', '--yes', '--db', grid.db).startswith('error: run 3: no run with this id')
+    assert cli_error(capsys, 'delete', '3', '--yes', '--db', grid.db).startswith("error: RUN 3: no run matches '3'")
 
 
 # ------------------------------------------------------------------------------------------------ curves
