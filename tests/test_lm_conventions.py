@@ -20,7 +20,7 @@ from lm_eval.models.utils import normalize_gen_kwargs  # noqa: E402
 import runtime.lm_adapter as A  # noqa: E402
 from compiler.errors import UserError  # noqa: E402
 from runtime import evaluate as E  # noqa: E402
-from runtime import generate as G  # noqa: E402
+from runtime import scoring as G  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -197,13 +197,13 @@ def test_harness_results_are_recorded_in_the_evaluations_table(flagship_run):
 
 def test_evaluate_reports_and_records_standard_errors(flagship_run, capsys):
     code, out, err = in_process(E.main, [flagship_run.run_dir, '--tasks', 'memspec_needle', '--limit', 5,
-                                         '--stage', 'blank_copy', '--json'], capsys)
+                                         '--stage', 'copy', '--json'], capsys)  # test_evaluate's stage: same widths
     assert code == 0, err
     (acc,) = [r for r in json.loads(out)['results'] if r['metric'] == 'acc']
     p, n = acc['value'], 5
     assert acc['stderr'] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-12)  # lm-eval's mean_stderr
     got = dict(db_rows(flagship_run.db, 'SELECT metric, value FROM memspec_evaluations WHERE stage = ? AND '
-                                        '"limit" = 5 ORDER BY id', 'blank_copy'))
+                                        '"limit" = 5 AND memory = \'on\' ORDER BY id', 'copy'))
     assert got['acc'] == p and got['acc_stderr'] == pytest.approx(acc['stderr'], abs=1e-12)
 
 
