@@ -64,7 +64,7 @@ def real(lo: float | None = 0.0, hi: float | None = None, above: bool = False):
             raise argparse.ArgumentTypeError(f'{text} is not a finite number')
         if lo is not None and (v < lo or (above and v == lo)):
             raise argparse.ArgumentTypeError(f'{text} is out of range: give a number '
-                                             + (f'above {lo:g}' if above else _bounds(lo, hi)))
+                                             + (f'above {lo:g}' if above else _bounds(f'{lo:g}', hi and f'{hi:g}')))
         if hi is not None and v > hi:
             raise argparse.ArgumentTypeError(f'{text} is out of range: give a number at most {hi:g}')
         return v
