@@ -358,3 +358,34 @@ def test_progress_counts_stages_done_from_end_step_metrics(grid, capsys, tmp_pat
               if ln.split()[0] in ('0', '1', '2')}  # run 3 may have been deleted by then
     assert stages == {'0': ['autoencode', '(1/1', 'done)'], '1': ['autoencode', '(0/1', 'done)'],
                       '2': ['autoencode', '(1/1', 'done)']}
+
+
+@pytest.fixture(scope='module')
+def pg_run(tmp_path_factory):
+    """One tiny run recorded in a throwaway PostgreSQL database (MEMSPEC_TEST_POSTGRES or a local server; else
+    skipped, as tests/test_runs.py's PostgreSQL tests)."""
+    from test_runs import Pg
+    pg = Pg()
+    if pg.url is None:
+        pytest.skip(pg.reason)
+    out = tmp_path_factory.mktemp('pg')
+    b = [f"Run.out_dir='{out}'", f"Data.cache_dir='{out / 'cache'}'", *TINY]
+    argv = ['specs/autoencoder.gin'] + [x for kv in b for x in ('-b', kv)] + ['--db', pg.record_url]
+    p = subprocess.run([sys.executable, '-c', BUILD, json.dumps([argv])], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    yield SimpleNamespace(pg=pg, out=out)
+    pg.drop()
+
+
+def test_tag_note_and_delete_on_postgresql(pg_run, capsys):
+    pg, url = pg_run.pg, pg_run.pg.url
+    (run_id,) = [r[0] for r in pg.rows('SELECT run_id FROM run')]
+    assert cli(capsys, 'tag', run_id, 'pg', '--db', url).out == f'run {run_id} tags: pg\n'
+    assert cli(capsys, 'note', run_id, 'on postgres', '--db', url).out == f'run {run_id} note: on postgres\n'
+    assert json.loads(cli(capsys, 'list', '--tag', 'pg', '--json', '--db', url).out)[0]['note'] == 'on postgres'
+    assert pg.rows('SELECT COUNT(*) FROM memspec_metrics WHERE run_id = %s', run_id)[0][0] > 0
+    cli(capsys, 'delete', run_id, '--yes', '--db', url)
+    for table in ('run', 'memspec_metrics', 'memspec_labels', 'artifact', 'runs_resources'):
+        assert pg.rows(f'SELECT COUNT(*) FROM {table} WHERE run_id = %s', run_id) == [(0,)], table
+    assert not [p for p in pg_run.out.iterdir() if p.name.startswith(f'{run_id}-')]
