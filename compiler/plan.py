@@ -225,7 +225,7 @@ class Backbone(_PlanPart):
     source: str = ''  # a hub id (e.g. 'meta-llama/Llama-3.2-1B') or a local folder save_pretrained wrote
     revision: str = 'main'  # hub revision (branch, tag or commit); a local folder has none
     dtype: typing.Literal['float32', 'bfloat16', 'float16'] = 'float32'  # the weights' dtype
-    lora: Lora | None = None  # LoRA adapters (Lora) trained instead of the backbone's weights; None = none
+    lora: Lora | None = None  # LoRA adapters on the backbone's linear layers (peft); None = none
     # the base weights train only when True; by default they stay frozen (a probe, or LoRA's frozen base)
     train_base: bool = False
     # decoder only: run the encoder's base model itself with its adapter disabled (the ICAE / 500xCompressor
