@@ -1,10 +1,15 @@
-"""python -m compiler SPEC [more.gin ...] [-b BINDING ...] [--json]: check a spec and print the compiled plan."""
+"""python -m compiler SPEC [more.gin ...] [-b BINDING ...] [--json]: check a spec and print the compiled plan.
+
+`python -m compiler --fields` prints the field reference of every configurable (docs/fields.md).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from compiler import cost
+from compiler.args import Parser, integer, real
 from compiler.errors import UserError, cli
 from compiler.pretrained import report as backbone_report
 from compiler.spec import load
@@ -119,7 +124,7 @@ def _backbone_line(b: dict) -> str:
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap = Parser(prog=prog, description=description)
     ap.add_argument('specs', nargs='+', help='gin spec files; later files override earlier ones')
     ap.add_argument('-b', '--binding', action='append', default=[],
                     help="extra gin binding, e.g. -b 'Memory.chunks = 8'")
@@ -128,15 +133,22 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 @cli
 def main(argv=None):
+    if (sys.argv[1:] if argv is None else argv) == ['--fields']:  # the field reference needs no spec
+        from compiler.fields import markdown
+        print(markdown(), end='')
+        return
     ap = parser('python -m compiler', __doc__)
+    ap.add_argument('--fields', action='store_true',
+                    help='print the field reference of every configurable (docs/fields.md) and exit; alone')
     ap.add_argument('--json', action='store_true', help='print the report as JSON')
-    ap.add_argument('--devices', type=int, default=1,
+    ap.add_argument('--devices', type=integer(1, 2 ** 20), default=1,
                     help='devices for the runtime estimate (torchrun --nproc_per_node)')
-    ap.add_argument('--tflops', type=float, help='sustained TFLOP/s per device for a runtime estimate '
+    ap.add_argument('--tflops', type=real(0, 1e9, above=True),
+                    help='sustained TFLOP/s per device for a runtime estimate '
                     '(e.g. 300 for an H100 in bf16 at ~30%% of peak); omitted: no estimate')
     args = ap.parse_args(argv)
-    if args.devices < 1:
-        raise UserError(f'--devices {args.devices}', 'the device count must be at least 1', 'use e.g. --devices 8')
+    if args.fields:
+        raise UserError('--fields', 'the field reference takes no spec', 'run python -m compiler --fields alone')
     spec = load(args.specs, args.binding, devices=args.devices)
     r = report(spec)
     if args.tflops:

@@ -180,18 +180,19 @@ _SCOPE = field(default='', compare=False, repr=False)
 @dataclass(frozen=True)
 class Stack(_PlanPart):
     """One stack of blocks (an encoder or a decoder): token embedding -> n_layers blocks -> final norm."""
-    d_model: int = 128
-    n_layers: int = 2
-    kind: typing.Literal['transformer', 'mixer'] = 'transformer'
-    causal: bool = True
-    n_heads: int = 4
+    d_model: int = 128  # width of the residual stream (embeddings, hidden states; memories unless compressed)
+    n_layers: int = 2  # blocks in the stack
+    kind: typing.Literal['transformer', 'mixer'] = 'transformer'  # attention blocks, or masked-mixer blocks
+    causal: bool = True  # each position sees only earlier ones (decoders); False: bidirectional (encoders)
+    n_heads: int = 4  # attention heads (transformer); d_model must be a multiple
     n_kv_heads: int | None = None  # grouped-query attention (Llama checkpoints); None = n_heads
-    ffn_hidden: int | None = None  # None = 4 * d_model (the research code's choice)
+    ffn_hidden: int | None = None  # feed-forward hidden width; None = 4 * d_model (the research code's choice)
     mixer_kernel: int = 1  # token-mixing convolution kernel (masked mixer)
     mixer_heads: int = 1  # >1: multi-head mixer, each head its own masked convolution
+    # attention kernel: torch's scaled_dot_product_attention, xformers' memory-efficient one, or the best available
     attention: typing.Literal['auto', 'sdpa', 'xformers'] = 'auto'
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # base of the rotary position embedding's frequencies
+    norm_eps: float = 1e-6  # epsilon of the RMS norms
     context: int | None = None  # longest sequence the stack supports (a pretrained model's window); None = any
     scope: str = _SCOPE
 
@@ -207,9 +208,9 @@ class Stack(_PlanPart):
 @dataclass(frozen=True)
 class Lora(_PlanPart):
     """LoRA adapters on a Backbone, through peft (compiler/backbone.py): B starts at zero, so step 0 is the base."""
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8  # rank of each adapter's low-rank update
+    alpha: float = 16.0  # scaling of the update: alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
     # module names (suffixes, e.g. ['q_proj', 'v_proj']) or ['all-linear'] (every linear layer but the output head)
     target_modules: tuple[str, ...] = ('all-linear',)
     modules_to_save: tuple[str, ...] = ()  # modules trained in full beside the adapters (e.g. ['lm_head'])
@@ -224,7 +225,7 @@ class Backbone(_PlanPart):
     source: str = ''  # a hub id (e.g. 'meta-llama/Llama-3.2-1B') or a local folder save_pretrained wrote
     revision: str = 'main'  # hub revision (branch, tag or commit); a local folder has none
     dtype: typing.Literal['float32', 'bfloat16', 'float16'] = 'float32'  # the weights' dtype
-    lora: Lora | None = None
+    lora: Lora | None = None  # LoRA adapters on the backbone's linear layers (peft); None = none
     # the base weights train only when True; by default they stay frozen (a probe, or LoRA's frozen base)
     train_base: bool = False
     # decoder only: run the encoder's base model itself with its adapter disabled (the ICAE / 500xCompressor
@@ -260,11 +261,13 @@ class Backbone(_PlanPart):
 @dataclass(frozen=True)
 class Memory(_PlanPart):
     """How a chunk becomes one embedding and how the decoder reads it. Also the data shape: N chunks x L tokens."""
-    chunks: int = 4  # N
-    chunk_len: int = 32  # L
+    chunks: int = 4  # N: chunks per sample, one memory each
+    chunk_len: int = 32  # L: tokens per chunk
     position: typing.Literal['last', 'second_last'] = 'last'  # which real token's hidden state is the memory
     compression: int = 1  # >1: Linear(d, d/c) -> Linear(d/c, d) bottleneck
     noise: float = 0.0  # uniform noise amplitude added to memories in training (quantization-aware, paper 2**-4)
+    # 'fixed': chunk c reads N slots, its c memories then pad (tokens always at position N); 'variable': N-1 slots,
+    # unused ones masked out, so chunk c attends exactly its c memories and its tokens
     slots: typing.Literal['fixed', 'variable'] = 'fixed'
     pad: typing.Literal['ones', 'zeros', 'learned'] = 'learned'  # embedding of an empty memory slot
     decoder_input: typing.Literal['repeat', 'unroll'] = 'unroll'  # autoencoder decoder input
@@ -273,8 +276,9 @@ class Memory(_PlanPart):
 
 @dataclass(frozen=True)
 class Objective(_PlanPart):
-    kind: typing.Literal[OBJECTIVES] = 'clm'  # type: ignore[valid-type]  # compiler/objective_registry.py
-    weight: float = 1.0
+    # what is trained: an objective of the registry (compiler/objective_registry.py)
+    kind: typing.Literal[OBJECTIVES] = 'clm'  # type: ignore[valid-type]
+    weight: float = 1.0  # the objective's weight in the stage's loss (see Stage.normalize)
     delimiter: int = 0  # copy: number of delimiter tokens before the copy (research code: 3)
     temperature: float = 0.02  # retrieval InfoNCE temperature
     ngram: int = 7  # retrieval query length
@@ -285,23 +289,23 @@ class Objective(_PlanPart):
 @dataclass(frozen=True)
 class Stage(_PlanPart):
     """One curriculum stage."""
-    name: str = 'train'
-    steps: int = 100
-    objectives: tuple[Objective, ...] = (Objective(),)
+    name: str = 'train'  # names the stage's weights (stages/<name>.safetensors) and memory group
+    steps: int = 100  # optimizer steps (scaled by Run.steps_scale)
+    objectives: tuple[Objective, ...] = (Objective(),)  # trained together, each on the same batch
     # 'weighted_sum': sum_i w_i * mean_i. 'faithful': the research code's clm_mean + 0.5 * copy_mean accident.
     normalize: typing.Literal['weighted_sum', 'faithful'] = 'weighted_sum'
     freeze: tuple[str, ...] = ()  # component names (see compiler.model.components), token embedding included
     init_from: dict[str, str] = field(default_factory=dict)  # component -> 'fresh' | 'previous' | 'run:<id>/<stage>'
-    lr: float = 1e-3
-    warmup: int = 0
-    decay: typing.Literal['cosine', 'linear', 'constant'] = 'cosine'
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    warmup: int = 0  # steps of linear warmup from 0 to lr (scaled by Run.steps_scale)
+    decay: typing.Literal['cosine', 'linear', 'constant'] = 'cosine'  # schedule after warmup, to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of lr
+    weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int | None = None  # None = Data.batch_size
     # rows per forward/backward; a step accumulates their gradients (row-weighted, as DDP ranks average).
     # Cache-sized blocks train faster on CPU and need less activation memory. None = the whole batch at once.
     micro_batch: int | None = None
-    eval_every: int = 100
+    eval_every: int = 100  # held-out evaluation every this many steps (and at the stage's end)
     scope: str = _SCOPE
 
 
@@ -309,50 +313,54 @@ class Stage(_PlanPart):
 class Data(_PlanPart):
     source: str = 'embedded'  # 'embedded' | path to .txt/.jsonl/.parquet | 'hub:<name>[:<config>]'
     split: str = 'train'  # hub split
-    text_field: str = 'text'
+    text_field: str = 'text'  # the field of .jsonl/.parquet/hub records that holds the text
     tokenizer: str | None = None  # path to tokenizer.json or pretrained dir; None = train BPE of vocab_size
-    vocab_size: int = 2048
+    vocab_size: int = 2048  # BPE vocabulary trained on the corpus (with Data.tokenizer: must match it)
+    # 'packed': documents joined by <eod> and cut into N x L windows; 'padded': one document per sample, padded
     layout: typing.Literal['packed', 'padded'] = 'packed'
-    padding_side: typing.Literal['right', 'left'] = 'right'
-    full_length_only: bool = False
-    val_fraction: float = 0.05
-    batch_size: int = 16
-    max_documents: int | None = None
-    cache_dir: str = '.cache/memspec'
+    padding_side: typing.Literal['right', 'left'] = 'right'  # where 'padded' samples get their padding
+    full_length_only: bool = False  # 'padded': keep only documents that fill all N x L tokens
+    val_fraction: float = 0.05  # share of samples held out for evaluation and stored memories
+    batch_size: int = 16  # samples per optimizer step (Stage.batch_size overrides it per stage)
+    max_documents: int | None = None  # read at most this many documents of the source (None: all)
+    cache_dir: str = '.cache/memspec'  # where tokenized data is cached, keyed by everything that shapes it
     scope: str = _SCOPE
 
 
 @dataclass(frozen=True)
 class Run(_PlanPart):
-    name: str = 'run'
-    seed: int = 0
-    device: typing.Literal['auto', 'cpu', 'cuda'] = 'auto'
-    out_dir: str = 'runs'
+    name: str = 'run'  # the run's name in summary.md; the experiment's name when it has no spec file
+    seed: int = 0  # seeds initialization, data order and sampling: a run is reproducible from its plan
+    device: typing.Literal['auto', 'cpu', 'cuda'] = 'auto'  # auto: cuda where available, else cpu
+    out_dir: str = 'runs'  # run folders, the default run database (sacred.db) and memory store go here
+    # steps between resume points (checkpoint.pt) within a stage; every stage end writes one too. Scaled by
+    # Run.steps_scale like the steps (at least 1), so a smoke test still checkpoints
     checkpoint_every: int = 200
-    log_every: int = 10
-    eval_batches: int = 8
+    log_every: int = 10  # train/* metrics (loss, accuracy, lr, grad_norm, tokens/s) every this many steps
+    eval_batches: int = 8  # held-out batches each evaluation reads
     # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
     memory_store: str = ''
-    memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'
+    memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'  # dtype of stored memories
     # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
     compile: bool = False
-    # multiplies every stage's steps and warmup (rounded, at least 1 step; eval_every capped at the scaled steps)
-    # when the Plan is built, e.g. 0.01 for a smoke test of a whole curriculum (see scale_steps)
+    # multiplies every stage's steps and warmup and Run.checkpoint_every (rounded, at least 1 step; eval_every capped
+    # at the scaled steps) when the Plan is built, e.g. 0.01 for a smoke test of a whole curriculum (see scale_steps)
     steps_scale: float = 1.0
     scope: str = _SCOPE
 
 
 @dataclass(frozen=True)
 class Plan(_PlanPart):
+    # the model family (compiler/families.py): what the encoder reads, whether memories form, what is decoded
     family: typing.Literal[FAMILIES] = 'clm'  # type: ignore[valid-type]
-    decoder: Stack | Backbone = Stack()
-    encoder: Stack | Backbone | None = None
+    decoder: Stack | Backbone = Stack()  # the stack that predicts tokens (reads memories in memory families)
+    encoder: Stack | Backbone | None = None  # the stack that forms memories from chunks (memory families)
     # decoder of 'autoencode' stages in chunked memory models (curriculum stage 0); None = same as decoder
     ae_decoder: Stack | Backbone | None = None
-    memory: Memory = Memory()
-    data: Data = Data()
-    curriculum: tuple[Stage, ...] = (Stage(),)
-    run: Run = Run()
+    memory: Memory = Memory()  # memory formation and the N x L data shape
+    data: Data = Data()  # corpus, tokenizer and batches
+    curriculum: tuple[Stage, ...] = (Stage(),)  # stages trained in order, each from where the previous ended
+    run: Run = Run()  # seed, device, outputs, logging and checkpoints
     scope: str = _SCOPE
 
     @property
@@ -393,7 +401,8 @@ def scale_steps(plan: Plan) -> Plan:
     """The plan with Run.steps_scale applied to its curriculum: steps and warmup multiplied and rounded (steps at
     least 1), eval_every capped at the scaled steps. The built Plan holds the scaled numbers and the factor, so its
     hash, report and run record say what runs; applied once, by compiler.spec.load (a recorded plan is already
-    scaled). Factor 1 returns the plan unchanged."""
+    scaled). Run.checkpoint_every is scaled too (rounded, at least 1), so a scaled run checkpoints as often relative
+    to its steps. Factor 1 returns the plan unchanged (shipped specs keep their plan hashes)."""
     f = plan.run.steps_scale
     if f == 1:
         return plan
@@ -405,7 +414,9 @@ def scale_steps(plan: Plan) -> Plan:
                             f'{s.steps} x {f:g} steps, beyond the limit 2**63', 'use a smaller Run.steps_scale')
         stages.append(dataclasses.replace(s, steps=steps, warmup=round(s.warmup * f),
                                           eval_every=min(s.eval_every, steps)))
-    return dataclasses.replace(plan, curriculum=tuple(stages))
+    every = min(INT_LIMIT - 1, max(1, round(plan.run.checkpoint_every * f)))
+    run = dataclasses.replace(plan.run, checkpoint_every=every)
+    return dataclasses.replace(plan, curriculum=tuple(stages), run=run)
 
 
 CONFIGURABLES = {cls.__name__: cls for cls in (Stack, Lora, Backbone, Memory, Objective, Stage, Data, Run, Plan)}

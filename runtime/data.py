@@ -23,7 +23,6 @@ tokens each stage of the curriculum consumes against those available.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -38,6 +37,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from compiler.args import Parser
 from compiler.errors import UserError, cli
 from compiler.load import SPECIAL_TOKENS, special_ids
 from runtime import tokens as T
@@ -440,7 +440,7 @@ def epochs_warning(plan, p: Prepared) -> str | None:
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog='python -m runtime.data', description='Prepare the data of a spec and report it.')
+    ap = Parser(prog='python -m runtime.data', description='Prepare the data of a spec and report it.')
     ap.add_argument('files', nargs='+', help='gin spec file(s)')
     ap.add_argument('-b', '--binding', action='append', default=[],
                     help="gin binding, e.g. -b 'Data.vocab_size = 1024'")

@@ -4,20 +4,24 @@ Evaluates a recorded run without training: weights, tokenizer and plan come from
 lm-evaluation-harness (the offline `memspec` group of specs/eval, or any harness task where the network is
 available), the model through the `memspec` adapter (runtime/lm_adapter.py). The results are recorded in the run's
 database (`memspec_evaluations`, store/database.py: one row per task and metric, tied to the run and the stage),
-printed as a table (or as JSON with --json) and written to <run>/evaluations/<stage>.<memory>.json.
+printed as a table (or as JSON with --json) and written to <run>/evaluations/<stage>.<memory>.json. Standard errors
+are the harness' (analytic for means, bootstrapped for the rest: --bootstrap-iters) and are recorded as the metric
+'<metric>_stderr', as the harness names them. The hub is reached as the environment says (HF_HUB_OFFLINE,
+HF_DATASETS_OFFLINE); a harness task whose dataset is neither cached nor reachable is refused with the command
+that caches it.
 
     python -m runtime.evaluate runs/0 --tasks memspec
     python -m runtime.evaluate 0 --runs runs --stage blank_copy --tasks memspec_needle --memory ablated --limit 50
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
 import sys
 from pathlib import Path
 
+from compiler.args import MANY, Parser, integer
 from compiler.errors import UserError, cli
 from runtime.reading import MODES
 from store.database import default_url, display_url, get_run, open_db, record_evaluations
@@ -29,19 +33,25 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / 'specs' / 'eval'
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m runtime.evaluate', description=__doc__.split('\n\n')[1])
+def parser() -> Parser:
+    ap = Parser(prog='python -m runtime.evaluate', description=__doc__.split('\n\n')[1])
     ap.add_argument('run', metavar='RUN', help="run id or full name <id>-<key> under --runs, or a run folder's path")
     ap.add_argument('--runs', default='runs', help='folder of run folders (default runs)')
     ap.add_argument('--stage', help='weights at the end of this stage (default: final.safetensors)')
     ap.add_argument('--tasks', required=True,
                     help='comma-separated harness tasks or groups (memspec: the offline set)')
-    ap.add_argument('--limit', type=int, help='at most this many documents per task')
+    ap.add_argument('--limit', type=integer(1, MANY), help='at most this many documents per task')
     ap.add_argument('--memory', default='on', choices=MODES, help='on (default), ablated or full_context '
                     '(runtime/reading.py)')
     ap.add_argument('--db', help='run database (default: <run folder>/../sacred.db, where runtime.run records)')
     ap.add_argument('--include-path', default=str(TASKS_DIR), help='task YAML folder (default specs/eval)')
-    ap.add_argument('--batch-size', type=int, default=32, help='rows per decoder call')
+    ap.add_argument('--batch-size', type=integer(1, 2 ** 16), default=32, help='rows per decoder call')
+    ap.add_argument('--bootstrap-iters', type=integer(0, 10 ** 7), default=100000,
+                    help="bootstrap resamples for the standard errors of metrics that are not means (the harness' "
+                         'default 100000; 0: no standard errors)')
+    ap.add_argument('--gen-kwargs', metavar='K=V,...',
+                    help="generation settings for generate_until tasks, as lm_eval's --gen_kwargs, e.g. "
+                         'max_gen_toks=8 (a plain LM refuses max_gen_toks at least its window)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
     return ap
@@ -69,6 +79,26 @@ def task_names(names: list[str], text: str, manager) -> list[str]:
     return names
 
 
+def check_available(manager, tasks: list[str]) -> None:
+    """Load each harness task (not the local memspec ones) before anything runs: one whose dataset is neither
+    cached nor reachable is refused with the command that caches it."""
+    offline = any(os.environ.get(k, '').strip().lower() in ('1', 'true', 'yes', 'on')
+                  for k in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))
+    for task in tasks:
+        if task.startswith('memspec'):
+            continue
+        try:
+            manager.load([task])
+        except Exception as e:  # noqa: BLE001  (datasets' and the hub's errors differ by version; all mean the same)
+            fetch = ('HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 python -c "from lm_eval.tasks import TaskManager; '
+                     f"TaskManager().load(['{task}'])\"")
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = ('its dataset is not in the local cache and the hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)'
+                    if offline else 'its dataset could not be loaded')
+            raise UserError(f'--tasks {task}', f'{what}: {type(e).__name__}: {why}',
+                            f'cache it once where the network is reachable: {fetch}') from None
+
+
 def rows_of(results: dict) -> list[tuple[str, str, float, float | None]]:
     """(task, metric, value, stderr) of the harness' results (groups without metrics of their own are left out)."""
     out = []
@@ -82,12 +112,17 @@ def rows_of(results: dict) -> list[tuple[str, str, float, float | None]]:
     return out
 
 
+def record(url: str, run_id: str, stage: str, memory: str, limit: int | None, rows: list, now) -> None:
+    """The results' rows in the run's evaluations table; a standard error as the metric '<metric>_stderr'."""
+    record_evaluations(url, run_id, [{'stage': stage, 'task': t, 'metric': name, 'value': v, 'memory': memory,
+                                      'limit': limit, 'time': now}
+                                     for t, m, value, err in rows
+                                     for name, v in ((m, value), (f'{m}_stderr', err)) if v is not None])
+
+
 @cli
 def main(argv=None) -> None:
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     args = parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f'--limit {args.limit}', 'must be at least 1', 'pass --limit 1 or more, or leave it out')
     run = folder_of(args.run, args.runs)
     folder = run.root
     url = args.db or default_url(run.out_dir)
@@ -108,14 +143,14 @@ def main(argv=None) -> None:
     lm = MemspecLM(run=str(folder), stage=args.stage, memory=args.memory, device=args.device,
                    batch_size=args.batch_size)  # refuses an unknown stage or a mode the family lacks
     manager, tasks = task_manager(args.tasks, args.include_path, {'run': str(folder), 'runs': args.runs})
+    check_available(manager, tasks)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
-                                  bootstrap_iters=0, log_samples=False)
+                                  bootstrap_iters=args.bootstrap_iters, log_samples=False, gen_kwargs=args.gen_kwargs)
     rows = rows_of(res['results'])
     docs = {t: n.get('effective') for t, n in (res.get('n-samples') or {}).items()}
     stage = args.stage or 'final'
     now = dt.datetime.now(dt.timezone.utc)
-    record_evaluations(url, run_id, [{'stage': stage, 'task': t, 'metric': m, 'value': v, 'memory': args.memory,
-                                           'limit': args.limit, 'time': now} for t, m, v, _ in rows])
+    record(url, run_id, stage, args.memory, args.limit, rows, now)
     report = {'run': run_id, 'run_folder': str(folder), 'stage': stage, 'memory': args.memory,
               'limit': args.limit, 'tasks': tasks, 'family': lm.plan.family, 'time': now.isoformat(),
               'documents': docs, 'results': [{'task': t, 'metric': m, 'value': v, 'stderr': e} for t, m, v, e in rows]}

@@ -3,8 +3,10 @@
 Text generation from a trained run, conditioned on memories (the paper's claim 3: a chunk of context costs the
 decoder one slot, not chunk_len cache rows).
 
-RUN is a run id or its full name <id>-<key> under --runs, or the path of a run folder (store/runref.py). The run is
-loaded through store.runref.load_run (its operative.gin, weights checked against the recorded sha256, tokenizer).
+RUN is a run id or its full name <id>-<key> under --runs, the path of a run folder (store/runref.py), or a folder
+`python -m store.export` wrote (its config.json, model.safetensors checked against the sha256 recorded beside it,
+tokenizer.json; no --stage, no stored --memories). A run is loaded through store.runref.load_run (its operative.gin,
+weights checked against the recorded sha256, tokenizer).
 How each family reads text (a KV cache over memories, one over the window, or the trained forward pass without a
 cache) is runtime/reading.py's; the decoding itself is runtime/decoding.py (cached) and runtime/window.py (forward).
 Families that cannot generate (autoencoder and probe regenerate a memory; the oracle's encoder reads the future)
@@ -12,7 +14,6 @@ are refused with their registry record's reason.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compiler.args import SEED, Parser, integer, real
 from compiler.errors import UserError, cli
 from compiler.families import family
 from runtime.decoding import generate
@@ -29,11 +31,36 @@ from store.layout import RunFolder, memory_store
 from store.runref import load_run as load_recorded
 
 
+def is_export(ref) -> bool:
+    """RUN names a folder store.export wrote (its config.json; a run folder has none)."""
+    return (Path(str(ref)) / 'config.json').is_file()
+
+
+def load_export(folder: Path, stage: str | None, device: str = 'cpu', sampling: bool = False):
+    """compiler.load.Loaded of an exported folder (compiler.load.from_pretrained's checks), `.folder` None."""
+    from compiler import load
+    where, fix = f'RUN {folder}', 'export the run again (python -m store.export RUN OUT)'
+    if stage is not None:
+        raise UserError(f'--stage {stage}', f'{folder} is an export: it holds the weights it was exported with',
+                        'leave --stage out, or export that stage (python -m store.export RUN OUT --stage NAME)')
+    cfg = load.read_export_config(folder, where, fix)
+    plan = load.plan_from_dict(cfg['plan'], f'{where}: config.json', fix)
+    check_decodes(plan, where, sampling=sampling)
+    sha = cfg['weights'].get('sha256')
+    loaded = load.load(plan, load.inside(folder, cfg['weights'].get('file'), f'{where}: config.json', fix),
+                       where=where, fix=fix, sha256=sha if isinstance(sha, str) else None,
+                       tokenizer=load.inside(folder, 'tokenizer.json', where, fix), device=device)
+    loaded.folder = None
+    return loaded
+
+
 def load_run(ref, stage: str | None = None, runs='runs', device: str = 'cpu', sampling: bool = False):
-    """store.runref.load_run with the runtime's fallback for runs recorded before folders held their tokenizer (the
-    data cache rebuilt: runtime.data.prepare); a family that cannot continue text (`sampling`: generate it) is
-    refused before its weights are read."""
+    """store.runref.load_run (or load_export for an exported folder) with the runtime's fallback for runs recorded
+    before folders held their tokenizer (the data cache rebuilt: runtime.data.prepare); a family that cannot continue
+    text (`sampling`: generate it) is refused before its weights are read."""
     from runtime.data import prepare
+    if is_export(ref):
+        return load_export(Path(str(ref)), stage, device, sampling)
     return load_recorded(ref, stage, runs=runs, device=device, vocabulary=functools.partial(prepare, progress=False),
                          check=functools.partial(check_decodes, sampling=sampling))
 
@@ -65,9 +92,15 @@ def stored_memories(ref: str, plan, folder: RunFolder):
     return mem[:, :plan.memory.chunks - 1], tokens[0, -1][mask[0, -1]]
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m runtime.generate', description=__doc__.split('\n\n')[1])
-    ap.add_argument('run', metavar='RUN', help='run id or full name <id>-<key> under --runs, or a run folder\'s path')
+# The most tokens one call generates. A memory model's memories slide, so it could go on forever; a call keeps every
+# new token and prints them at the end, so an unbounded count would run with no output and no end.
+MAX_NEW_TOKENS = 2 ** 16
+
+
+def parser() -> Parser:
+    ap = Parser(prog='python -m runtime.generate', description=__doc__.split('\n\n')[1])
+    ap.add_argument('run', metavar='RUN', help="run id or full name <id>-<key> under --runs, a run folder's path, or "
+                                               'a folder python -m store.export wrote')
     ap.add_argument('--runs', default='runs', help='folder of run folders (default runs)')
     ap.add_argument('--stage', help='weights at the end of this stage (default: final.safetensors)')
     ap.add_argument('--prompt', required=True, action='append',
@@ -81,10 +114,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument('--memory', default='on', choices=MODES,
                     help="on (default); ablated: every memory slot empty; full_context: a memory model's decoder reads "
                          'the context tokens themselves in its window of slots + chunk positions')
-    ap.add_argument('--max-new-tokens', type=int, default=64)
-    ap.add_argument('--temperature', type=float, default=0.0, help='0 = greedy (default)')
-    ap.add_argument('--top-k', type=int, help='sample only among the k most likely tokens')
-    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--max-new-tokens', type=integer(1, MAX_NEW_TOKENS), default=64,
+                    help=f'tokens to generate per prompt (default 64, at most {MAX_NEW_TOKENS}; a plain LM also '
+                         'within its window)')
+    ap.add_argument('--temperature', type=real(0, 1e4), default=0.0, help='0 = greedy (default)')
+    ap.add_argument('--top-k', type=integer(1, 2 ** 31 - 1), help='sample only among the k most likely tokens')
+    ap.add_argument('--seed', type=integer(0, SEED), default=0)
     ap.add_argument('--device', default='cpu', help='torch device (default cpu)')
     ap.add_argument('--json', action='store_true',
                     help='print tokens, text, ttft_s, tokens_per_s, kv_cache_bytes as JSON')
@@ -92,14 +127,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_options(args) -> None:
-    if args.max_new_tokens < 1:
-        raise UserError(f'--max-new-tokens {args.max_new_tokens}', 'must be at least 1',
-                        'pass --max-new-tokens 1 or more')
-    if args.temperature < 0:
-        raise UserError(f'--temperature {args.temperature}', 'must be >= 0',
-                        'pass 0 for greedy decoding, or a positive value')
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f'--top-k {args.top_k}', 'must be at least 1', 'pass --top-k 1 or more, or leave it out')
+    """What argparse's types (compiler/args.py: range-checked numbers) cannot say."""
     if not all(args.prompt):
         raise UserError('--prompt', 'the prompt is empty', 'give --prompt some text: generation continues it')
     try:
@@ -136,6 +164,24 @@ def fits_window(plan, model, n_tokens: int, max_new: int, mode: str = 'on') -> N
                         fix + ' (a memory model reads any length: its memories slide)')
 
 
+def complete(loaded, prompts: list[str], context: str = '', max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, seed: int = 0, memory: str = 'on', memories=None, device: str = 'cpu'):
+    """Continue each prompt after `context`: (texts, the Generation). `loaded` is what load_run returns, for a run
+    folder or an export (`load_run('runs/export-0')`); a memory model encodes the context's complete chunks into
+    memories, so any length reads (its forward pass, by contrast, takes [batch, chunks, chunk_len] blocks). Refuses
+    what cannot fit a plain LM's window."""
+    plan, model, tok = loaded.plan, loaded.model, loaded.vocab.tokenizer
+    ids = tok.encode(context, add_special_tokens=False).ids
+    rows = [ids + tok.encode(p, add_special_tokens=False).ids for p in prompts]
+    reading(model, memory)  # an inapplicable mode is refused before any work
+    for row in rows:
+        fits_window(plan, model, len(row), max_new_tokens, memory)
+    gen = torch.Generator(device).manual_seed(seed)
+    out = generate(model, rows, memories, max_new_tokens, temperature, top_k, loaded.vocab.eod_id, gen,
+                   mode=memory, memory_cache=MemoryCache(), device=device)
+    return [tok.decode(row, skip_special_tokens=False) for row in out.tokens], out
+
+
 @cli
 def main(argv=None) -> None:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -143,33 +189,30 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     check_options(args)
     loaded = load_run(args.run, args.stage, args.runs, args.device, sampling=True)
-    plan, model, data, folder = loaded.plan, loaded.model, loaded.vocab, loaded.folder
+    plan, data, folder = loaded.plan, loaded.vocab, loaded.folder
     tok = data.tokenizer
     memories = None
     if args.memories:
+        if folder is None:
+            raise UserError(f'--memories {args.memories}', f'{args.run} is an export: it has no memory store',
+                            'condition on text with --context, or give the run folder')
         memories, last = stored_memories(args.memories, plan, folder)
         memories = memories.to(args.device)
         print(f'[generate] {memories.shape[1]} stored memories of {args.memories}; that example\'s last chunk was: '
               f'{tok.decode(last.tolist(), skip_special_tokens=False)!r}', file=sys.stderr)
-    context = tok.encode(context_text(args), add_special_tokens=False).ids
-    rows = [context + tok.encode(p, add_special_tokens=False).ids for p in args.prompt]
-    reading(model, args.memory)  # an inapplicable mode is refused before any work
-    if memories is not None and len({len(r) for r in rows}) > 1:
+    context = context_text(args)
+    if memories is not None and len({len(tok.encode(p, add_special_tokens=False).ids) for p in args.prompt}) > 1:
         raise UserError(f'--memories {args.memories}', 'stored memories condition prompts of one token length only',
                         'give one --prompt, or prompts that encode to the same number of tokens')
-    for ids in rows:
-        fits_window(plan, model, len(ids), args.max_new_tokens, args.memory)
-    gen = torch.Generator(args.device).manual_seed(args.seed)
-    out = generate(model, rows, memories, args.max_new_tokens, args.temperature, args.top_k, data.eod_id, gen,
-                   mode=args.memory, memory_cache=MemoryCache(), device=args.device)
+    texts, out = complete(loaded, args.prompt, context, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                          args.memory, memories, args.device)
     if out.dropped[0]:
         why = ('a no_memory model reads no memories' if not family(plan).has_encoder else
                'memories are ablated' if args.memory == 'ablated' else
                f'the decoder has {plan.memory.chunks - 1} memory slots; the newest are kept')
         print(f'[generate] {out.dropped[0]} context chunk(s) of {plan.memory.chunk_len} tokens not read: {why}',
               file=sys.stderr)
-    for row in out.tokens:
-        text = tok.decode(row, skip_special_tokens=False)
+    for row, text in zip(out.tokens, texts):
         if args.json:
             print(json.dumps({'tokens': row, 'text': text, 'ttft_s': out.ttft_s,
                               'tokens_per_s': out.tokens_per_s if out.decoded else None,

@@ -175,6 +175,19 @@ def _recorded(ref: str, where: str, url: str) -> database.RunRecord:
     return run
 
 
+def resume_line(plan, target: Resume) -> str:
+    """What a resume continues from, said before any work: 'resuming run 3 at step 12 of 30 (stage 2/4 blank_copy,
+    step 3 of 9)'."""
+    ck, total = target.checkpoint, plan.stage_start(len(plan.curriculum))
+    head = f'resuming run {target.run.name}'
+    if ck is None:
+        return f'{head} at step 0 of {total}: it was stopped before its first checkpoint, so it starts again'
+    si, step = ck['stage'], ck['step']
+    stage = plan.curriculum[si]
+    return (f'{head} at step {done_steps(plan, ck)} of {total} (stage {si + 1}/{len(plan.curriculum)} {stage.name}, '
+            f'step {step} of {stage.steps})')
+
+
 def plan_difference(config: dict, spec, limit: int = 8) -> str:
     """'; bindings that differ: ...' between a run's recorded config and a spec: the operative gin's bindings and
     macros (what the user wrote), else the plan's keys (a default that changed between versions), else ''."""
@@ -287,6 +300,8 @@ def _run_main(args, locks: list) -> None:
     target = None if args.resume is None else resume_target(args.resume, spec, runs_dir, url,
                                                             locks if rank == 0 else None)
     checkpoint = None if target is None else target.checkpoint
+    if target is not None and rank == 0:
+        print(resume_line(plan, target), file=sys.stderr)
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
     check_init_sources(plan, runs_dir, checkpoint, data.vocab_size)
     if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing

@@ -13,7 +13,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """[B, vocab] -> [B] token ids: argmax at temperature 0, else a draw from softmax(logits / T) over the top k."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # in float64 and shifted so the largest is 0 before dividing: a tiny temperature (1e-300 is 0 in float32) then
+    # gives 0 and -inf (a greedy draw), never 0 / 0 or inf - inf = nan, which torch.multinomial refuses
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))

@@ -44,6 +44,7 @@ import argparse
 import torch
 
 from compiler import plan as P
+from compiler.args import MANY, SEED, Parser, integer
 from compiler.errors import UserError, cli
 from store.analysis.decode import cmd_decode, cmd_info
 from store.analysis.figures import cmd_plot
@@ -55,8 +56,8 @@ from store.runref import folder_at
 DEFAULT_STORE = str(memory_store(P.Run()))
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m store.analyze', description=__doc__.split('\n\n')[1],
+def parser() -> Parser:
+    ap = Parser(prog='python -m store.analyze', description=__doc__.split('\n\n')[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest='command', required=True)
 
@@ -75,40 +76,39 @@ def parser() -> argparse.ArgumentParser:
 
     p = common(sub.add_parser('decode', help='original vs regenerated text of stored sequences'))
     p.add_argument('run_id', metavar='RUN')
-    p.add_argument('-n', type=int, default=5, help='sequences to show (default 5)')
+    p.add_argument('-n', type=integer(1, MANY), default=5, help='sequences to show (default 5)')
     p.set_defaults(fn=cmd_decode)
 
     p = common(sub.add_parser('info', help='information metrics of decoding from stored memories, one table'))
     p.add_argument('run_ids', metavar='RUN', nargs='+')
     p.add_argument('--csv', metavar='FILE',
                    help="also write the table as CSV ('-': CSV on stdout instead of the table)")
-    p.add_argument('--rows', type=int, help='only the first ROWS sequences of each group (default all)')
+    p.add_argument('--rows', type=integer(1, MANY), help='only the first ROWS sequences of each group (default all)')
     p.set_defaults(fn=cmd_info)
 
     p = common(sub.add_parser('retrieve', help='n-gram / n-bag retrieval over stored memories'))
     p.add_argument('run_id', metavar='RUN')
-    p.add_argument('--n', type=int, default=7, help='query length in tokens (default 7, the paper\'s)')
+    p.add_argument('--n', type=integer(1, MANY), default=7,
+                   help="query length in tokens, at most the stored chunks' length (default 7, the paper's)")
     p.add_argument('--mode', choices=('ngram', 'nbag'), default='ngram', help='contiguous n-gram or n random tokens')
-    p.add_argument('--queries', type=int, default=2048,
+    p.add_argument('--queries', type=integer(0, MANY), default=2048,
                    help='query chunks drawn at random (default 2048; 0 = every chunk)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=integer(0, SEED), default=0)
     p.set_defaults(fn=cmd_retrieve)
 
     p = common(sub.add_parser('plot', help='PNG figures: memory PCA, accuracy by position, metric curves'))
     p.add_argument('run_id', metavar='RUN')
     p.add_argument('--out', required=True, help='folder for the PNGs')
-    p.add_argument('--points', type=int, default=4000, help='chunk memories sampled for the PCA scatter (default 4000)')
-    p.add_argument('--rows', type=int, help='sequences decoded for accuracy by position (default all)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--points', type=integer(1, MANY), default=4000,
+                   help='chunk memories sampled for the PCA scatter (default 4000)')
+    p.add_argument('--rows', type=integer(1, MANY), help='sequences decoded for accuracy by position (default all)')
+    p.add_argument('--seed', type=integer(0, SEED), default=0)
     p.set_defaults(fn=cmd_plot)
     return ap
 
 
 def _check_args(args) -> None:
-    for name in ('n', 'queries', 'points', 'rows'):
-        v = getattr(args, name, None)
-        if v is not None and (v < 0 or (v == 0 and name in ('n', 'points', 'rows'))):
-            raise UserError(f'--{name} {v}', 'must be a positive number', f'pass --{name} >= 1')
+    """What argparse's types (compiler/args.py: range-checked numbers) cannot say."""
     if args.device != 'cpu':
         try:
             torch.empty(0, device=args.device)

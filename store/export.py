@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from compiler import load
+from compiler.args import Parser
 from compiler.digest import sha256_file
 from compiler.errors import UserError, cli
 from compiler.families import family
@@ -247,7 +248,7 @@ def _write(db, run: RunRecord, plan: Plan, stage: str | None, tmp: Path, tokeniz
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog='python -m store.export', description=__doc__.split('\n\n')[0],
+    ap = Parser(prog='python -m store.export', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split('\n\n', 1)[1])
     ap.add_argument('run', metavar='RUN', help="run id (python -m store.runs list), its full name <id>-<key>, or "

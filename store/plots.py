@@ -2,10 +2,12 @@
 metric curves, for `python -m store.runs metrics ... --plot` and `python -m store.analyze plot`.
 
 One panel per metric kind (the part of a name after its last '.' or '/': loss, ce, token_accuracy, info_proportion,
-lr, grad_norm, tokens_per_s, ...), so numbers of one unit share an axis. Within a panel each run has its colour
-(the same in every panel; a figure-wide legend names them) and each metric its line style (the panel's legend names
-them), so 30 curves stay tellable apart. Stage ends are vertical lines: grey and labelled when the runs share them,
-else thin lines in each run's colour.
+lr, grad_norm, tokens_per_s, ...), so numbers of one unit share an axis. One run: each metric has its colour (the
+panel's legend names them). Several runs: each run has its colour (the same in every panel; a figure-wide legend names
+them, with the grid values that tell the runs apart) and each metric of a panel its line style and shade of that
+colour (the panel's legend names them), so 30 curves stay tellable apart. A curve of few points (an eval metric
+logged at stage ends only, a value logged once) carries markers, so a single point is visible. Stage ends are
+vertical lines: grey and labelled when the runs share them, else thin lines in each run's colour.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ KINDS = {'loss': 'loss (nats)', 'ce': 'cross-entropy (nats)', 'token_accuracy': 
 STYLES = ['-', '--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2)), (0, (3, 1, 1, 1)),
           (0, (10, 3)), (0, (2, 2, 6, 2))]
 MARKERS = ['', 'o', 's', '^', 'v', 'D', 'x', '+']
+FEW = 30  # a curve of at most this many points is drawn with markers
+SHADES = (0.0, 0.4, 0.6, 0.25, 0.5)  # how far a run's i-th metric of a panel mixes the run's colour with white
 
 
 @dataclass
@@ -81,6 +85,23 @@ def save_figure(fig, path: Path, where: str, **kwargs) -> Path:
     return path
 
 
+def shade(colour, i: int) -> tuple:
+    """The run's colour for its i-th metric of a panel: the colour itself, then lighter mixes with white."""
+    f = SHADES[i % len(SHADES)]
+    r, g, b = colour[:3]
+    return (r + (1 - r) * f, g + (1 - g) * f, b + (1 - b) * f, 1.0)
+
+
+def line(i: int, j: int, n_runs: int, run_colour, metric_colour, points: int) -> dict:
+    """How run i's metric j (index within its panel) is drawn: one run: the metric's colour, solid; several: the
+    run's colour shaded and the metric's dash pattern. Markers where the curve has few points."""
+    kw = {'color': metric_colour, 'linestyle': '-', 'marker': '', 'markersize': 3} if n_runs == 1 else \
+        {'color': shade(run_colour, j), **style(j)}
+    if points <= FEW and not kw['marker']:
+        kw['marker'] = 'o'
+    return kw
+
+
 def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path:
     """Write the figure of `series` to `out` (atomically: a temporary file, then a rename); -> the path."""
     import matplotlib
@@ -118,9 +139,11 @@ def curves(series: list[Series], out, title: str, where: str = '--plot') -> Path
 
 
 def _panel(ax, k: str, series: list[Series], colour: dict, shared_ends: bool) -> None:
-    """One panel: the metrics of kind `k` of every run (colour: the run; line style: the metric), stage ends."""
+    """One panel: the metrics of kind `k` of every run (one run: a colour per metric; several: the run's colour,
+    shaded, and a line style per metric; markers on curves of few points), stage ends."""
     from matplotlib.lines import Line2D
     names = sorted({metric(n) for s in series for n, _, _ in s.rows if kind(n) == k})
+    metric_colours = colours(len(names))
     for i, s in enumerate(series):
         by_name: dict[str, tuple[list, list]] = {}
         for name, step, value in s.rows:
@@ -129,7 +152,9 @@ def _panel(ax, k: str, series: list[Series], colour: dict, shared_ends: bool) ->
                 xs.append(step)
                 ys.append(value)
         for m, (xs, ys) in by_name.items():
-            ax.plot(xs, ys, color=colour[i], linewidth=1.2, **style(names.index(m)))
+            j = names.index(m)
+            ax.plot(xs, ys, linewidth=1.2, label=f'{s.label} | {m}',
+                    **line(i, j, len(series), colour[i], metric_colours[j], len(xs)))
         if not shared_ends:
             for step in s.ends.values():
                 ax.axvline(step, color=colour[i], linewidth=0.6, alpha=0.35)
@@ -140,5 +165,6 @@ def _panel(ax, k: str, series: list[Series], colour: dict, shared_ends: bool) ->
                         ha='right', va='top', color='grey')
     ax.set_ylabel(KINDS.get(k, k), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend([Line2D([], [], color='black', **style(j)) for j in range(len(names))], names, fontsize=7,
-              loc='upper left', bbox_to_anchor=(1.01, 1.0), title='metric', title_fontsize=7)
+    keys = [Line2D([], [], color=metric_colours[j], linestyle='-') if len(series) == 1 else
+            Line2D([], [], color=shade((0.0, 0.0, 0.0), j), **style(j)) for j in range(len(names))]
+    ax.legend(keys, names, fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), title='metric', title_fontsize=7)

@@ -1,4 +1,4 @@
-"""python -m store.runs {list,show,metrics,compare} [--db URL] ...: query the runs that `python -m runtime.run` recorded.
+"""python -m store.runs {list,show,metrics,compare,group,tag,note,delete} [--db URL] ...: the runs `runtime.run` recorded.
 
     list                       one line per run: id, spec, status, stages, final eval metrics, start time
                                (--spec SUBSTRING, --status STATUS, --where KEY=VALUE, repeatable); a RUNNING run
@@ -8,6 +8,11 @@
     metrics RUN [RUN ...]      every logged value (run, name, step, value; --name PAT); --plot OUT.png overlays the
                                runs, one panel per metric kind (store/plots.py)
     compare RUN RUN ...        plan keys, CLI bindings, stage-end metrics and evaluations that differ between runs
+    group KEY [KEY ...]        runs grouped by config keys (grid points), each metric's final value as mean ± standard
+                               error over the runs of a group (seeds); the filters of list (store/groups.py)
+    tag RUN TAG [TAG ...]      tag a run (--remove: untag); `list --tag TAG` filters by tags (store/manage.py)
+    note RUN TEXT              the run's note ('' removes it); list and show print tags and notes
+    delete RUN                 the run's database rows, its run folder and its memories (asks; --yes)
 
 RUN is a run id, its full name <id>-<key>, or its run folder's path (store/runref.py). Every command also prints
 --json (one JSON document) or --csv (one table) instead of text.
@@ -15,30 +20,29 @@ RUN is a run id, its full name <id>-<key>, or its run folder's path (store/runre
 The database is Sacred's (SqlObserver tables `run`, `host`, `experiment`, `artifact`, ...) plus our
 `memspec_metrics(run_id, name, step, value, time)` table: sqlite:///runs/sacred.db by default, or a PostgreSQL URL;
 a mongodb:// URL reads Sacred's MongoObserver collections (needs pymongo). Queries are SQLAlchemy Core text
-statements, so SQLite and PostgreSQL run the same code. SQLite files are opened read-only and never created.
+statements, so SQLite and PostgreSQL run the same code. The query commands open SQLite files read-only and never
+create one; tag, note and delete write (store/manage.py).
 """  # noqa: E501 (the first line is printed verbatim as the --help description)
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import fnmatch
-import json
-import math
 import os
 import sys
 from pathlib import Path
 
+from compiler.args import Parser
 from compiler.errors import UserError, cli
+from store import groups, manage
+from store.compare import cmd_compare
 from store.database import (
     DEFAULT_DB,
-    STALE_AFTER,
     STATUSES,
     RunRecord,
     flatten,
     latest_evaluations,
     open_db,
-    span,
 )
 from store.plots import Series, curves
 from store.runref import database_for, record_of
@@ -47,7 +51,10 @@ from store.tables import (
     fmt,
     metrics_table,
     num,
+    plain,
     plan_summary,
+    print_csv,
+    print_json,
     spec_label,
     spec_text,
     stage_line,
@@ -55,89 +62,12 @@ from store.tables import (
     top_specs,
     when,
 )
+from store.views import code_line, stage_end_metrics, status_text
 from store.where import Where, bindings
 
 # final eval metrics shown by `list` (column title, metric name)
 HEADLINE = [('clm.ce', 'eval/clm.ce'), ('blank_copy acc', 'eval/blank_copy.token_accuracy'),
             ('copy acc', 'eval/copy.token_accuracy'), ('autoencode acc', 'eval/autoencode.token_accuracy')]
-# stage-end metrics shown by `compare` unless --name picks others
-COMPARE_METRICS = ['clm.ce', 'clm.token_accuracy', 'clm.bits_per_byte', 'copy.token_accuracy',
-                   'copy_ablated.token_accuracy', 'blank_copy.token_accuracy', 'blank_copy_ablated.token_accuracy',
-                   'autoencode.token_accuracy',
-                   'autoencode.info_proportion']
-
-
-# ------------------------------------------------------------------------------------------------ derived views
-
-def stage_end_metrics(db, run: RunRecord) -> dict[str, dict[str, float]]:
-    """stage -> {eval metric (without 'eval/'): value at the stage's last step}. From the metrics table; the
-    run's summary.json (artifact, or file in the run folder) where the table has none."""
-    ends = run.end_steps
-    out: dict[str, dict[str, float]] = {}
-    if ends:
-        by_step: dict[int, list[str]] = {}
-        for stage, step in ends.items():
-            by_step.setdefault(step, []).append(stage)
-        for name, step, value in db.at_steps(run.id, sorted(by_step)):
-            for stage in by_step.get(step, []):
-                out.setdefault(stage, {})[name[len('eval/'):]] = value
-    if out:
-        return {s: out[s] for s in sorted(out, key=lambda s: ends[s])}
-    raw = db.artifact(run.id, 'summary.json')
-    if raw is None and run.info.get('run_dir'):
-        p = Path(run.info['run_dir']) / 'summary.json'
-        raw = p.read_bytes() if p.is_file() else None
-    try:
-        summary = json.loads(raw) if raw else {}
-    except ValueError:
-        summary = {}
-    return {s: {k: float(v) for k, v in m.items()} for s, m in summary.items() if isinstance(m, dict)}
-
-
-def status_text(run: RunRecord) -> str:
-    """The status, with RUNNING flagged when the run's heartbeat stopped: its process died without a word (kill -9,
-    power loss), and `python -m runtime.run ... --resume ID` continues it."""
-    if run.damaged:  # listed, so it can be found; commands that read the whole run refuse it (RunRecord.check)
-        return f"{run.status[:20]} (damaged: {', '.join(d.split(' (')[0] for d in run.damaged)})"
-    silent = run.silent_for()
-    if silent is not None and silent > STALE_AFTER:
-        return f'RUNNING (stale: no heartbeat for {span(silent)})'
-    return run.status
-
-
-# ------------------------------------------------------------------------------------------------ output
-
-def _plain(v):
-    """A value as JSON holds it: non-finite floats become null (JSON has no NaN), datetimes ISO text."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if hasattr(v, 'isoformat'):
-        return v.isoformat()
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def print_json(doc) -> None:
-    print(json.dumps(_plain(doc), indent=1))
-
-
-def print_csv(headers: list[str], rows: list[list]) -> None:
-    """Exact values: floats as repr (round-trip), None as an empty cell, lists and dicts as JSON."""
-    def cell(v):
-        if v is None:
-            return ''
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, (list, dict)):
-            return json.dumps(_plain(v))
-        return v.isoformat() if hasattr(v, 'isoformat') else str(v)
-    w = csv.writer(sys.stdout, lineterminator='\n')
-    w.writerow(headers)
-    for r in rows:
-        w.writerow([cell(v) for v in r])
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -156,6 +86,18 @@ def _listed(db, args, wheres: list[Where]) -> list[RunRecord]:
     return runs
 
 
+def select_runs(db, args) -> tuple[list[RunRecord], dict]:
+    """(the runs that pass list's filters --spec, --status, --where and --tag; their tags and notes)."""
+    wheres = [Where(w) for w in args.where or []]
+    runs = _listed(db, args, wheres)
+    marks = manage.labels(db, [r.id for r in runs])
+    runs = [r for r in runs if set(args.tag or []) <= set(marks.get(r.id, {}).get('tags', []))]
+    if not runs:
+        print('no runs match' if (args.spec or args.status or wheres or args.tag) else f'no runs in {db.name}',
+              file=sys.stderr)
+    return runs, {r.id: marks[r.id] for r in runs if r.id in marks}
+
+
 def _headline(db, runs: list[RunRecord]) -> dict[str, dict[str, float]]:
     """Final eval metrics per run (no metric rows, e.g. another observer: its summary.json's last stage)."""
     finals = db.final_metrics([r.id for r in runs], [n for _, n in HEADLINE])
@@ -168,18 +110,17 @@ def _headline(db, runs: list[RunRecord]) -> dict[str, dict[str, float]]:
 
 
 def cmd_list(db, args) -> None:
-    wheres = [Where(w) for w in args.where or []]
-    runs = _listed(db, args, wheres)
+    runs, marks = select_runs(db, args)
     if not runs:
-        print('no runs match' if (args.spec or args.status or wheres) else f'no runs in {db.name}', file=sys.stderr)
         return
     finals = _headline(db, runs)
     cols = [(t, n) for t, n in HEADLINE if any(n in finals.get(r.id, {}) for r in runs)]
     headers = ['id', 'spec', 'status', 'stages'] + [t for t, _ in cols] + ['started (UTC)']
     if args.json or args.csv:
         docs = [{'id': r.id, 'name': r.name, 'spec': spec_text(r), 'status': status_text(r), 'stages': r.stages,
-                 'stages_done': len(r.end_steps), **{n: finals.get(r.id, {}).get(n) for _, n in cols},
-                 'started': r.start} for r in runs]
+                 'stages_done': stages_done(db, r), **{n: finals.get(r.id, {}).get(n) for _, n in cols},
+                 'started': r.start, 'tags': marks.get(r.id, {}).get('tags', []),
+                 'note': marks.get(r.id, {}).get('note')} for r in runs]
         if args.json:
             print_json(docs)
         else:
@@ -188,12 +129,24 @@ def cmd_list(db, args) -> None:
     rows = []
     for r in runs:
         stages = ','.join(r.stages)
-        done = len(r.end_steps)
         if r.status != 'COMPLETED' and r.stages:
-            stages += f' ({done}/{len(r.stages)} done)'
+            stages += f' ({stages_done(db, r)}/{len(r.stages)} done)'
         rows.append([r.id, spec_text(r), status_text(r), stages] + [num(finals.get(r.id, {}).get(n)) for _, n in cols]
-                    + [when(r.start)])
-    print(table(headers, rows, right={0} | set(range(4, 4 + len(cols)))))
+                    + [when(r.start)] + ([manage.label_text(marks.get(r.id))] if marks else []))
+    print(table(headers + (['tags / note'] if marks else []), rows, right={0} | set(range(4, 4 + len(cols)))))
+
+
+def stages_done(db, run: RunRecord) -> int:
+    """Curriculum stages the run finished: those of its plan with a recorded end step (info.stages, which Sacred
+    saves with each heartbeat, every 10 s: a live or killed run's lags) or with eval metrics at the stage's last
+    step (written as they are logged; a resume forgets what was logged after its checkpoint)."""
+    ends, step, by_end = run.end_steps, 0, {}
+    for s in run.plan.get('curriculum') or []:
+        step += int(s.get('steps', 0)) if isinstance(s.get('steps'), int) else 0
+        by_end[step] = s.get('name')
+    todo = [e for e, s in by_end.items() if s not in ends]
+    logged = {st for _, st, _ in db.at_steps(run.id, todo)} if todo and run.status != 'COMPLETED' else set()
+    return sum(1 for e, s in by_end.items() if s in ends or e in logged)
 
 
 def show_document(db, run: RunRecord) -> dict:
@@ -210,23 +163,12 @@ def show_document(db, run: RunRecord) -> dict:
             'evaluations': [{'stage': e.stage, 'memory': e.memory, 'limit': e.limit, 'task': e.task, 'metric': e.metric,
                              'value': e.value, 'time': e.time} for e in latest_evaluations(db.evaluations(run.id))],
             'artifacts': [{'name': n, 'bytes': b} for n, b in db.artifacts(run.id)],
-            'operative_gin': cfg.get('operative_gin')}
+            'operative_gin': cfg.get('operative_gin'), **_marks(db, run)}
 
 
-def code_line(code: dict) -> str:
-    """The provenance of a run's code in one line (runtime/provenance.py records it)."""
-    if code.get('kind') == 'git':
-        # runs recorded before 'dirty' meant "the diff is not empty" were also dirty for untracked files alone
-        dirty = (f"dirty: {code.get('diff_bytes', 0):,} bytes of diff (sha256 {str(code.get('diff_sha256'))[:12]})"
-                 if code.get('dirty') and code.get('diff_bytes') else 'clean')
-        files = [f.get('path', '?') for f in code.get('untracked') or [] if isinstance(f, dict)]
-        if files:
-            more = len(files) - 5 + int(code.get('untracked_more') or 0)
-            dirty += f", untracked files hashed: {', '.join(files[:5])}" + (f' and {more} more' if more > 0 else '')
-        return f"git {str(code.get('commit'))[:12]} on {code.get('branch', '?')}, {dirty}"
-    if code.get('kind') == 'tree':
-        return f"source tree sha256 {str(code.get('sha256'))[:12]} ({code.get('files')} files; not a git checkout)"
-    return 'not recorded'
+def _marks(db, run: RunRecord) -> dict:
+    m = manage.labels(db, [run.id]).get(run.id) or {}
+    return {'tags': m.get('tags', []), 'note': m.get('note')}
 
 
 def cmd_show(db, args) -> None:
@@ -238,7 +180,7 @@ def cmd_show(db, args) -> None:
     elif args.json:
         print_json(show_document(db, run))
     elif args.csv:
-        print_csv(['key', 'value'], [[k, v] for k, v in flatten(_plain(show_document(db, run))).items()])
+        print_csv(['key', 'value'], [[k, v] for k, v in flatten(plain(show_document(db, run))).items()])
     else:
         for part in (_show_origin, _show_host, _show_folder, _show_plan, _show_metrics, _show_weights):
             part(db, run)
@@ -298,6 +240,11 @@ def _show_folder(db, run: RunRecord) -> None:
               + (f'; {sizes}' if sizes else '') + ')')
     if run.result is not None:
         print(f'result      {run.result:.6g}')
+    marks = _marks(db, run)
+    if marks['tags']:
+        print(f"tags        {', '.join(marks['tags'])}")
+    if marks['note']:
+        print(f"note        {marks['note']}")
     if run.fail_trace:
         last = [ln for ln in str(run.fail_trace).strip().splitlines() if ln.strip()]
         print(f"failure     {last[-1].strip() if last else '?'}")
@@ -373,7 +320,8 @@ def cmd_metrics(db, args) -> None:
         ids = ', '.join(r.id for r in runs)
         title = f'run {runs[0].id}  {spec_text(runs[0])}  ({runs[0].status})' if len(runs) == 1 else \
             f'runs {ids}'
-        curves([Series(f'run {r.id}  {spec_text(r)}', rows[r.id], r.end_steps) for r in runs], args.plot, title)
+        curves([Series(label, rows[r.id], r.end_steps) for r, label in zip(runs, grid_labels(runs))], args.plot,
+               title)
     elif args.json:
         print_json([{'run': r, 'name': n, 'step': s, 'value': v} for r, rs in rows.items() for n, s, v in rs])
     elif args.csv:
@@ -383,156 +331,33 @@ def cmd_metrics(db, args) -> None:
                     [[r, n, str(s), f'{v:.6g}'] for r, rs in rows.items() for n, s, v in rs], right={2, 3}))
 
 
-def cmd_compare(db, args) -> None:
-    if len(args.ids) < 2:
-        raise UserError('compare', 'needs at least two run ids', 'e.g. python -m store.runs compare 0 2')
-    runs = [record_of(db, i) for i in args.ids]
-    if args.json or args.csv:
-        compare_document(db, runs, args)
+def cmd_group(db, args) -> None:
+    runs, _ = select_runs(db, args)
+    if not runs:
         return
-    tty = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
-    ids = [r.id for r in runs]
-    print(table(['run'] + ids, [['spec'] + [spec_text(r) for r in runs], ['status'] + [r.status for r in runs],
-                                ['plan hash'] + [str(r.config.get('spec_hash', '?')) for r in runs]], tty=tty))
-
-    plan_keys = list(dict.fromkeys(k for r in runs for k in r.flat if k.startswith('plan.')))
-    values = {k: [r.flat.get(k, _MISSING) for r in runs] for k in plan_keys}
-    ndiff = sum(1 for v in values.values() if len({fmt(x) if x is not _MISSING else '-' for x in v}) > 1)
-    rows, marked = _diff_rows(collapse_missing(values, runs), args.all)
-    note = 'bold' if tty else '*'
-    print(f'\nplan: {ndiff} of {len(plan_keys)} keys differ ({note}: differs from run {ids[0]})')
-    if rows:
-        print(table(['key'] + ids, rows, marked=marked, tty=tty, indent='  '))
-    bs = [bindings(r) for r in runs]
-    bkeys = list(dict.fromkeys(k for b in bs for k in b))
-    brows, bmarked = _diff_rows({k: [b.get(k, _MISSING) for b in bs] for k in bkeys}, False)
-    print('\ncommand-line bindings that differ' + ('' if brows else ': none'))
-    if brows:
-        print(table(['binding'] + ids, brows, marked=bmarked, tty=tty, indent='  '))
-    _compare_results(db, runs, ids, args.name)
-
-
-def _diff_rows(values: dict[str, list], show_all: bool):
-    """Table rows of the keys whose values differ between runs (all keys: show_all) and the cells to mark."""
-    rows, marked = [], set()
-    for key, vals in values.items():
-        texts = [fmt(v) if v is not _MISSING else '-' for v in vals]
-        differs = len(set(texts)) > 1
-        if not differs and not show_all:
-            continue
-        i = len(rows)
-        rows.append([key] + texts)
-        marked |= {(i, j + 1) for j, t in enumerate(texts) if j and t != texts[0]}
-        if differs and show_all:
-            marked.add((i, 0))
-    return rows, marked
-
-
-def _compare_results(db, runs: list[RunRecord], ids: list, names: list[str] | None) -> None:
-    sms, stages, names = compared_metrics(db, runs, names)
-    mrows = [[s, n] + [num(sm.get(s, {}).get(n)) for sm in sms] for s in stages for n in names
-             if any(n in sm.get(s, {}) for sm in sms)]
-    print('\nstage-end metrics' + ('' if mrows else ': none recorded'))
-    if mrows:
-        print(table(['stage', 'metric'] + ids, mrows, right=set(range(2, 2 + len(ids))), indent='  '))
-    keys, evals = compared_evaluations(db, ids)
-    print('\nevaluations (python -m runtime.evaluate)' + ('' if keys else ': none recorded'))
-    if keys:
-        erows = [[k[0], k[1], evaluated_as(k)] + [num(ev.get(k)) for ev in evals] for k in keys]
-        print(table(['task', 'metric', 'stage/memory'] + ids, erows, right=set(range(3, 3 + len(ids))),
-                    indent='  '))
-
-
-def compared_metrics(db, runs: list[RunRecord], patterns: list[str] | None):
-    """(stage-end metrics of each run, the stages, the metric names compare shows: headline or --name)."""
-    sms = [stage_end_metrics(db, r) for r in runs]
-    stages = list(dict.fromkeys(s for sm in sms for s in sm))
-    names = sorted({n for sm in sms for m in sm.values() for n in m})
-    if patterns:
-        pick = []
-        for p in patterns:
-            hits = [n for n in names if (fnmatch.fnmatchcase(n, p) if any(c in p for c in '*?[') else p in n)]
-            if not hits:
-                raise UserError(f'--name {p}', 'no stage-end metric of these runs matches this',
-                                f"known: {', '.join(names) or 'none recorded'}")
-            pick += hits
-        names = list(dict.fromkeys(pick))
+    every = sorted({n for r in runs for n, _, _ in db.metrics(r.id)})
+    if args.name:
+        names = sorted({n for n, _, _ in select_metrics([(n, 0, 0.0) for n in every], args.name, 'selected')})
     else:
-        names = [n for n in COMPARE_METRICS if n in names]
-    return sms, stages, names
-
-
-def compared_evaluations(db, ids: list) -> tuple[list, list[dict]]:
-    """(keys (task, metric, stage, memory, limit) in first-seen order, each run's newest value per key)."""
-    evals = [{(e.task, e.metric, e.stage, e.memory, e.limit): e.value for e in latest_evaluations(db.evaluations(i))}
-             for i in ids]
-    return list(dict.fromkeys(k for ev in evals for k in ev)), evals
-
-
-def evaluated_as(key: tuple) -> str:
-    """'stage/memory[/limit N]' of an evaluation key (task, metric, stage, memory, limit)."""
-    _, _, stage, memory, limit = key
-    return f'{stage}/{memory}' + ('' if limit is None else f'/limit {limit}')
-
-
-def compare_document(db, runs: list[RunRecord], args) -> None:
-    """compare --json / --csv: the same sections as the text (plan keys that differ, or all with --all; command-line
-    bindings that differ; stage-end metrics; evaluations), every value exact; a run that lacks a key has null."""
-    ids = [r.id for r in runs]
-    plan_keys = list(dict.fromkeys(k for r in runs for k in r.flat if k.startswith('plan.')))
-    plan = {k: [r.flat.get(k) for r in runs] for k in plan_keys}
-    plan = {k: v for k, v in plan.items() if args.all or len({fmt(x) for x in v}) > 1}
-    bs = [bindings(r) for r in runs]
-    binds = {k: [b.get(k) for b in bs] for k in dict.fromkeys(k for b in bs for k in b)}
-    binds = {k: v for k, v in binds.items() if len(set(map(str, v))) > 1}
-    sms, stages, names = compared_metrics(db, runs, args.name)
-    metrics = {s: {n: [sm.get(s, {}).get(n) for sm in sms] for n in names if any(n in sm.get(s, {}) for sm in sms)}
-               for s in stages}
-    keys, evals = compared_evaluations(db, ids)
+        names = [n for _, n in HEADLINE if n in every] or [n for n in every if n.startswith('eval/')]
+    docs = groups.groups(runs, args.keys, db.final_metrics([r.id for r in runs], names), names)
     if args.json:
-        print_json({'runs': [{'id': r.id, 'name': r.name, 'spec': spec_text(r), 'status': r.status,
-                              'spec_hash': r.config.get('spec_hash')} for r in runs],
-                    'plan': plan, 'bindings': binds, 'stage_end_metrics': metrics,
-                    'evaluations': [{'task': t, 'metric': m, 'stage': st, 'memory': mem, 'limit': lim,
-                                     'values': [ev.get(k) for ev in evals]}
-                                    for k in keys for t, m, st, mem, lim in [k]]})
-        return
-    rows = [['plan', k, '', *v] for k, v in plan.items()] + [['binding', k, '', *v] for k, v in binds.items()] \
-        + [['stage_end_metric', n, s, *v] for s, m in metrics.items() for n, v in m.items()] \
-        + [['evaluation', f'{k[0]}/{k[1]}', evaluated_as(k), *[ev.get(k) for ev in evals]] for k in keys]
-    print_csv(['section', 'key', 'stage', *ids], rows)
+        print_json(docs)
+    elif args.csv:
+        print_csv(*groups.csv_rows(docs, args.keys, names))
+    else:
+        print(groups.render(docs, args.keys, names))
 
 
-_MISSING = object()
-
-
-def _missing_prefix(key: str, run: RunRecord) -> str:
-    """The shortest prefix of `key` (at dots) that `run`'s config lacks entirely, e.g. a whole stage."""
-    parts = key.split('.')
-    for i in range(2, len(parts) + 1):
-        prefix = '.'.join(parts[:i])
-        if prefix not in run.flat and not any(k.startswith(prefix + '.') for k in run.flat):
-            return prefix
-    return key
-
-
-def collapse_missing(values: dict[str, list], runs: list[RunRecord]) -> dict[str, list]:
-    """Keys that differ only because a whole section (a stage, an encoder) is absent from some runs become one
-    'section.*' row ('present' / '-'); keys whose values differ among the runs that have them stay."""
-    out: dict[str, list] = {}
-    for key, vals in values.items():
-        present = {fmt(v) for v in vals if v is not _MISSING}
-        absent = [j for j, v in enumerate(vals) if v is _MISSING]
-        if len(present) > 1 or not absent:
-            out[key] = vals
-            continue
-        prefixes = {_missing_prefix(key, runs[j]) for j in absent}
-        prefix = min(prefixes, key=len)
-        if prefix == key:
-            out[key] = vals
-        else:
-            out.setdefault(prefix + '.*', ['present' if v is not _MISSING else _MISSING for v in vals])
-    return out
+def grid_labels(runs: list[RunRecord]) -> list[str]:
+    """Legend labels that tell the runs apart: 'run 3  LR=1e-3, Run.seed=1' (the command-line bindings and seed
+    that differ between the runs: a sweep's grid values), else 'run 3  <spec>'."""
+    bs = [{**bindings(r), 'seed': str(r.config.get('seed'))} for r in runs]
+    keys = [k for k in dict.fromkeys(k for b in bs for k in b) if len({b.get(k) for b in bs}) > 1]
+    if 'Run.seed' in keys:
+        keys.remove('seed')
+    return [f'run {r.id}  ' + (', '.join(f'{k}={b[k]}' for k in keys if k in b) if keys else spec_text(r))
+            for r, b in zip(runs, bs)]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -542,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument('--db', metavar='URL',
                         help=f'run database: sqlite:///path.db, postgresql://user:pw@host/db or mongodb://host '
                              f'(default: the sacred.db beside a run folder given by its path, else {DEFAULT_DB})')
-    ap = argparse.ArgumentParser(prog='python -m store.runs', description=__doc__.split('\n\n')[0],
+    ap = Parser(prog='python -m store.runs', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog='\n\n'.join(__doc__.split('\n\n')[1:3]))
 
@@ -552,14 +377,19 @@ def parser() -> argparse.ArgumentParser:
         out.add_argument('--csv', action='store_true', help='print one CSV table (exact values) instead of text')
         return out
 
-    sub = ap.add_subparsers(dest='command', required=True, metavar='{list,show,metrics,compare}')
+    def filters(p):
+        p.add_argument('--spec', metavar='SUBSTRING', help='only runs whose spec file paths contain this')
+        p.add_argument('--status', type=str.upper, choices=STATUSES, help='only runs with this status')
+        p.add_argument('--where', action='append', metavar='KEY=VALUE',
+                       help="plan filter, repeatable (all must hold): 'Memory.chunks=4', 'encoder/Stack.d_model=128', "
+                            "'blank/Stage.lr=1e-3', a macro 'LR=1e-3', or a flattened key 'plan.memory.chunks=4'; "
+                            "'!=' negates")
+        p.add_argument('--tag', action='append', metavar='TAG', help='only runs with this tag (repeatable: all)')
+
+    sub = ap.add_subparsers(dest='command', required=True,
+                            metavar='{list,show,metrics,compare,group,tag,note,delete}')
     p = sub.add_parser('list', parents=[common], help='one line per run')
-    p.add_argument('--spec', metavar='SUBSTRING', help='only runs whose spec file paths contain this')
-    p.add_argument('--status', type=str.upper, choices=STATUSES, help='only runs with this status')
-    p.add_argument('--where', action='append', metavar='KEY=VALUE',
-                   help="plan filter, repeatable (all must hold): 'Memory.chunks=4', 'encoder/Stack.d_model=128', "
-                        "'blank/Stage.lr=1e-3', a macro 'LR=1e-3', or a flattened key 'plan.memory.chunks=4'; "
-                        "'!=' negates")
+    filters(p)
     formats(p)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser('show', parents=[common], help='one run in full')
@@ -585,6 +415,28 @@ def parser() -> argparse.ArgumentParser:
                    help='bold differing values (auto: when stdout is a terminal; otherwise they get a *)')
     formats(p)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser('group', parents=[common], help='mean ± standard error of runs grouped by config keys')
+    p.add_argument('keys', nargs='+', metavar='KEY',
+                   help="config keys to group by, as --where writes them: 'autoencode/Stage.lr', 'Memory.chunks', "
+                        "a macro 'LR', or 'plan.memory.chunks'")
+    p.add_argument('--name', action='append', metavar='PATTERN',
+                   help='metrics to aggregate (substring or glob; default: the headline eval metrics)')
+    filters(p)
+    formats(p)
+    p.set_defaults(func=cmd_group)
+    p = sub.add_parser('tag', parents=[common], help='tag a run (or untag it with --remove)')
+    p.add_argument('id', metavar='RUN')
+    p.add_argument('tags', nargs='+', metavar='TAG')
+    p.add_argument('--remove', action='store_true', help='remove these tags instead')
+    p.set_defaults(func=manage.cmd_tag)
+    p = sub.add_parser('note', parents=[common], help="set a run's note ('' removes it)")
+    p.add_argument('id', metavar='RUN')
+    p.add_argument('text', nargs='+', metavar='TEXT')
+    p.set_defaults(func=manage.cmd_note)
+    p = sub.add_parser('delete', parents=[common], help='delete a run: database rows, run folder and memories')
+    p.add_argument('id', metavar='RUN')
+    p.add_argument('--yes', action='store_true', help='do not ask for confirmation')
+    p.set_defaults(func=manage.cmd_delete)
     return ap
 
 

@@ -1,9 +1,11 @@
 """Plain-text output of the store's commands: aligned tables, numbers, times, spec labels, plan summaries."""
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import math
+import sys
 from pathlib import Path
 
 from compiler.families import REGISTRY, family
@@ -134,3 +136,36 @@ def metrics_table(stage_metrics: dict[str, dict[str, float]], ends: dict[str, in
     rows = [['(step)'] + [str(ends.get(s, '-')) for s in stages]] if ends else []
     rows += [[n] + [num(stage_metrics[s].get(n)) for s in stages] for n in names]
     return table(['metric'] + stages, rows, right=set(range(1, len(stages) + 1)), indent=indent)
+
+
+def plain(v):
+    """A value as JSON holds it: non-finite floats become null (JSON has no NaN), datetimes ISO text."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, 'isoformat'):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    return v
+
+
+def print_json(doc) -> None:
+    print(json.dumps(plain(doc), indent=1))
+
+
+def print_csv(headers: list[str], rows: list[list]) -> None:
+    """Exact values: floats as repr (round-trip), None as an empty cell, lists and dicts as JSON."""
+    def cell(v):
+        if v is None:
+            return ''
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, (list, dict)):
+            return json.dumps(plain(v))
+        return v.isoformat() if hasattr(v, 'isoformat') else str(v)
+    w = csv.writer(sys.stdout, lineterminator='\n')
+    w.writerow(headers)
+    for r in rows:
+        w.writerow([cell(v) for v in r])

@@ -75,8 +75,8 @@ class Where:
     """One --where filter: 'scope/Configurable.param=value', a macro ('LR=1e-3') or a flattened config key
     ('plan.memory.chunks=4'); '!=' negates."""
 
-    def __init__(self, expr: str):
-        self.expr, self.place = expr, f"--where '{expr}'"
+    def __init__(self, expr: str, place: str | None = None):
+        self.expr, self.place = expr, place or f"--where '{expr}'"
         m = re.match(r'^\s*([^=!]+?)\s*(!=|==|=)\s*(.*?)\s*$', expr)
         if not m or not m.group(1):
             raise UserError(self.place, 'expected KEY=VALUE',

@@ -185,12 +185,10 @@ def refusals(run):
                           'weights'),
         'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],
                         no_run('nope', f'the folder {runs}', [run.name])),
-        'limit': ([run, '--tasks', 'memspec', '--limit', 0], '--limit 0: must be at least 1\n'
-                  '  fix: pass --limit 1 or more, or leave it out'),
     }
 
 
-@pytest.mark.parametrize('case', ['unknown task', 'unknown stage', 'unknown run', 'limit'])
+@pytest.mark.parametrize('case', ['unknown task', 'unknown stage', 'unknown run'])
 def test_evaluate_refuses_bad_input_with_one_message(flagship_run, capsys, case):
     argv, message = refusals(flagship_run.run_dir)[case]
     assert cli(argv, capsys) == (2, '', f'error: {message}\n')

@@ -323,11 +323,13 @@ def test_metrics_of_several_runs_overlay_in_one_figure_and_in_json(runs, capsys,
         return [ln for ln in fig.axes[titles.index(panel)].get_lines() if len(set(ln.get_xdata())) > 1]
     assert len({ln.get_color() for ln in curves('loss (nats)')}) == 3  # one colour per run
     acc = curves('token accuracy')
-    per_run = {c: [(repr(ln._dash_pattern), ln.get_marker()) for ln in acc if ln.get_color() == c]
-               for c in {ln.get_color() for ln in acc}}
+    per_run = {}
+    for ln in acc:  # each line is labelled '<run label> | <metric>'
+        per_run.setdefault(ln.get_label().split(' | ')[0], []).append(
+            (repr(ln._dash_pattern), ln.get_marker(), ln.get_color()))
     assert max(len(v) for v in per_run.values()) == 6  # clm, copy, blank copy (each also ablated but clm), autoencode
-    for styles in per_run.values():  # within a run, each metric has its own line style (dash pattern and marker)
-        assert len(styles) == len(set(styles)), styles
+    for styles in per_run.values():  # within a run, each metric has its own line style and shade
+        assert len({s[:2] for s in styles}) == len(styles) and len({s[2] for s in styles}) > 1, styles
     data = json.loads(cli(capsys, 'metrics', runs.a, runs.c, '--name', 'train/loss', '--json', db=runs.db))
     assert [(d['run'], d['name'], d['step'], d['value']) for d in data] == \
         [(r, n, s, v) for r in (runs.a, runs.c) for n, s, v in runs.metrics(r) if n == 'train/loss']

@@ -256,7 +256,6 @@ REFUSED_COMMANDS = {
     'unknown slurm parameter': ([], ['--executor', 'submitit-local', '--slurm-param', 'acount=lab'],
                                 "--slurm-param acount=lab: not a submitit Slurm parameter: 'acount'\n  fix: write "
                                 'KEY=VALUE with KEY one of: {slurm}'),
-    'no jobs': ([], ['--jobs', '0'], '--jobs 0: needs at least one job\n  fix: give --jobs 1 or more'),
 }
 
 

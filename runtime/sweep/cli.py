@@ -31,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+from compiler.args import Parser
 from compiler.errors import UserError, cli
 from runtime.sweep.driver import execute, summary
 from runtime.sweep.executors import executor_options
@@ -101,7 +102,7 @@ def status(target: str, bindings: list[str], db: str | None) -> str:
 
 @cli
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m runtime.sweep', description=__doc__.split('\n\n')[1],
+    ap = Parser(prog='python -m runtime.sweep', description=__doc__.split('\n\n')[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='run the members of a sweep spec (skipping those already completed)')

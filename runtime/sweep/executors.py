@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from compiler.args import integer, real
 from compiler.errors import UserError
 
 EXECUTORS = ('local', 'slurm', 'submitit-local')
@@ -69,22 +70,23 @@ def cores() -> int:
 
 
 def executor_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument('--jobs', type=int, default=1, help='members running (or queued on Slurm) at once (default 1)')
+    ap.add_argument('--jobs', type=integer(1, 4096), default=1,
+                    help='members running (or queued on Slurm) at once (default 1)')
     ap.add_argument('--executor', choices=EXECUTORS, default='local',
                     help='local: python -m runtime.run processes here; slurm: one submitit job per member; '
                     "submitit-local: submitit's local executor (the Slurm code path without Slurm)")
-    ap.add_argument('--slurm-time', type=int, metavar='MINUTES', help='time limit of each member (Slurm: required)')
+    ap.add_argument('--slurm-time', type=integer(1, 10 ** 6), metavar='MINUTES',
+                    help='time limit of each member (Slurm: required)')
     ap.add_argument('--slurm-partition', help='Slurm partition')
-    ap.add_argument('--gpus-per-node', type=int, help='GPUs of each member')
-    ap.add_argument('--cpus-per-task', type=int, help='CPU cores of each member (Slurm; also its thread count)')
-    ap.add_argument('--mem-gb', type=float, help='memory of each member')
+    ap.add_argument('--gpus-per-node', type=integer(0, 1024), help='GPUs of each member')
+    ap.add_argument('--cpus-per-task', type=integer(1, 10 ** 5),
+                    help='CPU cores of each member (Slurm; also its thread count)')
+    ap.add_argument('--mem-gb', type=real(0, 10 ** 6, above=True), help='memory of each member')
     ap.add_argument('--slurm-param', action='append', default=[], metavar='KEY=VALUE',
                     help="any other submitit Slurm parameter, e.g. --slurm-param account=lab --slurm-param qos=high")
 
 
 def make_executor(args, folder: Path):
-    if args.jobs < 1:
-        raise UserError(f'--jobs {args.jobs}', 'needs at least one job', 'give --jobs 1 or more')
     if args.executor == 'local':
         return LocalProcesses(args.jobs)
     import submitit

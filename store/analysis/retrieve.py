@@ -101,6 +101,10 @@ RETRIEVE_COLUMNS = [('run', 'run'), ('stage', 'stage'), ('step', 'step'), ('mode
 def cmd_retrieve(args) -> None:
     rows = []
     for name, group in stages(args.store, args.run_id, args.stage):
+        chunk = group.tokens.shape[-1]
+        if args.n > chunk:  # queries are cut to the chunk: every query would be its whole chunk
+            raise UserError(f'--n {args.n}', f'stage {name} of run {args.run_id} stores chunks of {chunk} tokens: a '
+                            f'query cannot be longer than its chunk', f'pass --n 1..{chunk} (the paper: 7 of 8)')
         dec = load_decoder(group, args.db, args.device, args.readout)
         r = retrieval(group, encoder_queries(dec, args.n, args.mode), args.queries, args.seed,
                       f'retrieve {args.run_id}/{name}')
