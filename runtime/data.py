@@ -60,6 +60,9 @@ CACHE_FILES = ('tokenizer.json', 'train.tokens', 'train.offsets', 'val.tokens', 
 PROGRESS_BYTES = 1 << 20  # show progress bars only for corpora larger than this
 WORKERS_VAR = 'MEMSPEC_DATA_WORKERS'  # encoder processes (default: the CPUs this process may use, at most 16)
 PARALLEL_BYTES = 16 << 20  # a split smaller than this is encoded in-process (starting workers costs more)
+# token statistics recorded with a run (the unigram/bigram floors) read at most this many training tokens, so a
+# FineWeb-size split is never held in memory for them; smaller splits are read whole (their floors are exact)
+STATISTICS_TOKENS = 1 << 24
 
 
 @dataclass
@@ -92,6 +95,15 @@ class Prepared:
         if split not in self._memo:
             self._memo[split] = self.examples[split].all()
         return self._memo[split]
+
+    def sample(self, split: str, max_tokens: int = STATISTICS_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split when it holds at most `max_tokens` tokens, else evenly spaced examples of it (always the
+        same ones): statistics of a large split in bounded memory."""
+        e, n, l = self.examples[split].shape
+        if e * n * l <= max_tokens:
+            return self._all(split)
+        rows = np.linspace(0, e - 1, max(1, max_tokens // (n * l))).round().astype(np.int64)
+        return self.examples[split].take(np.unique(rows))
 
     # The whole split as int64 [E, N, L] tensors + bool masks, built once on first use: O(split) memory. For the
     # held-out split (evaluation, memories) and small corpora; training reads through loader() instead.

@@ -426,7 +426,7 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         d = trainer.data
         _run.info['data'] = {'cache': str(d.cache_path), 'vocab_size': trainer.vocab, 'special_ids': d.special_ids,
                              'stats': d.stats,  # what token statistics alone achieve on the held-out targets
-                             'floors': floors(d.train, d.train_mask, d.val, d.val_mask, trainer.vocab)}
+                             'floors': floors(*d.sample('train'), d.val, d.val_mask, trainer.vocab)}
         if backbones(plan):  # the pretrained bases the run's weights apply to (they are not in its checkpoints)
             _run.info['backbones'] = {role: identity(b) for role, b in backbones(plan) if not b.share_encoder}
         summary = trainer.run(_run)

@@ -335,3 +335,18 @@ def test_report_shows_tokens_consumed_per_stage_and_warns_past_one_epoch(tmp_pat
     plan = load([str(ROOT / 'specs/frozen_encoder_curriculum.gin')], [f"Data.cache_dir = '{tmp_path}'"]).plan
     D.prepare(plan, progress=True)
     assert capsys.readouterr().err.count('warning: the curriculum reads the train split 14.84 times') == 1
+
+
+def test_statistics_read_a_bounded_evenly_spaced_sample_of_a_large_split(tmp_path):
+    """Run statistics (the floors) never hold a large split in memory: a split within the bound is read whole (the
+    floors of the embedded default are exact), a larger one through evenly spaced rows, the same ones every time."""
+    p = D.prepare(make_plan(tmp_path, source=corpus(tmp_path), vocab_size=300), progress=False)
+    e, n, l = p.examples['train'].shape
+    whole = p.sample('train', e * n * l)
+    assert torch.equal(whole[0], p.train) and torch.equal(whole[1], p.train_mask)
+    budget = 5 * n * l + 3  # room for 5 examples
+    x, m = p.sample('train', budget)
+    assert x.shape == (5, n, l) and x.numel() <= budget
+    rows = np.linspace(0, e - 1, 5).round().astype(np.int64)
+    assert torch.equal(x, p.train[rows]) and torch.equal(m, p.train_mask[rows])
+    assert torch.equal(p.sample('train', budget)[0], x)
