@@ -37,7 +37,8 @@ def report(spec) -> dict:
                         'objectives': [[o.kind, o.weight] for o in st.objectives], 'normalize': st.normalize,
                         'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay,
                         'freeze': list(cost.effective_freeze(plan, st.freeze)),
-                        'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen}
+                        'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen,
+                        **({'batch_size': st.batch_size} if st.batch_size else {})}  # a stage's own batch only
                        for st, c, unscaled in zip(plan.curriculum, stages, spec.unscaled_steps)],
         'warnings': [{'where': w.where, 'what': w.what, 'fix': w.fix} for w in spec.warnings],
         'plan': plan.to_dict(),
@@ -94,6 +95,8 @@ def render(r: dict) -> str:
                      f"{_si(c['trainable']):>9}{_si(c['frozen']):>9}"
                      f"{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
                      f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
+        if 'batch_size' in c:
+            lines.append(f"  {'':<14}{'':>7}  batch {c['batch_size']} rows (Stage.batch_size)")
         for comp, src in c['init_from'].items():
             lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
     if r['steps_scale'] != 1:

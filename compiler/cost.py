@@ -241,12 +241,12 @@ def stage_costs(plan: P.Plan) -> list[StageCost]:
         frozen = frozen_params(plan, s.freeze)
         flops = sum(flops_per_token(plan, s.freeze, True, o.kind) for o in s.objectives)  # one pass per objective
         out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops,
-                             activation_bytes(plan, s.batch_size or plan.data.batch_size, s.freeze)))
+                             activation_bytes(plan, plan.batch_rows(s), s.freeze)))
     return out
 
 
 def training_flops(plan: P.Plan) -> float:
     """Total training FLOPs of the curriculum: steps x tokens per step x FLOPs per token, stage by stage."""
     tokens = plan.memory.chunks * plan.memory.chunk_len
-    return sum(s.steps * (s.batch_size or plan.data.batch_size) * tokens * c.train_flops_per_token
+    return sum(s.steps * plan.batch_rows(s) * tokens * c.train_flops_per_token
                for s, c in zip(plan.curriculum, stage_costs(plan)))

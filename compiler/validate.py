@@ -99,7 +99,7 @@ RULES: dict[type, dict[str, Rule]] = {
         'warmup': _at_least(0, 'use 0 (no warmup) or a positive step count'),
         'min_lr_ratio': Rule(0, 1, fix='use a fraction of Stage.lr such as 0.1'),
         'weight_decay': _at_least(0, 'use 0 (off) or e.g. 0.1'),
-        'batch_size': _at_least(1, 'leave Stage.batch_size = None'),
+        'batch_size': _at_least(1, 'use a positive number of rows, or None (Data.batch_size)'),
         'micro_batch': _at_least(1, 'use a positive number of rows or None (whole batch)'),
         'eval_every': _at_least(1, 'use e.g. 100'),
     },
@@ -293,10 +293,6 @@ def _divisor(d: int, near: int) -> int | None:
 
 def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
     tag = f"stage '{stage.name}'"
-    if stage.batch_size is not None:  # the cost model read it, the trainer never did: a silently different batch
-        fail(stage, 'batch_size', f'{tag}: Stage.batch_size = {stage.batch_size} is not supported; every stage '
-             f'trains on batches of Data.batch_size = {plan.data.batch_size}',
-             'set Data.batch_size (or Stage.micro_batch to split each batch) and leave Stage.batch_size = None')
     contrast = [o.kind for o in stage.objectives if objective(o).batch_negatives]
     if stage.micro_batch is not None and contrast:
         fail(stage, 'micro_batch', f'{tag} has a {contrast[0]} objective, whose negatives are the other rows of the '
@@ -395,9 +391,9 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
         if stage.lr >= 1:
             warn(stage, 'lr', f'{tag}: learning rate {stage.lr:g} is >= 1, where AdamW diverges',
                  'use e.g. 1e-3')
-        if stage.micro_batch is not None and stage.micro_batch >= plan.data.batch_size:
+        if stage.micro_batch is not None and stage.micro_batch >= plan.batch_rows(stage):
             warn(stage, 'micro_batch', f'{tag}: micro_batch {stage.micro_batch} is not smaller than the batch '
-                 f'({plan.data.batch_size} rows): it has no effect', 'use fewer rows, or None')
+                 f'({plan.batch_rows(stage)} rows): it has no effect', 'use fewer rows, or None')
     if plan.data.vocab_size > MAX_VOCAB:
         warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} is beyond {MAX_VOCAB}, larger than '
              'the vocabularies of current language models', 'use e.g. 8192 (paper scale) or 32000')
@@ -412,15 +408,17 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
 def _warn_activation_memory(plan: P.Plan, memory: int, devices: int, warn) -> None:
     """One warning for the stages whose activations of one forward pass (cost.activation_bytes: the micro-batch, or
     this process's share of the batch) exceed `memory`."""
-    rows = -(-plan.data.batch_size // devices)
-    need = {s.name: (cost.activation_bytes(plan, min(s.micro_batch or rows, rows), s.freeze), s)
+    rows = {s.name: -(-plan.batch_rows(s) // devices) for s in plan.curriculum}
+    need = {s.name: (cost.activation_bytes(plan, min(s.micro_batch or rows[s.name], rows[s.name]), s.freeze), s)
             for s in plan.curriculum}
     over = {name: b for name, (b, _) in need.items() if b > memory}
     if not over:
         return
     worst = max(over, key=over.get)
     stage = need[worst][1]
-    owner, name = (stage, 'micro_batch') if stage.micro_batch else (plan.data, 'batch_size')
+    owner, name = (stage, 'micro_batch') if stage.micro_batch else \
+        (stage, 'batch_size') if stage.batch_size else (plan.data, 'batch_size')
+    rows = rows[worst]
     warn(owner, name, f'activation memory estimated at {over[worst] / 2 ** 30:.1f} GiB per forward pass '
          f"(stage{'s' if len(over) > 1 else ''} {', '.join(repr(n) for n in over)}; "
          f"{min(stage.micro_batch or rows, rows)} rows{f' per device of {devices}' if devices > 1 else ''}) "
