@@ -194,8 +194,9 @@ class Trainer:
         """Evaluation where Stage.eval_every says, then the stage end or a checkpoint."""
         plan, gstep = self.plan, offset + step
         if step % stage.eval_every == 0 or step == stage.steps:
+            # mid-stage evaluations vanish under the stage's bar
             metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
-                                    leave=step == stage.steps)  # mid-stage ones vanish under the stage's bar
+                                    leave=step == stage.steps, stage=stage)
             for k, v in metrics.items():
                 self.tracker.scalar(f'eval/{k}', v, gstep)
             if step == stage.steps:
@@ -277,12 +278,12 @@ class Trainer:
             flat /= self.world
         return dict(zip(values, flat.tolist()))
 
-    def evaluate(self, desc: str = 'evaluation', leave: bool = True) -> dict[str, float]:
+    def evaluate(self, desc: str = 'evaluation', leave: bool = True, stage=None) -> dict[str, float]:
         with tqdm(desc=desc, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=leave,
                   disable=self.rank > 0) as bar:
             return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
                                   self.plan.data.batch_size, self.plan.run.eval_batches,
-                                  self.data.bytes_per_token.get('val'), self.vocab, bar.update)
+                                  self.data.bytes_per_token.get('val'), self.vocab, bar.update, stage)
 
 
 def _cpu(state):

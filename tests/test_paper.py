@@ -73,3 +73,35 @@ def test_paper_specs_run_at_cpu_scale(spec, extra, tmp_path, rt_cache):
     assert all(s.steps <= 4 for s in plan.curriculum)
     assert rt_main(rt_argv(f'specs/{spec}', out, rt_cache, bindings)) == 0
     assert len(rt_run_ids(out)) == 1
+
+
+def test_the_stage_end_copy_eval_scores_blank_copy_with_the_stages_delimiter():
+    """The paper's Copy Eval: blank copy with the 3 delimiter tokens the combined stage trains with, token accuracy
+    over the supervised (copied) positions, pooled over the batch as the research code's `hamming` pools them."""
+    import torch
+
+    from compiler import objectives as O
+    from compiler import plan as P
+    from compiler.model import build
+    from runtime import train as T
+    plan = load([SPECS_DIR / 'paper/frozen_encoder_curriculum.gin'], SHRINK[:8]).plan
+    combined, blank = plan.curriculum[3], plan.curriculum[1]
+    assert T.eval_objective(plan, 'blank_copy', combined).delimiter == 3
+    assert T.eval_objective(plan, 'blank_copy', blank).delimiter == 0
+    # a stage without blank copy scores it as the curriculum last binds it: the combined stage's Copy Eval
+    assert T.eval_objective(plan, 'blank_copy', plan.curriculum[0]).delimiter == 3
+    torch.manual_seed(0)
+    model = build(plan, 300).eval()
+    ids = O.SpecialIds(pad=0, blank=1, copy=2)
+    x = torch.randint(5, 300, (6, plan.memory.chunks, plan.memory.chunk_len))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    out = T.evaluate(model, plan, x, mask, ids, 3, 2, None, 300, stage=combined)
+    with torch.no_grad():
+        logits, labels = T.forward(model, P.Objective(kind='blank_copy', delimiter=3), x, None, ids)
+    keep = labels != O.IGNORE
+    # chunks 2 and 3 supervised (next token inside each chunk: L - 1 targets), the 3 delimiter positions ignored
+    assert keep.sum() == 6 * (2 * (plan.memory.chunk_len - 1) - 3)
+    hamming = ((logits.argmax(-1) == labels) & keep).sum() / keep.sum()
+    assert out['blank_copy.token_accuracy'] == pytest.approx(hamming.item(), abs=1e-6)
+    undelimited = T.evaluate(model, plan, x, mask, ids, 3, 2, None, 300, stage=blank)
+    assert undelimited['blank_copy.token_accuracy'] != out['blank_copy.token_accuracy']
