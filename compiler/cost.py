@@ -42,9 +42,11 @@ def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bo
 
 
 def _widths(plan: P.Plan) -> tuple[int, int]:
-    """(encoder width, decoder width); without an encoder, memories are formed at the decoder's width."""
+    """(encoder width, memory width): memories are formed at the decoder's width (without an encoder, from it),
+    except concatenated ones (Memory.combine = 'concat'), which keep the encoder's width beside the token embedding."""
     d_dec = plan.decoder.d_model
-    return (plan.encoder.d_model if family(plan).has_encoder else d_dec), d_dec
+    d_enc = plan.encoder.d_model if family(plan).has_encoder else d_dec
+    return d_enc, (d_enc if plan.memory.combine == 'concat' else d_dec)
 
 
 def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
@@ -70,6 +72,8 @@ def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
     if fam.pad_slot and m.pad == 'learned':
         out['memory.pad'] = d_dec
     add('decoder', plan.decoder, lengths['decoder'], fam.token_decoder, True)
+    if m.combine == 'concat':  # tokens fill the decoder width the memory leaves
+        out['decoder.embedding'] = vocab * (plan.decoder.d_model - d_enc)
     if ae:
         add('ae_decoder', plan.ae_decoder or plan.decoder, m.chunk_len, False, True)
     return out

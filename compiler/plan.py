@@ -278,7 +278,12 @@ class Memory(_PlanPart):
     slots: typing.Literal['fixed', 'variable'] = 'fixed'
     pad: typing.Literal['ones', 'zeros', 'learned'] = 'learned'  # embedding of an empty memory slot
     decoder_input: typing.Literal['repeat', 'unroll'] = 'unroll'  # autoencoder decoder input
+    # sequence_oracle: how its one memory enters the full-context decoder: 'token' (at position 0), 'concat' (on the
+    # hidden dimension at every position: decoder d_model = token width + encoder d_model), 'add' (to every token
+    # embedding)
+    combine: typing.Literal['token', 'concat', 'add'] = 'token'
     scope: str = _SCOPE
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ('combine',)
 
 
 @dataclass(frozen=True)

@@ -229,9 +229,26 @@ def _check_memory(plan: P.Plan, fail) -> None:
     if not fam.token_decoder and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
         fail(m, 'decoder_input', f'unroll needs an even decoder width, got {plan.decoder.d_model}',
              "use decoder_input = 'repeat' or an even d_model")
+    _check_combine(plan, fail)
     if m.slots == 'variable' and plan.decoder.kind == 'mixer' and fam.chunk_slots:
         fail(m, 'slots', 'variable memory slots need attention; a masked-mixer decoder has fixed positions',
              "use Memory.slots = 'fixed' with a mixer decoder")
+
+
+def _check_combine(plan: P.Plan, fail) -> None:
+    """Memory.combine: how one memory enters a full-context decoder (families that combine one memory only)."""
+    fam, m = family(plan), plan.memory
+    if m.combine != 'token' and not fam.combines:
+        fail(m, 'combine', f"Memory.combine = '{m.combine}' has no meaning for family '{plan.family}': its "
+             'memories sit in slots before each chunk',
+             "use Plan.family = 'sequence_oracle', or leave Memory.combine = 'token'")
+    if m.combine == 'concat' and m.compression != 1:
+        fail(m, 'compression', "Memory.combine = 'concat' concatenates the encoder's hidden state as it is",
+             'use Memory.compression = 1')
+    if m.combine == 'concat' and plan.encoder is not None and plan.decoder.d_model <= plan.encoder.d_model:
+        fail(plan.decoder, 'd_model', f"Memory.combine = 'concat': the decoder width {plan.decoder.d_model} holds "
+             f'the memory ({plan.encoder.d_model} wide) and the token embedding, so it must be larger',
+             f'use decoder d_model = token width + {plan.encoder.d_model} (the research code: 2 x d)')
 
 
 def _check_size(plan: P.Plan, fail) -> None:

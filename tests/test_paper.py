@@ -41,7 +41,8 @@ ROWS = table_rows()
 def test_the_table_covers_every_paper_experiment():
     assert len(ROWS) >= 50
     assert {r[0] for r in ROWS} == {'paper/frozen_encoder_curriculum.gin', 'paper/memory_combined.gin',
-                                    'paper/memory_clm.gin', 'paper/clm.gin', 'paper/autoencoder.gin'}
+                                    'paper/memory_clm.gin', 'paper/clm.gin', 'paper/autoencoder.gin',
+                                    'paper/oracle_memory.gin'}
 
 
 @pytest.mark.parametrize('spec', sorted({r[0] for r in ROWS}))

@@ -216,7 +216,7 @@ EXACT = [
           files=('specs/clm.gin',), bindings=('CHUNK = 8',)),
     Exact('parameter_typo', None,
           _msg(_b('Memory.chunk = 2'), "'Memory' has no parameter 'chunk'", "did you mean 'chunks'? known names: "
-               'chunk_len, chunks, compression, decoder_input, noise, pad, position, slots'),
+               'chunk_len, chunks, combine, compression, decoder_input, noise, pad, position, slots'),
           files=('specs/clm.gin',), bindings=('Memory.chunk = 2',)),
     Exact('configurable_typo', f"include '{S}/clm.gin'\nStak.d_model = 64\n",
           _msg('{spec}:2', "unknown configurable 'Stak'",
