@@ -6,7 +6,7 @@ from conftest import FLAGSHIP, TINY_FLAGSHIP, rt_argv, rt_main, rt_run_dir, rt_r
 from compiler import cost
 from compiler import objectives as O
 from compiler.spec import load
-from runtime.data import Batches
+from runtime.examples import Batches, TensorExamples
 
 STAGE_BATCHES = ['autoencode/Stage.batch_size = 8', 'blank/Stage.batch_size = 2', 'copy/Stage.batch_size = 6']
 
@@ -43,9 +43,9 @@ def test_stage_batch_size_reaches_the_cost_model():
 def test_batches_resize_keeps_the_stream_and_cuts_it_anew():
     x = torch.arange(10).view(10, 1, 1)
     m = torch.ones_like(x, dtype=torch.bool)
-    a = Batches(x, m, 4, seed=3)
+    a = Batches(TensorExamples(x, m), 4, seed=3)
     whole = torch.cat([next(a)[0] for _ in range(6)]).flatten()  # 24 examples of the stream
-    b = Batches(x, m, 4, seed=3)
+    b = Batches(TensorExamples(x, m), 4, seed=3)
     got = []
     for size, steps in ((4, 1), (2, 3), (6, 1), (4, 2)):
         b.resize(size)
