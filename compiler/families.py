@@ -16,6 +16,7 @@ Nothing here imports torch, so a spec is checked without paying for it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -267,6 +268,17 @@ def needs_ae_decoder(plan: Plan) -> bool:
 def serving(kind: str) -> list[str]:
     """Names of the families whose graph serves an objective kind (for messages)."""
     return [f.name for f in REGISTRY.values() if kind in f.objectives]
+
+
+# A block range of a stack: '<role>.layers.I-J' (blocks I to J) in Stage.freeze and Stage.init_from (compiler.model.
+# parameters_of selects its parameters; '<role>.layers.I', one block, is a module path already)
+BLOCK_RANGE = re.compile(r'^(encoder|decoder|ae_decoder)\.layers\.(\d+)-(\d+)$')
+
+
+def block_range(name: str) -> tuple[str, int, int] | None:
+    """'encoder.layers.0-7' -> ('encoder', 0, 7); None for any other name."""
+    m = BLOCK_RANGE.match(name)
+    return (m[1], int(m[2]), int(m[3])) if m else None
 
 
 def in_component(name: str, component: str) -> bool:

@@ -21,7 +21,7 @@ from compiler.errors import SpecError, either
 from compiler.families import family, serving
 from compiler.objective_registry import faithful_pair, objective
 
-INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+(\.[0-9]+-[0-9]+)?)?|llama:.+)$')
 # Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
 # (a RuntimeError traceback) or building the module tree itself takes minutes (n_layers); found by spec fuzzing.
 MAX_PARAMS = 10 ** 12
@@ -340,9 +340,12 @@ def _check_freeze(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail
 
 def _check_init_from(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail) -> None:
     for c, src in stage.init_from.items():
-        if c not in comps:
-            fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
-                 P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps))
+        from compiler.pretrained import freeze_problem
+        problem = None if c in comps else freeze_problem(plan, c)  # a block range names blocks, as in Stage.freeze
+        if problem is not None:
+            fail(stage, 'init_from', f"{tag} initialises '{c}', {problem}",
+                 P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps)
+                 + ', <stack>.layers.I or <stack>.layers.I-J (blocks I to J)')
         if src.startswith('llama:') and isinstance(getattr(plan, c, None), P.Backbone):
             fail(stage, 'init_from', f"{tag}: the {c} is a Backbone, which loads its own weights; 'llama:' converts a "
                  'checkpoint into a memspec Stack', f'remove the init_from entry (or point {c}/Backbone.source at it)')
