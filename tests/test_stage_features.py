@@ -70,3 +70,27 @@ def test_a_curriculum_trains_each_stage_on_its_own_batch_and_checkpoints_with_it
     (run_id,) = rt_run_ids(out)
     ck = torch.load(rt_run_dir(out, run_id) / 'checkpoint.pt', weights_only=True)
     assert ck['data']['batch_size'] == 4  # the last stage's rows (Data.batch_size, BATCH = 4)
+
+
+def test_a_run_with_stage_batches_killed_mid_curriculum_resumes_to_the_uninterrupted_weights(tmp_path, rt_cache):
+    """Killed in its second stage (batch 2, after an autoencode stage of batch 8) and resumed: the data position is
+    restored in that stage's rows, and the run ends where the uninterrupted one does."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, rt_env
+    from safetensors.torch import load_file
+    from test_runtime import KILLER, RESUME
+    out_a, out_b = tmp_path / 'a', tmp_path / 'b'
+    argv_a, argv_b = (rt_argv(FLAGSHIP, o, rt_cache, RESUME + STAGE_BATCHES) for o in (out_a, out_b))
+    killed = subprocess.run([sys.executable, '-c', KILLER, *argv_b], cwd=ROOT, env=rt_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode < 0, killed.stderr[-2000:]
+    (b_id,) = rt_run_ids(out_b)
+    ck = torch.load(rt_run_dir(out_b, b_id) / 'checkpoint.pt', weights_only=True)
+    assert ck['stage'] == 1 and ck['data']['batch_size'] == 2  # inside blank_copy, its own rows
+    assert rt_main(argv_b + ['--resume', b_id]) == 0
+    assert rt_main(argv_a) == 0
+    (a_id,) = rt_run_ids(out_a)
+    fa, fb = (load_file(rt_run_dir(o, i) / 'final.safetensors') for o, i in ((out_a, a_id), (out_b, b_id)))
+    assert fa.keys() == fb.keys() and all(torch.allclose(fa[k], fb[k], rtol=0, atol=1e-6) for k in fa)
