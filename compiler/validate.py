@@ -21,7 +21,9 @@ from compiler.errors import SpecError, either
 from compiler.families import family, serving
 from compiler.objective_registry import faithful_pair, objective
 
-INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+(\.[0-9]+-[0-9]+)?)?|llama:.+)$')
+# run sources may name a component of the source run, or a block range of it ('...:encoder.layers.0-7')
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+(\.[0-9]+-[0-9]+)?)?'
+                         r'|llama:.+)$')
 # Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
 # (a RuntimeError traceback) or building the module tree itself takes minutes (n_layers); found by spec fuzzing.
 MAX_PARAMS = 10 ** 12
