@@ -37,7 +37,8 @@ def report(spec) -> dict:
                         'objectives': [[o.kind, o.weight] for o in st.objectives], 'normalize': st.normalize,
                         'lr': st.lr, 'warmup': st.warmup, 'decay': st.decay,
                         'freeze': list(cost.effective_freeze(plan, st.freeze)),
-                        'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen}
+                        'init_from': dict(st.init_from), 'trainable': c.trainable, 'frozen': c.frozen,
+                        **({'batch_size': st.batch_size} if st.batch_size else {})}  # a stage's own batch only
                        for st, c, unscaled in zip(plan.curriculum, stages, spec.unscaled_steps)],
         'warnings': [{'where': w.where, 'what': w.what, 'fix': w.fix} for w in spec.warnings],
         'plan': plan.to_dict(),
@@ -50,6 +51,25 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f'{x / scale:.2f}{unit}'
     return f'{x:.0f}'
+
+
+def _curriculum_lines(r: dict) -> list[str]:
+    """The curriculum table of the report: a row per stage, then its own batch and init_from sources."""
+    lines = [f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}"
+             f"{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components"]
+    for c in r['curriculum']:
+        obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'])
+        if c['normalize'] == 'faithful':
+            obj += ' (faithful)'
+        lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  "
+                     f"{_si(c['trainable']):>9}{_si(c['frozen']):>9}"
+                     f"{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
+                     f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
+        if 'batch_size' in c:
+            lines.append(f"  {'':<14}{'':>7}  batch {c['batch_size']} rows (Stage.batch_size)")
+        for comp, src in c['init_from'].items():
+            lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
+    return lines
 
 
 def render(r: dict) -> str:
@@ -83,19 +103,7 @@ def render(r: dict) -> str:
               + (f"   ~ {r['estimate']['hours']:.1f} h on {r['estimate']['devices']} device(s) at "
                  f"{r['estimate']['tflops']:g} TFLOP/s sustained each" if 'estimate' in r else ''), '',
               'curriculum']
-    head = (f"  {'stage':<14}{'steps':>7}  {'objectives':<28}{'lr':>8}{'warmup':>7}  {'trainable':>9}{'frozen':>9}"
-            f"{'train FLOPs/tok':>16}{'act. mem/batch':>15}  frozen components")
-    lines.append(head)
-    for c in r['curriculum']:
-        obj = ' + '.join(f'{w:g}*{k}' for k, w in c['objectives'])
-        if c['normalize'] == 'faithful':
-            obj += ' (faithful)'
-        lines.append(f"  {c['stage']:<14}{c['steps']:>7}  {obj:<28}{c['lr']:>8.0e}{c['warmup']:>7}  "
-                     f"{_si(c['trainable']):>9}{_si(c['frozen']):>9}"
-                     f"{_si(r['flops_per_token']['train:' + c['stage']]):>16}"
-                     f"{_si(r['activation_bytes_per_batch'][c['stage']]) + 'B':>15}  {', '.join(c['freeze']) or '-'}")
-        for comp, src in c['init_from'].items():
-            lines.append(f"  {'':<14}{'':>7}  init {comp} <- {src}")
+    lines += _curriculum_lines(r)
     if r['steps_scale'] != 1:
         scaled = ', '.join(f"{c['stage']} {c['unscaled_steps']} -> {c['steps']}" for c in r['curriculum'])
         lines.append(f"  steps x {r['steps_scale']:g} (Run.steps_scale; warmup scaled too, eval_every capped at the "

@@ -42,9 +42,11 @@ def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bo
 
 
 def _widths(plan: P.Plan) -> tuple[int, int]:
-    """(encoder width, decoder width); without an encoder, memories are formed at the decoder's width."""
+    """(encoder width, memory width): memories are formed at the decoder's width (without an encoder, from it),
+    except concatenated ones (Memory.combine = 'concat'), which keep the encoder's width beside the token embedding."""
     d_dec = plan.decoder.d_model
-    return (plan.encoder.d_model if family(plan).has_encoder else d_dec), d_dec
+    d_enc = plan.encoder.d_model if family(plan).has_encoder else d_dec
+    return d_enc, (d_enc if plan.memory.combine == 'concat' else d_dec)
 
 
 def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
@@ -70,6 +72,8 @@ def params(plan: P.Plan, vocab: int | None = None) -> dict[str, int]:
     if fam.pad_slot and m.pad == 'learned':
         out['memory.pad'] = d_dec
     add('decoder', plan.decoder, lengths['decoder'], fam.token_decoder, True)
+    if m.combine == 'concat':  # tokens fill the decoder width the memory leaves
+        out['decoder.embedding'] = vocab * (plan.decoder.d_model - d_enc)
     if ae:
         add('ae_decoder', plan.ae_decoder or plan.decoder, m.chunk_len, False, True)
     return out
@@ -241,12 +245,12 @@ def stage_costs(plan: P.Plan) -> list[StageCost]:
         frozen = frozen_params(plan, s.freeze)
         flops = sum(flops_per_token(plan, s.freeze, True, o.kind) for o in s.objectives)  # one pass per objective
         out.append(StageCost(s.name, sum(p.values()) - frozen, frozen, flops,
-                             activation_bytes(plan, s.batch_size or plan.data.batch_size, s.freeze)))
+                             activation_bytes(plan, plan.batch_rows(s), s.freeze)))
     return out
 
 
 def training_flops(plan: P.Plan) -> float:
     """Total training FLOPs of the curriculum: steps x tokens per step x FLOPs per token, stage by stage."""
     tokens = plan.memory.chunks * plan.memory.chunk_len
-    return sum(s.steps * (s.batch_size or plan.data.batch_size) * tokens * c.train_flops_per_token
+    return sum(s.steps * plan.batch_rows(s) * tokens * c.train_flops_per_token
                for s, c in zip(plan.curriculum, stage_costs(plan)))

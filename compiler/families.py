@@ -16,6 +16,7 @@ Nothing here imports torch, so a spec is checked without paying for it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -66,6 +67,7 @@ class Family:
     generation: str | None = None  # KV-cached generation: 'causal' (one window) or 'memory' (chunks -> memories)
     cannot_generate: str = ''  # why not, when generation is None
     probe_source: str | None = None  # the component whose embedding an information probe can read
+    combines: bool = False  # one memory enters a full-context decoder as Memory.combine says
 
     @property
     def has_encoder(self) -> bool:
@@ -194,6 +196,20 @@ def _recurrent_work(plan: Plan, objective: str) -> Work:
     return Work((Pass('decoder', first, 1 + l), scored) if first else (scored,), forms=n)
 
 
+# --- the research code's oracle: one memory of the whole sequence in a full-context decoder ----------------------
+
+def _combined_lengths(plan: Plan) -> dict[str, int]:
+    t = plan.memory.chunks * plan.memory.chunk_len
+    return {'encoder': t, 'decoder': t + (plan.memory.combine == 'token')}
+
+
+def _combined_work(plan: Plan, objective: str) -> Work:
+    n, l = plan.memory.chunks, plan.memory.chunk_len
+    scored = (n - _first(objective, n)) * l  # the last block and the head compute token positions only
+    return Work((Pass('decoder', 1, n * l + (plan.memory.combine == 'token'), scored, scored),
+                 Pass('encoder', 1, n * l, _read(plan))), forms=1)
+
+
 REGISTRY: dict[str, Family] = {f.name: f for f in (
     Family('clm', 'CausalLM', 'causal LM over all N x L tokens: the baseline and the source of causal encoders',
            _sequence_lengths, _sequence_work, generation='causal', probe_source='decoder'),
@@ -216,10 +232,18 @@ REGISTRY: dict[str, Family] = {f.name: f for f in (
     Family('no_memory', 'ChunkedMemoryLM', 'control: the memory model\'s decoder with every memory slot empty',
            _chunked_lengths(None), _chunked_work(None), pad_slot=True, chunk_slots=True, min_chunks=2,
            generation='memory'),
-    Family('oracle', 'ChunkedMemoryLM', 'oracle memory model: the encoder reads the whole sequence, future included',
+    Family('oracle', 'ChunkedMemoryLM', 'chunked oracle: the memory of chunk c is read from an encoder over the whole '
+           'sequence, future included (the research code\'s oracle is sequence_oracle)',
            _chunked_lengths('sequence'), _chunked_work('sequence'), encoder='sequence',
            forms_memories=True, pad_slot=True, chunk_slots=True, autoencode_via='ae_decoder', min_chunks=2,
            ablation=True, probe_source='encoder',
+           cannot_generate="the oracle's encoder reads the whole sequence, future included: there is no future to "
+                           'read while generating'),
+    Family('sequence_oracle', 'SequenceOracleLM',
+           "the research code's oracle: one memory of the whole sequence, future included, in a full-context decoder "
+           '(Memory.combine: as a token at position 0, concatenated on the hidden dimension, or added)',
+           _combined_lengths, _combined_work, encoder='sequence', forms_memories=True, combines=True,
+           probe_source='encoder',
            cannot_generate="the oracle's encoder reads the whole sequence, future included: there is no future to "
                            'read while generating'),
     Family('recurrent', 'RecurrentMemoryLM', 'recurrent memory transformer: one memory carried chunk to chunk',
@@ -244,6 +268,17 @@ def needs_ae_decoder(plan: Plan) -> bool:
 def serving(kind: str) -> list[str]:
     """Names of the families whose graph serves an objective kind (for messages)."""
     return [f.name for f in REGISTRY.values() if kind in f.objectives]
+
+
+# A block range of a stack: '<role>.layers.I-J' (blocks I to J) in Stage.freeze and Stage.init_from (compiler.model.
+# parameters_of selects its parameters; '<role>.layers.I', one block, is a module path already)
+BLOCK_RANGE = re.compile(r'^(encoder|decoder|ae_decoder)\.layers\.(\d+)-(\d+)$')
+
+
+def block_range(name: str) -> tuple[str, int, int] | None:
+    """'encoder.layers.0-7' -> ('encoder', 0, 7); None for any other name."""
+    m = BLOCK_RANGE.match(name)
+    return (m[1], int(m[2]), int(m[3])) if m else None
 
 
 def in_component(name: str, component: str) -> bool:

@@ -258,7 +258,47 @@ class RecurrentMemoryLM(Graph):
         return self.decoder.head(h) if head else h
 
 
-GRAPHS = {cls.__name__: cls for cls in (CausalLM, Autoencoder, ChunkedMemoryLM, RecurrentMemoryLM)}  # Family.graph
+class SequenceOracleLM(Graph):
+    """The research code's oracle (its MemoryTransformer): the encoder reads the whole N x L sequence, future
+    included; its one memory enters a full-context causal decoder over the same tokens (Memory.combine): as a token at
+    position 0, concatenated with every token embedding on the hidden dimension (the decoder is that much wider, the
+    token embedding that much narrower), or added to every token embedding."""
+
+    def __init__(self, plan: P.Plan, vocab: int):
+        super().__init__(plan)
+        m = plan.memory
+        self.combine = m.combine
+        self.encoder = Stack(plan.encoder, vocab, self.lengths['encoder'])
+        width = plan.encoder.d_model if m.combine == 'concat' else plan.decoder.d_model
+        self.memory = MemoryModule(m, plan.encoder.d_model, width, former=True, unroll=False, pad=False)
+        self.decoder = Stack(plan.decoder, vocab, self.lengths['decoder'], head=True)
+        if m.combine == 'concat':
+            self.decoder.embedding = nn.Embedding(vocab, plan.decoder.d_model - width)
+
+    def memories(self, tokens, key_mask=None):
+        """[B, N, L] -> the one memory of each whole sequence [B, 1, d]."""
+        b, n, l = tokens.shape
+        return self.encode(tokens.reshape(b, n * l), None if key_mask is None else key_mask.reshape(b, n * l))[:, None]
+
+    def forward(self, tokens, key_mask=None, first_chunk=0, head=True):
+        b, n, l = tokens.shape
+        mem = self.memories(tokens, key_mask)[:, 0]
+        x = self.decoder.embedding(tokens.reshape(b, n * l))
+        km = None if key_mask is None else key_mask.reshape(b, n * l).bool()
+        if self.combine == 'token':
+            x = torch.cat([mem[:, None], x], 1)
+            km = None if km is None else torch.cat([km.new_ones(b, 1), km], 1)
+        elif self.combine == 'concat':
+            x = torch.cat([mem[:, None].expand(-1, n * l, -1), x], -1)
+        else:
+            x = x + mem[:, None]
+        keep = (n - first_chunk) * l
+        h = self.decoder(embeds=x, key_mask=km, keep_last=keep).view(b, n - first_chunk, l, -1)
+        return self.decoder.head(h) if head else h
+
+
+GRAPHS = {cls.__name__: cls for cls in (CausalLM, Autoencoder, ChunkedMemoryLM, RecurrentMemoryLM,
+                                        SequenceOracleLM)}  # Family.graph
 
 
 def build(plan: P.Plan, vocab: int | None = None, seed: int | None = None) -> Graph:

@@ -160,12 +160,19 @@ class _PlanPart:
                 # `lr = 1` and `lr = 1.0` are one experiment: one JSON value, one plan hash
                 object.__setattr__(self, name, float(v))
 
+    # fields added after plans were first recorded: left out of to_dict() (so out of the plan hash) while they hold
+    # their default, so every plan written before them keeps its hash and a run recorded before them still resumes
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
             if f.name == 'scope':
                 continue
             v = getattr(self, f.name)
+            if f.name in self.LATER_FIELDS and v == (f.default_factory() if f.default is dataclasses.MISSING
+                                                     else f.default):
+                continue
             if isinstance(v, _PlanPart):
                 v = v.to_dict()
             elif isinstance(v, tuple):
@@ -271,7 +278,12 @@ class Memory(_PlanPart):
     slots: typing.Literal['fixed', 'variable'] = 'fixed'
     pad: typing.Literal['ones', 'zeros', 'learned'] = 'learned'  # embedding of an empty memory slot
     decoder_input: typing.Literal['repeat', 'unroll'] = 'unroll'  # autoencoder decoder input
+    # sequence_oracle: how its one memory enters the full-context decoder: 'token' (at position 0), 'concat' (on the
+    # hidden dimension at every position: decoder d_model = token width + encoder d_model), 'add' (to every token
+    # embedding)
+    combine: typing.Literal['token', 'concat', 'add'] = 'token'
     scope: str = _SCOPE
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ('combine',)
 
 
 @dataclass(frozen=True)
@@ -301,12 +313,32 @@ class Stage(_PlanPart):
     decay: typing.Literal['cosine', 'linear', 'constant'] = 'cosine'  # schedule after warmup, to lr * min_lr_ratio
     min_lr_ratio: float = 0.1  # the final learning rate as a fraction of lr
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int | None = None  # None = Data.batch_size
+    batch_size: int | None = None  # rows of this stage's batches (examples of N x L tokens); None = Data.batch_size
+    # objective kind -> weight in this stage, over the Objective's own weight: one objective (one gin scope) can
+    # weigh differently in two stages. Applied when the Stage is built, so stage.objectives hold the weights used.
+    weights: dict[str, float] = field(default_factory=dict)
     # rows per forward/backward; a step accumulates their gradients (row-weighted, as DDP ranks average).
     # Cache-sized blocks train faster on CPU and need less activation memory. None = the whole batch at once.
     micro_batch: int | None = None
     eval_every: int = 100  # held-out evaluation every this many steps (and at the stage's end)
     scope: str = _SCOPE
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ('weights',)
+
+    def __post_init__(self):
+        super().__post_init__()
+        kinds = [o.kind for o in self.objectives]
+        for kind, w in self.weights.items():
+            if w < 0:
+                raise PlanError(self, 'weights', f"Stage.weights gives '{kind}' weight {w:g} in stage '{self.name}'",
+                                'use a weight >= 0')
+            if kind not in kinds:
+                raise PlanError(self, 'weights', f"Stage.weights weighs '{kind}', which stage '{self.name}' does not "
+                                f'train (its objectives: {", ".join(kinds)})',
+                                f'weigh one of: {", ".join(kinds)}, or add a {kind} objective to the stage')
+        if self.weights:
+            object.__setattr__(self, 'objectives', tuple(
+                dataclasses.replace(o, weight=float(self.weights[o.kind]), scope=o.scope) if o.kind in self.weights
+                else o for o in self.objectives))
 
 
 @dataclass(frozen=True)
@@ -340,7 +372,8 @@ class Run(_PlanPart):
     eval_batches: int = 8  # held-out batches each evaluation reads
     # Zarr store for held-out memories at every stage end; '' = <out_dir>/memories.zarr, 'none' = off
     memory_store: str = ''
-    memory_dtype: typing.Literal['float32', 'bfloat16'] = 'float32'  # dtype of stored memories
+    # dtype of stored memories; float8: stored as their bits in uint8 (store/memories.py), needs torch's float8 dtypes
+    memory_dtype: typing.Literal['float32', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2'] = 'float32'
     # torch.compile every Stack (first steps pay the compilation; weights and checkpoints unchanged)
     compile: bool = False
     # multiplies every stage's steps and warmup and Run.checkpoint_every (rounded, at least 1 step; eval_every capped
@@ -371,6 +404,10 @@ class Plan(_PlanPart):
         """Global step at which curriculum stage `index` starts (steps of the stages before it); index =
         len(curriculum) gives the total. The one place the curriculum's step offsets are computed."""
         return sum(s.steps for s in self.curriculum[:index])
+
+    def batch_rows(self, stage: Stage) -> int:
+        """Examples (rows of N x L tokens) per step of `stage`: Stage.batch_size, else Data.batch_size."""
+        return stage.batch_size or self.data.batch_size
 
     def stage_end(self, name: str) -> int:
         """Global step at which the stage called `name` ends."""

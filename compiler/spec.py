@@ -19,6 +19,7 @@ compile report and recorded with the run). Unscoped bindings of spec files that 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib.util  # noqa: F401  (gin's include machinery needs it imported; see docs/design.md)
@@ -203,7 +204,7 @@ class _Loader:
             if cls is None:
                 raise SpecError(where, f'unknown configurable {self.quote(st.selector)}',
                                 _suggest(st.selector, self.configurables, self.included))
-            params = [f for f in cls.__dataclass_fields__ if f != 'scope']
+            params = [f.name for f in dataclasses.fields(cls) if f.name != 'scope']  # fields() skips ClassVars
             if st.arg_name not in params:
                 raise SpecError(where, f"'{st.selector}' has no parameter {self.quote(st.arg_name)}",
                                 _suggest(st.arg_name, params, self.included))

@@ -21,7 +21,9 @@ from compiler.errors import SpecError, either
 from compiler.families import family, serving
 from compiler.objective_registry import faithful_pair, objective
 
-INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+)?|llama:.+)$')
+# run sources may name a component of the source run, or a block range of it ('...:encoder.layers.0-7')
+INIT_SOURCE = re.compile(r'^(fresh|previous|run:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(:[a-z_.]+(\.[0-9]+-[0-9]+)?)?'
+                         r'|llama:.+)$')
 # Sanity limits checked before the graph is built on the meta device: beyond them torch's size arithmetic overflows
 # (a RuntimeError traceback) or building the module tree itself takes minutes (n_layers); found by spec fuzzing.
 MAX_PARAMS = 10 ** 12
@@ -99,7 +101,7 @@ RULES: dict[type, dict[str, Rule]] = {
         'warmup': _at_least(0, 'use 0 (no warmup) or a positive step count'),
         'min_lr_ratio': Rule(0, 1, fix='use a fraction of Stage.lr such as 0.1'),
         'weight_decay': _at_least(0, 'use 0 (off) or e.g. 0.1'),
-        'batch_size': _at_least(1, 'leave Stage.batch_size = None'),
+        'batch_size': _at_least(1, 'use a positive number of rows, or None (Data.batch_size)'),
         'micro_batch': _at_least(1, 'use a positive number of rows or None (whole batch)'),
         'eval_every': _at_least(1, 'use e.g. 100'),
     },
@@ -229,9 +231,26 @@ def _check_memory(plan: P.Plan, fail) -> None:
     if not fam.token_decoder and m.decoder_input == 'unroll' and plan.decoder.d_model % 2:
         fail(m, 'decoder_input', f'unroll needs an even decoder width, got {plan.decoder.d_model}',
              "use decoder_input = 'repeat' or an even d_model")
+    _check_combine(plan, fail)
     if m.slots == 'variable' and plan.decoder.kind == 'mixer' and fam.chunk_slots:
         fail(m, 'slots', 'variable memory slots need attention; a masked-mixer decoder has fixed positions',
              "use Memory.slots = 'fixed' with a mixer decoder")
+
+
+def _check_combine(plan: P.Plan, fail) -> None:
+    """Memory.combine: how one memory enters a full-context decoder (families that combine one memory only)."""
+    fam, m = family(plan), plan.memory
+    if m.combine != 'token' and not fam.combines:
+        fail(m, 'combine', f"Memory.combine = '{m.combine}' has no meaning for family '{plan.family}': its "
+             'memories sit in slots before each chunk',
+             "use Plan.family = 'sequence_oracle', or leave Memory.combine = 'token'")
+    if m.combine == 'concat' and m.compression != 1:
+        fail(m, 'compression', "Memory.combine = 'concat' concatenates the encoder's hidden state as it is",
+             'use Memory.compression = 1')
+    if m.combine == 'concat' and plan.encoder is not None and plan.decoder.d_model <= plan.encoder.d_model:
+        fail(plan.decoder, 'd_model', f"Memory.combine = 'concat': the decoder width {plan.decoder.d_model} holds "
+             f'the memory ({plan.encoder.d_model} wide) and the token embedding, so it must be larger',
+             f'use decoder d_model = token width + {plan.encoder.d_model} (the research code: 2 x d)')
 
 
 def _check_size(plan: P.Plan, fail) -> None:
@@ -293,10 +312,6 @@ def _divisor(d: int, near: int) -> int | None:
 
 def _check_stage(stage: P.Stage, plan: P.Plan, comps: list[str], fail) -> None:
     tag = f"stage '{stage.name}'"
-    if stage.batch_size is not None:  # the cost model read it, the trainer never did: a silently different batch
-        fail(stage, 'batch_size', f'{tag}: Stage.batch_size = {stage.batch_size} is not supported; every stage '
-             f'trains on batches of Data.batch_size = {plan.data.batch_size}',
-             'set Data.batch_size (or Stage.micro_batch to split each batch) and leave Stage.batch_size = None')
     contrast = [o.kind for o in stage.objectives if objective(o).batch_negatives]
     if stage.micro_batch is not None and contrast:
         fail(stage, 'micro_batch', f'{tag} has a {contrast[0]} objective, whose negatives are the other rows of the '
@@ -327,9 +342,12 @@ def _check_freeze(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail
 
 def _check_init_from(stage: P.Stage, tag: str, plan: P.Plan, comps: list[str], fail) -> None:
     for c, src in stage.init_from.items():
-        if c not in comps:
-            fail(stage, 'init_from', f"{tag} initialises '{c}', which the '{plan.family}' graph does not have",
-                 P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps))
+        from compiler.pretrained import freeze_problem
+        problem = None if c in comps else freeze_problem(plan, c)  # a block range names blocks, as in Stage.freeze
+        if problem is not None:
+            fail(stage, 'init_from', f"{tag} initialises '{c}', {problem}",
+                 P.did_you_mean(c, comps) + 'use one of: ' + ', '.join(comps)
+                 + ', <stack>.layers.I or <stack>.layers.I-J (blocks I to J)')
         if src.startswith('llama:') and isinstance(getattr(plan, c, None), P.Backbone):
             fail(stage, 'init_from', f"{tag}: the {c} is a Backbone, which loads its own weights; 'llama:' converts a "
                  'checkpoint into a memspec Stack', f'remove the init_from entry (or point {c}/Backbone.source at it)')
@@ -395,9 +413,9 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
         if stage.lr >= 1:
             warn(stage, 'lr', f'{tag}: learning rate {stage.lr:g} is >= 1, where AdamW diverges',
                  'use e.g. 1e-3')
-        if stage.micro_batch is not None and stage.micro_batch >= plan.data.batch_size:
+        if stage.micro_batch is not None and stage.micro_batch >= plan.batch_rows(stage):
             warn(stage, 'micro_batch', f'{tag}: micro_batch {stage.micro_batch} is not smaller than the batch '
-                 f'({plan.data.batch_size} rows): it has no effect', 'use fewer rows, or None')
+                 f'({plan.batch_rows(stage)} rows): it has no effect', 'use fewer rows, or None')
     if plan.data.vocab_size > MAX_VOCAB:
         warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} is beyond {MAX_VOCAB}, larger than '
              'the vocabularies of current language models', 'use e.g. 8192 (paper scale) or 32000')
@@ -412,15 +430,17 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
 def _warn_activation_memory(plan: P.Plan, memory: int, devices: int, warn) -> None:
     """One warning for the stages whose activations of one forward pass (cost.activation_bytes: the micro-batch, or
     this process's share of the batch) exceed `memory`."""
-    rows = -(-plan.data.batch_size // devices)
-    need = {s.name: (cost.activation_bytes(plan, min(s.micro_batch or rows, rows), s.freeze), s)
+    rows = {s.name: -(-plan.batch_rows(s) // devices) for s in plan.curriculum}
+    need = {s.name: (cost.activation_bytes(plan, min(s.micro_batch or rows[s.name], rows[s.name]), s.freeze), s)
             for s in plan.curriculum}
     over = {name: b for name, (b, _) in need.items() if b > memory}
     if not over:
         return
     worst = max(over, key=over.get)
     stage = need[worst][1]
-    owner, name = (stage, 'micro_batch') if stage.micro_batch else (plan.data, 'batch_size')
+    owner, name = (stage, 'micro_batch') if stage.micro_batch else \
+        (stage, 'batch_size') if stage.batch_size else (plan.data, 'batch_size')
+    rows = rows[worst]
     warn(owner, name, f'activation memory estimated at {over[worst] / 2 ** 30:.1f} GiB per forward pass '
          f"(stage{'s' if len(over) > 1 else ''} {', '.join(repr(n) for n in over)}; "
          f"{min(stage.micro_batch or rows, rows)} rows{f' per device of {devices}' if devices > 1 else ''}) "

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from compiler import plan as P
 from compiler.digest import sha256_file
 from compiler.errors import UserError
+from compiler.families import block_range
 from compiler.llama import check_llama, check_llama_config, load_llama, read_llama
 from compiler.model import Graph, build, meta_build, parameters_of
 from store import files
@@ -125,7 +126,7 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
     with f:
         keys = set(f.keys())
         for name, p in own.items():
-            key = src_comp + name[len(component):]
+            key = source_name(name, component, src_comp)
             if key not in keys:
                 raise UserError(where, f"run {run_id} stage {stage} has no '{key}' for '{name}'",
                                 'initialise from a run whose component has the same structure (depth, kind)')
@@ -135,6 +136,20 @@ def state_from_run(runs_dir, source: str, model: Graph, component: str) -> dict[
                                 'initialise from a run with the same widths, vocabulary and chunk length')
             out[name] = t
     return out
+
+
+def source_name(name: str, component: str, src_comp: str) -> str:
+    """The source checkpoint's name of our parameter `name` of `component`, read from `src_comp`: the same path under
+    another component ('run:3/clm:decoder' for our encoder), and for block ranges block by block in order
+    ('encoder.layers.2-3' from 'encoder.layers.0-1': our block 2 reads block 0)."""
+    ours, theirs = block_range(component), block_range(src_comp)
+    if ours is None and theirs is None:
+        return src_comp + name[len(component):]
+    if ours is None or theirs is None or ours[2] - ours[1] != theirs[2] - theirs[1]:
+        raise UserError(f"init_from '{component}' <- '{src_comp}'", 'a block range reads a range of as many blocks',
+                        'name block ranges of the same length on both sides')
+    block, _, rest = name[len(f'{ours[0]}.layers.'):].partition('.')
+    return f'{theirs[0]}.layers.{theirs[1] + int(block) - ours[1]}.{rest}'
 
 
 def init_component(model: Graph, plan: P.Plan, component: str, source: str, seed: int, runs_dir) -> None:

@@ -123,14 +123,19 @@ class Batches:
     def __init__(self, examples, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
         if len(examples) == 0:
             raise UserError('Data', 'no examples to batch', 'check the data report: python -m runtime.data SPEC')
-        if batch_size % world:
-            raise UserError(f'Data.batch_size = {batch_size}', f'the global batch does not split over {world} '
-                            'processes', f'use a Data.batch_size divisible by {world}')
         self.examples = examples
-        self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
-        self.local = batch_size // world
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.resize(batch_size)
         self.epoch, self.index = 0, 0
         self._perm_epoch, self._perm = None, None
+
+    def resize(self, batch_size: int, where: str | None = None) -> None:
+        """Take `batch_size` examples per step from here on (a stage's Stage.batch_size): the stream and the position
+        in it stay, only the cut changes. `where` names the binding for the error (default: Data.batch_size)."""
+        if batch_size % self.world:
+            raise UserError(where or f'Data.batch_size = {batch_size}', f'the global batch of {batch_size} does not '
+                            f'split over {self.world} processes', f'use a batch size divisible by {self.world}')
+        self.batch_size, self.local = batch_size, batch_size // self.world
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:

@@ -3,6 +3,7 @@ under Run.compile), evaluation."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -231,21 +232,32 @@ class DivergenceWatch:
 
 
 @torch.no_grad()
+def eval_objective(plan: P.Plan, kind: str, stage: P.Stage | None = None) -> P.Objective:
+    """The objective a stage end scores for `kind`: as `stage` binds it (its delimiter: the paper's Copy Eval is blank
+    copy with the 3 delimiter tokens its combined stage trains with; retrieval's temperature and query), else as the
+    curriculum last binds it, else the defaults. Weight 1: a weight changes no metric."""
+    bound = [o for o in (stage.objectives if stage is not None else ()) if o.kind == kind] or \
+        [o for s in reversed(plan.curriculum) for o in s.objectives if o.kind == kind]
+    return dataclasses.replace(bound[0], weight=1.0) if bound else P.Objective(kind=kind)
+
+
 def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
-             bytes_per_token: float | None, vocab: int, progress=None) -> dict[str, float]:
+             bytes_per_token: float | None, vocab: int, progress=None,
+             stage: P.Stage | None = None) -> dict[str, float]:
     """Held-out metrics per objective of the family's evaluation suite (Family.eval_suite): ce, token_accuracy,
     normalized_hamming, info_proportion (+ bits_per_byte where the record says its targets are all of the text).
     Copy objectives are scored on full-length sequences only (no padding), as the paper does, and, for families
     that can ablate (Family.ablation), again with every memory replaced by the pad slot ('copy_ablated',
     'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control. Copy with
     tokens visible is mostly next-token prediction at short chunks; what memories add to it is copy minus
-    copy_ablated. `progress(rows)` is called after every batch (a progress bar's update)."""
+    copy_ablated. Each kind is scored as `stage` binds it (eval_objective). `progress(rows)` is called after every
+    batch (a progress bar's update)."""
     was = model.training
     model.eval()
     out = {}
     fam = family(plan)
     full = val_mask.flatten(1).all(-1)
-    for obj in (P.Objective(kind=k) for k in fam.eval_suite(plan)):
+    for obj in (eval_objective(plan, k, stage) for k in fam.eval_suite(plan)):
         kind = objective(obj)
         x, m = (val[full], val_mask[full]) if kind.copies else (val, val_mask)
         for suffix, ablate in [('', False)] + ([('_ablated', True)] if kind.copies and fam.ablation else []):

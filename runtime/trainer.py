@@ -48,6 +48,7 @@ class Trainer:
         optimizer state, so none is stored."""
         if self.rank:
             return
+        self.stage_batches(stage_idx)  # the data position is kept with the batch size of the stage it resumes
         state = {'model': _cpu(self.model.state_dict()), 'optimizer': None if opt is None else _cpu(opt.state_dict()),
                  'scheduler': None if sched is None else sched.state_dict(), 'data': self.batches.state_dict(),
                  'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
@@ -58,6 +59,12 @@ class Trainer:
             state['boundary'] = True
         self.flush_metrics()
         ckpt.save_checkpoint(self.folder.checkpoint, state)
+
+    def stage_batches(self, si: int) -> None:
+        """Cut the batch stream in the rows of stage `si` (Stage.batch_size, else Data.batch_size)."""
+        stage = self.plan.curriculum[si]
+        self.batches.resize(self.plan.batch_rows(stage), None if stage.batch_size is None else
+                            f"stage '{stage.name}': Stage.batch_size = {stage.batch_size}")
 
     def flush_metrics(self) -> None:
         """Hand the metrics logged so far to the observers before a checkpoint is written. Sacred sends them only
@@ -92,6 +99,7 @@ class Trainer:
         if self.resume is not None:
             ck = self.resume
             self.model.load_state_dict(ck['model'])
+            self.stage_batches(ck['stage'])
             self.batches.load_state_dict(ck['data'])
             torch.random.set_rng_state(ck['rng'])
             if 'cuda_rng' in ck and self.device.type == 'cuda':
@@ -109,6 +117,7 @@ class Trainer:
             if not resuming:
                 for comp, src in stage.init_from.items():
                     init_component(self.model, plan, comp, src, plan.run.seed + 1000 + si, self.folder.out_dir)
+            self.stage_batches(si)
             params = set_frozen(self.model, stage)
             opt, sched = optimizer(params, stage)
             if resuming:
@@ -121,7 +130,7 @@ class Trainer:
     def train_stage(self, _run, si, stage, opt, sched, step, offset, run_id):
         plan, model = self.plan, self.model
         model.train()
-        tokens_per_step = plan.data.batch_size * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
+        tokens_per_step = plan.batch_rows(stage) * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
         params = [p for g in opt.param_groups for p in g['params']]
         bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
@@ -185,8 +194,9 @@ class Trainer:
         """Evaluation where Stage.eval_every says, then the stage end or a checkpoint."""
         plan, gstep = self.plan, offset + step
         if step % stage.eval_every == 0 or step == stage.steps:
+            # mid-stage evaluations vanish under the stage's bar
             metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
-                                    leave=step == stage.steps)  # mid-stage ones vanish under the stage's bar
+                                    leave=step == stage.steps, stage=stage)
             for k, v in metrics.items():
                 self.tracker.scalar(f'eval/{k}', v, gstep)
             if step == stage.steps:
@@ -268,12 +278,12 @@ class Trainer:
             flat /= self.world
         return dict(zip(values, flat.tolist()))
 
-    def evaluate(self, desc: str = 'evaluation', leave: bool = True) -> dict[str, float]:
+    def evaluate(self, desc: str = 'evaluation', leave: bool = True, stage=None) -> dict[str, float]:
         with tqdm(desc=desc, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=leave,
                   disable=self.rank > 0) as bar:
             return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
                                   self.plan.data.batch_size, self.plan.run.eval_batches,
-                                  self.data.bytes_per_token.get('val'), self.vocab, bar.update)
+                                  self.data.bytes_per_token.get('val'), self.vocab, bar.update, stage)
 
 
 def _cpu(state):

@@ -1,4 +1,4 @@
-"""python -m store.analyze {decode,info,retrieve,plot} RUN ... [--store runs/memories.zarr] [--stage NAME]
+"""python -m store.analyze {decode,info,retrieve,quantize,plot} RUN ... [--store runs/memories.zarr] [--stage NAME]
 
 Offline analysis of the memory embeddings a run stored (store/memories.py) with the checkpoint that wrote them.
 
@@ -11,6 +11,9 @@ Offline analysis of the memory embeddings a run stored (store/memories.py) with 
                                                 n-gram / n-bag retrieval: query = the run's encoder on n tokens of a
                                                 stored chunk, candidates = every stored chunk memory, cosine;
                                                 top-1 / top-5 accuracy vs chance
+  quantize RUN [--stage S] [--formats F ...] [--rows N]
+                                                decoding from stored memories cast to bfloat16, float8 e4m3 / e5m2
+                                                and int8 (per-vector absmax) and back, against float32
   plot RUN --out DIR [--db URL]                 PNGs: memory PCA, accuracy by position in the chunk, metric curves
                                                 (from --db, default the run's <out_dir>/sacred.db)
 
@@ -49,6 +52,7 @@ from compiler.errors import UserError, cli
 from store.analysis.decode import cmd_decode, cmd_info
 from store.analysis.figures import cmd_plot
 from store.analysis.groups import run_group
+from store.analysis.quantize import FORMATS, cmd_quantize
 from store.analysis.retrieve import cmd_retrieve
 from store.layout import MEMORY_STORE, memory_store
 from store.runref import folder_at
@@ -95,6 +99,13 @@ def parser() -> Parser:
                    help='query chunks drawn at random (default 2048; 0 = every chunk)')
     p.add_argument('--seed', type=integer(0, SEED), default=0)
     p.set_defaults(fn=cmd_retrieve)
+
+    p = common(sub.add_parser('quantize', help='decoding from stored memories cast to lower precisions'))
+    p.add_argument('run_id', metavar='RUN')
+    p.add_argument('--formats', nargs='+', choices=FORMATS, default=list(FORMATS),
+                   help=f"formats to cast to (default all: {', '.join(FORMATS)}; float32 is always the baseline)")
+    p.add_argument('--rows', type=int, help='only the first ROWS sequences of each group (default all)')
+    p.set_defaults(fn=cmd_quantize)
 
     p = common(sub.add_parser('plot', help='PNG figures: memory PCA, accuracy by position, metric curves'))
     p.add_argument('run_id', metavar='RUN')

@@ -3,7 +3,7 @@
 Layout (plain Zarr v3; readable with `zarr` alone and opened directly by `xarray.open_zarr` / `open_datatree`;
 <run> is the run's name `<id>-<key>`, store/layout.py):
 
-    <store>/<run>/<stage>/memories   float32 (sequence, chunk, dim)        (bfloat16 as uint16 raw bits)
+    <store>/<run>/<stage>/memories   float32 (sequence, chunk, dim)        (bfloat16 / float8 as raw bits: BITS)
     <store>/<run>/<stage>/tokens     int32   (sequence, chunk, position)
     <store>/<run>/<stage>/mask       bool    (sequence, chunk, position)   (True = real token)
 
@@ -16,7 +16,8 @@ each group's own metadata.
 Group attributes of <run>/<stage> (all JSON):
     format          'memspec-memories'       version   FORMAT_VERSION
     run_id, run_key, spec_hash, stage, step, family, encoder_d_model, memory_dim, chunks, chunk_len, vocab_size
-    dtype           logical dtype ('float32' or 'bfloat16'); storage_dtype: what the array holds
+    dtype           logical dtype (Run.memory_dtype: 'float32', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2');
+                    storage_dtype: what the array holds (uint16 / uint8 bit patterns for the types Zarr lacks)
     tokenizer_path, checkpoint_path          where to decode from (the run folder's tokenizer.json and stage weights)
     bytes_per_token UTF-8 bytes per token of the held-out text (bits per byte)
     encoder_sha256  sha256 of the weights that form memories (compiler.model.encoder_sha256)
@@ -65,7 +66,12 @@ FORMAT = 'memspec-memories'
 FORMAT_VERSION = 3  # 3: dimension names, array attributes, consolidated metadata, shared memories (memories_from)
 READABLE_VERSIONS = (1, 2, 3)
 ROWS = 256  # rows per Zarr chunk; appends are whole multiples of it (except the final tail)
-BF16_NAN = 0x7FC0  # the bit pattern of a bfloat16 NaN: the fill of bfloat16 memories
+# Logical dtypes Zarr has no type for, stored as their bit patterns: (torch dtype, storage dtype, fill = a NaN's
+# bits). float8 memories are written saturating (clamped to the format's largest finite value), so the fill (NaN)
+# never stands for real data.
+BITS = {'bfloat16': (torch.bfloat16, np.uint16, 0x7FC0)}
+if hasattr(torch, 'float8_e4m3fn'):  # torch >= 2.1
+    BITS |= {'float8_e4m3fn': (torch.float8_e4m3fn, np.uint8, 0x7F), 'float8_e5m2': (torch.float8_e5m2, np.uint8, 0x7F)}
 FILL = {'memories': float('nan'), 'tokens': -1, 'mask': False}
 ARRAYS = ('memories', 'tokens', 'mask')
 DIMS = {'memories': ('sequence', 'chunk', 'dim'), 'tokens': ('sequence', 'chunk', 'position'),
@@ -80,15 +86,28 @@ ARRAY_ATTRS = {
     'mask': {'long_name': 'real-token mask', 'units': '1',
              'description': 'True where the position holds a real token, False where it is padding'},
 }
-BF16_NOTE = 'bfloat16 bit patterns stored as uint16: float32 = (bits.astype(uint32) << 16).view(float32)'
+BIT_NOTES = {'bfloat16': 'bfloat16 bit patterns stored as uint16: float32 = (bits.astype(uint32) << 16).view(float32)',
+             'float8_e4m3fn': 'float8 e4m3fn bit patterns stored as uint8 (torch.float8_e4m3fn, ml_dtypes)',
+             'float8_e5m2': 'float8 e5m2 bit patterns stored as uint8 (torch.float8_e5m2, ml_dtypes)'}
 
 
-def _bf16_bits(x: torch.Tensor) -> np.ndarray:
-    return x.contiguous().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+def stored(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Memories as the array of a `dtype` group holds them: float32, or the bit patterns of BITS (float8 saturating)."""
+    if dtype not in BITS:
+        return x.detach().float().numpy()
+    tdtype, storage, _ = BITS[dtype]
+    x = x.detach().float()
+    if storage is np.uint8:
+        big = torch.finfo(tdtype).max
+        x = x.clamp(-big, big)
+    return x.contiguous().to(tdtype).view(torch.int16 if storage is np.uint16 else torch.uint8).numpy().view(storage)
 
 
-def _from_bits(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+def _from_bits(a: np.ndarray, dtype: str = 'bfloat16') -> torch.Tensor:
+    tdtype, storage, _ = BITS[dtype]
+    if storage is np.uint16:
+        return torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(tdtype)
+    return torch.from_numpy(a.astype(np.uint8).copy()).view(tdtype)
 
 
 def open_root(path: str | Path) -> zarr.Group:
@@ -132,10 +151,12 @@ class Writer:
         self.path = Path(path)
         for folder in (self.path / run, self.path / run / stage):  # zarr writes through links: refuse planted ones
             refuse_link(folder)
-        self.group = fresh_group(path, run, stage, {'dtype': dtype,
-                                                    'storage_dtype': 'uint16' if dtype == 'bfloat16' else 'float32',
+        if dtype != 'float32' and dtype not in BITS:  # a float8 plan read by a torch without float8 types
+            raise UserError(f'Run.memory_dtype = {dtype!r}', f'this torch ({torch.__version__}) has no {dtype}',
+                            "use Run.memory_dtype = 'bfloat16' or 'float32'")
+        store_dtype = BITS[dtype][1] if dtype in BITS else np.float32
+        self.group = fresh_group(path, run, stage, {'dtype': dtype, 'storage_dtype': np.dtype(store_dtype).name,
                                                     **attrs})
-        store_dtype = np.uint16 if dtype == 'bfloat16' else np.float32
 
         def array(key, shape, dtype, fill, note=None):
             # overwrite: a writer killed while deleting an old group can leave its arrays behind without the group
@@ -144,8 +165,8 @@ class Writer:
                                            config={'write_empty_chunks': True}, overwrite=True,
                                            dimension_names=DIMS[key],
                                            attributes=ARRAY_ATTRS[key] | ({'storage': note} if note else {}))
-        self.mem = array('memories', (s, n, d), store_dtype, BF16_NAN if dtype == 'bfloat16' else FILL['memories'],
-                         BF16_NOTE if dtype == 'bfloat16' else None)
+        self.mem = array('memories', (s, n, d), store_dtype, BITS[dtype][2] if dtype in BITS else FILL['memories'],
+                         BIT_NOTES.get(dtype))
         self.tok = array('tokens', (s, n, l), np.int32, FILL['tokens'])
         self.msk = array('mask', (s, n, l), bool, FILL['mask'])
         self.dtype, self.rows, self.total = dtype, 0, s
@@ -153,8 +174,7 @@ class Writer:
     def append(self, memories: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         k = len(memories)
         sl = slice(self.rows, self.rows + k)
-        m = _bf16_bits(memories) if self.dtype == 'bfloat16' else memories.detach().float().numpy()
-        self.mem[sl] = m
+        self.mem[sl] = stored(memories, self.dtype)
         self.tok[sl] = tokens.numpy().astype(np.int32)
         self.msk[sl] = mask.numpy()
         self.rows += k
@@ -315,7 +335,8 @@ class Group:
     def _fill(self, mem: np.ndarray, tok: np.ndarray) -> bool:
         if self.attrs.get('version', 1) < 2:  # version 1 filled with zeros, which real data holds too
             return False
-        gone = (mem == BF16_NAN) if mem.dtype == np.uint16 else np.isnan(mem)
+        dtype = self.attrs.get('dtype', 'float32')
+        gone = (mem == BITS[dtype][2]) if dtype in BITS else np.isnan(mem)
         return bool(gone.any() or (tok == FILL['tokens']).any())
 
     def raw(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -332,7 +353,8 @@ class Group:
 
     def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, t, k = self.raw(start, stop)
-        mem = _from_bits(m).float() if self.attrs['dtype'] == 'bfloat16' else torch.from_numpy(m)
+        dtype = self.attrs['dtype']
+        mem = _from_bits(m, dtype).float() if dtype in BITS else torch.from_numpy(m)
         return mem, torch.from_numpy(t).long(), torch.from_numpy(k)
 
 

@@ -18,7 +18,8 @@ ATTR_TYPES = {'version': _WHOLE, 'rows': _WHOLE, 'complete': (bool,), 'step': _W
               'dtype': (str,), 'storage_dtype': (str,), 'tokenizer_path': (str,), 'checkpoint_path': (str,),
               'encoder_sha256': (str,), 'memories_from': (str,), 'bytes_per_token': (int, float)}
 _KINDS = {_WHOLE: 'a whole number', (str,): 'text', (bool,): 'true or false', (int, float): 'a number'}
-DTYPES = {'float32': 'float32', 'bfloat16': 'uint16'}  # logical dtype -> what the memories array holds
+DTYPES = {'float32': 'float32', 'bfloat16': 'uint16', 'float8_e4m3fn': 'uint8',  # logical dtype -> what the
+          'float8_e5m2': 'uint8'}  # memories array holds (store/memories.py: BITS)
 
 
 def check_attrs(a: dict, stage: str, where: str) -> None:

@@ -60,7 +60,8 @@ SERVED = {'clm': {'clm', 'copy', 'blank_copy'}, 'full_context': {'clm', 'copy', 
           'memory': {'clm', 'copy', 'blank_copy', 'autoencode', 'retrieval'},
           'no_memory': {'clm', 'copy', 'blank_copy'},
           'oracle': {'clm', 'copy', 'blank_copy', 'autoencode', 'retrieval'},
-          'recurrent': {'clm', 'copy', 'blank_copy'}}
+          'recurrent': {'clm', 'copy', 'blank_copy'},
+          'sequence_oracle': {'clm', 'copy', 'blank_copy', 'retrieval'}}
 
 
 def test_the_families_serve_what_they_served_before_the_registry():

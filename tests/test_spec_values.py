@@ -234,7 +234,7 @@ def test_shipped_specs_compile_with_no_warning(files, request):
 
 
 def test_include_only_specs_are_refused_alone():
-    assert len(COMPLETE) == 28  # 23, and the 5 of specs/pretrained
+    assert len(COMPLETE) == 30  # 23, the 5 of specs/pretrained, oracle_memory.gin and paper/oracle_memory.gin
     for f in FRAGMENTS:
         with pytest.raises(SpecError, match='no spec binds Plan.family'):
             load([SPECS_DIR / f])

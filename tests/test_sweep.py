@@ -146,7 +146,7 @@ REFUSALS = {
     'unknown grid parameter': ("probe/Trial.grid = {'Memory.chunkz': [4, 8]}",
                                "{f}:6 (binding -b 'Memory.chunkz = 4'): trial 'probe' (seed 0, Memory.chunkz=4): "
                                "'Memory' has no parameter 'chunkz'\n  fix: did you mean 'chunks'? known names: "
-                               'chunk_len, chunks, compression, decoder_input, noise, pad, position, slots'),
+                               'chunk_len, chunks, combine, compression, decoder_input, noise, pad, position, slots'),
     'bad grid value': ("probe/Trial.grid = {'Memory.chunks': [4, 0]}",
                        "{f}:6 (binding -b 'Memory.chunks = 0'): trial 'probe' (seed 0, Memory.chunks=0): "
                        'Memory.chunks must be >= 1, got 0\n  fix: use at least 1 chunk'),

@@ -4,6 +4,7 @@
     reload.py    the plan and the weights that wrote a group, loaded through compiler.load; the read-out that decodes it
     decode.py    `decode` (original vs decoded text) and `info` (information metrics)
     retrieve.py  `retrieve` (n-gram / n-bag retrieval over stored memories)
+    quantize.py  `quantize` (decoding from memories cast to bfloat16, float8, int8)
     figures.py   `plot` (memory PCA, accuracy by position, metric curves)
 
 The store never runs a model itself: decoding and query encodings are compiler.load.Loaded.read_out and .encode

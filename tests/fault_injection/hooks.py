@@ -176,7 +176,7 @@ def _hook_store() -> None:
         if hit and _spec['phase'] == 'torn':  # the memories array takes its rows, tokens and mask do not
             k = len(memories)
             sl = slice(self.rows, self.rows + k)
-            self.mem[sl] = M._bf16_bits(memories) if self.dtype == 'bfloat16' else memories.detach().float().numpy()
+            self.mem[sl] = M.stored(memories, self.dtype)
             _act(f'{self.group.store_path}/memories')
         real_append(self, memories, tokens, mask)
         _at(hit, 'done')
