@@ -160,12 +160,18 @@ class _PlanPart:
                 # `lr = 1` and `lr = 1.0` are one experiment: one JSON value, one plan hash
                 object.__setattr__(self, name, float(v))
 
+    # fields added after plans were first recorded: left out of to_dict() (so out of the plan hash) while they hold
+    # their default, so every plan written before them keeps its hash and a run recorded before them still resumes
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
             if f.name == 'scope':
                 continue
             v = getattr(self, f.name)
+            if f.name in self.LATER_FIELDS and v == f.default:
+                continue
             if isinstance(v, _PlanPart):
                 v = v.to_dict()
             elif isinstance(v, tuple):
@@ -339,7 +345,16 @@ class Run(_PlanPart):
     # multiplies every stage's steps and warmup (rounded, at least 1 step; eval_every capped at the scaled steps)
     # when the Plan is built, e.g. 0.01 for a smoke test of a whole curriculum (see scale_steps)
     steps_scale: float = 1.0
+    # training numerics: 'fp32' (TF32 matmuls on CUDA), or autocast to 'bf16' / 'fp16' (fp16 with a gradient
+    # scaler) over fp32 master weights and optimizer state (runtime/step.py)
+    precision: typing.Literal['fp32', 'bf16', 'fp16'] = 'fp32'
+    # several processes (torchrun, submitit): 'ddp' replicates the model, 'fsdp' shards parameters, gradients and
+    # optimizer state (FSDP2, one shard unit per block); 'none' trains one process (runtime/distributed.py)
+    parallel: typing.Literal['none', 'ddp', 'fsdp'] = 'none'
+    # recompute every block's activations in backward instead of keeping them (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
     scope: str = _SCOPE
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ('precision', 'parallel', 'activation_checkpointing')
 
 
 @dataclass(frozen=True)
