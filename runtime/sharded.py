@@ -69,8 +69,9 @@ def save(run_dir: Path, model: torch.nn.Module, opt, rank: int, world: int) -> d
     name = _name(world)
     tmp = run_dir / f'.{SHARDS}.{name}'
     try:
+        writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
         with _quiet():
-            dcp_save(state_tensors(model, opt), storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+            dcp_save(state_tensors(model, opt), storage_writer=writer)
         if rank:
             return None
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
