@@ -46,10 +46,10 @@ from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
 from compiler.tokens import backbones
-from runtime import provenance, record, sweep
+from runtime import provenance, record, sharded, sweep
 from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
-from runtime.distributed import NullRun, distributed, run_device
+from runtime.distributed import NullRun, check_parallel, distributed, run_device
 from runtime.lock import LocksUnsupported, RunBusy, RunLock
 from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
@@ -147,7 +147,8 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
         lock = take_lock(folder, run, where)
         if lock is not None:
             locks.append(lock)
-    resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
+    resume = load_checkpoint(folder.checkpoint, where, run_id, verify_shards=locks is not None) \
+        if folder.checkpoint.is_file() else None
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
 
@@ -278,6 +279,7 @@ def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
     rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
+    check_parallel(plan.run.parallel, world, locate(spec.locations, plan.run, 'parallel'))
     if rank == 0:
         for w in spec.warnings:  # also recorded in the run's config ('warnings')
             print(f'warning: {w}', file=sys.stderr)
@@ -289,7 +291,7 @@ def _run_main(args, locks: list) -> None:
     checkpoint = None if target is None else target.checkpoint
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
     check_init_sources(plan, runs_dir, checkpoint, data.vocab_size)
-    if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
+    if rank > 0:  # workers train in lockstep with rank 0 (DDP / FSDP) and record nothing
         Trainer(spec, data, target.folder.root if target else runs_dir / '_worker', checkpoint, rank,
                 world).run(NullRun())
         return
@@ -448,6 +450,8 @@ def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list
         open_folder(folder, url, locks, made)
         return
     remove_stale_temporaries(folder.root)
+    resume = target.checkpoint
+    sharded.prune(folder.root, None if resume is None else resume.get('shards'))  # shards no checkpoint.pt names
     if folder.owner() is None:  # killed between creating the folder and marking it
         mark(folder, url, made)
     _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from compiler import objectives as O
 from compiler import plan as P
-from runtime.train import compile_report, padding, stage_loss
+from runtime import train
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -54,7 +54,7 @@ class TrainStep(nn.Module):
 
     def forward(self, tokens, mask=None, generator=None):
         with autocast(tokens.device, self.precision):
-            return stage_loss(self.model, self.stage, tokens, mask, self.ids, generator)
+            return train.stage_loss(self.model, self.stage, tokens, mask, self.ids, generator)
 
 
 def forward_backward(step: nn.Module, inner: TrainStep, tokens, mask, scaler: torch.amp.GradScaler | None = None,
@@ -73,12 +73,12 @@ def forward_backward(step: nn.Module, inner: TrainStep, tokens, mask, scaler: to
     total, losses, accs = 0.0, {}, {}
     for i in range(0, b, size):
         rows = slice(i, i + size)
-        part_mask = padding(None if mask is None else mask[rows])
+        part_mask = train.padding(None if mask is None else mask[rows])
         part_mask = None if part_mask is None else part_mask.to(tokens.device, non_blocking=True)
         w = (min(i + size, b) - i) / b
         last = i + size >= b
         with (contextlib.nullcontext() if sync is None else sync(last)), \
-                compile_report(inner.model, stage, tokens[rows]):
+                train.compile_report(inner.model, stage, tokens[rows]):
             loss, part_losses, part_accs = step(tokens[rows], part_mask, generator)
             weighted = loss * w
             (weighted if scaler is None else scaler.scale(weighted)).backward()
@@ -107,3 +107,11 @@ def load_schedule(opt, sched, state: dict) -> None:
     sched.load_state_dict(state)
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):
         group['lr'] = lr
+
+
+def accumulate(model: nn.Module, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None,
+               precision: str = 'fp32'):
+    """forward_backward of a plain model in one process (tests and benchmarks: the trainer's own step)."""
+    step = TrainStep(model, ids, precision)
+    step.stage = stage
+    return forward_backward(step, step, tokens, mask, generator=generator)
