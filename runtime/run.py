@@ -253,6 +253,7 @@ def main(argv=None):
     ap.add_argument('--resume', metavar='RUN_ID',
                     help='continue a killed or interrupted run: its id (python -m store.runs list), not a path')
     ap.add_argument('--sweep-member', help=argparse.SUPPRESS)  # from runtime.sweep: recorded as the config 'sweep'
+    ap.add_argument('--record-id-to', help=argparse.SUPPRESS)  # runtime.launch: the run id, for a requeued job
     sweep.add_options(ap)
     ap.add_argument('--artifacts', choices=('reference', 'blob'), default='reference',
                     help="final weights in the run database: by path and sha256 (default), or also their bytes as a "
@@ -306,7 +307,7 @@ def _run_main(args, locks: list) -> None:
             raise UserError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
     outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, args.artifacts,
-                      sweep.member_config(args.sweep_member))
+                      sweep.member_config(args.sweep_member), args.record_id_to)
     if outcome.get('error'):
         print(outcome['error'], file=sys.stderr)
         sys.exit(outcome['code'])
@@ -368,7 +369,8 @@ def origin(spec, runs_dir: Path, resume: dict | None) -> tuple[dict, str]:
 
 
 def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, world: int = 1,
-            locks: list | None = None, artifacts: str = 'reference', sweep_member: dict | None = None) -> dict:
+            locks: list | None = None, artifacts: str = 'reference', sweep_member: dict | None = None,
+            record_id_to: str | None = None) -> dict:
     """Train and record the run as a Sacred experiment; -> {'run_id', 'name', 'out_dir', 'table', 'memories'} or, when
     the run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
     sacred = record.import_sacred()
@@ -401,6 +403,8 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
         enter_folder(folder, target, url, locks, made, _run, plan)
+        if record_id_to:  # a submitit job's requeue resumes this run (runtime/launch.py)
+            write_text(Path(record_id_to), run_id)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)

@@ -1,0 +1,166 @@
+"""python -m runtime.launch SPEC [more.gin ...] [-b BINDING ...] [--db URL] [--resume RUN_ID] --nodes M
+    --gpus-per-node N [--executor slurm|submitit-local] [--slurm-time MINUTES] [--slurm-partition P] ...
+
+One run on M nodes x N GPUs as one submitit job (Slurm, or submitit's local executor: the same code path on this
+machine): a task per GPU, each a rank of `python -m runtime.run` with the arguments given here, its torch.distributed
+environment set by submitit.helpers.TorchDistributedEnvironment (runtime/distributed.py then starts the process
+group). The spec's Run.parallel says how the ranks share the work ('ddp' or 'fsdp'). The same run starts locally with
+`torchrun --nproc_per_node=N -m runtime.run SPEC ...`.
+
+A job that reaches its time limit or is preempted is requeued by submitit (Slurm sends USR2 ahead of the limit): the
+requeued job continues the same run with --resume from its last checkpoint, on however many GPUs it then gets (the
+checkpoint is sharded; it resumes at any world size). Rank 0 writes the run's id to <folder>/run_id once the run is
+recorded, which is how the requeued job knows what to resume.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from compiler.errors import SpecError, cli
+
+ID_FILE = 'run_id'
+
+
+class DistributedRun:
+    """The callable of one submitit task: exports the job's torch.distributed environment and runs runtime.run in
+    this process (so submitit's preemption handling is in the training process). Checkpointable: submitit calls
+    `checkpoint` on timeout or preemption, and requeues what it returns."""
+
+    def __init__(self, argv: list[str], folder: str, cwd: str):
+        self.argv, self.folder, self.cwd = list(argv), folder, cwd
+
+    def __call__(self) -> int:
+        import submitit
+        env = submitit.helpers.TorchDistributedEnvironment()
+        # several tasks per node share the node's GPUs: each finds its own by LOCAL_RANK (runtime.distributed)
+        env.export(set_cuda_visible_devices=False, overwrite=True)
+        os.chdir(self.cwd)
+        from runtime import run
+        requeue = _preemption_as_interrupt()
+        try:
+            run.main(self.argv + ['--record-id-to', str(Path(self.folder) / ID_FILE)] * (env.rank == 0))
+        except SystemExit as e:
+            if requeue:  # submitit requeued the job: leave with its code (the run was recorded INTERRUPTED)
+                raise SystemExit(requeue[0]) from None
+            if e.code:
+                raise RuntimeError(f'python -m runtime.run exited with code {e.code} on rank {env.rank}') from None
+        return 0
+
+    def resume_argv(self) -> list[str]:
+        """The arguments that continue this job's run: --resume with the id rank 0 recorded (none yet: the run was
+        never recorded, so it starts again)."""
+        path = Path(self.folder) / ID_FILE
+        if '--resume' in self.argv or not path.is_file():
+            return self.argv
+        return self.argv + ['--resume', path.read_text().strip()]
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        return submitit.helpers.DelayedSubmission(DistributedRun(self.resume_argv(), self.folder, self.cwd))
+
+
+class Preempted(KeyboardInterrupt):
+    """Slurm's time limit or a preemption (USR2, after submitit requeued the job): the run stops as INTERRUPTED,
+    like Ctrl-C, with a resume point when it runs in one process."""
+
+
+def _preemption_as_interrupt() -> list:
+    """Wrap submitit's USR2 handler (checkpoint, requeue, exit): its exit becomes Preempted, raised in the training
+    loop, so the run is recorded INTERRUPTED rather than FAILED. -> a list that holds the exit code once it fired."""
+    import signal
+    fired = []
+    sig = signal.SIGUSR2
+    previous = signal.getsignal(sig)
+    if not callable(previous):
+        return fired
+
+    def handler(signum, frame):
+        try:
+            previous(signum, frame)
+        except SystemExit as e:
+            fired.append(e.code)
+            raise Preempted() from None
+
+    signal.signal(sig, handler)
+    return fired
+
+
+def executor(args, folder: Path):
+    """The submitit executor of one run's job: M nodes, a task per GPU (or --tasks-per-node on CPUs)."""
+    import submitit
+    cluster = 'slurm' if args.executor == 'slurm' else 'local'
+    if cluster == 'slurm' and args.slurm_time is None:
+        raise SpecError('--executor slurm', "no time limit: submitit's default would stop the job after 5 min",
+                        'give --slurm-time MINUTES (the job is requeued and resumed at the limit)')
+    if cluster == 'slurm' and shutil.which('sbatch') is None:
+        raise SpecError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
+                        'submit from a Slurm login node, or run locally: torchrun --nproc_per_node=N -m runtime.run')
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    if cluster == 'local' and args.nodes != 1:
+        raise SpecError(f'--nodes {args.nodes}', "submitit's local executor runs on this one machine",
+                        'use --nodes 1, or --executor slurm')
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    params = {'nodes': args.nodes, 'tasks_per_node': tasks, 'gpus_per_node': args.gpus_per_node or None,
+              'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
+              'timeout_min': args.slurm_time or 24 * 60, 'name': 'memspec'}
+    valid = submitit.SlurmExecutor._valid_parameters()
+    for item in args.slurm_param:
+        key, eq, value = item.partition('=')
+        if not eq or key not in valid:
+            raise SpecError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
+                            f"write KEY=VALUE with KEY one of: {', '.join(sorted(valid))}")
+        params[f'slurm_{key}'] = int(value) if value.isdigit() else value
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+def submit(args, run_argv: list[str]):
+    """Submit the job; -> (submitit job, its folder)."""
+    from compiler.spec import load
+    plan = load(args.specs, args.binding).plan  # a bad spec is refused here, before anything is queued
+    world = args.nodes * (args.tasks_per_node or args.gpus_per_node or 1)
+    if world > 1 and plan.run.parallel == 'none':
+        raise SpecError('Run.parallel', f"'none' but the job has {world} processes",
+                        "bind Run.parallel = 'ddp' (or 'fsdp' to shard the model)")
+    folder = Path(plan.run.out_dir) / 'launches' / f'{plan.run.name}-{os.getpid()}-{os.urandom(3).hex()}'
+    folder.mkdir(parents=True)
+    job = executor(args, folder).submit(DistributedRun(run_argv, str(folder), os.getcwd()))
+    return job, folder
+
+
+def parse(argv=None):
+    from compiler.__main__ import parser
+    ap = parser('python -m runtime.launch', __doc__.split('\n\n')[0])
+    ap.add_argument('--db', help='observer database URL (default sqlite:///<Run.out_dir>/sacred.db)')
+    ap.add_argument('--resume', metavar='RUN_ID', help='continue a stopped run (its id), on this job')
+    ap.add_argument('--executor', choices=('slurm', 'submitit-local'), default='slurm')
+    ap.add_argument('--nodes', type=int, default=1)
+    ap.add_argument('--gpus-per-node', type=int, default=0, help='GPUs per node: one rank (task) each')
+    ap.add_argument('--tasks-per-node', type=int, help='ranks per node (default: --gpus-per-node; CPU jobs)')
+    ap.add_argument('--slurm-time', type=int, metavar='MINUTES', help='time limit (Slurm: required)')
+    ap.add_argument('--slurm-partition')
+    ap.add_argument('--cpus-per-task', type=int)
+    ap.add_argument('--mem-gb', type=float)
+    ap.add_argument('--slurm-param', action='append', default=[], metavar='KEY=VALUE')
+    ap.add_argument('--wait', action='store_true', help='wait for the job and exit with its outcome')
+    return ap.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = parse(argv)
+    run_argv = list(args.specs) + [x for b in args.binding for x in ('-b', b)] \
+        + (['--db', args.db] if args.db else []) + (['--resume', args.resume] if args.resume else [])
+    job, folder = submit(args, run_argv)
+    print(f'job {job.job_id}: {args.nodes} node(s) x {args.tasks_per_node or args.gpus_per_node or 1} rank(s); '
+          f'logs and the run id in {folder}')
+    if args.wait:
+        job.results()  # one per task; raises when a task failed
+        print(f'job {job.job_id} finished: run {(folder / ID_FILE).read_text().strip()}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Multi-process runs as submitit jobs (runtime/launch.py), on submitit's local executor (the Slurm code path
+without Slurm; CPU, gloo): a job of two ranks trains one run like torchrun does, and a job preempted after a
+checkpoint is requeued and continues the same run with --resume to the weights of an uninterrupted run."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_distributed import ROOT, argv, close, final_weights, launch, recorded
+
+SUBMIT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from pathlib import Path
+from runtime import launch
+import parallel_worker as W
+args = launch.parse({argv!r} + ['--executor', 'submitit-local', '--tasks-per-node', '2'])
+folder = Path({folder!r})
+folder.mkdir(parents=True)
+job = launch.executor(args, folder).submit(W.PreemptOnce({argv!r}, str(folder), {root!r}))
+job.results()
+print('requeued' if (folder / 'run_id').is_file() else 'no id')
+"""
+
+
+def env():
+    return dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1',
+                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]))
+
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('launch')
+    launch([sys.executable, '-m', 'runtime.run'] + argv(tmp / 'single', tmp / 'cache', 'ddp'))
+    return tmp
+
+
+def test_a_local_submitit_job_of_two_ranks_trains_one_run(single):
+    out = single / 'job'
+    proc = subprocess.run([sys.executable, '-m', 'runtime.launch'] + argv(out, single / 'cache', 'ddp')
+                          + ['--executor', 'submitit-local', '--tasks-per-node', '2', '--wait'],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'node(s) x 2 rank(s)' in proc.stdout
+    _, status = recorded(out)
+    assert status == [('0', 'COMPLETED')]
+    (folder,) = (out / 'launches').iterdir()
+    assert (folder / 'run_id').read_text() == '0'
+    ck = torch.load(next(out.glob('0-*')) / 'checkpoint.pt', weights_only=True)
+    assert ck['world'] == 2
+    close(final_weights(single / 'single'), final_weights(out))
+
+
+def test_a_preempted_job_is_requeued_and_resumes_its_run(single):
+    out = single / 'preempted'
+    script = SUBMIT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), argv=argv(out, single / 'cache', 'ddp'),
+                           folder=str(out / 'job'))
+    proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = ''.join(p.read_text() for p in (out / 'job').glob('*.err'))
+    assert 'this job is preempted' in logs and 'Requeued job' in logs, logs[-3000:]
+    rows, status = recorded(out)
+    assert status == [('0', 'COMPLETED')]  # one run: the requeued job resumed it
+    assert [s for s, _ in rows] == list(range(1, 11))
+    close(final_weights(single / 'single'), final_weights(out))
