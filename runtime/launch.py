@@ -14,6 +14,7 @@ recorded, which is how the requeued job knows what to resume.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -33,6 +34,13 @@ class DistributedRun:
         self.argv, self.folder, self.cwd = list(argv), folder, cwd
 
     def __call__(self) -> int:
+        code = self.run_ranks()
+        if code:
+            raise RuntimeError(f'python -m runtime.run exited with code {code}')
+        return 0
+
+    def run_ranks(self) -> int:
+        """This task's rank of the run -> runtime.run's exit code. A requeue (preemption) leaves with submitit's."""
         import submitit
         env = submitit.helpers.TorchDistributedEnvironment()
         # several tasks per node share the node's GPUs: each finds its own by LOCAL_RANK (runtime.distributed)
@@ -45,8 +53,7 @@ class DistributedRun:
         except SystemExit as e:
             if requeue:  # submitit requeued the job: leave with its code (the run was recorded INTERRUPTED)
                 raise SystemExit(requeue[0]) from None
-            if e.code:
-                raise RuntimeError(f'python -m runtime.run exited with code {e.code} on rank {env.rank}') from None
+            return e.code or 0
         return 0
 
     def resume_argv(self) -> list[str]:
@@ -59,7 +66,33 @@ class DistributedRun:
 
     def checkpoint(self, *args, **kwargs):
         import submitit
-        return submitit.helpers.DelayedSubmission(DistributedRun(self.resume_argv(), self.folder, self.cwd))
+        again = copy.copy(self)
+        again.argv = self.resume_argv()
+        return submitit.helpers.DelayedSubmission(again)
+
+
+class DistributedMember(DistributedRun):
+    """A sweep member that is a multi-rank run (runtime/sweep.py with --nodes / --tasks-per-node / --gpus-per-node
+    above one rank): each task one rank, its output in the member's log (rank 0) or LOG.rank<k>; returns what
+    sweep.run_member returns, from every task."""
+
+    def __init__(self, argv: list[str], env: dict, log: str, cwd: str, shown: str):
+        super().__init__(argv, str(Path(log).with_suffix('')), cwd)
+        self.env, self.log, self.shown = env, log, shown
+
+    def __call__(self) -> dict:
+        import contextlib
+        import time
+        os.environ.update(self.env)
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        import submitit
+        rank = submitit.JobEnvironment().global_rank
+        start = time.time()
+        with open(self.log if rank == 0 else f'{self.log}.rank{rank}', 'a') as out, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            print(f'$ {self.shown}  (rank {rank})', flush=True)
+            code = self.run_ranks()
+        return {'code': code, 'start': start, 'stop': time.time()}
 
 
 class Preempted(KeyboardInterrupt):

@@ -65,3 +65,19 @@ def test_a_preempted_job_is_requeued_and_resumes_its_run(single):
     assert status == [('0', 'COMPLETED')]  # one run: the requeued job resumed it
     assert [s for s, _ in rows] == list(range(1, 11))
     close(final_weights(single / 'single'), final_weights(out))
+
+
+def test_sweep_members_can_be_multi_rank_runs(single):
+    """runtime.sweep's submitit executor with --tasks-per-node 2: each member is one run of two ranks."""
+    out = single / 'sweep'
+    proc = subprocess.run([sys.executable, '-m', 'runtime.run'] + argv(out, single / 'cache', 'ddp')
+                          + ['--sweep', 'Run.seed=[0]', '--executor', 'submitit-local', '--tasks-per-node', '2'],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _, status = recorded(out)
+    assert status == [('0', 'COMPLETED')]
+    ck = torch.load(next(out.glob('0-*')) / 'checkpoint.pt', weights_only=True)
+    assert ck['world'] == 2
+    logs = sorted(p.name for p in (out / 'sweeps').rglob('*.log*'))
+    assert len(logs) == 2 and logs[1].endswith('.log.rank1'), logs
+    close(final_weights(single / 'single'), final_weights(out))
