@@ -64,14 +64,17 @@ def _name(world: int) -> str:
 def save(run_dir: Path, model: torch.nn.Module, opt, rank: int, world: int) -> dict | None:
     """Every rank writes its part; -> the manifest on rank 0 ({'dir': 'checkpoint.shards/<name>', 'files': {file:
     sha256}}), None on the others. A failed write removes the temporary folder and raises."""
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
     from torch.distributed.checkpoint import save as dcp_save
     name = _name(world)
     tmp = run_dir / f'.{SHARDS}.{name}'
     try:
         writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-        with _quiet():
-            dcp_save(state_tensors(model, opt), storage_writer=writer)
+        try:
+            with _quiet():
+                dcp_save(state_tensors(model, opt), storage_writer=writer)
+        except CheckpointException as e:  # a BaseException wrapping each rank's error: the first one, as a write error
+            raise _write_error(next(iter(e.failures.values()))[0], run_dir / SHARDS / name) from None
         if rank:
             return None
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -82,6 +85,13 @@ def save(run_dir: Path, model: torch.nn.Module, opt, rank: int, world: int) -> d
     finally:
         if rank == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(e: BaseException, path: Path) -> BaseException:
+    """A failed shard write as runtime.checkpoint reports writes: a full disk named with the disk, an OSError as is."""
+    from runtime.checkpoint import write_error
+    err = write_error(e, path) if isinstance(e, Exception) else None
+    return err if err is not None else e
 
 
 def prune(run_dir: Path, keep: dict | None) -> None:
