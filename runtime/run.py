@@ -46,6 +46,7 @@ from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
 from compiler.tokens import backbones
+from compiler.validate import CPU_PRECISION
 from runtime import provenance, record, sharded, sweep
 from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
@@ -279,11 +280,16 @@ def main(argv=None):
 def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
-    rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
+    device = run_device(plan.run, locate(spec.locations, plan.run, 'device'))
+    rank, world = distributed(device)
     check_parallel(plan.run.parallel, world, locate(spec.locations, plan.run, 'parallel'))
     if rank == 0:
         for w in spec.warnings:  # also recorded in the run's config ('warnings')
             print(f'warning: {w}', file=sys.stderr)
+        if plan.run.device == 'auto' and device.type == 'cpu' and plan.run.precision in CPU_PRECISION:
+            what, fix = CPU_PRECISION[plan.run.precision]  # the validator judged Run.device = 'cpu' alone
+            print(f"warning: Run.precision = '{plan.run.precision}' and Run.device = 'auto' trains on the CPU here "
+                  f'(no CUDA): {what}\n  fix: {fix}', file=sys.stderr)
     runs_dir = Path(plan.run.out_dir)
     url = args.db or database.default_url(plan.run.out_dir)
     record.check_lasting(url)
