@@ -58,6 +58,20 @@ def distributed(device: torch.device | None = None) -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
+class RankLost(KeyboardInterrupt):
+    """Another rank of the job died (killed, out of memory, node lost): a collective failed here. The run stops
+    like an interrupted one (recorded INTERRUPTED) and resumes from its last checkpoint, at any world size."""
+
+
+# what gloo's transport says when the peer of a collective is gone (NCCL raises DistBackendError)
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', 'gloo/transport')
+
+
+def lost_rank(e: BaseException) -> bool:
+    return isinstance(e, torch.distributed.DistError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_GONE))
+
+
 def check_parallel(parallel: str, world: int, where: str) -> None:
     """Run.parallel = 'none' trains one process: several would each train alone, unsynchronised."""
     if parallel == 'none' and world > 1:

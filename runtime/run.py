@@ -50,7 +50,7 @@ from compiler.validate import CPU_PRECISION
 from runtime import provenance, record, sharded, sweep
 from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
 from runtime.data import prepare
-from runtime.distributed import NullRun, check_parallel, distributed, run_device
+from runtime.distributed import NullRun, RankLost, check_parallel, distributed, run_device
 from runtime.lock import LocksUnsupported, RunBusy, RunLock
 from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
@@ -100,6 +100,8 @@ def sigterm_as_interrupt():
 
 
 def _interrupt(e: KeyboardInterrupt) -> tuple[str, int]:
+    if isinstance(e, RankLost):  # another rank of the job died: resumable from the last checkpoint
+        return f'another rank of the job stopped; {e}', 1
     return ('SIGTERM', 128 + signal.SIGTERM) if isinstance(e, Terminated) else ('Ctrl-C', 130)
 
 

@@ -120,6 +120,10 @@ class Trainer:
         self.tracker = Tracker(_run, self.folder.tensorboard if self.rank == 0 else None, resumed_at)
         try:
             return self._train(_run)
+        except Exception as e:
+            if self.world > 1 and D.lost_rank(e):
+                raise D.RankLost(f'rank {self.rank}: {str(e).strip().splitlines()[0]}') from e
+            raise
         finally:
             self.tracker.close()
 
