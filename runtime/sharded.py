@@ -48,9 +48,24 @@ def state_tensors(model: torch.nn.Module, opt=None) -> dict:
     if opt is None:
         msd, osd = get_model_state_dict(model, options=_options()), {}
     else:
+        fresh = not opt.state  # before the stage's first update: get_state_dict would make up a state (below)
         msd, osd = get_state_dict(model, opt, options=_options())
+        if fresh:
+            _forget_made_up_state(opt)
+            osd = {}
     return {**{f'model.{k}': v for k, v in msd.items()},
             **{f'optim.{k}': v for k, v in osd.items() if isinstance(v, torch.Tensor)}}
+
+
+def _forget_made_up_state(opt, keep=()) -> None:
+    """get_state_dict and set_state_dict give an optimizer without state one, by an update with zero gradients at
+    learning rate 0 (step 1, zero moments). Where the run had none (before the stage's first update, or a parameter
+    no objective reached), that state would change the next real update (AdamW's bias correction): drop it for
+    every parameter not in `keep`."""
+    for group in opt.param_groups:
+        for p in group['params']:
+            if p not in keep:
+                opt.state.pop(p, None)
 
 
 def _name(world: int) -> str:
@@ -142,3 +157,6 @@ def load(run_dir: Path, manifest: dict, model: torch.nn.Module, opt=None) -> Non
     if opt is not None:
         osd.update({k[len('optim.'):]: v for k, v in target.items() if k.startswith('optim.')})
         set_optimizer_state_dict(model, opt, osd, options=_options())
+        names = {k[len('optim.state.'):].rsplit('.', 1)[0] for k in stored if k.startswith('optim.state.')}
+        had = {p for n, p in model.named_parameters() if n in names}
+        _forget_made_up_state(opt, had)

@@ -77,6 +77,29 @@ def test_single_process_resume_from_the_sharded_checkpoint_is_exact(tmp_path):
     assert max_diff(straight, resumed) == 0
 
 
+def test_a_checkpoint_before_the_first_update_keeps_the_optimizer_fresh(tmp_path):
+    """A resume point taken before a stage's first update (Ctrl-C or SIGTERM in its first step) has no optimizer
+    state: writing it must not give the live optimizer one, and reading it must not make one up (DCP's
+    get_state_dict initialises an empty optimizer with a zero-gradient step, which would shift AdamW's bias
+    correction), so the resumed step equals the uninterrupted one."""
+    from runtime import sharded
+    plan = W.plan_of('memory_combined.gin')
+    stage = plan.curriculum[0]
+    models = [build(plan) for _ in range(2)]
+    opts = [optimizer(list(m.parameters()), stage) for m in models]
+    manifest = sharded.save(tmp_path, models[0], opts[0][0], 0, 1)
+    assert not opts[0][0].state and all(p.grad is None for p in models[0].parameters())
+    sharded.load(tmp_path, manifest, models[1], opts[1][0])
+    assert not opts[1][0].state
+    for model, (opt, sched) in zip(models, opts):
+        step = S.TrainStep(model, W.IDS)
+        step.stage = stage
+        scaler = S.grad_scaler(torch.device('cpu'), 'fp32')
+        S.forward_backward(step, step, W.batch(plan, 0, 0), None, scaler)
+        S.optimizer_step(opt, sched, scaler, list(model.parameters()))
+    assert max_diff(models[0].state_dict(), models[1].state_dict()) == 0
+
+
 def test_a_damaged_or_missing_shard_is_refused_naming_it(tmp_path):
     from compiler.errors import SpecError
     from runtime import sharded
