@@ -412,10 +412,11 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
 
 # Run.precision on a device where it is slow; Run.device = 'auto' is judged when the run starts (runtime/step.py)
 CPU_PRECISION = {
-    'bf16': ('bf16 autocast on the CPU is slower than fp32 on CPUs without AMX (measured 15x on a 2-core Xeon: '
-             'benchmarks/train_throughput.py)', "use Run.precision = 'fp32' on the CPU, 'bf16' on a GPU"),
-    'fp16': ('fp16 autocast on the CPU has no fast kernels (and fp16 needs loss scaling that bf16 does not)',
-             "use Run.precision = 'fp32' on the CPU; fp16 is for GPUs without bf16"),
+    'bf16': ('bf16 autocast on the CPU is often slower than fp32 (its casts cost more than its products save '
+             'without AMX; measure with benchmarks/train_throughput.py --precision fp32 bf16)',
+             "use Run.precision = 'fp32' on the CPU, 'bf16' on a GPU"),
+    'fp16': ('fp16 autocast on the CPU has fast kernels only with AVX512-FP16 or AMX-FP16, and fp16 needs loss '
+             'scaling that bf16 does not', "use Run.precision = 'fp32' on the CPU; fp16 is for GPUs without bf16"),
 }
 
 
