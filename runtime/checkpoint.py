@@ -30,6 +30,12 @@ from store.layout import RunFolder
 _digests: dict[str, str] = {}  # checkpoint path -> sha256 of what this process wrote or verified there
 
 
+def restart_fix(path: Path, run_id: str) -> str:
+    """What to do about a damaged checkpoint of run `run_id`."""
+    return (f'restore {path.name} from a backup, or delete {path} and {_sidecar(path).name} to start run {run_id} '
+            'again from its first step (same id and record), or start a new run')
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + '.sha256')
 
@@ -55,11 +61,10 @@ CHECKPOINT_KEYS = {'optimizer', 'scheduler', 'data', 'stage', 'step', 'spec_hash
 
 
 def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
-    """A checkpoint for --resume, verified against its sha256 file, and the shard files it names against their
-    sha256 in it (verify_shards; rank 0 of a job checks for all): a damaged one is a bad resume target (exit 2)."""
+    """A checkpoint for --resume, verified against its sha256 file: a damaged one is a bad resume target (exit 2).
+    The shards it names are verified by runtime.sharded.verify."""
     side = _sidecar(path)
-    fix = (f'restore {path.name} from a backup, or delete {path} and {side.name} to start run {run_id} again from its '
-           'first step (same id and record), or start a new run')
+    fix = restart_fix(path, run_id)
     if side.is_file():
         digest = sha256_file(path)
         known = [w for w in side.read_text().split() if len(w) == 64]

@@ -26,35 +26,47 @@ ID_FILE = 'run_id'
 
 
 class DistributedRun:
-    """The callable of one submitit task: exports the job's torch.distributed environment and runs runtime.run in
-    this process (so submitit's preemption handling is in the training process). Checkpointable: submitit calls
-    `checkpoint` on timeout or preemption, and requeues what it returns."""
+    """The callable of one submitit task: exports the job's torch.distributed environment and runs this rank of
+    `python -m runtime.run ARGV` as its child. Checkpointable: on a time limit or preemption submitit calls
+    `checkpoint` (rank 0) and requeues what it returns; the child gets SIGTERM first, so it stops as INTERRUPTED."""
 
-    def __init__(self, argv: list[str], folder: str, cwd: str):
-        self.argv, self.folder, self.cwd = list(argv), folder, cwd
+    def __init__(self, argv: list[str], folder: str, cwd: str, stdout: str | None = None):
+        self.argv, self.folder, self.cwd, self.stdout = list(argv), folder, cwd, stdout
+        self.command = [sys.executable, '-m', 'runtime.run']
 
     def __call__(self) -> int:
-        code = self.run_ranks()
+        code = self.run_rank()
         if code:
             raise RuntimeError(f'python -m runtime.run exited with code {code}')
         return 0
 
-    def run_ranks(self) -> int:
-        """This task's rank of the run -> runtime.run's exit code. A requeue (preemption) leaves with submitit's."""
+    def run_rank(self) -> int:
+        """This task's rank of the run -> its exit code. A requeue (preemption) leaves with submitit's exit."""
+        import signal
+        import subprocess
+
         import submitit
         env = submitit.helpers.TorchDistributedEnvironment()
         # several tasks per node share the node's GPUs: each finds its own by LOCAL_RANK (runtime.distributed)
         env.export(set_cuda_visible_devices=False, overwrite=True)
-        os.chdir(self.cwd)
-        from runtime import run
-        requeue = _preemption_as_interrupt()
+        argv = self.argv + ['--record-id-to', str(Path(self.folder) / ID_FILE)] * (env.rank == 0)
+        out = open(self.stdout, 'a') if self.stdout else None  # noqa: SIM115  (closed below)
         try:
-            run.main(self.argv + ['--record-id-to', str(Path(self.folder) / ID_FILE)] * (env.rank == 0))
-        except SystemExit as e:
-            if requeue:  # submitit requeued the job: leave with its code (the run was recorded INTERRUPTED)
-                raise SystemExit(requeue[0]) from None
-            return e.code or 0
-        return 0
+            child = subprocess.Popen([*self.command, *argv], cwd=self.cwd, stdout=out, stderr=out and subprocess.STDOUT)
+            previous, fired = signal.getsignal(signal.SIGUSR2), []
+
+            def preempted(signum, frame):  # stop the rank (INTERRUPTED) first; its exit ends the wait below
+                fired.append((signum, frame))
+                child.send_signal(signal.SIGTERM)
+
+            signal.signal(signal.SIGUSR2, preempted)
+            code = child.wait()
+            if fired and callable(previous):  # then submitit checkpoints (rank 0), requeues and exits
+                previous(*fired[0])
+            return code
+        finally:
+            if out is not None:
+                out.close()
 
     def resume_argv(self) -> list[str]:
         """The arguments that continue this job's run: --resume with the id rank 0 recorded (none yet: the run was
@@ -73,52 +85,27 @@ class DistributedRun:
 
 class DistributedMember(DistributedRun):
     """A sweep member that is a multi-rank run (runtime/sweep.py with --nodes / --tasks-per-node / --gpus-per-node
-    above one rank): each task one rank, its output in the member's log (rank 0) or LOG.rank<k>; returns what
-    sweep.run_member returns, from every task."""
+    above one rank): a task per rank, rank 0's output in the member's log, rank k's in LOG.rank<k>; returns what
+    sweep.run_member returns."""
 
     def __init__(self, argv: list[str], env: dict, log: str, cwd: str, shown: str):
-        super().__init__(argv, str(Path(log).with_suffix('')), cwd)
-        self.env, self.log, self.shown = env, log, shown
+        super().__init__(argv, str(Path(log).with_suffix('')), cwd, log)
+        self.env, self.shown = env, shown
 
     def __call__(self) -> dict:
-        import contextlib
         import time
+
+        import submitit
         os.environ.update(self.env)
         Path(self.folder).mkdir(parents=True, exist_ok=True)
-        import submitit
         rank = submitit.JobEnvironment().global_rank
+        if rank:
+            self.stdout = f'{self.stdout}.rank{rank}'
+        with open(self.stdout, 'a') as out:
+            out.write(f'$ {self.shown}  (rank {rank})\n')
         start = time.time()
-        with open(self.log if rank == 0 else f'{self.log}.rank{rank}', 'a') as out, \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            print(f'$ {self.shown}  (rank {rank})', flush=True)
-            code = self.run_ranks()
+        code = self.run_rank()
         return {'code': code, 'start': start, 'stop': time.time()}
-
-
-class Preempted(KeyboardInterrupt):
-    """Slurm's time limit or a preemption (USR2, after submitit requeued the job): the run stops as INTERRUPTED,
-    like Ctrl-C, with a resume point when it runs in one process."""
-
-
-def _preemption_as_interrupt() -> list:
-    """Wrap submitit's USR2 handler (checkpoint, requeue, exit): its exit becomes Preempted, raised in the training
-    loop, so the run is recorded INTERRUPTED rather than FAILED. -> a list that holds the exit code once it fired."""
-    import signal
-    fired = []
-    sig = signal.SIGUSR2
-    previous = signal.getsignal(sig)
-    if not callable(previous):
-        return fired
-
-    def handler(signum, frame):
-        try:
-            previous(signum, frame)
-        except SystemExit as e:
-            fired.append(e.code)
-            raise Preempted() from None
-
-    signal.signal(sig, handler)
-    return fired
 
 
 def executor(args, folder: Path):

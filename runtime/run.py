@@ -48,7 +48,7 @@ from compiler.spec import load, locate, read_bindings
 from compiler.tokens import backbones
 from compiler.validate import CPU_PRECISION
 from runtime import provenance, record, sharded, sweep
-from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
+from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries, restart_fix
 from runtime.data import prepare
 from runtime.distributed import NullRun, RankLost, check_parallel, distributed, run_device
 from runtime.lock import LocksUnsupported, RunBusy, RunLock
@@ -150,8 +150,9 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
         lock = take_lock(folder, run, where)
         if lock is not None:
             locks.append(lock)
-    resume = load_checkpoint(folder.checkpoint, where, run_id, verify_shards=locks is not None) \
-        if folder.checkpoint.is_file() else None
+    resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
+    if resume is not None and 'shards' in resume and locks is not None:  # rank 0 checks the shards for every rank
+        sharded.verify(folder.root, resume['shards'], where, restart_fix(folder.checkpoint, run_id))
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
 

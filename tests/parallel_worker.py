@@ -92,28 +92,3 @@ def main(rank: int, world: int, spec: str, bindings: list, out: str, port: int, 
     finally:
         torch.distributed.destroy_process_group()
 
-
-class PreemptOnce:
-    """A submitit job's callable (runtime.launch.DistributedRun) that sends itself submitit's preemption signal
-    (USR2) on rank 0 right after the checkpoint of stage 1 step 2, as Slurm does ahead of a time limit; what it
-    requeues is the plain DistributedRun, which resumes."""
-
-    def __init__(self, argv, folder, cwd):
-        from runtime.launch import DistributedRun
-        self.run = DistributedRun(argv, folder, cwd)
-
-    def __call__(self):
-        import signal
-
-        import runtime.trainer as R
-        real = R.Trainer.checkpoint
-
-        def checkpoint(trainer, stage, step, *args):
-            real(trainer, stage, step, *args)
-            if (stage, step) == (1, 2) and trainer.rank == 0:
-                os.kill(os.getpid(), signal.SIGUSR2)
-        R.Trainer.checkpoint = checkpoint
-        return self.run()
-
-    def checkpoint(self, *args, **kwargs):
-        return self.run.checkpoint(*args, **kwargs)

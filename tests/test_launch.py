@@ -9,18 +9,31 @@ import pytest
 import torch
 from test_distributed import ROOT, argv, close, final_weights, launch, recorded
 
+# the rank 0 process of the job's first run sends its submitit task (its parent) the preemption signal, USR2, right
+# after the checkpoint of stage 1 step 2, as Slurm does ahead of a time limit; the requeued job (--resume) does not
+PREEMPTER = """
+import os, signal, sys
+import runtime.run
+import runtime.trainer as R
+real = R.Trainer.checkpoint
+def checkpoint(trainer, stage, step, *args):
+    real(trainer, stage, step, *args)
+    if (stage, step) == (1, 2) and trainer.rank == 0 and '--resume' not in sys.argv:
+        os.kill(os.getppid(), signal.SIGUSR2)
+R.Trainer.checkpoint = checkpoint
+runtime.run.main(sys.argv[1:])
+"""
 SUBMIT = """
 import sys
-sys.path[:0] = [{root!r}, {tests!r}]
+sys.path[:0] = [{root!r}]
 from pathlib import Path
 from runtime import launch
-import parallel_worker as W
 args = launch.parse({argv!r} + ['--executor', 'submitit-local', '--tasks-per-node', '2'])
 folder = Path({folder!r})
-folder.mkdir(parents=True)
-job = launch.executor(args, folder).submit(W.PreemptOnce({argv!r}, str(folder), {root!r}))
+run = launch.DistributedRun({argv!r}, str(folder), {root!r})
+run.command = [sys.executable, {script!r}]
+job = launch.executor(args, folder).submit(run)
 job.results()
-print('requeued' if (folder / 'run_id').is_file() else 'no id')
 """
 
 
@@ -54,13 +67,17 @@ def test_a_local_submitit_job_of_two_ranks_trains_one_run(single):
 
 def test_a_preempted_job_is_requeued_and_resumes_its_run(single):
     out = single / 'preempted'
-    script = SUBMIT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), argv=argv(out, single / 'cache', 'ddp'),
-                           folder=str(out / 'job'))
+    (out / 'job').mkdir(parents=True)
+    preempter = out / 'preempter.py'
+    preempter.write_text(PREEMPTER)
+    script = SUBMIT.format(root=ROOT, argv=argv(out, single / 'cache', 'ddp'), folder=str(out / 'job'),
+                           script=str(preempter))
     proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs = ''.join(p.read_text() for p in (out / 'job').glob('*.err'))
     assert 'this job is preempted' in logs and 'Requeued job' in logs, logs[-3000:]
+    assert 'interrupted (SIGTERM): the run is recorded as INTERRUPTED' in logs  # the first run, before the requeue
     rows, status = recorded(out)
     assert status == [('0', 'COMPLETED')]  # one run: the requeued job resumed it
     assert [s for s, _ in rows] == list(range(1, 11))
