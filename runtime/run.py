@@ -411,9 +411,7 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         run_id = str(_run._id)
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
-        enter_folder(folder, target, url, locks, made, _run, plan)
-        if record_id_to:  # a submitit job's requeue resumes this run (runtime/launch.py)
-            write_text(Path(record_id_to), run_id)
+        enter_folder(folder, target, url, locks, made, _run, plan, record_id_to)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)
@@ -456,9 +454,14 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
     return holder
 
 
-def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan) -> None:
-    """A new run's folder is created, locked and marked; a resumed one loses the temporaries of the killed process,
-    and the run's info lists this process's code beside the start's (config 'provenance') and earlier resumes'."""
+def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan,
+                 record_id_to: str | None = None) -> None:
+    """A new run's folder is created, locked and marked; a resumed one loses the temporaries (and uncommitted shards)
+    of the killed process, and the run's info lists this process's code beside the start's (config 'provenance') and
+    earlier resumes'. record_id_to: a file that gets the run's id (a submitit job's requeue resumes it:
+    runtime/launch.py)."""
+    if record_id_to:
+        write_text(Path(record_id_to), folder.run_id)
     if target is None:
         open_folder(folder, url, locks, made)
         return
