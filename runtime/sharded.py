@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from compiler.checkpoint import sha256_file
+from compiler.digest import sha256_file
 from compiler.errors import SpecError
 
 SHARDS = 'checkpoint.shards'  # in the run folder
@@ -104,7 +104,7 @@ def save(run_dir: Path, model: torch.nn.Module, opt, rank: int, world: int) -> d
 
 def _write_error(e: BaseException, path: Path) -> BaseException:
     """A failed shard write as runtime.checkpoint reports writes: a full disk named with the disk, an OSError as is."""
-    from runtime.checkpoint import write_error
+    from store.files import write_error
     err = write_error(e, path) if isinstance(e, Exception) else None
     return err if err is not None else e
 
