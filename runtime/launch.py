@@ -35,10 +35,12 @@ class DistributedRun:
         self.command = [sys.executable, '-m', 'runtime.run']
 
     def __call__(self) -> int:
+        import submitit
         code = self.run_rank()
-        if code:
+        # the run's outcome is rank 0's: another rank fails when rank 0 stops (preempted, or failed itself)
+        if code and submitit.JobEnvironment().global_rank == 0:
             raise RuntimeError(f'python -m runtime.run exited with code {code}')
-        return 0
+        return code
 
     def run_rank(self) -> int:
         """This task's rank of the run -> its exit code. A requeue (preemption) leaves with submitit's exit."""
