@@ -75,7 +75,7 @@ def test_a_preempted_job_is_requeued_and_resumes_its_run(single):
     proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = ''.join(p.read_text() for p in (out / 'job').glob('*.err'))
+    logs = ''.join(p.read_text() for p in sorted((out / 'job').glob('*_log.*')))  # .out and .err
     assert 'this job is preempted' in logs and 'Requeued job' in logs, logs[-3000:]
     rows, status = recorded(out)
     assert status == [('0', 'COMPLETED')]  # one run: the requeued job resumed it
