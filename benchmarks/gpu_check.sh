@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The prepared GPU check: everything a CPU machine cannot show, in one run of under 8 minutes on an H100/H200
-# (the steps' time limits add up to 7.75 min; a step over its limit is stopped, reported, and the check goes on;
+# The prepared GPU check: everything a CPU machine cannot show, in one run of under 9 minutes on an H100/H200
+# (the steps' time limits add up to 8.75 min; a step over its limit is stopped, reported, and the check goes on;
 # throughput JSON is written after every size, so a stopped step keeps what it measured).
 #   1. xformers memory-efficient attention on CUDA agrees with sdpa and a naive fp32 reference (outputs and
 #      gradients), and how fast each backend is                       -> attention_backends.json
 #   2. the CUDA-only tests (xformers paths of attention, blocks and KV cache; the head + cross-entropy in bf16)
-#   3. training throughput, bf16 autocast, d256 and d512 x 4 layers, 4 x 128 tokens: ours eager and with
-#      Run.compile (whole-step compilation, cold) against the research chunk loop, MFU against the bf16 matmul
-#      peak measured in the same process, graph breaks of the compiled step -> train_throughput.json
+#   3. training throughput of the runtime's own step (runtime/step.py TrainStep) in Run.precision bf16 and fp32
+#      (TF32), d256 and d512 x 4 layers, 4 x 128 tokens: ours eager and with Run.compile (whole-step compilation,
+#      cold) against the research chunk loop, MFU against the bf16 matmul peak measured in the same process,
+#      bf16 vs fp32 tokens/s, graph breaks of the compiled step -> train_throughput.json
 #   4. the same at paper scale: d512, 16 layers, 4 x 256 tokens, vocab 8192, batch 8 (the paper's 64 sequences
 #      over 8 devices)                                                 -> train_throughput_paper.json
 #   5. memory-conditioned generation vs full context                 -> inference.json
@@ -34,7 +35,7 @@ step() {
   timeout --signal=INT --kill-after=15 "$limit" "$@" || { echo "!!! failed or timed out (${limit} s): $*"; status=1; }
 }
 
-TP="python3 benchmarks/train_throughput.py --compile --models research ours ours+compile"
+TP="python3 benchmarks/train_throughput.py --compile --models research ours ours+compile --precision bf16 fp32"
 if [ "$DRY" = 1 ]; then  # the throughput steps at CPU size (the other steps need CUDA)
   DEV="--device cpu --threads 2 --warmup 1 --steps 1 --rounds 1 --batch 2 --vocab 512"
   step "training throughput (dry)" 1200 $TP $DEV --sizes 64 --layers 1 --chunk-len 16 --out "$OUT/train_throughput.json"
@@ -47,7 +48,7 @@ DEV="--device cuda --threads 8"
 step "machine" 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print(\"torch\", torch.__version__)"; python3 -c "import xformers; print(\"xformers\", xformers.__version__)" || true'
 step "attention backends" 45 python3 benchmarks/attention_backends.py --device cuda --out "$OUT/attention_backends.json"
 step "CUDA tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_blocks.py tests/test_objectives.py
-step "training throughput" 150 $TP $DEV --steps 5 --rounds 3 --out "$OUT/train_throughput.json"
-step "paper scale" 120 $TP $DEV --paper --batch 8 --steps 3 --rounds 3 --out "$OUT/train_throughput_paper.json"
+step "training throughput" 180 $TP $DEV --steps 5 --rounds 3 --out "$OUT/train_throughput.json"
+step "paper scale" 150 $TP $DEV --paper --batch 8 --steps 3 --rounds 3 --out "$OUT/train_throughput_paper.json"
 step "inference" 60 python3 benchmarks/inference.py --device cuda --out "$OUT/inference.json"
 exit $status

@@ -156,7 +156,8 @@ def projected_shipped(spec_path, work: Path, write) -> dict:
     from compiler.model import build
     from compiler.spec import load
     from runtime.data import prepare
-    from runtime.train import accumulate, optimizer, set_frozen
+    from runtime.step import accumulate
+    from runtime.train import optimizer, set_frozen
 
     plan = load([spec_path], [f"Data.cache_dir='{work / 'cache'}'"]).plan
     data = prepare(plan, progress=False)

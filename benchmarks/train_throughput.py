@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py                       # d256 and d512, 4 layers, 4 x 128 tokens, CPU
     python benchmarks/train_throughput.py --compile             # + ours with Run.compile (its own rows)
     python benchmarks/train_throughput.py --device cuda         # same on a GPU (bf16 autocast for every model)
+    python benchmarks/train_throughput.py --models ours --precision fp32 bf16 fp16   # the runtime's step per
+                                                                # Run.precision, with ratios against fp32
     python benchmarks/train_throughput.py --device cuda --paper --compile   # paper scale: d512, 16 layers, 4 x 256
     python benchmarks/train_throughput.py --profile ours        # where the time of one model goes
 
@@ -12,8 +14,9 @@ Models, all on identical dimensions and identical (seeded, random-token) batches
   `LlamaModel` encoder and `LlamaForCausalLM` decoder, a Python loop over chunks for the encoder (one call per
   chunk) and for the decoder (one call per chunk, its memories as prefix embeddings, logits for every
   position), per-chunk losses averaged, a default `torch.optim.AdamW`.
-- ours: specs/memory_clm.gin compiled by this project and trained through runtime.train (one batched encoder
-  call, one decoder call over all chunks, last-block work nobody reads skipped, fused AdamW).
+- ours: specs/memory_clm.gin compiled by this project and trained by the runtime's own step (runtime/step.py: the
+  TrainStep module under Run.precision, its gradient scaler, clipping and fused AdamW; one batched encoder call, one
+  decoder call over all chunks, last-block work nobody reads skipped).
 - full context: a causal transformer over all N*L tokens (specs/full_context.gin), no memory.
 - no memory: ours with every memory slot padding (specs/no_memory.gin).
 - NAME+compile: NAME with Run.compile (runtime.train.compile_step: each objective's whole step, example to loss,
@@ -28,11 +31,13 @@ FLOP/s measured in the same process (best of several large square products, fp32
 at the start and again after each size, since a shared machine's speed drifts: the best seen is the peak).
 Timing: warm-up steps, then `--rounds` rounds that run every model in turn (so drift hits all alike); the
 reported step time is the median over rounds. Results go to benchmarks/results/train_throughput.json.
+--precision runs every model in each Run.precision given (NAME@bf16; the first precision keeps the plain name): ours
+through TrainStep's autocast and scaler, research under the same autocast; each row's speed is also given against
+the same model in the first precision, measured in the same process (x first precision).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -55,6 +60,7 @@ from compiler import model as M  # noqa: E402
 from compiler import objectives as O  # noqa: E402
 from compiler import plan as P  # noqa: E402
 from compiler.spec import SPECS_DIR, load  # noqa: E402
+from runtime import step as S  # noqa: E402
 from runtime import train as T  # noqa: E402
 
 SPECS = {'research': 'memory_clm.gin', 'ours': 'memory_clm.gin', 'full_context': 'full_context.gin',
@@ -103,32 +109,41 @@ class ResearchChunkLoop(nn.Module):
         return loss / n
 
 
-def train_step_fn(kind: str, plan: P.Plan, device, autocast, compile_model: bool, micro_batch: int | None = None):
+def train_step_fn(kind: str, plan: P.Plan, device, precision: str, compile_model: bool,
+                  micro_batch: int | None = None):
     """A closure running one full training step on a batch (the batch is passed in)."""
     torch.manual_seed(0)
     if kind == 'research':
         model = ResearchChunkLoop(plan).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=STAGE.lr, betas=(0.9, 0.95), weight_decay=STAGE.weight_decay)
+        if compile_model:
+            model.compile()
+        scaler = S.grad_scaler(device, precision)
 
-        def forward_backward(tokens):
-            loss = model(tokens)
-            loss.backward()
+        def step(tokens):
+            with S.autocast(device, precision):
+                loss = model(tokens)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
             return loss
-    else:  # the runtime's own step: runtime.train.accumulate (micro-batches of Stage.micro_batch rows)
-        model = M.build(plan).to(device)
-        stage = dataclasses.replace(STAGE, micro_batch=micro_batch)
-        opt, _ = T.optimizer(T.set_frozen(model, stage), stage)
-
-        def forward_backward(tokens):
-            return T.accumulate(model, stage, tokens, None, IDS)[0]
-    if compile_model:  # ours: the whole step, as Run.compile does; the research loop: its whole module
-        T.compile_step(model, ROOT / '.cache/memspec') if kind != 'research' else model.compile()
+        return step, model.train()
+    # the runtime's own step: TrainStep (micro-batches of Stage.micro_batch rows) and optimizer_step
+    model = M.build(plan).to(device)
+    stage = dataclasses.replace(STAGE, micro_batch=micro_batch)
+    params = T.set_frozen(model, stage)
+    opt, sched = T.optimizer(params, stage)
+    train_step = S.TrainStep(model, IDS, precision)
+    train_step.stage = stage
+    if compile_model:  # the whole step, as Run.compile does
+        T.compile_step(model, ROOT / '.cache/memspec')
+    scaler = S.grad_scaler(device, precision)
     model.train()
 
     def step(tokens):
-        with autocast():
-            loss = forward_backward(tokens)
-        opt.step()
+        loss = S.forward_backward(train_step, train_step, tokens, None, scaler)[0]
+        S.optimizer_step(opt, sched, scaler, params)
         opt.zero_grad(set_to_none=True)
         return loss
     return step, model
@@ -178,10 +193,10 @@ def measure(models: dict, batches, device, warmup: int, steps: int, rounds: int)
     return times, first
 
 
-def graph_breaks(model, batch, autocast) -> dict:
+def graph_breaks(model, batch, precision: str) -> dict:
     """torch._dynamo.explain of our compiled region (runtime.train.objective_loss) on one batch: how many graphs
     and why it broke. Resets dynamo, so it runs before anything is compiled."""
-    with autocast():
+    with S.autocast(batch.device, precision):
         ex = torch._dynamo.explain(T.objective_loss)(model, STAGE.objectives[0], batch, None, IDS)
     return {'graphs': ex.graph_count, 'graph_breaks': ex.graph_break_count,
             'reasons': [str(b.reason).splitlines()[0] for b in ex.break_reasons]}
@@ -212,14 +227,27 @@ def model_row(plan, times: list, first: float | None, compiled: bool, tokens: in
     return row
 
 
-def print_rows(rows: dict) -> None:
-    print('| model | step (s) | tokens/s | x research | train GFLOP/token | MFU | cold compile (s) |\n'
-          '|---|---|---|---|---|---|---|')
-    for k, r in rows.items():
-        x = r['tokens_per_s'] / rows['research']['tokens_per_s'] if 'research' in rows else float('nan')
+def ratios_of(rows: dict, entries: dict, first: str) -> tuple[dict, dict]:
+    """-> ({row: its research row in the same precision}, {row: the same model's row in the first precision})."""
+    research = {n: next((m for m, (k, p) in entries.items() if k == 'research' and p == prec), None)
+                for n, (_, prec) in entries.items()}
+    baseline = {n: next(m for m, (j, p) in entries.items() if j == k and p == first) for n, (k, _) in entries.items()}
+    return research, baseline
+
+
+def versus(rows: dict, name: str, other: str | None) -> float:
+    """Speed of `name` relative to `other`, both measured in this process."""
+    return rows[name]['tokens_per_s'] / rows[other]['tokens_per_s'] if other in rows else float('nan')
+
+
+def print_rows(rows: dict, research: dict, baseline: dict, first: str) -> None:
+    print(f'| model | step (s) | tokens/s | x research | x {first} | train GFLOP/token | MFU | cold compile (s) |\n'
+          '|---|---|---|---|---|---|---|---|')
+    for n, r in rows.items():
         comp = f"{r['compile_s']:.1f}" if 'compile_s' in r else '-'
-        print(f"| {k} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {x:.2f} | "
-              f"{r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} | {comp} |")
+        print(f"| {n} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {versus(rows, n, research[n]):.2f} | "
+              f"{versus(rows, n, baseline[n]):.2f} | {r['train_flops_per_token'] / 1e9:.3f} | {r['mfu']:.1%} | "
+              f'{comp} |')
 
 
 def main():
@@ -244,6 +272,8 @@ def main():
     ap.add_argument('--compile', action='store_true', help='add ours with Run.compile to the default models')
     ap.add_argument('--inductor-cache', help='inductor cache of compiled models (default: a fresh temporary folder, '
                     'so the first step is a cold compilation)')
+    ap.add_argument('--precision', nargs='+', choices=list(S.DTYPES), help='Run.precision of every model, each in '
+                    'turn (default: fp32 on the CPU, bf16 on CUDA); ratios against the first')
     ap.add_argument('--micro-batch', type=int, help='Stage.micro_batch of our models (rows per forward/backward)')
     ap.add_argument('--profile', help='print a profile of one model instead of timing (research, ours, ...)')
     ap.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_throughput.json'))
@@ -262,20 +292,22 @@ def main():
     if compiled:  # cold unless told otherwise: runtime.train.compile_step keeps a cache folder it is given
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(Path(args.inductor_cache or
                                                          tempfile.mkdtemp(prefix='memspec-inductor-')).resolve())
-    # CPU trains in fp32 (bf16 autocast on CPU is 15x slower here, docs/design.md); CUDA in bf16 autocast
-    autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    # CPU trains in fp32 by default (bf16 autocast is slower on CPUs without AMX); CUDA in bf16 autocast
+    precisions = args.precision or (['bf16'] if cuda else ['fp32'])
+    S.set_matmul_precision('fp32', device)  # TF32 for the fp32 rows on CUDA, as the runtime sets it
+    entries = {(k if p == precisions[0] else f'{k}@{p}'): (k, p) for p in precisions for k in models}
     attention = args.attention
     peak_dtype, peak_n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048)
     # measured again after each size: this machine's speed drifts
     peaks = [peak_matmul_flops(device, peak_dtype, peak_n)]
     peak = peaks[0]
     result = {'device': torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-              'threads': args.threads, 'torch': torch.__version__, 'dtype': 'bf16 autocast' if cuda else 'fp32',
+              'threads': args.threads, 'torch': torch.__version__, 'precisions': precisions,
               'batch': args.batch, 'layers': args.layers, 'chunks': args.chunks, 'chunk_len': args.chunk_len,
-              'vocab': args.vocab, 'paper': args.paper, 'models': models, 'micro_batch': args.micro_batch,
+              'vocab': args.vocab, 'paper': args.paper, 'models': list(entries), 'micro_batch': args.micro_batch,
               'attention': attention, 'inductor_cache': os.environ.get('TORCHINDUCTOR_CACHE_DIR') if compiled else None,
               'peak_matmul_flops': peak, 'sizes': {}}
-    print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {result["dtype"]}; '
+    print(f'{result["device"]}, {args.threads} threads, torch {torch.__version__}, {", ".join(precisions)}; '
           f'peak matmul {peak / 1e9:.1f} GFLOP/s')
     for d in args.sizes:
         plans = {k: plan_for(SPECS[k.removesuffix(COMPILE)], d, args.layers, args.chunks, args.chunk_len, args.vocab,
@@ -284,21 +316,23 @@ def main():
         batches = [torch.randint(3, args.vocab, (args.batch, args.chunks, args.chunk_len), generator=g).to(device)
                    for _ in range(4)]
         steps, built = {}, {}
-        for k in models:
-            steps[k], built[k] = train_step_fn(k.removesuffix(COMPILE), plans[k], device, autocast, k in compiled,
-                                               args.micro_batch)
+        for name, (k, prec) in entries.items():
+            steps[name], built[name] = train_step_fn(k.removesuffix(COMPILE), plans[k], device, prec, k in compiled,
+                                                     args.micro_batch)
         if args.profile:
             print(profile(steps[args.profile], batches, device))
             continue
         ours = [k for k in compiled if not k.startswith('research')]
-        breaks = graph_breaks(built[ours[0]], batches[0], autocast) if ours else None
+        breaks = graph_breaks(built[ours[0]], batches[0], precisions[0]) if ours else None
         times, first = measure(steps, batches, device, args.warmup, args.steps, args.rounds)
         peaks.append(peak_matmul_flops(device, peak_dtype, peak_n))
         peak = max(peaks)  # the attainable peak: the best seen in this process
         tokens = args.batch * args.chunks * args.chunk_len
-        rows = {k: model_row(plans[k], times[k], first.get(k), k in compiled, tokens, peak) for k in models}
-        ratios = {f'{k}_vs_research': rows[k]['tokens_per_s'] / rows['research']['tokens_per_s']
-                  for k in rows if k != 'research' and 'research' in rows}
+        rows = {n: {**model_row(plans[k], times[n], first.get(n), k in compiled, tokens, peak), 'precision': prec}
+                for n, (k, prec) in entries.items()}
+        research, baseline = ratios_of(rows, entries, precisions[0])
+        ratios = {f'{n}_vs_research': versus(rows, n, research[n]) for n in rows if research[n] not in (None, n)}
+        ratios.update({f'{n}_vs_{precisions[0]}': versus(rows, n, baseline[n]) for n in rows if baseline[n] != n})
         result['sizes'][d] = {'models': rows, 'ratios': ratios, 'peak_matmul_flops': peak, 'graph_breaks': breaks}
         result['peak_matmul_flops'], result['all_peaks'] = peak, peaks
         print(f'\nd_model {d}, {args.layers} layers, {args.chunks} x {args.chunk_len} tokens, batch {args.batch}, '
@@ -307,7 +341,7 @@ def main():
         if breaks is not None:
             print(f"our compiled step ({ours[0]}): {breaks['graphs']} graph(s), {breaks['graph_breaks']} graph "
                   f"break(s){': ' + '; '.join(breaks['reasons']) if breaks['reasons'] else ''}")
-        print_rows(rows)
+        print_rows(rows, research, baseline, precisions[0])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every size: a time limit keeps the rest
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f'\nwrote {args.out}')

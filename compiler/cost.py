@@ -6,7 +6,8 @@
   forward for every stack that trains or has a trainable component upstream, 1 x forward for a stack that is
   frozen with nothing trainable upstream (it runs under no_grad);
 - KV-cache bytes per sequence at inference (fp32), the memory model's selling point;
-- activation memory per batch (fp32 saved tensors, a stated approximation).
+- activation memory per batch (saved tensors at Run.precision: 4 bytes in fp32, 2 under bf16 / fp16 autocast; only
+  each block's input with Run.activation_checkpointing; a stated approximation).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from compiler import plan as P
 from compiler.families import Work, family, in_component, needs_ae_decoder
 from compiler.tokens import vocab_of
 
-BYTES = 4  # fp32 on CPU (bf16 autocast on CPU is 15x slower here: docs/design.md)
+BYTES = 4  # fp32: parameters, optimizer state, the KV cache at inference, activations in fp32 training
+ACTIVATION_BYTES = {'fp32': 4, 'bf16': 2, 'fp16': 2}  # saved activations under Run.precision (autocast)
 
 
 def stack_params(s: P.Stack, vocab: int, seq_len: int, embedding: bool, head: bool) -> dict[str, int]:
@@ -221,10 +223,11 @@ def kv_cache_bytes(plan: P.Plan) -> int:
 
 
 def activation_bytes(plan: P.Plan, batch: int, freeze=()) -> int:
-    """Saved activations for backward, per batch, fp32, for a clm pass (the family's main objective). Per block and
-    position: transformer ~ 10 d + 4 ffn floats (norm in/out, q k v o, residuals, gate/up/act/product), mixer
-    ~ 6 d + 2 ffn; logits 2 x vocab per predicted token; a frozen encoder with nothing trainable upstream saves
-    nothing (no_grad)."""
+    """Saved activations for backward, per batch, at Run.precision, for a clm pass (the family's main objective). Per
+    block and position: transformer ~ 10 d + 4 ffn values (norm in/out, q k v o, residuals, gate/up/act/product),
+    mixer ~ 6 d + 2 ffn; with Run.activation_checkpointing a block keeps only its input (d) and one block's values
+    exist again while it is recomputed; logits 2 x vocab per predicted token; a frozen encoder with nothing
+    trainable upstream saves nothing (no_grad)."""
     freeze = effective_freeze(plan, freeze)
     enc_frozen = all(is_frozen(c, freeze) for c in params(plan) if c.startswith('encoder.'))
     floats = 0
@@ -234,8 +237,9 @@ def activation_bytes(plan: P.Plan, batch: int, freeze=()) -> int:
         s = stack_of(plan, p.stack)
         ffn = s.ffn if not isinstance(s, P.Backbone) else s.info().ffn
         per = (6 * s.d_model + 2 * ffn) if s.kind == 'mixer' else (10 * s.d_model + 4 * ffn)
-        floats += batch * p.rows * (p.length * per * s.n_layers + p.head * 2 * vocab_of(plan))
-    return int(floats * BYTES)
+        kept = s.d_model * s.n_layers + per if plan.run.activation_checkpointing else per * s.n_layers
+        floats += batch * p.rows * (p.length * kept + p.head * 2 * vocab_of(plan))
+    return int(floats * ACTIVATION_BYTES[plan.run.precision])
 
 
 def stage_costs(plan: P.Plan) -> list[StageCost]:

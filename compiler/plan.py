@@ -379,7 +379,16 @@ class Run(_PlanPart):
     # multiplies every stage's steps and warmup and Run.checkpoint_every (rounded, at least 1 step; eval_every capped
     # at the scaled steps) when the Plan is built, e.g. 0.01 for a smoke test of a whole curriculum (see scale_steps)
     steps_scale: float = 1.0
+    # training numerics: 'fp32' (TF32 matmuls on CUDA), or autocast to 'bf16' / 'fp16' (fp16 with a gradient
+    # scaler) over fp32 master weights and optimizer state (runtime/step.py)
+    precision: typing.Literal['fp32', 'bf16', 'fp16'] = 'fp32'
+    # several processes (torchrun, submitit): 'ddp' replicates the model, 'fsdp' shards parameters, gradients and
+    # optimizer state (FSDP2, one shard unit per block); 'none' trains one process (runtime/distributed.py)
+    parallel: typing.Literal['none', 'ddp', 'fsdp'] = 'none'
+    # recompute every block's activations in backward instead of keeping them (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
     scope: str = _SCOPE
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ('precision', 'parallel', 'activation_checkpointing')
 
 
 @dataclass(frozen=True)

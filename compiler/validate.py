@@ -424,7 +424,24 @@ def warnings(plan: P.Plan, where: Callable[[object, str], str], memory: int | No
     if backbones(plan) and not where(plan.data, 'vocab_size').endswith('(default)'):
         warn(plan.data, 'vocab_size', f'Data.vocab_size = {plan.data.vocab_size} has no effect: the vocabulary is the '
              f'backbone\'s ({backbones(plan)[0][1].source})', 'remove the binding')
+    _warn_precision(plan.run, warn)
     return out
+
+
+# Run.precision on a device where it is slow; Run.device = 'auto' is judged when the run starts (runtime/step.py)
+CPU_PRECISION = {
+    'bf16': ('bf16 autocast on the CPU is often slower than fp32 (its casts cost more than its products save '
+             'without AMX; measure with benchmarks/train_throughput.py --precision fp32 bf16)',
+             "use Run.precision = 'fp32' on the CPU, 'bf16' on a GPU"),
+    'fp16': ('fp16 autocast on the CPU has fast kernels only with AVX512-FP16 or AMX-FP16, and fp16 needs loss '
+             'scaling that bf16 does not', "use Run.precision = 'fp32' on the CPU; fp16 is for GPUs without bf16"),
+}
+
+
+def _warn_precision(run: P.Run, warn) -> None:
+    if run.device == 'cpu' and run.precision in CPU_PRECISION:
+        what, fix = CPU_PRECISION[run.precision]
+        warn(run, 'precision', f"Run.precision = '{run.precision}' with Run.device = 'cpu': {what}", fix)
 
 
 def _warn_activation_memory(plan: P.Plan, memory: int, devices: int, warn) -> None:

@@ -1,14 +1,18 @@
 """Checkpoints, and the stage weights of other runs that Stage.init_from starts a component from.
 
-checkpoint.pt is a dict of tensors and plain values (model and optimizer state, data position, RNG state, the stage
-and step, the stage-end summary, the plan hash), written with torch.save and read back with
-torch.load(weights_only=True), which refuses anything but tensors and plain containers: a crafted checkpoint cannot
-run code when it is loaded (its sha256 file would not stop that: whoever can write one can write both). It is
-written atomically (store/files.py), with its sha256 in checkpoint.pt.sha256 beside it, checked on resume.
+checkpoint.pt is a dict of tensors and plain values (data position, RNG state, schedule, loss scale, the stage and
+step, the stage-end summary, the plan hash, and the manifest of the sharded checkpoint that holds the model and
+optimizer state: checkpoint.shards/<name>/, each file with its sha256, runtime/sharded.py), written with torch.save
+and read back with torch.load(weights_only=True), which refuses anything but tensors and plain containers: a crafted
+checkpoint cannot run code when it is loaded (its sha256 file would not stop that: whoever can write one can write
+both; the shards are safetensors). It is written atomically (store/files.py), after the shards, with its sha256 in
+checkpoint.pt.sha256 beside it, checked on resume: its rename commits the resume point. A checkpoint.pt of a memspec
+before sharded checkpoints (the model and optimizer state inside it) is still read.
 """
 from __future__ import annotations
 
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -25,6 +29,12 @@ from store import files
 from store.layout import RunFolder
 
 _digests: dict[str, str] = {}  # checkpoint path -> sha256 of what this process wrote or verified there
+
+
+def restart_fix(path: Path, run_id: str) -> str:
+    """What to do about a damaged checkpoint of run `run_id`."""
+    return (f'restore {path.name} from a backup, or delete {path} and {_sidecar(path).name} to start run {run_id} '
+            'again from its first step (same id and record), or start a new run')
 
 
 def _sidecar(path: Path) -> Path:
@@ -48,14 +58,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _digests[str(path)] = new[0]
 
 
-CHECKPOINT_KEYS = {'model', 'optimizer', 'scheduler', 'data', 'stage', 'step', 'spec_hash', 'rng', 'summary'}
+CHECKPOINT_KEYS = {'optimizer', 'scheduler', 'data', 'stage', 'step', 'spec_hash', 'rng', 'summary'}
 
 
 def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
-    """A checkpoint for --resume, verified against its sha256 file: a damaged one is a bad resume target (exit 2)."""
+    """A checkpoint for --resume, verified against its sha256 file: a damaged one is a bad resume target (exit 2).
+    The shards it names are verified by runtime.sharded.verify."""
     side = _sidecar(path)
-    fix = (f'restore {path.name} from a backup, or delete {path} and {side.name} to start run {run_id} again from its '
-           'first step (same id and record), or start a new run')
+    fix = restart_fix(path, run_id)
     if side.is_file():
         digest = sha256_file(path)
         known = [w for w in side.read_text().split() if len(w) == 64]
@@ -76,6 +86,8 @@ def load_checkpoint(path: Path, where: str, run_id: str) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise UserError(where, f'cannot read the checkpoint {path}: {type(e).__name__}: {first}', fix)
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
+    if not missing and not {'shards', 'model'} & set(state):  # sharded, or the whole model (before sharding)
+        missing = ['shards']
     if missing:
         raise UserError(where, f"{path} is not a memspec checkpoint (it lacks {', '.join(missing)})", fix)
     return state
@@ -87,6 +99,8 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     for p in list(run_dir.glob('.*')) + list(run_dir.glob('stages/.*')):
         if p.is_file():
             p.unlink(missing_ok=True)
+        elif p.is_dir() and p.name.startswith('.checkpoint.shards.'):  # shards a kill left unfinished
+            shutil.rmtree(p, ignore_errors=True)
 
 
 

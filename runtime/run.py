@@ -46,10 +46,11 @@ from compiler.families import family
 from compiler.objectives import floors
 from compiler.spec import load, locate, read_bindings
 from compiler.tokens import backbones
-from runtime import provenance, record, sweep
-from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries
+from compiler.validate import CPU_PRECISION
+from runtime import provenance, record, sharded, sweep
+from runtime.checkpoint import check_init_sources, load_checkpoint, remove_stale_temporaries, restart_fix
 from runtime.data import prepare
-from runtime.distributed import NullRun, distributed, run_device
+from runtime.distributed import NullRun, RankLost, check_parallel, distributed, run_device
 from runtime.lock import LocksUnsupported, RunBusy, RunLock
 from runtime.train import Divergence
 from runtime.trainer import Trainer, summary_table
@@ -99,6 +100,8 @@ def sigterm_as_interrupt():
 
 
 def _interrupt(e: KeyboardInterrupt) -> tuple[str, int]:
+    if isinstance(e, RankLost):  # another rank of the job died: resumable from the last checkpoint
+        return f'another rank of the job stopped; {e}', 1
     return ('SIGTERM', 128 + signal.SIGTERM) if isinstance(e, Terminated) else ('Ctrl-C', 130)
 
 
@@ -148,6 +151,8 @@ def resume_target(ref: str, spec, runs_dir: Path, url: str, locks: list) -> Resu
         if lock is not None:
             locks.append(lock)
     resume = load_checkpoint(folder.checkpoint, where, run_id) if folder.checkpoint.is_file() else None
+    if resume is not None and 'shards' in resume and locks is not None:  # rank 0 checks the shards for every rank
+        sharded.verify(folder.root, resume['shards'], where, restart_fix(folder.checkpoint, run_id))
     same_plan(run.config.get('spec_hash') if resume is None else resume['spec_hash'])
     return Resume(run, folder, resume)
 
@@ -265,6 +270,7 @@ def main(argv=None):
     ap.add_argument('--resume', metavar='RUN_ID',
                     help='continue a killed or interrupted run: its id (python -m store.runs list), not a path')
     ap.add_argument('--sweep-member', help=argparse.SUPPRESS)  # from runtime.sweep: recorded as the config 'sweep'
+    ap.add_argument('--record-id-to', help=argparse.SUPPRESS)  # runtime.launch: the run id, for a requeued job
     sweep.add_options(ap)
     ap.add_argument('--artifacts', choices=('reference', 'blob'), default='reference',
                     help="final weights in the run database: by path and sha256 (default), or also their bytes as a "
@@ -290,10 +296,16 @@ def main(argv=None):
 def _run_main(args, locks: list) -> None:
     spec = load(args.specs, args.binding, devices=int(os.environ.get('WORLD_SIZE', '1')))
     plan = spec.plan
-    rank, world = distributed(run_device(plan.run, locate(spec.locations, plan.run, 'device')))
+    device = run_device(plan.run, locate(spec.locations, plan.run, 'device'))
+    rank, world = distributed(device)
+    check_parallel(plan.run.parallel, world, locate(spec.locations, plan.run, 'parallel'))
     if rank == 0:
         for w in spec.warnings:  # also recorded in the run's config ('warnings')
             print(f'warning: {w}', file=sys.stderr)
+        if plan.run.device == 'auto' and device.type == 'cpu' and plan.run.precision in CPU_PRECISION:
+            what, fix = CPU_PRECISION[plan.run.precision]  # the validator judged Run.device = 'cpu' alone
+            print(f"warning: Run.precision = '{plan.run.precision}' and Run.device = 'auto' trains on the CPU here "
+                  f'(no CUDA): {what}\n  fix: {fix}', file=sys.stderr)
     runs_dir = Path(plan.run.out_dir)
     url = args.db or database.default_url(plan.run.out_dir)
     record.check_lasting(url)
@@ -304,7 +316,7 @@ def _run_main(args, locks: list) -> None:
         print(resume_line(plan, target), file=sys.stderr)
     data = prepare(plan, progress=rank == 0)  # bad data is bad input: refuse it before anything is recorded
     check_init_sources(plan, runs_dir, checkpoint, data.vocab_size)
-    if rank > 0:  # workers train in lockstep with rank 0 (gradients all-reduced) and record nothing
+    if rank > 0:  # workers train in lockstep with rank 0 (DDP / FSDP) and record nothing
         Trainer(spec, data, target.folder.root if target else runs_dir / '_worker', checkpoint, rank,
                 world).run(NullRun())
         return
@@ -319,7 +331,7 @@ def _run_main(args, locks: list) -> None:
             raise UserError(where, f'{e.where}: {e.what}', e.fix)
     obs = record.observer(url)
     outcome = execute(spec, data, obs, url, runs_dir, target, world, locks, args.artifacts,
-                      sweep.member_config(args.sweep_member))
+                      sweep.member_config(args.sweep_member), args.record_id_to)
     if outcome.get('error'):
         print(outcome['error'], file=sys.stderr)
         sys.exit(outcome['code'])
@@ -381,7 +393,8 @@ def origin(spec, runs_dir: Path, resume: dict | None) -> tuple[dict, str]:
 
 
 def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, world: int = 1,
-            locks: list | None = None, artifacts: str = 'reference', sweep_member: dict | None = None) -> dict:
+            locks: list | None = None, artifacts: str = 'reference', sweep_member: dict | None = None,
+            record_id_to: str | None = None) -> dict:
     """Train and record the run as a Sacred experiment; -> {'run_id', 'name', 'out_dir', 'table', 'memories'} or, when
     the run stopped, {'error': message, 'code': exit code} (the run's record says INTERRUPTED or FAILED)."""
     sacred = record.import_sacred()
@@ -413,7 +426,7 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
         run_id = str(_run._id)
         folder = RunFolder(runs_dir, run_id, key)
         holder.update(run_id=run_id, name=folder.name)
-        enter_folder(folder, target, url, locks, made, _run, plan)
+        enter_folder(folder, target, url, locks, made, _run, plan, record_id_to)
         _run.info['host'] = host_info()
         _run.info['run_dir'] = str(folder.root)
         write_text(folder.operative, spec.operative)
@@ -456,13 +469,20 @@ def execute(spec, data, obs, url: str, runs_dir: Path, target: Resume | None, wo
     return holder
 
 
-def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan) -> None:
-    """A new run's folder is created, locked and marked; a resumed one loses the temporaries of the killed process,
-    and the run's info lists this process's code beside the start's (config 'provenance') and earlier resumes'."""
+def enter_folder(folder: RunFolder, target: Resume | None, url: str, locks: list, made: dict, _run, plan,
+                 record_id_to: str | None = None) -> None:
+    """A new run's folder is created, locked and marked; a resumed one loses the temporaries (and uncommitted shards)
+    of the killed process, and the run's info lists this process's code beside the start's (config 'provenance') and
+    earlier resumes'. record_id_to: a file that gets the run's id (a submitit job's requeue resumes it:
+    runtime/launch.py)."""
+    if record_id_to:
+        write_text(Path(record_id_to), folder.run_id)
     if target is None:
         open_folder(folder, url, locks, made)
         return
     remove_stale_temporaries(folder.root)
+    resume = target.checkpoint
+    sharded.prune(folder.root, None if resume is None else resume.get('shards'))  # shards no checkpoint.pt names
     if folder.owner() is None:  # killed between creating the folder and marking it
         mark(folder, url, made)
     _run.info['resumes'] = list(target.run.info.get('resumes') or []) + [

@@ -1,5 +1,5 @@
-"""One curriculum stage: freezing, optimizer and schedule, the objective mixture (the training step, compiled
-under Run.compile), evaluation."""
+"""One curriculum stage: freezing, optimizer and schedule, the objective mixture (the loss of a training step,
+compiled under Run.compile; the step itself, micro-batches and precision, is runtime/step.py), evaluation."""
 from __future__ import annotations
 
 import contextlib
@@ -177,32 +177,6 @@ def stage_loss(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, ge
         else:
             losses[obj.kind], accs[obj.kind] = loss_fn(model, obj, tokens, mask, ids, generator)
     return O.combine(losses, stage), losses, accs
-
-
-def accumulate(model: Graph, stage: P.Stage, tokens, mask, ids: O.SpecialIds, generator=None):
-    """Forward and backward of one step's batch in micro-batches of Stage.micro_batch rows. The gradients add up
-    to those of the row-weighted mean of the micro-batch losses (the batch loss itself when every row has the
-    same number of supervised tokens, as packed data does; DDP averages ranks the same way).
-    `mask` may stay on the CPU (the loader's tensor): each micro-batch's padding is decided there and only then moved
-    to the tokens' device, so the step reads nothing back from the device.
-    Returns detached row-weighted means (loss, {kind: loss}, {kind: accuracy}), without a host sync."""
-    b = tokens.shape[0]
-    size = stage.micro_batch or b
-    total, losses, accs = 0.0, {}, {}
-    for i in range(0, b, size):
-        rows = slice(i, i + size)
-        part_mask = padding(None if mask is None else mask[rows])
-        part_mask = None if part_mask is None else part_mask.to(tokens.device, non_blocking=True)
-        w = (min(i + size, b) - i) / b
-        with compile_report(model, stage, tokens[rows]):
-            loss, part_losses, part_accs = stage_loss(model, stage, tokens[rows], part_mask, ids, generator)
-            (loss * w).backward()
-        total = total + loss.detach() * w
-        for k, v in part_losses.items():
-            losses[k] = losses.get(k, 0.0) + v.detach() * w
-        for k, v in part_accs.items():
-            accs[k] = accs.get(k, 0.0) + v * w
-    return total, losses, accs
 
 
 class DivergenceWatch:

@@ -1,6 +1,7 @@
 """The training loop over a plan's curriculum (one stage's math is in runtime/train.py)."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,23 +11,27 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from compiler import objectives as O
+from compiler.errors import UserError
 from compiler.families import family
 from compiler.model import build, encoder_sha256
 from compiler.objective_registry import objective
 from runtime import checkpoint as ckpt
-from runtime import train
+from runtime import distributed as D
+from runtime import sharded, train
 from runtime.checkpoint import init_component
-from runtime.distributed import all_reduce_grads, run_device
+from runtime.distributed import run_device
+from runtime.step import TrainStep, forward_backward, grad_scaler, load_schedule, optimizer_step, set_matmul_precision
 from runtime.tracking import Tracker
-from runtime.train import Divergence, DivergenceWatch, accumulate, compile_step, optimizer, set_frozen
+from runtime.train import Divergence, DivergenceWatch, optimizer, set_frozen
 from store import files, memories
 from store.layout import RunFolder, file_ref, memory_store
 
 
 class Trainer:
     """Trains a plan's curriculum stage by stage in one run folder: checkpoints, stage-end weights, evaluation,
-    memories, and the metrics it hands to Sacred and TensorBoard (runtime/tracking.py). Rank > 0 of a torchrun job
-    trains in lockstep and writes nothing."""
+    memories, and the metrics it hands to Sacred and TensorBoard (runtime/tracking.py). Every step is one call of
+    the TrainStep module (runtime/step.py), wrapped for Run.parallel (runtime/distributed.py). Ranks > 0 of a
+    multi-process job train in lockstep, write their part of each sharded checkpoint, and record nothing."""
 
     def __init__(self, spec, data, out_dir: Path, resume: dict | None, rank: int = 0, world: int = 1):
         self.spec, self.plan, self.data = spec, spec.plan, data
@@ -34,9 +39,13 @@ class Trainer:
         self.ids = O.SpecialIds(pad=self.data.pad_id, blank=self.data.blank_id, copy=self.data.copy_id)
         self.vocab = self.data.vocab_size
         self.device = run_device(self.plan.run)  # refused (exit 2) by runtime.run before this when unavailable
+        run = self.plan.run
+        set_matmul_precision(run.precision, self.device)
         self.model = build(self.plan, self.vocab).to(self.device)  # built (seeded) on the CPU: the same weights
-        if self.plan.run.compile:
-            compile_step(self.model, self.plan.data.cache_dir)
+        self.step = TrainStep(self.model, self.ids, run.precision)
+        D.prepare(self.step, run, self.device, self.plan.data.cache_dir, world)  # checkpointing, compile, FSDP
+        self.scaler = grad_scaler(self.device, run.precision)
+        self.final_weights: dict | None = None  # the last stage's full weights (rank 0), for final.safetensors
         self.batches = self.data.loader(self.plan.data.batch_size, self.plan.run.seed, rank=rank, world=world)
         self.out_dir, self.folder, self.resume = out_dir, RunFolder.at(out_dir), resume
         self.summary: dict[str, dict] = {}
@@ -44,21 +53,46 @@ class Trainer:
         self.tracker: Tracker | None = None
 
     def checkpoint(self, stage_idx: int, step: int, opt, sched, run_id: str) -> None:
-        """The resume point: stage `stage_idx` at `step`. Between stages (opt None) the next stage starts with fresh
-        optimizer state, so none is stored."""
+        """The resume point: stage `stage_idx` at `step`; every rank calls it. The model's and optimizer's tensors go
+        to a sharded checkpoint (runtime/sharded.py, each rank its part), the rest (schedule, data position, RNG,
+        loss scale, summary) with the shards' manifest into checkpoint.pt, whose atomic write commits it. Between
+        stages (opt None) the next stage starts with fresh optimizer state, so none is stored."""
+        self.flush_metrics()
+        self.stage_batches(stage_idx)  # the data position is kept with the batch size of the stage it resumes
+        manifest = sharded.save(self.folder.root, self.model, opt, self.rank, self.world)
         if self.rank:
             return
-        self.stage_batches(stage_idx)  # the data position is kept with the batch size of the stage it resumes
-        state = {'model': _cpu(self.model.state_dict()), 'optimizer': None if opt is None else _cpu(opt.state_dict()),
+        state = {'shards': manifest, 'optimizer': None if opt is None else 'shards',
                  'scheduler': None if sched is None else sched.state_dict(), 'data': self.batches.state_dict(),
                  'stage': stage_idx, 'step': step, 'spec_hash': self.spec.hash, 'rng': torch.random.get_rng_state(),
-                 'summary': self.summary, 'run_id': run_id}
+                 'summary': self.summary, 'run_id': run_id, 'scaler': self.scaler.state_dict(), 'world': self.world}
         if self.device.type == 'cuda':  # memory noise draws from the GPU's generator
             state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         if opt is None:
             state['boundary'] = True
-        self.flush_metrics()
-        ckpt.save_checkpoint(self.folder.checkpoint, state)
+        try:
+            ckpt.save_checkpoint(self.folder.checkpoint, state)
+        except BaseException:
+            shutil.rmtree(self.folder.root / manifest['dir'], ignore_errors=True)  # never committed
+            raise
+        sharded.prune(self.folder.root, manifest)
+
+    def restore(self, ck: dict, opt=None) -> None:
+        """The model (and, mid-stage, the optimizer) of a resume point: sharded (any world size and parallel mode
+        wrote it) or a checkpoint.pt of a memspec before sharded checkpoints, which held them itself (read with
+        weights_only=True like the rest; not into an FSDP-sharded model)."""
+        if 'shards' in ck:
+            sharded.load(self.folder.root, ck['shards'], self.model, opt)
+            return
+        if any(hasattr(p, 'full_tensor') for p in self.model.parameters()):
+            raise UserError('--resume', 'this checkpoint.pt was written before sharded checkpoints (it holds the '
+                            "whole model), which an FSDP-sharded model does not read",
+                            'resume it in one process (python -m runtime.run ... --resume ID): its next checkpoint '
+                            'is sharded and resumes under FSDP')
+        if opt is None:
+            self.model.load_state_dict(ck['model'])
+        else:
+            opt.load_state_dict(ck['optimizer'])
 
     def stage_batches(self, si: int) -> None:
         """Cut the batch stream in the rows of stage `si` (Stage.batch_size, else Data.batch_size)."""
@@ -85,30 +119,28 @@ class Trainer:
     def run(self, _run) -> dict:
         """Train every stage still to run; the TensorBoard writer is closed however it ends."""
         self._run = _run
+        if self.world > 1:  # rank 0 names the run folder (its id comes from the database): every rank writes there
+            root = [str(self.out_dir)]
+            torch.distributed.broadcast_object_list(root, src=0)
+            self.out_dir, self.folder = Path(root[0]), RunFolder.at(root[0])
         resumed_at = None if self.resume is None else self.plan.stage_start(self.resume['stage']) + self.resume['step']
         self.tracker = Tracker(_run, self.folder.tensorboard if self.rank == 0 else None, resumed_at)
         try:
             return self._train(_run)
+        except Exception as e:
+            if self.world > 1 and D.lost_rank(e):
+                raise D.RankLost(f'rank {self.rank}: {str(e).strip().splitlines()[0]}') from e
+            raise
         finally:
             self.tracker.close()
 
     def _train(self, _run) -> dict:
         plan, run_id = self.plan, str(_run._id)
         torch.manual_seed(plan.run.seed)
-        start_stage, start_step, ck = 0, 0, None
-        if self.resume is not None:
-            ck = self.resume
-            self.model.load_state_dict(ck['model'])
-            self.stage_batches(ck['stage'])
-            self.batches.load_state_dict(ck['data'])
-            torch.random.set_rng_state(ck['rng'])
-            if 'cuda_rng' in ck and self.device.type == 'cuda':
-                torch.cuda.set_rng_state(ck['cuda_rng'], self.device)
-            start_stage, start_step, self.summary = ck['stage'], ck['step'], ck['summary']
-            for s in plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
-                if s.name in self.summary:
-                    _run.info.setdefault('stages', {})[s.name] = {'end_step': plan.stage_end(s.name)}
-                    self.reference_weights(s.name)
+        start_stage, start_step, ck = 0, 0, self.resume
+        if ck is not None:
+            self.resume_state(ck, _run)
+            start_stage, start_step = ck['stage'], ck['step']
         offset = plan.stage_start(start_stage)
         for si in range(start_stage, len(plan.curriculum)):
             stage = plan.curriculum[si]
@@ -121,25 +153,44 @@ class Trainer:
             params = set_frozen(self.model, stage)
             opt, sched = optimizer(params, stage)
             if resuming:
-                opt.load_state_dict(ck['optimizer'])
-                sched.load_state_dict(ck['scheduler'])
+                self.restore(ck, opt)
+                load_schedule(opt, sched, ck['scheduler'])
             self.train_stage(_run, si, stage, opt, sched, start_step if resuming else 0, offset, run_id)
             offset += stage.steps
         return self.summary
 
+    def resume_state(self, ck: dict, _run) -> None:
+        """Everything of a resume point but a mid-stage optimizer (read with it, once the stage built it)."""
+        if ck['optimizer'] is None or 'model' in ck:  # mid-stage shards are read with the optimizer
+            self.restore(ck)
+        if ck.get('scaler'):
+            self.scaler.load_state_dict(ck['scaler'])
+        self.stage_batches(ck['stage'])
+        self.batches.load_state_dict(ck['data'])
+        torch.random.set_rng_state(ck['rng'])
+        if 'cuda_rng' in ck and self.device.type == 'cuda':
+            torch.cuda.set_rng_state(ck['cuda_rng'], self.device)
+        self.summary = ck['summary']
+        for s in self.plan.curriculum:  # the stages finished before the kill (the info of the new process lacks them)
+            if s.name in self.summary:
+                _run.info.setdefault('stages', {})[s.name] = {'end_step': self.plan.stage_end(s.name)}
+                self.reference_weights(s.name)
+
     def train_stage(self, _run, si, stage, opt, sched, step, offset, run_id):
         plan, model = self.plan, self.model
         model.train()
+        self.step.stage = stage
+        wrapped = D.wrap_stage(self.step, plan.run.parallel, self.device, self.world)  # after set_frozen
+        sync = D.gradient_sync(wrapped)
         tokens_per_step = plan.batch_rows(stage) * plan.memory.chunks * plan.memory.chunk_len * len(stage.objectives)
         params = [p for g in opt.param_groups for p in g['params']]
         bar = tqdm(total=stage.steps, initial=step, desc=f'stage {si + 1}/{len(plan.curriculum)} {stage.name}',
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=self.rank > 0)
         t0, done, watch = time.perf_counter(), 0, DivergenceWatch(stage)
         while step < stage.steps:
-            loss, losses, accs, grad_norm = self.train_step(si, stage, step, opt, sched, params, bar, watch, run_id)
+            loss, losses, accs = self.train_step(si, stage, step, opt, sched, (wrapped, sync), bar, watch, run_id)
             lr = opt.param_groups[0]['lr']  # the rate of this update (the scheduler moves it on below)
-            opt.step()
-            sched.step()
+            grad_norm = optimizer_step(opt, sched, self.scaler, params)  # the norm before clipping is logged
             step, done = step + 1, done + 1
             gstep = offset + step
             if (step % plan.run.log_every == 0 or step % stage.eval_every == 0 or step == stage.steps
@@ -158,26 +209,28 @@ class Trainer:
             self.after_step(_run, si, stage, step, offset, opt, sched, run_id)
         bar.close()
 
-    def train_step(self, si, stage, step, opt, sched, params, bar, watch, run_id):
-        """Forward and backward of one batch, gradients reduced and clipped -> (loss, {kind: loss}, {kind: metric},
-        gradient norm before clipping). Ctrl-C before the update rewinds the batch and leaves a resume point."""
+    def train_step(self, si, stage, step, opt, sched, wrapped, bar, watch, run_id):
+        """Forward and backward of one batch through the (wrapped) TrainStep, gradients synchronised on its last
+        micro-batch -> (loss, {kind: loss}, {kind: metric}). Ctrl-C before the update rewinds the batch and, in one
+        process, leaves a resume point (ranks stopped at different points cannot write a checkpoint together: a
+        multi-process job resumes from its last one)."""
+        module, sync = wrapped
         position, rng = self.batches.state_dict(), torch.random.get_rng_state()
         try:
             tokens, mask = next(self.batches)
-            tokens = tokens.to(self.device)  # the mask stays on the CPU: accumulate decides padding there
+            tokens = tokens.to(self.device)  # the mask stays on the CPU: the step decides padding there
             opt.zero_grad(set_to_none=True)
-            loss, losses, accs = accumulate(self.model, stage, tokens, mask, self.ids)
+            loss, losses, accs = forward_backward(module, self.step, tokens, mask, self.scaler, sync=sync)
             watch.add(loss, losses)
-            all_reduce_grads(params, self.world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # before clipping: what train/grad_norm logs
         except KeyboardInterrupt:
             bar.close()
             watch.check()  # never a diverged resume point
             self.batches.load_state_dict(position)
             torch.random.set_rng_state(rng)
-            self.checkpoint(si, step, opt, sched, run_id)
+            if self.world == 1:
+                self.checkpoint(si, step, opt, sched, run_id)
             raise
-        return loss, losses, accs, grad_norm
+        return loss, losses, accs
 
     def log_step(self, loss, losses, accs, grad_norm, lr, rate, gstep, bar):
         """train/ scalars (the mean over ranks): the losses, each objective's metric (ObjectiveKind.metric: train/
@@ -194,9 +247,9 @@ class Trainer:
         """Evaluation where Stage.eval_every says, then the stage end or a checkpoint."""
         plan, gstep = self.plan, offset + step
         if step % stage.eval_every == 0 or step == stage.steps:
-            # mid-stage evaluations vanish under the stage's bar
-            metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
-                                    leave=step == stage.steps, stage=stage)
+            with D.gathered(self.step):  # FSDP: the root unit's parameters, on every rank
+                metrics = self.evaluate(f'stage {si + 1}/{len(plan.curriculum)} {stage.name}: evaluation',
+                                        leave=step == stage.steps, stage=stage)  # mid-stage ones vanish under the bar
             for k, v in metrics.items():
                 self.tracker.scalar(f'eval/{k}', v, gstep)
             if step == stage.steps:
@@ -209,21 +262,36 @@ class Trainer:
             self.checkpoint(si, step, opt, sched, run_id)
 
     def stage_end(self, si: int, opt, sched, run_id: str) -> None:
-        """Weights of the finished stage (for init_from), then the resume point: the next stage's start."""
-        if self.rank:
-            return
+        """Weights of the finished stage, consolidated into one safetensors file (for init_from, export, probes),
+        its memories, then the resume point: the next stage's start. Every rank calls it (FSDP gathers the weights
+        and every rank writes its part of the checkpoint); rank 0 writes the rest."""
         stage = self.plan.curriculum[si]
-        self.save_weights(self.folder.stage_weights(stage.name))
-        self.reference_weights(stage.name)
-        self.write_memories(si, run_id)
+        weights = D.full_state(self.model, self.world)
+        if self.rank == 0:
+            self.final_weights = weights
+            self.save_weights(self.folder.stage_weights(stage.name))
+            self.reference_weights(stage.name)
+            self.write_memories(si, run_id)
         if si + 1 < len(self.plan.curriculum):
             self.checkpoint(si + 1, 0, None, None, run_id)
         else:
             self.checkpoint(si, stage.steps, opt, sched, run_id)
 
     def save_weights(self, path: Path) -> None:
-        weights = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
+        """The full weights (the last stage end's; the model's own where that was not in this process, e.g. a run
+        resumed after its last stage) as one safetensors file. Rank 0."""
+        weights = self.final_weights if self.final_weights is not None else D.full_state(self.model, 1)
+        weights = {k: v.contiguous().cpu() for k, v in weights.items()}
         files.atomic_write(path, lambda p: save_file(weights, p))
+
+    def plain_model(self):
+        """A model whose entry points run in this process alone: the trained one, or under FSDP a copy built from
+        the gathered weights (rank 0, after stage_end gathered them)."""
+        if not any(hasattr(p, 'full_tensor') for p in self.model.parameters()):
+            return self.model
+        model = build(self.plan, self.vocab)
+        model.load_state_dict(self.final_weights)
+        return model.to(self.device).eval()
 
     def reference_weights(self, stage: str | None = None) -> None:
         """Record a stage's end weights (or the final ones) in the run's info by path, size and sha256: the
@@ -257,11 +325,12 @@ class Trainer:
                  'checkpoint_path': str(self.folder.stage_weights(stage).resolve()),
                  'special_ids': self.data.special_ids, 'bytes_per_token': self.data.bytes_per_token.get('val')}
         previous = plan.curriculum[si - 1].name if si else None
+        model = self.plain_model()
         tokens, mask = self.data.val, self.data.val_mask
         try:  # the graph encodes, the store writes arrays (nothing is encoded when the previous stage's are shared)
-            memories.write(path, self.folder.name, stage, self.model.encode_rows(tokens, mask, memories.ROWS),
-                           (*tokens.shape, self.model.memory.d_dec),
-                           dict(attrs, run_id=run_id, encoder_sha256=encoder_sha256(self.model.state_dict())),
+            memories.write(path, self.folder.name, stage, model.encode_rows(tokens, mask, memories.ROWS),
+                           (*tokens.shape, model.memory.d_dec),
+                           dict(attrs, run_id=run_id, encoder_sha256=encoder_sha256(model.state_dict())),
                            dtype=plan.run.memory_dtype, previous=previous,
                            progress=f'stage {si + 1}/{len(plan.curriculum)} {stage}: memories')
         except OSError as e:  # a full disk: name the group and the disk (zarr's own error names no file)
@@ -271,12 +340,7 @@ class Trainer:
             raise err from None
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Means over ranks of per-rank scalars (what a single process with the global batch would log)."""
-        flat = torch.stack([v.detach().float() for v in values.values()])
-        if self.world > 1:
-            torch.distributed.all_reduce(flat)
-            flat /= self.world
-        return dict(zip(values, flat.tolist()))
+        return D.global_mean(values, self.world)
 
     def evaluate(self, desc: str = 'evaluation', leave: bool = True, stage=None) -> dict[str, float]:
         with tqdm(desc=desc, unit='rows', dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=leave,
@@ -284,18 +348,6 @@ class Trainer:
             return train.evaluate(self.model, self.plan, self.data.val, self.data.val_mask, self.ids,
                                   self.plan.data.batch_size, self.plan.run.eval_batches,
                                   self.data.bytes_per_token.get('val'), self.vocab, bar.update, stage)
-
-
-def _cpu(state):
-    """A state dict with its tensors on the CPU, so a checkpoint written on a GPU loads anywhere (CPU tensors are
-    returned as they are: no copy)."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {k: _cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu(v) for v in state)
-    return state
 
 
 SUMMARY_COLUMNS = [('clm.ce', 'clm loss'), ('clm.token_accuracy', 'clm acc'), ('copy.token_accuracy', 'copy acc'),

@@ -446,7 +446,7 @@ def test_micro_batches_accumulate_the_gradients_of_the_whole_batch(micro):
     import dataclasses
 
     from compiler import objectives as O
-    from runtime.train import accumulate
+    from runtime.step import accumulate
     plan, model = build('memory_combined.gin')
     tokens, ids = batch(plan, b=4), O.SpecialIds(pad=0, blank=1, copy=2)
     whole = dataclasses.replace(plan.curriculum[0], micro_batch=None)

@@ -10,6 +10,7 @@ from compiler import model as M
 from compiler import objectives as O
 from compiler import plan as P
 from compiler.spec import SPECS_DIR, load
+from runtime import step as S
 from runtime import train as T
 
 SMALL = ('D_MODEL = 32', 'VOCAB = 64')  # tiny widths; the shipped 4 chunks x 8 tokens stay
@@ -50,7 +51,7 @@ def test_compiled_step_trains_like_eager_and_compiles_once_per_stage_and_objecti
             model.zero_grad(set_to_none=True)
             stance = torch.compiler.set_stance('fail_on_recompile' if i and model is compiled else 'default')
             with stance:
-                loss, losses, accs = T.accumulate(model, stage, tokens, None, IDS)
+                loss, losses, accs = S.accumulate(model, stage, tokens, None, IDS)
             results.append((loss, losses, accs, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         (l0, k0, a0, g0), (l1, k1, a1, g1) = results
         torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)

@@ -54,8 +54,13 @@ class Submitit:
         self.executor.update_parameters(**params)
         self.waiters = ThreadPoolExecutor(max_workers=jobs)
         self.threads = threads
+        self.ranks = params.get('nodes', 1) * params.get('tasks_per_node', 1)
 
     def start(self, *args):
+        if self.ranks > 1:  # a multi-rank run per member: a task per rank, requeued and resumed on preemption
+            from runtime.launch import DistributedMember
+            job = self.executor.submit(DistributedMember(*args))
+            return self.waiters.submit(lambda job: job.results()[0], job)
         return self.waiters.submit(lambda job: job.result(), self.executor.submit(run_member, *args))
 
     def close(self):
@@ -78,7 +83,11 @@ def executor_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--slurm-time', type=integer(1, 10 ** 6), metavar='MINUTES',
                     help='time limit of each member (Slurm: required)')
     ap.add_argument('--slurm-partition', help='Slurm partition')
-    ap.add_argument('--gpus-per-node', type=integer(0, 1024), help='GPUs of each member')
+    ap.add_argument('--gpus-per-node', type=integer(0, 1024), help='GPUs of each member: with more than one, a rank '
+                    'per GPU (the spec then binds Run.parallel)')
+    ap.add_argument('--nodes', type=integer(1, 10 ** 5), help='nodes of each member (Slurm)')
+    ap.add_argument('--tasks-per-node', type=integer(1, 1024),
+                    help='ranks of each member per node (default: --gpus-per-node)')
     ap.add_argument('--cpus-per-task', type=integer(1, 10 ** 5),
                     help='CPU cores of each member (Slurm; also its thread count)')
     ap.add_argument('--mem-gb', type=real(0, 10 ** 6, above=True), help='memory of each member')
@@ -97,9 +106,12 @@ def make_executor(args, folder: Path):
     if cluster == 'slurm' and shutil.which('sbatch') is None:
         raise UserError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
                         'run the sweep on a Slurm login node, or use --executor local')
+    tasks = args.tasks_per_node or (args.gpus_per_node if (args.gpus_per_node or 0) > 1 else None)
     params = {'timeout_min': args.slurm_time or SLURM_MINUTES, 'gpus_per_node': args.gpus_per_node,
+              'nodes': args.nodes, 'tasks_per_node': tasks,
               'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
               'name': 'memspec'}
+    params = {k: v for k, v in params.items() if v is not None}
     valid = submitit.SlurmExecutor._valid_parameters()
     for item in args.slurm_param:
         key, eq, value = item.partition('=')
