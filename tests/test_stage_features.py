@@ -57,13 +57,13 @@ def test_batches_resize_keeps_the_stream_and_cuts_it_anew():
 def test_a_curriculum_trains_each_stage_on_its_own_batch_and_checkpoints_with_it(tmp_path, rt_cache, monkeypatch):
     import runtime.trainer as R
     seen = []
-    real = R.accumulate
+    real = R.forward_backward
 
-    def spy(model, stage, tokens, mask, ids, generator=None):
-        seen.append((stage.name, tokens.shape[0]))
-        return real(model, stage, tokens, mask, ids, generator)
+    def spy(step, inner, tokens, mask, *a, **kw):  # the trainer's one train step: what rows each step trains on
+        seen.append((inner.stage.name, tokens.shape[0]))
+        return real(step, inner, tokens, mask, *a, **kw)
 
-    monkeypatch.setattr(R, 'accumulate', spy)
+    monkeypatch.setattr(R, 'forward_backward', spy)
     out = tmp_path / 'runs'
     assert rt_main(rt_argv(FLAGSHIP, out, rt_cache, TINY_FLAGSHIP + STAGE_BATCHES)) == 0
     assert seen == [('autoencode', 8)] * 3 + [('blank_copy', 2)] * 3 + [('copy', 6)] * 2 + [('combined', 4)] * 2
