@@ -20,6 +20,7 @@ from conftest import ROOT, TINY, rt_env
 from compiler.errors import UserError
 from runtime import sweep as S
 from store.database import RunRecord, default_url
+from store.sqlite_files import SACRED_TABLES
 
 PROBES = 'specs/sweeps/probes.gin'
 TINY_MEMBERS = TINY + ['Run.steps_scale = 0.0025']  # every stage of every member: 800 -> 2 steps
@@ -661,15 +662,28 @@ def test_a_claim_taken_after_reading_the_records_holds_against_another_driver(tm
         a.close()
 
 
-def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cache):
-    """Two `runtime.sweep run` of one sweep started together on one database: every member is recorded once; what one
-    driver ran the other reports as claimed or completed, never as a second run."""
+def wait_until_started(out, first: subprocess.Popen) -> None:
+    """Wait until the first driver started a member process (its log exists) or ended."""
+    deadline = time.monotonic() + 900
+    while not any((out / 'sweeps').glob('*/*.log')) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize('second', ['together', 'once the first started a member'])
+def test_the_same_sweep_run_twice_at_once_runs_each_member_once(second, tmp_path, rt_cache):
+    """Two `runtime.sweep run` of one sweep on one new database, the second started together with the first or once
+    the first runs a member: every member is recorded once, with every table of the database kept; what one driver
+    ran the other reports as claimed or completed, never as a second run."""
     out = tmp_path / 'runs'
     cmd = [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, '-b', 'Sweep.seeds = [0, 1]',
            '-b', 'Sweep.trials = [@ae/Trial()]', '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{rt_cache}'",
            *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2']
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = []
+    for _ in range(2):
+        if procs and second != 'together':
+            wait_until_started(out, procs[0])
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     results = []
     for p in procs:
         try:
@@ -679,6 +693,12 @@ def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cac
                 p.kill()
         assert p.returncode in (0, 1), f'exit {p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
         results.append(stdout)
+    con = sqlite3.connect(out / 'sacred.db')
+    try:
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+    assert SACRED_TABLES | {'memspec_metrics', 'memspec_sweep_claims'} <= tables, sorted(tables)
     runs = recorded(out / 'sacred.db')
     members = sorted((c['sweep']['trial'], c['sweep']['seed']) for _, _, c, *_ in runs)
     assert members == [('ae', 0), ('ae', 1)], members  # each member once, whichever driver ran it

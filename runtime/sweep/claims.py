@@ -70,15 +70,18 @@ class Claims:
                 return None
             except sa.exc.IntegrityError:
                 pass
-            with self.engine.begin() as conn:
+            with self.engine.connect() as conn:
                 row = conn.execute(sa.select(CLAIMS.c.owner, CLAIMS.c.beat).where(self._where(key))).first()
-                if row is None:
-                    continue
-                if row.owner == self.owner:
-                    self.held.add(key)
-                    return None
-                if _now() - row.beat < database.STALE_AFTER:
-                    return row.owner
+            if row is None:
+                continue
+            if row.owner == self.owner:
+                self.held.add(key)
+                return None
+            if _now() - row.beat < database.STALE_AFTER:
+                return row.owner
+            # a transaction of its own: on SQLite a read transaction that turns into a write fails at once (no busy
+            # wait) when another driver wrote since it read; the compare-and-set keeps the takeover atomic anyway
+            with self.engine.begin() as conn:
                 taken = conn.execute(CLAIMS.update().where(self._where(key) & (CLAIMS.c.owner == row.owner)
                                                            & (CLAIMS.c.beat == row.beat))
                                      .values(owner=self.owner, beat=_now())).rowcount
