@@ -44,11 +44,10 @@ class Claims:
         self.name, self.owner, self.held = name, owner, set()
         self.engine = None if url.startswith(('mongodb://', 'mongodb+srv://')) else database.make_engine(url)
         if self.engine is not None:
-            try:
-                CLAIMS.create(self.engine, checkfirst=True)
-            except sa.exc.SQLAlchemyError:  # another driver created it between the check and the CREATE
-                if not sa.inspect(self.engine).has_table(CLAIMS.name):
-                    raise
+            from runtime.record import _retry  # (imports Sacred: only where claims are taken)
+            # drivers starting together on a new database: the check and the CREATE share a transaction, which on
+            # SQLite fails at once ('database is locked', no busy wait) when another process wrote in between
+            _retry(lambda: CLAIMS.create(self.engine, checkfirst=True))
 
     @property
     def supported(self) -> bool:
