@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from compiler.errors import UserError
 from store.layout import is_run_key, run_name
 from store.record_checks import STATUSES, checked, type_name
-from store.sqlite_files import SQLITE_HEADER, check_own_database, connect_readonly
+from store.sqlite_files import check_own_database, connect_readonly, not_a_database
 from store.urls import display_url, redact  # noqa: F401  (display_url: the name every module imports)
 
 DEFAULT_DB = 'sqlite:///runs/sacred.db'
@@ -311,11 +311,7 @@ class SqlDb:
                                 'record a run first (python -m runtime.run SPEC writes <Run.out_dir>/sacred.db) '
                                 'or point --db at the file it wrote (the default sqlite:///runs/sacred.db is relative '
                                 'to the current folder)')
-            with open(path, 'rb') as f:  # an empty file is an empty database (SQLite writes its header later)
-                if path.stat().st_size and f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                    raise UserError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
-                                    'point --db at the sacred.db python -m runtime.run recorded into')
-            where = self.where
+            where = self.where  # (no open() of the file here: store/sqlite_files.py says why)
             self.engine = sa.create_engine('sqlite://', creator=lambda: connect_readonly(path, where))
         elif backend == 'postgresql':
             try:
@@ -329,6 +325,9 @@ class SqlDb:
         try:
             tables = set(sa.inspect(self.engine).get_table_names())
         except sa.exc.DBAPIError as e:
+            if not_a_database(e):
+                raise UserError(self.where, f'{redact(path.resolve(), url)} is not a SQLite database',
+                                'point --db at the sacred.db python -m runtime.run recorded into') from None
             raise UserError(self.where, f'cannot open the run database: {first_line(e, url)}',
                             'check the URL, the credentials and that the server runs '
                             '(locally: pg_ctlcluster 15 main start)' if backend == 'postgresql' else

@@ -203,3 +203,56 @@ def test_many_writers_create_one_zarr_store_at_once(tmp_path):
         for i in range(6):
             mem, _, _ = M.open_group(store, f'run{i}', 'stage').rows(0, 3)
             assert bool((mem == i).all()), f'run{i} holds another writer\'s rows'
+
+
+# ------------------------------------------------------------------------------------------------- SQLite locks
+
+HOLD = textwrap.dedent('''
+    import sqlite3, sys
+    con = sqlite3.connect(sys.argv[1], timeout=60)
+    con.execute("INSERT INTO memspec_metrics (run_id, name, step, value) VALUES ('held', 'm', 0, 0)")
+    con.commit()
+    print('holding', flush=True)
+    sys.stdin.read()  # keeps its connection (and its shared lock) until the test closes stdin
+    con.close()
+''')
+
+
+def test_reading_its_own_database_keeps_a_process_locks_so_no_commit_is_lost(tmp_path):
+    """A process that writes a WAL database and also checks or reads it (a sweep driver holding its claims reads the
+    recorded runs; runtime.run checks the file before recording) must keep its shared lock: closing any descriptor of
+    the file drops every POSIX lock of the process. Without it, another process closing its last connection takes
+    the database for unused and deletes the -wal file the first one still writes to; its later commits are lost once
+    a third process holds the database. Forced here step by step, no timing involved."""
+    import sqlite3
+
+    from runtime import record
+    from store import database
+    url = f'sqlite:///{tmp_path / "sacred.db"}'
+    engine = database.make_engine(url)
+    database.METRICS.create(engine)
+    insert = database.METRICS.insert()
+    with engine.begin() as conn:  # the pool keeps this connection open: the process holds the file in WAL mode
+        conn.execute(insert.values(run_id='first', name='m', step=0, value=0.0))
+    record.check_lasting(url)  # what every writer does before recording
+    assert database.open_db(url).runs() == []  # what a driver does while it holds its claims
+    subprocess.run([sys.executable, '-c', 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('
+                    '"SELECT COUNT(*) FROM memspec_metrics").fetchall()', str(tmp_path / 'sacred.db')],
+                   check=True, timeout=600)  # another process opens and closes the database
+    assert (tmp_path / 'sacred.db-wal').is_file(), 'the -wal file was deleted under an open connection'
+    holder = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path / 'sacred.db')], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'holding\n'
+        with engine.begin() as conn:
+            conn.execute(insert.values(run_id='later', name='m', step=0, value=0.0))
+        engine.dispose()
+    finally:
+        holder.communicate('', timeout=600)
+    assert holder.returncode == 0
+    con = sqlite3.connect(tmp_path / 'sacred.db')
+    try:
+        rows = sorted(r for (r,) in con.execute('SELECT run_id FROM memspec_metrics'))
+    finally:
+        con.close()
+    assert rows == ['first', 'held', 'later']

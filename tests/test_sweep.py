@@ -7,17 +7,20 @@ import re
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from conftest import ROOT, TINY, rt_env
 
 from compiler.errors import UserError
 from runtime import sweep as S
 from store.database import RunRecord, default_url
+from store.sqlite_files import SACRED_TABLES
 
 PROBES = 'specs/sweeps/probes.gin'
 TINY_MEMBERS = TINY + ['Run.steps_scale = 0.0025']  # every stage of every member: 800 -> 2 steps
@@ -552,15 +555,135 @@ def test_a_member_claimed_by_one_driver_is_not_started_by_another(backend, tmp_p
         driver.claims.close()
 
 
-def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cache):
-    """Two `runtime.sweep run` of one sweep started together on one database: every member is recorded once; what one
-    driver ran the other reports as claimed or completed, never as a second run."""
+CLAIM_RACE = textwrap.dedent("""
+    import json, os, sys, traceback
+    from runtime import record
+    from runtime.sweep.claims import Claims
+    from runtime.sweep.record import records
+    from store import database
+    url, n, members = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    go_r, go_w = os.pipe()
+    kids = []
+    for i in range(n):
+        ready_r, ready_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code, took = 0, []
+            try:  # what a driver does before its first member: the tables of a new database, its claims
+                obs = record.observer(url)
+                if hasattr(obs, 'engine'):
+                    obs.engine.dispose()
+                claims = Claims(url, 'race', f'driver-{i}')
+                os.write(ready_w, b'r')
+                os.read(go_r, 1)
+                for m in [*range(i % members, members), *range(i % members)]:
+                    records(url, 'race')  # the driver's reading of the records, around each claim
+                    if claims.take(('t', m, '{}')) is None:
+                        took.append(m)
+                    records(url, 'race')
+                    member = database.make_engine(url)  # a member of this driver that ends: it writes and closes
+                    with member.begin() as conn:
+                        conn.execute(database.METRICS.insert().values(run_id=str(i), name='m', step=m, value=0.0))
+                    member.dispose()
+                claims.engine.dispose()  # not close(): the test reads the claims
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os.write(out_w, json.dumps(took).encode())
+            os._exit(code)
+        os.close(ready_w)
+        os.close(out_w)
+        kids.append((pid, ready_r, out_r))
+    for _, ready_r, _ in kids:  # every driver set up (or failed): release them all at once
+        os.read(ready_r, 1)
+    os.write(go_w, b'g' * n)
+    out = []
+    for pid, _, out_r in kids:
+        data = b''
+        while chunk := os.read(out_r, 65536):
+            data += chunk
+        out.append({'exit': os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), 'took': json.loads(data or b'[]')})
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgresql'])
+def test_drivers_released_together_on_a_new_database_claim_each_member_exactly_once(backend, tmp_path, request):
+    """6 drivers set up on a database that does not exist yet (SQLite: a new file) and released together by a pipe
+    (no timing), each claiming the same 5 members in a different order, reading the records around each claim as a
+    driver does and writing as its member would: every member is claimed by exactly one of them, the claims table
+    says so, and every row a member wrote is there."""
+    from runtime.sweep import claims as C
+    url = default_url(str(tmp_path / 'runs')) if backend == 'sqlite' else request.getfixturevalue('pg_url')
+    n, members = 6, 5
+    r = subprocess.run([sys.executable, '-c', CLAIM_RACE, url, str(n), str(members)], cwd=ROOT, env=rt_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [x['exit'] for x in results] == [0] * n, r.stderr[-5000:]
+    winners = {m: f'driver-{i}' for i, x in enumerate(results) for m in x['took']}
+    assert sorted(m for x in results for m in x['took']) == list(range(members)), results  # each once
+    engine = C.database.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = {k: o for k, o in conn.execute(sa.select(C.CLAIMS.c.member, C.CLAIMS.c.owner))}
+            written = sorted(conn.execute(sa.select(C.database.METRICS.c.run_id, C.database.METRICS.c.step)))
+    finally:
+        engine.dispose()
+    assert rows == {C.member_key(('t', m, '{}')): owner for m, owner in winners.items()}
+    assert written == [(str(i), m) for i in range(n) for m in range(members)]
+
+
+def test_a_claim_taken_after_reading_the_records_holds_against_another_driver(tmp_path):
+    """The order in which a second driver ran a member twice, forced step by step: driver A holds its claims'
+    connection, reads the records, another process closes its last connection to the file (a member that ended),
+    A claims the member; driver B, a process of its own, must find A's claim."""
+    from runtime import record
+    from runtime.sweep.claims import Claims
+    from runtime.sweep.record import records
+    url = default_url(str(tmp_path / 'runs'))
+    obs = record.observer(url)
+    obs.engine.dispose()
+    a = Claims(url, 'sweep', 'sweep-a')
+    try:
+        assert records(url, 'sweep') == []
+        subprocess.run([sys.executable, '-c', 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('
+                        '"SELECT COUNT(*) FROM memspec_metrics").fetchall()', str(tmp_path / 'runs' / 'sacred.db')],
+                       check=True, timeout=600)
+        assert a.take(('ae', 0, '{}')) is None
+        assert records(url, 'sweep') == []
+        b = subprocess.run([sys.executable, '-c', 'import sys; from runtime.sweep.claims import Claims; '
+                            "c = Claims(sys.argv[1], 'sweep', 'sweep-b'); print(c.take(('ae', 0, '{}'))); c.close()",
+                            url], cwd=ROOT, env=rt_env(), capture_output=True, text=True, timeout=600)
+        assert b.returncode == 0, b.stderr[-3000:]
+        assert b.stdout.strip() == 'sweep-a'
+    finally:
+        a.close()
+
+
+def wait_until_started(out, first: subprocess.Popen) -> None:
+    """Wait until the first driver started a member process (its log exists) or ended."""
+    deadline = time.monotonic() + 900
+    while not any((out / 'sweeps').glob('*/*.log')) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize('second', ['together', 'once the first started a member'])
+def test_the_same_sweep_run_twice_at_once_runs_each_member_once(second, tmp_path, rt_cache):
+    """Two `runtime.sweep run` of one sweep on one new database, the second started together with the first or once
+    the first runs a member: every member is recorded once, with every table of the database kept; what one driver
+    ran the other reports as claimed or completed, never as a second run."""
     out = tmp_path / 'runs'
     cmd = [sys.executable, '-m', 'runtime.sweep', 'run', PROBES, '-b', 'Sweep.seeds = [0, 1]',
            '-b', 'Sweep.trials = [@ae/Trial()]', '-b', f"Run.out_dir='{out}'", '-b', f"Data.cache_dir='{rt_cache}'",
            *[a for b in TINY_MEMBERS for a in ('-b', b)], '--jobs', '2']
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = []
+    for _ in range(2):
+        if procs and second != 'together':
+            wait_until_started(out, procs[0])
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     results = []
     for p in procs:
         try:
@@ -570,6 +693,12 @@ def test_the_same_sweep_run_twice_at_once_runs_each_member_once(tmp_path, rt_cac
                 p.kill()
         assert p.returncode in (0, 1), f'exit {p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}'
         results.append(stdout)
+    con = sqlite3.connect(out / 'sacred.db')
+    try:
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+    assert SACRED_TABLES | {'memspec_metrics', 'memspec_sweep_claims'} <= tables, sorted(tables)
     runs = recorded(out / 'sacred.db')
     members = sorted((c['sweep']['trial'], c['sweep']['seed']) for _, _, c, *_ in runs)
     assert members == [('ae', 0), ('ae', 1)], members  # each member once, whichever driver ran it

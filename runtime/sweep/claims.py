@@ -44,11 +44,10 @@ class Claims:
         self.name, self.owner, self.held = name, owner, set()
         self.engine = None if url.startswith(('mongodb://', 'mongodb+srv://')) else database.make_engine(url)
         if self.engine is not None:
-            try:
-                CLAIMS.create(self.engine, checkfirst=True)
-            except sa.exc.SQLAlchemyError:  # another driver created it between the check and the CREATE
-                if not sa.inspect(self.engine).has_table(CLAIMS.name):
-                    raise
+            from runtime.record import _retry  # (imports Sacred: only where claims are taken)
+            # drivers starting together on a new database: the check and the CREATE share a transaction, which on
+            # SQLite fails at once ('database is locked', no busy wait) when another process wrote in between
+            _retry(lambda: CLAIMS.create(self.engine, checkfirst=True))
 
     @property
     def supported(self) -> bool:
@@ -70,15 +69,18 @@ class Claims:
                 return None
             except sa.exc.IntegrityError:
                 pass
-            with self.engine.begin() as conn:
+            with self.engine.connect() as conn:
                 row = conn.execute(sa.select(CLAIMS.c.owner, CLAIMS.c.beat).where(self._where(key))).first()
-                if row is None:
-                    continue
-                if row.owner == self.owner:
-                    self.held.add(key)
-                    return None
-                if _now() - row.beat < database.STALE_AFTER:
-                    return row.owner
+            if row is None:
+                continue
+            if row.owner == self.owner:
+                self.held.add(key)
+                return None
+            if _now() - row.beat < database.STALE_AFTER:
+                return row.owner
+            # a transaction of its own: on SQLite a read transaction that turns into a write fails at once (no busy
+            # wait) when another driver wrote since it read; the compare-and-set keeps the takeover atomic anyway
+            with self.engine.begin() as conn:
                 taken = conn.execute(CLAIMS.update().where(self._where(key) & (CLAIMS.c.owner == row.owner)
                                                            & (CLAIMS.c.beat == row.beat))
                                      .values(owner=self.owner, beat=_now())).rowcount
