@@ -196,7 +196,8 @@ def test_the_trainer_logs_the_records_metric(kind):
 @pytest.mark.parametrize('fam', FAMILIES)
 def test_the_stage_end_evaluation_reports_the_records_metrics(fam):
     """Every evaluated kind the family serves and the plan fits is scored, with bits per byte where the record's
-    targets are the whole text and an ablated twin where it copies and the family can ablate; nothing else."""
+    targets are the whole text, ce per chunk and a needle form where the record asks, and an ablated twin where the
+    record asks (copies always) and the family can ablate; nothing else."""
     kinds = sorted(FAMILY[fam].objectives)
     plan = compile_kind(fam, 'clm' if 'clm' in kinds else 'autoencode')
     x = tokens(plan)
@@ -207,13 +208,17 @@ def test_the_stage_end_evaluation_reports_the_records_metrics(fam):
         rec = REGISTRY[kind]
         names = {'ce', 'token_accuracy', 'normalized_hamming', 'info_proportion'} | (
             {'bits_per_byte'} if rec.bits_per_byte else set())
-        expected |= {f'{kind}.{n}' for n in names}
-        if rec.copies and FAMILY[fam].ablation:
-            expected |= {f'{kind}_ablated.{n}' for n in names - {'bits_per_byte'}}
+        chunks = {f'ce.chunk{c}' for c in range(plan.memory.chunks)} if rec.per_chunk else set()
+        forms = [(kind, names | chunks)] + ([(rec.needle, names - {'bits_per_byte'})] if rec.needle else [])
+        for name, metrics in forms:
+            expected |= {f'{name}.{n}' for n in metrics}
+            if rec.ablated_twin() and FAMILY[fam].ablation:
+                expected |= {f'{name}_ablated.{n}' for n in metrics}
     assert set(out) == expected
-    scored = {k.split('.')[0] for k in out}
+    scored = {k.split('.')[0].removesuffix('_ablated') for k in out}
     assert not any(k.startswith(tuple(n + '.' for n in NAMES if not REGISTRY[n].evaluated)) for k in out)
-    assert all(k.removesuffix('_ablated') in FAMILY[fam].objectives for k in scored)
+    needles = {REGISTRY[k].needle for k in NAMES if REGISTRY[k].needle}
+    assert all(k in FAMILY[fam].objectives or k in needles for k in scored)
 
 
 REVERSE = ObjectiveKind('reverse_copy', 'the first half of the chunks, each reversed: predict the reversal',
