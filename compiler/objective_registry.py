@@ -119,6 +119,9 @@ REGISTRY: dict[str, ObjectiveKind] = {o.name: o for o in (
     ObjectiveKind('blank_copy', 'the first half of the chunks, then blank tokens: recall the second half from '
                   'memories alone', 'decoder', 'blank_copy_example', copies=True, needle='needle_blank',
                   refusal=CAUSAL_REFUSAL),
+    ObjectiveKind('random_copy', 'copy of a first half whose tokens are scrambled across the batch: the next token '
+                  'visible in the input yet predictable only from memories', 'decoder', 'random_copy_example',
+                  copies=True, evaluated=False, refusal=CAUSAL_REFUSAL),  # held out: the needle, visible form
     ObjectiveKind('autoencode', 'every chunk -> one memory -> a decoder regenerates every token of it',
                   'regenerate', 'autoencode_example', targets='self',
                   refusal=("{tag}: objective '{kind}' needs an encoder ({serving} family), the plan is '{family}'",
