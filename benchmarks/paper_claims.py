@@ -65,6 +65,9 @@ PILOTS = [
      0.019),
     ('V3: V2 with copy weights 0.5 (chosen)', "V2 + -b 'blank/Objective.weight = 0.5' -b 'copy/Objective.weight = 0.5'",
      3.334, 0.347, 0.817, 0.009),
+    ('visible-text candidate, smoke test only (110 steps: trains end to end, says nothing about its gates)',
+     "specs/frozen_encoder_visible.gin -b 'Run.steps_scale = 0.05' -b 'Run.eval_batches = 2'", 5.671, 0.066, 0.060,
+     0.017),
 ]
 
 
