@@ -62,7 +62,7 @@ class Family:
     token_decoder: bool = True  # the decoder reads tokens (False: it regenerates its input from a memory)
     autoencode_via: str | None = None  # the stack that serves objectives that regenerate a chunk ('autoencode')
     min_chunks: int = 1
-    ablation: bool = False  # stage-end evaluation also scores blank copy with every memory replaced by the pad slot
+    ablation: bool = False  # stage ends also score with every memory replaced by the pad slot (ObjectiveKind.ablate)
     stores_memories: bool = False  # stage ends write held-out memories to the Zarr store
     generation: str | None = None  # KV-cached generation: 'causal' (one window) or 'memory' (chunks -> memories)
     cannot_generate: str = ''  # why not, when generation is None

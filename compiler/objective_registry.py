@@ -53,11 +53,25 @@ class ObjectiveKind:
     evaluated: bool = True  # stage ends report its held-out metrics (where its family serves it and the plan fits)
     bits_per_byte: bool = False  # its targets are all of the text: bits per byte are reported
     batch_negatives: bool = False  # contrasts each row with the other rows of the batch: no micro-batches
+    # stage ends also score it with every memory replaced by the pad slot ('<kind>_ablated', where the family can
+    # ablate: Family.ablation); copy objectives always are. The within-model measure of memory use
+    ablate: bool = False
+    # stage ends report its ce per chunk index ('<kind>.ce.chunk<c>', and of its ablated twin): chunk 0 never has a
+    # memory, so its ablated loss must not change (nothing leaks); later chunks show what memories add
+    per_chunk: bool = False
+    # a copy objective's needle form, reported at stage ends under this name: chunk 0 replaced by held-out tokens
+    # drawn at random (a key no language model can predict), scored on the first copied chunk only (the key asked
+    # one copy distance later), with its ablated twin where the family can ablate
+    needle: str | None = None
     # further checks of the objective in a plan: (objective, plan, tag) -> the first Problem, or None
     check: Callable[[Objective, Plan, str], Problem | None] | None = None
     # the validator's message where a family does not serve it (str.format: tag, kind, family, serving = the families
     # that do) and its fix
     refusal: tuple[str, str] = ('', '')
+
+    def ablated_twin(self) -> bool:
+        """Do stage ends score it again with memories ablated (where the family can ablate)?"""
+        return self.copies or self.ablate
 
     def first_chunk(self, chunks: int) -> int:
         """The first chunk a pass decodes and supervises (copy objectives: the second half)."""
@@ -98,11 +112,16 @@ CAUSAL_REFUSAL = ("{tag}: objective '{kind}' needs a causal decoder; the '{famil
 # The order is the order of the stage-end evaluation and of the Literal of Objective.kind
 REGISTRY: dict[str, ObjectiveKind] = {o.name: o for o in (
     ObjectiveKind('clm', 'next token inside each chunk (a chunk sees the memories of earlier chunks and its own '
-                  'tokens)', 'decoder', 'next_token_example', bits_per_byte=True, refusal=CAUSAL_REFUSAL),
+                  'tokens)', 'decoder', 'next_token_example', bits_per_byte=True, ablate=True, per_chunk=True,
+                  refusal=CAUSAL_REFUSAL),
     ObjectiveKind('copy', 'the first half of the chunks repeated: predict the second half, tokens visible',
-                  'decoder', 'copy_example', copies=True, refusal=CAUSAL_REFUSAL),
+                  'decoder', 'copy_example', copies=True, needle='needle', refusal=CAUSAL_REFUSAL),
     ObjectiveKind('blank_copy', 'the first half of the chunks, then blank tokens: recall the second half from '
-                  'memories alone', 'decoder', 'blank_copy_example', copies=True, refusal=CAUSAL_REFUSAL),
+                  'memories alone', 'decoder', 'blank_copy_example', copies=True, needle='needle_blank',
+                  refusal=CAUSAL_REFUSAL),
+    ObjectiveKind('random_copy', 'copy of a first half whose tokens are scrambled across the batch: the next token '
+                  'visible in the input yet predictable only from memories', 'decoder', 'random_copy_example',
+                  copies=True, evaluated=False, refusal=CAUSAL_REFUSAL),  # held out: the needle, visible form
     ObjectiveKind('autoencode', 'every chunk -> one memory -> a decoder regenerates every token of it',
                   'regenerate', 'autoencode_example', targets='self',
                   refusal=("{tag}: objective '{kind}' needs an encoder ({serving} family), the plan is '{family}'",

@@ -9,6 +9,7 @@ clm families use the same label set so their losses are comparable. Nothing muta
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -82,6 +83,32 @@ def blank_copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
     """Input = [first half, blank tokens]; only the second half is supervised, with the next-token targets of the
     first half (recall from memories alone)."""
     return _copy(obj, tokens, key_mask, ids, blank=True)
+
+
+@example
+def random_copy_example(obj: P.Objective, tokens, key_mask, ids: SpecialIds):
+    """copy_example of a first half whose tokens are the batch's own first-half tokens in a fixed scrambled order
+    (across rows and positions): text with its token frequencies but no sequence a language model can continue, so
+    with the tokens visible the next one still comes only from the memories."""
+    h = tokens.shape[1] // 2
+    perm = _scramble(tokens[:, :h].numel(), tokens.device)
+    scrambled = tokens.clone()
+    scrambled[:, :h] = tokens[:, :h].reshape(-1)[perm].reshape(tokens[:, :h].shape)
+    mask = None
+    if key_mask is not None:  # padding moves with its slot, so padded slots stay unsupervised
+        mask = key_mask.clone()
+        mask[:, :h] = key_mask[:, :h].reshape(-1)[perm].reshape(key_mask[:, :h].shape)
+    return _copy(obj, scrambled, mask, ids, blank=False)
+
+
+@functools.cache
+def _scramble_cpu(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(n))
+
+
+def _scramble(n: int, device) -> torch.Tensor:
+    """A fixed permutation of n positions (seeded by n: deterministic, the same on resume and under compile)."""
+    return _scramble_cpu(n).to(device)
 
 
 def _copy(obj: P.Objective, tokens, key_mask, ids: SpecialIds, blank: bool):

@@ -205,7 +205,6 @@ class DivergenceWatch:
                          f'lower Stage.lr (now {self.stage.lr}) or add warmup')
 
 
-@torch.no_grad()
 def eval_objective(plan: P.Plan, kind: str, stage: P.Stage | None = None) -> P.Objective:
     """The objective a stage end scores for `kind`: as `stage` binds it (its delimiter: the paper's Copy Eval is blank
     copy with the 3 delimiter tokens its combined stage trains with; retrieval's temperature and query), else as the
@@ -215,17 +214,19 @@ def eval_objective(plan: P.Plan, kind: str, stage: P.Stage | None = None) -> P.O
     return dataclasses.replace(bound[0], weight=1.0) if bound else P.Objective(kind=kind)
 
 
+@torch.no_grad()
 def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch_size: int, max_batches: int,
              bytes_per_token: float | None, vocab: int, progress=None,
              stage: P.Stage | None = None) -> dict[str, float]:
     """Held-out metrics per objective of the family's evaluation suite (Family.eval_suite): ce, token_accuracy,
     normalized_hamming, info_proportion (+ bits_per_byte where the record says its targets are all of the text).
-    Copy objectives are scored on full-length sequences only (no padding), as the paper does, and, for families
-    that can ablate (Family.ablation), again with every memory replaced by the pad slot ('copy_ablated',
-    'blank_copy_ablated'): the same decoder without memory information, the in-run no-memory control. Copy with
-    tokens visible is mostly next-token prediction at short chunks; what memories add to it is copy minus
-    copy_ablated. Each kind is scored as `stage` binds it (eval_objective). `progress(rows)` is called after every
-    batch (a progress bar's update)."""
+    Copy objectives are scored on full-length sequences only (no padding), as the paper does. What the record asks
+    for besides (compiler/objective_registry.py), where the family can ablate (Family.ablation): the same metrics with
+    every memory replaced by the pad slot ('<kind>_ablated': the same decoder without memory information, the in-run
+    no-memory control; copy with tokens visible is mostly next-token prediction at short chunks, so what memories add
+    to it is copy minus copy_ablated); ce per chunk index ('<kind>.ce.chunk<c>'); a copy's needle form
+    (ObjectiveKind.needle, needle_rows). Each kind is scored as `stage` binds it (eval_objective). `progress(rows)` is
+    called after every batch (a progress bar's update)."""
     was = model.training
     model.eval()
     out = {}
@@ -234,24 +235,48 @@ def evaluate(model: Graph, plan: P.Plan, val, val_mask, ids: O.SpecialIds, batch
     for obj in (eval_objective(plan, k, stage) for k in fam.eval_suite(plan)):
         kind = objective(obj)
         x, m = (val[full], val_mask[full]) if kind.copies else (val, val_mask)
-        for suffix, ablate in [('', False)] + ([('_ablated', True)] if kind.copies and fam.ablation else []):
-            tally = _tally(model, obj, x[:batch_size * max_batches], m, ids, batch_size, ablate, progress)
-            for k, v in tally.metrics(vocab, bytes_per_token if kind.bits_per_byte else None).items():
-                out[f'{obj.kind}{suffix}.{k}'] = v
+        x, m = x[:batch_size * max_batches], m[:batch_size * max_batches]
+        forms = [(obj.kind, x)] + ([(kind.needle, needle_rows(x))] if kind.needle else [])
+        for name, rows in forms:
+            for suffix, ablate in [('', False)] + ([('_ablated', True)] if kind.ablated_twin() and fam.ablation
+                                                   else []):
+                total, chunks = _tally(model, obj, rows, m, ids, batch_size, ablate, progress)
+                if name != obj.kind:  # the needle: the first copied chunk only
+                    total, chunks = chunks[0], []
+                bpt = bytes_per_token if kind.bits_per_byte and name == obj.kind else None
+                for k, v in total.metrics(vocab, bpt).items():
+                    out[f'{name}{suffix}.{k}'] = v
+                if kind.per_chunk:
+                    out.update({f'{name}{suffix}.ce.chunk{c}': t.nll / t.tokens for c, t in enumerate(chunks)
+                                if t.tokens})
     model.train(was)
     return out
 
 
+def needle_rows(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Held-out rows [E, N, L] with chunk 0 replaced by tokens drawn at random (seeded) from the rows' own tokens: a
+    key with the text's token frequencies that no language model can predict from its context. A copy of these rows
+    asks for the key one copy distance later; chance is the unigram accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    pool = x.reshape(-1)
+    out = x.clone()
+    out[:, 0] = pool[torch.randint(len(pool), out[:, 0].shape, generator=g)]
+    return out
+
+
 def _tally(model: Graph, obj: P.Objective, x, m, ids: O.SpecialIds, batch_size: int, ablate: bool, progress):
-    """Decoding metrics of one objective over held-out rows `x` (key masks `m`), batch by batch."""
+    """Decoding metrics of one objective over held-out rows `x` (key masks `m`), batch by batch: (all targets, one
+    Tally per chunk the objective scores)."""
     device = next(model.parameters()).device  # Run.device: the held-out set stays on the CPU, batches move
-    tally = O.Tally()
+    tally, chunks = O.Tally(), []
     for i in range(0, len(x), batch_size):
         pad = padding(m[i:i + batch_size])  # decided on the CPU tensor: no host read on the device
         logits, labels = forward(model, obj, x[i:i + batch_size].to(device),
                                  None if pad is None else pad.to(device), ids, ablate)
         tally.add(logits, labels)
+        chunks = chunks or [O.Tally() for _ in range(labels.shape[1])]
+        for c, t in enumerate(chunks):
+            t.add(logits[:, c], labels[:, c])
         if progress is not None:
             progress(len(labels))
-    return tally
-
+    return tally, chunks

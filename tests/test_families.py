@@ -124,13 +124,15 @@ def test_the_evaluation_suite_runs_and_reports_what_the_record_lists(name):
     x = tokens(plan, 4)
     out = evaluate(model, plan, x, torch.ones_like(x, dtype=torch.bool), IDS, 2, 1, None, plan.data.vocab_size)
     kinds = family(plan).eval_suite(plan)
-    expected = {f'{k}.token_accuracy' for k in kinds}
+    forms = [(k, OBJECTIVES[k]) for k in kinds] + [(OBJECTIVES[k].needle, OBJECTIVES[k]) for k in kinds
+                                                     if OBJECTIVES[k].needle]
+    expected = {f'{name}.token_accuracy' for name, _ in forms}
     if family(plan).ablation:
-        expected |= {f'{k}_ablated.token_accuracy' for k in kinds if k in COPY_KINDS}
+        expected |= {f'{name}_ablated.token_accuracy' for name, rec in forms if rec.ablated_twin()}
     assert {k for k in out if k.endswith('.token_accuracy')} == expected
-    # what the graph can serve: every objective kind of its record except retrieval is evaluated when it applies
-    assert set(kinds) == {k for k in family(plan).objectives - {'retrieval'} if k != 'autoencode' or
-                          not family(plan).token_decoder}
+    # what the graph can serve: every evaluated objective kind of its record is evaluated when it applies
+    assert set(kinds) == {k for k in family(plan).objectives if OBJECTIVES[k].evaluated and (
+                          k != 'autoencode' or not family(plan).token_decoder)}
     # the in-run no-memory control exists exactly where the graph has memories to take away
     assert family(plan).ablation == (getattr(model, 'use_memory', False) and
                                       'ablate_memory' in inspect.signature(model.forward).parameters)

@@ -55,13 +55,14 @@ def test_the_plan_accepts_exactly_the_registered_kinds():
 
 
 # Which family serves which objective: the contract every shipped spec and recorded run relies on
-SERVED = {'clm': {'clm', 'copy', 'blank_copy'}, 'full_context': {'clm', 'copy', 'blank_copy'},
+SERVED = {'clm': {'clm', 'copy', 'blank_copy', 'random_copy'},
+          'full_context': {'clm', 'copy', 'blank_copy', 'random_copy'},
           'autoencoder': {'autoencode', 'retrieval'}, 'probe': {'autoencode', 'retrieval'},
-          'memory': {'clm', 'copy', 'blank_copy', 'autoencode', 'retrieval'},
-          'no_memory': {'clm', 'copy', 'blank_copy'},
-          'oracle': {'clm', 'copy', 'blank_copy', 'autoencode', 'retrieval'},
-          'recurrent': {'clm', 'copy', 'blank_copy'},
-          'sequence_oracle': {'clm', 'copy', 'blank_copy', 'retrieval'}}
+          'memory': {'clm', 'copy', 'blank_copy', 'random_copy', 'autoencode', 'retrieval'},
+          'no_memory': {'clm', 'copy', 'blank_copy', 'random_copy'},
+          'oracle': {'clm', 'copy', 'blank_copy', 'random_copy', 'autoencode', 'retrieval'},
+          'recurrent': {'clm', 'copy', 'blank_copy', 'random_copy'},
+          'sequence_oracle': {'clm', 'copy', 'blank_copy', 'random_copy', 'retrieval'}}
 
 
 def test_the_families_serve_what_they_served_before_the_registry():
@@ -138,7 +139,7 @@ PADDED_MASK[1, 3, 5:] = False  # the last chunk of the second row is padded
 def test_targets_lie_where_the_record_says(kind):
     """Labels exist only at the record's target positions and in the chunks from its first chunk on; there they are
     the targets the record names: the token itself ('self') or the next token of the same chunk ('next') of the
-    original sequence (a copy objective's second half predicts the first half's tokens)."""
+    original sequence (a copy objective's second half predicts the first half's tokens as its input shows them)."""
     rec = REGISTRY[kind]
     x = torch.randint(4, 300, (2, 4, 8), generator=torch.Generator().manual_seed(1))
     for mask in (None, PADDED_MASK):
@@ -151,8 +152,9 @@ def test_targets_lie_where_the_record_says(kind):
         assert (labels[..., outside] == O.IGNORE).all()
         # and every target position has a target somewhere: the head runs on no position in vain
         assert (labels[..., rec.target_positions()] != O.IGNORE).flatten(0, 1).any(0).all()
-        source = x[:, :4 - first]  # the chunks whose tokens the supervised chunks predict
-        source_mask = None if mask is None else mask[:, :4 - first]
+        # the chunks whose tokens the supervised chunks predict: a copy's first half as its input shows it
+        source = (inputs if rec.copies else x)[:, :4 - first]
+        source_mask = None if mask is None else (m if rec.copies else mask)[:, :4 - first]
         expected = (source if source_mask is None else torch.where(source_mask, source, O.IGNORE)) \
             if rec.targets == 'self' else O.shifted_labels(source, source_mask)
         assert torch.equal(labels[:, first:], expected)
@@ -196,7 +198,8 @@ def test_the_trainer_logs_the_records_metric(kind):
 @pytest.mark.parametrize('fam', FAMILIES)
 def test_the_stage_end_evaluation_reports_the_records_metrics(fam):
     """Every evaluated kind the family serves and the plan fits is scored, with bits per byte where the record's
-    targets are the whole text and an ablated twin where it copies and the family can ablate; nothing else."""
+    targets are the whole text, ce per chunk and a needle form where the record asks, and an ablated twin where the
+    record asks (copies always) and the family can ablate; nothing else."""
     kinds = sorted(FAMILY[fam].objectives)
     plan = compile_kind(fam, 'clm' if 'clm' in kinds else 'autoencode')
     x = tokens(plan)
@@ -207,13 +210,17 @@ def test_the_stage_end_evaluation_reports_the_records_metrics(fam):
         rec = REGISTRY[kind]
         names = {'ce', 'token_accuracy', 'normalized_hamming', 'info_proportion'} | (
             {'bits_per_byte'} if rec.bits_per_byte else set())
-        expected |= {f'{kind}.{n}' for n in names}
-        if rec.copies and FAMILY[fam].ablation:
-            expected |= {f'{kind}_ablated.{n}' for n in names - {'bits_per_byte'}}
+        chunks = {f'ce.chunk{c}' for c in range(plan.memory.chunks)} if rec.per_chunk else set()
+        forms = [(kind, names | chunks)] + ([(rec.needle, names - {'bits_per_byte'})] if rec.needle else [])
+        for name, metrics in forms:
+            expected |= {f'{name}.{n}' for n in metrics}
+            if rec.ablated_twin() and FAMILY[fam].ablation:
+                expected |= {f'{name}_ablated.{n}' for n in metrics}
     assert set(out) == expected
-    scored = {k.split('.')[0] for k in out}
+    scored = {k.split('.')[0].removesuffix('_ablated') for k in out}
     assert not any(k.startswith(tuple(n + '.' for n in NAMES if not REGISTRY[n].evaluated)) for k in out)
-    assert all(k.removesuffix('_ablated') in FAMILY[fam].objectives for k in scored)
+    needles = {REGISTRY[k].needle for k in NAMES if REGISTRY[k].needle}
+    assert all(k in FAMILY[fam].objectives or k in needles for k in scored)
 
 
 REVERSE = ObjectiveKind('reverse_copy', 'the first half of the chunks, each reversed: predict the reversal',
@@ -253,3 +260,17 @@ def test_a_kind_registered_in_one_place_trains_and_evaluates(monkeypatch):
     assert float(loss.detach()) < first  # it learns the one batch
     out = T.evaluate(model, plan, x, torch.ones_like(x, dtype=torch.bool), IDS, 2, 1, None, plan.data.vocab_size)
     assert {'reverse_copy.token_accuracy', 'reverse_copy_ablated.token_accuracy'} <= set(out)
+
+
+def test_random_copy_scrambles_the_first_half_across_the_batch_and_copies_it_visible():
+    """The visible-text flagship's objective: the first half holds the batch's own first-half tokens in a fixed
+    scrambled order (padding moves with its slot), the second half repeats it visible, as copy does."""
+    x = torch.randint(4, 300, (2, 4, 8), generator=torch.Generator().manual_seed(1))
+    inputs, m, labels = O.make_example(P.Objective(kind='random_copy'), x, PADDED_MASK, IDS)
+    first = inputs[:, :2]
+    assert sorted(first.flatten().tolist()) == sorted(x[:, :2].flatten().tolist()) and not torch.equal(first, x[:, :2])
+    assert torch.equal(inputs[:, 2:], first) and torch.equal(inputs[:, 2:], inputs[:, :2])
+    assert int(m[:, :2].sum()) == int(PADDED_MASK[:, :2].sum())  # as many padded slots, moved with their tokens
+    assert torch.equal(labels[:, 2:], O.shifted_labels(first, m[:, :2]))
+    again = O.make_example(P.Objective(kind='random_copy'), x, PADDED_MASK, IDS)
+    assert all(torch.equal(a, b) for a, b in zip((inputs, m, labels), again))  # deterministic: resume-safe

@@ -214,13 +214,14 @@ def test_an_unscoped_file_binding_that_every_stage_overrides_is_layering():
 
 
 # include-only specs: a complete spec includes them or they are passed after one (their headers say which)
-FRAGMENTS = ['base/memory.gin', 'base/mixer.gin', 'base/paper_scale.gin', 'base/tiny.gin', 'paper/fineweb.gin',
-             'paper/mixer.gin', 'paper/scale.gin']
+FRAGMENTS = ['base/large_corpus.gin', 'base/memory.gin', 'base/mixer.gin', 'base/paper_scale.gin', 'base/tiny.gin',
+             'paper/fineweb.gin', 'paper/mixer.gin', 'paper/scale.gin']
 # specs/sweeps/ holds sweep specs (Sweep and Trial, not a Plan): tests/test_sweep.py expands every one
 COMPLETE = sorted(f for f in (str(p.relative_to(SPECS_DIR)) for p in SPECS_DIR.rglob('*.gin'))
                   if f not in FRAGMENTS and not f.startswith('sweeps/'))
 COMBINED = [('memory_clm.gin', 'base/mixer.gin'), ('frozen_encoder_curriculum.gin', 'base/mixer.gin'),
-            ('paper/frozen_encoder_curriculum.gin', 'paper/mixer.gin'), ('memory_clm.gin', 'base/paper_scale.gin')]
+            ('paper/frozen_encoder_curriculum.gin', 'paper/mixer.gin'), ('memory_clm.gin', 'base/paper_scale.gin'),
+            ('memory_clm.gin', 'base/large_corpus.gin')]
 
 
 @pytest.mark.parametrize('files', [(f,) for f in COMPLETE] + COMBINED, ids=lambda f: '+'.join(f))
@@ -234,7 +235,8 @@ def test_shipped_specs_compile_with_no_warning(files, request):
 
 
 def test_include_only_specs_are_refused_alone():
-    assert len(COMPLETE) == 30  # 23, the 5 of specs/pretrained, oracle_memory.gin and paper/oracle_memory.gin
+    assert len(COMPLETE) == 31  # 23, the 5 of specs/pretrained, oracle_memory.gin, paper/oracle_memory.gin and
+    # frozen_encoder_visible.gin
     for f in FRAGMENTS:
         with pytest.raises(SpecError, match='no spec binds Plan.family'):
             load([SPECS_DIR / f])

@@ -101,7 +101,9 @@ def test_the_dependency_component_suffix_is_kept(tmp_path):
 # Trials that drop part of their spec on purpose: the scopes left unused (a warning recorded in each run, never silent).
 DROPPED = {'specs/sweeps/paper_claims.gin': {'nomem_clm': {'blank'}, 'full_clm': {'blank'},  # clm-only baselines
                                              'curriculum_random': {'autoencode', 'ae'},  # no autoencoder stage
-                                             'curriculum_causal': {'autoencode', 'ae'}}}
+                                             'curriculum_causal': {'autoencode', 'ae'},
+                                             'curriculum_causal_matched': {'autoencode', 'ae'},
+                                             'curriculum_memclm': {'autoencode', 'ae'}}}
 
 
 @pytest.mark.parametrize('path', sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'specs' / 'sweeps').glob('*.gin')))
