@@ -56,7 +56,7 @@ def test_generate_numbers(capsys, flag, value, says):
                                   '1000000000'),
     (['info', '0', '--rows=nan'], "info: error: argument --rows: 'nan' is not an integer"),
     (['decod', '0'], "error: argument command: invalid choice: 'decod' (choose from 'decode', 'info', 'retrieve', "
-                     "'plot'); did you mean 'decode'?"),
+                     "'quantize', 'plot'); did you mean 'decode'?"),
 ])
 def test_analyze_numbers_and_choices(capsys, argv, says):
     assert argparse_error(capsys, A.main, argv).startswith('python -m store.analyze')
