@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from compiler.errors import SpecError, cli
+from compiler.errors import SpecError, UserError, cli
 
 ID_FILE = 'run_id'
 
@@ -110,31 +110,48 @@ class DistributedMember(DistributedRun):
         return {'code': code, 'start': start, 'stop': time.time()}
 
 
+def submitit_cluster(args, what: str, fix_time: str, fix_no_slurm: str) -> str:
+    """submitit's cluster for --executor ('slurm' or 'local'), refusing a Slurm job without a time limit (submitit's
+    default would stop `what` after 5 min) or on a machine that cannot submit one."""
+    cluster = 'slurm' if args.executor == 'slurm' else 'local'
+    if cluster == 'slurm' and args.slurm_time is None:
+        raise UserError('--executor slurm', f"no time limit: submitit's default would stop {what} after 5 min",
+                        fix_time)
+    if cluster == 'slurm' and shutil.which('sbatch') is None:
+        raise UserError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
+                        fix_no_slurm)
+    return cluster
+
+
+def slurm_params(items: list[str]) -> dict:
+    """--slurm-param KEY=VALUE items as submitit's slurm_<KEY> parameters, each KEY checked against submitit's list."""
+    import submitit
+    valid, params = submitit.SlurmExecutor._valid_parameters(), {}
+    for item in items:
+        key, eq, value = item.partition('=')
+        if not eq or key not in valid:
+            raise UserError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
+                            f"write KEY=VALUE with KEY one of: {', '.join(sorted(valid))}")
+        params[f'slurm_{key}'] = int(value) if value.isdigit() else value
+    return params
+
+
 def executor(args, folder: Path):
     """The submitit executor of one run's job: M nodes, a task per GPU (or --tasks-per-node on CPUs)."""
     import submitit
-    cluster = 'slurm' if args.executor == 'slurm' else 'local'
-    if cluster == 'slurm' and args.slurm_time is None:
-        raise SpecError('--executor slurm', "no time limit: submitit's default would stop the job after 5 min",
-                        'give --slurm-time MINUTES (the job is requeued and resumed at the limit)')
-    if cluster == 'slurm' and shutil.which('sbatch') is None:
-        raise SpecError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
-                        'submit from a Slurm login node, or run locally: torchrun --nproc_per_node=N -m runtime.run')
+    cluster = submitit_cluster(args, 'the job',
+                               'give --slurm-time MINUTES (the job is requeued and resumed at the limit)',
+                               'submit from a Slurm login node, or run locally: torchrun --nproc_per_node=N -m '
+                               'runtime.run')
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     if cluster == 'local' and args.nodes != 1:
-        raise SpecError(f'--nodes {args.nodes}', "submitit's local executor runs on this one machine",
+        raise UserError(f'--nodes {args.nodes}', "submitit's local executor runs on this one machine",
                         'use --nodes 1, or --executor slurm')
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params = {'nodes': args.nodes, 'tasks_per_node': tasks, 'gpus_per_node': args.gpus_per_node or None,
               'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
               'timeout_min': args.slurm_time or 24 * 60, 'name': 'memspec'}
-    valid = submitit.SlurmExecutor._valid_parameters()
-    for item in args.slurm_param:
-        key, eq, value = item.partition('=')
-        if not eq or key not in valid:
-            raise SpecError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
-                            f"write KEY=VALUE with KEY one of: {', '.join(sorted(valid))}")
-        params[f'slurm_{key}'] = int(value) if value.isdigit() else value
+    params.update(slurm_params(args.slurm_param))
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return ex
 

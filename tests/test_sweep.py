@@ -267,7 +267,7 @@ REFUSED_COMMANDS = {
 @pytest.mark.parametrize('case', sorted(REFUSED_COMMANDS))
 def test_a_refused_sweep_exits_2_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
     import submitit
-    monkeypatch.setattr(S.executors.shutil, 'which', lambda name: None)  # the test machine may or may not have Slurm
+    monkeypatch.setattr('shutil.which', lambda name: None)  # the test machine may or may not have Slurm
     lines, flags, message = REFUSED_COMMANDS[case]
     path = sweep_file(tmp_path, ''.join(f'{line}\n' for line in lines))
     out = tmp_path / 'runs'

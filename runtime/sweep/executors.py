@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compiler.args import integer, real
-from compiler.errors import UserError
+from runtime.launch import DistributedMember, slurm_params, submitit_cluster
 
 EXECUTORS = ('local', 'slurm', 'submitit-local')
 SLURM_MINUTES = 24 * 60  # submitit-local's time limit (submitit's own default of 2 minutes would stop real runs)
@@ -58,7 +57,6 @@ class Submitit:
 
     def start(self, *args):
         if self.ranks > 1:  # a multi-rank run per member: a task per rank, requeued and resumed on preemption
-            from runtime.launch import DistributedMember
             job = self.executor.submit(DistributedMember(*args))
             return self.waiters.submit(lambda job: job.results()[0], job)
         return self.waiters.submit(lambda job: job.result(), self.executor.submit(run_member, *args))
@@ -98,26 +96,14 @@ def executor_options(ap: argparse.ArgumentParser) -> None:
 def make_executor(args, folder: Path):
     if args.executor == 'local':
         return LocalProcesses(args.jobs)
-    import submitit
-    cluster = 'slurm' if args.executor == 'slurm' else 'local'
-    if cluster == 'slurm' and args.slurm_time is None:
-        raise UserError('--executor slurm', "no time limit: submitit's default would stop every member after 5 min",
-                        'give --slurm-time MINUTES')
-    if cluster == 'slurm' and shutil.which('sbatch') is None:
-        raise UserError('--executor slurm', 'sbatch is not on PATH: this machine cannot submit Slurm jobs',
-                        'run the sweep on a Slurm login node, or use --executor local')
+    cluster = submitit_cluster(args, 'every member', 'give --slurm-time MINUTES',
+                               'run the sweep on a Slurm login node, or use --executor local')
     tasks = args.tasks_per_node or (args.gpus_per_node if (args.gpus_per_node or 0) > 1 else None)
     params = {'timeout_min': args.slurm_time or SLURM_MINUTES, 'gpus_per_node': args.gpus_per_node,
               'nodes': args.nodes, 'tasks_per_node': tasks,
               'cpus_per_task': args.cpus_per_task, 'mem_gb': args.mem_gb, 'slurm_partition': args.slurm_partition,
               'name': 'memspec'}
     params = {k: v for k, v in params.items() if v is not None}
-    valid = submitit.SlurmExecutor._valid_parameters()
-    for item in args.slurm_param:
-        key, eq, value = item.partition('=')
-        if not eq or key not in valid:
-            raise UserError(f'--slurm-param {item}', f"not a submitit Slurm parameter: '{key}'",
-                            f"write KEY=VALUE with KEY one of: {', '.join(sorted(valid))}")
-        params[f'slurm_{key}'] = int(value) if value.isdigit() else value
+    params.update(slurm_params(args.slurm_param))
     threads = (args.cpus_per_task or 1) if cluster == 'slurm' else max(1, cores() // args.jobs)
     return Submitit(cluster, folder / 'submitit', params, args.jobs, threads)
