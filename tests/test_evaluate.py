@@ -183,8 +183,10 @@ def refusals(run):
                           f"--stage nope: run {run} has no stage 'nope' (stages: autoencode, blank_copy, copy, "
                           'combined)\n  fix: pick one of the listed stages, or leave --stage out for the final '
                           'weights'),
-        'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],
-                        no_run('nope', f'the folder {runs}', [run.name])),
+        'unknown run': (['nope', '--runs', runs, '--tasks', 'memspec'],  # other tests may add runs to this folder
+                        no_run('nope', f'the folder {runs}', sorted((p.name for p in runs.iterdir()
+                                                                      if re.fullmatch(r'\d+-[0-9a-f]+', p.name)),
+                                                                     key=lambda n: int(n.split('-')[0])))),
     }
 
 
