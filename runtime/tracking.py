@@ -20,6 +20,7 @@ member's grid point (`grid.<key>`), with train/loss and each objective's held-ou
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from store.database import flatten
@@ -39,6 +40,8 @@ class Tracker:
             refuse_link(folder)  # a planted link would put the event files wherever it points
             earlier = Path(folder).is_dir() and any(Path(folder).glob('events.out.tfevents.*'))
             purge = resumed_at + 1 if resumed_at is not None else 0 if earlier else None
+            if earlier:
+                _after_earlier_files(Path(folder))
             self.writer = SummaryWriter(str(folder), purge_step=purge, flush_secs=30)
             self.hparams(getattr(run, 'config', None) or {})
 
@@ -73,6 +76,18 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _after_earlier_files(folder: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second it was created in: a
+    later process that starts within the second of an earlier one's file (a kill and an immediate resume) could sort
+    before it, and its purge step would then apply before the events it should drop. Wait into the next second (at
+    most about a second; a file stamped further ahead, by a clock that moved back, is not waited for)."""
+    stamps = [int(p.name.split('.')[3]) for p in folder.glob('events.out.tfevents.*')
+              if len(p.name.split('.')) > 3 and p.name.split('.')[3].isdigit()]
+    newest = max(stamps, default=None)
+    while newest is not None and newest - 1 <= int(time.time()) <= newest:
+        time.sleep(0.05)
 
 
 def hparam_values(config: dict) -> dict:

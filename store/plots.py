@@ -25,7 +25,7 @@ KINDS = {'loss': 'loss (nats)', 'ce': 'cross-entropy (nats)', 'token_accuracy': 
          'lr': 'learning rate', 'grad_norm': 'gradient norm (before clipping)', 'tokens_per_s': 'training tokens / s'}
 STYLES = ['-', '--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2)), (0, (3, 1, 1, 1)),
           (0, (10, 3)), (0, (2, 2, 6, 2))]
-MARKERS = ['', 'o', 's', '^', 'v', 'D', 'x', '+']
+MARKERS = ['', 's', '^', 'v', 'D', 'x', '+']  # not 'o': that one marks the first patterns' curves of few points
 FEW = 30  # a curve of at most this many points is drawn with markers
 SHADES = (0.0, 0.4, 0.6, 0.25, 0.5)  # how far a run's i-th metric of a panel mixes the run's colour with white
 

@@ -327,7 +327,8 @@ def test_metrics_of_several_runs_overlay_in_one_figure_and_in_json(runs, capsys,
     for ln in acc:  # each line is labelled '<run label> | <metric>'
         per_run.setdefault(ln.get_label().split(' | ')[0], []).append(
             (repr(ln._dash_pattern), ln.get_marker(), ln.get_color()))
-    assert max(len(v) for v in per_run.values()) == 6  # clm, copy, blank copy (each also ablated but clm), autoencode
+    # clm, copy, blank copy, the needle in both forms (each also with memories ablated), autoencode
+    assert max(len(v) for v in per_run.values()) == 11
     for styles in per_run.values():  # within a run, each metric has its own line style and shade
         assert len({s[:2] for s in styles}) == len(styles) and len({s[2] for s in styles}) > 1, styles
     data = json.loads(cli(capsys, 'metrics', runs.a, runs.c, '--name', 'train/loss', '--json', db=runs.db))

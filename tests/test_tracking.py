@@ -336,3 +336,27 @@ def test_plot_panels_are_metric_kinds(name):
     assert kind({'loss': 'train/clm.loss', 'ce': 'eval/clm.ce'}[name]) == name
     assert metric('eval/blank_copy_ablated.token_accuracy') == 'eval/blank_copy_ablated'
     assert kind('train/lr') == 'lr' and metric('train/lr') == 'train'
+
+
+def test_a_resumed_writer_sorts_after_the_event_file_of_a_process_started_the_same_second(tmp_path):
+    """TensorBoard reads a run's event files in name order (creation second first). A resume within the second of the
+    killed process's file must still sort after it, or its purge would be applied before the events it drops."""
+    import time
+
+    from runtime.tracking import Tracker
+
+    class Run:
+        config = {}
+
+        def log_scalar(self, *a):
+            pass
+
+    folder = tmp_path / 'tensorboard'
+    folder.mkdir()
+    now = int(time.time())
+    killed = folder / f'events.out.tfevents.{now + 1}.host.99999.0'  # a pid that sorts after any real one
+    killed.write_bytes(b'')
+    tracker = Tracker(Run(), folder, resumed_at=4)
+    tracker.close()
+    names = sorted(p.name for p in folder.glob('events.out.tfevents.*'))
+    assert names[0] == killed.name and len(names) == 2, names
