@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -111,11 +112,27 @@ def make_engine(url: str) -> sa.Engine:
     @sa.event.listens_for(engine, 'connect')
     def _pragmas(conn, _):
         cur = conn.cursor()
-        cur.execute('PRAGMA journal_mode=WAL')
         cur.execute('PRAGMA busy_timeout=60000')
+        _switch_to_wal(cur)
         cur.close()
 
     return engine
+
+
+def _switch_to_wal(cur, patience: float = 60.0) -> None:
+    """PRAGMA journal_mode=WAL, retried while another process holds the file: switching a new file's journal needs
+    an exclusive lock, and SQLite answers 'database is locked' at once (its busy handler is not asked, to avoid a
+    deadlock) when processes open a new run database together."""
+    import sqlite3
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cur.execute('PRAGMA journal_mode=WAL')
+            return
+        except sqlite3.OperationalError as e:
+            if 'locked' not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def default_url(out_dir: str) -> str:
