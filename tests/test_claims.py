@@ -130,8 +130,14 @@ def test_the_report_renders_every_claim_from_held_out_seeds_and_shows_the_tuning
     s.curves, s.floors, s.runs, s.scales = {}, {}, [], [1.0]
     s.budget = {'curriculum': (1400, 18e12), 'mem_clm': (600, 4e12), 'mem_clm_u1400': (1400, 9e12)}
     text = pc.report(s, tmp_path)
-    claims = text.split('## Claims')[1].split('Run time')[0]
-    outcomes = [line.split(' | ')[1] for line in claims.strip().split('\n')[2:]]
+    # the verdicts lead, then the rules, then the evidence
+    assert text.index('## Claims') < text.index('## Verdict rules') < text.index('## Information probes')
+    claims = text.split('## Claims')[1].split('## Verdict rules')[0]
+    rows = [line for line in claims.split('\n') if line.startswith('| ')][1:]  # below the header row
+    outcomes = [line.split(' | ')[1] for line in rows]
+    counts = claims.split('\n')[0]  # the heading counts each outcome
+    assert counts.endswith(f"{outcomes.count('supported')} supported, {outcomes.count('contradicted')} contradicted, "
+                           f"{outcomes.count('inconclusive')} inconclusive, {outcomes.count('not run')} not run")
     assert set(outcomes) <= {'supported', 'contradicted', 'inconclusive', 'not run'}  # three outcomes, or not judged
     # a claim whose trials did not run is listed, never judged: no verdict from an empty row
     memclm = next(line for line in claims.split('\n') if 'on the clm-only memory model\'s encoder <<' in line)
