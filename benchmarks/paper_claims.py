@@ -83,6 +83,9 @@ PILOTS = [
      0.017, 0.056, 0.027),
     ('P1: visible-text candidate as committed, larger corpus, full steps',
      'specs/frozen_encoder_visible.gin specs/base/large_corpus.gin', 4.511, 0.366, 0.725, 0.000, 0.115, 0.015),
+    ('P2: P1 with random copy in the blank-copy stage too (worse on every gate: P1 is the suite\'s)',
+     "P1 + -b 'blank/Stage.objectives = [@blank/Objective(), @random/Objective(), @clm/Objective()]'", 4.512, 0.226,
+     0.172, 0.022, 0.068, 0.011),
 ]
 
 
@@ -110,6 +113,10 @@ class Suite:
         self.floors: dict = {}
         self.runs = list(latest.values())
         self.scales = sorted({r.config['plan']['run'].get('steps_scale', 1.0) for r in self.runs})
+        # corpus -> training tokens, as each run recorded them (a suite run on two corpora says so)
+        self.corpora = {'/'.join(Path(r.config['plan']['data']['source'] or 'embedded').parts[-2:]):
+                        (((r.info.get('data') or {}).get('stats') or {}).get('train') or {}).get('tokens')
+                        for r in self.runs}
         self.budget: dict[str, tuple[int, float]] = {}  # trial -> (clm updates, training FLOPs), from its plan
         for (trial, seed), run in latest.items():
             if trial not in self.budget:
@@ -290,7 +297,10 @@ def report(s: Suite, out: Path) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({seed for t in s.stages.values() for seed in t})
-    budget_text = ('Budget (read from the recorded plans): every run at its shipped spec\'s steps x '
+    corpus_text = '; '.join(f'{name} ({tokens:,} training tokens)' if tokens else name
+                            for name, tokens in sorted(s.corpora.items())) or '-'
+    budget_text = (f'Corpus: {corpus_text}. Budget (read from the recorded plans): every run at its shipped '
+                   "spec's steps x "
                    f"{' / '.join(f'{x:g}' for x in s.scales) or '-'} (Run.steps_scale), one thread per run, 2 runs "
                    'at once.')
     head = ['# Paper claims at CPU scale', '',
@@ -464,11 +474,12 @@ def _pilots(s: Suite, lines: list[str]) -> None:
 
 
 def _curriculum_figure(plt, s: Suite, out: Path) -> None:
-    """curriculum.png: blank-copy accuracy after each stage of the three curricula, with and without memories."""
+    """curriculum.png: blank-copy accuracy after each stage of the curricula that ran, with and without memories."""
     fig, ax = plt.subplots(figsize=(7, 4))
     stages = ('autoencode', 'blank_copy', 'copy', 'combined')
     for trial, color in (('curriculum', 'tab:blue'), ('curriculum_random', 'tab:orange'),
-                         ('curriculum_causal', 'tab:green')):
+                         ('curriculum_causal', 'tab:green'), ('curriculum_causal_matched', 'tab:red'),
+                         ('visible', 'tab:purple')):
         for metric, style in (('blank_copy.token_accuracy', '-'), ('blank_copy_ablated.token_accuracy', ':')):
             rows = [s.row(trial, metric, stage=st) for st in stages]
             xs = [i for i, r in enumerate(rows) if r.values]
@@ -479,7 +490,8 @@ def _curriculum_figure(plt, s: Suite, out: Path) -> None:
                             label=f"{trial} {'(memories ablated)' if 'ablated' in metric else ''}")
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel('held-out blank-copy accuracy')
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'curriculum.png', dpi=110)
     plt.close(fig)

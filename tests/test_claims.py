@@ -128,8 +128,10 @@ def test_the_report_renders_every_claim_from_held_out_seeds_and_shows_the_tuning
                 for t in ('curriculum', 'mem_clm', 'mem_clm_u1400')}
     s.tuning = {'curriculum': {0: {'combined': {'clm.ce': 9.999}}}}
     s.curves, s.floors, s.runs, s.scales = {}, {}, [], [1.0]
+    s.corpora = {'docs/corpus.jsonl': 4892143}
     s.budget = {'curriculum': (1400, 18e12), 'mem_clm': (600, 4e12), 'mem_clm_u1400': (1400, 9e12)}
     text = pc.report(s, tmp_path)
+    assert 'Corpus: docs/corpus.jsonl (4,892,143 training tokens). Budget' in text
     # the verdicts lead, then the rules, then the evidence
     assert text.index('## Claims') < text.index('## Verdict rules') < text.index('## Information probes')
     claims = text.split('## Claims')[1].split('## Verdict rules')[0]
