@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, in_process
@@ -73,7 +74,9 @@ def test_a_full_disk_during_an_export_is_one_message_and_leaves_nothing(where, s
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # no OUT, no temporary folder
 
 
-def test_an_export_into_a_read_only_folder_is_one_message(stored_run, tmp_path):
+def _in_read_only_folder(tmp_path, argv) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m ARGV` (argv may name '{ro}', a read-only folder) with the folder made read-only; -> (process,
+    folder). Skips where no folder can be made read-only (root without unshare)."""
     folder = tmp_path / 'ro'
     folder.mkdir()
     prefix = _read_only(folder)
@@ -81,10 +84,16 @@ def test_an_export_into_a_read_only_folder_is_one_message(stored_run, tmp_path):
         pytest.skip('no way to make a read-only folder here (root without unshare)')
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
-        p = subprocess.run([*prefix, sys.executable, '-m', 'store.export', stored_run.run_id, str(folder / 'out'),
-                            '--db', stored_run.url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        argv = [str(a).replace('{ro}', str(folder)) for a in argv]
+        p = subprocess.run([*prefix, sys.executable, '-m', *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
     finally:
         folder.chmod(0o755)
+    return p, folder
+
+
+def test_an_export_into_a_read_only_folder_is_one_message(stored_run, tmp_path):
+    p, folder = _in_read_only_folder(tmp_path, ['store.export', stored_run.run_id, '{ro}/out', '--db', stored_run.url])
     assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
     assert ('Read-only file system' in p.stderr or 'Permission denied' in p.stderr) and 'nothing was exported' \
         in p.stderr, p.stderr
@@ -106,18 +115,8 @@ def test_a_plot_on_a_full_disk_is_one_message_and_leaves_nothing(stored_run, tmp
 
 
 def test_a_plot_into_a_read_only_folder_is_one_message(stored_run, tmp_path):
-    folder = tmp_path / 'ro'
-    folder.mkdir()
-    prefix = _read_only(folder)
-    if prefix is None:
-        pytest.skip('no way to make a read-only folder here (root without unshare)')
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    try:
-        p = subprocess.run([*prefix, sys.executable, '-m', 'store.runs', 'metrics', stored_run.run_id, '--plot',
-                            str(folder / 'x.png'), '--db', stored_run.url], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
-    finally:
-        folder.chmod(0o755)
+    p, folder = _in_read_only_folder(tmp_path, ['store.runs', 'metrics', stored_run.run_id, '--plot', '{ro}/x.png',
+                                                '--db', stored_run.url])
     assert p.returncode == 2 and 'Traceback' not in p.stderr and 'no plot was written' in p.stderr, p.stderr
     assert list(folder.iterdir()) == []
 
