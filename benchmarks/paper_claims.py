@@ -372,8 +372,8 @@ def reference(s: Suite, trial: str, by: int) -> tuple[str, str]:
 
 def _claims(s: Suite, table: dict, claims: list) -> None:
     """The memory models' claims (the probes' come with their tables)."""
-    def g(trial, key):
-        return table.get(trial, {}).get(key, Row(trial, {}))
+    def g(trial, key):  # labelled by trial and metric, as the evidence names them
+        return Row(f'{trial} {key}', table.get(trial, {}).get(key, Row(trial, {})).values)
 
     def use(trial, key='copy'):  # what memories add: the metric minus its memory-ablated twin
         return g(trial, key).minus(g(trial, f'{key}_ablated'), f'{trial} {key} - ablated')

@@ -148,7 +148,7 @@ def test_the_report_renders_every_claim_from_held_out_seeds_and_shows_the_tuning
     assert probe8.endswith('trials not in this run of the suite: probe8_ae, probe8_causal_matched, probe8_untrained |')
     assert outcomes.count('not run') == sum(1 for line in claims.split('\n') if 'trials not in this run' in line)
     shipped = next(line for line in claims.split('\n') if line.startswith('| the shipped flagship'))
-    assert "(flagship) / memory model, clm only, the curriculum's clm updates - 1 = +0.0%" in shipped
+    assert 'curriculum clm / mem_clm_u1400 clm - 1 = +0.0%' in shipped
     assert '(clm updates x 1.00)' in shipped and '(FLOPs x 0.50)' in shipped  # both matches, and how well
     assert shipped.split(' | ')[1] == 'supported'  # the synthetic numbers clear every gate and control
     assert text.count('9.999') == 1 and '9.999' in text.split('## Pilot runs')[1]  # the tuning seed: pilots only
