@@ -462,7 +462,8 @@ def _curriculum_table(s: Suite, lines: list[str]) -> None:
 
 def _pilots(s: Suite, lines: list[str]) -> None:
     """The pilot table: the runs that chose a curriculum (seed 0), and the tuning seed's suite runs."""
-    lines += [f'## Pilot runs (seed {TUNING_SEED}, before the suite): choosing the flagship curriculum', '',
+    lines += [f'## Pilot runs (seed {TUNING_SEED}): choosing the flagship curricula (those marked "after the suite" '
+              'are in no verdict)', '',
               'Targets given to the pilots, at this scale: clm loss within 5 % of the clm-only memory model, '
               'blank copy >= 0.5, blank copy with memories ablated <= 0.05. Reasoning first: the decoder saw '
               'next-token prediction only in the last 300 steps, and the copy stages made it forget (clm loss 11.0 '
