@@ -153,3 +153,19 @@ def test_the_report_renders_every_claim_from_held_out_seeds_and_shows_the_tuning
     assert shipped.split(' | ')[1] == 'supported'  # the synthetic numbers clear every gate and control
     assert text.count('9.999') == 1 and '9.999' in text.split('## Pilot runs')[1]  # the tuning seed: pilots only
     assert '| chunk0 |' in text and (tmp_path / 'paper_claims.md').read_text() == text
+
+
+def test_the_budget_run_time_counts_only_the_budget_trials():
+    """The 120-minute budget is read off CORE_TRIALS' runs: a trial run later with --all-trials must not stretch it."""
+    import datetime as dt
+    t0 = dt.datetime(2026, 1, 1)
+
+    def run(trial, start, minutes):
+        r = type('Run', (), {})()
+        r.config, r.start = {'sweep': {'trial': trial}}, t0 + dt.timedelta(minutes=start)
+        r.stop = r.start + dt.timedelta(minutes=minutes)
+        return r
+    s = object.__new__(pc.Suite)
+    s.runs = [run('curriculum', 0, 5), run('visible', 3, 10), run('curriculum_memclm', 100, 4)]
+    assert pc.Suite.wall(s, pc.CORE_TRIALS) == (2, 15.0, 13.0)
+    assert pc.Suite.wall(s) == (3, 19.0, 104.0)
