@@ -5,6 +5,7 @@
     python benchmarks/paper_claims.py --steps-scale 0.7   # every spec at 0.7 x its shipped steps (default 1; stated)
     python benchmarks/paper_claims.py --suite-corpus .cache/corpus/docs/corpus.jsonl   # the larger corpus
     python benchmarks/paper_claims.py --all-trials     # also the trials cut from the 120-minute budget (CORE_TRIALS)
+    python benchmarks/paper_claims.py --extra-trials curriculum_memclm,mem_combined_faithful   # some of them
 
 Every verdict is decided by the rules v2 (benchmarks/claims_rules.py and the gates below), fixed before any run of
 the suite, over the held-out seeds of the sweep (1, 2, 3), against references matched in clm updates and in FLOPs.
@@ -37,6 +38,7 @@ from benchmarks.claims_rules import (  # noqa: E402
     within,
 )
 from compiler.cost import training_flops  # noqa: E402
+from compiler.errors import UserError  # noqa: E402
 from compiler.load import plan_from_dict  # noqa: E402
 from store.database import open_db  # noqa: E402
 from store.runs import stage_end_metrics  # noqa: E402
@@ -574,6 +576,9 @@ def main() -> None:
                          'writes DIR/corpus.jsonl); default: the embedded corpus')
     ap.add_argument('--all-trials', action='store_true',
                     help="every trial of the sweep file (default: CORE_TRIALS, the suite's 120-minute budget)")
+    ap.add_argument('--extra-trials', default='', metavar='T1,T2',
+                    help='trials of the sweep file to run beside CORE_TRIALS (the v2 report added '
+                         'curriculum_memclm,mem_combined_faithful,curriculum_ae_causal)')
     ap.add_argument('--report-only', action='store_true', help='only regenerate the report from the database')
     args = ap.parse_args()
     runs = (ROOT / args.runs).resolve()
@@ -589,12 +594,25 @@ def main() -> None:
         cmd = [sys.executable, '-m', 'runtime.sweep', 'run', SWEEP, '--jobs', str(args.jobs), '--db', url,
                '-b', f'Sweep.bindings = {bindings!r}']
         if not args.all_trials:
-            cmd += ['-b', f"Sweep.trials = [{', '.join(f'@{t}/Trial()' for t in CORE_TRIALS)}]"]
+            trials = [*CORE_TRIALS, *(t for t in args.extra_trials.split(',') if t and t not in CORE_TRIALS)]
+            bad = [t for t in trials if not t.isidentifier()]
+            if bad:
+                print(f'--extra-trials {args.extra_trials}: {bad[0]!r} is not a trial name (letters, digits and _, '
+                      f'as in {SWEEP})', file=sys.stderr)
+                sys.exit(2)
+            cmd += ['-b', f"Sweep.trials = [{', '.join(f'@{t}/Trial()' for t in trials)}]"]
         env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        if code == 2:  # the sweep refused its input and said why: nothing to report
+            sys.exit(2)
         if code:
             print(f'the sweep stopped with exit code {code}; the report covers what completed', file=sys.stderr)
-    print(report(Suite(url), (ROOT / args.out).resolve()))
+    try:
+        suite = Suite(url)
+    except UserError as e:  # no database yet, or one that is not a run database: one message, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(report(suite, (ROOT / args.out).resolve()))
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ few functions. Every rule is shown to reach each of its three outcomes, and a fa
 inconclusive whatever its tests say."""
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -169,3 +170,14 @@ def test_the_budget_run_time_counts_only_the_budget_trials():
     s.runs = [run('curriculum', 0, 5), run('visible', 3, 10), run('curriculum_memclm', 100, 4)]
     assert pc.Suite.wall(s, pc.CORE_TRIALS) == (2, 15.0, 13.0)
     assert pc.Suite.wall(s) == (3, 19.0, 104.0)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--report-only'], 'no run database at'),  # nothing recorded yet
+    (['--extra-trials', 'probe8_ae,a/b'], "--extra-trials probe8_ae,a/b: 'a/b' is not a trial name"),
+])
+def test_the_suite_script_refuses_bad_input_with_one_message(tmp_path, argv, message):
+    p = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'paper_claims.py'), '--runs', str(tmp_path / 'runs'),
+                        '--out', str(tmp_path / 'out'), *argv], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr and message in p.stderr, p.stderr
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'out').exists()  # nothing written
