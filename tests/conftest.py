@@ -111,6 +111,14 @@ def in_process(main, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def argparse_error(capsys, main, argv) -> str:
+    """The last line of a CLI's refusal of its flags: exit code 2, nothing on stdout, no traceback."""
+    capsys.readouterr()
+    code, out, err = in_process(main, argv, capsys)
+    assert code == 2 and out == '' and 'Traceback' not in err, err
+    return err.strip().splitlines()[-1]
+
+
 def no_run(ref, looked: str, known=()) -> str:
     """The one message (without 'error: ') of every command whose RUN matches nothing (store/runref.py)."""
     held = f"known: {', '.join(map(str, known))}" if known else 'it holds no runs'

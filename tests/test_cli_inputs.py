@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import in_process
+from conftest import argparse_error, in_process
 
 from runtime import generate as G
 from runtime.sampling import sample
@@ -18,12 +18,6 @@ BAD = {  # value: what argparse says after 'argument FLAG: '
     'nan': 'nan is not a finite number', 'inf': 'inf is not a finite number', '-inf': '-inf is not a finite number',
     'x': "'x' is not a number", '1e400': '1e400 is not a finite number',
 }
-
-
-def argparse_error(capsys, main, argv) -> str:
-    code, out, err = in_process(main, argv, capsys)
-    assert code == 2 and out == '' and 'Traceback' not in err, err
-    return err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize('flag, value, says', [

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import argparse_error
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -62,17 +63,6 @@ def cli(capsys, *args):
     capsys.readouterr()
     R.main(list(args))
     return capsys.readouterr()
-
-
-def argparse_error(capsys, main, argv) -> str:
-    """The last line of argparse's message; the exit code must be 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err
-    return err.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------ arguments
